@@ -1,0 +1,99 @@
+"""The `breakwater` command line.
+
+Subcommands import their heavy dependencies (torch, the engine) only when they run, so
+that `breakwater --help` and the light subcommands start instantly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default=None,
+                   help="local Hugging Face checkpoint directory (default: the random-weight "
+                        "demo model, written on first use)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    g.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
+    g.add_argument("--kv-cache-memory", default=None,
+                   help="KV cache size, e.g. 512MiB or 4GiB (default: derived from the budget)")
+    g.add_argument("--memory-budget", default=None,
+                   help="total memory the engine may use (weights + KV + activations)")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument("--max-num-seqs", type=int, default=128)
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--no-prefix-caching", action="store_true")
+
+
+def engine_config_from_args(args: argparse.Namespace):  # -> EngineConfig
+    from worker.engine.config import EngineConfig, parse_bytes
+    from worker.engine.demo_model import ensure_demo_model
+
+    model = args.model or str(ensure_demo_model("demo"))
+    return EngineConfig(
+        model=model,
+        served_model_name=None if args.model else "breakwater-demo-random",
+        device=args.device,
+        dtype=args.dtype,
+        block_size=args.block_size,
+        kv_cache_memory=parse_bytes(args.kv_cache_memory) if args.kv_cache_memory else None,
+        memory_budget=parse_bytes(args.memory_budget) if args.memory_budget else None,
+        max_model_len=args.max_model_len,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs,
+        enable_prefix_caching=not args.no_prefix_caching,
+    )
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from breakwater.generate_cmd import run_generate
+
+    return run_generate(args)
+
+
+def _cmd_demo_model(args: argparse.Namespace) -> int:
+    from worker.engine.demo_model import write_demo_model
+
+    path = write_demo_model(args.out, args.preset, args.arch, args.seed)
+    print(f"wrote a RANDOM-WEIGHT {args.arch} checkpoint ({args.preset}) to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="breakwater", description="Resilient inference gateway and worker pool for LLMs."
+    )
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="run the engine in-process on a prompt, streaming text")
+    g.add_argument("prompt", nargs="?", default="The gateway keeps the queue")
+    g.add_argument("--chat", action="store_true", help="send the prompt as a chat message")
+    g.add_argument("--max-tokens", type=int, default=48)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("-n", "--num-requests", type=int, default=1,
+                   help="submit the prompt this many times at once (shows batching)")
+    _add_engine_args(g)
+    g.set_defaults(func=_cmd_generate)
+
+    d = sub.add_parser("demo-model", help="write a small RANDOM-WEIGHT checkpoint (HF format)")
+    d.add_argument("--out", required=True)
+    d.add_argument("--preset", default="demo", choices=["tiny", "demo", "small"])
+    d.add_argument("--arch", default="llama", choices=["llama", "qwen2", "mistral"])
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=_cmd_demo_model)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    sys.exit(args.func(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Worker: one process per accelerator hosting an inference engine."""

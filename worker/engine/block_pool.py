@@ -1,0 +1,174 @@
+"""KV block pool: free queue with O(1) removal, ref counts, and the prefix-cache hash map.
+
+A freed block keeps its hash and stays findable until it is handed out again (LRU
+eviction from the head of the free queue), so a later request with the same prefix can
+reuse it without recomputation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
+
+
+class KVBlock:
+    """One block of `block_size` token slots in every layer's K and V tensors."""
+
+    __slots__ = ("block_hash", "block_id", "is_null", "next_free", "prev_free", "ref_cnt")
+
+    def __init__(self, block_id: int) -> None:
+        self.block_id = block_id
+        self.ref_cnt = 0
+        self.block_hash: bytes | None = None
+        self.is_null = False
+        self.prev_free: KVBlock | None = None
+        self.next_free: KVBlock | None = None
+
+    def __repr__(self) -> str:
+        h = self.block_hash.hex()[:8] if self.block_hash else None
+        return f"KVBlock(id={self.block_id}, ref={self.ref_cnt}, hash={h})"
+
+
+class FreeBlockQueue:
+    """Doubly linked list of free blocks, least recently freed at the head.
+
+    A plain deque cannot remove from the middle in O(1), which a prefix-cache hit on a free
+    block needs.
+    """
+
+    def __init__(self, blocks: Iterable[KVBlock]) -> None:
+        self._head = KVBlock(-1)
+        self._tail = KVBlock(-1)
+        self._head.next_free = self._tail
+        self._tail.prev_free = self._head
+        self.num_free = 0
+        for block in blocks:
+            self.append(block)
+
+    def append(self, block: KVBlock) -> None:
+        last = self._tail.prev_free
+        assert last is not None
+        last.next_free = block
+        block.prev_free = last
+        block.next_free = self._tail
+        self._tail.prev_free = block
+        self.num_free += 1
+
+    def remove(self, block: KVBlock) -> None:
+        prev, nxt = block.prev_free, block.next_free
+        if prev is None or nxt is None:
+            raise ValueError(f"{block} is not in the free queue")
+        prev.next_free = nxt
+        nxt.prev_free = prev
+        block.prev_free = block.next_free = None
+        self.num_free -= 1
+
+    def popleft(self) -> KVBlock:
+        first = self._head.next_free
+        if first is None or first is self._tail:
+            raise IndexError("no free blocks")
+        self.remove(first)
+        return first
+
+    def __iter__(self) -> Iterator[KVBlock]:
+        node = self._head.next_free
+        while node is not None and node is not self._tail:
+            yield node
+            node = node.next_free
+
+
+def hash_block(parent: bytes | None, token_ids: Sequence[int], extra_key: bytes) -> bytes:
+    """Chained SHA-256 of (parent hash, the block's tokens, extra keys such as the model id).
+
+    Chaining makes a block's hash identify its whole prefix, not just its own tokens.
+    """
+    h = hashlib.sha256(parent or b"\x00" * 32)
+    h.update(array("q", token_ids).tobytes())
+    h.update(extra_key)
+    return h.digest()
+
+
+class BlockPool:
+    """Owns every KV block; block 0 is the null block used to pad block tables."""
+
+    def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
+        if num_blocks < 2:
+            raise ValueError("a block pool needs at least 2 blocks (one is the null block)")
+        self.num_blocks = num_blocks
+        self.enable_caching = enable_caching
+        self.blocks = [KVBlock(i) for i in range(num_blocks)]
+        self.null_block = self.blocks[0]
+        self.null_block.is_null = True
+        self.free_queue = FreeBlockQueue(self.blocks[1:])
+        self.cached: dict[bytes, KVBlock] = {}
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.free_queue.num_free
+
+    @property
+    def usage(self) -> float:
+        """Share of usable blocks held by requests (cached-but-free blocks count as free)."""
+        return 1.0 - self.num_free_blocks / (self.num_blocks - 1)
+
+    def get_cached_block(self, block_hash: bytes) -> KVBlock | None:
+        return self.cached.get(block_hash)
+
+    def touch(self, blocks: Iterable[KVBlock]) -> None:
+        """Take a reference on prefix-cache hits, pulling free ones out of the free queue."""
+        for block in blocks:
+            if block.ref_cnt == 0 and not block.is_null:
+                self.free_queue.remove(block)
+            block.ref_cnt += 1
+
+    def get_new_blocks(self, n: int) -> list[KVBlock]:
+        if n > self.num_free_blocks:
+            raise ValueError(f"asked for {n} blocks, only {self.num_free_blocks} free")
+        out = []
+        for _ in range(n):
+            block = self.free_queue.popleft()
+            self._evict(block)
+            block.ref_cnt = 1
+            out.append(block)
+        return out
+
+    def _evict(self, block: KVBlock) -> None:
+        if block.block_hash is not None:
+            if self.cached.get(block.block_hash) is block:
+                del self.cached[block.block_hash]
+            block.block_hash = None
+
+    def cache_full_blocks(
+        self, blocks: Sequence[KVBlock], block_hashes: Sequence[bytes], start: int, end: int
+    ) -> None:
+        """Register blocks[start:end] (now full) under their hashes.
+
+        If another block already holds the same hash (two requests computed the same prefix
+        at once), this one stays unregistered and is simply freed later.
+        """
+        for i in range(start, end):
+            block = blocks[i]
+            if block.block_hash is not None:
+                continue
+            h = block_hashes[i]
+            if h not in self.cached:
+                self.cached[h] = block
+                block.block_hash = h
+
+    def free_blocks(self, blocks: Iterable[KVBlock]) -> None:
+        """Drop one reference each; pass blocks tail-first so a prefix's tail is evicted first."""
+        for block in blocks:
+            block.ref_cnt -= 1
+            assert block.ref_cnt >= 0, block
+            if block.ref_cnt == 0 and not block.is_null:
+                self.free_queue.append(block)
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached hash; refused while any block is in use."""
+        if self.num_free_blocks != self.num_blocks - 1:
+            return False
+        for block in self.blocks:
+            block.block_hash = None
+        self.cached.clear()
+        return True

@@ -1,0 +1,229 @@
+"""The synchronous engine: admit requests, schedule a step, run it, process outputs.
+
+Everything here runs on one thread (the async engine's step thread); it holds no locks.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from worker.engine.config import EngineConfig
+from worker.engine.errors import InvalidRequestError
+from worker.engine.kv_cache_manager import KVCacheManager
+from worker.engine.memory import MemoryPlan, plan_memory
+from worker.engine.model.config import ModelConfig
+from worker.engine.model.loader import load_model
+from worker.engine.output_processor import OutputProcessor
+from worker.engine.outputs import Delta, EngineStats, Usage
+from worker.engine.request import GenerateRequest, Priority, Request
+from worker.engine.runner import ModelRunner
+from worker.engine.sampler import Sampler
+from worker.engine.scheduler import Scheduler
+from worker.engine.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or auto")
+    return _DTYPES[name]
+
+
+@dataclass
+class _Live:
+    request: Request
+    output: OutputProcessor
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.model_config = mc = ModelConfig.from_dir(config.model)
+        self.tokenizer = Tokenizer(config.model)
+        max_len = config.max_model_len or mc.max_position_embeddings
+        if mc.sliding_window and max_len > mc.sliding_window:
+            log.warning("capping max_model_len to the sliding window %d", mc.sliding_window)
+            max_len = mc.sliding_window
+        self.max_model_len = max_len
+        eos = set(mc.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(eos)
+        self.memory: MemoryPlan = plan_memory(config, mc, self.device, self.dtype, max_len)
+        log.info("memory plan: %s", self.memory.describe())
+        model = load_model(config.model, mc, self.device, self.dtype, max_len)
+        self.runner = ModelRunner(
+            model, mc, self.memory.num_blocks, config.block_size, self.device, self.dtype
+        )
+        self.kv = KVCacheManager(
+            self.memory.num_blocks, config.block_size, config.enable_prefix_caching,
+            extra_key=config.model_name.encode(),
+        )
+        self.scheduler = Scheduler(
+            self.kv, config.max_num_batched_tokens, config.max_num_seqs, max_len,
+            config.long_prefill_token_threshold,
+        )
+        self.sampler = Sampler(config.seed)
+        self.live: dict[str, _Live] = {}
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.num_steps = 0
+        self.kv_peak_slots = 0
+        self.kv_peak_tokens = 0
+
+    # -- admission ---------------------------------------------------------------------------
+
+    def prepare(self, req: GenerateRequest) -> Request:
+        """Validate and tokenise; raises InvalidRequestError with the offending field."""
+        sp = req.sampling
+        sp.validate()
+        given = [x is not None for x in (req.prompt, req.prompt_token_ids, req.messages)]
+        if sum(given) != 1:
+            raise InvalidRequestError(
+                "give exactly one of prompt, prompt_token_ids or messages", "prompt"
+            )
+        if req.messages is not None:
+            text = self.tokenizer.apply_chat_template(req.messages, req.add_generation_prompt)
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+        elif req.prompt is not None:
+            ids = self.tokenizer.encode(req.prompt)
+        else:
+            ids = list(req.prompt_token_ids or [])
+            vocab = self.model_config.vocab_size
+            if any(not isinstance(t, int) or t < 0 or t >= vocab for t in ids):
+                raise InvalidRequestError(
+                    f"prompt token ids must be integers in [0, {vocab})", "prompt"
+                )
+        if not ids:
+            raise InvalidRequestError("the prompt is empty", "prompt")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"this model's maximum context length is {self.max_model_len} tokens; the prompt "
+                f"has {len(ids)} tokens, leaving no room for output",
+                "prompt" if req.messages is None else "messages",
+            )
+        room = self.max_model_len - len(ids)
+        if sp.max_tokens is not None and sp.max_tokens > room:
+            raise InvalidRequestError(
+                f"this model's maximum context length is {self.max_model_len} tokens; the prompt "
+                f"has {len(ids)} tokens and max_tokens is {sp.max_tokens} "
+                f"({len(ids) + sp.max_tokens} in all)",
+                "max_tokens",
+            )
+        max_tokens = sp.max_tokens if sp.max_tokens is not None else room
+        if not self.kv.can_ever_fit(len(ids) + max_tokens):
+            raise InvalidRequestError(
+                f"the request needs {len(ids) + max_tokens} tokens of KV cache, more than this "
+                f"worker holds ({self.kv.num_usable_blocks * self.config.block_size})",
+                "max_tokens",
+            )
+        return Request(
+            req.request_id, ids, sp, Priority.parse(req.priority), max_tokens, self.eos_token_ids
+        )
+
+    def add(self, request: Request) -> None:
+        if request.request_id in self.live:
+            raise InvalidRequestError(f"duplicate request id {request.request_id!r}", "request_id")
+        self.live[request.request_id] = _Live(request, OutputProcessor(request, self.tokenizer))
+        self.scheduler.add(request)
+        self.prompt_tokens_total += request.num_prompt_tokens
+
+    def abort(self, request_id: str, reason: str | None = None) -> Delta | None:
+        live = self.live.pop(request_id, None)
+        if live is None:
+            return None
+        self.scheduler.finish(live.request)
+        self.sampler.forget(request_id)
+        return Delta(
+            request_id,
+            finish_reason="error" if reason else "abort",
+            usage=self._usage(live.request),
+            error=reason,
+        )
+
+    # -- stepping ----------------------------------------------------------------------------
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    def step(self) -> list[Delta]:
+        batch = self.scheduler.schedule()
+        deltas: list[Delta] = []
+        for request, message in batch.failed:
+            live = self.live.pop(request.request_id)
+            deltas.append(Delta(request.request_id, finish_reason="error", error=message,
+                                usage=self._usage(live.request)))
+        if not batch:
+            return deltas
+        inputs = self.runner.prepare(batch, self.kv)
+        logits = self.runner.execute(inputs)
+        self.scheduler.on_step_done(batch)
+        self.num_steps += 1
+        self._track_kv_peak()
+        if not inputs.sampling_requests:
+            return deltas
+        result = self.sampler.sample(logits, inputs.sampling_requests)
+        for request, token_id, logprob in zip(
+            inputs.sampling_requests, result.token_ids, result.logprobs, strict=True
+        ):
+            request.append_output_token(token_id)
+            self.generation_tokens_total += 1
+            delta = self.live[request.request_id].output.process(token_id, logprob)
+            if delta.finished:
+                del self.live[request.request_id]
+                self.scheduler.finish(request)
+                self.sampler.forget(request.request_id)
+                delta.usage = self._usage(request)
+            deltas.append(delta)
+        return deltas
+
+    def _track_kv_peak(self) -> None:
+        slots = self.kv.num_tokens_held()
+        if slots > self.kv_peak_slots:
+            self.kv_peak_slots = slots
+            self.kv_peak_tokens = sum(r.num_computed_tokens for r in self.scheduler.running)
+
+    def _usage(self, request: Request) -> Usage:
+        return Usage(
+            prompt_tokens=request.num_prompt_tokens,
+            completion_tokens=request.num_output_tokens,
+            cached_prompt_tokens=max(request.num_cached_tokens, 0),
+        )
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            model=self.config.model_name,
+            num_requests_running=len(self.scheduler.running),
+            num_requests_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=self.kv.usage,
+            num_blocks_total=self.kv.num_usable_blocks,
+            num_blocks_free=self.kv.pool.num_free_blocks,
+            block_size=self.config.block_size,
+            prefix_cache_queries=self.kv.prefix_cache_queries,
+            prefix_cache_hits=self.kv.prefix_cache_hits,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens_total=self.prompt_tokens_total,
+            generation_tokens_total=self.generation_tokens_total,
+            num_steps=self.num_steps,
+            kv_peak_slots=self.kv_peak_slots,
+            kv_peak_tokens=self.kv_peak_tokens,
+        )
