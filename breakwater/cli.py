@@ -12,15 +12,24 @@ import sys
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
-    g.add_argument("--model", default=None,
-                   help="local Hugging Face checkpoint directory (default: the random-weight "
-                        "demo model, written on first use)")
+    g.add_argument(
+        "--model",
+        default=None,
+        help="local Hugging Face checkpoint directory (default: the random-weight "
+        "demo model, written on first use)",
+    )
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     g.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
-    g.add_argument("--kv-cache-memory", default=None,
-                   help="KV cache size, e.g. 512MiB or 4GiB (default: derived from the budget)")
-    g.add_argument("--memory-budget", default=None,
-                   help="total memory the engine may use (weights + KV + activations)")
+    g.add_argument(
+        "--kv-cache-memory",
+        default=None,
+        help="KV cache size, e.g. 512MiB or 4GiB (default: derived from the budget)",
+    )
+    g.add_argument(
+        "--memory-budget",
+        default=None,
+        help="total memory the engine may use (weights + KV + activations)",
+    )
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--max-num-seqs", type=int, default=128)
@@ -76,8 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("-n", "--num-requests", type=int, default=1,
-                   help="submit the prompt this many times at once (shows batching)")
+    g.add_argument(
+        "-n",
+        "--num-requests",
+        type=int,
+        default=1,
+        help="submit the prompt this many times at once (shows batching)",
+    )
     _add_engine_args(g)
     g.set_defaults(func=_cmd_generate)
 

@@ -21,18 +21,29 @@ async def _generate(args: argparse.Namespace) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"# model {config.model_name} loaded in {time.perf_counter() - t0:.2f}s; "
-          f"{engine.core.memory.describe()}", file=sys.stderr)
+    print(
+        f"# model {config.model_name} loaded in {time.perf_counter() - t0:.2f}s; "
+        f"{engine.core.memory.describe()}",
+        file=sys.stderr,
+    )
     if "demo-random" in config.model:
-        print("# note: the demo model has RANDOM weights; its text is gibberish by design",
-              file=sys.stderr)
+        print(
+            "# note: the demo model has RANDOM weights; its text is gibberish by design",
+            file=sys.stderr,
+        )
 
     def request(i: int) -> GenerateRequest:
-        sp = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            seed=args.seed, max_tokens=args.max_tokens)
+        sp = SamplingParams(
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            seed=args.seed,
+            max_tokens=args.max_tokens,
+        )
         if args.chat:
-            return GenerateRequest(f"cli-{i}", messages=[{"role": "user", "content": args.prompt}],
-                                   sampling=sp)
+            return GenerateRequest(
+                f"cli-{i}", messages=[{"role": "user", "content": args.prompt}], sampling=sp
+            )
         return GenerateRequest(f"cli-{i}", prompt=args.prompt, sampling=sp)
 
     async def one(i: int) -> None:
@@ -42,8 +53,7 @@ async def _generate(args: argparse.Namespace) -> int:
                 sys.stdout.flush()
             if delta.finished and i == 0:
                 sys.stdout.write("\n")
-                print(f"# finish_reason={delta.finish_reason} usage={delta.usage}",
-                      file=sys.stderr)
+                print(f"# finish_reason={delta.finish_reason} usage={delta.usage}", file=sys.stderr)
                 if delta.error:
                     print(f"error: {delta.error}", file=sys.stderr)
 
@@ -59,8 +69,11 @@ async def _generate(args: argparse.Namespace) -> int:
     finally:
         engine.shutdown()
     stats = engine.stats()
-    print(f"# {stats.generation_tokens_total} tokens in {elapsed:.2f}s "
-          f"({stats.generation_tokens_total / elapsed:.0f} tok/s)", file=sys.stderr)
+    print(
+        f"# {stats.generation_tokens_total} tokens in {elapsed:.2f}s "
+        f"({stats.generation_tokens_total / elapsed:.0f} tok/s)",
+        file=sys.stderr,
+    )
     print("# engine stats: " + json.dumps(stats.as_dict()), file=sys.stderr)
     return 0
 

@@ -52,7 +52,9 @@ def main() -> None:
     ap.add_argument("--workload", required=True, help="workload JSON file")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--kv-cache-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE")
-    ap.add_argument("--compile", action="store_true", help="allow torch.compile (default: enforce_eager)")
+    ap.add_argument(
+        "--compile", action="store_true", help="allow torch.compile (default: enforce_eager)"
+    )
     args = ap.parse_args()
 
     real_stdout = _claim_stdout()
@@ -77,7 +79,9 @@ def main() -> None:
     def params(n: int) -> SamplingParams:
         return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
 
-    llm.generate([TokensPrompt(prompt_token_ids=prompts[0][:16])], [params(8)], use_tqdm=False)
+    # Warm-up on a prompt that shares no prefix with the workload (no prefix-cache hit later).
+    warm = TokensPrompt(prompt_token_ids=list(reversed(prompts[0][:16])))
+    llm.generate([warm], [params(8)], use_tqdm=False)
 
     inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
     t0 = time.perf_counter()

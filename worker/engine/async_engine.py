@@ -8,6 +8,7 @@ a queue and are applied between steps; deltas come back through `call_soon_threa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -19,6 +20,7 @@ from worker.engine.engine_core import EngineCore
 from worker.engine.errors import EngineDeadError, InvalidRequestError
 from worker.engine.outputs import Delta, EngineStats
 from worker.engine.request import GenerateRequest, Request
+from worker.engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ class AsyncEngine:
         return self.core.config.model_name
 
     @property
-    def tokenizer(self):  # noqa: ANN201 (the engine's Tokenizer)
+    def tokenizer(self) -> Tokenizer:
         return self.core.tokenizer
 
     def stats(self) -> EngineStats:
@@ -145,10 +147,8 @@ class AsyncEngine:
             if target is not None:
                 by_loop.setdefault(target[0], []).append((target[1], d))
         for loop, items in by_loop.items():
-            try:
+            with contextlib.suppress(RuntimeError):  # the caller's loop is closed
                 loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:  # the caller's loop is closed
-                pass
 
 
 def _put_all(items: list[tuple[asyncio.Queue[Delta], Delta]]) -> None:

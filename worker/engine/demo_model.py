@@ -216,8 +216,10 @@ def _save_weights(out: Path, weights: dict[str, torch.Tensor], max_shard: int | 
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(out / fname), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, fname))
-    index = {"metadata": {"total_size": sum(t.numel() * 4 for t in weights.values())},
-             "weight_map": weight_map}
+    index = {
+        "metadata": {"total_size": sum(t.numel() * 4 for t in weights.values())},
+        "weight_map": weight_map,
+    }
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 

@@ -74,11 +74,16 @@ class EngineCore:
             model, mc, self.memory.num_blocks, config.block_size, self.device, self.dtype
         )
         self.kv = KVCacheManager(
-            self.memory.num_blocks, config.block_size, config.enable_prefix_caching,
+            self.memory.num_blocks,
+            config.block_size,
+            config.enable_prefix_caching,
             extra_key=config.model_name.encode(),
         )
         self.scheduler = Scheduler(
-            self.kv, config.max_num_batched_tokens, config.max_num_seqs, max_len,
+            self.kv,
+            config.max_num_batched_tokens,
+            config.max_num_seqs,
+            max_len,
             config.long_prefill_token_threshold,
         )
         self.sampler = Sampler(config.seed)
@@ -170,8 +175,14 @@ class EngineCore:
         deltas: list[Delta] = []
         for request, message in batch.failed:
             live = self.live.pop(request.request_id)
-            deltas.append(Delta(request.request_id, finish_reason="error", error=message,
-                                usage=self._usage(live.request)))
+            deltas.append(
+                Delta(
+                    request.request_id,
+                    finish_reason="error",
+                    error=message,
+                    usage=self._usage(live.request),
+                )
+            )
         if not batch:
             return deltas
         inputs = self.runner.prepare(batch, self.kv)

@@ -51,7 +51,10 @@ class MemoryPlan:
 
 
 def plan_memory(
-    cfg: EngineConfig, model: ModelConfig, device: torch.device, dtype: torch.dtype,
+    cfg: EngineConfig,
+    model: ModelConfig,
+    device: torch.device,
+    dtype: torch.dtype,
     max_model_len: int,
 ) -> MemoryPlan:
     esize = torch.empty((), dtype=dtype).element_size()
@@ -66,7 +69,9 @@ def plan_memory(
     logits = min(cfg.max_num_seqs, t) * model.vocab_size * 4 * 3
     activations = (t * per_token + gather) * esize + logits
     if device.type == "cuda":
-        budget = cfg.memory_budget or int(0.9 * torch.cuda.get_device_properties(device).total_memory)
+        budget = cfg.memory_budget or int(
+            0.9 * torch.cuda.get_device_properties(device).total_memory
+        )
     else:
         budget = cfg.memory_budget or int(0.5 * _available_host_memory())
     headroom = max(int(0.05 * budget), 64 << 20) if cfg.memory_budget is None else 0

@@ -40,8 +40,10 @@ class ModelRunner:
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         # Zeroed, not empty: padded slots are masked out, but 0 * NaN from stale memory is NaN.
         self.kv_caches = [
-            (torch.zeros(shape, dtype=dtype, device=device),
-             torch.zeros(shape, dtype=dtype, device=device))
+            (
+                torch.zeros(shape, dtype=dtype, device=device),
+                torch.zeros(shape, dtype=dtype, device=device),
+            )
             for _ in range(cfg.num_layers)
         ]
 
@@ -121,7 +123,10 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, inputs: StepInputs) -> torch.Tensor:
         logits = self.model(
-            inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata,
+            inputs.input_ids,
+            inputs.positions,
+            self.kv_caches,
+            inputs.metadata,
             inputs.logits_indices,
         )
         return logits.cpu() if logits.device.type != "cpu" else logits

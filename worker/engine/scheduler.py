@@ -131,7 +131,8 @@ class Scheduler:
                 if request.num_computed_tokens == 0:
                     hits, num_hit_tokens = self.kv.get_computed_blocks(request)
                 num_new = self._cap(
-                    request, request.num_tokens - request.num_computed_tokens - num_hit_tokens,
+                    request,
+                    request.num_tokens - request.num_computed_tokens - num_hit_tokens,
                     budget,
                 )
                 if not self.kv.allocate_slots(request, num_new, hits):

@@ -84,4 +84,6 @@ class Tokenizer:
                 eos_token=self.eos_token or "",
             )
         except TemplateError as e:
-            raise InvalidRequestError(f"chat template rejected the messages: {e}", "messages") from e
+            raise InvalidRequestError(
+                f"chat template rejected the messages: {e}", "messages"
+            ) from e

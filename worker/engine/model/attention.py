@@ -43,7 +43,10 @@ class AttentionMetadata:
 
 
 def write_kv(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
     nb, bs, kvh, d = k_cache.shape
@@ -61,7 +64,7 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """q: [T, H, D]; k, v: [T, KVH, D] for this step's tokens (already written to the cache)."""
-    num_tokens, num_heads, head_dim = q.shape
+    _, num_heads, head_dim = q.shape
     kv_heads = k.shape[1]
     group = num_heads // kv_heads
     out = torch.empty_like(q)
@@ -90,7 +93,9 @@ def paged_attention(
         ks = ks.transpose(0, 1).unsqueeze(0)
         vs = vs.transpose(0, 1).unsqueeze(0)
         o = F.scaled_dot_product_attention(
-            qs, ks, vs,
+            qs,
+            ks,
+            vs,
             attn_mask=seq.mask,
             is_causal=seq.mask is None,
             scale=scale,

@@ -102,4 +102,3 @@ class ModelConfig:
 
     def kv_bytes_per_token(self, dtype_size: int) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_size
-

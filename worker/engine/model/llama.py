@@ -162,7 +162,9 @@ class LlamaModel(nn.Module):
             for i, layer in enumerate(self.layers):
                 p = f"model.layers.{i}."
                 a = p + "self_attn."
-                copy(layer.qkv.weight, a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight")
+                copy(
+                    layer.qkv.weight, a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"
+                )
                 if layer.qkv.bias is not None:
                     copy(layer.qkv.bias, a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias")
                 copy(layer.o_proj.weight, a + "o_proj.weight")

@@ -24,7 +24,10 @@ def safetensors_files(model_dir: Path) -> list[Path]:
 
 
 def load_model(
-    model_dir: str | Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
+    model_dir: str | Path,
+    cfg: ModelConfig,
+    device: torch.device,
+    dtype: torch.dtype,
     max_positions: int,
 ) -> LlamaModel:
     model_dir = Path(model_dir)

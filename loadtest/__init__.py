@@ -1,0 +1,1 @@
+"""Load generation, chaos scenarios and benchmarks."""

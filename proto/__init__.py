@@ -1,0 +1,1 @@
+"""The wire contract between gateway and workers."""
