@@ -70,11 +70,20 @@ ARCHITECTURES = {
 }
 
 
-def _corpus(seed: int, n_words: int = 60_000) -> list[str]:
+def _corpus(seed: int, n_lines: int = 12_000) -> list[str]:
+    """Pseudo-text: real words plus a Zipf-distributed lexicon of made-up ones.
+
+    The made-up words give BPE enough distinct material to fill a vocabulary of thousands.
+    """
     rng = random.Random(seed)
+    syllables = [c + v for c in "bcdfghklmnprstvwz" for v in "aeiou"] + ["th", "st", "ng", "er"]
+    lexicon = list(_WORDS)
+    while len(lexicon) < 6000:
+        lexicon.append("".join(rng.choices(syllables, k=rng.choice([1, 2, 2, 3, 3, 4]))))
+    weights = [1.0 / (i + 1) for i in range(len(lexicon))]
     lines = []
-    for _ in range(n_words // 12):
-        words = rng.choices(_WORDS, k=12)
+    for _ in range(n_lines):
+        words = rng.choices(lexicon, weights=weights, k=12)
         words[0] = words[0].capitalize()
         lines.append(" ".join(words) + rng.choice([".", ",", "?", "!", ";"]))
     return lines

@@ -37,6 +37,7 @@ class ModelRunner:
         self.model = model
         self.device = device
         self.block_size = block_size
+        self.dtype = dtype
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         # Zeroed, not empty: padded slots are masked out, but 0 * NaN from stale memory is NaN.
         self.kv_caches = [
@@ -102,9 +103,10 @@ class ModelRunner:
             padded = [t + [0] * (width - len(t)) for t in decode_tables]
             decode_block_tables = torch.tensor(padded, dtype=torch.long, device=dev)
             lens = torch.tensor(decode_lens, device=dev)
-            decode_mask = (torch.arange(width * bs, device=dev)[None, :] >= lens[:, None]).view(
-                len(decodes), 1, 1, width * bs
-            )
+            pad = torch.arange(width * bs, device=dev)[None, :] >= lens[:, None]
+            decode_mask = torch.zeros(pad.shape, dtype=self.dtype, device=dev)
+            decode_mask.masked_fill_(pad, float("-inf"))
+            decode_mask = decode_mask.view(len(decodes), 1, 1, width * bs)
         md = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             num_decodes=len(decodes),

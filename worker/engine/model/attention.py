@@ -1,10 +1,11 @@
 """Attention over the paged KV cache for a packed batch of sequences.
 
 Decodes (one query token each) are batched: their blocks are gathered into one padded
-tensor and attended with two batched matmuls. Prefill chunks go one sequence at a time
-through scaled_dot_product_attention, gathering cached context first when the chunk sits
-behind tokens computed in earlier steps; on CPU this beat a padded or block-diagonal mask
-over the whole batch, since prefill lengths vary widely.
+tensor and attended by a single scaled_dot_product_attention call with an additive padding
+mask (measured ~6x faster on CPU than explicit matmuls over permuted keys, which copy).
+Prefill chunks go one sequence at a time through scaled_dot_product_attention, gathering
+cached context first when the chunk sits behind tokens computed in earlier steps; on CPU
+this beat a padded or block-diagonal mask over the whole batch, since prefill lengths vary.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None
     """[num_decodes, max_blocks], padded with the null block."""
     decode_mask: torch.Tensor | None
-    """[num_decodes, 1, 1, max_blocks * block_size], True where a slot must be ignored."""
+    """[num_decodes, 1, 1, max_blocks * block_size] additive mask: -inf past each context."""
     prefills: list[PrefillSeq]
 
 
@@ -52,6 +53,11 @@ def write_kv(
     nb, bs, kvh, d = k_cache.shape
     k_cache.view(nb * bs, kvh, d).index_copy_(0, slot_mapping, k)
     v_cache.view(nb * bs, kvh, d).index_copy_(0, slot_mapping, v)
+
+
+def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """Copy the given blocks out of the cache, in order (index_select beat advanced indexing)."""
+    return cache.view(cache.shape[0], -1).index_select(0, block_ids.view(-1))
 
 
 def paged_attention(
@@ -72,13 +78,17 @@ def paged_attention(
     b = md.num_decodes
     if b:
         assert md.decode_block_tables is not None and md.decode_mask is not None
-        keys = k_cache[md.decode_block_tables].view(b, -1, kv_heads, head_dim)
-        values = v_cache[md.decode_block_tables].view(b, -1, kv_heads, head_dim)
-        qd = q[:b].view(b, kv_heads, group, head_dim)
-        scores = torch.matmul(qd, keys.permute(0, 2, 3, 1)).mul_(scale)  # [B, KVH, G, L]
-        scores.masked_fill_(md.decode_mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        out[:b] = torch.matmul(probs, values.permute(0, 2, 1, 3)).view(b, num_heads, head_dim)
+        keys = _gather(k_cache, md.decode_block_tables).view(b, -1, kv_heads, head_dim)
+        values = _gather(v_cache, md.decode_block_tables).view(b, -1, kv_heads, head_dim)
+        o = F.scaled_dot_product_attention(
+            q[:b].unsqueeze(2),
+            keys.transpose(1, 2),
+            values.transpose(1, 2),
+            attn_mask=md.decode_mask,
+            scale=scale,
+            enable_gqa=group > 1,
+        )
+        out[:b] = o.view(b, num_heads, head_dim)
 
     for seq in md.prefills:
         qs = q[seq.q_start : seq.q_end].transpose(0, 1).unsqueeze(0)  # [1, H, Q, D]
@@ -88,8 +98,8 @@ def paged_attention(
         else:
             assert seq.block_table is not None
             total = seq.context_len + seq.q_end - seq.q_start
-            ks = k_cache[seq.block_table].view(-1, kv_heads, head_dim)[:total]
-            vs = v_cache[seq.block_table].view(-1, kv_heads, head_dim)[:total]
+            ks = _gather(k_cache, seq.block_table).view(-1, kv_heads, head_dim)[:total]
+            vs = _gather(v_cache, seq.block_table).view(-1, kv_heads, head_dim)[:total]
         ks = ks.transpose(0, 1).unsqueeze(0)
         vs = vs.transpose(0, 1).unsqueeze(0)
         o = F.scaled_dot_product_attention(
