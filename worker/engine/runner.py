@@ -97,7 +97,7 @@ class ModelRunner:
                 logits_indices.append(q_start + n - 1)
                 sampling.append(r)
 
-        decode_block_tables = decode_mask = None
+        decode_block_tables = decode_mask = lens = None
         if decodes:
             width = max(len(t) for t in decode_tables)
             padded = [t + [0] * (width - len(t)) for t in decode_tables]
@@ -112,6 +112,7 @@ class ModelRunner:
             num_decodes=len(decodes),
             decode_block_tables=decode_block_tables,
             decode_mask=decode_mask,
+            decode_context_lens=lens,
             prefills=prefill_seqs,
         )
         return StepInputs(
