@@ -23,7 +23,7 @@ async def _generate(args: argparse.Namespace) -> int:
         return 2
     print(
         f"# model {config.model_name} loaded in {time.perf_counter() - t0:.2f}s; "
-        f"{engine.core.memory.describe()}",
+        f"{engine.core.executor.describe()}",
         file=sys.stderr,
     )
     if "demo-random" in config.model:

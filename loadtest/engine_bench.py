@@ -222,7 +222,7 @@ def bench_engine_peer(model: Path, wl: Workload) -> float:
             EngineConfig(model=str(model), kv_cache_memory=1 << 30, max_model_len=2048)
         )
         try:
-            vocab = engine.core.model_config.vocab_size
+            vocab = engine.core.executor.vocab_size
             await _engine_run(engine, make_workload(4, (16, 32), (4, 8), vocab, 99), "warm")
             return await _engine_run(engine, wl, "peer")
         finally:

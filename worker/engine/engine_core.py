@@ -8,39 +8,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import torch
-
 from worker.engine.config import EngineConfig
 from worker.engine.errors import InvalidRequestError
+from worker.engine.executor import Executor, TorchExecutor
 from worker.engine.kv_cache_manager import KVCacheManager
-from worker.engine.memory import MemoryPlan, plan_memory
-from worker.engine.model.config import ModelConfig
-from worker.engine.model.loader import load_model
 from worker.engine.output_processor import OutputProcessor
 from worker.engine.outputs import Delta, EngineStats, Usage
 from worker.engine.request import GenerateRequest, Priority, Request
-from worker.engine.runner import ModelRunner
-from worker.engine.sampler import Sampler
 from worker.engine.scheduler import Scheduler
-from worker.engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or auto")
-    return _DTYPES[name]
 
 
 @dataclass
@@ -50,31 +27,14 @@ class _Live:
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, executor: Executor | None = None) -> None:
         self.config = config
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
-        self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, self.device)
-        self.model_config = mc = ModelConfig.from_dir(config.model)
-        self.tokenizer = Tokenizer(config.model)
-        max_len = config.max_model_len or mc.max_position_embeddings
-        if mc.sliding_window and max_len > mc.sliding_window:
-            log.warning("capping max_model_len to the sliding window %d", mc.sliding_window)
-            max_len = mc.sliding_window
-        self.max_model_len = max_len
-        eos = set(mc.eos_token_ids)
-        if self.tokenizer.eos_token_id is not None:
-            eos.add(self.tokenizer.eos_token_id)
-        self.eos_token_ids = frozenset(eos)
-        self.memory: MemoryPlan = plan_memory(config, mc, self.device, self.dtype, max_len)
-        log.info("memory plan: %s", self.memory.describe())
-        model = load_model(config.model, mc, self.device, self.dtype, max_len)
-        self.runner = ModelRunner(
-            model, mc, self.memory.num_blocks, config.block_size, self.device, self.dtype
-        )
+        self.executor: Executor = executor if executor is not None else TorchExecutor(config)
+        self.tokenizer = self.executor.tokenizer
+        self.eos_token_ids = self.executor.eos_token_ids
+        self.max_model_len = max_len = self.executor.max_model_len
         self.kv = KVCacheManager(
-            self.memory.num_blocks,
+            self.executor.num_blocks,
             config.block_size,
             config.enable_prefix_caching,
             extra_key=config.model_name.encode(),
@@ -86,7 +46,6 @@ class EngineCore:
             max_len,
             config.long_prefill_token_threshold,
         )
-        self.sampler = Sampler(config.seed)
         self.live: dict[str, _Live] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -112,7 +71,7 @@ class EngineCore:
             ids = self.tokenizer.encode(req.prompt)
         else:
             ids = list(req.prompt_token_ids or [])
-            vocab = self.model_config.vocab_size
+            vocab = self.executor.vocab_size
             if any(not isinstance(t, int) or t < 0 or t >= vocab for t in ids):
                 raise InvalidRequestError(
                     f"prompt token ids must be integers in [0, {vocab})", "prompt"
@@ -156,7 +115,7 @@ class EngineCore:
         if live is None:
             return None
         self.scheduler.finish(live.request)
-        self.sampler.forget(request_id)
+        self.executor.forget(request_id)
         return Delta(
             request_id,
             finish_reason="error" if reason else "abort",
@@ -185,16 +144,12 @@ class EngineCore:
             )
         if not batch:
             return deltas
-        inputs = self.runner.prepare(batch, self.kv)
-        logits = self.runner.execute(inputs)
+        sampling_requests, result = self.executor.execute(batch, self.kv)
         self.scheduler.on_step_done(batch)
         self.num_steps += 1
         self._track_kv_peak()
-        if not inputs.sampling_requests:
-            return deltas
-        result = self.sampler.sample(logits, inputs.sampling_requests)
         for request, token_id, logprob in zip(
-            inputs.sampling_requests, result.token_ids, result.logprobs, strict=True
+            sampling_requests, result.token_ids, result.logprobs, strict=True
         ):
             request.append_output_token(token_id)
             self.generation_tokens_total += 1
@@ -202,7 +157,7 @@ class EngineCore:
             if delta.finished:
                 del self.live[request.request_id]
                 self.scheduler.finish(request)
-                self.sampler.forget(request.request_id)
+                self.executor.forget(request.request_id)
                 delta.usage = self._usage(request)
             deltas.append(delta)
         return deltas
