@@ -18,6 +18,11 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         help="local Hugging Face checkpoint directory (default: the random-weight "
         "demo model, written on first use)",
     )
+    g.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model id clients use (default: the checkpoint path)",
+    )
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     g.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
     g.add_argument(
@@ -44,7 +49,8 @@ def engine_config_from_args(args: argparse.Namespace):  # -> EngineConfig
     model = args.model or str(ensure_demo_model("demo"))
     return EngineConfig(
         model=model,
-        served_model_name=None if args.model else "breakwater-demo-random",
+        served_model_name=args.served_model_name
+        or (None if args.model else "breakwater-demo-random"),
         device=args.device,
         dtype=args.dtype,
         block_size=args.block_size,
@@ -61,6 +67,26 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from breakwater.generate_cmd import run_generate
 
     return run_generate(args)
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from worker.server import run_worker
+    from worker.settings import settings_from_args
+
+    return run_worker(settings_from_args(args, engine_config_from_args(args)))
+
+
+def _cmd_gateway(args: argparse.Namespace) -> int:
+    from gateway.app import run_gateway
+    from gateway.settings import settings_from_args
+
+    return run_gateway(settings_from_args(args))
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from breakwater.up import run_up
+
+    return run_up(args)
 
 
 def _cmd_demo_model(args: argparse.Namespace) -> int:
@@ -94,6 +120,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_engine_args(g)
     g.set_defaults(func=_cmd_generate)
+
+    w = sub.add_parser("worker", help="serve one engine over gRPC (and optionally HTTP)")
+    from worker.settings import add_worker_args
+
+    add_worker_args(w)
+    _add_engine_args(w)
+    w.set_defaults(func=_cmd_worker)
+
+    gw = sub.add_parser("gateway", help="the OpenAI-compatible (and gRPC) front door")
+    from gateway.settings import add_gateway_args
+
+    add_gateway_args(gw)
+    gw.set_defaults(func=_cmd_gateway)
+
+    up = sub.add_parser("up", help="start a gateway and a local worker pool in one command")
+    up.add_argument("--port", type=int, default=8080, help="gateway HTTP port")
+    up.add_argument("--grpc-port", type=int, default=None, help="gateway gRPC port")
+    up.add_argument("--workers", type=int, default=1, help="local workers to start")
+    up.add_argument("--engine", choices=["torch", "sim"], default="torch")
+    up.add_argument("--sim-preset", default="llama3-8b-h100")
+    up.add_argument("--redis-url", default=None, help="use Redis as the registry")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--model", default=None, help="checkpoint dir (default: the demo model)")
+    up.add_argument("--kv-cache-memory", default=None)
+    up.add_argument("--max-model-len", type=int, default=None)
+    up.add_argument("--ready-timeout", type=float, default=300.0)
+    up.set_defaults(func=_cmd_up)
 
     d = sub.add_parser("demo-model", help="write a small RANDOM-WEIGHT checkpoint (HF format)")
     d.add_argument("--out", required=True)

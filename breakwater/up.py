@@ -1,0 +1,171 @@
+"""`breakwater up`: a gateway and N local workers as child processes, in one command.
+
+Children learn their ports at bind time (port 0) and report them on a READY line; on
+Ctrl-C or SIGTERM the gateway stops first, then the workers drain, and nothing is left
+behind (children also get SIGKILL if this process dies, through PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@dataclass
+class Child:
+    name: str
+    proc: asyncio.subprocess.Process
+    ready: dict[str, str]
+
+
+async def _spawn(name: str, args: list[str], ready_prefix: str, timeout: float) -> Child:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "breakwater.cli",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        preexec_fn=_die_with_parent,
+    )
+    assert proc.stdout is not None
+
+    async def wait_ready() -> dict[str, str]:
+        assert proc.stdout is not None
+        while True:
+            line = await proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"{name} exited before it was ready (code {proc.returncode})")
+            text = line.decode().strip()
+            if text.startswith(ready_prefix):
+                return dict(kv.split("=", 1) for kv in text.split()[1:])
+            print(text, flush=True)
+
+    try:
+        ready = await asyncio.wait_for(wait_ready(), timeout)
+    except (TimeoutError, RuntimeError):
+        if proc.returncode is None:
+            proc.kill()
+        raise
+    return Child(name, proc, ready)
+
+
+async def _stop(children: list[Child], timeout: float) -> None:
+    for child in children:
+        if child.proc.returncode is None:
+            child.proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(child.proc.wait(), timeout)
+        except TimeoutError:
+            child.proc.kill()
+            await child.proc.wait()
+
+
+async def _up(args: argparse.Namespace) -> int:
+    children: list[Child] = []
+    model = args.model
+    if args.engine == "torch" and model is None:
+        from worker.engine.demo_model import ensure_demo_model
+
+        ensure_demo_model("demo")  # once, before the workers race to write it
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    t0 = time.perf_counter()
+    try:
+        common = ["--engine", args.engine, "--host", args.host, "--grpc-port", "0"]
+        if model:
+            common += ["--model", model]
+        if args.engine == "sim":
+            common += ["--sim-preset", args.sim_preset]
+        if args.kv_cache_memory:
+            common += ["--kv-cache-memory", args.kv_cache_memory]
+        if args.max_model_len:
+            common += ["--max-model-len", str(args.max_model_len)]
+        if args.redis_url:
+            common += ["--redis-url", args.redis_url]
+        workers = await asyncio.gather(
+            *(
+                _spawn(
+                    f"worker-{i}",
+                    ["worker", *common, "--worker-id", f"local-{i}"],
+                    "BREAKWATER_WORKER_READY",
+                    args.ready_timeout,
+                )
+                for i in range(args.workers)
+            )
+        )
+        children.extend(workers)
+        gw_args = ["gateway", "--host", args.host, "--port", str(args.port)]
+        if args.grpc_port is not None:
+            gw_args += ["--grpc-port", str(args.grpc_port)]
+        if args.redis_url:
+            gw_args += ["--redis-url", args.redis_url]
+        else:
+            for w in workers:
+                gw_args += ["--worker", w.ready["grpc"]]
+        gateway = await _spawn("gateway", gw_args, "BREAKWATER_GATEWAY_READY", args.ready_timeout)
+        children.insert(0, gateway)  # stopped first
+        url = gateway.ready["http"]
+        await _wait_ready(url, args.ready_timeout)
+        model_name = workers[0].ready.get("model", "")
+        print(
+            f"\nBreakwater is up in {time.perf_counter() - t0:.1f}s: gateway {url} "
+            f"({args.workers} {args.engine} worker(s), model {model_name})\n"
+            f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+            f'    -d \'{{"model": "{model_name}", "messages": '
+            f'[{{"role": "user", "content": "Hello"}}], "max_tokens": 32}}\'\n'
+            "Press Ctrl-C to stop.",
+            flush=True,
+        )
+        waits = [asyncio.create_task(c.proc.wait()) for c in children]
+        stopper = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait([stopper, *waits], return_when=asyncio.FIRST_COMPLETED)
+        for t in [stopper, *waits]:
+            t.cancel()
+        if stopper not in done:
+            dead = [c.name for c in children if c.proc.returncode is not None]
+            print(f"breakwater up: {', '.join(dead)} exited; stopping", file=sys.stderr)
+            return 1
+        print("\nstopping...", file=sys.stderr, flush=True)
+        return 0
+    except (TimeoutError, RuntimeError) as e:
+        print(f"breakwater up: {e or 'timed out waiting for readiness'}", file=sys.stderr)
+        return 1
+    finally:
+        await _stop(children, timeout=35.0)
+
+
+async def _wait_ready(url: str, timeout: float) -> None:
+    import aiohttp
+
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            try:
+                async with session.get(url + "/readyz") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise TimeoutError("the gateway did not become ready")
+
+
+def run_up(args: argparse.Namespace) -> int:
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    return asyncio.run(_up(args))

@@ -1,0 +1,114 @@
+"""`breakwater gateway`: wire registry, routing, upstreams and the front ends together."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+import grpc
+from aiohttp import web
+
+from gateway.dispatch import Dispatcher
+from gateway.frontend.grpc_api import GatewayInference
+from gateway.frontend.http_api import OpenAIRoutes
+from gateway.registry.base import Registry, WorkerInfo
+from gateway.routing.policy import make_policy
+from gateway.settings import GatewaySettings
+from gateway.upstream.base import Upstream
+from proto import inference_pb2_grpc as pb_grpc
+
+log = logging.getLogger("breakwater.gateway")
+
+READY_LINE = "BREAKWATER_GATEWAY_READY"
+
+
+def make_upstream(info: WorkerInfo) -> Upstream:
+    if info.kind == "openai-http":
+        from gateway.upstream.openai_http import OpenAIHTTPUpstream
+
+        return OpenAIHTTPUpstream(info.worker_id, info.address)
+    from gateway.upstream.grpc_upstream import GrpcUpstream
+
+    return GrpcUpstream(info.worker_id, info.address)
+
+
+class Gateway:
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.registry: Registry
+        dispatcher_ref: list[Dispatcher] = []
+
+        def upstream_for(info: WorkerInfo) -> Upstream:
+            return dispatcher_ref[0].upstream_for(info)
+
+        if settings.redis_url:
+            from gateway.registry.redis_backend import RedisRegistry
+
+            self.registry = RedisRegistry(settings.redis_url)
+        else:
+            from gateway.registry.embedded import EmbeddedRegistry
+
+            self.registry = EmbeddedRegistry(
+                settings.workers, upstream_for, settings.health_interval_s
+            )
+        self.dispatcher = Dispatcher(self.registry, make_policy(settings.routing), make_upstream)
+        dispatcher_ref.append(self.dispatcher)
+        self.app = web.Application()
+        OpenAIRoutes(self.dispatcher, settings.request_timeout_s).add_to(self.app)
+        self.runner: web.AppRunner | None = None
+        self.grpc_server: grpc.aio.Server | None = None
+        self.http_port = 0
+        self.grpc_port: int | None = None
+
+    async def start(self) -> None:
+        await self.registry.start()
+        # handler_cancellation: a client that disconnects cancels its handler, and with it
+        # the upstream call (aiohttp leaves this off by default).
+        self.runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, self.settings.host, self.settings.port)
+        await site.start()
+        self.http_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        if self.settings.grpc_port is not None:
+            self.grpc_server = grpc.aio.server()
+            pb_grpc.add_InferenceServicer_to_server(
+                GatewayInference(self.dispatcher, self.settings.request_timeout_s),
+                self.grpc_server,
+            )
+            self.grpc_port = self.grpc_server.add_insecure_port(
+                f"{self.settings.host}:{self.settings.grpc_port}"
+            )
+            await self.grpc_server.start()
+
+    async def stop(self) -> None:
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(grace=2.0)
+        if self.runner is not None:
+            await self.runner.cleanup()
+        await self.registry.close()
+        await self.dispatcher.close()
+
+
+async def _serve(settings: GatewaySettings) -> int:
+    gw = Gateway(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await gw.start()
+    grpc_part = f" grpc={settings.host}:{gw.grpc_port}" if gw.grpc_port else ""
+    print(f"{READY_LINE} http=http://{settings.host}:{gw.http_port}{grpc_part}", flush=True)
+    await stop.wait()
+    await gw.stop()
+    return 0
+
+
+def run_gateway(settings: GatewaySettings) -> int:
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return asyncio.run(_serve(settings))

@@ -1,0 +1,1 @@
+"""Front ends: the OpenAI-compatible HTTP API and the gRPC Generate service."""

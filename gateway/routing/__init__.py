@@ -1,0 +1,1 @@
+"""Routing policies: which ready worker gets a request."""

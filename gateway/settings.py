@@ -1,0 +1,61 @@
+"""Gateway settings: one typed object, from CLI flags with BREAKWATER_GATEWAY_* env defaults."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"BREAKWATER_GATEWAY_{name}", default)
+
+
+@dataclass
+class GatewaySettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    grpc_port: int | None = None
+    workers: list[str] = field(default_factory=list)
+    """Static upstreams for the embedded registry: host:port (gRPC) or http://... (OpenAI)."""
+    redis_url: str | None = None
+    routing: str = "least-outstanding"
+    request_timeout_s: float = 600.0
+    health_interval_s: float = 1.0
+
+
+def add_gateway_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default=_env("HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(_env("PORT", "8080") or 8080))
+    p.add_argument("--grpc-port", type=int, default=None, help="also serve gRPC Generate")
+    p.add_argument(
+        "--worker",
+        action="append",
+        default=[],
+        dest="workers",
+        help="upstream: host:port of a Breakwater worker, or http://host:port of an "
+        "OpenAI-compatible server (repeatable; embedded registry)",
+    )
+    p.add_argument(
+        "--redis-url",
+        default=os.environ.get("BREAKWATER_REDIS_URL"),
+        help="discover workers through Redis instead of --worker",
+    )
+    p.add_argument(
+        "--routing",
+        default=_env("ROUTING", "least-outstanding"),
+        choices=["round-robin", "least-outstanding"],
+    )
+    p.add_argument("--request-timeout", type=float, default=600.0)
+
+
+def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
+    return GatewaySettings(
+        host=args.host,
+        port=args.port,
+        grpc_port=args.grpc_port,
+        workers=args.workers,
+        redis_url=args.redis_url,
+        routing=args.routing,
+        request_timeout_s=args.request_timeout,
+    )

@@ -1,0 +1,5 @@
+"""Calls to one worker: Breakwater gRPC workers, or any OpenAI-compatible HTTP server."""
+
+from gateway.upstream.base import Upstream, UpstreamError
+
+__all__ = ["Upstream", "UpstreamError"]

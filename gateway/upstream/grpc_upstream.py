@@ -1,0 +1,100 @@
+"""A Breakwater worker over gRPC (grpc.aio), with health and Stats for probes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gateway.registry.base import WorkerInfo, WorkerState
+from gateway.upstream.base import UNAVAILABLE, UpstreamError
+from proto import inference_pb2 as pb
+from proto import inference_pb2_grpc as pb_grpc
+
+PROBE_TIMEOUT_S = 1.0
+
+
+def _pushback_ms(err: grpc.aio.AioRpcError) -> int | None:
+    for k, v in err.trailing_metadata() or ():
+        if k == "grpc-retry-pushback-ms":
+            try:
+                return int(v)
+            except ValueError:
+                return None
+    return None
+
+
+def _param(err: grpc.aio.AioRpcError) -> str | None:
+    for k, v in err.trailing_metadata() or ():
+        if k == "param":
+            return str(v)
+    return None
+
+
+def to_upstream_error(err: grpc.aio.AioRpcError) -> UpstreamError:
+    return UpstreamError(
+        err.code().name, err.details() or err.code().name, _pushback_ms(err), _param(err)
+    )
+
+
+class GrpcUpstream:
+    def __init__(self, worker_id: str, address: str) -> None:
+        self.worker_id = worker_id
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(
+            address,
+            options=[
+                ("grpc.keepalive_time_ms", 10_000),
+                ("grpc.keepalive_timeout_ms", 5_000),
+                ("grpc.max_receive_message_length", 64 << 20),
+                # Our own retries are budgeted by the gateway; gRPC's would be unbudgeted.
+                ("grpc.enable_retries", 0),
+            ],
+        )
+        self.stub = pb_grpc.InferenceStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    async def generate(
+        self, request: pb.GenerateRequest, timeout: float | None
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        metadata = (("x-request-id", request.request_id),) if request.request_id else None
+        call = self.stub.Generate(request, timeout=timeout, metadata=metadata)
+        try:
+            async for resp in call:
+                yield resp
+        except grpc.aio.AioRpcError as e:
+            raise to_upstream_error(e) from None
+        finally:
+            call.cancel()
+
+    async def probe(self, info: WorkerInfo) -> WorkerInfo:
+        try:
+            h = await self.health.Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=PROBE_TIMEOUT_S
+            )
+            s = await self.stub.Stats(pb.StatsRequest(), timeout=PROBE_TIMEOUT_S)
+        except grpc.aio.AioRpcError as e:
+            info.state = WorkerState.NOT_SERVING
+            info.stats["last_error"] = 1.0
+            if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise UpstreamError(UNAVAILABLE, str(e)) from None
+            return info
+        serving = h.status == health_pb2.HealthCheckResponse.SERVING
+        info.state = WorkerState.SERVING if serving else WorkerState(s.state or "NOT_SERVING")
+        if not serving and info.state == WorkerState.SERVING:
+            info.state = WorkerState.NOT_SERVING
+        info.models = [s.model_id] if s.model_id else info.models
+        info.stats = {
+            "queue_depth": s.queue_depth,
+            "running": s.running,
+            "in_flight": s.in_flight,
+            "kv_cache_usage": s.kv_cache_usage,
+            "prefix_cache_hit_rate": s.prefix_cache_hit_rate,
+        }
+        info.updated_at = time.time()
+        return info
+
+    async def close(self) -> None:
+        await self.channel.close(grace=None)

@@ -1,0 +1,456 @@
+"""OpenAI JSON <-> the Generate contract: request parsing and response building.
+
+Shared by the gateway's HTTP front end, a worker's own HTTP port and the OpenAI-HTTP
+upstream, so that every OpenAI surface of Breakwater validates and answers alike.
+Imports only protobuf stubs: safe for the gateway, which never imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from proto import inference_pb2 as pb
+
+FINISH_REASONS = {
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_ABORT: "abort",
+    pb.FINISH_REASON_ERROR: "error",
+}
+FINISH_FROM_NAME = {v: k for k, v in FINISH_REASONS.items()}
+
+
+class OpenAIError(Exception):
+    """An error to answer with an OpenAI-style body and this HTTP status."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        retry_after_ms: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.param = param
+        self.code = code
+        self.retry_after_ms = retry_after_ms
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+def bad(message: str, param: str | None = None) -> OpenAIError:
+    return OpenAIError(400, message, "invalid_request_error", param)
+
+
+@dataclass
+class ParsedRequest:
+    """A parsed OpenAI request: the wire request plus what shapes the HTTP answer."""
+
+    request: pb.GenerateRequest
+    kind: str  # "completion" or "chat"
+    stream: bool
+    include_usage: bool
+    logprobs: int | None
+
+
+def _number(body: dict[str, Any], name: str, lo: float, hi: float) -> float | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise bad(f"'{name}' must be a number", name)
+    if not lo <= v <= hi:
+        raise bad(f"'{name}' must be between {lo} and {hi}, got {v}", name)
+    return float(v)
+
+
+def _int(body: dict[str, Any], name: str, lo: int, hi: int = 2**31 - 1) -> int | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise bad(f"'{name}' must be an integer", name)
+    if not lo <= v <= hi:
+        raise bad(f"'{name}' must be between {lo} and {hi}, got {v}", name)
+    return v
+
+
+def _common(body: dict[str, Any], req: pb.GenerateRequest) -> None:
+    """Sampling fields shared by both endpoints (with vLLM's extensions)."""
+    sp = req.sampling
+    if (t := _number(body, "temperature", 0, 2)) is not None:
+        sp.temperature = t
+    if (p := _number(body, "top_p", 0, 1)) is not None:
+        if p == 0:
+            raise bad("'top_p' must be greater than 0", "top_p")
+        sp.top_p = p
+    if (k := _int(body, "top_k", -1)) is not None:
+        sp.top_k = k
+    if (seed := _int(body, "seed", -(2**63), 2**63 - 1)) is not None:
+        sp.seed = seed
+    n = _int(body, "n", 1)
+    if n not in (None, 1):
+        raise bad("only n=1 is supported", "n")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if _number(body, name, -2, 2):
+            raise bad(f"'{name}' is not supported", name)
+    if body.get("logit_bias"):
+        raise bad("'logit_bias' is not supported", "logit_bias")
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None:
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+            raise bad("'stop' must be a non-empty string or a list of them", "stop")
+        if len(stop) > 16:
+            raise bad("at most 16 stop sequences", "stop")
+        sp.stop.extend(stop)
+    ids = body.get("stop_token_ids")
+    if ids is not None:
+        if not isinstance(ids, list) or not all(isinstance(i, int) and i >= 0 for i in ids):
+            raise bad("'stop_token_ids' must be a list of token ids", "stop_token_ids")
+        sp.stop_token_ids.extend(ids)
+    for flag in ("ignore_eos", "include_stop_str_in_output"):
+        if body.get(flag) is not None:
+            if not isinstance(body[flag], bool):
+                raise bad(f"'{flag}' must be a boolean", flag)
+            setattr(sp, flag, body[flag])
+    if isinstance(body.get("skip_special_tokens"), bool):
+        sp.skip_special_tokens = body["skip_special_tokens"]
+    prio = body.get("priority")
+    if prio is not None:
+        names = {
+            "interactive": pb.PRIORITY_INTERACTIVE,
+            "batch": pb.PRIORITY_BATCH,
+            0: pb.PRIORITY_INTERACTIVE,
+            1: pb.PRIORITY_BATCH,
+        }
+        if prio not in names:
+            raise bad("'priority' must be 'interactive' or 'batch'", "priority")
+        req.priority = names[prio]
+
+
+def _model(body: dict[str, Any]) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad("'model' is required", "model")
+    return model
+
+
+def _stream_flags(body: dict[str, Any], req: pb.GenerateRequest) -> tuple[bool, bool]:
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise bad("'stream' must be a boolean", "stream")
+    opts = body.get("stream_options")
+    include_usage = False
+    if opts is not None:
+        if not stream:
+            raise bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
+        if not isinstance(opts, dict):
+            raise bad("'stream_options' must be an object", "stream_options")
+        include_usage = bool(opts.get("include_usage", False))
+    # The gateway always needs usage from its upstream, whatever the client asked.
+    req.stream_options.include_usage = True
+    return stream, include_usage
+
+
+def parse_completion(body: Any) -> ParsedRequest:
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object")
+    req = pb.GenerateRequest(model=_model(body))
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        if not prompt:
+            raise bad("'prompt' must not be empty", "prompt")
+        req.text = prompt
+    elif (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+    ):
+        req.token_ids.ids.extend(prompt)
+    elif isinstance(prompt, list) and len(prompt) > 1:
+        raise bad("batched prompts are not supported; send one prompt per request", "prompt")
+    else:
+        raise bad("'prompt' must be a string or a list of token ids", "prompt")
+    if body.get("echo"):
+        raise bad("'echo' is not supported", "echo")
+    if body.get("suffix"):
+        raise bad("'suffix' is not supported", "suffix")
+    mt = _int(body, "max_tokens", 1)
+    req.sampling.max_tokens = 16 if mt is None else mt  # OpenAI's default for completions
+    logprobs = _int(body, "logprobs", 0, 20)
+    if logprobs is not None:
+        req.sampling.logprobs = logprobs
+    _common(body, req)
+    stream, include_usage = _stream_flags(body, req)
+    return ParsedRequest(req, "completion", stream, include_usage, logprobs)
+
+
+def _content_text(content: Any, i: int) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                raise bad("only text content parts are supported", f"messages[{i}].content")
+            parts.append(str(part.get("text", "")))
+        return "".join(parts)
+    raise bad("message content must be a string or a list of parts", f"messages[{i}].content")
+
+
+def parse_chat(body: Any) -> ParsedRequest:
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object")
+    req = pb.GenerateRequest(model=_model(body))
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad("'messages' must be a non-empty list", "messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise bad("each message needs a 'role'", f"messages[{i}]")
+        req.chat.messages.add(role=m["role"], content=_content_text(m.get("content"), i))
+    req.chat.add_generation_prompt = True
+    mt = _int(body, "max_completion_tokens", 1)
+    if mt is None:
+        mt = _int(body, "max_tokens", 1)
+    if mt is not None:
+        req.sampling.max_tokens = mt
+    logprobs = None
+    if body.get("logprobs"):
+        logprobs = _int(body, "top_logprobs", 0, 20) or 0
+        req.sampling.logprobs = logprobs
+    _common(body, req)
+    stream, include_usage = _stream_flags(body, req)
+    return ParsedRequest(req, "chat", stream, include_usage, logprobs)
+
+
+# -- responses -------------------------------------------------------------------------------
+
+
+def usage_json(u: pb.Usage) -> dict[str, Any]:
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_prompt_tokens},
+    }
+
+
+def _completion_logprobs(items: list[pb.TokenLogprob], offset: int) -> dict[str, Any]:
+    tokens, lps, tops, offsets = [], [], [], []
+    for lp in items:
+        tokens.append(lp.token)
+        lps.append(lp.logprob)
+        tops.append({t.token: t.logprob for t in lp.top})
+        offsets.append(offset)
+        offset += len(lp.token)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _chat_logprobs(items: list[pb.TokenLogprob]) -> dict[str, Any]:
+    def entry(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    return {
+        "content": [
+            {
+                **entry(lp.token, lp.logprob),
+                "top_logprobs": [entry(t.token, t.logprob) for t in lp.top],
+            }
+            for lp in items
+        ]
+    }
+
+
+class ResponseBuilder:
+    """Turns the upstream's deltas into OpenAI JSON, streamed or whole."""
+
+    def __init__(self, parsed: ParsedRequest, request_id: str, model: str) -> None:
+        self.parsed = parsed
+        self.model = model
+        self.created = int(time.time())
+        prefix = "chatcmpl-" if parsed.kind == "chat" else "cmpl-"
+        self.id = prefix + request_id
+        self.text: list[str] = []
+        self.logprobs: list[pb.TokenLogprob] = []
+        self.finish_reason: str | None = None
+        self.usage: pb.Usage | None = None
+        self._text_offset = 0
+        self._sent_role = False
+
+    def add(self, resp: pb.GenerateResponse) -> None:
+        self.text.append(resp.text)
+        self.logprobs.extend(resp.logprobs)
+        if resp.finish_reason:
+            self.finish_reason = FINISH_REASONS[resp.finish_reason]
+        if resp.HasField("usage"):
+            self.usage = resp.usage
+
+    def _base(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def whole(self) -> dict[str, Any]:
+        text = "".join(self.text)
+        lp = self.parsed.logprobs is not None
+        if self.parsed.kind == "chat":
+            out = self._base("chat.completion")
+            out["choices"] = [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": _chat_logprobs(self.logprobs) if lp else None,
+                    "finish_reason": self.finish_reason,
+                }
+            ]
+        else:
+            out = self._base("text_completion")
+            out["choices"] = [
+                {
+                    "index": 0,
+                    "text": text,
+                    "logprobs": _completion_logprobs(self.logprobs, 0) if lp else None,
+                    "finish_reason": self.finish_reason,
+                }
+            ]
+        if self.usage is not None:
+            out["usage"] = usage_json(self.usage)
+        return out
+
+    def chunks(self, resp: pb.GenerateResponse) -> list[dict[str, Any]]:
+        """SSE payloads for one upstream delta (usage goes last, in its own chunk)."""
+        finish = FINISH_REASONS.get(resp.finish_reason) if resp.finish_reason else None
+        lp = self.parsed.logprobs is not None
+        out: list[dict[str, Any]] = []
+        if self.parsed.kind == "chat":
+            if not self._sent_role:
+                self._sent_role = True
+                first = self._base("chat.completion.chunk")
+                first["choices"] = [
+                    {
+                        "index": 0,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                ]
+                out.append(first)
+            if resp.text or finish or resp.logprobs:
+                c = self._base("chat.completion.chunk")
+                c["choices"] = [
+                    {
+                        "index": 0,
+                        "delta": {"content": resp.text} if resp.text else {},
+                        "logprobs": _chat_logprobs(list(resp.logprobs)) if lp else None,
+                        "finish_reason": finish,
+                    }
+                ]
+                out.append(c)
+        elif resp.text or finish or resp.logprobs:
+            c = self._base("text_completion")
+            c["choices"] = [
+                {
+                    "index": 0,
+                    "text": resp.text,
+                    "logprobs": _completion_logprobs(list(resp.logprobs), self._text_offset)
+                    if lp
+                    else None,
+                    "finish_reason": finish,
+                }
+            ]
+            self._text_offset += len(resp.text)
+            out.append(c)
+        if finish and self.parsed.include_usage and resp.HasField("usage"):
+            u = self._base(
+                "chat.completion.chunk" if self.parsed.kind == "chat" else "text_completion"
+            )
+            u["choices"] = []
+            u["usage"] = usage_json(resp.usage)
+            out.append(u)
+        return out
+
+
+def sse(payload: dict[str, Any] | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
+
+
+# -- the reverse direction, for fronting OpenAI-compatible servers --------------------------
+
+
+def to_openai_body(req: pb.GenerateRequest) -> tuple[str, dict[str, Any]]:
+    """(path, JSON body) of the OpenAI request equivalent to a Generate request."""
+    sp = req.sampling
+    body: dict[str, Any] = {
+        "model": req.model,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    for name in ("temperature", "top_p", "top_k", "seed", "max_tokens"):
+        if sp.HasField(name):
+            body[name] = getattr(sp, name)
+    if sp.stop:
+        body["stop"] = list(sp.stop)
+    if sp.stop_token_ids:
+        body["stop_token_ids"] = list(sp.stop_token_ids)
+    if sp.ignore_eos:
+        body["ignore_eos"] = True
+    which = req.WhichOneof("prompt")
+    if which == "chat":
+        body["messages"] = [{"role": m.role, "content": m.content} for m in req.chat.messages]
+        if sp.HasField("logprobs"):
+            body["logprobs"] = True
+            body["top_logprobs"] = sp.logprobs
+        return "/v1/chat/completions", body
+    body["prompt"] = req.text if which == "text" else list(req.token_ids.ids)
+    if sp.HasField("logprobs"):
+        body["logprobs"] = sp.logprobs
+    return "/v1/completions", body
+
+
+def from_openai_chunk(chunk: dict[str, Any], request_id: str) -> pb.GenerateResponse:
+    """One OpenAI stream chunk (completion or chat) as a Generate delta."""
+    resp = pb.GenerateResponse(request_id=request_id)
+    choices = chunk.get("choices") or []
+    if choices:
+        c = choices[0]
+        if "delta" in c:
+            resp.text = (c.get("delta") or {}).get("content") or ""
+        else:
+            resp.text = c.get("text") or ""
+        fr = c.get("finish_reason")
+        if fr:
+            resp.finish_reason = FINISH_FROM_NAME.get(fr, pb.FINISH_REASON_STOP)
+    u = chunk.get("usage")
+    if u:
+        details = u.get("prompt_tokens_details") or {}
+        resp.usage.CopyFrom(
+            pb.Usage(
+                prompt_tokens=u.get("prompt_tokens", 0),
+                completion_tokens=u.get("completion_tokens", 0),
+                cached_prompt_tokens=details.get("cached_tokens") or 0,
+            )
+        )
+    return resp

@@ -1,0 +1,134 @@
+"""The worker's gRPC face: Generate, Stats and the standard health service over an engine."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2
+
+from proto import inference_pb2 as pb
+from proto import inference_pb2_grpc as pb_grpc
+from worker.engine.errors import EngineError, InvalidRequestError
+from worker.proto_convert import to_engine_request, to_response
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "breakwater.v1.Inference"
+VERSION = "0.1.0"
+
+
+class WorkerState:
+    STARTING = "STARTING"
+    SERVING = "SERVING"
+    DRAINING = "DRAINING"
+
+
+class InferenceService(pb_grpc.InferenceServicer):
+    """Adapts one engine to the wire contract; owns admission (state, bounded queue)."""
+
+    def __init__(self, worker_id: str, max_queue: int) -> None:
+        self.worker_id = worker_id
+        self.max_queue = max_queue
+        self.engine: Any = None  # set once warm; the AsyncEngine interface
+        self.state = WorkerState.STARTING
+        self.in_flight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self._ids = itertools.count()
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name if self.engine is not None else ""
+
+    def queue_depth(self) -> int:
+        if self.engine is None:
+            return 0
+        return max(0, self.in_flight - self.engine.stats().num_requests_running)
+
+    def pushback_ms(self) -> int:
+        """A retry hint that grows with the backlog: roughly the time to drain it."""
+        return min(5000, 100 + 10 * self.queue_depth())
+
+    async def admit(self, context: grpc.aio.ServicerContext) -> None:
+        if self.state != WorkerState.SERVING:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker is {self.state.lower()}")
+        if self.queue_depth() >= self.max_queue:
+            context.set_trailing_metadata((("grpc-retry-pushback-ms", str(self.pushback_ms())),))
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"worker queue is full ({self.max_queue} waiting)",
+            )
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        await self.admit(context)
+        if request.model and request.model != self.model_name:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"model {request.model!r} is not served here"
+            )
+        request_id = request.request_id or _metadata(context, "x-request-id") or ""
+        # Engine ids must be unique on this worker even when callers reuse theirs.
+        engine_id = f"{request_id or 'req'}#{next(self._ids)}"
+        include_usage = request.stream_options.include_usage
+        self.in_flight += 1
+        self.idle.clear()
+        try:
+            try:
+                stream = self.engine.generate(to_engine_request(request, engine_id))
+            except InvalidRequestError as e:
+                if e.param:
+                    context.set_trailing_metadata((("param", e.param),))
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, e.message)
+            except EngineError as e:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            tokenizer = self.engine.tokenizer if request.sampling.HasField("logprobs") else None
+            async for delta in stream:
+                yield to_response(delta, request_id, include_usage, tokenizer)
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self.idle.set()
+
+    async def Stats(
+        self, request: pb.StatsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StatsResponse:
+        return self.stats()
+
+    def stats(self) -> pb.StatsResponse:
+        resp = pb.StatsResponse(
+            model_id=self.model_name,
+            version=VERSION,
+            state=self.state,
+            worker_id=self.worker_id,
+            max_queue=self.max_queue,
+            in_flight=self.in_flight,
+            queue_depth=self.queue_depth(),
+        )
+        if self.engine is not None:
+            s = self.engine.stats()
+            resp.running = s.num_requests_running
+            resp.kv_cache_usage = s.kv_cache_usage
+            resp.prefix_cache_hit_rate = s.prefix_cache_hit_rate
+            resp.prefix_cache_queries = s.prefix_cache_queries
+            resp.prefix_cache_hits = s.prefix_cache_hits
+            resp.num_preemptions = s.num_preemptions
+            resp.prompt_tokens_total = s.prompt_tokens_total
+            resp.generation_tokens_total = s.generation_tokens_total
+        return resp
+
+
+def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
+    for k, v in context.invocation_metadata() or ():
+        if k == key:
+            return v if isinstance(v, str) else v.decode()
+    return None
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

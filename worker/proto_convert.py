@@ -1,0 +1,79 @@
+"""The engine's types <-> the wire contract (the engine itself knows no wire format)."""
+
+from __future__ import annotations
+
+from proto import inference_pb2 as pb
+from worker.engine.outputs import Delta
+from worker.engine.request import GenerateRequest, Priority, SamplingParams
+from worker.engine.tokenizer import Tokenizer
+
+_FINISH = {
+    "stop": pb.FINISH_REASON_STOP,
+    "length": pb.FINISH_REASON_LENGTH,
+    "abort": pb.FINISH_REASON_ABORT,
+    "error": pb.FINISH_REASON_ERROR,
+}
+
+
+def to_engine_request(req: pb.GenerateRequest, engine_request_id: str) -> GenerateRequest:
+    sp = req.sampling
+    sampling = SamplingParams(
+        temperature=sp.temperature if sp.HasField("temperature") else 1.0,
+        top_p=sp.top_p if sp.HasField("top_p") else 1.0,
+        top_k=sp.top_k if sp.HasField("top_k") else 0,
+        seed=sp.seed if sp.HasField("seed") else None,
+        max_tokens=sp.max_tokens if sp.HasField("max_tokens") else None,
+        stop=list(sp.stop),
+        stop_token_ids=list(sp.stop_token_ids),
+        ignore_eos=sp.ignore_eos,
+        include_stop_str_in_output=sp.include_stop_str_in_output,
+        logprobs=sp.logprobs if sp.HasField("logprobs") else None,
+        skip_special_tokens=sp.skip_special_tokens if sp.HasField("skip_special_tokens") else True,
+    )
+    out = GenerateRequest(
+        request_id=engine_request_id,
+        sampling=sampling,
+        priority=Priority.BATCH if req.priority == pb.PRIORITY_BATCH else Priority.INTERACTIVE,
+    )
+    which = req.WhichOneof("prompt")
+    if which == "text":
+        out.prompt = req.text
+    elif which == "token_ids":
+        out.prompt_token_ids = list(req.token_ids.ids)
+    elif which == "chat":
+        out.messages = [{"role": m.role, "content": m.content} for m in req.chat.messages]
+        out.add_generation_prompt = req.chat.add_generation_prompt
+    return out
+
+
+def to_response(
+    delta: Delta, request_id: str, include_usage: bool, tokenizer: Tokenizer | None
+) -> pb.GenerateResponse:
+    resp = pb.GenerateResponse(
+        request_id=request_id, text=delta.text, token_ids=delta.token_ids, error=delta.error or ""
+    )
+    if delta.finish_reason:
+        resp.finish_reason = _FINISH[delta.finish_reason]
+    if delta.stop_reason is not None:
+        resp.stop_reason = str(delta.stop_reason)
+    if delta.usage is not None and include_usage:
+        resp.usage.CopyFrom(
+            pb.Usage(
+                prompt_tokens=delta.usage.prompt_tokens,
+                completion_tokens=delta.usage.completion_tokens,
+                cached_prompt_tokens=delta.usage.cached_prompt_tokens,
+            )
+        )
+    if delta.logprobs:
+
+        def tok(t: int) -> str:
+            return tokenizer.decode([t], skip_special_tokens=False) if tokenizer else ""
+
+        for lp in delta.logprobs:
+            resp.logprobs.add(
+                token_id=lp.token_id,
+                logprob=lp.logprob,
+                token=tok(lp.token_id),
+                top=[pb.TopLogprob(token_id=t, logprob=v, token=tok(t)) for t, v in lp.top],
+            )
+    return resp

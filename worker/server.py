@@ -1,0 +1,169 @@
+"""`breakwater worker`: host an engine behind gRPC, warm up, publish stats, drain on SIGTERM.
+
+Life cycle: the gRPC server starts at once with health NOT_SERVING (probes get an answer
+while the model loads); the engine loads and runs one real generate; only then does health
+turn SERVING. SIGTERM drains: NOT_SERVING, new calls UNAVAILABLE, in-flight calls finish
+within the drain timeout, then exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2_grpc
+
+from gateway.registry.base import WorkerInfo, WorkerState
+from proto import inference_pb2_grpc as pb_grpc
+from worker.engine_factory import build_engine
+from worker.grpc_service import NOT_SERVING, SERVICE_NAME, SERVING, InferenceService
+from worker.grpc_service import WorkerState as State
+from worker.settings import WorkerSettings
+
+log = logging.getLogger("breakwater.worker")
+
+READY_LINE = "BREAKWATER_WORKER_READY"
+
+
+async def _warm_up(engine: Any) -> None:
+    from worker.engine import GenerateRequest, SamplingParams
+
+    req = GenerateRequest(
+        "warmup", prompt="warm up", sampling=SamplingParams(temperature=0.0, max_tokens=2)
+    )
+    async for _ in engine.generate(req):
+        pass
+
+
+class Worker:
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        self.service = InferenceService(settings.worker_id, settings.max_queue)
+        self.port = 0
+        self.publisher: Any = None
+        self.http_runner: Any = None
+        self.server: grpc.aio.Server | None = None
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    def info(self) -> WorkerInfo:
+        s = self.service.stats()
+        return WorkerInfo(
+            worker_id=self.settings.worker_id,
+            address=self.settings.advertise or f"{self.settings.host}:{self.port}",
+            kind="grpc",
+            models=[self.service.model_name] if self.service.model_name else [],
+            state=WorkerState(s.state),
+            stats={
+                "queue_depth": s.queue_depth,
+                "running": s.running,
+                "in_flight": s.in_flight,
+                "kv_cache_usage": s.kv_cache_usage,
+                "prefix_cache_hit_rate": s.prefix_cache_hit_rate,
+            },
+        )
+
+    async def _heartbeat(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                await self.publisher.publish(self.info())
+            await asyncio.sleep(self.settings.heartbeat_s)
+
+    async def start(self) -> None:
+        s = self.settings
+        # grpc.aio objects bind to the running loop, so they are made here, not in __init__.
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(
+            options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 << 20)]
+        )
+        pb_grpc.add_InferenceServicer_to_server(self.service, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.port = self.server.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        await self.server.start()
+        await self._set_health(NOT_SERVING)
+        log.info("gRPC listening on %s:%d; loading the %s engine", s.host, self.port, s.engine)
+        t0 = time.perf_counter()
+        engine = await asyncio.to_thread(build_engine, s)
+        await _warm_up(engine)
+        self.service.engine = engine
+        self.service.state = State.SERVING
+        await self._set_health(SERVING)
+        if s.http_port is not None:
+            from worker.http_port import start_http
+
+            self.http_runner = await start_http(self.service, s.host, s.http_port)
+        if s.redis_url:
+            from gateway.registry.redis_backend import RedisPublisher
+
+            self.publisher = RedisPublisher(s.redis_url, ttl_s=s.registry_ttl_s)
+            self._hb = asyncio.create_task(self._heartbeat())
+        log.info(
+            "worker %s SERVING %s (ready in %.1fs)",
+            s.worker_id,
+            engine.model_name,
+            time.perf_counter() - t0,
+        )
+        print(f"{READY_LINE} grpc={s.host}:{self.port} model={engine.model_name}", flush=True)
+
+    async def drain(self) -> None:
+        s = self.settings
+        self.service.state = State.DRAINING
+        await self._set_health(NOT_SERVING)
+        log.info("draining: %d request(s) in flight", self.service.in_flight)
+        if self.publisher is not None:
+            self._hb.cancel()
+            with contextlib.suppress(Exception):
+                await self.publisher.publish(self.info())
+                await self.publisher.withdraw(s.worker_id)
+        try:
+            await asyncio.wait_for(self.service.idle.wait(), s.drain_timeout_s)
+        except TimeoutError:
+            log.warning("drain timeout: %d request(s) cut off", self.service.in_flight)
+        if self.http_runner is not None:
+            await self.http_runner.cleanup()
+        assert self.server is not None
+        await self.server.stop(grace=1.0)
+        if self.publisher is not None:
+            await self.publisher.close()
+        if self.service.engine is not None:
+            await asyncio.to_thread(self.service.engine.shutdown)
+
+    async def run(self) -> int:
+        self._stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        start = asyncio.create_task(self.start())
+        stop = asyncio.create_task(self._stop.wait())
+        done, _ = await asyncio.wait({start, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if start in done and start.exception() is not None:
+            log.error("worker failed to start: %s", start.exception())
+            if self.server is not None:
+                await self.server.stop(grace=0)
+            return 1
+        if stop in done and not start.done():
+            start.cancel()
+            if self.server is not None:
+                await self.server.stop(grace=0)
+            return 0
+        await stop
+        await self.drain()
+        log.info("worker stopped")
+        return 0
+
+
+def run_worker(settings: WorkerSettings) -> int:
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return asyncio.run(Worker(settings).run())

@@ -1,0 +1,81 @@
+"""Worker settings: one typed object, from CLI flags with BREAKWATER_WORKER_* env defaults."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from dataclasses import dataclass, field
+
+from worker.engine.config import EngineConfig
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"BREAKWATER_WORKER_{name}", default)
+
+
+@dataclass
+class WorkerSettings:
+    engine: str = "torch"
+    """torch (ours), sim (timing model of a GPU) or vllm (adapter, imported only if chosen)."""
+    engine_config: EngineConfig = field(default_factory=lambda: EngineConfig(model=""))
+    host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    http_port: int | None = None
+    """Optional OpenAI-compatible HTTP port, so one worker is usable alone."""
+    advertise: str | None = None
+    """host:port the gateway should dial (default host:grpc_port)."""
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    redis_url: str | None = None
+    heartbeat_s: float = 1.0
+    registry_ttl_s: float = 3.0
+    max_queue: int = 256
+    """Requests allowed to wait in the engine; beyond it, RESOURCE_EXHAUSTED with pushback."""
+    drain_timeout_s: float = 30.0
+    sim_preset: str = "llama3-8b-h100"
+    sim_speed: float = 1.0
+    sim_kv_tokens: int | None = None
+
+    @property
+    def address(self) -> str:
+        return self.advertise or f"{self.host}:{self.grpc_port}"
+
+
+def add_worker_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=["torch", "sim", "vllm"], default=_env("ENGINE", "torch"))
+    p.add_argument("--host", default=_env("HOST", "127.0.0.1"))
+    p.add_argument("--grpc-port", type=int, default=int(_env("GRPC_PORT", "50051") or 50051))
+    p.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help="also serve the OpenAI-compatible API on this port",
+    )
+    p.add_argument("--advertise", default=_env("ADVERTISE"), help="host:port gateways dial")
+    p.add_argument("--worker-id", default=_env("ID"))
+    p.add_argument("--redis-url", default=os.environ.get("BREAKWATER_REDIS_URL"))
+    p.add_argument("--max-queue", type=int, default=int(_env("MAX_QUEUE", "256") or 256))
+    p.add_argument("--drain-timeout", type=float, default=30.0)
+    p.add_argument("--sim-preset", default="llama3-8b-h100")
+    p.add_argument("--sim-speed", type=float, default=1.0)
+    p.add_argument("--sim-kv-tokens", type=int, default=None)
+
+
+def settings_from_args(args: argparse.Namespace, engine_config: EngineConfig) -> WorkerSettings:
+    s = WorkerSettings(
+        engine=args.engine,
+        engine_config=engine_config,
+        host=args.host,
+        grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        advertise=args.advertise,
+        redis_url=args.redis_url,
+        max_queue=args.max_queue,
+        drain_timeout_s=args.drain_timeout,
+        sim_preset=args.sim_preset,
+        sim_speed=args.sim_speed,
+        sim_kv_tokens=args.sim_kv_tokens,
+    )
+    if args.worker_id:
+        s.worker_id = args.worker_id
+    return s
