@@ -111,7 +111,11 @@ class Worker:
             engine.model_name,
             time.perf_counter() - t0,
         )
-        print(f"{READY_LINE} grpc={s.host}:{self.port} model={engine.model_name}", flush=True)
+        http = ""
+        if self.http_runner is not None:
+            http_port = self.http_runner.addresses[0][1]
+            http = f" http=http://{s.host}:{http_port}"
+        print(f"{READY_LINE} grpc={s.host}:{self.port}{http} model={engine.model_name}", flush=True)
 
     async def drain(self) -> None:
         s = self.settings

@@ -78,18 +78,31 @@ class OpenAIHTTPUpstream:
                     raise UpstreamError(
                         _STATUS.get(resp.status, INTERNAL), message, _retry_after_ms(resp.headers)
                     )
+                # OpenAI sends usage in its own chunk after the finishing one; hold the
+                # finishing delta back so the last delta carries both, as our workers do.
+                final: pb.GenerateResponse | None = None
                 async for raw in resp.content:
                     line = raw.decode().strip()
                     if not line.startswith("data:"):
                         continue
                     data = line[5:].strip()
                     if data == "[DONE]":
-                        return
+                        break
                     chunk = json.loads(data)
                     if "error" in chunk:
                         err = chunk["error"]
                         raise UpstreamError(INTERNAL, str(err.get("message", err)))
-                    yield from_openai_chunk(chunk, request.request_id)
+                    delta = from_openai_chunk(chunk, request.request_id)
+                    if final is not None:
+                        if delta.HasField("usage"):
+                            final.usage.CopyFrom(delta.usage)
+                        continue
+                    if delta.finish_reason:
+                        final = delta
+                    elif delta.text or delta.token_ids:
+                        yield delta
+                if final is not None:
+                    yield final
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
             raise UpstreamError(UNAVAILABLE, f"{self.base_url}: {e}") from None
         except TimeoutError:

@@ -1,0 +1,128 @@
+"""Start real Breakwater processes for tests, on 127.0.0.1 with ports picked at bind time.
+
+Every process is stopped by PID at the end of its fixture; output goes to a log file that
+is printed when a start fails, so a failure says why.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+class Proc:
+    def __init__(
+        self,
+        args: list[str],
+        ready_prefix: str,
+        timeout: float = 180.0,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.log = Path(tempfile.mkstemp(prefix="bw-", suffix=".log")[1])
+        self._log_f = self.log.open("w")
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "breakwater.cli", *args],
+            stdout=subprocess.PIPE,
+            stderr=self._log_f,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
+        self.ready: dict[str, str] = {}
+        self._ready = threading.Event()
+        self.stdout_lines: list[str] = []
+        threading.Thread(target=self._read, args=(ready_prefix,), daemon=True).start()
+        if not self._ready.wait(timeout) or not self.ready:
+            self.kill()
+            raise RuntimeError(f"{args[0]} did not become ready:\n{self.log_text()[-4000:]}")
+
+    def _read(self, prefix: str) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            self.stdout_lines.append(line)
+            if line.startswith(prefix) and not self._ready.is_set():
+                self.ready = dict(kv.split("=", 1) for kv in line.split()[1:])
+                self._ready.set()
+        self._ready.set()  # exited
+
+    def log_text(self) -> str:
+        self._log_f.flush()
+        return self.log.read_text()
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def signal(self, sig: int) -> None:
+        if self.popen.poll() is None:
+            os.kill(self.popen.pid, sig)
+
+    def wait(self, timeout: float = 60.0) -> int:
+        return self.popen.wait(timeout)
+
+    def stop(self, timeout: float = 40.0) -> int | None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self._log_f.close()
+        self.log.unlink(missing_ok=True)
+        return self.popen.returncode
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait()
+
+
+def start_worker(
+    model: Path | None,
+    *extra: str,
+    engine: str = "torch",
+    name: str = "tiny",
+    timeout: float = 180.0,
+) -> Proc:
+    args = [
+        "worker",
+        "--engine",
+        engine,
+        "--grpc-port",
+        "0",
+        "--served-model-name",
+        name,
+        "--kv-cache-memory",
+        "32MiB",
+        "--max-model-len",
+        "1024",
+    ]
+    if model is not None:
+        args += ["--model", str(model)]
+    return Proc([*args, *extra], "BREAKWATER_WORKER_READY", timeout)
+
+
+def start_gateway(*extra: str, timeout: float = 60.0) -> Proc:
+    return Proc(["gateway", "--port", "0", *extra], "BREAKWATER_GATEWAY_READY", timeout)
+
+
+def wait_for(cond: Callable[[], T], timeout: float = 30.0, interval: float = 0.05) -> T:
+    """Poll until cond() is truthy; returns its value or raises after the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
