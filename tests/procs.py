@@ -50,7 +50,8 @@ class Proc:
         for line in self.popen.stdout:
             self.stdout_lines.append(line)
             if line.startswith(prefix) and not self._ready.is_set():
-                self.ready = dict(kv.split("=", 1) for kv in line.split()[1:])
+                self.ready = dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)
+                self.ready.setdefault("line", line)
                 self._ready.set()
         self._ready.set()  # exited
 

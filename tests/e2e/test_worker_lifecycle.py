@@ -1,0 +1,158 @@
+"""Worker life cycle under traffic: drain loses nothing, disconnects free blocks, queues bound."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+
+from proto import inference_pb2 as pb
+from proto import inference_pb2_grpc as pb_grpc
+from tests.procs import Proc, start_worker, wait_for
+
+
+def long_request(i: int, max_tokens: int = 800) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        model="tiny",
+        token_ids=pb.TokenIds(ids=[5 + i, 6, 7, 8]),
+        request_id=f"r{i}",
+        sampling=pb.SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+        stream_options=pb.StreamOptions(include_usage=True),
+    )
+
+
+def stats(address: str) -> pb.StatsResponse:
+    with grpc.insecure_channel(address) as ch:
+        return pb_grpc.InferenceStub(ch).Stats(pb.StatsRequest(), timeout=10)
+
+
+def test_sigterm_drains_in_flight_requests(tiny_llama: Path) -> None:
+    w = start_worker(tiny_llama, "--max-num-seqs", "4")
+    address = w.ready["grpc"]
+    results: dict[int, list[pb.GenerateResponse] | Exception] = {}
+
+    def call(i: int) -> None:
+        out: list[pb.GenerateResponse] = []
+        try:
+            with grpc.insecure_channel(address) as ch:
+                out.extend(pb_grpc.InferenceStub(ch).Generate(long_request(i), timeout=120))
+            results[i] = out
+        except Exception as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+    try:
+        for t in threads:
+            t.start()
+        # 4 running and 4 queued in the engine when the drain starts.
+        wait_for(lambda: stats(address).in_flight == 8, timeout=60)
+        w.signal(signal.SIGTERM)
+        # New calls are refused while draining.
+        with grpc.insecure_channel(address) as ch, pytest.raises(grpc.RpcError) as e:
+            list(pb_grpc.InferenceStub(ch).Generate(long_request(99, 2), timeout=10))
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        for t in threads:
+            t.join(120)
+        assert w.wait(60) == 0
+    finally:
+        w.stop()
+    for i in range(8):
+        out = results[i]
+        assert isinstance(out, list), f"request {i} failed: {out}"
+        assert out[-1].finish_reason == pb.FINISH_REASON_LENGTH
+        assert out[-1].usage.completion_tokens == 800
+
+
+def test_client_disconnect_frees_kv_blocks(worker: Proc, gateway: Proc) -> None:
+    host, port = gateway.ready["http"].removeprefix("http://").split(":")
+    body = (
+        b'{"model":"tiny","prompt":"disconnect me","max_tokens":900,"stream":true,'
+        b'"ignore_eos":true}'
+    )
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        assert b"200 OK" in s.recv(4096)
+        wait_for(lambda: stats(worker.ready["grpc"]).running == 1, timeout=30)
+        assert stats(worker.ready["grpc"]).kv_cache_usage > 0
+    # Closed mid-stream: the gateway cancels the upstream call and the worker frees its blocks.
+    wait_for(
+        lambda: (
+            (st := stats(worker.ready["grpc"])).running == 0
+            and st.kv_cache_usage == 0
+            and st.in_flight == 0
+        ),
+        timeout=30,
+    )
+
+
+def test_bounded_queue_pushes_back(tiny_llama: Path) -> None:
+    w = start_worker(tiny_llama, "--max-num-seqs", "1", "--max-queue", "1")
+    address = w.ready["grpc"]
+    try:
+        with grpc.insecure_channel(address) as ch:
+            stub = pb_grpc.InferenceStub(ch)
+            a = stub.Generate(long_request(1, 900), timeout=120)
+            next(a)
+            b = stub.Generate(long_request(2, 900), timeout=120)
+            wait_for(lambda: stats(address).queue_depth == 1, timeout=30)
+            with pytest.raises(grpc.RpcError) as e:
+                list(stub.Generate(long_request(3, 5), timeout=30))
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            pushback = dict(e.value.trailing_metadata() or ())
+            assert int(pushback["grpc-retry-pushback-ms"]) > 0
+            a.cancel()
+            b.cancel()
+            wait_for(lambda: stats(address).in_flight == 0, timeout=30)
+    finally:
+        w.stop()
+
+
+def test_up_starts_serves_and_stops_cleanly(tiny_llama: Path, tmp_path: Path) -> None:
+    import json
+    import os
+    import urllib.request
+
+    from tests.procs import Proc
+
+    up = Proc(
+        [
+            "up",
+            "--workers",
+            "2",
+            "--port",
+            "0",
+            "--model",
+            str(tiny_llama),
+            "--kv-cache-memory",
+            "32MiB",
+            "--max-model-len",
+            "512",
+        ],
+        "Breakwater is up",
+        timeout=240,
+    )
+    try:
+        line = next(x for x in up.stdout_lines if x.startswith("Breakwater is up"))
+        url = line.split("gateway ")[1].split()[0]
+        req = urllib.request.Request(
+            url + "/v1/completions",
+            data=json.dumps({"model": str(tiny_llama), "prompt": "up", "max_tokens": 3}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert json.loads(r.read())["usage"]["completion_tokens"] == 3
+        children = [int(p) for p in os.popen(f"pgrep -P {up.pid}").read().split()]
+        assert len(children) == 3
+        up.signal(signal.SIGINT)
+        assert up.wait(90) == 0
+        for pid in children:
+            wait_for(lambda pid=pid: not os.path.exists(f"/proc/{pid}"), timeout=30)
+    finally:
+        up.stop()

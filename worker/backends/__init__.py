@@ -1,0 +1,1 @@
+"""Alternative executors behind the shared engine core (the `sim` timing model of a GPU)."""
