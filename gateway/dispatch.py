@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict
+from typing import Any
 
 from gateway.registry.base import Registry, WorkerInfo, WorkerState, ready_workers
 from gateway.routing.policy import RoutingPolicy
@@ -42,6 +44,15 @@ class Dispatcher:
 
     def models(self) -> list[str]:
         return sorted({m for w in self.registry.workers() for m in w.models})
+
+    def workers(self) -> list[dict[str, Any]]:
+        out = []
+        for w in self.registry.workers():
+            d = asdict(w)
+            d["state"] = str(w.state)
+            d["outstanding"] = self.outstanding.get(w.worker_id, 0)
+            out.append(d)
+        return out
 
     def is_ready(self, model: str | None = None) -> bool:
         return bool(ready_workers(self.registry, model))

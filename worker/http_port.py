@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import AsyncIterator
+from typing import Any
 
 from aiohttp import web
 
@@ -27,6 +28,17 @@ class LocalBackend:
 
     def models(self) -> list[str]:
         return [self.service.model_name] if self.service.model_name else []
+
+    def workers(self) -> list[dict[str, Any]]:
+        s = self.service.stats()
+        return [
+            {
+                "worker_id": s.worker_id,
+                "state": s.state,
+                "models": self.models(),
+                "stats": {"queue_depth": s.queue_depth, "running": s.running},
+            }
+        ]
 
     def is_ready(self, model: str | None = None) -> bool:
         return self.service.state == State.SERVING

@@ -103,7 +103,7 @@ class Worker:
         if s.redis_url:
             from gateway.registry.redis_backend import RedisPublisher
 
-            self.publisher = RedisPublisher(s.redis_url, ttl_s=s.registry_ttl_s)
+            self.publisher = RedisPublisher(s.redis_url, ttl=s.registry_ttl_s)
             self._hb = asyncio.create_task(self._heartbeat())
         log.info(
             "worker %s SERVING %s (ready in %.1fs)",

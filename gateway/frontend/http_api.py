@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 class Backend(Protocol):
     def models(self) -> list[str]: ...
 
+    def workers(self) -> list[dict[str, Any]]: ...
+
     def is_ready(self, model: str | None = None) -> bool: ...
 
     def generate(
@@ -86,6 +88,7 @@ class OpenAIRoutes:
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/admin/workers", self.list_workers)
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -97,6 +100,10 @@ class OpenAIRoutes:
         return web.json_response(
             {"ready": ok, "models": models, "not_ready": not_ready}, status=200 if ok else 503
         )
+
+    async def list_workers(self, request: web.Request) -> web.Response:
+        """The pool as this gateway sees it (read-only; operator actions come later)."""
+        return web.json_response({"workers": self.backend.workers()})
 
     async def list_models(self, request: web.Request) -> web.Response:
         now = int(time.time())

@@ -1,0 +1,88 @@
+"""A fleet through Redis: several gateways share one pool; workers come and go by heartbeat."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from tests.gateway.redis_server import RedisServer
+from tests.procs import Proc, start_gateway, start_worker, wait_for
+
+TTL_S = 3.0  # the workers' default heartbeat TTL
+
+
+def workers(gw: Proc) -> dict[str, dict]:
+    with urllib.request.urlopen(gw.ready["http"] + "/admin/workers", timeout=10) as r:
+        return {w["worker_id"]: w for w in json.loads(r.read())["workers"]}
+
+
+def complete(gw: Proc) -> dict:
+    req = urllib.request.Request(
+        gw.ready["http"] + "/v1/completions",
+        data=json.dumps({"model": "sim", "prompt": "fleet", "max_tokens": 4}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture(scope="module")
+def redis() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+def sim_worker(redis: RedisServer, worker_id: str) -> Proc:
+    return start_worker(
+        None,
+        "--redis-url",
+        redis.url,
+        "--worker-id",
+        worker_id,
+        "--sim-preset",
+        "tiny",
+        engine="sim",
+        name="sim",
+    )
+
+
+def test_gateways_share_a_pool_and_follow_heartbeats(redis: RedisServer) -> None:
+    a, b = sim_worker(redis, "w-a"), sim_worker(redis, "w-b")
+    gws = [start_gateway("--redis-url", redis.url) for _ in range(2)]
+    procs = [a, b, *gws]
+    try:
+        for gw in gws:
+            wait_for(lambda gw=gw: {"w-a", "w-b"} <= set(workers(gw)), timeout=20)
+            wait_for(lambda gw=gw: complete(gw)["usage"]["completion_tokens"] == 4, timeout=20)
+
+        # SIGKILL: no goodbye, so only the TTL removes it.
+        a.signal(signal.SIGKILL)
+        t0 = time.monotonic()
+        for gw in gws:
+            wait_for(lambda gw=gw: "w-a" not in workers(gw), timeout=20)
+        left_after = time.monotonic() - t0
+        assert left_after <= TTL_S + 2.0, f"killed worker stayed {left_after:.1f}s"
+        assert complete(gws[0])["usage"]["completion_tokens"] == 4
+
+        # A new worker joins every gateway within 2 s of being ready.
+        c = sim_worker(redis, "w-c")
+        procs.append(c)
+        t0 = time.monotonic()
+        for gw in gws:
+            wait_for(lambda gw=gw: workers(gw).get("w-c", {}).get("state") == "SERVING", timeout=20)
+        joined_after = time.monotonic() - t0
+        assert joined_after <= 2.0, f"new worker took {joined_after:.1f}s to join"
+
+        # A drained worker withdraws at once, well before its TTL.
+        b.signal(signal.SIGTERM)
+        assert b.wait(60) == 0
+        for gw in gws:
+            wait_for(lambda gw=gw: "w-b" not in workers(gw), timeout=TTL_S)
+    finally:
+        for p in procs:
+            p.stop()
