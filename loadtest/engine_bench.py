@@ -253,7 +253,9 @@ def main(argv: list[str] | None = None) -> None:
     model = Path(args.model) if args.model else ensure_demo_model("small")
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
     if args.quick:
-        wl = make_workload(16, (32, 512), (16, 64), vocab, args.seed)
+        # Same 2:1 prompt-to-output mix as the full run, at half the lengths and a quarter
+        # of the requests, so that the ratios stay comparable.
+        wl = make_workload(16, (32, 256), (16, 128), vocab, args.seed)
     else:
         wl = make_workload(64, (32, 512), (16, 256), vocab, args.seed)
     log(f"model {model}; {len(wl.prompts)} requests, {wl.output_tokens} output tokens")
