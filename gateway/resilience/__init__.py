@@ -1,0 +1,1 @@
+"""Keeping a sick replica or a burst from taking the service down: breakers, retry budgets."""

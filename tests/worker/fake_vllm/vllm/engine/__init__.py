@@ -1,0 +1,1 @@
+"""Fake of vllm.engine (test double, not vLLM)."""

@@ -1,0 +1,386 @@
+"""The `vllm` engine adapter, over a fake vLLM package.
+
+vLLM cannot run in this project's environment (it needs its GPU build), so these tests put
+tests/worker/fake_vllm on sys.path and `import vllm` finds a fake with vLLM's module layout
+and signatures. What they pin down is the adapter's side: parameter mapping, synchronous
+validation, delta streaming, usage, logprobs, and aborting vLLM when a caller goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+from typing import Any, TypeVar
+
+import pytest
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import WhitespaceSplit
+
+from worker.backends.vllm_engine import INSTALL_HINT, VLLMEngine, VLLMNotInstalledError
+from worker.engine import EngineConfig, GenerateRequest, SamplingParams
+from worker.engine.errors import ConfigError, InvalidRequestError
+from worker.engine.outputs import Delta
+from worker.engine.tokenizer import Tokenizer
+
+FAKE_DIR = Path(__file__).parent / "fake_vllm"
+TEXT = "hello world, hello breakwater. "
+T = TypeVar("T")
+
+
+def _purge_vllm() -> None:
+    for name in [n for n in sys.modules if n == "vllm" or n.startswith("vllm.")]:
+        del sys.modules[name]
+
+
+@pytest.fixture
+def vllm(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
+    """The fake vLLM package, importable as `vllm` for one test."""
+    _purge_vllm()
+    monkeypatch.syspath_prepend(str(FAKE_DIR))
+    import vllm as fake
+
+    assert "fake" in (fake.__doc__ or "").lower()
+    yield fake
+    _purge_vllm()
+
+
+@pytest.fixture
+def checkpoint(tmp_path: Path) -> Path:
+    """A model dir with only a word-level tokenizer and a chat template: all ours needs."""
+    words = ["[UNK]", "<user>", "<assistant>", "hi", "there"]
+    hf = HFTokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    hf.pre_tokenizer = WhitespaceSplit()
+    hf.save(str(tmp_path / "tokenizer.json"))
+    template = (
+        "{% for m in messages %}<{{ m.role }}> {{ m.content }} {% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    return tmp_path
+
+
+def run(body: Callable[[], Awaitable[T]]) -> T:
+    async def main() -> T:
+        return await asyncio.wait_for(body(), timeout=30)
+
+    return asyncio.run(main())
+
+
+async def collect(engine: VLLMEngine, request: GenerateRequest) -> list[Delta]:
+    return [d async for d in engine.generate(request)]
+
+
+def make(model: str = "no-such-dir", **kw: Any) -> VLLMEngine:
+    return VLLMEngine(EngineConfig(model=model, **kw))
+
+
+def req(rid: str, prompt: str = "hi", **sampling: Any) -> GenerateRequest:
+    return GenerateRequest(rid, prompt=prompt, sampling=SamplingParams(**sampling))
+
+
+def test_streams_deltas_then_usage_on_the_final_one(vllm: ModuleType) -> None:
+    engine = make(served_model_name="m")
+    first = run(lambda: collect(engine, req("a", max_tokens=5)))
+    again = run(lambda: collect(engine, req("b", max_tokens=5)))
+
+    assert engine.model_name == "m"
+    assert "".join(d.text for d in first) == "hello"
+    assert [t for d in first for t in d.token_ids] == [ord(c) for c in "hello"]
+    assert len(first) == 5 and all(not d.finished for d in first[:-1])
+    assert first[-1].finish_reason == "length" and first[-1].stop_reason is None
+    assert first[-1].usage is not None
+    assert (first[-1].usage.prompt_tokens, first[-1].usage.completion_tokens) == (2, 5)
+    assert first[-1].usage.cached_prompt_tokens == 0
+    # The fake reports a prefix-cache hit for a prompt it has seen: passed through.
+    assert again[-1].usage is not None and again[-1].usage.cached_prompt_tokens == 1
+    stats = engine.stats()
+    assert (stats.num_requests_running, stats.num_requests_waiting) == (0, 0)
+    assert (stats.prompt_tokens_total, stats.generation_tokens_total) == (4, 10)
+    assert (stats.prefix_cache_queries, stats.prefix_cache_hits) == (4, 1)
+    params = engine.engine.requests["a"]["params"]
+    assert params.output_kind is vllm.sampling_params.RequestOutputKind.DELTA
+
+
+def test_cumulative_outputs_give_the_same_deltas(
+    vllm: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without RequestOutputKind (older vLLM) the adapter diffs cumulative outputs itself."""
+    sampling = dict(max_tokens=12, stop=["wor"], logprobs=2)
+    delta_mode = run(lambda: collect(make(), req("a", **sampling)))
+    monkeypatch.delattr(vllm.sampling_params, "RequestOutputKind")
+    engine = make()
+    cumulative = run(lambda: collect(engine, req("a", **sampling)))
+
+    kind = engine.engine.requests["a"]["params"].output_kind
+    assert kind.name == "CUMULATIVE"
+    assert cumulative == delta_mode
+    assert "".join(d.text for d in cumulative) == "hello "
+
+
+def test_stop_strings_and_logprobs(vllm: ModuleType) -> None:
+    deltas = run(lambda: collect(make(), req("a", max_tokens=20, stop=["wor"], logprobs=2)))
+
+    final = deltas[-1]
+    assert "".join(d.text for d in deltas) == "hello "
+    assert (final.finish_reason, final.stop_reason) == ("stop", "wor")
+    tokens = [t for d in deltas for t in d.token_ids]
+    assert tokens == [ord(c) for c in "hello wor"]  # the tokens that made the stop string
+    logprobs = [lp for d in deltas for lp in d.logprobs or []]
+    assert [lp.token_id for lp in logprobs] == tokens
+    h = ord("h")
+    assert (logprobs[0].logprob, logprobs[0].top) == (-0.25, [(h, -0.25), (h + 1, -2.0)])
+
+
+def test_sampling_params_mapping(vllm: ModuleType) -> None:
+    engine = make()
+    sp = engine.sampling_params(
+        SamplingParams(
+            temperature=0.5,
+            top_p=0.9,
+            top_k=0,
+            seed=7,
+            max_tokens=9,
+            stop=["x", "yz"],
+            stop_token_ids=[3],
+            ignore_eos=True,
+            include_stop_str_in_output=True,
+            logprobs=4,
+            skip_special_tokens=False,
+        )
+    )
+    assert isinstance(sp, vllm.SamplingParams)
+    assert (sp.temperature, sp.top_p, sp.top_k, sp.seed, sp.max_tokens) == (0.5, 0.9, -1, 7, 9)
+    assert (sp.stop, sp.stop_token_ids, sp.logprobs) == (["x", "yz"], [3], 4)
+    assert sp.ignore_eos and sp.include_stop_str_in_output and not sp.skip_special_tokens
+    assert engine.sampling_params(SamplingParams(top_k=5)).top_k == 5
+    defaults = engine.sampling_params(SamplingParams())
+    assert (defaults.max_tokens, defaults.logprobs, defaults.stop) == (None, None, [])
+
+
+@pytest.mark.parametrize(
+    ("request_", "param"),
+    [
+        (req("r", temperature=-1.0), "temperature"),
+        (req("r", top_p=0.0), "top_p"),
+        (req("r", top_k=-2), "top_k"),
+        (req("r", max_tokens=0), "max_tokens"),
+        (req("r", logprobs=21), "logprobs"),
+        (req("r", stop=[""]), "stop"),
+        (req("r", prompt=""), "prompt"),
+        (GenerateRequest("r"), "prompt"),
+        (GenerateRequest("r", prompt="hi", prompt_token_ids=[1]), "prompt"),
+        (GenerateRequest("r", prompt_token_ids=[1, -1]), "prompt"),
+        (GenerateRequest("r", prompt_token_ids=list(range(64))), "prompt"),
+        (
+            GenerateRequest("r", prompt_token_ids=[1], sampling=SamplingParams(max_tokens=64)),
+            "max_tokens",
+        ),
+        (GenerateRequest("r", prompt="hi", priority="urgent"), "priority"),
+        (GenerateRequest("r", messages=[{"content": "no role"}]), "messages"),
+    ],
+)
+def test_invalid_requests_raise_before_streaming(
+    vllm: ModuleType, request_: GenerateRequest, param: str
+) -> None:
+    engine = make(max_model_len=64)
+    with pytest.raises(InvalidRequestError) as e:
+        engine.generate(request_)
+    assert e.value.param == param
+    assert engine.engine.requests == {} and engine.stats().num_requests_waiting == 0
+
+
+def test_duplicate_request_id_is_refused(vllm: ModuleType) -> None:
+    engine = make()
+
+    async def body() -> None:
+        stream = engine.generate(req("same", max_tokens=3))
+        with pytest.raises(InvalidRequestError, match="duplicate"):
+            engine.generate(req("same", max_tokens=3))
+        assert len([d async for d in stream]) == 3
+        assert len(await collect(engine, req("same", max_tokens=3))) == 3  # free again
+
+    run(body)
+
+
+def test_chat_renders_with_the_checkpoints_template(vllm: ModuleType, checkpoint: Path) -> None:
+    engine = make(str(checkpoint))
+    messages = [{"role": "user", "content": "hi there"}]
+    run(lambda: collect(engine, GenerateRequest("c", messages=messages)))
+
+    assert isinstance(engine.tokenizer, Tokenizer)
+    rendered = "<user> hi there <assistant>"
+    expected = Tokenizer(checkpoint).encode(rendered, add_special_tokens=False)
+    assert expected == [1, 3, 4, 2]
+    assert engine.engine.requests["c"]["prompt"] == {"prompt_token_ids": expected}
+    assert engine.tokenizer.decode([3, 4]) == "hi there"
+
+
+def test_chat_and_decode_use_vllms_tokenizer_without_a_local_one(vllm: ModuleType) -> None:
+    engine = make("some-org/some-model")
+    messages = [{"role": "user", "content": "yo"}]
+    run(
+        lambda: collect(
+            engine, GenerateRequest("c", messages=messages, sampling=SamplingParams(max_tokens=2))
+        )
+    )
+
+    sent = engine.engine.requests["c"]["prompt"]
+    assert sent == {"prompt_token_ids": [ord(c) for c in "[user]yo[assistant]"]}
+    assert engine.tokenizer.decode([104, 105], skip_special_tokens=False) == "hi"
+    run(
+        lambda: collect(
+            engine,
+            GenerateRequest("t", prompt_token_ids=[5, 6], sampling=SamplingParams(max_tokens=1)),
+        )
+    )
+    assert engine.engine.requests["t"]["prompt"] == {"prompt_token_ids": [5, 6]}
+    run(lambda: collect(engine, req("p", max_tokens=1)))
+    assert engine.engine.requests["p"]["prompt"] == {"prompt": "hi"}
+
+
+def test_priority_reaches_vllm_with_a_priority_scheduler(vllm: ModuleType) -> None:
+    engine = make()
+    batch = GenerateRequest(
+        "b", prompt="hi", sampling=SamplingParams(max_tokens=1), priority="batch"
+    )
+    run(lambda: collect(engine, batch))
+    run(lambda: collect(engine, req("i", max_tokens=1)))
+
+    assert engine.engine.engine_args.scheduling_policy == "priority"
+    assert engine.engine.requests["b"]["priority"] == 1
+    assert engine.engine.requests["i"]["priority"] == 0
+
+
+def test_closing_the_stream_aborts_the_vllm_request(vllm: ModuleType) -> None:
+    engine = make(max_model_len=100_000)
+
+    async def body() -> None:
+        stream = engine.generate(req("long", max_tokens=50_000))
+        got = [await anext(stream), await anext(stream)]
+        assert engine.stats().num_requests_running == 1
+        await stream.aclose()  # type: ignore[attr-defined]
+        assert all(not d.finished for d in got)
+
+    run(body)
+    assert "long" in engine.engine.aborted
+    assert engine.stats().num_requests_running == 0
+
+
+def test_cancelling_the_consumer_aborts_the_vllm_request(vllm: ModuleType) -> None:
+    engine = make(max_model_len=100_000)
+
+    async def body() -> None:
+        started = asyncio.Event()
+
+        async def consume() -> None:
+            async for _ in engine.generate(req("long", max_tokens=50_000)):
+                started.set()
+
+        task = asyncio.create_task(consume())
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(body)
+    assert "long" in engine.engine.aborted
+    assert engine.stats().num_requests_running == engine.stats().num_requests_waiting == 0
+
+
+def test_vllms_own_rejection_ends_the_stream_with_an_error(vllm: ModuleType) -> None:
+    """A text prompt is tokenised by vLLM, so its length check arrives as a stream error."""
+    engine = make(max_model_len=8)
+    deltas = run(lambda: collect(engine, req("long", prompt="a long prompt")))
+
+    assert len(deltas) == 1 and deltas[0].finish_reason == "error"
+    assert "maximum model length" in (deltas[0].error or "")
+    assert engine.stats().num_requests_waiting == 0
+
+
+def test_engine_args_follow_the_config(vllm: ModuleType) -> None:
+    engine = make(
+        "/models/llama",
+        served_model_name="llama",
+        max_model_len=4096,
+        dtype="bfloat16",
+        enable_prefix_caching=False,
+        max_num_seqs=32,
+        max_num_batched_tokens=1024,
+        kv_cache_memory=1 << 30,  # the fake's vLLM has no such arg: dropped, not fatal
+    )
+    args = engine.engine.engine_args
+    assert (args.model, args.served_model_name, args.max_model_len) == (
+        "/models/llama",
+        "llama",
+        4096,
+    )
+    assert (args.dtype, args.enable_prefix_caching) == ("bfloat16", False)
+    assert (args.max_num_seqs, args.max_num_batched_tokens) == (32, 1024)
+    assert args.enable_chunked_prefill is True
+    assert args.gpu_memory_utilization == 0.9  # no memory_budget: vLLM's default
+    assert engine.max_model_len == 4096
+    engine.shutdown()
+    assert engine.engine.shut_down
+
+
+def test_memory_budget_becomes_a_gpu_fraction(
+    vllm: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vLLM sizes itself by a fraction of the GPU; our budget is bytes of the chosen device."""
+    seen: list[int] = []
+
+    def properties(index: int) -> SimpleNamespace:
+        seen.append(index)
+        return SimpleNamespace(total_memory=80 << 30)
+
+    cuda = SimpleNamespace(is_available=lambda: True, get_device_properties=properties)
+    monkeypatch.setitem(sys.modules, "torch", SimpleNamespace(cuda=cuda))  # no GPU here
+    engine = make(memory_budget=40 << 30, device="cuda:1")
+    assert engine.engine.engine_args.gpu_memory_utilization == 0.5
+    assert seen == [1]
+
+
+def test_an_async_get_tokenizer_is_awaited(
+    vllm: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Some vLLM versions have `async def get_tokenizer`; the adapter is built in or out of a
+    running loop (the worker builds it in a thread)."""
+    fake_tokenizer = vllm.engine.async_llm_engine.FakeTokenizer()
+
+    async def get_tokenizer(self: Any) -> Any:
+        return fake_tokenizer
+
+    monkeypatch.setattr(vllm.AsyncLLMEngine, "get_tokenizer", get_tokenizer)
+    assert make().tokenizer.hf is fake_tokenizer  # type: ignore[attr-defined]
+
+    async def inside_a_loop() -> Any:
+        return make().tokenizer
+
+    assert run(inside_a_loop).hf is fake_tokenizer
+
+
+def test_build_engine_picks_the_adapter(vllm: ModuleType) -> None:
+    from worker.engine_factory import build_engine
+    from worker.settings import WorkerSettings
+
+    engine = build_engine(WorkerSettings(engine="vllm", engine_config=EngineConfig(model="m")))
+    assert isinstance(engine, VLLMEngine)
+    assert isinstance(engine.engine, vllm.AsyncLLMEngine)
+    assert engine.stats().model == "m"
+
+
+def test_missing_vllm_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    _purge_vllm()
+    assert str(FAKE_DIR) not in sys.path
+    if importlib.util.find_spec("vllm") is not None:  # a real vLLM: hide it for this test
+        monkeypatch.setitem(sys.modules, "vllm", None)
+    with pytest.raises(VLLMNotInstalledError) as e:
+        make()
+    assert str(e.value) == INSTALL_HINT == "vLLM is not installed: pip install 'breakwater[vllm]'"
+    assert isinstance(e.value, ImportError) and isinstance(e.value, ConfigError)
