@@ -10,7 +10,7 @@ import sys
 import grpc
 from aiohttp import web
 
-from gateway.dispatch import Dispatcher
+from gateway.dispatch import Dispatcher, DispatchSettings
 from gateway.frontend.grpc_api import GatewayInference
 from gateway.frontend.http_api import OpenAIRoutes
 from gateway.registry.base import Registry, WorkerInfo
@@ -53,10 +53,22 @@ class Gateway:
             self.registry = EmbeddedRegistry(
                 settings.workers, upstream_for, settings.health_interval_s
             )
-        self.dispatcher = Dispatcher(self.registry, make_policy(settings.routing), make_upstream)
+        self.dispatcher = Dispatcher(
+            self.registry,
+            make_policy(settings.routing),
+            make_upstream,
+            DispatchSettings(
+                max_attempts=settings.max_attempts,
+                ttft_timeout_s=settings.ttft_timeout_s,
+                idle_timeout_s=settings.idle_timeout_s,
+                retry_budget_ratio=settings.retry_budget,
+            ),
+        )
         dispatcher_ref.append(self.dispatcher)
         self.app = web.Application()
-        OpenAIRoutes(self.dispatcher, settings.request_timeout_s).add_to(self.app)
+        OpenAIRoutes(
+            self.dispatcher, settings.request_timeout_s, settings.max_request_timeout_s
+        ).add_to(self.app)
         self.runner: web.AppRunner | None = None
         self.grpc_server: grpc.aio.Server | None = None
         self.http_port = 0

@@ -21,6 +21,12 @@ class GatewaySettings:
     redis_url: str | None = None
     routing: str = "least-outstanding"
     request_timeout_s: float = 600.0
+    """Default overall deadline; callers may set their own (X-Request-Timeout-Ms, gRPC)."""
+    max_request_timeout_s: float = 3600.0
+    ttft_timeout_s: float = 60.0
+    idle_timeout_s: float = 60.0
+    max_attempts: int = 3
+    retry_budget: float = 0.2
     health_interval_s: float = 1.0
 
 
@@ -46,7 +52,33 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
         default=_env("ROUTING", "least-outstanding"),
         choices=["round-robin", "least-outstanding"],
     )
-    p.add_argument("--request-timeout", type=float, default=600.0)
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=600.0,
+        help="default overall deadline per request, seconds",
+    )
+    p.add_argument("--max-request-timeout", type=float, default=3600.0)
+    p.add_argument(
+        "--ttft-timeout",
+        type=float,
+        default=60.0,
+        help="per attempt: seconds to the first token before retrying elsewhere",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=60.0,
+        help="seconds allowed between tokens once streaming",
+    )
+    p.add_argument("--max-attempts", type=int, default=3)
+    p.add_argument(
+        "--retry-budget",
+        type=float,
+        default=0.2,
+        help="retries may add at most this share of extra attempts",
+    )
+    p.add_argument("--health-interval", type=float, default=1.0)
 
 
 def settings_from_args(args: argparse.Namespace) -> GatewaySettings:

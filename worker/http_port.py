@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.dispatch import CallInfo
 from gateway.frontend.http_api import OpenAIRoutes
 from gateway.upstream.base import INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, UpstreamError
 from proto import inference_pb2 as pb
@@ -44,9 +45,11 @@ class LocalBackend:
         return self.service.state == State.SERVING
 
     async def generate(
-        self, request: pb.GenerateRequest, timeout: float | None
+        self, request: pb.GenerateRequest, timeout: float | None, info: CallInfo | None = None
     ) -> AsyncIterator[pb.GenerateResponse]:
         svc = self.service
+        if info is not None:
+            info.attempts, info.worker_id = 1, svc.worker_id
         if svc.state != State.SERVING:
             raise UpstreamError(UNAVAILABLE, f"worker is {svc.state.lower()}", 1000)
         if svc.queue_depth() >= svc.max_queue:

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from gateway.dispatch import CallInfo
 from gateway.upstream.base import (
     DEADLINE_EXCEEDED,
     INVALID_ARGUMENT,
@@ -44,7 +45,7 @@ class Backend(Protocol):
     def is_ready(self, model: str | None = None) -> bool: ...
 
     def generate(
-        self, request: pb.GenerateRequest, timeout: float | None
+        self, request: pb.GenerateRequest, timeout: float | None, info: CallInfo | None = None
     ) -> AsyncIterator[pb.GenerateResponse]: ...
 
 
@@ -77,10 +78,29 @@ def from_upstream(e: UpstreamError) -> OpenAIError:
     return OpenAIError(502, e.message, "upstream_error", None, e.code.lower())
 
 
+TIMEOUT_HEADER = "X-Request-Timeout-Ms"
+"""A caller's overall deadline for the request, capped by the gateway's maximum."""
+
+
 class OpenAIRoutes:
-    def __init__(self, backend: Backend, default_timeout_s: float = 600.0) -> None:
+    def __init__(
+        self, backend: Backend, default_timeout_s: float = 600.0, max_timeout_s: float = 3600.0
+    ) -> None:
         self.backend = backend
         self.default_timeout_s = default_timeout_s
+        self.max_timeout_s = max_timeout_s
+
+    def _timeout(self, request: web.Request) -> float:
+        raw = request.headers.get(TIMEOUT_HEADER)
+        if raw is None:
+            return self.default_timeout_s
+        try:
+            ms = float(raw)
+        except ValueError:
+            raise OpenAIError(400, f"{TIMEOUT_HEADER} must be a number of milliseconds") from None
+        if ms <= 0:
+            raise OpenAIError(400, f"{TIMEOUT_HEADER} must be positive")
+        return min(ms / 1000.0, self.max_timeout_s)
 
     def add_to(self, app: web.Application) -> None:
         app.router.add_post("/v1/completions", self.completions)
@@ -143,7 +163,8 @@ class OpenAIRoutes:
                     "model",
                     "model_not_found",
                 )
-            stream = self.backend.generate(parsed.request, self.default_timeout_s)
+            info = CallInfo()
+            stream = self.backend.generate(parsed.request, self._timeout(request), info)
             try:
                 first = await anext(stream)
             except StopAsyncIteration:
@@ -153,17 +174,19 @@ class OpenAIRoutes:
         except OpenAIError as e:
             return error_response(e, request_id)
         builder = ResponseBuilder(parsed, request_id, model)
+        headers = {"X-Request-Id": request_id, "x-breakwater-attempts": str(info.attempts)}
         if parsed.stream:
-            return await self._stream(request, stream, first, builder, request_id)
-        return await self._whole(stream, first, builder, request_id)
+            return await self._stream(request, stream, first, builder, headers)
+        return await self._whole(stream, first, builder, headers)
 
     async def _whole(
         self,
         stream: AsyncIterator[pb.GenerateResponse],
         first: pb.GenerateResponse,
         builder: ResponseBuilder,
-        request_id: str,
+        headers: dict[str, str],
     ) -> web.Response:
+        request_id = headers["X-Request-Id"]
         try:
             resp = first
             while True:
@@ -183,7 +206,7 @@ class OpenAIRoutes:
             )
         finally:
             await stream.aclose()
-        return web.json_response(builder.whole(), headers={"X-Request-Id": request_id})
+        return web.json_response(builder.whole(), headers=headers)
 
     async def _stream(
         self,
@@ -191,14 +214,10 @@ class OpenAIRoutes:
         stream: AsyncIterator[pb.GenerateResponse],
         first: pb.GenerateResponse,
         builder: ResponseBuilder,
-        request_id: str,
+        headers: dict[str, str],
     ) -> web.StreamResponse:
         out = web.StreamResponse(
-            headers={
-                "Content-Type": "text/event-stream",
-                "Cache-Control": "no-cache",
-                "X-Request-Id": request_id,
-            }
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers}
         )
         await out.prepare(request)
         try:

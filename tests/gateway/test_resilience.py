@@ -1,0 +1,87 @@
+"""Breaker state machine, ejection caps and the retry budget (pure logic, no processes)."""
+
+from __future__ import annotations
+
+import time
+
+from gateway.resilience.breaker import CLOSED, HALF_OPEN, OPEN, BreakerBoard, BreakerConfig
+from gateway.resilience.retry_budget import RetryBudget
+
+POOL = ["a", "b", "c", "d"]
+
+
+def board(**kw: float) -> BreakerBoard:
+    return BreakerBoard(BreakerConfig(fail_max=3, base_ejection_s=0.05, **kw))  # type: ignore[arg-type]
+
+
+def wait_state(b: BreakerBoard, w: str, state: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while b.state(w) != state:
+        assert time.monotonic() < deadline, f"{w} never reached {state}"
+        time.sleep(0.01)
+
+
+def test_opens_after_consecutive_failures_and_half_open_bounds_probes() -> None:
+    b = board()
+    for _ in range(2):
+        b.record("a", False, POOL)
+    b.record("a", True, POOL)  # a success resets the count
+    for _ in range(2):
+        b.record("a", False, POOL)
+    assert b.state("a") == CLOSED
+    b.record("a", False, POOL)
+    assert b.state("a") == OPEN and not b.allow("a")
+    wait_state(b, "a", HALF_OPEN)
+    assert b.allow("a")  # one probe
+    assert not b.allow("a")  # concurrent probes are bounded
+    b.release_probe("a")
+    b.record("a", True, POOL)
+    assert b.state("a") == CLOSED and b.allow("a")
+
+
+def test_flapping_replica_is_ejected_for_longer_each_time() -> None:
+    b = board()
+    times = []
+    for _ in range(3):
+        for _ in range(3):
+            b.record("a", False, POOL)
+        times.append(b.snapshot()["a"]["ejection_s"])
+        wait_state(b, "a", HALF_OPEN)
+        assert b.allow("a")
+        b.release_probe("a")
+        b.record("a", False, POOL)  # the probe fails: straight back to open
+        assert b.state("a") == OPEN
+        wait_state(b, "a", HALF_OPEN)
+        assert b.allow("a")
+        b.release_probe("a")
+        b.record("a", True, POOL)
+    assert times[0] < times[1] < times[2]
+
+
+def test_never_ejects_more_than_the_share_cap() -> None:
+    b = board(max_ejection_share=0.5)
+    for w in POOL:
+        for _ in range(3):
+            b.record(w, False, POOL)
+    assert sum(1 for w in POOL if b.state(w) == OPEN) == 2
+
+
+def test_slow_replica_is_ejected() -> None:
+    b = BreakerBoard(BreakerConfig(slow_min_samples=5, slow_factor=3.0))
+    for _ in range(10):
+        for w in ("a", "b", "c"):
+            b.observe_ttft(w, 0.05, POOL)
+        b.observe_ttft("d", 1.0, POOL)
+    assert b.state("d") == OPEN
+    assert all(b.state(w) == CLOSED for w in ("a", "b", "c"))
+
+
+def test_retry_budget_caps_retries_at_a_share_of_requests() -> None:
+    budget = RetryBudget(ratio=0.2, floor=3, window_s=60)
+    for _ in range(100):
+        budget.on_request()
+    granted = sum(budget.try_spend() for _ in range(100))
+    assert granted == 20
+    small = RetryBudget(ratio=0.2, floor=3, window_s=60)
+    small.on_request()
+    assert sum(small.try_spend() for _ in range(10)) == 3  # the floor
