@@ -158,7 +158,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("model_id", "version", "state", "queue_depth", "running", "kv_cache_usage", "prefix_cache_hit_rate", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions", "prompt_tokens_total", "generation_tokens_total", "max_queue", "worker_id", "in_flight")
+    __slots__ = ("model_id", "version", "state", "queue_depth", "running", "kv_cache_usage", "prefix_cache_hit_rate", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions", "prompt_tokens_total", "generation_tokens_total", "max_queue", "worker_id", "in_flight", "generate_calls")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -174,6 +174,7 @@ class StatsResponse(_message.Message):
     MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    GENERATE_CALLS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     version: str
     state: str
@@ -189,4 +190,5 @@ class StatsResponse(_message.Message):
     max_queue: int
     worker_id: str
     in_flight: int
-    def __init__(self, model_id: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[str] = ..., queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., prefix_cache_hit_rate: _Optional[float] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., max_queue: _Optional[int] = ..., worker_id: _Optional[str] = ..., in_flight: _Optional[int] = ...) -> None: ...
+    generate_calls: int
+    def __init__(self, model_id: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[str] = ..., queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., prefix_cache_hit_rate: _Optional[float] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., max_queue: _Optional[int] = ..., worker_id: _Optional[str] = ..., in_flight: _Optional[int] = ..., generate_calls: _Optional[int] = ...) -> None: ...

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import random
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -31,9 +32,13 @@ class WorkerState:
 class InferenceService(pb_grpc.InferenceServicer):
     """Adapts one engine to the wire contract; owns admission (state, bounded queue)."""
 
-    def __init__(self, worker_id: str, max_queue: int) -> None:
+    def __init__(self, worker_id: str, max_queue: int, fault_fail_rate: float = 0.0) -> None:
         self.worker_id = worker_id
         self.max_queue = max_queue
+        self.fault_fail_rate = fault_fail_rate
+        """Chaos testing: this share of Generate calls fails with UNAVAILABLE on purpose."""
+        self.generate_calls = 0
+        self._fault_rng = random.Random(0)
         self.engine: Any = None  # set once warm; the AsyncEngine interface
         self.state = WorkerState.STARTING
         self.in_flight = 0
@@ -55,6 +60,9 @@ class InferenceService(pb_grpc.InferenceServicer):
         return min(5000, 100 + 10 * self.queue_depth())
 
     async def admit(self, context: grpc.aio.ServicerContext) -> None:
+        self.generate_calls += 1
+        if self.fault_fail_rate and self._fault_rng.random() < self.fault_fail_rate:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "injected fault")
         if self.state != WorkerState.SERVING:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker is {self.state.lower()}")
         if self.queue_depth() >= self.max_queue:
@@ -109,6 +117,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             max_queue=self.max_queue,
             in_flight=self.in_flight,
             queue_depth=self.queue_depth(),
+            generate_calls=self.generate_calls,
         )
         if self.engine is not None:
             s = self.engine.stats()

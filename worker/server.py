@@ -44,7 +44,9 @@ async def _warm_up(engine: Any) -> None:
 class Worker:
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
-        self.service = InferenceService(settings.worker_id, settings.max_queue)
+        self.service = InferenceService(
+            settings.worker_id, settings.max_queue, settings.fault_fail_rate
+        )
         self.port = 0
         self.publisher: Any = None
         self.http_runner: Any = None

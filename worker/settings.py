@@ -32,6 +32,8 @@ class WorkerSettings:
     max_queue: int = 256
     """Requests allowed to wait in the engine; beyond it, RESOURCE_EXHAUSTED with pushback."""
     drain_timeout_s: float = 30.0
+    fault_fail_rate: float = 0.0
+    """Chaos testing only: fail this share of Generate calls with UNAVAILABLE."""
     sim_preset: str = "llama3-8b-h100"
     sim_speed: float = 1.0
     sim_kv_tokens: int | None = None
@@ -56,6 +58,12 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", default=os.environ.get("BREAKWATER_REDIS_URL"))
     p.add_argument("--max-queue", type=int, default=int(_env("MAX_QUEUE", "256") or 256))
     p.add_argument("--drain-timeout", type=float, default=30.0)
+    p.add_argument(
+        "--fault-fail-rate",
+        type=float,
+        default=0.0,
+        help="chaos testing: fail this share of Generate calls on purpose",
+    )
     p.add_argument("--sim-preset", default="llama3-8b-h100")
     p.add_argument("--sim-speed", type=float, default=1.0)
     p.add_argument("--sim-kv-tokens", type=int, default=None)
@@ -75,6 +83,7 @@ def settings_from_args(args: argparse.Namespace, engine_config: EngineConfig) ->
         sim_preset=args.sim_preset,
         sim_speed=args.sim_speed,
         sim_kv_tokens=args.sim_kv_tokens,
+        fault_fail_rate=args.fault_fail_rate,
     )
     if args.worker_id:
         s.worker_id = args.worker_id

@@ -1,0 +1,158 @@
+"""Start and stop real Breakwater processes on 127.0.0.1 (chaos scenarios and tests share it).
+
+Ports are picked at bind time and read back from each process's READY line; every process
+is stopped by PID; its stderr goes to a log file shown when a start fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class Proc:
+    def __init__(
+        self,
+        args: list[str],
+        ready_prefix: str,
+        timeout: float = 180.0,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.args = args
+        self.log = Path(tempfile.mkstemp(prefix="bw-", suffix=".log")[1])
+        self._log_f = self.log.open("w")
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "breakwater.cli", *args],
+            stdout=subprocess.PIPE,
+            stderr=self._log_f,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
+        self.ready: dict[str, str] = {}
+        self._ready = threading.Event()
+        self.stdout_lines: list[str] = []
+        threading.Thread(target=self._read, args=(ready_prefix,), daemon=True).start()
+        if not self._ready.wait(timeout) or not self.ready:
+            self.kill()
+            raise RuntimeError(f"{args[0]} did not become ready:\n{self.log_text()[-4000:]}")
+
+    def _read(self, prefix: str) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            self.stdout_lines.append(line)
+            if line.startswith(prefix) and not self._ready.is_set():
+                self.ready = dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)
+                self.ready.setdefault("line", line)
+                self._ready.set()
+        self._ready.set()  # exited
+
+    def log_text(self) -> str:
+        self._log_f.flush()
+        return self.log.read_text()
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            os.kill(self.popen.pid, sig)
+
+    def wait(self, timeout: float = 60.0) -> int:
+        return self.popen.wait(timeout)
+
+    def stop(self, timeout: float = 40.0) -> int | None:
+        if self.alive():
+            self.popen.send_signal(signal.SIGCONT)  # a paused process cannot drain
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        if not self._log_f.closed:
+            self._log_f.close()
+        self.log.unlink(missing_ok=True)
+        return self.popen.returncode
+
+    def kill(self) -> None:
+        if self.alive():
+            self.popen.kill()
+            self.popen.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_worker(
+    model: Path | str | None,
+    *extra: str,
+    engine: str = "torch",
+    name: str = "tiny",
+    grpc_port: int = 0,
+    timeout: float = 180.0,
+) -> Proc:
+    args = [
+        "worker",
+        "--engine",
+        engine,
+        "--grpc-port",
+        str(grpc_port),
+        "--served-model-name",
+        name,
+        "--kv-cache-memory",
+        "32MiB",
+        "--max-model-len",
+        "1024",
+    ]
+    if model is not None:
+        args += ["--model", str(model)]
+    return Proc([*args, *extra], "BREAKWATER_WORKER_READY", timeout)
+
+
+def start_sim_worker(
+    *extra: str, preset: str = "tiny", grpc_port: int = 0, name: str = "sim"
+) -> Proc:
+    return start_worker(
+        None, "--sim-preset", preset, *extra, engine="sim", name=name, grpc_port=grpc_port
+    )
+
+
+def start_gateway(*extra: str, timeout: float = 60.0) -> Proc:
+    return Proc(["gateway", "--port", "0", *extra], "BREAKWATER_GATEWAY_READY", timeout)
+
+
+def get_json(url: str, timeout: float = 10.0) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def wait_for(cond: Callable[[], T], timeout: float = 30.0, interval: float = 0.05) -> T:
+    """Poll until cond() is truthy; returns its value or raises after the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
