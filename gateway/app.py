@@ -69,6 +69,11 @@ class Gateway:
         OpenAIRoutes(
             self.dispatcher, settings.request_timeout_s, settings.max_request_timeout_s
         ).add_to(self.app)
+        self.breaker_sync = None
+        if settings.redis_url:
+            from gateway.resilience.breaker_sync import BreakerSync
+
+            self.breaker_sync = BreakerSync(settings.redis_url, self.dispatcher.breakers)
         self.runner: web.AppRunner | None = None
         self.grpc_server: grpc.aio.Server | None = None
         self.http_port = 0
@@ -76,6 +81,8 @@ class Gateway:
 
     async def start(self) -> None:
         await self.registry.start()
+        if self.breaker_sync is not None:
+            await self.breaker_sync.start()
         # handler_cancellation: a client that disconnects cancels its handler, and with it
         # the upstream call (aiohttp leaves this off by default).
         self.runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
@@ -99,6 +106,8 @@ class Gateway:
             await self.grpc_server.stop(grace=2.0)
         if self.runner is not None:
             await self.runner.cleanup()
+        if self.breaker_sync is not None:
+            await self.breaker_sync.close()
         await self.registry.close()
         await self.dispatcher.close()
 

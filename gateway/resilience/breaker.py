@@ -177,6 +177,9 @@ class BreakerBoard:
                 r.ttft_ewma = None  # start afresh after readmission
                 r.samples = 0
 
+    def replicas(self) -> dict[str, ReplicaHealth]:
+        return dict(self._replicas)
+
     def snapshot(self) -> dict[str, dict[str, float | str | int]]:
         out: dict[str, dict[str, float | str | int]] = {}
         for w, r in self._replicas.items():
