@@ -174,7 +174,11 @@ class OpenAIRoutes:
         except OpenAIError as e:
             return error_response(e, request_id)
         builder = ResponseBuilder(parsed, request_id, model)
-        headers = {"X-Request-Id": request_id, "x-breakwater-attempts": str(info.attempts)}
+        headers = {
+            "X-Request-Id": request_id,
+            "x-breakwater-attempts": str(info.attempts),
+            "x-breakwater-worker": info.worker_id or "",
+        }
         if parsed.stream:
             return await self._stream(request, stream, first, builder, headers)
         return await self._whole(stream, first, builder, headers)
