@@ -6,10 +6,13 @@ import asyncio
 import logging
 import signal
 import sys
+from dataclasses import replace
 
 import grpc
 from aiohttp import web
 
+from gateway.admission.admission import Admission
+from gateway.admission.tenants import load_settings
 from gateway.dispatch import Dispatcher, DispatchSettings
 from gateway.frontend.grpc_api import GatewayInference
 from gateway.frontend.http_api import OpenAIRoutes
@@ -32,6 +35,18 @@ def make_upstream(info: WorkerInfo) -> Upstream:
     from gateway.upstream.grpc_upstream import GrpcUpstream
 
     return GrpcUpstream(info.worker_id, info.address)
+
+
+def build_admission(settings: GatewaySettings) -> Admission:
+    """The config file's limits, with CLI overrides and the gateway's Redis for buckets."""
+    config = load_settings(settings.admission_config)
+    limits = config.global_limits
+    if settings.max_in_flight is not None:
+        limits = replace(limits, max_in_flight=settings.max_in_flight)
+    if settings.max_queue is not None:
+        limits = replace(limits, max_queue=settings.max_queue)
+    config = replace(config, global_limits=limits, redis_url=config.redis_url or settings.redis_url)
+    return Admission(config)
 
 
 class Gateway:
@@ -65,9 +80,13 @@ class Gateway:
             ),
         )
         dispatcher_ref.append(self.dispatcher)
+        self.admission = build_admission(settings)
         self.app = web.Application()
         OpenAIRoutes(
-            self.dispatcher, settings.request_timeout_s, settings.max_request_timeout_s
+            self.dispatcher,
+            settings.request_timeout_s,
+            settings.max_request_timeout_s,
+            self.admission,
         ).add_to(self.app)
         self.breaker_sync = None
         if settings.redis_url:
@@ -80,6 +99,7 @@ class Gateway:
         self.grpc_port: int | None = None
 
     async def start(self) -> None:
+        await self.admission.start()
         await self.registry.start()
         if self.breaker_sync is not None:
             await self.breaker_sync.start()
@@ -93,7 +113,7 @@ class Gateway:
         if self.settings.grpc_port is not None:
             self.grpc_server = grpc.aio.server()
             pb_grpc.add_InferenceServicer_to_server(
-                GatewayInference(self.dispatcher, self.settings.request_timeout_s),
+                GatewayInference(self.dispatcher, self.settings.request_timeout_s, self.admission),
                 self.grpc_server,
             )
             self.grpc_port = self.grpc_server.add_insecure_port(
@@ -110,6 +130,7 @@ class Gateway:
             await self.breaker_sync.close()
         await self.registry.close()
         await self.dispatcher.close()
+        await self.admission.close()
 
 
 async def _serve(settings: GatewaySettings) -> int:

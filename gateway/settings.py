@@ -28,6 +28,10 @@ class GatewaySettings:
     max_attempts: int = 3
     retry_budget: float = 0.2
     health_interval_s: float = 1.0
+    admission_config: str | None = None
+    """TOML (or JSON) file with tenants, API key digests and quotas."""
+    max_in_flight: int | None = None
+    max_queue: int | None = None
 
 
 def add_gateway_args(p: argparse.ArgumentParser) -> None:
@@ -79,6 +83,23 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
         help="retries may add at most this share of extra attempts",
     )
     p.add_argument("--health-interval", type=float, default=1.0)
+    p.add_argument(
+        "--admission-config",
+        default=_env("ADMISSION_CONFIG"),
+        help="tenants, API key digests and quotas (TOML or JSON)",
+    )
+    p.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=None,
+        help="requests the gateway forwards at once (overrides the config)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=None,
+        help="requests allowed to wait for a slot; beyond it, 503 at once",
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
@@ -90,4 +111,13 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         redis_url=args.redis_url,
         routing=args.routing,
         request_timeout_s=args.request_timeout,
+        max_request_timeout_s=args.max_request_timeout,
+        ttft_timeout_s=args.ttft_timeout,
+        idle_timeout_s=args.idle_timeout,
+        max_attempts=args.max_attempts,
+        retry_budget=args.retry_budget,
+        health_interval_s=args.health_interval,
+        admission_config=args.admission_config,
+        max_in_flight=args.max_in_flight,
+        max_queue=args.max_queue,
     )

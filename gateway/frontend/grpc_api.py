@@ -2,21 +2,36 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator
 
 import grpc
 
+from gateway.admission.admission import Admission, Ticket, estimate_tokens
 from gateway.dispatch import Dispatcher
 from gateway.upstream.base import UpstreamError
 from proto import inference_pb2 as pb
 from proto import inference_pb2_grpc as pb_grpc
+from proto.openai_compat import OpenAIError
+
+# Admission answers in HTTP terms; gRPC callers get the matching status codes.
+_GRPC_CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
 
 
 class GatewayInference(pb_grpc.InferenceServicer):
-    def __init__(self, dispatcher: Dispatcher, default_timeout_s: float) -> None:
+    def __init__(
+        self, dispatcher: Dispatcher, default_timeout_s: float, admission: Admission | None = None
+    ) -> None:
         self.dispatcher = dispatcher
         self.default_timeout_s = default_timeout_s
+        self.admission = admission
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -25,7 +40,9 @@ class GatewayInference(pb_grpc.InferenceServicer):
             request.request_id = uuid.uuid4().hex
         remaining = context.time_remaining()
         timeout = min(remaining, self.default_timeout_s) if remaining else self.default_timeout_s
-        stream = self.dispatcher.generate(request, timeout)
+        deadline = time.monotonic() + timeout
+        ticket = await self._admit(request, context, deadline)
+        stream = self.dispatcher.generate(request, max(0.001, deadline - time.monotonic()))
         try:
             async for resp in stream:
                 yield resp
@@ -35,6 +52,34 @@ class GatewayInference(pb_grpc.InferenceServicer):
             await context.abort(grpc.StatusCode[e.code], e.message)
         finally:
             await stream.aclose()
+            if ticket is not None:
+                ticket.release()
+
+    async def _admit(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, deadline: float
+    ) -> Ticket | None:
+        if self.admission is None:
+            return None
+        auth = dict(context.invocation_metadata() or ()).get("authorization")
+        which = request.WhichOneof("prompt")
+        prompt: str | list[int]
+        if which == "token_ids":
+            prompt = list(request.token_ids.ids)
+        elif which == "chat":
+            prompt = "".join(m.content for m in request.chat.messages)
+        else:
+            prompt = request.text
+        sp = request.sampling
+        est = estimate_tokens(prompt, sp.max_tokens if sp.HasField("max_tokens") else 256)
+        try:
+            return await self.admission.admit(
+                str(auth) if auth else None, est, int(request.priority), deadline
+            )
+        except OpenAIError as e:
+            if e.retry_after_ms is not None:
+                context.set_trailing_metadata((("grpc-retry-pushback-ms", str(e.retry_after_ms)),))
+            await context.abort(_GRPC_CODES.get(e.status, grpc.StatusCode.UNKNOWN), e.message)
+            raise  # unreachable: abort raises
 
     async def Stats(
         self, request: pb.StatsRequest, context: grpc.aio.ServicerContext

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from gateway.admission.admission import Admission, Ticket, estimate_tokens
 from gateway.dispatch import CallInfo
 from gateway.upstream.base import (
     DEADLINE_EXCEEDED,
@@ -84,11 +85,16 @@ TIMEOUT_HEADER = "X-Request-Timeout-Ms"
 
 class OpenAIRoutes:
     def __init__(
-        self, backend: Backend, default_timeout_s: float = 600.0, max_timeout_s: float = 3600.0
+        self,
+        backend: Backend,
+        default_timeout_s: float = 600.0,
+        max_timeout_s: float = 3600.0,
+        admission: Admission | None = None,
     ) -> None:
         self.backend = backend
         self.default_timeout_s = default_timeout_s
         self.max_timeout_s = max_timeout_s
+        self.admission = admission
 
     def _timeout(self, request: web.Request) -> float:
         raw = request.headers.get(TIMEOUT_HEADER)
@@ -147,6 +153,7 @@ class OpenAIRoutes:
         self, request: web.Request, parse: Callable[[Any], ParsedRequest]
     ) -> web.StreamResponse:
         request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        ticket: Ticket | None = None
         try:
             try:
                 body = await request.json()
@@ -163,16 +170,57 @@ class OpenAIRoutes:
                     "model",
                     "model_not_found",
                 )
+            deadline = time.monotonic() + self._timeout(request)
+            ticket = await self._admit(request, body, parsed, deadline)
             info = CallInfo()
-            stream = self.backend.generate(parsed.request, self._timeout(request), info)
+            remaining = max(0.001, deadline - time.monotonic())
+            stream = self.backend.generate(parsed.request, remaining, info)
             try:
                 first = await anext(stream)
             except StopAsyncIteration:
                 raise OpenAIError(502, "upstream ended without output", "upstream_error") from None
             except UpstreamError as e:
                 raise from_upstream(e) from None
+            return await self._respond(request, parsed, stream, first, info, request_id)
         except OpenAIError as e:
             return error_response(e, request_id)
+        finally:
+            if ticket is not None:
+                ticket.release()
+
+    async def _admit(
+        self, request: web.Request, body: dict[str, Any], parsed: ParsedRequest, deadline: float
+    ) -> Ticket | None:
+        """Tenant, quotas and the bounded queue; raises OpenAIError (401/429/503/504)."""
+        if self.admission is None:
+            return None
+        req = parsed.request
+        which = req.WhichOneof("prompt")
+        if which == "chat":
+            prompt: str | list[int] = "".join(m.content for m in req.chat.messages)
+        elif which == "token_ids":
+            prompt = list(req.token_ids.ids)
+        else:
+            prompt = req.text
+        max_tokens = req.sampling.max_tokens if req.sampling.HasField("max_tokens") else 256
+        priority = int(req.priority) if body.get("priority") is not None else None
+        return await self.admission.admit(
+            request.headers.get("Authorization"),
+            estimate_tokens(prompt, max_tokens),
+            priority,
+            deadline,
+        )
+
+    async def _respond(
+        self,
+        request: web.Request,
+        parsed: ParsedRequest,
+        stream: AsyncIterator[pb.GenerateResponse],
+        first: pb.GenerateResponse,
+        info: CallInfo,
+        request_id: str,
+    ) -> web.StreamResponse:
+        model = parsed.request.model
         builder = ResponseBuilder(parsed, request_id, model)
         headers = {
             "X-Request-Id": request_id,

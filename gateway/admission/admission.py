@@ -1,0 +1,260 @@
+"""The admission facade the HTTP and gRPC front ends call before routing a request.
+
+Order of checks, cheapest and least wasteful first, each refusal immediate:
+
+1. tenant from the API key (401);
+2. deadline already passed (504), global queue already full (503);
+3. the tenant's concurrency (429), so one tenant cannot fill the queue;
+4. token buckets, tenant and global, in requests and LLM tokens, all or nothing (429), in
+   Redis when configured and reachable, else local;
+5. the global concurrency limit, waiting in the priority queue if need be (503/504).
+
+Only then is a slot held; the returned :class:`Ticket` frees it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
+
+from gateway.admission.buckets import BucketSpec, LocalBuckets, retry_after_ms
+from gateway.admission.queue import PriorityLimiter, deadline_exceeded, overloaded
+from gateway.admission.redis_buckets import RedisBuckets
+from gateway.admission.tenants import (
+    PRIORITY_BATCH,
+    PRIORITY_INTERACTIVE,
+    AdmissionSettings,
+    Rates,
+    Tenant,
+    TenantDirectory,
+    load_settings,
+)
+from proto.openai_compat import OpenAIError
+
+
+def estimate_tokens(prompt: str | Sequence[int], max_tokens: int) -> int:
+    """LLM tokens to charge before tokenizing: prompt estimate + ``max_tokens``.
+
+    About 4 UTF-8 bytes per token: close for English and code, and it over- rather than
+    under-charges most other scripts (a CJK character is 3 bytes and about 1 token).
+    """
+    n = len(prompt) if not isinstance(prompt, str) else math.ceil(len(prompt.encode()) / 4)
+    return n + max(0, max_tokens)
+
+
+class Ticket:
+    """An admitted request's slot: ``async with ticket:`` or call :meth:`release` once done."""
+
+    __slots__ = ("_admission", "_granted", "_released", "priority", "queued_s", "tenant")
+
+    def __init__(self, admission: Admission, tenant: str, priority: int, queued_s: float) -> None:
+        self._admission = admission
+        self.tenant = tenant
+        self.priority = priority
+        self.queued_s = queued_s
+        """Seconds spent waiting in the admission queue."""
+        self._granted = time.monotonic()
+        self._released = False
+
+    def release(self) -> None:
+        """Free the slot; idempotent, so a ``finally`` and ``async with`` may both call it."""
+        if not self._released:
+            self._released = True
+            self._admission._release(self.tenant, time.monotonic() - self._granted)
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    async def __aenter__(self) -> Ticket:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+class Admission:
+    """Tenants, quotas and the global queue behind one call, :meth:`admit`.
+
+    ``config``: settings, a config file path (TOML or ``.json``), or ``None`` for defaults
+    (no keys, no rate limits, the default queue bounds). ``redis_url`` overrides the file's.
+    """
+
+    def __init__(
+        self,
+        config: AdmissionSettings | str | os.PathLike[str] | None = None,
+        *,
+        redis_url: str | None = None,
+    ) -> None:
+        settings = config if isinstance(config, AdmissionSettings) else load_settings(config)
+        self.settings = settings
+        self.tenants = TenantDirectory(settings)
+        g = settings.global_limits
+        self.limiter = PriorityLimiter(g.max_in_flight, g.max_queue, g.max_queue_wait_s)
+        self.local = LocalBuckets()
+        url = redis_url or settings.redis_url
+        self.redis: RedisBuckets | None = None
+        if url:
+            self.redis = RedisBuckets(
+                url,
+                prefix=settings.redis_prefix,
+                socket_timeout=settings.redis_socket_timeout_s,
+                op_timeout=settings.redis_op_timeout_s,
+                backoff_s=settings.redis_probe_interval_s,
+            )
+        self._fallback_scale = settings.fallback_share if url else 1.0
+        self._active: dict[str, int] = {}
+        self.counts: Counter[str] = Counter()
+        """Outcomes: ``admitted`` and one key per refusal reason, for metrics."""
+
+    async def start(self) -> None:
+        if self.redis is not None:
+            await self.redis.start()
+
+    async def close(self) -> None:
+        if self.redis is not None:
+            await self.redis.close()
+
+    async def admit(
+        self, authorization: str | None, est_tokens: int, priority: int | None, deadline: float
+    ) -> Ticket:
+        """Admit a request or raise ``OpenAIError`` (401, 400, 429, 503, 504) at once.
+
+        ``authorization``: the ``Authorization`` header (or gRPC metadata) value.
+        ``est_tokens``: prompt estimate + max_tokens (see :func:`estimate_tokens`).
+        ``priority``: 0 interactive, 1 batch, ``None`` for the tenant's default.
+        ``deadline``: a ``time.monotonic()`` instant (``math.inf`` for none); a request
+        still queued then is dropped with 504.
+        """
+        try:
+            tenant = self.tenants.authenticate(authorization)
+        except OpenAIError:
+            self.counts["unauthorized"] += 1
+            raise
+        quota = tenant.quota
+        prio = quota.priority if priority is None else priority
+        if prio not in (PRIORITY_INTERACTIVE, PRIORITY_BATCH):
+            raise OpenAIError(
+                400, "'priority' must be 0 (interactive) or 1 (batch)", param="priority"
+            )
+        if not deadline > time.monotonic():  # also refuses NaN
+            self.counts["deadline"] += 1
+            raise deadline_exceeded("The request's deadline passed before it was admitted.")
+        if self.limiter.full:
+            self.counts["overloaded"] += 1
+            self.limiter.rejected_full += 1
+            raise overloaded(
+                f"The gateway is overloaded: {self.limiter.in_flight} requests in flight and "
+                f"{self.limiter.queued} queued. Retry later.",
+                self.limiter.retry_after_s(),
+            )
+        active = self._active.get(tenant.name, 0)
+        if quota.max_concurrent is not None and active >= quota.max_concurrent:
+            self.counts["tenant_concurrency"] += 1
+            wait = self.limiter.mean_hold_s / quota.max_concurrent
+            raise OpenAIError(
+                429,
+                f"Tenant '{tenant.name}' already has {active} requests in progress, its limit. "
+                "Retry when one finishes.",
+                type_="rate_limit_error",
+                code="rate_limit_exceeded",
+                retry_after_ms=retry_after_ms(min(30.0, max(0.05, wait))),
+            )
+        specs = self._specs(tenant, max(0, int(est_tokens)))
+        self._active[tenant.name] = active + 1
+        try:
+            if specs:
+                await self._charge(tenant, specs)
+            queued_s = await self.limiter.acquire(prio, deadline)
+        except BaseException as exc:
+            self._drop_active(tenant.name)
+            if isinstance(exc, OpenAIError) and exc.status in (503, 504):
+                self.counts["overloaded" if exc.status == 503 else "deadline"] += 1
+            raise
+        self.counts["admitted"] += 1
+        return Ticket(self, tenant.name, prio, queued_s)
+
+    def _specs(self, tenant: Tenant, tokens: int) -> list[BucketSpec]:
+        specs: list[BucketSpec] = []
+        scopes: tuple[tuple[str, Rates], ...] = (
+            (f"tenant:{tenant.name}", tenant.quota),
+            ("global", self.settings.global_limits),
+        )
+        for scope, rates in scopes:
+            if (b := rates.request_bucket()) is not None:
+                specs.append(BucketSpec(f"{scope}:requests", b[0], b[1], 1.0))
+            if tokens and (b := rates.token_bucket()) is not None:
+                if tokens > b[1]:
+                    self.counts["too_large"] += 1
+                    who = "the gateway" if scope == "global" else f"tenant '{tenant.name}'"
+                    raise OpenAIError(
+                        400,
+                        f"Request too large: it needs about {tokens} tokens (prompt + "
+                        f"max_tokens) but the token burst of {who} is {b[1]:g}. "
+                        "Lower max_tokens or shorten the prompt.",
+                        type_="invalid_request_error",
+                        param="max_tokens",
+                        code="request_too_large",
+                    )
+                specs.append(BucketSpec(f"{scope}:tokens", b[0], b[1], float(tokens)))
+        return specs
+
+    async def _charge(self, tenant: Tenant, specs: list[BucketSpec]) -> None:
+        result = await self.redis.take(specs) if self.redis is not None else None
+        if result is None:
+            result = self.local.take(specs, self._fallback_scale)
+        if result.allowed:
+            return
+        self.counts["rate_limited"] += 1
+        spec = specs[result.limiting]
+        scope, kind = spec.key.rsplit(":", 1)
+        who = "the gateway" if scope == "global" else f"tenant '{tenant.name}'"
+        ms = retry_after_ms(result.wait_s)
+        raise OpenAIError(
+            429,
+            f"Rate limit reached for {who} on {kind}: limit {spec.rate:g} per second, burst "
+            f"{spec.burst:g}; this request needs {spec.cost:g}. Retry after {ms} ms.",
+            type_="rate_limit_error",
+            code="rate_limit_exceeded",
+            retry_after_ms=ms,
+        )
+
+    def _drop_active(self, name: str) -> None:
+        n = self._active.get(name, 0) - 1
+        if n > 0:
+            self._active[name] = n
+        else:
+            self._active.pop(name, None)
+
+    def _release(self, tenant: str, hold_s: float) -> None:
+        self._drop_active(tenant)
+        self.limiter.release(hold_s)
+
+    def active(self, tenant: str) -> int:
+        """Admitted or queued requests of ``tenant`` now."""
+        return self._active.get(tenant, 0)
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot for an admin endpoint or metrics."""
+        return {
+            "in_flight": self.limiter.in_flight,
+            "queued": self.limiter.queued,
+            "max_in_flight": self.limiter.max_in_flight,
+            "max_queue": self.limiter.max_queue,
+            "mean_hold_s": round(self.limiter.mean_hold_s, 4),
+            "redis": None
+            if self.redis is None
+            else {"available": self.redis.available, "failures": self.redis.failures},
+            "active_by_tenant": dict(self._active),
+            "counts": dict(self.counts),
+        }
