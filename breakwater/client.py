@@ -16,7 +16,16 @@ and a stream's whole body). 429, 503 and connection failures are retried under a
 `RetryPolicy` (full-jitter exponential backoff that honours Retry-After, at most
 `max_retries` times, never past the deadline), every attempt under the same X-Request-Id
 so the gateway can recognise a retry. A stream is retried only until its first chunk
-arrives: after that the caller has seen output and a retry would duplicate it.
+arrives: after that the caller has seen output and a retry would duplicate it. A cancelled
+call is never retried.
+
+So that a fleet of clients cannot turn an outage into a retry storm, each client also keeps
+a retry budget (retries add at most 20% extra attempts over a sliding window, with a floor
+of 10 per window; past it a call fails fast with its last error) and throttles itself
+adaptively (the SRE book's max(0, (requests - K*accepts) / (requests + 1)), K=2: once the
+gateway refuses most requests, most calls fail locally with `ClientThrottledError`, without
+touching the network). Both are per client and set on `RetryPolicy`; `client.stats()` counts
+calls, attempts, retries and local rejections.
 
 Only httpx is imported: the SDK must stay light (no torch, nothing from worker/).
 """
@@ -28,9 +37,12 @@ import itertools
 import json
 import math
 import random
+import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from types import TracebackType
@@ -43,15 +55,25 @@ from breakwater.errors import (
     APIConnectionError,
     APIError,
     APITimeoutError,
+    ClientThrottledError,
     StreamError,
     error_class,
 )
-from breakwater.types import ChatCompletion, ChatCompletionChunk, Completion, ModelList
+from breakwater.types import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ClientStats,
+    Completion,
+    ModelList,
+)
 
 __all__ = [
+    "AdaptiveThrottle",
     "AsyncClient",
     "AsyncStream",
     "Client",
+    "ClientStats",
+    "RetryBudget",
     "RetryPolicy",
     "Stream",
 ]
@@ -74,45 +96,231 @@ Parse = Callable[[Any, str], T]
 # --------------------------------------------------------------------------- retry policy
 
 
-@dataclass
+@dataclass(frozen=True)
 class RetryPolicy:
-    """Decides whether a failed attempt is retried, and after how long.
+    """How a client retries and sheds: configuration only.
 
-    One instance is shared by every call of a client, so it is the seam for the client-side
-    retry budget and adaptive throttling to come: `observe` sees every attempt's outcome,
-    `next_delay` is the single decision point.
+    The state it configures (retry budget, adaptive throttle, stats) lives in each client,
+    so clients sharing a policy never share a budget. `budget_ratio=None` turns the retry
+    budget off (only `max_retries` caps retries); `throttle_k=None` turns adaptive
+    throttling off. `seed` makes jitter and throttling draws reproducible (tests).
     """
 
     max_retries: int = DEFAULT_MAX_RETRIES
     initial_backoff: float = 0.5
     max_backoff: float = 8.0
     retry_statuses: frozenset[int] = frozenset({429, 503})
+    budget_ratio: float | None = 0.2
+    """Retries may add at most this share of extra attempts over `budget_window`..."""
+    budget_floor: int = 10
+    """...but at least this many retries per window, so a quiet client can ride out a blip."""
+    budget_window: float = 10.0
+    """Seconds."""
+    throttle_k: float | None = 2.0
+    """The SRE book's K: local rejection starts once fewer than 1/K of requests are accepted."""
+    throttle_window: float = 120.0
+    """Seconds: how long the memory of a refusing backend lasts."""
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.budget_window <= 0 or self.throttle_window <= 0:
+            raise ValueError("budget_window and throttle_window must be positive")
+        if (self.budget_ratio is not None and self.budget_ratio < 0) or self.budget_floor < 0:
+            raise ValueError("budget_ratio and budget_floor must not be negative")
+        if self.throttle_k is not None and self.throttle_k <= 0:
+            raise ValueError("throttle_k must be positive")
 
     def retryable(self, error: APIError) -> bool:
-        if isinstance(error, StreamError):
+        if isinstance(error, StreamError | ClientThrottledError):
             return False
         if isinstance(error, APIConnectionError):
             return True
         return error.status in self.retry_statuses
 
-    def backoff(self, retry: int) -> float:
+    def overloaded(self, error: APIError | None) -> bool:
+        """Whether an attempt's outcome says the backend did not accept it (429, 503, no
+        answer): what adaptive throttling counts against `accepts`."""
+        return error is not None and (
+            isinstance(error, APIConnectionError) or error.status in self.retry_statuses
+        )
+
+    def backoff(self, retry: int, rng: random.Random) -> float:
         """Full jitter (uniform in [0, min(cap, base * 2**retry)]) so a crowd of clients
         that failed together does not come back together."""
-        return random.uniform(0.0, min(self.max_backoff, self.initial_backoff * 2**retry))
+        return rng.uniform(0.0, min(self.max_backoff, self.initial_backoff * 2**retry))
 
-    def next_delay(self, retry: int, error: APIError, remaining: float) -> float | None:
+    def next_delay(
+        self, retry: int, error: APIError, remaining: float, rng: random.Random
+    ) -> float | None:
         """Seconds to wait before retry number `retry` (0-based), or None to give up.
 
         The server's Retry-After wins over our own backoff; a wait that would end past the
-        deadline gives up now rather than fail later with less information.
+        deadline gives up now rather than fail later with less information. The client's
+        budget and throttle have the last word (`_Guard.retry_delay`).
         """
         if retry >= self.max_retries or not self.retryable(error):
             return None
-        delay = error.retry_after if error.retry_after is not None else self.backoff(retry)
+        delay = error.retry_after if error.retry_after is not None else self.backoff(retry, rng)
         return delay if delay < remaining else None
 
-    def observe(self, error: APIError | None) -> None:
-        """Called after every attempt (None: it succeeded). A hook for budgets; no-op now."""
+
+class _Window:
+    """Event counts over the last `span` seconds, kept in `buckets` fixed-width slots: O(1)
+    per event and bounded memory at any rate; events age out a slot at a time."""
+
+    def __init__(self, span: float, counters: int, buckets: int = 40) -> None:
+        self._width = span / buckets
+        self._buckets = buckets
+        self._slots: deque[list[int]] = deque()  # [slot number, *counts]
+        self._totals = [0] * counters
+
+    def totals(self, now: float) -> list[int]:
+        """The counts within the window ending at `now` (a live view: do not mutate)."""
+        slot = math.floor(now / self._width)
+        while self._slots and self._slots[0][0] <= slot - self._buckets:
+            for i, n in enumerate(self._slots.popleft()[1:]):
+                self._totals[i] -= n
+        if not self._slots or self._slots[-1][0] != slot:
+            self._slots.append([slot] + [0] * len(self._totals))
+        return self._totals
+
+    def add(self, now: float, counter: int) -> None:
+        self.totals(now)
+        self._slots[-1][counter + 1] += 1
+        self._totals[counter] += 1
+
+
+class RetryBudget:
+    """Retries may add at most `ratio` extra attempts over the first attempts sent in the
+    last `window` seconds (at least `floor` per window): the bound that keeps a client in
+    trouble from multiplying its own load, whatever `max_retries` says."""
+
+    _CALLS, _RETRIES = 0, 1
+
+    def __init__(self, ratio: float, floor: int, window: float) -> None:
+        self.ratio = ratio
+        self.floor = floor
+        self._window = _Window(window, 2)
+
+    def record_call(self, now: float) -> None:
+        self._window.add(now, self._CALLS)
+
+    def try_spend(self, now: float) -> bool:
+        """Take one retry from the budget; False (and nothing taken) when it is spent."""
+        calls, retries = self._window.totals(now)
+        if retries >= max(self.floor, self.ratio * calls):
+            return False
+        self._window.add(now, self._RETRIES)
+        return True
+
+
+class AdaptiveThrottle:
+    """Client-side adaptive throttling (Google SRE book, "Handling Overload"): reject
+    locally with probability max(0, (requests - k*accepts) / (requests + 1)) over the last
+    `window` seconds. A backend that accepts nothing then costs its clients almost no
+    traffic, yet every client keeps probing it; requests rejected here count as requests,
+    which is what makes the share shed grow while accepts stay low."""
+
+    _REQUESTS, _ACCEPTS = 0, 1
+
+    def __init__(self, k: float, window: float) -> None:
+        self.k = k
+        self._window = _Window(window, 2)
+
+    def reject_probability(self, now: float) -> float:
+        requests, accepts = self._window.totals(now)
+        return max(0.0, (requests - self.k * accepts) / (requests + 1))
+
+    def admit(self, now: float, draw: float) -> bool:
+        """Whether to send (`draw` uniform in [0, 1)); a refusal is recorded as a request."""
+        if draw >= self.reject_probability(now):
+            return True
+        self._window.add(now, self._REQUESTS)
+        return False
+
+    def record(self, now: float, accepted: bool) -> None:
+        """The outcome of a request that was sent."""
+        self._window.add(now, self._REQUESTS)
+        if accepted:
+            self._window.add(now, self._ACCEPTS)
+
+
+class _Guard:
+    """One client's retry state: budget, throttle, rng and stats.
+
+    Its critical sections are a few lines of arithmetic and never span IO or an await, so
+    the sync client guards them with a threading.Lock and the async one needs none (one
+    event loop runs them atomically).
+    """
+
+    def __init__(self, policy: RetryPolicy, lock: AbstractContextManager[Any]) -> None:
+        self.policy = policy
+        self._lock = lock
+        self._rng = random.Random(policy.seed)
+        self._budget = (
+            None
+            if policy.budget_ratio is None
+            else RetryBudget(policy.budget_ratio, policy.budget_floor, policy.budget_window)
+        )
+        self._throttle = (
+            None
+            if policy.throttle_k is None
+            else AdaptiveThrottle(policy.throttle_k, policy.throttle_window)
+        )
+        self._stats = dict.fromkeys(ClientStats.__dataclass_fields__, 0)
+
+    def _admit(self, now: float) -> bool:
+        if self._throttle is None or self._throttle.admit(now, self._rng.random()):
+            return True
+        self._stats["throttled"] += 1
+        return False
+
+    def start_call(self, request_id: str) -> None:
+        """Before a call's first attempt: ClientThrottledError if shed locally."""
+        with self._lock:
+            self._stats["calls"] += 1
+            if not self._admit(time.monotonic()):
+                raise ClientThrottledError(
+                    "request rejected locally by adaptive throttling: the gateway has been "
+                    "refusing most requests",
+                    request_id=request_id,
+                )
+
+    def sent(self, retry: int) -> None:
+        """An attempt is about to go upstream."""
+        with self._lock:
+            self._stats["attempts"] += 1
+            if retry:
+                self._stats["retries"] += 1
+            elif self._budget is not None:
+                self._budget.record_call(time.monotonic())
+
+    def answered(self, error: APIError | None) -> None:
+        """An attempt's outcome (None: success). A cancelled attempt has none."""
+        if self._throttle is None:
+            return
+        with self._lock:
+            self._throttle.record(time.monotonic(), not self.policy.overloaded(error))
+
+    def retry_delay(self, retry: int, error: APIError, deadline: _Deadline) -> float:
+        """Seconds to wait before retrying, or raise `error`: the policy gives up, the
+        budget is spent, or the throttle sheds the retry."""
+        with self._lock:
+            delay = self.policy.next_delay(retry, error, deadline.remaining(), self._rng)
+            if delay is None:
+                raise error
+            now = time.monotonic()
+            # Throttle first: a retry it sheds leaves the budget untouched.
+            if not self._admit(now):
+                raise error
+            if self._budget is not None and not self._budget.try_spend(now):
+                self._stats["budget_exhausted"] += 1
+                raise error
+        return delay
+
+    def stats(self) -> ClientStats:
+        with self._lock:
+            return ClientStats(**self._stats)
 
 
 # ------------------------------------------------------------------ shared, IO-free pieces
@@ -141,14 +349,14 @@ class _Deadline:
 
     def __init__(self, timeout: float | None, request_id: str) -> None:
         self._at = math.inf if timeout is None else time.monotonic() + timeout
-        self._request_id = request_id
+        self.request_id = request_id
 
     def remaining(self) -> float:
         return self._at - time.monotonic()
 
     def check(self) -> None:
         if self.remaining() <= 0:
-            raise APITimeoutError("deadline exceeded", request_id=self._request_id)
+            raise APITimeoutError("deadline exceeded", request_id=self.request_id)
 
     def http_timeout(self) -> httpx.Timeout:
         """The timeout for the next attempt: whatever is left of the deadline."""
@@ -322,12 +530,13 @@ class _BaseClient:
         max_retries: int,
         retry_policy: RetryPolicy | None,
         default_headers: Headers | None,
+        lock: AbstractContextManager[Any],
     ) -> None:
         # Accept OpenAI-style ".../v1" base URLs too; paths below carry the /v1 themselves.
         self.base_url = base_url.rstrip("/").removesuffix("/v1")
         self.api_key = api_key
         self.timeout = timeout
-        self.retry_policy = retry_policy or RetryPolicy(max_retries=max_retries)
+        self._guard = _Guard(retry_policy or RetryPolicy(max_retries=max_retries), lock)
         self._headers = httpx.Headers(
             {"User-Agent": f"breakwater-python/{__version__}", "Accept": "application/json"}
         )
@@ -349,12 +558,14 @@ class _BaseClient:
             _Deadline(self.timeout if timeout is None else timeout, request_id),
         )
 
-    def _give_up_or_wait(self, retry: int, error: APIError, deadline: _Deadline) -> float:
-        self.retry_policy.observe(error)
-        delay = self.retry_policy.next_delay(retry, error, deadline.remaining())
-        if delay is None:
-            raise error
-        return delay
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        """Read-only: the client's budget and throttle were built from it."""
+        return self._guard.policy
+
+    def stats(self) -> ClientStats:
+        """Retry accounting since this client was made (e.g. its retry amplification)."""
+        return self._guard.stats()
 
 
 # --------------------------------------------------------------------------------- sync
@@ -410,8 +621,18 @@ class Client(_BaseClient):
         http_client: httpx.Client | None = None,
     ) -> None:
         """`timeout` is each call's overall deadline in seconds (None: no deadline).
-        `retry_policy`, when given, replaces `max_retries`."""
-        super().__init__(base_url, api_key, timeout, max_retries, retry_policy, default_headers)
+        `retry_policy`, when given, replaces `max_retries`; it also sets the retry budget
+        and adaptive throttling (e.g. `RetryPolicy(budget_ratio=0.1, throttle_k=None)`),
+        whose state belongs to this client alone."""
+        super().__init__(
+            base_url,
+            api_key,
+            timeout,
+            max_retries,
+            retry_policy,
+            default_headers,
+            threading.Lock(),
+        )
         self._owns_http = http_client is None
         self._http = http_client or httpx.Client()
         self.completions = Completions(self)
@@ -422,13 +643,18 @@ class Client(_BaseClient):
         # A small loop rather than tenacity: each attempt needs the deadline's remainder as
         # its HTTP timeout, and the only timing left (Retry-After or jitter) is a few lines
         # in RetryPolicy, shared by the sync and async clients.
+        # Only APIError is retried: KeyboardInterrupt and friends end the call at once.
+        self._guard.start_call(deadline.request_id)
         for retry in itertools.count():
+            http_timeout = deadline.http_timeout()  # past the deadline: no attempt at all
+            self._guard.sent(retry)
             try:
-                result = attempt(deadline.http_timeout())
+                result = attempt(http_timeout)
             except APIError as error:
-                time.sleep(self._give_up_or_wait(retry, error, deadline))
+                self._guard.answered(error)
+                time.sleep(self._guard.retry_delay(retry, error, deadline))
             else:
-                self.retry_policy.observe(None)
+                self._guard.answered(None)
                 return result
         raise AssertionError("unreachable")
 
@@ -693,7 +919,9 @@ class AsyncClient(_BaseClient):
         http_client: httpx.AsyncClient | None = None,
     ) -> None:
         """Same arguments as `Client`."""
-        super().__init__(base_url, api_key, timeout, max_retries, retry_policy, default_headers)
+        super().__init__(
+            base_url, api_key, timeout, max_retries, retry_policy, default_headers, nullcontext()
+        )
         self._owns_http = http_client is None
         self._http = http_client or httpx.AsyncClient()
         self.completions = AsyncCompletions(self)
@@ -704,13 +932,19 @@ class AsyncClient(_BaseClient):
         self, attempt: Callable[[httpx.Timeout], Awaitable[R]], deadline: _Deadline
     ) -> R:
         # See Client._retrying for why this is a loop and not tenacity.
+        # CancelledError is no APIError: a cancelled call, mid-attempt or mid-sleep, ends
+        # there, with no retry and no outcome recorded against the backend.
+        self._guard.start_call(deadline.request_id)
         for retry in itertools.count():
+            http_timeout = deadline.http_timeout()
+            self._guard.sent(retry)
             try:
-                result = await attempt(deadline.http_timeout())
+                result = await attempt(http_timeout)
             except APIError as error:
-                await asyncio.sleep(self._give_up_or_wait(retry, error, deadline))
+                self._guard.answered(error)
+                await asyncio.sleep(self._guard.retry_delay(retry, error, deadline))
             else:
-                self.retry_policy.observe(None)
+                self._guard.answered(None)
                 return result
         raise AssertionError("unreachable")
 

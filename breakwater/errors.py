@@ -15,6 +15,7 @@ __all__ = [
     "APITimeoutError",
     "AuthenticationError",
     "BadRequestError",
+    "ClientThrottledError",
     "ConflictError",
     "InternalServerError",
     "NotFoundError",
@@ -84,6 +85,12 @@ class UnprocessableEntityError(APIError):
 
 class RateLimitError(APIError):
     """429: the gateway is shedding load; `retry_after` says when to come back."""
+
+
+class ClientThrottledError(RateLimitError):
+    """Rejected by the client itself, without touching the network: the gateway has been
+    refusing most requests lately (adaptive throttling). `status` is None; back off as for a
+    429."""
 
 
 class InternalServerError(APIError):

@@ -9,7 +9,7 @@ so a newer server (or another OpenAI-compatible one) never breaks an older clien
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from typing import Any
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "ChatCompletionMessage",
     "ChatLogprobs",
     "ChoiceDelta",
+    "ClientStats",
     "Completion",
     "CompletionChoice",
     "CompletionChunk",
@@ -357,3 +358,28 @@ class ModelList:
             object=d.get("object") or "list",
             request_id=request_id,
         )
+
+
+@dataclass(frozen=True)
+class ClientStats:
+    """A client's retry accounting since it was made (`Client.stats()`). Add them up
+    across clients, `sum(stats, ClientStats())`, for a fleet's retry amplification."""
+
+    calls: int = 0
+    """Logical calls, including those rejected locally."""
+    attempts: int = 0
+    """Attempts sent upstream (first attempts and retries)."""
+    retries: int = 0
+    """Attempts beyond a call's first."""
+    throttled: int = 0
+    """Attempts (first or retry) rejected locally by adaptive throttling."""
+    budget_exhausted: int = 0
+    """Retries refused because the retry budget was spent."""
+
+    @property
+    def retry_amplification(self) -> float:
+        """Upstream attempts per logical call (0.0 before any call)."""
+        return self.attempts / self.calls if self.calls else 0.0
+
+    def __add__(self, other: ClientStats) -> ClientStats:
+        return ClientStats(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))

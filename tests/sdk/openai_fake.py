@@ -3,7 +3,8 @@
 It stands in for the real gateway until that lands: a small aiohttp server on 127.0.0.1 (a
 free port, its own thread and event loop) that speaks the OpenAI-compatible HTTP API with
 canned answers. Tests script it per request (`fake.script(Reply(...), ...)`: statuses,
-Retry-After headers, delays, streams that fail or drop after N chunks) and read back
+Retry-After headers, delays, streams that fail or drop after N chunks), or set the answer
+to every unscripted request (`fake.default = error_reply(503)`: an outage), and read back
 every request it saw (`fake.seen`), e.g. to check the X-Request-Id kept across retries.
 """
 
@@ -74,6 +75,7 @@ class Seen:
 class FakeGateway:
     def __init__(self) -> None:
         self.seen: list[Seen] = []
+        self.default = Reply()  # the answer once the script has run out
         self._replies: deque[Reply] = deque()
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
@@ -125,7 +127,7 @@ class FakeGateway:
         headers = {k.lower(): v for k, v in request.headers.items()}
         with self._lock:
             self.seen.append(Seen(request.method, request.path, headers, body))
-            reply = self._replies.popleft() if self._replies else Reply()
+            reply = self._replies.popleft() if self._replies else self.default
         if reply.delay:
             await asyncio.sleep(reply.delay)
         return reply, body, headers.get("x-request-id") or uuid.uuid4().hex

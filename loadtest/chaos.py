@@ -1,0 +1,427 @@
+"""Chaos scenarios: the production incident script, step by step, against real processes.
+
+    python -m loadtest.chaos <scenario>|all [--quick] [--json]
+
+Each scenario starts its own fleet on 127.0.0.1 (sim workers, a gateway, Redis where it
+needs one), drives bounded open-loop traffic, injects its fault, and prints one JSON object
+last: {"scenario": ..., "passed": true|false, "figures": {...}}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from loadtest.fleet import Proc, free_port, get_json, start_gateway, start_sim_worker, wait_for
+from loadtest.traffic import Record, Target, poisson_schedule, run_open_loop, summarize
+
+MODEL = "sim"
+
+
+@dataclass
+class Fleet:
+    workers: list[Proc] = field(default_factory=list)
+    ports: list[int] = field(default_factory=list)
+    worker_args: list[list[str]] = field(default_factory=list)
+    gateway: Proc | None = None
+    extra: list[Proc] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        assert self.gateway is not None
+        return self.gateway.ready["http"]
+
+    def admin(self) -> dict[str, dict[str, Any]]:
+        return {w["worker_id"]: w for w in get_json(self.url + "/admin/workers")["workers"]}
+
+    def worker_id(self, i: int) -> str:
+        return f"127.0.0.1:{self.ports[i]}"
+
+    def routable(self, i: int) -> bool:
+        w = self.admin().get(self.worker_id(i), {})
+        return w.get("state") == "SERVING" and w.get("breaker", {}).get("state") != "open"
+
+    def restart(self, i: int) -> None:
+        self.workers[i] = start_sim_worker(*self.worker_args[i], grpc_port=self.ports[i])
+
+
+@contextmanager
+def fleet(
+    n: int,
+    preset: str = "llama3-8b-h100",
+    worker_extra: Callable[[int], list[str]] | None = None,
+    gateway_args: tuple[str, ...] = (),
+    redis_url: str | None = None,
+) -> Iterator[Fleet]:
+    f = Fleet()
+    try:
+        for i in range(n):
+            port = free_port()
+            args = ["--sim-preset", preset, *(worker_extra(i) if worker_extra else [])]
+            if redis_url:
+                args += ["--redis-url", redis_url, "--worker-id", f"127.0.0.1:{port}"]
+            f.ports.append(port)
+            f.worker_args.append(args)
+        # Start in parallel: each sim worker imports torch, a few seconds on 2 cores.
+        procs: list[Proc | None] = [None] * n
+
+        def start(i: int) -> None:
+            procs[i] = start_sim_worker(*f.worker_args[i], grpc_port=f.ports[i])
+
+        threads = [threading.Thread(target=start, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if any(p is None for p in procs):
+            raise RuntimeError("a worker failed to start")
+        f.workers = [p for p in procs if p is not None]
+        specs = (
+            ["--redis-url", redis_url]
+            if redis_url
+            else [a for i in range(n) for a in ("--worker", f.worker_id(i))]
+        )
+        f.gateway = start_gateway(*specs, "--health-interval", "0.25", *gateway_args)
+        wait_for(lambda: all(f.routable(i) for i in range(n)), timeout=30)
+        yield f
+    finally:
+        for p in [f.gateway, *f.workers, *f.extra]:
+            if p is not None:
+                p.stop()
+
+
+def drive(
+    url: str,
+    rate: float,
+    duration: float,
+    max_tokens: int = 48,
+    events: list[tuple[float, Callable[[], None]]] = (),  # type: ignore[assignment]
+) -> list[Record]:
+    """Open-loop Poisson traffic for `duration` s while `events` fire at their offsets."""
+
+    async def main() -> list[Record]:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        tasks = [
+            loop.call_at(t0 + at, lambda fn=fn: loop.run_in_executor(None, fn)) for at, fn in events
+        ]
+        try:
+            return await run_open_loop(
+                Target(url=url, model=MODEL),
+                poisson_schedule(rate, duration, seed=1),
+                max_tokens=max_tokens,
+                duration_s=duration,
+                max_requests=int(rate * duration * 3),
+            )
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    return asyncio.run(main())
+
+
+def lost(records: list[Record]) -> int:
+    """Requests that failed without ever streaming: these must be zero."""
+    return sum(1 for r in records if not r.ok and not r.aborted_after_first_token)
+
+
+def result(name: str, passed: bool, figures: dict[str, Any]) -> dict[str, Any]:
+    return {"scenario": name, "passed": bool(passed), "figures": figures}
+
+
+def _time_until(cond: Callable[[], bool], timeout: float) -> float:
+    t0 = time.monotonic()
+    wait_for(cond, timeout=timeout, interval=0.02)
+    return time.monotonic() - t0
+
+
+# -- scenarios -------------------------------------------------------------------------------
+
+
+def kill_worker(quick: bool) -> dict[str, Any]:
+    duration, rate = (6.0, 10.0) if quick else (15.0, 20.0)
+    with fleet(4) as f:
+        eject: dict[str, float] = {}
+
+        def kill() -> None:
+            f.workers[0].signal(signal.SIGKILL)
+            eject["s"] = _time_until(lambda: not f.routable(0), timeout=20)
+
+        records = drive(f.url, rate, duration, events=[(duration / 3, kill)])
+    s = summarize(records)
+    figures = {
+        "requests": len(records),
+        "lost_requests": lost(records),
+        "aborted_after_first_token": sum(r.aborted_after_first_token for r in records),
+        "time_to_eject_s": round(eject.get("s", float("inf")), 3),
+        "ttft_p99_ms": s["ttft_ms"]["p99"],
+    }
+    return result(
+        "kill-worker", figures["lost_requests"] == 0 and figures["time_to_eject_s"] < 2.0, figures
+    )
+
+
+def hang_worker(quick: bool) -> dict[str, Any]:
+    ttft_timeout = 1.0
+    duration, rate = (8.0, 8.0) if quick else (16.0, 15.0)
+    with fleet(4, gateway_args=("--ttft-timeout", str(ttft_timeout), "--idle-timeout", "1.0")) as f:
+        times: dict[str, float] = {}
+
+        def hang() -> None:
+            f.workers[0].signal(signal.SIGSTOP)
+            times["eject"] = _time_until(lambda: not f.routable(0), timeout=20)
+
+        def resume() -> None:
+            f.workers[0].signal(signal.SIGCONT)
+            times["readmit"] = _time_until(lambda: f.routable(0), timeout=60)
+
+        records = drive(
+            f.url, rate, duration, events=[(duration * 0.25, hang), (duration * 0.6, resume)]
+        )
+        if "readmit" not in times:
+            times["readmit"] = _time_until(lambda: f.routable(0), timeout=60) + duration * 0.4
+    s = summarize(records)
+    worst_ttft = max((r.ttft_s for r in records if r.ttft_s is not None), default=0.0)
+    figures = {
+        "requests": len(records),
+        "lost_requests": lost(records),
+        "aborted_after_first_token": sum(r.aborted_after_first_token for r in records),
+        "max_ttft_ms": round(worst_ttft * 1000, 1),
+        "time_to_eject_s": round(times.get("eject", float("inf")), 3),
+        "time_to_readmit_s": round(times["readmit"], 3),
+        "ttft_p99_ms": s["ttft_ms"]["p99"],
+    }
+    # Nothing waits longer than the TTFT timeout plus one retry (a normal attempt: < 1 s).
+    passed = lost(records) == 0 and worst_ttft <= ttft_timeout + 1.0
+    return result("hang-worker", passed, figures)
+
+
+def slow_worker(quick: bool) -> dict[str, Any]:
+    duration, rate = (6.0, 10.0) if quick else (15.0, 20.0)
+    with fleet(4, worker_extra=lambda i: ["--sim-speed", "0.2"] if i == 0 else []) as f:
+        records = drive(f.url, rate, duration)
+        slow_id = f.worker_id(0)
+        ejected = f.admin()[slow_id]["breaker"].get("times_ejected", 0)
+    s = summarize(records)
+    share = sum(1 for r in records if r.worker == slow_id) / max(1, len(records))
+    figures = {
+        "requests": len(records),
+        "lost_requests": lost(records),
+        "slow_worker_share": round(share, 3),
+        "slow_worker_ejections": ejected,
+        "ttft_p99_ms": s["ttft_ms"]["p99"],
+    }
+    return result("slow-worker", lost(records) == 0 and (share < 0.25 or ejected > 0), figures)
+
+
+def rolling_restart(quick: bool) -> dict[str, Any]:
+    n = 3
+    duration, rate = (12.0, 8.0) if quick else (24.0, 15.0)
+    with fleet(n) as f:
+
+        def roll() -> None:
+            for i in range(n):
+                f.workers[i].signal(signal.SIGTERM)
+                f.workers[i].wait(60)
+                f.restart(i)
+                wait_for(lambda i=i: f.routable(i), timeout=30)
+
+        records = drive(f.url, rate, duration, events=[(1.0, roll)])
+    figures = {
+        "requests": len(records),
+        "lost_requests": lost(records),
+        "aborted_after_first_token": sum(r.aborted_after_first_token for r in records),
+    }
+    return result(
+        "rolling-restart",
+        figures["lost_requests"] == 0 and figures["aborted_after_first_token"] == 0,
+        figures,
+    )
+
+
+def retry_storm(quick: bool) -> dict[str, Any]:
+    """Every worker fails every call; 50 SDK clients keep asking. Load must not multiply."""
+    from breakwater.client import AsyncClient
+    from breakwater.errors import APIError
+
+    clients_n, duration = (50, 4.0) if quick else (50, 10.0)
+    with fleet(3, worker_extra=lambda i: ["--fault-fail-rate", "1.0"]) as f:
+        calls = 0
+
+        async def user(i: int) -> None:
+            nonlocal calls
+            async with AsyncClient(f.url, max_retries=3, timeout=10.0) as client:
+                end = time.monotonic() + duration
+                while time.monotonic() < end:
+                    calls += 1
+                    with contextlib.suppress(APIError):
+                        await client.completions.create(model=MODEL, prompt=f"u{i}", max_tokens=4)
+                    await asyncio.sleep(0.05)
+
+        async def main() -> None:
+            await asyncio.gather(*(user(i) for i in range(clients_n)))
+
+        asyncio.run(main())
+        attempts = sum(worker_stat(f, i, "generate_calls") for i in range(len(f.workers)))
+    figures = {
+        "client_requests": calls,
+        "upstream_attempts": attempts,
+        "retry_amplification": round(attempts / max(1, calls), 3),
+    }
+    return result("retry-storm", figures["retry_amplification"] <= 1.2, figures)
+
+
+def overload(quick: bool) -> dict[str, Any]:
+    """Offered load from 0.5x to 10x capacity: excess is refused at once, the rest served well."""
+    import tempfile
+
+    step = 4.0 if quick else 8.0
+    levels = [0.5, 1.0, 2.0, 5.0, 10.0]
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as cfg:
+        # As many in flight as the engines batch (2 x 16) and no queue: admitted requests
+        # start at once and the rest hear "no" in milliseconds.
+        cfg.write("[global]\nmax_in_flight = 32\nmax_queue = 0\n")
+    try:
+        with fleet(
+            2,
+            preset="llama3-70b-4xh100",
+            worker_extra=lambda i: ["--max-num-seqs", "16"],
+            gateway_args=("--admission-config", cfg.name),
+        ) as f:
+            assert f.gateway is not None
+            rss0 = _rss_mb(f.gateway.pid)
+            sat = drive(f.url, 40.0, step, max_tokens=256)
+            capacity = sum(r.ok for r in sat) / step
+            runs = {
+                lv: drive(f.url, max(1.0, lv * capacity), step, max_tokens=256) for lv in levels
+            }
+            rss1 = _rss_mb(f.gateway.pid)
+    finally:
+        os.unlink(cfg.name)
+    base_p99 = summarize(runs[0.5])["ttft_ms"]["p99"] or 1.0
+    goodput, ttft_ratio, rejects = {}, {}, []
+    for lv, recs in runs.items():
+        served = sum(r.ok for r in recs) / step
+        goodput[f"{lv}x"] = round(served / min(lv * capacity, capacity), 3)
+        ttft_ratio[f"{lv}x"] = round(summarize(recs)["ttft_ms"]["p99"] / base_p99, 2)
+        rejects += [r for r in recs if r.status in ("429", "503")]
+    reject_p50 = statistics.median([r.e2e_s * 1000 for r in rejects]) if rejects else 0.0
+    with_retry_after = all(r.retry_after for r in rejects)
+    figures = {
+        "capacity_rps": round(capacity, 1),
+        "goodput_ratio": goodput,
+        "admitted_ttft_p99_ratio": ttft_ratio,
+        "reject_p50_ms": round(reject_p50, 2),
+        "rejects": len(rejects),
+        "rejects_with_retry_after": with_retry_after,
+        "gateway_rss_mb": [round(rss0, 1), round(rss1, 1)],
+    }
+    passed = (
+        min(goodput.values()) >= 0.9
+        and max(ttft_ratio.values()) <= 2.0
+        and reject_p50 < 5.0
+        and with_retry_after
+        and rss1 - rss0 < 200
+    )
+    return result("overload", passed, figures)
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def redis_down(quick: bool) -> dict[str, Any]:
+    """Kill Redis under load: serving goes on from the last view and local buckets."""
+    from loadtest.redis_server import RedisServer
+
+    duration, rate = (9.0, 10.0) if quick else (18.0, 20.0)
+    with RedisServer() as redis, fleet(3, redis_url=redis.url) as f:
+        kill_at = duration / 3
+        records = drive(f.url, rate, duration, events=[(kill_at, redis.kill)])
+    before = [r for r in records if r.start_s < kill_at and r.ok]
+    after = [r for r in records if r.start_s >= kill_at + 0.5 and r.ok]
+    p50_before = statistics.median(r.e2e_s for r in before) * 1000 if before else 0.0
+    p50_after = statistics.median(r.e2e_s for r in after) * 1000 if after else 0.0
+    figures = {
+        "requests": len(records),
+        "lost_requests": lost(records),
+        "p50_before_ms": round(p50_before, 2),
+        "p50_redis_down_ms": round(p50_after, 2),
+        "added_p50_ms": round(p50_after - p50_before, 2),
+    }
+    return result("redis-down", lost(records) == 0 and p50_after - p50_before < 5.0, figures)
+
+
+def worker_stat(f: Fleet, i: int, name: str) -> int:
+    import grpc
+
+    from proto import inference_pb2 as pb
+    from proto import inference_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(f.worker_id(i)) as ch:
+        return int(getattr(pb_grpc.InferenceStub(ch).Stats(pb.StatsRequest(), timeout=10), name))
+
+
+SCENARIOS: dict[str, Callable[[bool], dict[str, Any]]] = {
+    "kill-worker": kill_worker,
+    "hang-worker": hang_worker,
+    "slow-worker": slow_worker,
+    "rolling-restart": rolling_restart,
+    "overload": overload,
+    "retry-storm": retry_storm,
+    "redis-down": redis_down,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("scenario", choices=[*SCENARIOS, "all"])
+    ap.add_argument("--quick", action="store_true", help="reduced durations (as in CI)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object last")
+    args = ap.parse_args(argv)
+    names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    results = []
+    for name in names:
+        t0 = time.monotonic()
+        res = SCENARIOS[name](args.quick)
+        res["elapsed_s"] = round(time.monotonic() - t0, 1)
+        results.append(res)
+        print(
+            f"{name:<18} {'PASS' if res['passed'] else 'FAIL'}  {res['figures']}",
+            file=sys.stderr if args.json else sys.stdout,
+            flush=True,
+        )
+    if args.json:
+        out = (
+            results[0]
+            if len(results) == 1
+            else {
+                "scenario": "all",
+                "passed": all(r["passed"] for r in results),
+                "figures": {r["scenario"]: r["figures"] for r in results},
+                "results": results,
+            }
+        )
+        print(json.dumps(out))
+    sys.exit(0 if all(r["passed"] for r in results) else 1)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
