@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import sys
 from dataclasses import replace
 
 import grpc
 from aiohttp import web
 
+from breakwater.logs import configure_logging
 from gateway.admission.admission import Admission
 from gateway.admission.tenants import load_settings
 from gateway.dispatch import Dispatcher, DispatchSettings
@@ -148,9 +148,5 @@ async def _serve(settings: GatewaySettings) -> int:
 
 
 def run_gateway(settings: GatewaySettings) -> int:
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging()
     return asyncio.run(_serve(settings))

@@ -12,13 +12,13 @@ import asyncio
 import contextlib
 import logging
 import signal
-import sys
 import time
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 
+from breakwater.logs import configure_logging
 from gateway.registry.base import WorkerInfo, WorkerState
 from proto import inference_pb2_grpc as pb_grpc
 from worker.engine_factory import build_engine
@@ -167,9 +167,5 @@ class Worker:
 
 
 def run_worker(settings: WorkerSettings) -> int:
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging()
     return asyncio.run(Worker(settings).run())

@@ -7,7 +7,6 @@ import logging
 import math
 import statistics
 import time
-from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -19,32 +18,12 @@ from gateway.admission.buckets import BucketSpec
 from gateway.admission.redis_buckets import RedisBuckets
 from gateway.admission.tenants import hash_key
 from proto.openai_compat import OpenAIError
+from tests.gateway._async import DEADLINE, run, wait_for
 from tests.gateway.redis_server import RedisServer
 
-DEADLINE = 20.0
-"""Generous on purpose: conditions usually hold in well under a second."""
 SECRET = b"redis-test-secret"
 NO_DEADLINE = math.inf
 PREFIX = "test:admission:"
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
-
-
-def run(coro: Coroutine[Any, Any, None]) -> None:
-    asyncio.run(coro)
-
-
-async def wait_for(cond: Callable[[], bool], what: str, timeout: float = DEADLINE) -> float:
-    start = time.monotonic()
-    while not cond():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.01)
-    return time.monotonic() - start
 
 
 def settings(burst: float, **kwargs: Any) -> AdmissionSettings:

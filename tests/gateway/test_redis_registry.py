@@ -5,39 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine, Iterator
-from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
 from gateway.registry.base import WorkerInfo, WorkerState, ready_workers
 from gateway.registry.redis_backend import RedisPublisher, RedisRegistry
+from tests.gateway._async import DEADLINE, run, wait_for
 from tests.gateway.redis_server import RedisServer
 
-DEADLINE = 20.0
-"""Generous on purpose: conditions usually hold in well under a second."""
 LOGGER = "gateway.registry.redis_backend"
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
-
-
-def run(coro: Coroutine[Any, Any, None]) -> None:
-    asyncio.run(coro)
-
-
-async def wait_for(cond: Callable[[], bool], what: str, timeout: float = DEADLINE) -> float:
-    """Poll ``cond`` until true; return the seconds it took."""
-    start = time.monotonic()
-    while not cond():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.01)
-    return time.monotonic() - start
 
 
 def worker(worker_id: str, **stats: float) -> WorkerInfo:
