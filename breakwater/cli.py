@@ -10,59 +10,6 @@ import argparse
 import sys
 
 
-def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("engine")
-    g.add_argument(
-        "--model",
-        default=None,
-        help="local Hugging Face checkpoint directory (default: the random-weight "
-        "demo model, written on first use)",
-    )
-    g.add_argument(
-        "--served-model-name",
-        default=None,
-        help="the model id clients use (default: the checkpoint path)",
-    )
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    g.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
-    g.add_argument(
-        "--kv-cache-memory",
-        default=None,
-        help="KV cache size, e.g. 512MiB or 4GiB (default: derived from the budget)",
-    )
-    g.add_argument(
-        "--memory-budget",
-        default=None,
-        help="total memory the engine may use (weights + KV + activations)",
-    )
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    g.add_argument("--max-num-seqs", type=int, default=128)
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--no-prefix-caching", action="store_true")
-
-
-def engine_config_from_args(args: argparse.Namespace):  # -> EngineConfig
-    from worker.engine.config import EngineConfig, parse_bytes
-    from worker.engine.demo_model import ensure_demo_model
-
-    model = args.model or str(ensure_demo_model("demo"))
-    return EngineConfig(
-        model=model,
-        served_model_name=args.served_model_name
-        or (None if args.model else "breakwater-demo-random"),
-        device=args.device,
-        dtype=args.dtype,
-        block_size=args.block_size,
-        kv_cache_memory=parse_bytes(args.kv_cache_memory) if args.kv_cache_memory else None,
-        memory_budget=parse_bytes(args.memory_budget) if args.memory_budget else None,
-        max_model_len=args.max_model_len,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_num_seqs=args.max_num_seqs,
-        enable_prefix_caching=not args.no_prefix_caching,
-    )
-
-
 def _cmd_generate(args: argparse.Namespace) -> int:
     from breakwater.generate_cmd import run_generate
 
@@ -71,7 +18,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_worker(args: argparse.Namespace) -> int:
     from worker.server import run_worker
-    from worker.settings import settings_from_args
+    from worker.settings import engine_config_from_args, settings_from_args
 
     return run_worker(settings_from_args(args, engine_config_from_args(args)))
 
@@ -102,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="breakwater", description="Resilient inference gateway and worker pool for LLMs."
     )
     sub = ap.add_subparsers(dest="command", required=True)
+    from worker.settings import add_engine_args, add_worker_args
 
     g = sub.add_parser("generate", help="run the engine in-process on a prompt, streaming text")
     g.add_argument("prompt", nargs="?", default="The gateway keeps the queue")
@@ -118,14 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="submit the prompt this many times at once (shows batching)",
     )
-    _add_engine_args(g)
+    add_engine_args(g)
     g.set_defaults(func=_cmd_generate)
 
     w = sub.add_parser("worker", help="serve one engine over gRPC (and optionally HTTP)")
-    from worker.settings import add_worker_args
-
     add_worker_args(w)
-    _add_engine_args(w)
+    add_engine_args(w)
     w.set_defaults(func=_cmd_worker)
 
     gw = sub.add_parser("gateway", help="the OpenAI-compatible (and gRPC) front door")

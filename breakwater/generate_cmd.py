@@ -10,9 +10,9 @@ import time
 
 
 async def _generate(args: argparse.Namespace) -> int:
-    from breakwater.cli import engine_config_from_args
     from worker.engine import AsyncEngine, GenerateRequest, InvalidRequestError, SamplingParams
     from worker.engine.errors import ConfigError
+    from worker.settings import engine_config_from_args
 
     try:
         config = engine_config_from_args(args)

@@ -10,17 +10,17 @@ from dataclasses import replace
 import grpc
 from aiohttp import web
 
-from breakwater.logs import configure_logging
 from gateway.admission.admission import Admission
 from gateway.admission.tenants import load_settings
 from gateway.dispatch import Dispatcher, DispatchSettings
 from gateway.frontend.grpc_api import GatewayInference
-from gateway.frontend.http_api import OpenAIRoutes
+from gateway.frontend.http_api import gateway_routes
 from gateway.registry.base import Registry, WorkerInfo
 from gateway.routing.policy import make_policy
 from gateway.settings import GatewaySettings
 from gateway.upstream.base import Upstream
 from proto import inference_pb2_grpc as pb_grpc
+from serving.logs import configure_logging
 
 log = logging.getLogger("breakwater.gateway")
 
@@ -82,7 +82,7 @@ class Gateway:
         dispatcher_ref.append(self.dispatcher)
         self.admission = build_admission(settings)
         self.app = web.Application()
-        OpenAIRoutes(
+        gateway_routes(
             self.dispatcher,
             settings.request_timeout_s,
             settings.max_request_timeout_s,

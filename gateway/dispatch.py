@@ -22,16 +22,17 @@ from gateway.registry.base import Registry, WorkerInfo, WorkerState, ready_worke
 from gateway.resilience.breaker import BreakerBoard, BreakerConfig
 from gateway.resilience.retry_budget import RetryBudget
 from gateway.routing.policy import RoutingPolicy
-from gateway.upstream.base import (
+from gateway.upstream.base import Upstream
+from proto import inference_pb2 as pb
+from serving.calls import (
     DEADLINE_EXCEEDED,
     INTERNAL,
     NOT_FOUND,
     RESOURCE_EXHAUSTED,
     UNAVAILABLE,
-    Upstream,
+    CallInfo,
     UpstreamError,
 )
-from proto import inference_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +54,6 @@ class DispatchSettings:
     retry_budget_ratio: float = 0.2
     retry_budget_floor: int = 10
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
-
-
-@dataclass
-class CallInfo:
-    """Filled in as a call proceeds, for headers and load-test accounting."""
-
-    attempts: int = 0
-    worker_id: str | None = None
 
 
 class Dispatcher:

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loadtest.fleet import Proc, free_port, get_json, start_gateway, start_sim_worker, wait_for
-from loadtest.loadgen import RequestRecord, Schedule, Target, run_open_loop, simple_requests
+from loadtest.loadgen import Schedule, Target, run_open_loop, simple_requests
+from loadtest.records import RequestRecord
 from loadtest.report import summarize
 
 MODEL = "sim"

@@ -35,8 +35,8 @@ from typing import Any, Protocol
 
 import aiohttp
 
-# Statuses that mean "the server refused at the door": their latency is the reject latency.
-REJECT_STATUSES = frozenset({"429", "503", "RESOURCE_EXHAUSTED", "UNAVAILABLE"})
+from loadtest.records import RequestRecord
+from loadtest.report import SLO, format_table, percentile, plot_goodput, plot_latency, summarize
 
 
 @dataclass(frozen=True)
@@ -76,51 +76,6 @@ def simple_requests(
 ) -> Callable[[int], RequestSpec]:
     """The same request every time, with a distinct prompt suffix so no two share a cache hit."""
     return lambda i: RequestSpec(prompt=f"{prompt} #{i}", max_tokens=max_tokens, extra=extra)
-
-
-@dataclass
-class RequestRecord:
-    """What one request did. Times are seconds; `*_s` offsets count from the run's start."""
-
-    index: int
-    scheduled_s: float
-    """When the schedule wanted it sent."""
-    start_s: float = 0.0
-    """When it was actually sent (start_s - scheduled_s is the generator's lateness)."""
-    user: int = -1
-    """Closed-loop user, -1 in open loop."""
-    status: str = "ok"
-    """'ok'; an HTTP status ('429'); a gRPC code name ('UNAVAILABLE'); 'stream-error' (an
-    error frame or FINISH_REASON_ERROR), 'incomplete' (stream ended without [DONE]),
-    'timeout' (our deadline), 'connection', 'client-error' (a bug here)."""
-    error_code: str | None = None
-    """The error body's code (or type), or the exception's name, when there is one."""
-    ttft_s: float | None = None
-    tpot_s: float | None = None
-    e2e_s: float | None = None
-    output_tokens: int = 0
-    chunks: int = 0
-    """Stream frames received (SSE data frames or gRPC messages)."""
-    attempts: int = 1
-    worker: str = ""
-    aborted_after_first_token: bool = False
-    retry_after_s: float | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
-
-    @property
-    def rejected(self) -> bool:
-        return self.status in REJECT_STATUSES and self.ttft_s is None
-
-    @property
-    def lateness_s(self) -> float:
-        return self.start_s - self.scheduled_s
-
-    @property
-    def end_s(self) -> float:
-        return self.start_s + (self.e2e_s or 0.0)
 
 
 # -- schedules -------------------------------------------------------------------------------
@@ -482,8 +437,6 @@ async def measure_limit(
     its schedule (p99 send lateness above `max_lateness_p99_ms`), requests fail, or answers
     pile up (e2e p99 above `max_e2e_p99_ms`: then the pair, not the schedule, is saturated).
     The last rate that passed is the generator's limit: figures below it are the server's."""
-    from loadtest.report import percentile
-
     target = Target(url=url, model="trivial", timeout_s=10.0)
     factory = simple_requests(max_tokens=chunks)
     header = {"x-trivial": json.dumps({"chunks": chunks})}
@@ -647,8 +600,6 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not (args.url or args.grpc) or not args.model:
         ap.error("--url (or --grpc) and --model are required")
-
-    from loadtest.report import SLO, format_table, plot_goodput, plot_latency, summarize
 
     slo = SLO(ttft_ms=args.ttft_slo_ms, e2e_ms=args.e2e_slo_ms)
     summaries: list[dict[str, Any]] = []

@@ -1,7 +1,7 @@
 """A worker's own OpenAI-compatible HTTP port (as `vllm serve` has), for use without a gateway.
 
-It serves the gateway's HTTP routes over a backend that calls this worker's engine
-directly, so a single worker and a gateway answer exactly alike.
+It serves the shared OpenAI routes (the gateway serves the same) over a backend that calls
+this worker's engine directly, so a single worker and a gateway answer exactly alike.
 """
 
 from __future__ import annotations
@@ -12,10 +12,16 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.dispatch import CallInfo
-from gateway.frontend.http_api import OpenAIRoutes
-from gateway.upstream.base import INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, UpstreamError
 from proto import inference_pb2 as pb
+from serving.calls import (
+    INVALID_ARGUMENT,
+    NOT_FOUND,
+    RESOURCE_EXHAUSTED,
+    UNAVAILABLE,
+    CallInfo,
+    UpstreamError,
+)
+from serving.openai_http import OpenAIRoutes
 from worker.engine.errors import EngineError, InvalidRequestError
 from worker.grpc_service import InferenceService
 from worker.grpc_service import WorkerState as State
@@ -53,7 +59,7 @@ class LocalBackend:
         if svc.state != State.SERVING:
             raise UpstreamError(UNAVAILABLE, f"worker is {svc.state.lower()}", 1000)
         if svc.queue_depth() >= svc.max_queue:
-            raise UpstreamError("RESOURCE_EXHAUSTED", "worker queue is full", svc.pushback_ms())
+            raise UpstreamError(RESOURCE_EXHAUSTED, "worker queue is full", svc.pushback_ms())
         if request.model and request.model != svc.model_name:
             raise UpstreamError(NOT_FOUND, f"the model `{request.model}` does not exist")
         engine_id = f"http-{request.request_id}#{next(self._ids)}"

@@ -18,9 +18,9 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 
-from breakwater.logs import configure_logging
-from gateway.registry.base import WorkerInfo, WorkerState
 from proto import inference_pb2_grpc as pb_grpc
+from serving.logs import configure_logging
+from serving.registry_record import WorkerInfo, WorkerState
 from worker.engine_factory import build_engine
 from worker.grpc_service import NOT_SERVING, SERVICE_NAME, SERVING, InferenceService
 from worker.grpc_service import WorkerState as State
@@ -103,7 +103,7 @@ class Worker:
 
             self.http_runner = await start_http(self.service, s.host, s.http_port)
         if s.redis_url:
-            from gateway.registry.redis_backend import RedisPublisher
+            from worker.registry_publisher import RedisPublisher
 
             self.publisher = RedisPublisher(s.redis_url, ttl=s.registry_ttl_s)
             self._hb = asyncio.create_task(self._heartbeat())

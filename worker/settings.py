@@ -7,7 +7,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 
-from worker.engine.config import EngineConfig
+from worker.engine.config import EngineConfig, parse_bytes
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -88,3 +88,56 @@ def settings_from_args(args: argparse.Namespace, engine_config: EngineConfig) ->
     if args.worker_id:
         s.worker_id = args.worker_id
     return s
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The engine's flags, shared by `breakwater worker` and `breakwater generate`."""
+    g = p.add_argument_group("engine")
+    g.add_argument(
+        "--model",
+        default=None,
+        help="local Hugging Face checkpoint directory (default: the random-weight "
+        "demo model, written on first use)",
+    )
+    g.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model id clients use (default: the checkpoint path)",
+    )
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    g.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
+    g.add_argument(
+        "--kv-cache-memory",
+        default=None,
+        help="KV cache size, e.g. 512MiB or 4GiB (default: derived from the budget)",
+    )
+    g.add_argument(
+        "--memory-budget",
+        default=None,
+        help="total memory the engine may use (weights + KV + activations)",
+    )
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument("--max-num-seqs", type=int, default=128)
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--no-prefix-caching", action="store_true")
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    from worker.engine.demo_model import ensure_demo_model  # torch: only when it runs
+
+    model = args.model or str(ensure_demo_model("demo"))
+    return EngineConfig(
+        model=model,
+        served_model_name=args.served_model_name
+        or (None if args.model else "breakwater-demo-random"),
+        device=args.device,
+        dtype=args.dtype,
+        block_size=args.block_size,
+        kv_cache_memory=parse_bytes(args.kv_cache_memory) if args.kv_cache_memory else None,
+        memory_budget=parse_bytes(args.memory_budget) if args.memory_budget else None,
+        max_model_len=args.max_model_len,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs,
+        enable_prefix_caching=not args.no_prefix_caching,
+    )

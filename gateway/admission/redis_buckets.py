@@ -27,7 +27,7 @@ from gateway.admission.tenants import (
     REDIS_PROBE_INTERVAL_S,
     REDIS_SOCKET_TIMEOUT_S,
 )
-from gateway.registry.redis_backend import make_client
+from serving.redis_client import make_client
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,10 @@ import grpc
 
 from gateway.admission.admission import Admission, Ticket, estimate_tokens
 from gateway.dispatch import Dispatcher
-from gateway.upstream.base import UpstreamError
 from proto import inference_pb2 as pb
 from proto import inference_pb2_grpc as pb_grpc
 from proto.openai_compat import OpenAIError
+from serving.calls import UpstreamError
 
 # Admission answers in HTTP terms; gRPC callers get the matching status codes.
 _GRPC_CODES = {

@@ -1,45 +1,24 @@
 """Redis registry backend: several gateway replicas share one view of a worker fleet.
 
-Layout under a prefix (default ``breakwater:``):
-
-- ``{prefix}worker:{worker_id}``: the worker's ``WorkerInfo`` JSON, written with a TTL on
-  every heartbeat. A worker that dies without withdrawing (SIGKILL, lost node) simply
-  stops refreshing it, and Redis expires it: liveness needs no clocks shared between hosts.
-- ``{prefix}workers``: a set of worker ids, so gateways can list the fleet without SCAN.
-  Ids whose key has expired are removed lazily by the gateways that notice.
-
-Redis is a dependency we must survive, not one we wait on: every client fails fast (short
-socket timeouts, no retries, an overall deadline per operation), the gateway keeps its last
-known view while Redis is down (and, for a grace period after it returns, until the fleet
-has re-heartbeated into a restarted, empty Redis), and a worker keeps serving if it cannot
-heartbeat.
+Workers heartbeat their record (see ``serving.registry_record`` for the key layout); this
+side reads it. The gateway keeps its last known view while Redis is down (and, for a grace
+period after it returns, until the fleet has re-heartbeated into a restarted, empty Redis).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-
-from gateway.registry.base import WorkerInfo
+from serving.redis_client import OP_TIMEOUT, REDIS_ERRORS, SOCKET_TIMEOUT, OutageLog, make_client
+from serving.registry_record import DEFAULT_PREFIX, DEFAULT_TTL, RegistryKeys, WorkerInfo
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PREFIX = "breakwater:"
-DEFAULT_TTL = 3.0
-"""Seconds a heartbeat stays valid: three missed 1 s heartbeats mark a worker gone."""
 DEFAULT_POLL_INTERVAL = 0.5
-SOCKET_TIMEOUT = 0.25
-"""Per connect and per reply. Redis on the same network answers in well under 1 ms."""
-OP_TIMEOUT = 1.0
-"""Upper bound on one whole operation (connect, commands, replies), whatever the socket does."""
 
 # Drop ids from the index only if their key is still absent when the script runs: a worker
 # that re-published between our MGET and this cleanup must not be unlisted. The publisher
@@ -53,116 +32,6 @@ for i = 2, #KEYS do
 end
 return removed
 """
-
-
-def make_client(url: str, socket_timeout: float = SOCKET_TIMEOUT) -> aioredis.Redis:
-    """A client that fails fast.
-
-    redis-py's own defaults (5 s timeouts; ten retries with backoff in ``Redis()``) would
-    stall a heartbeat or a refresh for tens of seconds during an outage; we would rather
-    fail now and try again on the next tick. RESP2 because redis-py 8's RESP3 default turns
-    on maintenance notifications, which cost a handshake round trip (failing on Redis < 8)
-    and skip the pool's check for connections the server closed: after a Redis restart,
-    each stale pooled connection would fail one more heartbeat or refresh.
-    """
-    return aioredis.Redis.from_url(
-        url,
-        protocol=2,
-        decode_responses=True,
-        socket_timeout=socket_timeout,
-        socket_connect_timeout=socket_timeout,
-        retry=Retry(NoBackoff(), 0),
-        health_check_interval=0,
-    )
-
-
-class _Keys:
-    def __init__(self, prefix: str) -> None:
-        self.index = f"{prefix}workers"
-        self._worker = f"{prefix}worker:"
-
-    def worker(self, worker_id: str) -> str:
-        return self._worker + worker_id
-
-
-class _OutageLog:
-    """Logs the first failure of an outage and the recovery, not every failed tick."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-        self.healthy = True
-
-    def failed(self, exc: BaseException) -> None:
-        if self.healthy:
-            self.healthy = False
-            log.warning("%s: Redis unavailable (%s: %s)", self.what, type(exc).__name__, exc)
-
-    def ok(self) -> None:
-        if not self.healthy:
-            self.healthy = True
-            log.info("%s: Redis reachable again", self.what)
-
-
-class RedisPublisher:
-    """Worker side: heartbeats this worker's ``WorkerInfo`` (with its stats) into Redis."""
-
-    def __init__(
-        self,
-        url: str,
-        *,
-        prefix: str = DEFAULT_PREFIX,
-        ttl: float = DEFAULT_TTL,
-        socket_timeout: float = SOCKET_TIMEOUT,
-        op_timeout: float = OP_TIMEOUT,
-    ) -> None:
-        self.url = url
-        self.ttl = ttl
-        self.op_timeout = op_timeout
-        self._keys = _Keys(prefix)
-        self._client = make_client(url, socket_timeout)
-        self._outage = _OutageLog("registry publisher")
-
-    @classmethod
-    def from_url(cls, url: str, **kwargs: Any) -> RedisPublisher:
-        return cls(url, **kwargs)
-
-    async def publish(self, info: WorkerInfo) -> None:
-        """Write ``info`` with a fresh TTL and index it; never raises on Redis errors.
-
-        ``updated_at`` is stamped here so that it always means "time of this heartbeat".
-        """
-        info = dataclasses.replace(info, updated_at=time.time())
-        try:
-            async with asyncio.timeout(self.op_timeout):
-                async with self._client.pipeline(transaction=True) as pipe:
-                    pipe.set(
-                        self._keys.worker(info.worker_id),
-                        info.to_json(),
-                        px=max(1, round(self.ttl * 1000)),
-                    )
-                    pipe.sadd(self._keys.index, info.worker_id)
-                    await pipe.execute()
-        except (aioredis.RedisError, OSError, TimeoutError) as exc:
-            self._outage.failed(exc)
-        else:
-            self._outage.ok()
-
-    async def withdraw(self, worker_id: str) -> None:
-        """Remove the worker now (drain or clean exit) rather than waiting for its TTL."""
-        try:
-            async with asyncio.timeout(self.op_timeout):
-                async with self._client.pipeline(transaction=True) as pipe:
-                    pipe.delete(self._keys.worker(worker_id))
-                    pipe.srem(self._keys.index, worker_id)
-                    await pipe.execute()
-        except (aioredis.RedisError, OSError, TimeoutError) as exc:
-            self._outage.failed(exc)
-        else:
-            self._outage.ok()
-
-    async def close(self) -> None:
-        with contextlib.suppress(aioredis.RedisError, OSError):
-            await self._client.aclose()
 
 
 class RedisRegistry:
@@ -189,12 +58,12 @@ class RedisRegistry:
         """After an outage, keep known workers missing from Redis this long (see refresh)."""
         self.consecutive_failures = 0
         """Failed refreshes in a row (0 when healthy); for health checks and metrics."""
-        self._keys = _Keys(prefix)
+        self._keys = RegistryKeys(prefix)
         self._client = make_client(url, socket_timeout)
         self._prune = self._client.register_script(_PRUNE_LUA)
         self._view: list[WorkerInfo] = []
         self._bad: set[str] = set()
-        self._outage = _OutageLog("registry")
+        self._outage = OutageLog("registry")
         self._grace_until = 0.0
         self._task: asyncio.Task[None] | None = None
 
@@ -227,7 +96,7 @@ class RedisRegistry:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        with contextlib.suppress(aioredis.RedisError, OSError):
+        with contextlib.suppress(*REDIS_ERRORS):
             await self._client.aclose()
 
     async def _run(self) -> None:
@@ -256,7 +125,7 @@ class RedisRegistry:
                 if gone:
                     keys = [self._keys.index, *(self._keys.worker(i) for i in gone)]
                     await self._prune(keys=keys, args=gone)
-        except (aioredis.RedisError, OSError, TimeoutError) as exc:
+        except REDIS_ERRORS as exc:
             self.consecutive_failures += 1
             self._outage.failed(exc)
             return

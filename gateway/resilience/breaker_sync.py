@@ -14,8 +14,8 @@ import logging
 import time
 import uuid
 
-from gateway.registry.redis_backend import make_client
 from gateway.resilience.breaker import OPEN, BreakerBoard
+from serving.redis_client import make_client
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,7 @@
-"""The upstream interface: one worker, whatever it speaks, seen as the Generate contract."""
+"""The upstream interface: one worker, whatever it speaks, seen as the Generate contract.
+
+It raises `serving.calls.UpstreamError` with a status code from that module.
+"""
 
 from __future__ import annotations
 
@@ -7,35 +10,6 @@ from typing import Protocol
 
 from gateway.registry.base import WorkerInfo
 from proto import inference_pb2 as pb
-
-# Status codes follow gRPC's names whatever the transport, so callers map them once.
-UNAVAILABLE = "UNAVAILABLE"
-RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
-INVALID_ARGUMENT = "INVALID_ARGUMENT"
-NOT_FOUND = "NOT_FOUND"
-DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
-INTERNAL = "INTERNAL"
-CANCELLED = "CANCELLED"
-
-
-class UpstreamError(Exception):
-    def __init__(
-        self,
-        code: str,
-        message: str,
-        retry_after_ms: int | None = None,
-        param: str | None = None,
-    ) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-        self.retry_after_ms = retry_after_ms
-        self.param = param
-
-    @property
-    def retryable(self) -> bool:
-        """Safe to try on another replica (before the first token only)."""
-        return self.code in (UNAVAILABLE, RESOURCE_EXHAUSTED, INTERNAL, DEADLINE_EXCEEDED)
 
 
 class Upstream(Protocol):

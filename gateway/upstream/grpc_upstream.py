@@ -9,9 +9,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.registry.base import WorkerInfo, WorkerState
-from gateway.upstream.base import UNAVAILABLE, UpstreamError
 from proto import inference_pb2 as pb
 from proto import inference_pb2_grpc as pb_grpc
+from serving.calls import UNAVAILABLE, UpstreamError
 
 PROBE_TIMEOUT_S = 1.0
 

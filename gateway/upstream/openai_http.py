@@ -9,7 +9,9 @@ from collections.abc import AsyncIterator
 import aiohttp
 
 from gateway.registry.base import WorkerInfo, WorkerState
-from gateway.upstream.base import (
+from proto import inference_pb2 as pb
+from proto.openai_compat import from_openai_chunk, to_openai_body
+from serving.calls import (
     DEADLINE_EXCEEDED,
     INTERNAL,
     INVALID_ARGUMENT,
@@ -18,8 +20,6 @@ from gateway.upstream.base import (
     UNAVAILABLE,
     UpstreamError,
 )
-from proto import inference_pb2 as pb
-from proto.openai_compat import from_openai_chunk, to_openai_body
 
 _STATUS = {
     400: INVALID_ARGUMENT,

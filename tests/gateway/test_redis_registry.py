@@ -10,11 +10,12 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.registry.base import WorkerInfo, WorkerState, ready_workers
-from gateway.registry.redis_backend import RedisPublisher, RedisRegistry
+from gateway.registry.redis_backend import RedisRegistry
 from tests.gateway._async import DEADLINE, run, wait_for
 from tests.gateway.redis_server import RedisServer
+from worker.registry_publisher import RedisPublisher
 
-LOGGER = "gateway.registry.redis_backend"
+LOGGER = "serving.redis_client"
 
 
 def worker(worker_id: str, **stats: float) -> WorkerInfo:

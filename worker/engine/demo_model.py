@@ -12,8 +12,12 @@ in vLLM alike.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import random
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -233,24 +237,58 @@ def _save_weights(out: Path, weights: dict[str, torch.Tensor], max_shard: int | 
 
 
 def default_demo_dir(preset: str = "demo") -> Path:
-    from os import environ
-
-    root = Path(environ.get("BREAKWATER_CACHE", Path.home() / ".cache" / "breakwater"))
+    root = Path(os.environ.get("BREAKWATER_CACHE", Path.home() / ".cache" / "breakwater"))
     return root / f"demo-random-{preset}"
 
 
-def ensure_demo_model(preset: str = "demo") -> Path:
-    """The demo checkpoint's directory, written on first use."""
-    path = default_demo_dir(preset)
-    if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
-        tmp = path.with_name(path.name + ".tmp")
-        write_demo_model(tmp, preset)
-        if path.exists():
-            import shutil
+def _complete(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
-            shutil.rmtree(path)
-        tmp.rename(path)
-    return path
+
+def ensure_demo_model(preset: str = "demo") -> Path:
+    """The demo checkpoint's directory, written on first use.
+
+    Safe when many processes (workers started together, pods sharing a cache volume) ask at
+    once: each writes into a private temporary directory beside the target and publishes it
+    with one atomic rename; a process that loses the race drops its copy and uses the
+    winner's, so a reader never sees a half-written checkpoint.
+    """
+    path = default_demo_dir(preset)
+    if _complete(path):
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        write_demo_model(tmp, preset)
+        for _ in range(5):
+            try:
+                tmp.rename(path)
+                return path
+            except OSError:  # the target exists: a winner's copy, or a broken leftover
+                if _complete(path):
+                    return path
+                _discard(path)
+        raise OSError(f"could not publish the demo model at {path}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _discard(path: Path) -> None:
+    """Move an incomplete leftover aside atomically, then delete it.
+
+    Another process may have published a complete copy between our check and the move; that
+    copy is put back rather than deleted.
+    """
+    aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+    moved = aside / "x"
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            path.rename(moved)
+        if _complete(moved):
+            with contextlib.suppress(OSError):
+                moved.rename(path)
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> None:

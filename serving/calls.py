@@ -1,0 +1,48 @@
+"""What a caller of Generate learns besides the deltas: status codes, errors, call facts.
+
+Status codes follow gRPC's names whatever the transport, so callers map them once: a
+worker's gRPC service, its HTTP port and the gateway's upstreams all raise `UpstreamError`
+with one of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+UNAVAILABLE = "UNAVAILABLE"
+RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+INVALID_ARGUMENT = "INVALID_ARGUMENT"
+NOT_FOUND = "NOT_FOUND"
+DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+INTERNAL = "INTERNAL"
+CANCELLED = "CANCELLED"
+
+
+class UpstreamError(Exception):
+    """A Generate call failed before or while streaming; `code` is one of the names above."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        retry_after_ms: int | None = None,
+        param: str | None = None,
+    ) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.retry_after_ms = retry_after_ms
+        self.param = param
+
+    @property
+    def retryable(self) -> bool:
+        """Safe to try on another replica (before the first token only)."""
+        return self.code in (UNAVAILABLE, RESOURCE_EXHAUSTED, INTERNAL, DEADLINE_EXCEEDED)
+
+
+@dataclass
+class CallInfo:
+    """Filled in as a call proceeds, for response headers and load-test accounting."""
+
+    attempts: int = 0
+    worker_id: str | None = None

@@ -1,0 +1,311 @@
+"""OpenAI-compatible HTTP API (aiohttp) over any backend that streams Generate deltas.
+
+The gateway serves it over its dispatcher, a worker's own HTTP port over its engine, so a
+single worker and a gateway answer exactly alike. Headers are held until the first delta
+arrives (the commit point), so a failure before it becomes a clean error status instead of
+a broken 200 stream. A client that leaves mid-response is normal traffic, not a server
+error: the upstream call is cancelled, the departure counted and logged in one line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from proto import inference_pb2 as pb
+from proto.openai_compat import (
+    OpenAIError,
+    ParsedRequest,
+    ResponseBuilder,
+    parse_chat,
+    parse_completion,
+    sse,
+)
+from serving.calls import (
+    DEADLINE_EXCEEDED,
+    INVALID_ARGUMENT,
+    NOT_FOUND,
+    RESOURCE_EXHAUSTED,
+    UNAVAILABLE,
+    CallInfo,
+    UpstreamError,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Backend(Protocol):
+    def models(self) -> list[str]: ...
+
+    def workers(self) -> list[dict[str, Any]]: ...
+
+    def is_ready(self, model: str | None = None) -> bool: ...
+
+    def generate(
+        self, request: pb.GenerateRequest, timeout: float | None, info: CallInfo | None = None
+    ) -> AsyncIterator[pb.GenerateResponse]: ...
+
+
+class Releasable(Protocol):
+    def release(self) -> None: ...
+
+
+class Admit(Protocol):
+    """Admission before dispatch (tenant, quotas, queue); raises OpenAIError to refuse."""
+
+    async def __call__(
+        self, request: web.Request, body: dict[str, Any], parsed: ParsedRequest, deadline: float
+    ) -> Releasable | None: ...
+
+
+def error_response(err: OpenAIError, request_id: str | None = None) -> web.Response:
+    headers = {}
+    if request_id:
+        headers["X-Request-Id"] = request_id
+    if err.retry_after_ms is not None:
+        headers["Retry-After"] = str(max(1, -(-err.retry_after_ms // 1000)))
+        headers["retry-after-ms"] = str(err.retry_after_ms)
+    return web.json_response(err.body(), status=err.status, headers=headers)
+
+
+def from_upstream(e: UpstreamError) -> OpenAIError:
+    if e.code == INVALID_ARGUMENT:
+        return OpenAIError(400, e.message, "invalid_request_error", e.param)
+    if e.code == NOT_FOUND:
+        return OpenAIError(404, e.message, "invalid_request_error", "model", "model_not_found")
+    if e.code in (RESOURCE_EXHAUSTED, UNAVAILABLE):
+        return OpenAIError(
+            503,
+            e.message,
+            "service_unavailable",
+            None,
+            "overloaded" if e.code == RESOURCE_EXHAUSTED else "unavailable",
+            e.retry_after_ms or 1000,
+        )
+    if e.code == DEADLINE_EXCEEDED:
+        return OpenAIError(504, e.message, "timeout", None, "deadline_exceeded")
+    return OpenAIError(502, e.message, "upstream_error", None, e.code.lower())
+
+
+TIMEOUT_HEADER = "X-Request-Timeout-Ms"
+"""A caller's overall deadline for the request, capped by the gateway's maximum."""
+
+
+class OpenAIRoutes:
+    def __init__(
+        self,
+        backend: Backend,
+        default_timeout_s: float = 600.0,
+        max_timeout_s: float = 3600.0,
+        admit: Admit | None = None,
+    ) -> None:
+        self.backend = backend
+        self.default_timeout_s = default_timeout_s
+        self.max_timeout_s = max_timeout_s
+        self.admit = admit
+        self.client_disconnects = 0
+        """Clients that left before their response was complete."""
+
+    def _timeout(self, request: web.Request) -> float:
+        raw = request.headers.get(TIMEOUT_HEADER)
+        if raw is None:
+            return self.default_timeout_s
+        try:
+            ms = float(raw)
+        except ValueError:
+            raise OpenAIError(400, f"{TIMEOUT_HEADER} must be a number of milliseconds") from None
+        if ms <= 0:
+            raise OpenAIError(400, f"{TIMEOUT_HEADER} must be positive")
+        return min(ms / 1000.0, self.max_timeout_s)
+
+    def add_to(self, app: web.Application) -> None:
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_get("/v1/models", self.list_models)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/admin/workers", self.list_workers)
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        models = self.backend.models()
+        not_ready = [m for m in models if not self.backend.is_ready(m)]
+        ok = bool(models) and not not_ready
+        return web.json_response(
+            {"ready": ok, "models": models, "not_ready": not_ready}, status=200 if ok else 503
+        )
+
+    async def list_workers(self, request: web.Request) -> web.Response:
+        """The pool as this gateway sees it (read-only; operator actions come later)."""
+        return web.json_response({"workers": self.backend.workers()})
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        now = int(time.time())
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [
+                    {"id": m, "object": "model", "created": now, "owned_by": "breakwater"}
+                    for m in self.backend.models()
+                ],
+            }
+        )
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, parse_completion)
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, parse_chat)
+
+    async def _handle(
+        self, request: web.Request, parse: Callable[[Any], ParsedRequest]
+    ) -> web.StreamResponse:
+        request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        ticket: Releasable | None = None
+        try:
+            try:
+                body = await request.json()
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise OpenAIError(400, "the request body is not valid JSON") from None
+            parsed: ParsedRequest = parse(body)
+            parsed.request.request_id = request_id
+            model = parsed.request.model
+            if model not in self.backend.models():
+                raise OpenAIError(
+                    404,
+                    f"The model `{model}` does not exist.",
+                    "invalid_request_error",
+                    "model",
+                    "model_not_found",
+                )
+            deadline = time.monotonic() + self._timeout(request)
+            if self.admit is not None:
+                ticket = await self.admit(request, body, parsed, deadline)
+            info = CallInfo()
+            remaining = max(0.001, deadline - time.monotonic())
+            stream = self.backend.generate(parsed.request, remaining, info)
+            try:
+                first = await anext(stream)
+            except StopAsyncIteration:
+                raise OpenAIError(502, "upstream ended without output", "upstream_error") from None
+            except UpstreamError as e:
+                raise from_upstream(e) from None
+            return await self._respond(request, parsed, stream, first, info, request_id)
+        except OpenAIError as e:
+            return error_response(e, request_id)
+        except asyncio.CancelledError:  # the client disconnected (handler cancellation)
+            self._client_left(request_id, "before the response")
+            raise
+        finally:
+            if ticket is not None:
+                ticket.release()
+
+    async def _respond(
+        self,
+        request: web.Request,
+        parsed: ParsedRequest,
+        stream: AsyncIterator[pb.GenerateResponse],
+        first: pb.GenerateResponse,
+        info: CallInfo,
+        request_id: str,
+    ) -> web.StreamResponse:
+        model = parsed.request.model
+        builder = ResponseBuilder(parsed, request_id, model)
+        headers = {
+            "X-Request-Id": request_id,
+            "x-breakwater-attempts": str(info.attempts),
+            "x-breakwater-worker": info.worker_id or "",
+        }
+        if parsed.stream:
+            return await self._stream(request, stream, first, builder, headers)
+        return await self._whole(stream, first, builder, headers)
+
+    async def _whole(
+        self,
+        stream: AsyncIterator[pb.GenerateResponse],
+        first: pb.GenerateResponse,
+        builder: ResponseBuilder,
+        headers: dict[str, str],
+    ) -> web.Response:
+        request_id = headers["X-Request-Id"]
+        try:
+            resp = first
+            while True:
+                if resp.finish_reason == pb.FINISH_REASON_ERROR:
+                    raise OpenAIError(500, resp.error or "generation failed", "server_error")
+                builder.add(resp)
+                if resp.finish_reason:
+                    break
+                resp = await anext(stream)
+        except UpstreamError as e:
+            return error_response(from_upstream(e), request_id)
+        except OpenAIError as e:
+            return error_response(e, request_id)
+        except StopAsyncIteration:
+            return error_response(
+                OpenAIError(502, "upstream ended early", "upstream_error"), request_id
+            )
+        finally:
+            await stream.aclose()
+        return web.json_response(builder.whole(), headers=headers)
+
+    async def _stream(
+        self,
+        request: web.Request,
+        stream: AsyncIterator[pb.GenerateResponse],
+        first: pb.GenerateResponse,
+        builder: ResponseBuilder,
+        headers: dict[str, str],
+    ) -> web.StreamResponse:
+        out = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers}
+        )
+        try:
+            await out.prepare(request)
+            try:
+                await self._pump(out, stream, first, builder)
+            finally:
+                await stream.aclose()  # cancels the upstream call if it is still running
+            await out.write(sse("[DONE]"))
+            await out.write_eof()
+        except ConnectionError:
+            self._client_left(headers["X-Request-Id"], "mid-stream")
+        return out
+
+    async def _pump(
+        self,
+        out: web.StreamResponse,
+        stream: AsyncIterator[pb.GenerateResponse],
+        first: pb.GenerateResponse,
+        builder: ResponseBuilder,
+    ) -> None:
+        """Write deltas as SSE events until the last; an upstream failure ends the stream."""
+        try:
+            resp = first
+            while True:
+                if resp.finish_reason == pb.FINISH_REASON_ERROR:
+                    err = OpenAIError(500, resp.error or "generation failed", "server_error")
+                    await out.write(sse(err.body()))
+                    return
+                for chunk in builder.chunks(resp):
+                    await out.write(sse(chunk))
+                if resp.finish_reason:
+                    return
+                resp = await anext(stream)
+        except UpstreamError as e:
+            await out.write(sse(from_upstream(e).body()))
+        except StopAsyncIteration:
+            await out.write(sse(OpenAIError(502, "upstream ended early", "upstream_error").body()))
+
+    def _client_left(self, request_id: str, when: str) -> None:
+        self.client_disconnects += 1
+        log.info("client went away %s (request %s)", when, request_id)

@@ -1,0 +1,76 @@
+"""The registry record: one worker as a gateway sees it, and where it lives in Redis.
+
+Workers publish it and gateways read it, so both sides share this one definition.
+
+Layout under a prefix (default ``breakwater:``):
+
+- ``{prefix}worker:{worker_id}``: the worker's ``WorkerInfo`` JSON, written with a TTL on
+  every heartbeat. A worker that dies without withdrawing (SIGKILL, lost node) simply
+  stops refreshing it, and Redis expires it: liveness needs no clocks shared between hosts.
+- ``{prefix}workers``: a set of worker ids, so gateways can list the fleet without SCAN.
+  Ids whose key has expired are removed lazily by the gateways that notice.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+UpstreamKind = Literal["grpc", "openai-http"]
+
+DEFAULT_PREFIX = "breakwater:"
+DEFAULT_TTL = 3.0
+"""Seconds a heartbeat stays valid: three missed 1 s heartbeats mark a worker gone."""
+
+
+class WorkerState(enum.StrEnum):
+    STARTING = "STARTING"
+    SERVING = "SERVING"
+    DRAINING = "DRAINING"
+    NOT_SERVING = "NOT_SERVING"
+
+
+@dataclass
+class WorkerInfo:
+    """One worker as the gateway sees it; also the JSON a worker publishes to Redis."""
+
+    worker_id: str
+    address: str
+    """host:port for gRPC workers; a base URL (http://host:port) for OpenAI HTTP servers."""
+    kind: UpstreamKind = "grpc"
+    models: list[str] = field(default_factory=list)
+    state: WorkerState = WorkerState.STARTING
+    stats: dict[str, float] = field(default_factory=dict)
+    """queue_depth, running, kv_cache_usage, prefix_cache_hit_rate, ... (worker's Stats)."""
+    updated_at: float = field(default_factory=time.time)
+    """Wall-clock time of the last heartbeat or health check."""
+
+    @property
+    def ready(self) -> bool:
+        return self.state == WorkerState.SERVING
+
+    def serves(self, model: str | None) -> bool:
+        return model is None or not self.models or model in self.models
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, data: str | bytes) -> WorkerInfo:
+        d: dict[str, Any] = json.loads(data)
+        d["state"] = WorkerState(d.get("state", "STARTING"))
+        return cls(**d)
+
+
+class RegistryKeys:
+    """The Redis key names under one prefix."""
+
+    def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
+        self.index = f"{prefix}workers"
+        self._worker = f"{prefix}worker:"
+
+    def worker(self, worker_id: str) -> str:
+        return self._worker + worker_id
