@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start a gateway and a local worker pool in one command")
     up.add_argument("--port", type=int, default=8080, help="gateway HTTP port")
     up.add_argument("--grpc-port", type=int, default=None, help="gateway gRPC port")
+    up.add_argument(
+        "--gateway-processes",
+        type=int,
+        default=None,
+        help="gateway event-loop processes (default: the number of cores)",
+    )
     up.add_argument("--workers", type=int, default=1, help="local workers to start")
     up.add_argument("--engine", choices=["torch", "sim"], default="torch")
     up.add_argument("--sim-preset", default="llama3-8b-h100")

@@ -113,6 +113,8 @@ async def _up(args: argparse.Namespace) -> int:
         gw_args = ["gateway", "--host", args.host, "--port", str(args.port)]
         if args.grpc_port is not None:
             gw_args += ["--grpc-port", str(args.grpc_port)]
+        if args.gateway_processes is not None:
+            gw_args += ["--processes", str(args.gateway_processes)]
         if args.redis_url:
             gw_args += ["--redis-url", args.redis_url]
         else:

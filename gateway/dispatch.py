@@ -1,9 +1,16 @@
 """Route a request to a worker and stream its answer, retrying elsewhere before the first token.
 
-The commit point is the first delta: until it arrives nothing has reached the client, so a
-failure can be retried on another replica (within the retry budget and the deadline, after
-a full-jitter backoff); after it, an error ends the stream. Every attempt's outcome feeds the
-replica's circuit breaker; cancellation feeds nothing.
+The commit point is the first output (a delta, or the first bytes of a relayed OpenAI
+response): until it arrives nothing has reached the client, so a failure can be retried on
+another replica (within the retry budget and the deadline, after a full-jitter backoff);
+after it, an error ends the stream. Every attempt's outcome feeds the replica's circuit
+breaker; cancellation feeds nothing.
+
+Two kinds of call share that loop. An HTTP client's OpenAI request to an OpenAI-compatible
+upstream is relayed: its body goes up as is and the upstream's bytes come back untouched
+(no JSON or protobuf work per chunk). Everything else goes through the Generate contract
+as deltas. Per-chunk costs are kept to a read and a write: the idle timeout is a deadline
+checked by the read, not a timer task per chunk.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ from gateway.resilience.breaker import BreakerBoard, BreakerConfig
 from gateway.resilience.retry_budget import RetryBudget
 from gateway.routing.policy import RoutingPolicy
 from gateway.upstream.base import Upstream
+from gateway.upstream.http_client import HTTPError, Response
+from gateway.upstream.openai_http import OpenAIHTTPUpstream, error_from
 from proto import inference_pb2 as pb
 from serving.calls import (
     DEADLINE_EXCEEDED,
@@ -54,6 +63,127 @@ class DispatchSettings:
     retry_budget_ratio: float = 0.2
     retry_budget_floor: int = 10
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
+
+
+@dataclass(slots=True)
+class RawRequest:
+    """An HTTP client's OpenAI request, forwarded as is to OpenAI-compatible upstreams."""
+
+    path: bytes
+    body: bytes
+    stream: bool
+
+
+class Call:
+    """A committed upstream call: its first output is here, the rest is read with `next`.
+
+    Items are `bytes` (a relayed OpenAI response body, in the pieces it arrived in) when
+    `raw`, else `pb.GenerateResponse` deltas. `next` returns None at the end and raises
+    UpstreamError if the upstream fails mid-stream; `close` must be called once.
+    """
+
+    __slots__ = ("_attempt", "_closed", "_deltas", "_idle", "_resp", "first", "raw", "status")
+
+    def __init__(
+        self,
+        attempt: _Attempt,
+        first: bytes | pb.GenerateResponse,
+        idle_s: float,
+        deltas: AsyncIterator[pb.GenerateResponse] | None = None,
+        resp: Response | None = None,
+    ) -> None:
+        self._attempt = attempt
+        self.first = first
+        self._idle = idle_s
+        self._deltas = deltas
+        self._resp = resp
+        self.raw = resp is not None
+        self.status = resp.status if resp is not None else 200
+        self._closed = False
+
+    @property
+    def worker_id(self) -> str:
+        return self._attempt.worker.worker_id
+
+    @property
+    def finished(self) -> bool:
+        """A relayed response has arrived whole: `next` would return None."""
+        return self._resp is not None and self._resp.drained
+
+    async def next(self) -> bytes | pb.GenerateResponse | None:
+        limit = min(self._idle, self._attempt.deadline - time.monotonic())
+        try:
+            if self._resp is not None:
+                data = await self._resp.read_some(asyncio.get_running_loop().time() + limit)
+                if not data:
+                    self._attempt.outcome = True
+                    return None
+                return data
+            assert self._deltas is not None
+            async with asyncio.timeout(max(0.0, limit)):
+                return await anext(self._deltas)
+        except StopAsyncIteration:
+            self._attempt.outcome = True
+            return None
+        except TimeoutError:
+            self._attempt.outcome = False
+            raise UpstreamError(
+                DEADLINE_EXCEEDED, f"idle time between tokens exceeded on {self.worker_id}"
+            ) from None
+        except HTTPError as e:
+            self._attempt.outcome = False
+            raise UpstreamError(UNAVAILABLE, f"{self.worker_id}: {e}") from None
+        except UpstreamError as e:
+            self._attempt.failed(e)
+            raise
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._resp is not None:
+            if self._resp.complete and self._attempt.outcome is None:
+                self._attempt.outcome = True
+            self._resp.release()
+        if self._deltas is not None:
+            await self._deltas.aclose()
+        self._attempt.end()
+
+
+class _Attempt:
+    """One try on one worker: load accounting, breaker bookkeeping, and its deadline."""
+
+    __slots__ = ("board", "deadline", "dispatcher", "outcome", "pool", "started", "worker")
+
+    def __init__(
+        self, dispatcher: Dispatcher, worker: WorkerInfo, pool: list[str], deadline: float
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.worker = worker
+        self.deadline = deadline
+        self.pool = pool
+        """The ready workers' ids when it started: the breaker's ejection limits need them."""
+        self.outcome: bool | None = None  # None: cancelled, records nothing
+        self.started = time.monotonic()
+        dispatcher.outstanding[worker.worker_id] += 1
+
+    def first_output(self) -> None:
+        self.dispatcher.breakers.observe_ttft(
+            self.worker.worker_id, time.monotonic() - self.started, self.pool
+        )
+
+    def failed(self, e: UpstreamError) -> None:
+        self.outcome = e.code not in _HEALTH_FAILURES
+        if e.code == UNAVAILABLE:
+            self.worker.state = WorkerState.NOT_SERVING  # until a probe says otherwise
+
+    def end(self) -> None:
+        d = self.dispatcher
+        wid = self.worker.worker_id
+        d.outstanding[wid] -= 1
+        d.breakers.release_probe(wid)
+        if self.outcome is not None:
+            d.breakers.record(wid, self.outcome, self.pool)
 
 
 class Dispatcher:
@@ -113,12 +243,18 @@ class Dispatcher:
         state.attempt_number = retry_number
         return float(self._wait(state))
 
-    async def generate(
+    async def open(
         self,
         request: pb.GenerateRequest,
         timeout: float | None,
         info: CallInfo | None = None,
-    ) -> AsyncIterator[pb.GenerateResponse]:
+        raw: RawRequest | None = None,
+    ) -> Call:
+        """Try workers until one produces its first output; raises UpstreamError if none does.
+
+        With `raw`, OpenAI-compatible upstreams get the client's body as is and the call's
+        items are the upstream's bytes; other upstreams (and calls without `raw`) stream deltas.
+        """
         s = self.settings
         info = info or CallInfo()
         deadline = time.monotonic() + (timeout if timeout is not None else 3600.0)
@@ -136,94 +272,132 @@ class Dispatcher:
                 if time.monotonic() + pause >= deadline:
                     break
                 await asyncio.sleep(pause)
-            worker = self._pick(model, request, tried)
-            if worker is None:
+            picked = self._pick(model, request, tried)
+            if picked is None:
                 break
+            worker, pool = picked
             tried.add(worker.worker_id)
             info.attempts += 1
             info.worker_id = worker.worker_id
             self.counters["attempts"] += 1
+            attempt = _Attempt(self, worker, pool, deadline)
             try:
-                async for resp in self._attempt(worker, request, deadline, info):
-                    yield resp
-                return
-            except _BeforeFirstToken as e:
-                last = e.error
+                return await self._start(attempt, request, raw)
+            except UpstreamError as e:
+                attempt.end()
+                last = e
                 log.info(
                     "attempt %d on %s failed before the first token: %s",
                     info.attempts,
                     worker.worker_id,
-                    e.error,
+                    e,
                 )
-                if e.error.code not in _RETRYABLE:
-                    raise e.error from None
+                if e.code not in _RETRYABLE:
+                    raise
+            except BaseException:
+                attempt.end()
+                raise
         if last is not None:
             raise last
         if model is not None and model not in self.models():
             raise UpstreamError(NOT_FOUND, f"the model `{model}` does not exist")
         raise UpstreamError(UNAVAILABLE, f"no healthy replica for model `{model}`", 1000)
 
+    async def _start(
+        self, attempt: _Attempt, request: pb.GenerateRequest, raw: RawRequest | None
+    ) -> Call:
+        """Start the call and wait for its first output (the TTFT timeout); the commit point."""
+        s = self.settings
+        worker = attempt.worker
+        up = self.upstream_for(worker)
+        ttft_limit = min(s.ttft_timeout_s, attempt.deadline - attempt.started)
+        try:
+            if raw is not None and isinstance(up, OpenAIHTTPUpstream):
+                return await self._start_relay(attempt, up, request.request_id, raw, ttft_limit)
+            stream = up.generate(request, max(0.001, attempt.deadline - attempt.started))
+            try:
+                async with asyncio.timeout(max(0.0, ttft_limit)):
+                    first = await anext(stream)
+            except BaseException:
+                await stream.aclose()
+                raise
+        except TimeoutError:
+            attempt.outcome = False
+            raise UpstreamError(
+                DEADLINE_EXCEEDED, f"time to first token exceeded on {worker.worker_id}"
+            ) from None
+        except StopAsyncIteration:
+            attempt.outcome = False
+            raise UpstreamError(INTERNAL, f"{worker.worker_id} ended without output") from None
+        except UpstreamError as e:
+            attempt.failed(e)
+            raise
+        attempt.first_output()
+        return Call(attempt, first, s.idle_timeout_s, deltas=stream)
+
+    async def _start_relay(
+        self,
+        attempt: _Attempt,
+        up: OpenAIHTTPUpstream,
+        request_id: str,
+        raw: RawRequest,
+        ttft_limit: float,
+    ) -> Call:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        # A whole (non-streamed) answer comes only when generation ends: it gets the call's
+        # deadline rather than the time-to-first-token limit.
+        limit = ttft_limit if raw.stream else attempt.deadline - attempt.started
+        first_by = now + max(0.0, limit)
+        resp = await up.relay(raw.path, raw.body, request_id, first_by)
+        try:
+            if resp.status != 200:
+                raise await error_from(resp, first_by)
+            first = await (resp.read_some(first_by) if raw.stream else resp.read(first_by))
+        except HTTPError as e:
+            resp.release()
+            raise UpstreamError(UNAVAILABLE, f"{attempt.worker.worker_id}: {e}") from None
+        except BaseException:
+            resp.release()
+            raise
+        if not first:
+            resp.release()
+            raise UpstreamError(INTERNAL, f"{attempt.worker.worker_id} ended without output")
+        attempt.first_output()
+        if not raw.stream:
+            attempt.outcome = True
+        return Call(attempt, first, self.settings.idle_timeout_s, resp=resp)
+
+    async def generate(
+        self,
+        request: pb.GenerateRequest,
+        timeout: float | None,
+        info: CallInfo | None = None,
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        """The Generate contract over `open`: deltas, retried before the first one."""
+        call = await self.open(request, timeout, info)
+        try:
+            item = call.first
+            while item is not None:
+                assert isinstance(item, pb.GenerateResponse)
+                yield item
+                item = await call.next()
+        finally:
+            await call.close()
+
     def _pick(
         self, model: str | None, request: pb.GenerateRequest, tried: set[str]
-    ) -> WorkerInfo | None:
-        candidates = [w for w in ready_workers(self.registry, model) if w.worker_id not in tried]
+    ) -> tuple[WorkerInfo, list[str]] | None:
+        """A worker not yet tried whose breaker lets a call through, and the ready pool."""
+        ready = ready_workers(self.registry, model)
+        candidates = [w for w in ready if w.worker_id not in tried]
         while candidates:
             worker = self.policy.choose(candidates, request, self.outstanding)
             if self.breakers.allow(worker.worker_id):
-                return worker
+                return worker, [w.worker_id for w in ready]
             candidates.remove(worker)
         return None
-
-    async def _attempt(
-        self, worker: WorkerInfo, request: pb.GenerateRequest, deadline: float, info: CallInfo
-    ) -> AsyncIterator[pb.GenerateResponse]:
-        s = self.settings
-        pool = [w.worker_id for w in ready_workers(self.registry, request.model or None)]
-        self.outstanding[worker.worker_id] += 1
-        started = time.monotonic()
-        stream = self.upstream_for(worker).generate(request, max(0.001, deadline - started))
-        first = True
-        outcome: bool | None = None  # None: cancelled, records nothing
-        try:
-            while True:
-                limit = s.ttft_timeout_s if first else s.idle_timeout_s
-                limit = min(limit, deadline - time.monotonic())
-                try:
-                    resp = await asyncio.wait_for(anext(stream), max(0.0, limit))
-                except StopAsyncIteration:
-                    outcome = True
-                    return
-                except TimeoutError:
-                    what = "time to first token" if first else "idle time between tokens"
-                    err = UpstreamError(DEADLINE_EXCEEDED, f"{what} exceeded on {worker.worker_id}")
-                    outcome = False
-                    if first:
-                        raise _BeforeFirstToken(err) from None
-                    raise err from None
-                except UpstreamError as e:
-                    outcome = e.code not in _HEALTH_FAILURES
-                    if e.code == UNAVAILABLE:
-                        worker.state = WorkerState.NOT_SERVING  # until a probe says otherwise
-                    if first:
-                        raise _BeforeFirstToken(e) from None
-                    raise
-                if first:
-                    first = False
-                    self.breakers.observe_ttft(worker.worker_id, time.monotonic() - started, pool)
-                yield resp
-        finally:
-            self.outstanding[worker.worker_id] -= 1
-            self.breakers.release_probe(worker.worker_id)
-            if outcome is not None:
-                self.breakers.record(worker.worker_id, outcome, pool)
-            await stream.aclose()
 
     async def close(self) -> None:
         for up in self._upstreams.values():
             await up.close()
-
-
-class _BeforeFirstToken(Exception):
-    def __init__(self, error: UpstreamError) -> None:
-        super().__init__(str(error))
-        self.error = error

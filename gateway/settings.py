@@ -32,6 +32,10 @@ class GatewaySettings:
     """TOML (or JSON) file with tenants, API key digests and quotas."""
     max_in_flight: int | None = None
     max_queue: int | None = None
+    processes: int = field(default_factory=lambda: os.cpu_count() or 1)
+    """Event-loop processes serving one port (SO_REUSEPORT); limits are split among them."""
+    process_index: int = 0
+    """0 for the first process (which starts the others), 1.. for the others."""
 
 
 def add_gateway_args(p: argparse.ArgumentParser) -> None:
@@ -101,6 +105,14 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
         help="requests allowed to wait for a slot; beyond it, 503 at once",
     )
 
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=int(_env("PROCESSES", "0") or 0) or None,
+        help="event-loop processes on one port (default: the number of cores)",
+    )
+    p.add_argument("--process-index", type=int, default=0, help=argparse.SUPPRESS)
+
 
 def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
     return GatewaySettings(
@@ -120,4 +132,6 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         admission_config=args.admission_config,
         max_in_flight=args.max_in_flight,
         max_queue=args.max_queue,
+        processes=max(1, args.processes or os.cpu_count() or 1),
+        process_index=args.process_index,
     )

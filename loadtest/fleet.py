@@ -137,8 +137,11 @@ def start_sim_worker(
     )
 
 
-def start_gateway(*extra: str, timeout: float = 60.0) -> Proc:
-    return Proc(["gateway", "--port", "0", *extra], "BREAKWATER_GATEWAY_READY", timeout)
+def start_gateway(*extra: str, timeout: float = 60.0, processes: int = 1) -> Proc:
+    """One event-loop process unless asked: a scenario's figures (ejections seen, limits
+    hit) then belong to one gateway view, not to siblings that each learn on their own."""
+    args = ["gateway", "--port", "0", "--processes", str(processes), *extra]
+    return Proc(args, "BREAKWATER_GATEWAY_READY", timeout)
 
 
 def get_json(url: str, timeout: float = 10.0) -> Any:

@@ -7,11 +7,12 @@ Imports only protobuf stubs: safe for the gateway, which never imports torch.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from proto import inference_pb2 as pb
 
@@ -393,8 +394,8 @@ class ResponseBuilder:
 
 
 def sse(payload: dict[str, Any] | str) -> bytes:
-    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
-    return f"data: {data}\n\n".encode()
+    data = payload.encode() if isinstance(payload, str) else orjson.dumps(payload)
+    return b"data: " + data + b"\n\n"
 
 
 # -- the reverse direction, for fronting OpenAI-compatible servers --------------------------

@@ -10,13 +10,13 @@ error: the upstream call is cancelled, the departure counted and logged in one l
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
+import orjson
 from aiohttp import web
 
 from proto import inference_pb2 as pb
@@ -65,6 +65,22 @@ class Admit(Protocol):
     ) -> Releasable | None: ...
 
 
+def json_response(
+    data: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(data), status=status, headers=headers, content_type="application/json"
+    )
+
+
+def call_headers(request_id: str, info: CallInfo) -> dict[str, str]:
+    return {
+        "X-Request-Id": request_id,
+        "x-breakwater-attempts": str(info.attempts),
+        "x-breakwater-worker": info.worker_id or "",
+    }
+
+
 def error_response(err: OpenAIError, request_id: str | None = None) -> web.Response:
     headers = {}
     if request_id:
@@ -72,7 +88,7 @@ def error_response(err: OpenAIError, request_id: str | None = None) -> web.Respo
     if err.retry_after_ms is not None:
         headers["Retry-After"] = str(max(1, -(-err.retry_after_ms // 1000)))
         headers["retry-after-ms"] = str(err.retry_after_ms)
-    return web.json_response(err.body(), status=err.status, headers=headers)
+    return json_response(err.body(), err.status, headers)
 
 
 def from_upstream(e: UpstreamError) -> OpenAIError:
@@ -134,23 +150,23 @@ class OpenAIRoutes:
         app.router.add_get("/admin/workers", self.list_workers)
 
     async def healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+        return json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
         models = self.backend.models()
         not_ready = [m for m in models if not self.backend.is_ready(m)]
         ok = bool(models) and not not_ready
-        return web.json_response(
+        return json_response(
             {"ready": ok, "models": models, "not_ready": not_ready}, status=200 if ok else 503
         )
 
     async def list_workers(self, request: web.Request) -> web.Response:
         """The pool as this gateway sees it (read-only; operator actions come later)."""
-        return web.json_response({"workers": self.backend.workers()})
+        return json_response({"workers": self.backend.workers()})
 
     async def list_models(self, request: web.Request) -> web.Response:
         now = int(time.time())
-        return web.json_response(
+        return json_response(
             {
                 "object": "list",
                 "data": [
@@ -169,12 +185,13 @@ class OpenAIRoutes:
     async def _handle(
         self, request: web.Request, parse: Callable[[Any], ParsedRequest]
     ) -> web.StreamResponse:
-        request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        request_id = request.headers.get("X-Request-Id") or os.urandom(16).hex()
         ticket: Releasable | None = None
         try:
+            raw = await request.read()
             try:
-                body = await request.json()
-            except (json.JSONDecodeError, UnicodeDecodeError):
+                body = orjson.loads(raw)
+            except orjson.JSONDecodeError:
                 raise OpenAIError(400, "the request body is not valid JSON") from None
             parsed: ParsedRequest = parse(body)
             parsed.request.request_id = request_id
@@ -190,16 +207,7 @@ class OpenAIRoutes:
             deadline = time.monotonic() + self._timeout(request)
             if self.admit is not None:
                 ticket = await self.admit(request, body, parsed, deadline)
-            info = CallInfo()
-            remaining = max(0.001, deadline - time.monotonic())
-            stream = self.backend.generate(parsed.request, remaining, info)
-            try:
-                first = await anext(stream)
-            except StopAsyncIteration:
-                raise OpenAIError(502, "upstream ended without output", "upstream_error") from None
-            except UpstreamError as e:
-                raise from_upstream(e) from None
-            return await self._respond(request, parsed, stream, first, info, request_id)
+            return await self._dispatch(request, parsed, raw, deadline)
         except OpenAIError as e:
             return error_response(e, request_id)
         except asyncio.CancelledError:  # the client disconnected (handler cancellation)
@@ -209,6 +217,21 @@ class OpenAIRoutes:
             if ticket is not None:
                 ticket.release()
 
+    async def _dispatch(
+        self, request: web.Request, parsed: ParsedRequest, raw: bytes, deadline: float
+    ) -> web.StreamResponse:
+        """Call the backend and answer; `raw` is the body as received (for relaying)."""
+        info = CallInfo()
+        remaining = max(0.001, deadline - time.monotonic())
+        stream = self.backend.generate(parsed.request, remaining, info)
+        try:
+            first = await anext(stream)
+        except StopAsyncIteration:
+            raise OpenAIError(502, "upstream ended without output", "upstream_error") from None
+        except UpstreamError as e:
+            raise from_upstream(e) from None
+        return await self._respond(request, parsed, stream, first, info)
+
     async def _respond(
         self,
         request: web.Request,
@@ -216,15 +239,11 @@ class OpenAIRoutes:
         stream: AsyncIterator[pb.GenerateResponse],
         first: pb.GenerateResponse,
         info: CallInfo,
-        request_id: str,
     ) -> web.StreamResponse:
-        model = parsed.request.model
-        builder = ResponseBuilder(parsed, request_id, model)
-        headers = {
-            "X-Request-Id": request_id,
-            "x-breakwater-attempts": str(info.attempts),
-            "x-breakwater-worker": info.worker_id or "",
-        }
+        """Answer from deltas: OpenAI JSON built here, streamed or whole."""
+        request_id = parsed.request.request_id
+        builder = ResponseBuilder(parsed, request_id, parsed.request.model)
+        headers = call_headers(request_id, info)
         if parsed.stream:
             return await self._stream(request, stream, first, builder, headers)
         return await self._whole(stream, first, builder, headers)
@@ -256,7 +275,7 @@ class OpenAIRoutes:
             )
         finally:
             await stream.aclose()
-        return web.json_response(builder.whole(), headers=headers)
+        return json_response(builder.whole(), headers=headers)
 
     async def _stream(
         self,

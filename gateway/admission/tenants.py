@@ -368,6 +368,46 @@ def _quota(data: Mapping[str, Any], base: Quota, where: str) -> Quota:
     return replace(base, **changes)
 
 
+def per_process(settings: AdmissionSettings, processes: int) -> AdmissionSettings:
+    """One of `processes` gateway processes' share of the limits, so that together they
+    admit what one process would: concurrency and queue bounds always (they are counted in
+    each process), token-bucket rates only when they are local (without Redis they are
+    per process; with it they are shared, and only the fallback used while Redis is down
+    is local)."""
+    if processes <= 1:
+        return settings
+
+    def share(n: int | None) -> int | None:
+        return None if n is None else max(1, math.ceil(n / processes))
+
+    def rates(r: Rates) -> dict[str, float | None]:
+        if settings.redis_url:
+            return {}
+        return {
+            f.name: (None if getattr(r, f.name) is None else getattr(r, f.name) / processes)
+            for f in fields(Rates)
+        }
+
+    def quota(q: Quota) -> Quota:
+        return replace(q, max_concurrent=share(q.max_concurrent), **rates(q))
+
+    g = settings.global_limits
+    return replace(
+        settings,
+        tenants=tuple(replace(t, quota=quota(t.quota)) for t in settings.tenants),
+        defaults=quota(settings.defaults),
+        global_limits=replace(
+            g,
+            max_in_flight=share(g.max_in_flight) or 1,
+            max_queue=math.ceil(g.max_queue / processes),
+            **rates(g),
+        ),
+        fallback_share=settings.fallback_share / processes
+        if settings.redis_url
+        else settings.fallback_share,
+    )
+
+
 def parse_priority(value: object, where: str = "priority") -> int:
     if isinstance(value, str) and value in PRIORITIES:
         return PRIORITIES[value]

@@ -1,15 +1,31 @@
 """The gateway's OpenAI HTTP front end: the shared OpenAI routes over the dispatcher,
-behind the gateway's admission (tenants, quotas, the bounded queue)."""
+behind the gateway's admission (tenants, quotas, the bounded queue).
+
+The request is parsed and validated as everywhere else; then, when the chosen replica is
+itself an OpenAI-compatible server, the client's body is relayed as is and the replica's
+answer passes through byte for byte (only our headers are added), so a stream costs one
+read and one write per socket read, with no JSON or protobuf work per chunk. A relayed
+stream that ends without `[DONE]`, or that breaks, ends with an error event as ours do.
+"""
 
 from __future__ import annotations
 
+import os
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
 
 from gateway.admission.admission import Admission, Ticket, estimate_tokens
-from proto.openai_compat import ParsedRequest
-from serving.openai_http import Backend, OpenAIRoutes
+from gateway.dispatch import Call, Dispatcher, RawRequest
+from proto import inference_pb2 as pb
+from proto.openai_compat import OpenAIError, ParsedRequest, sse
+from serving.calls import CallInfo, UpstreamError
+from serving.openai_http import OpenAIRoutes, call_headers, from_upstream, json_response
+
+_PATHS = {"completion": b"/v1/completions", "chat": b"/v1/chat/completions"}
+_DONE = sse("[DONE]")
 
 
 class HTTPAdmission:
@@ -39,7 +55,105 @@ class HTTPAdmission:
         )
 
 
-def gateway_routes(
-    backend: Backend, default_timeout_s: float, max_timeout_s: float, admission: Admission
-) -> OpenAIRoutes:
-    return OpenAIRoutes(backend, default_timeout_s, max_timeout_s, HTTPAdmission(admission))
+class GatewayRoutes(OpenAIRoutes):
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        default_timeout_s: float,
+        max_timeout_s: float,
+        admission: Admission,
+    ) -> None:
+        super().__init__(dispatcher, default_timeout_s, max_timeout_s, HTTPAdmission(admission))
+        self.dispatcher = dispatcher
+        self.process: dict[str, int] = {"pid": os.getpid(), "index": 0, "processes": 1}
+        """Which of the gateway's processes answers (`--processes`), for /admin/workers."""
+
+    async def list_workers(self, request: web.Request) -> web.Response:
+        """The pool as this gateway process sees it (read-only; operator actions come later)."""
+        return json_response({"workers": self.dispatcher.workers(), "process": self.process})
+
+    async def _dispatch(
+        self, request: web.Request, parsed: ParsedRequest, raw: bytes, deadline: float
+    ) -> web.StreamResponse:
+        info = CallInfo()
+        relay = RawRequest(_PATHS[parsed.kind], raw, parsed.stream)
+        try:
+            call = await self.dispatcher.open(
+                parsed.request, max(0.001, deadline - time.monotonic()), info, relay
+            )
+        except UpstreamError as e:
+            raise from_upstream(e) from None
+        if not call.raw:
+            assert isinstance(call.first, pb.GenerateResponse)
+            return await self._respond(request, parsed, _Deltas(call), call.first, info)
+        headers = call_headers(parsed.request.request_id, info)
+        if not parsed.stream:
+            await call.close()
+            assert isinstance(call.first, bytes)
+            return web.Response(body=call.first, headers=headers, content_type="application/json")
+        return await self._relay_stream(request, call, headers)
+
+    async def _relay_stream(
+        self, request: web.Request, call: Call, headers: dict[str, str]
+    ) -> web.StreamResponse:
+        out = _CoalescingStreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers}
+        )
+        try:
+            await out.prepare(request)  # headers go out with the first bytes
+            data: bytes | pb.GenerateResponse | None = call.first
+            tail = last = b""
+            try:
+                while data is not None:
+                    assert isinstance(data, bytes)
+                    tail = (tail + data)[-32:]
+                    if call.finished:  # nothing more will come: send it with the end
+                        last = data
+                        break
+                    await out.write(data)
+                    data = await call.next()
+                if b"[DONE]" not in tail:
+                    last += _ended_early(tail)
+            except UpstreamError as e:
+                last = _ended_early(tail, from_upstream(e))
+            finally:
+                await call.close()
+            await out.write_eof(last)
+        except ConnectionError:
+            self._client_left(headers["X-Request-Id"], "mid-stream")
+        return out
+
+
+class _CoalescingStreamResponse(web.StreamResponse):
+    """Holds the headers back until the first body bytes, so both leave in one send (the
+    class attribute aiohttp's own `Response` sets; one syscall fewer per stream)."""
+
+    _send_headers_immediately = False
+
+
+def _ended_early(tail: bytes, err: OpenAIError | None = None) -> bytes:
+    """An error event and [DONE] after a relayed stream that broke or ended without [DONE]."""
+    err = err or OpenAIError(502, "upstream ended early", "upstream_error")
+    sep = b"" if not tail or tail.endswith(b"\n\n") else b"\n\n"
+    return sep + sse(err.body()) + _DONE
+
+
+class _Deltas:
+    """A delta call's items after the first, as the shared routes read them; closing it
+    (which they always do) ends the call, even if it was never iterated."""
+
+    def __init__(self, call: Call) -> None:
+        self.call = call
+
+    def __aiter__(self) -> AsyncIterator[pb.GenerateResponse]:
+        return self
+
+    async def __anext__(self) -> pb.GenerateResponse:
+        item = await self.call.next()
+        if item is None:
+            raise StopAsyncIteration
+        assert isinstance(item, pb.GenerateResponse)
+        return item
+
+    async def aclose(self) -> None:
+        await self.call.close()

@@ -1,14 +1,22 @@
-"""Any OpenAI-compatible HTTP server (vLLM, SGLang, TGI, llama.cpp) as an upstream."""
+"""Any OpenAI-compatible HTTP server (vLLM, SGLang, TGI, llama.cpp) as an upstream.
+
+Two ways to call it. `relay` forwards a client's OpenAI request body as is and hands back
+the raw response, so the gateway can pass the upstream's bytes through untouched (the hot
+path for HTTP clients). `generate` speaks the Generate contract (for gRPC clients, and for
+anything that needs deltas): it asks for a stream and turns each SSE event into a delta.
+"""
 
 from __future__ import annotations
 
-import json
+import asyncio
 import time
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
-import aiohttp
+import orjson
 
 from gateway.registry.base import WorkerInfo, WorkerState
+from gateway.upstream.http_client import HTTPError, HTTPPool, Response
 from proto import inference_pb2 as pb
 from proto.openai_compat import from_openai_chunk, to_openai_body
 from serving.calls import (
@@ -24,105 +32,148 @@ from serving.calls import (
 _STATUS = {
     400: INVALID_ARGUMENT,
     404: NOT_FOUND,
+    408: DEADLINE_EXCEEDED,
+    413: INVALID_ARGUMENT,
+    422: INVALID_ARGUMENT,
     429: RESOURCE_EXHAUSTED,
     503: UNAVAILABLE,
     504: DEADLINE_EXCEEDED,
 }
+PROBE_TIMEOUT_S = 1.0
+MAX_ERROR_BODY = 64 << 10
 
 
-def _retry_after_ms(headers: aiohttp.typedefs.LooseHeaders) -> int | None:
-    h = dict(headers)  # type: ignore[arg-type]
-    if "retry-after-ms" in h:
-        return int(float(h["retry-after-ms"]))
-    if "Retry-After" in h:
-        try:
-            return int(float(h["Retry-After"]) * 1000)
-        except ValueError:
-            return None
+def retry_after_ms(headers: dict[str, str]) -> int | None:
+    """An upstream's pushback: `retry-after-ms`, else `Retry-After` in seconds."""
+    for name, scale in (("retry-after-ms", 1.0), ("retry-after", 1000.0)):
+        raw = headers.get(name)
+        if raw is not None:
+            try:
+                return max(0, int(float(raw) * scale))
+            except ValueError:
+                return None
     return None
+
+
+async def error_from(resp: Response, deadline: float | None) -> UpstreamError:
+    """A non-200 upstream answer as an UpstreamError with its message and pushback."""
+    try:
+        text = (await resp.read(deadline))[:MAX_ERROR_BODY]
+    except (HTTPError, TimeoutError):
+        text = b""
+    finally:
+        resp.release()
+    try:
+        message = str(orjson.loads(text)["error"]["message"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        message = text[:500].decode("utf-8", "replace") or f"HTTP {resp.status}"
+    return UpstreamError(_STATUS.get(resp.status, INTERNAL), message, retry_after_ms(resp.headers))
 
 
 class OpenAIHTTPUpstream:
     def __init__(self, worker_id: str, base_url: str) -> None:
         self.worker_id = worker_id
         self.base_url = base_url.rstrip("/")
-        # No total timeout: aiohttp's default (5 min) would cut long streams; the gateway
-        # passes each call's own deadline instead.
-        self._session: aiohttp.ClientSession | None = None
+        url = urlsplit(self.base_url)
+        if url.scheme != "http" or not url.hostname:
+            raise ValueError(f"an OpenAI upstream must be http://host:port, got {base_url!r}")
+        self._prefix = url.path.encode()
+        self.pool = HTTPPool(url.hostname, url.port or 80)
 
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=2.0)
-            )
-        return self._session
+    async def relay(
+        self, path: bytes, body: bytes, request_id: str, deadline: float | None
+    ) -> Response:
+        """POST `body` to `path`; returns the response with status and headers read.
 
-    async def generate(
-        self, request: pb.GenerateRequest, timeout: float | None
-    ) -> AsyncIterator[pb.GenerateResponse]:
-        path, body = to_openai_body(request)
-        headers = {"X-Request-Id": request.request_id} if request.request_id else {}
+        Raises UpstreamError for a failed connection or a deadline passed before headers.
+        """
+        headers = b"Content-Type: application/json\r\nX-Request-Id: %s\r\n" % request_id.encode()
         try:
-            async with self.session().post(
-                self.base_url + path,
-                json=body,
-                headers=headers,
-                timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=2.0),
-            ) as resp:
-                if resp.status != 200:
-                    text = await resp.text()
-                    try:
-                        message = json.loads(text)["error"]["message"]
-                    except (ValueError, KeyError, TypeError):
-                        message = text[:500]
-                    raise UpstreamError(
-                        _STATUS.get(resp.status, INTERNAL), message, _retry_after_ms(resp.headers)
-                    )
-                # OpenAI sends usage in its own chunk after the finishing one; hold the
-                # finishing delta back so the last delta carries both, as our workers do.
-                final: pb.GenerateResponse | None = None
-                async for raw in resp.content:
-                    line = raw.decode().strip()
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
-                    chunk = json.loads(data)
-                    if "error" in chunk:
-                        err = chunk["error"]
-                        raise UpstreamError(INTERNAL, str(err.get("message", err)))
-                    delta = from_openai_chunk(chunk, request.request_id)
-                    if final is not None:
-                        if delta.HasField("usage"):
-                            final.usage.CopyFrom(delta.usage)
-                        continue
-                    if delta.finish_reason:
-                        final = delta
-                    elif delta.text or delta.token_ids:
-                        yield delta
-                if final is not None:
-                    yield final
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
+            return await self.pool.request(b"POST", self._prefix + path, body, headers, deadline)
+        except HTTPError as e:
             raise UpstreamError(UNAVAILABLE, f"{self.base_url}: {e}") from None
         except TimeoutError:
             raise UpstreamError(DEADLINE_EXCEEDED, "upstream deadline exceeded") from None
 
-    async def probe(self, info: WorkerInfo) -> WorkerInfo:
+    async def generate(
+        self, request: pb.GenerateRequest, timeout: float | None
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        path, body = to_openai_body(request)
+        resp = await self.relay(path.encode(), orjson.dumps(body), request.request_id, deadline)
+        if resp.status != 200:
+            raise await error_from(resp, deadline)
         try:
-            async with self.session().get(
-                self.base_url + "/v1/models", timeout=aiohttp.ClientTimeout(total=1.0)
-            ) as resp:
-                ok = resp.status == 200
-                data = await resp.json() if ok else {}
-        except (aiohttp.ClientError, TimeoutError, ValueError):
-            ok, data = False, {}
+            async for delta in _deltas(resp, request.request_id, deadline):
+                yield delta
+        except HTTPError as e:
+            raise UpstreamError(UNAVAILABLE, f"{self.base_url}: {e}") from None
+        except TimeoutError:
+            raise UpstreamError(DEADLINE_EXCEEDED, "upstream deadline exceeded") from None
+        except (orjson.JSONDecodeError, TypeError, AttributeError) as e:
+            raise UpstreamError(INTERNAL, f"{self.base_url}: malformed stream event: {e}") from None
+        finally:
+            resp.release()
+
+    async def probe(self, info: WorkerInfo) -> WorkerInfo:
+        deadline = asyncio.get_running_loop().time() + PROBE_TIMEOUT_S
+        data: dict = {}
+        try:
+            resp = await self.pool.request(b"GET", self._prefix + b"/v1/models", b"", b"", deadline)
+            try:
+                raw = await resp.read(deadline)
+            finally:
+                resp.release()
+            ok = resp.status == 200
+            if ok:
+                data = orjson.loads(raw)
+        except (HTTPError, TimeoutError, orjson.JSONDecodeError):
+            ok = False
         info.state = WorkerState.SERVING if ok else WorkerState.NOT_SERVING
-        if ok:
+        if ok and isinstance(data, dict):
             info.models = [m["id"] for m in data.get("data", []) if "id" in m]
         info.updated_at = time.time()
         return info
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self.pool.close()
+
+
+async def _deltas(
+    resp: Response, request_id: str, deadline: float | None
+) -> AsyncIterator[pb.GenerateResponse]:
+    """SSE events of an OpenAI stream as deltas.
+
+    OpenAI sends usage in its own chunk after the finishing one; the finishing delta is held
+    back so the last delta carries both, as our workers' do.
+    """
+    final: pb.GenerateResponse | None = None
+    tail = b""
+    while data := await resp.read_some(deadline):
+        events = (tail + data).split(b"\n\n")
+        tail = events.pop()
+        for event in events:
+            for line in event.split(b"\n"):
+                if not line.startswith(b"data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == b"[DONE]":
+                    if final is not None:
+                        yield final
+                    return
+                chunk = orjson.loads(payload)
+                if "error" in chunk:
+                    err = chunk["error"]
+                    msg = err.get("message", err) if isinstance(err, dict) else err
+                    raise UpstreamError(INTERNAL, str(msg))
+                delta = from_openai_chunk(chunk, request_id)
+                if final is not None:
+                    if delta.HasField("usage"):
+                        final.usage.CopyFrom(delta.usage)
+                    continue
+                if delta.finish_reason:
+                    final = delta
+                elif delta.text or delta.token_ids:
+                    yield delta
+    if final is not None:
+        yield final

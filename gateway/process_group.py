@@ -1,0 +1,124 @@
+"""`breakwater gateway --processes N`: N event-loop processes serving one port.
+
+Python runs one event loop per core at best, so a gateway that must use every core runs
+several processes. The first binds the ports (resolving port 0) with SO_REUSEPORT, then
+starts the others on the same ports; the kernel spreads new connections across them. Each
+process is a whole gateway: its own registry view, breakers and admission. Admission limits
+are split among the processes (see `per_process`); with Redis, buckets and ejections are
+shared as between any gateway replicas. The first process restarts a sibling that dies,
+stops them all on SIGTERM, and they die with it (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+
+from gateway.settings import GatewaySettings
+
+log = logging.getLogger("breakwater.gateway")
+
+SETTINGS_ENV = "BREAKWATER_GATEWAY_SETTINGS_JSON"
+PARENT_ENV = "BREAKWATER_GATEWAY_PARENT_PID"
+READY_LINE = "BREAKWATER_GATEWAY_READY"
+RESTART_DELAY_S = 1.0
+
+
+class Siblings:
+    """Processes 1..N-1, started and supervised by process 0."""
+
+    def __init__(self, settings: GatewaySettings, http_port: int, grpc_port: int | None) -> None:
+        self.settings = settings
+        self.http_port = http_port
+        self.grpc_port = grpc_port
+        self.procs: dict[int, asyncio.subprocess.Process] = {}
+        self._stopping = False
+        self._watchers: list[asyncio.Task[None]] = []
+
+    def _env(self, index: int) -> dict[str, str]:
+        s = dataclasses.replace(
+            self.settings, port=self.http_port, grpc_port=self.grpc_port, process_index=index
+        )
+        return {
+            **os.environ,
+            SETTINGS_ENV: json.dumps(dataclasses.asdict(s)),
+            PARENT_ENV: str(os.getpid()),
+        }
+
+    async def _spawn(self, index: int, timeout: float = 60.0) -> None:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gateway.app",
+            env=self._env(index),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        self.procs[index] = proc
+        assert proc.stdout is not None
+        try:
+            async with asyncio.timeout(timeout):
+                while line := await proc.stdout.readline():
+                    if line.startswith(READY_LINE.encode()):
+                        break
+                else:
+                    raise RuntimeError(f"gateway process {index} exited during start-up")
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            raise
+        self._watchers.append(asyncio.create_task(self._watch(index, proc)))
+
+    async def _watch(self, index: int, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        while await proc.stdout.readline():  # keep the pipe drained
+            pass
+        code = await proc.wait()
+        if self._stopping:
+            return
+        log.warning("gateway process %d exited with %s; restarting it", index, code)
+        await asyncio.sleep(RESTART_DELAY_S)
+        if not self._stopping:
+            try:
+                await self._spawn(index)
+            except Exception as e:
+                log.error("gateway process %d did not restart: %s", index, e)
+
+    async def start(self) -> None:
+        await asyncio.gather(*(self._spawn(i) for i in range(1, self.settings.processes)))
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for proc in self.procs.values():
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                await asyncio.wait_for(proc.wait(), 10.0)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        for w in self._watchers:
+            w.cancel()
+
+
+def die_with_parent() -> bool:
+    """Linux: SIGTERM when process 0 goes, however it goes. False if it is already gone."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    return os.getppid() == int(os.environ.pop(PARENT_ENV, "0") or 0)
+
+
+def sibling_settings() -> GatewaySettings:
+    """A sibling's settings, as process 0 passed them."""
+    return GatewaySettings(**json.loads(os.environ.pop(SETTINGS_ENV)))

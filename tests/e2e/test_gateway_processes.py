@@ -1,0 +1,82 @@
+"""`breakwater gateway --processes N`: siblings share one port, are restarted, and stop together."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from tests.procs import Proc, start_gateway, start_sim_worker, wait_for
+
+
+@pytest.fixture(scope="module")
+def worker() -> Iterator[Proc]:
+    w = start_sim_worker()
+    yield w
+    w.stop()
+
+
+def _admin(url: str) -> dict:
+    # A new connection each time, so the kernel may hand it to either process.
+    req = urllib.request.Request(url + "/admin/workers", headers={"Connection": "close"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def _complete(url: str) -> dict:
+    body = json.dumps({"model": "sim", "prompt": "hi", "max_tokens": 4}).encode()
+    req = urllib.request.Request(
+        url + "/v1/completions", body, {"Content-Type": "application/json", "Connection": "close"}
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def _children(pid: int) -> set[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return {int(p) for p in f.read().split()}
+    except FileNotFoundError:
+        return set()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def test_two_processes_serve_one_port(worker: Proc) -> None:
+    gw = start_gateway("--worker", worker.ready["grpc"], processes=2)
+    try:
+        assert gw.ready["processes"] == "2"
+        url = gw.ready["http"]
+
+        def pids() -> set[int]:
+            return {_admin(url)["process"]["pid"] for _ in range(20)}
+
+        seen = wait_for(lambda: s if len(s := pids()) == 2 else None, timeout=60)
+        assert gw.pid in seen
+        # Every process serves requests (admission split between them, both route).
+        for _ in range(10):
+            assert _complete(url)["choices"][0]["finish_reason"] == "length"
+        (sibling,) = _children(gw.pid)
+        assert _admin(url)["process"]["processes"] == 2
+
+        # A sibling that dies is replaced on the same port.
+        os.kill(sibling, signal.SIGKILL)
+        replaced = wait_for(lambda: (_children(gw.pid) - {sibling}) or None, timeout=60)
+        (new_sibling,) = replaced
+        wait_for(lambda: new_sibling in pids(), timeout=60)
+    finally:
+        children = _children(gw.pid)
+        assert gw.stop() == 0
+    # Stopping the first process stops them all.
+    wait_for(lambda: not any(_alive(p) for p in children), timeout=30)
