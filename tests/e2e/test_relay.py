@@ -1,0 +1,206 @@
+"""The gateway relaying OpenAI upstreams byte for byte, against upstreams that misbehave.
+
+A small raw HTTP server in this process plays the upstream; what it does depends on the
+prompt, so one gateway process (real, on 127.0.0.1) meets every case.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from tests.procs import Proc, start_gateway, wait_for
+
+EVENT = b'data: {"id":"x","object":"text_completion","choices":[{"index":0,"text":"tok"}]}\n\n'
+WHOLE = b'{"id":"x","object":"text_completion","choices":[{"index":0,"text":"whole"}]}'
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+class Upstream:
+    """An OpenAI-ish HTTP/1.1 server on its own loop and thread; `busy` answers 429 always."""
+
+    def __init__(self, busy: bool = False) -> None:
+        self.busy = busy
+        self.requests = 0
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        self.port = 0
+
+        async def start() -> None:
+            server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+            self.port = server.sockets[0].getsockname()[1]
+            ready.set()
+
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        asyncio.run_coroutine_threadsafe(start(), self.loop)
+        assert ready.wait(10)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await r.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                body = await r.readexactly(length)
+                self.requests += 1
+                if head.startswith(b"GET /v1/models"):
+                    data = b'{"object":"list","data":[{"id":"m","object":"model"}]}'
+                    w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+                    await w.drain()
+                    continue
+                if not await self._answer(json.loads(body), w):
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            w.close()
+
+    async def _answer(self, req: dict, w: asyncio.StreamWriter) -> bool:
+        """Write one answer; False closes the connection."""
+        prompt = req.get("prompt", "")
+        if self.busy:
+            data = b'{"error":{"message":"busy","type":"overloaded"}}'
+            w.write(
+                b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 2\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(data), data)
+            )
+        elif prompt == "garbage":
+            w.write(b"this is not HTTP\r\n\r\n")
+            return False
+        elif not req.get("stream"):
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(WHOLE), WHOLE))
+            if prompt == "close-after":  # closes its keep-alive connection while idle
+                await w.drain()
+                return False
+        else:
+            w.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n" + _chunk(EVENT) + _chunk(EVENT)
+            )
+            if prompt == "cut":  # dies mid-stream
+                await w.drain()
+                return False
+            if prompt != "no-done":
+                w.write(_chunk(b"data: [DONE]\n\n"))
+            w.write(b"0\r\n\r\n")
+        await w.drain()
+        return True
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[Upstream]:
+    u = Upstream()
+    yield u
+    u.close()
+
+
+@pytest.fixture(scope="module")
+def gateway(upstream: Upstream) -> Iterator[Proc]:
+    g = start_gateway("--worker", upstream.url, "--ttft-timeout", "5")
+    yield g
+    g.stop()
+
+
+def _post(gateway: Proc, body: dict) -> tuple[int, dict[str, str], bytes]:
+    req = urllib.request.Request(
+        gateway.ready["http"] + "/v1/completions",
+        json.dumps({"model": "m", "max_tokens": 4, **body}).encode(),
+        {"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def test_stream_passes_through_untouched(gateway: Proc) -> None:
+    status, headers, body = _post(gateway, {"prompt": "ok", "stream": True})
+    assert status == 200
+    assert body == EVENT + EVENT + b"data: [DONE]\n\n"
+    assert headers["x-breakwater-attempts"] == "1"
+
+
+def test_whole_answer_passes_through(gateway: Proc) -> None:
+    for _ in range(3):  # over a kept-alive connection, then again
+        status, headers, body = _post(gateway, {"prompt": "ok"})
+        assert (status, body) == (200, WHOLE)
+        assert headers["Content-Type"].startswith("application/json")
+
+
+def test_an_upstream_closing_idle_connections_costs_no_error(
+    gateway: Proc, upstream: Upstream
+) -> None:
+    for _ in range(4):
+        status, _, body = _post(gateway, {"prompt": "close-after"})
+        assert (status, body) == (200, WHOLE)
+
+
+def _events(body: bytes) -> list[str]:
+    return [e.removeprefix(b"data: ").decode() for e in body.split(b"\n\n") if e]
+
+
+def test_a_stream_cut_midway_ends_with_an_error_event(gateway: Proc) -> None:
+    status, _, body = _post(gateway, {"prompt": "cut", "stream": True})
+    assert status == 200
+    events = _events(body)
+    assert events[:2] == [EVENT[6:-2].decode()] * 2
+    assert json.loads(events[2])["error"]["type"] == "service_unavailable"
+    assert events[3] == "[DONE]"
+
+
+def test_a_stream_without_done_gets_an_error_event_and_done(gateway: Proc) -> None:
+    status, _, body = _post(gateway, {"prompt": "no-done", "stream": True})
+    assert status == 200
+    events = _events(body)
+    assert json.loads(events[2])["error"]["message"] == "upstream ended early"
+    assert events[3] == "[DONE]"
+
+
+def test_garbage_from_the_upstream_is_a_clean_error(gateway: Proc) -> None:
+    status, _, body = _post(gateway, {"prompt": "garbage"})
+    assert status in (502, 503)
+    assert "error" in json.loads(body)
+    # The replica is out until its next health probe, then the gateway carries on.
+    wait_for(lambda: _post(gateway, {"prompt": "ok"})[0] == 200, timeout=30, interval=0.2)
+
+
+def test_a_busy_replica_is_retried_elsewhere_then_pushes_back() -> None:
+    busy, fine = Upstream(busy=True), Upstream()
+    g = start_gateway("--worker", busy.url, "--worker", fine.url, "--routing", "round-robin")
+    try:
+        for _ in range(4):
+            status, headers, body = _post(g, {"prompt": "ok"})
+            assert (status, body) == (200, WHOLE)
+            assert headers["x-breakwater-worker"] == fine.url
+        assert busy.requests >= 1  # round robin sent some there first
+    finally:
+        g.stop()
+    g = start_gateway("--worker", busy.url)
+    try:
+        status, headers, body = _post(g, {"prompt": "ok"})
+        assert status == 503
+        assert headers["Retry-After"] == "2"
+        assert json.loads(body)["error"]["code"] == "overloaded"
+    finally:
+        g.stop()
+        busy.close()
+        fine.close()
