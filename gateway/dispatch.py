@@ -281,6 +281,7 @@ class Dispatcher:
             info.worker_id = worker.worker_id
             self.counters["attempts"] += 1
             attempt = _Attempt(self, worker, pool, deadline)
+            self.policy.routed(worker, request)
             try:
                 return await self._start(attempt, request, raw)
             except UpstreamError as e:

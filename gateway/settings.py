@@ -58,7 +58,9 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--routing",
         default=_env("ROUTING", "least-outstanding"),
-        choices=["round-robin", "least-outstanding"],
+        choices=["round-robin", "least-outstanding", "prefix-aware"],
+        help="how a replica is chosen; prefix-aware: the one most likely to hold the prompt's "
+        "prefix in its KV cache, among those not much busier than the least loaded",
     )
     p.add_argument(
         "--request-timeout",

@@ -1,4 +1,4 @@
-"""Routing policies behind one interface (prefix-cache-aware routing comes in its own issue)."""
+"""Routing policies behind one interface: round-robin, least-outstanding, prefix-aware."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from gateway.registry.base import WorkerInfo
+from gateway.routing.prefix_index import PrefixIndex, block_keys, prompt_bytes
 from proto import inference_pb2 as pb
 
 
@@ -20,6 +21,10 @@ class RoutingPolicy(Protocol):
         outstanding: Mapping[str, int],
     ) -> WorkerInfo:
         """Pick one of a non-empty list of ready workers."""
+        ...
+
+    def routed(self, worker: WorkerInfo, request: pb.GenerateRequest) -> None:
+        """The request was sent to `worker` (called once per attempt, after `choose`)."""
         ...
 
 
@@ -37,6 +42,9 @@ class RoundRobin:
     ) -> WorkerInfo:
         ordered = sorted(candidates, key=lambda w: w.worker_id)
         return ordered[next(self._counter) % len(ordered)]
+
+    def routed(self, worker: WorkerInfo, request: pb.GenerateRequest) -> None:
+        pass
 
 
 class LeastOutstanding:
@@ -63,8 +71,90 @@ class LeastOutstanding:
             ),
         )
 
+    def routed(self, worker: WorkerInfo, request: pb.GenerateRequest) -> None:
+        pass
 
-POLICIES = {"round-robin": RoundRobin, "least-outstanding": LeastOutstanding}
+
+def load_of(w: WorkerInfo, outstanding: Mapping[str, int]) -> float:
+    """Requests this gateway has in flight there, or the worker's own count if higher
+    (other gateways' requests show in what the worker reports)."""
+    return max(outstanding.get(w.worker_id, 0), w.stats.get("in_flight", 0.0))
+
+
+class PrefixAware:
+    """The replica most likely to hold the prompt's prefix in its KV cache, within a load bound.
+
+    Scored as llm-d's scorer weighs its signals (prefix 3, queue 2, KV usage 2), but only
+    among replicas whose load is within `rel` x the least loaded + `abs` requests: SGLang's
+    router switches to least-loaded only once the pool is already imbalanced (defaults
+    abs 64, rel 1.5), and its users report collapse onto one worker under a popular prefix
+    before that trips; bounding every decision keeps a hot prefix from piling up at all.
+    A request that matches nothing goes to the least loaded replica, which also spreads
+    new prefixes. The index is approximate (see PrefixIndex): it learns from the routing
+    decisions themselves, so it needs no cooperation from the upstream.
+    """
+
+    name = "prefix-aware"
+
+    def __init__(
+        self,
+        index: PrefixIndex | None = None,
+        rel: float = 1.5,
+        abs_: float = 4.0,
+        weights: tuple[float, float, float] = (3.0, 2.0, 2.0),
+    ) -> None:
+        self.index = index or PrefixIndex()
+        self.rel = rel
+        self.abs = abs_
+        self.weights = weights
+        self._memo: tuple[int, list[int]] = (0, [])
+        self._tiebreak = itertools.count()
+
+    def _keys(self, request: pb.GenerateRequest) -> list[int]:
+        """Block keys, computed once per request even when it is retried."""
+        if self._memo[0] != id(request):
+            self._memo = (id(request), block_keys(prompt_bytes(request)))
+        return self._memo[1]
+
+    def choose(
+        self,
+        candidates: Sequence[WorkerInfo],
+        request: pb.GenerateRequest,
+        outstanding: Mapping[str, int],
+    ) -> WorkerInfo:
+        if len(candidates) == 1:
+            return candidates[0]
+        keys = self._keys(request)
+        loads = {w.worker_id: load_of(w, outstanding) for w in candidates}
+        bound = min(loads.values()) * self.rel + self.abs
+        eligible = [w for w in candidates if loads[w.worker_id] <= bound]
+        matched = self.index.match(keys, {w.worker_id for w in eligible}) if keys else {}
+        n = max(1, len(keys))
+        top = max(1.0, max(loads.values()))
+        wp, wq, wk = self.weights
+        turn = next(self._tiebreak)
+
+        def score(w: WorkerInfo) -> tuple[float, int]:
+            s = (
+                wp * matched.get(w.worker_id, 0) / n
+                - wq * loads[w.worker_id] / top
+                - wk * w.stats.get("kv_cache_usage", 0.0)
+            )
+            return s, (hash(w.worker_id) + turn) % 997
+
+        return max(eligible, key=score)
+
+    def routed(self, worker: WorkerInfo, request: pb.GenerateRequest) -> None:
+        keys = self._keys(request)
+        if keys:
+            self.index.insert(keys, worker.worker_id)
+
+
+POLICIES: dict[str, type[RoutingPolicy]] = {
+    "round-robin": RoundRobin,
+    "least-outstanding": LeastOutstanding,
+    "prefix-aware": PrefixAware,
+}
 
 
 def make_policy(name: str) -> RoutingPolicy:

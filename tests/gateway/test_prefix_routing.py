@@ -1,0 +1,91 @@
+"""Prefix-aware routing: the index's prefix semantics and the policy's load bound."""
+
+from __future__ import annotations
+
+import collections
+
+from gateway.registry.base import WorkerInfo, WorkerState
+from gateway.routing.policy import PrefixAware, make_policy
+from gateway.routing.prefix_index import BLOCK_BYTES, PrefixIndex, block_keys, prompt_bytes
+from proto import inference_pb2 as pb
+
+SYSTEM = "You are a careful assistant who answers in French. " * 20
+
+
+def chat(*contents: str) -> pb.GenerateRequest:
+    r = pb.GenerateRequest(model="m")
+    for i, c in enumerate(contents):
+        r.chat.messages.add(role="system" if i == 0 else "user", content=c)
+    return r
+
+
+def workers(n: int) -> list[WorkerInfo]:
+    return [
+        WorkerInfo(worker_id=f"w{i}", address=f"a{i}", state=WorkerState.SERVING) for i in range(n)
+    ]
+
+
+def test_keys_chain_so_equal_keys_mean_equal_prefixes() -> None:
+    a = block_keys(b"x" * BLOCK_BYTES * 3)
+    b = block_keys(b"x" * BLOCK_BYTES * 2 + b"y" * BLOCK_BYTES)
+    c = block_keys(b"y" * BLOCK_BYTES + b"x" * BLOCK_BYTES * 2)
+    assert len(a) == 3 and a[:2] == b[:2] and a[2] != b[2]
+    assert not set(a) & set(c)  # same block content at another position is another key
+    assert block_keys(b"x" * (BLOCK_BYTES - 1)) == []  # a partial block is not cached
+
+
+def test_chat_and_token_prompts_have_canonical_bytes() -> None:
+    assert prompt_bytes(chat("ab", "c")) != prompt_bytes(chat("a", "bc"))
+    r = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2, 3]))
+    assert len(prompt_bytes(r)) == 12
+
+
+def test_match_counts_leading_blocks_per_worker() -> None:
+    index = PrefixIndex()
+    long = block_keys(b"a" * BLOCK_BYTES * 8)
+    index.insert(long[:6], "w0")
+    index.insert(long[:2], "w1")
+    assert index.match(long, {"w0", "w1", "w2"}) == {"w0": 6, "w1": 2, "w2": 0}
+    assert index.match([], {"w0"}) == {"w0": 0}
+
+
+def test_stale_entries_do_not_count_and_the_index_stays_bounded() -> None:
+    index = PrefixIndex(capacity=100, ttl_s=10.0)
+    keys = block_keys(b"a" * BLOCK_BYTES * 4)
+    index.insert(keys, "w0", now=0.0)  # long ago
+    assert index.match(keys, {"w0"}) == {"w0": 0}
+    for i in range(50):
+        index.insert(block_keys(bytes([i % 256]) * BLOCK_BYTES * 5), "w1")
+    assert len(index) <= 100
+    index.forget("w1")
+    assert all("w1" not in h for h in index._holders.values())
+
+
+def test_a_shared_prefix_returns_to_the_replica_that_holds_it() -> None:
+    policy = make_policy("prefix-aware")
+    pool = workers(4)
+    first = policy.choose(pool, chat(SYSTEM, "question one"), {})
+    policy.routed(first, chat(SYSTEM, "question one"))
+    for q in ("question two", "question three", "another"):
+        assert policy.choose(pool, chat(SYSTEM, q), {}) is first
+
+
+def test_a_hot_prefix_does_not_collapse_onto_one_replica() -> None:
+    """Everyone shares one system prompt; in-flight load keeps the spread even."""
+    policy = PrefixAware()
+    pool = workers(4)
+    outstanding: collections.Counter[str] = collections.Counter()
+    for i in range(200):
+        req = chat(SYSTEM, f"user {i} asks something different each time")
+        w = policy.choose(pool, req, outstanding)
+        policy.routed(w, req)
+        outstanding[w.worker_id] += 1  # none finish: the worst case for collapse
+    loads = sorted(outstanding.values())
+    assert loads[-1] <= loads[0] * 1.5 + 4 + 1, loads
+
+
+def test_unmatched_prompts_go_to_the_least_loaded() -> None:
+    policy = PrefixAware()
+    pool = workers(3)
+    w = policy.choose(pool, chat("something nobody has sent " * 10), {"w0": 5, "w1": 0, "w2": 3})
+    assert w.worker_id == "w1"
