@@ -1,0 +1,192 @@
+"""The router benchmark in miniature: mock backends, Breakwater's gateway, the generators.
+
+No timing is asserted (a loaded 2-core machine may be slow): only that answers are right,
+requests succeeded, the JSON has its shape, and every process and temp file is gone after.
+The pure-Python generator keeps this runnable where wrk is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loadtest import peer_bench
+from loadtest.mock_openai import JSON_TOKENS, SSE_CHUNKS, start_mock_backends, token_text
+from loadtest.peer_bench import (
+    WORKLOADS,
+    Skip,
+    fetch,
+    gateway_help,
+    measure,
+    run_python,
+    start_target,
+    tree_cpu_s,
+    verify,
+)
+
+pytestmark = pytest.mark.timeout(300)
+ROOT = Path(__file__).resolve().parents[2]
+JSON_WL, SSE_WL = WORKLOADS
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Live processes in session `sid` (the bench's own, started with a new session)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            found.append(int(entry))
+    return found
+
+
+def test_mock_answers_and_checks() -> None:
+    with start_mock_backends(1) as (backend,):
+        status, headers, body = fetch(backend.url, JSON_WL)
+        assert JSON_WL.check(status, headers, body) is None
+        assert json.loads(body)["choices"][0]["text"] == token_text(JSON_TOKENS)
+        status, headers, body = fetch(backend.url, SSE_WL)
+        assert SSE_WL.check(status, headers, body) is None
+        assert body.count(b"data: ") == SSE_CHUNKS + 3  # role chunk, tokens, finish, [DONE]
+        # a wrong answer is caught, not measured
+        assert JSON_WL.check(200, {}, body) is not None
+        assert SSE_WL.check(200, {"content-type": "text/event-stream"}, b"data: {}\n\n")
+        assert SSE_WL.check(503, {}, b"") is not None
+        pid = backend.popen.pid
+    assert not _alive(pid)
+
+
+def test_python_generator_counts_and_checks_bodies() -> None:
+    with start_mock_backends(1) as (backend,):
+        for wl in WORKLOADS:
+            r = run_python(backend.url, wl, 0.5, 4)
+            assert r.requests > 0 and r.errors == 0 and r.good == r.requests
+            assert 0 < r.p50_ms <= r.p99_ms
+        # a body without the markers is counted as bad, not good
+        wrong = type(JSON_WL)("json", JSON_WL.path, JSON_WL.body, ("no such text",))
+        r = run_python(backend.url, wrong, 0.3, 2)
+        assert r.requests > 0 and r.bad_body == r.requests and r.good == 0
+
+
+def test_breakwater_target_measured_and_stopped() -> None:
+    with start_mock_backends(3) as backends:
+        with start_target("breakwater", backends, gateway_help(), False) as running:
+            pids = list(running.pids)
+            assert verify(running.url, JSON_WL, timeout=60) is None
+            assert verify(running.url, SSE_WL, timeout=60) is None
+            assert tree_cpu_s(pids) > 0
+            m = measure(running, backends, SSE_WL, run_python, 1.0, 4, 0.0)
+            assert m["requests"] > 0 and m["errors"] == 0 and m["valid"]
+            assert m["rps"] > 0 and m["cpu_us_per_req"] is not None
+            assert sum(m["backend_requests"]) >= m["requests"]
+        backend_pids = [b.popen.pid for b in backends]
+    assert not any(_alive(p) for p in pids + backend_pids)
+
+
+def test_missing_peer_is_skipped_not_installed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(peer_bench, "PEERS_DIR", tmp_path)
+    peer = peer_bench.Peer("no-such-router", "0.0.0", lambda venv, urls, port, prom: [])
+    with pytest.raises(Skip, match="not installed"):
+        peer_bench.ensure_peer("no_such_router", peer, install=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _run_cli(tmp_path: Path, *args: str) -> dict:
+    """The CLI in its own session with TMPDIR in tmp_path: afterwards no process may be
+    left in that session and no file in that TMPDIR."""
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmpdir), "PYTHONPATH": str(ROOT)}
+    popen = subprocess.Popen(
+        [sys.executable, "-m", "loadtest.peer_bench", "--json", "--no-install", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = popen.communicate(timeout=240)
+    finally:
+        if popen.poll() is None:
+            popen.kill()
+            popen.communicate()
+        left = _session_pids(popen.pid)
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+    assert popen.returncode == 0, err[-3000:]
+    assert not left, f"processes left running: {left}"
+    assert list(tmpdir.iterdir()) == []
+    assert "rps" in err  # the human table went to stderr
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_cli_quick_json(tmp_path: Path) -> None:
+    report = _run_cli(
+        tmp_path,
+        "--quick",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.5",
+        "--connections",
+        "8",
+        "--generator",
+        "python",
+        "--targets",
+        "direct,breakwater,vllm_router",
+        "--no-peers",
+    )
+    assert set(report) >= {"targets", "ratios", "skipped", "machine", "settings"}
+    assert report["skipped"] == {"vllm_router": "--no-peers"}
+    assert set(report["targets"]) == {"direct", "breakwater"}
+    for name, target in report["targets"].items():
+        assert set(target) == {"json", "sse"}
+        for m in target.values():
+            assert m["requests"] > 0 and m["errors"] == 0 and m["valid"], (name, m)
+            assert m["rps"] > 0 and m["p50_ms"] > 0 and m["generator"] == "python"
+            assert isinstance(m["cpu_us_per_req"], float)
+    assert "added_p50_ms" in report["targets"]["breakwater"]["sse"]
+    assert "breakwater_added_p50_ms_sse" in report["ratios"]
+    assert report["machine"]["cores"] >= 1
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt: wrk)")
+def test_cli_with_wrk(tmp_path: Path) -> None:
+    report = _run_cli(
+        tmp_path,
+        "--duration",
+        "1",
+        "--warmup",
+        "0",
+        "--connections",
+        "8",
+        "--generator",
+        "wrk",
+        "--targets",
+        "direct",
+    )
+    for m in report["targets"]["direct"].values():
+        assert m["requests"] > 0 and m["errors"] == 0 and m["generator"] == "wrk"
