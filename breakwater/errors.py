@@ -130,3 +130,11 @@ def error_class(status: int) -> type[APIError]:
     if status in STATUS_ERRORS:
         return STATUS_ERRORS[status]
     return InternalServerError if status >= 500 else APIError
+
+
+def error_fields(body: Any) -> dict[str, Any]:
+    """The OpenAI error object in a JSON body (`{"error": {...}}` or `{"error": "..."}`)."""
+    err = body.get("error") if isinstance(body, dict) else None
+    if isinstance(err, dict):
+        return err
+    return {"message": err} if isinstance(err, str) else {}
