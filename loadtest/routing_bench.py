@@ -1,0 +1,740 @@
+"""Routing policies compared on a multi-turn chat workload: prefix-cache hits, TTFT, balance.
+
+    python -m loadtest.routing_bench [--quick] [--json] [--workers 4] [--duration S]
+        [--policies round-robin,least-outstanding,prefix-aware]
+
+Sim workers (real scheduler, KV block pool and prefix cache over a GPU timing model) with a
+KV cache too small for every system prompt but large enough for a share of them, so where a
+request lands decides whether its prefix is still cached. One closed-loop probe on
+round-robin measures the fleet's capacity for this workload; then each policy gets its own
+gateway and the same open-loop chat traffic at `--load` (0.7) of that capacity: turns arrive
+as a Poisson process, each taken by the user who has waited longest since their last answer
+(plus think time), or by a new user when nobody is waiting, so a user's turns stay in order.
+
+Hit rates are the workers' own: their lookup counters (Stats over gRPC, differenced around
+each run) and, per request, the cached tokens each answer's usage reports. The oracle is one
+replica with an infinite cache fed the same prompts in the same order (each run's; the
+top-level figure is their mean, they differ only in how turns interleaved). By default the
+workers are shared by all runs and each run salts its system prompts, so no run can hit
+another's blocks (stale blocks are evicted like free ones): as good as cold caches without
+restarting the workers (`--fresh-workers` restarts them anyway).
+
+Prints a table to stderr and, with --json, one JSON object last on stdout. Traffic goes to
+127.0.0.1 only; every process started here is stopped by PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import statistics
+import sys
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import aiohttp
+
+from loadtest.chat_workload import (
+    BLOCK_SIZE,
+    ChatWorkload,
+    Messages,
+    OracleResult,
+    oracle_hits,
+)
+from loadtest.fleet import Proc, get_json, start_gateway, start_sim_worker, wait_for
+from loadtest.loadgen import HttpTransport, RequestSpec, Schedule, Target, open_transport
+from loadtest.records import RequestRecord
+from loadtest.report import summarize
+
+MODEL = "sim"
+POLICIES = ("round-robin", "least-outstanding", "prefix-aware")
+HIT_COUNTER_UNIT = (
+    "tokens: each prefix-cache lookup adds the request's token count to prefix_cache_queries "
+    "and its cached whole blocks x 16 to prefix_cache_hits; hit_rate is hits / queries. A "
+    "request waiting for KV blocks, or preempted, is looked up again and counted again, so "
+    "under KV pressure this weighs waiting requests more; hit_rate_per_request (cached_tokens "
+    "of each answer's usage / its prompt_tokens, counted once per request) does not"
+)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    workers: int = 4
+    policies: tuple[str, ...] = POLICIES
+    duration_s: float = 60.0
+    """Open-loop arrivals per policy; answers still in flight are then awaited."""
+    load: float = 0.7
+    """Offered rate as a share of the measured capacity."""
+    rate: float | None = None
+    """Offered req/s; skips the capacity probe when set."""
+    probe_s: float = 20.0
+    probe_users_per_worker: int = 16
+    preset: str = "llama3-8b-h100"
+    sim_speed: float = 0.1
+    """Slows the modelled GPU so the fleet, not this machine's CPU, is the bottleneck."""
+    kv_tokens: int | None = None
+    """Per worker; None: half the tokens of all system prompts, so one worker cannot hold
+    them all but holds a quarter of them with room left for histories and running requests."""
+    max_model_len: int = 4096
+    system_prompts: int = 24
+    turns: tuple[int, int] = (3, 6)
+    max_tokens: int = 16
+    think_s: float = 1.0
+    seed: int = 0
+    timeout_s: float = 60.0
+    fresh_workers: bool = False
+
+
+QUICK = BenchConfig(duration_s=6.0, probe_s=4.0)
+
+
+# -- fleet -----------------------------------------------------------------------------------
+
+
+def start_workers(cfg: BenchConfig, kv_tokens: int) -> list[Proc]:
+    """Sim workers started in parallel (each imports torch: seconds on 2 cores)."""
+    args = [
+        "--sim-speed",
+        str(cfg.sim_speed),
+        "--sim-kv-tokens",
+        str(kv_tokens),
+        "--max-model-len",
+        str(cfg.max_model_len),
+    ]
+    procs: list[Proc | None] = [None] * cfg.workers
+    errors: list[BaseException] = []
+
+    def start(i: int) -> None:
+        try:
+            procs[i] = start_sim_worker(*args, preset=cfg.preset)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=start, args=(i,)) for i in range(cfg.workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    started = [p for p in procs if p is not None]
+    if errors or len(started) != cfg.workers:
+        stop_all(started)
+        raise RuntimeError(f"a worker failed to start: {errors[:1]}")
+    return started
+
+
+def stop_all(procs: Sequence[Proc | None]) -> None:
+    for p in procs:
+        if p is not None:
+            p.stop()
+
+
+STAT_FIELDS = (
+    "prefix_cache_hits",
+    "prefix_cache_queries",
+    "prompt_tokens_total",
+    "num_preemptions",
+    "running",
+    "queue_depth",
+    "in_flight",
+)
+
+
+def worker_stats(addr: str) -> dict[str, int]:
+    """The worker's own counters (gRPC Stats): the figures no client-side guess can give."""
+    import grpc
+
+    from proto import inference_pb2 as pb
+    from proto import inference_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(addr) as ch:
+        resp = pb_grpc.InferenceStub(ch).Stats(pb.StatsRequest(), timeout=10)
+    return {k: int(getattr(resp, k)) for k in STAT_FIELDS}
+
+
+def wait_idle(addrs: Sequence[str], timeout: float = 30.0) -> None:
+    """Until no worker runs or queues anything: a run's counters are then complete."""
+
+    def idle() -> bool:
+        for a in addrs:
+            s = worker_stats(a)
+            if s["running"] or s["queue_depth"] or s["in_flight"]:
+                return False
+        return True
+
+    with contextlib.suppress(AssertionError):
+        wait_for(idle, timeout=timeout, interval=0.1)
+
+
+def start_policy_gateway(policy: str, addrs: Sequence[str]) -> Proc:
+    """A one-process gateway with this routing policy, once it sees every worker serving.
+    Raises RuntimeError, with the gateway's own complaint, if it will not start."""
+    specs = [a for addr in addrs for a in ("--worker", addr)]
+    gw = start_gateway(*specs, "--routing", policy, "--health-interval", "0.25", processes=1)
+
+    def routable() -> bool:
+        ws = get_json(gw.ready["http"] + "/admin/workers")["workers"]
+        return set(addrs) <= {w["worker_id"] for w in ws if w.get("state") == "SERVING"}
+
+    try:
+        wait_for(routable, timeout=30)
+    except BaseException:
+        gw.stop()
+        raise
+    return gw
+
+
+def refusal(err: BaseException) -> str:
+    """The last line a gateway wrote before exiting: argparse's 'invalid choice', say."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return lines[-1] if lines else repr(err)
+
+
+# -- traffic ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Sent:
+    """One turn as sent: its messages (for the oracle) and what the load generator saw."""
+
+    user: int
+    turn: int
+    messages: Messages
+    record: RequestRecord
+    usage: dict[str, Any] | None = None
+    """The answer's usage frame: the worker's own prompt and cached token counts for it."""
+
+    @property
+    def cached_tokens(self) -> int | None:
+        details = (self.usage or {}).get("prompt_tokens_details") or {}
+        return details.get("cached_tokens")
+
+
+class _UsageTap:
+    """Stands in for the aiohttp session of one request to the loadgen's HttpTransport: the
+    stream passes through unchanged, and the usage frame (whose `cached_tokens` the transport
+    does not record) is kept. The loadgen's parsing and timing stay the only ones."""
+
+    def __init__(self, session: aiohttp.ClientSession, sent: Sent) -> None:
+        self.session, self.sent = session, sent
+
+    @contextlib.asynccontextmanager
+    async def post(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        async with self.session.post(*args, **kwargs) as resp:
+            yield _TappedResponse(resp, self.sent)
+
+
+class _TappedResponse:
+    def __init__(self, resp: aiohttp.ClientResponse, sent: Sent) -> None:
+        self._resp, self._sent = resp, sent
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._resp, name)
+
+    @property
+    def content(self) -> AsyncIterator[bytes]:
+        return self._lines()
+
+    async def _lines(self) -> AsyncIterator[bytes]:
+        async for line in self._resp.content:
+            if line.startswith(b"data:") and b'"usage"' in line:
+                with contextlib.suppress(ValueError, AttributeError):
+                    usage = json.loads(line[5:]).get("usage")
+                    if usage:
+                        self._sent.usage = usage
+            yield line
+
+
+@contextlib.asynccontextmanager
+async def chat_sender(
+    url: str, cfg: BenchConfig
+) -> AsyncIterator[Callable[[Sent, float], Coroutine[Any, Any, None]]]:
+    """`send(turn, t0)` over one connection pool: a streamed chat completion through the
+    loadgen's HTTP transport, timed by it, usage kept."""
+    target = Target(url=url, model=MODEL, chat=True, timeout_s=cfg.timeout_s)
+    async with open_transport(target) as transport:
+        assert isinstance(transport, HttpTransport)
+        session = transport.session
+
+        async def send(s: Sent, t0: float) -> None:
+            # `messages` in extra replaces the single user message the transport would build.
+            spec = RequestSpec(
+                prompt="",
+                max_tokens=cfg.max_tokens,
+                extra={"messages": s.messages, "ignore_eos": True},
+            )
+            tapped = HttpTransport(_UsageTap(session, s), target)  # type: ignore[arg-type]
+            await tapped.send(spec, s.record, t0)
+
+        yield send
+
+
+async def chat_open_loop(
+    url: str,
+    workload: ChatWorkload,
+    offsets: Sequence[float],
+    cfg: BenchConfig,
+    salt: str,
+) -> list[Sent]:
+    """One turn at each offset (open loop): the user ready longest, else a new user. A user
+    becomes ready `think` seconds after an answer, if turns remain (failed turns too: the
+    history holds the workload's reply either way)."""
+    sent: list[Sent] = []
+    ready: deque[int] = deque()
+    next_turn: dict[int, int] = {}
+    new_user = 0
+    loop = asyncio.get_running_loop()
+    timers: list[asyncio.TimerHandle] = []
+    async with chat_sender(url, cfg) as send:
+        t0 = time.monotonic()
+
+        async def one(s: Sent) -> None:
+            await send(s, t0)
+            if s.turn + 1 < workload.user(s.user).turns:
+                think = workload.think_s(s.user, s.turn, cfg.think_s)
+                timers.append(loop.call_later(think, ready.append, s.user))
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for i, at in enumerate(offsets):
+                    delay = t0 + at - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    if ready:
+                        uid = ready.popleft()
+                    else:
+                        uid, new_user = new_user, new_user + 1
+                    k = next_turn.get(uid, 0)
+                    next_turn[uid] = k + 1
+                    rec = RequestRecord(index=i, scheduled_s=at, user=uid)
+                    s = Sent(uid, k, workload.messages(uid, k, salt), rec)
+                    sent.append(s)
+                    tg.create_task(one(s))
+        finally:
+            for h in timers:
+                h.cancel()
+    return sent
+
+
+async def chat_closed_loop(
+    url: str, workload: ChatWorkload, users: int, duration_s: float, cfg: BenchConfig, salt: str
+) -> list[Sent]:
+    """`users` conversations at once, each turn sent as soon as the last answer came; a
+    finished conversation is replaced by a new user. For the capacity probe: at the end the
+    requests still in flight are cancelled (status 'cancelled'), not waited for."""
+    sent: list[Sent] = []
+    uids = iter(range(10**9))
+    async with chat_sender(url, cfg) as send:
+        t0 = time.monotonic()
+
+        async def conversations() -> None:
+            while True:
+                uid = next(uids)
+                for k in range(workload.user(uid).turns):
+                    rec = RequestRecord(index=len(sent), scheduled_s=time.monotonic() - t0)
+                    s = Sent(uid, k, workload.messages(uid, k, salt), rec)
+                    sent.append(s)
+                    await send(s, t0)
+
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(duration_s), asyncio.TaskGroup() as tg:
+                for _ in range(users):
+                    tg.create_task(conversations())
+    for s in sent:
+        if s.record.e2e_s is None:
+            s.record.status = "cancelled"
+    return sent
+
+
+def capacity_rps(sent: Sequence[Sent], duration_s: float) -> float:
+    """Completions per second after the first quarter of the window (the cold start: every
+    conversation begins at once and misses the cache)."""
+    warm = duration_s / 4
+    done = [s.record for s in sent if s.record.ok and warm <= s.record.end_s <= duration_s]
+    return len(done) / (duration_s - warm)
+
+
+# -- figures ---------------------------------------------------------------------------------
+
+
+def counter_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    keys = ("prefix_cache_hits", "prefix_cache_queries", "prompt_tokens_total", "num_preemptions")
+    return {k: after[k] - before[k] for k in keys}
+
+
+def served_vs_oracle(
+    sent: Sequence[Sent], workload: ChatWorkload, oracle: OracleResult
+) -> dict[str, Any]:
+    """Hit rate from each answer's usage (the worker's count for that request, taken once,
+    unlike its lookup counters), and where it fell short of the oracle: in the system
+    prompt, or in the user's own history."""
+    prompt = cached = missed_sys = missed_hist = 0
+    for s, best in zip(sent, oracle.per_request, strict=True):
+        if s.usage is None or s.cached_tokens is None:
+            continue
+        got = s.cached_tokens
+        prompt += int(s.usage["prompt_tokens"])
+        cached += got
+        in_sys = max(0, min(best, workload.system_span(s.messages)) - got)
+        missed_sys += in_sys
+        missed_hist += max(0, best - got) - in_sys
+    return {
+        "hit_rate_per_request": round(cached / prompt, 4) if prompt else None,
+        "missed_vs_oracle": {
+            "system_prompt": round(missed_sys / prompt, 4) if prompt else None,
+            "history": round(missed_hist / prompt, 4) if prompt else None,
+        },
+    }
+
+
+def affinity(sent: Sequence[Sent], workload: ChatWorkload) -> dict[str, Any]:
+    """Where conversations landed: the share of follow-up turns served by another worker than
+    the turn before, and how many workers served each system prompt."""
+    last: dict[int, str] = {}
+    moved = follow_ups = 0
+    by_system: dict[int, set[str]] = {}
+    for s in sorted(sent, key=lambda s: s.record.start_s):
+        w = s.record.worker
+        if not (s.record.ok and w):
+            continue
+        if s.user in last:
+            follow_ups += 1
+            moved += last[s.user] != w
+        last[s.user] = w
+        by_system.setdefault(workload.user(s.user).system, set()).add(w)
+    spread = [len(ws) for ws in by_system.values()]
+    return {
+        "follow_up_turns_moved": round(moved / follow_ups, 4) if follow_ups else None,
+        "workers_per_system_prompt": round(statistics.mean(spread), 2) if spread else None,
+    }
+
+
+def policy_figures(
+    sent: Sequence[Sent],
+    workload: ChatWorkload,
+    addrs: Sequence[str],
+    deltas: Sequence[dict[str, int]],
+    duration_s: float,
+) -> dict[str, Any]:
+    """The issue's figures first, then what explains them."""
+    records = [s.record for s in sent]
+    summ = summarize(records, duration_s=duration_s)
+    hits = sum(d["prefix_cache_hits"] for d in deltas)
+    queries = sum(d["prefix_cache_queries"] for d in deltas)
+    oracle = oracle_hits(workload.prompt_ids(s.messages) for s in sent)
+    per_worker = Counter(r.worker for r in records if r.ok)
+    counts = [per_worker.get(a, 0) for a in addrs]
+    mean = statistics.mean(counts) if counts else 0.0
+    return {
+        "hit_rate": round(hits / queries, 4) if queries else 0.0,
+        "ttft_p50_ms": summ["ttft_ms"]["p50"],
+        "ttft_p99_ms": summ["ttft_ms"]["p99"],
+        "throughput_rps": summ["throughput_rps"],
+        "load_imbalance": round(max(counts) / mean, 3) if mean else None,
+        "oracle_hit_rate": round(oracle.hit_rate, 4),
+        **served_vs_oracle(sent, workload, oracle),
+        **affinity(sent, workload),
+        "requests": summ["requests"],
+        "ok": summ["ok"],
+        "failed": summ["failed"],
+        "errors": summ["errors"],
+        "offered_rps": summ["offered_rps"],
+        "users": len({s.user for s in sent}),
+        "e2e_p50_ms": summ["e2e_ms"]["p50"],
+        "e2e_p99_ms": summ["e2e_ms"]["p99"],
+        "requests_per_worker": counts,
+        "prefix_cache_hits": hits,
+        "prefix_cache_queries": queries,
+        "prompt_tokens": sum(d["prompt_tokens_total"] for d in deltas),
+        "prompt_tokens_sent": oracle.prompt_tokens,
+        "preemptions": sum(d["num_preemptions"] for d in deltas),
+        "hit_rate_per_worker": [
+            round(d["prefix_cache_hits"] / d["prefix_cache_queries"], 4)
+            if d["prefix_cache_queries"]
+            else None
+            for d in deltas
+        ],
+    }
+
+
+def targets(policies: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The issue's targets, judged only when both prefix-aware and round-robin ran."""
+    pa, rr = policies.get("prefix_aware", {}), policies.get("round_robin", {})
+    if "hit_rate" not in pa or "hit_rate" not in rr:
+        return {"judged": False}
+    vs_oracle = pa["hit_rate"] / pa["oracle_hit_rate"] if pa["oracle_hit_rate"] else 0.0
+    speedup = (rr["ttft_p50_ms"] or 0.0) / pa["ttft_p50_ms"] if pa["ttft_p50_ms"] else 0.0
+    out = {
+        "judged": True,
+        "prefix_aware_hit_rate_vs_oracle": round(vs_oracle, 3),
+        "ttft_p50_speedup_vs_round_robin": round(speedup, 2),
+        "prefix_aware_load_imbalance": pa["load_imbalance"],
+        "prefix_aware_hit_rate_per_request_vs_oracle": round(
+            (pa["hit_rate_per_request"] or 0.0) / pa["oracle_hit_rate"], 3
+        )
+        if pa["oracle_hit_rate"]
+        else 0.0,
+        "hit_rate_ok": vs_oracle >= 0.9,
+        "ttft_ok": speedup >= 2.0,
+        "balance_ok": pa["load_imbalance"] is not None and pa["load_imbalance"] <= 1.25,
+    }
+    out["met"] = out["hit_rate_ok"] and out["ttft_ok"] and out["balance_ok"]
+    return out
+
+
+# -- the bench -------------------------------------------------------------------------------
+
+
+def log(msg: str) -> None:
+    print(f"[routing-bench] {msg}", file=sys.stderr, flush=True)
+
+
+def _key(policy: str) -> str:
+    return policy.replace("-", "_")
+
+
+class _Workers:
+    """Shared workers, or fresh ones for every run (`--fresh-workers`)."""
+
+    def __init__(self, cfg: BenchConfig, kv_tokens: int) -> None:
+        self.cfg, self.kv_tokens = cfg, kv_tokens
+        self.procs: list[Proc] = []
+        self.used = False
+        self.start_s = 0.0
+
+    def get(self) -> list[str]:
+        """Addresses for the next run."""
+        if self.cfg.fresh_workers and self.used:
+            self.close()
+        if not self.procs:
+            t = time.monotonic()
+            self.procs = start_workers(self.cfg, self.kv_tokens)
+            self.start_s += time.monotonic() - t
+            cfg = self.cfg
+            log(
+                f"{cfg.workers} sim workers up: {cfg.preset} at {cfg.sim_speed:g}x speed, "
+                f"{self.kv_tokens} KV tokens each"
+            )
+        self.used = True
+        return [p.ready["grpc"] for p in self.procs]
+
+    def close(self) -> None:
+        stop_all(self.procs)
+        self.procs = []
+        self.used = False
+
+
+def run_policy(
+    policy: str, addrs: Sequence[str], traffic: Callable[[str], list[Sent]]
+) -> tuple[list[Sent], list[dict[str, int]]] | str:
+    """Traffic through a fresh gateway with `policy`: the turns sent and each worker's
+    counter deltas, or why the gateway would not start (an unknown policy, say)."""
+    try:
+        gw = start_policy_gateway(policy, addrs)
+    except RuntimeError as e:
+        return refusal(e)
+    try:
+        before = [worker_stats(a) for a in addrs]
+        sent = traffic(gw.ready["http"])
+        wait_idle(addrs)
+        after = [worker_stats(a) for a in addrs]
+    finally:
+        gw.stop()
+    return sent, [counter_delta(b, a) for b, a in zip(before, after, strict=True)]
+
+
+def probe_capacity(
+    cfg: BenchConfig, workload: ChatWorkload, addrs: Sequence[str]
+) -> dict[str, Any]:
+    """The fleet's capacity for this workload: a closed loop of many conversations through
+    round-robin (its own salt, so the runs after it start cold)."""
+    users = cfg.probe_users_per_worker * cfg.workers
+    res = run_policy(
+        "round-robin",
+        addrs,
+        lambda url: asyncio.run(chat_closed_loop(url, workload, users, cfg.probe_s, cfg, "probe")),
+    )
+    if isinstance(res, str):
+        raise RuntimeError(f"the round-robin gateway did not start: {res}")
+    sent, deltas = res
+    cap = capacity_rps(sent, cfg.probe_s)
+    log(f"capacity {cap:.2f} req/s (closed loop, {users} conversations, round-robin)")
+    queries = sum(d["prefix_cache_queries"] for d in deltas)
+    return {
+        "capacity_rps": round(cap, 2),
+        "policy": "round-robin",
+        "closed_loop_users": users,
+        "duration_s": cfg.probe_s,
+        "requests": len(sent),
+        "failed": sum(s.record.status not in ("ok", "cancelled") for s in sent),
+        "cancelled_at_end": sum(s.record.status == "cancelled" for s in sent),
+        "hit_rate": round(sum(d["prefix_cache_hits"] for d in deltas) / max(1, queries), 4),
+    }
+
+
+def run(cfg: BenchConfig) -> dict[str, Any]:
+    t_start = time.monotonic()
+    workload = ChatWorkload(cfg.seed, cfg.system_prompts, turns=cfg.turns)
+    timings: dict[str, float] = {"workload_s": round(time.monotonic() - t_start, 1)}
+    sys_tokens = workload.system_prompt_tokens()
+    kv_tokens = cfg.kv_tokens or math.ceil(sum(sys_tokens) / 2 / 256) * 256
+    share = sorted(sys_tokens)[-math.ceil(len(sys_tokens) / cfg.workers) :]
+    out: dict[str, Any] = {
+        "oracle_hit_rate": None,
+        "hit_counter_unit": HIT_COUNTER_UNIT,
+        "capacity_rps": None,
+        "offered_rps": None,
+        "policies": {},
+    }
+    workers = _Workers(cfg, kv_tokens)
+    try:
+        rate = cfg.rate
+        if rate is None:
+            t = time.monotonic()
+            out["capacity_probe"] = probe = probe_capacity(cfg, workload, workers.get())
+            timings["probe_s"] = round(time.monotonic() - t, 1)
+            out["capacity_rps"] = probe["capacity_rps"]
+            rate = cfg.load * probe["capacity_rps"]
+        if not rate > 0:
+            raise RuntimeError("capacity probe completed no requests")
+        out["offered_rps"] = round(rate, 2)
+        offsets = Schedule(rate=rate, seed=cfg.seed).arrivals(cfg.duration_s)
+        for n, policy in enumerate(cfg.policies):
+            t = time.monotonic()
+            addrs = workers.get()
+            log(f"{policy}: {len(offsets)} turns at {rate:.2f} req/s over {cfg.duration_s:g} s")
+            res = run_policy(
+                policy,
+                addrs,
+                lambda url, n=n: asyncio.run(
+                    chat_open_loop(url, workload, offsets, cfg, salt=f"run {n}")
+                ),
+            )
+            if isinstance(res, str):
+                log(f"{policy}: skipped, the gateway refused it: {res}")
+                out["policies"][_key(policy)] = {"skipped": f"gateway refused it: {res}"}
+                continue
+            figs = policy_figures(res[0], workload, addrs, res[1], cfg.duration_s)
+            out["policies"][_key(policy)] = figs
+            timings[f"{_key(policy)}_s"] = round(time.monotonic() - t, 1)
+    finally:
+        workers.close()
+        timings["start_workers_s"] = round(workers.start_s, 1)
+    ran = [p for p in out["policies"].values() if "oracle_hit_rate" in p]
+    if ran:
+        out["oracle_hit_rate"] = round(statistics.mean(p["oracle_hit_rate"] for p in ran), 4)
+    out["targets"] = targets(out["policies"])
+    out["workload"] = {
+        "system_prompts": len(sys_tokens),
+        "system_prompt_tokens": {
+            "min": min(sys_tokens),
+            "mean": round(statistics.mean(sys_tokens)),
+            "max": max(sys_tokens),
+            "total": sum(sys_tokens),
+        },
+        "kv_tokens_per_worker": kv_tokens,
+        "all_system_prompts_fit_one_worker": sum(sys_tokens) <= kv_tokens,
+        "largest_1_over_workers_fit_one_worker": sum(share) <= kv_tokens,
+        "turns_per_user": list(cfg.turns),
+        "think_s": cfg.think_s,
+        "max_tokens": cfg.max_tokens,
+        "block_size": BLOCK_SIZE,
+    }
+    out["config"] = {k: v for k, v in asdict(cfg).items() if k not in ("policies",)}
+    timings["total_s"] = round(time.monotonic() - t_start, 1)
+    out["timings"] = timings
+    return out
+
+
+def format_table(res: dict[str, Any]) -> str:
+    """Policies side by side, for a terminal."""
+    cols = (
+        ("hit_rate", "hit rate"),
+        ("oracle_hit_rate", "oracle"),
+        ("ttft_p50_ms", "TTFT p50"),
+        ("ttft_p99_ms", "TTFT p99"),
+        ("throughput_rps", "req/s"),
+        ("load_imbalance", "imbalance"),
+        ("failed", "failed"),
+        ("preemptions", "preempt"),
+    )
+    cap = res["capacity_rps"]
+    lines = [
+        (f"capacity {cap} req/s (round-robin, closed loop)" if cap else "capacity not measured")
+        + f"; offered {res['offered_rps']} req/s; oracle hit rate {res['oracle_hit_rate']}",
+        f"{'policy':<20}" + "".join(f"{title:>11}" for _, title in cols),
+    ]
+    for name, p in res["policies"].items():
+        if "skipped" in p:
+            lines.append(f"{name:<20} skipped: {p['skipped']}")
+            continue
+        cells = ("-" if p[k] is None else f"{p[k]:g}" for k, _ in cols)
+        lines.append(f"{name:<20}" + "".join(f"{c:>11}" for c in cells))
+    t = res["targets"]
+    if t.get("judged"):
+        lines.append(
+            f"targets: prefix-aware hit rate {t['prefix_aware_hit_rate_vs_oracle']:g}x oracle "
+            f"(>= 0.9), TTFT p50 {t['ttft_p50_speedup_vs_round_robin']:g}x better than "
+            f"round-robin (>= 2), imbalance {t['prefix_aware_load_imbalance']} (<= 1.25): "
+            + ("met" if t["met"] else "NOT met")
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="short runs: under a minute in all")
+    ap.add_argument("--duration", type=float, help="open-loop seconds per policy")
+    ap.add_argument("--workers", type=int, default=BenchConfig.workers)
+    ap.add_argument("--policies", default=",".join(POLICIES), help="comma list")
+    ap.add_argument("--rate", type=float, help="offered req/s (skips the capacity probe)")
+    ap.add_argument("--load", type=float, default=BenchConfig.load, help="share of capacity")
+    ap.add_argument("--probe-duration", type=float, help="capacity probe seconds")
+    ap.add_argument(
+        "--probe-users",
+        type=int,
+        default=BenchConfig.probe_users_per_worker,
+        help="capacity probe conversations per worker",
+    )
+    ap.add_argument("--sim-speed", type=float, default=BenchConfig.sim_speed)
+    ap.add_argument("--kv-tokens", type=int, help="per worker (default: see BenchConfig)")
+    ap.add_argument("--system-prompts", type=int, default=BenchConfig.system_prompts)
+    ap.add_argument("--think", type=float, default=BenchConfig.think_s, help="mean, s")
+    ap.add_argument("--max-tokens", type=int, default=BenchConfig.max_tokens)
+    ap.add_argument("--seed", type=int, default=BenchConfig.seed)
+    ap.add_argument("--fresh-workers", action="store_true", help="restart workers per run")
+    ap.add_argument("--json", action="store_true", help="print one JSON object last")
+    args = ap.parse_args(argv)
+    policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
+    base = QUICK if args.quick else BenchConfig()
+    cfg = replace(
+        base,
+        workers=args.workers,
+        policies=policies,
+        duration_s=args.duration or base.duration_s,
+        probe_s=args.probe_duration or base.probe_s,
+        probe_users_per_worker=args.probe_users,
+        rate=args.rate,
+        load=args.load,
+        sim_speed=args.sim_speed,
+        kv_tokens=args.kv_tokens,
+        system_prompts=args.system_prompts,
+        think_s=args.think,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+        fresh_workers=args.fresh_workers,
+    )
+    res = run(cfg)
+    print(format_table(res), file=sys.stderr, flush=True)
+    if args.json:
+        print(json.dumps(res), flush=True)
+
+
+if __name__ == "__main__":
+    main()
