@@ -133,7 +133,23 @@ def test_out_of_blocks_returns_false_without_side_effects() -> None:
     b = make_request("b", list(range(50, 58)))
     assert not kv.allocate_slots(b, 8)
     assert kv.pool.num_free_blocks == 0
-    assert kv.req_blocks["b"] == []
+    assert "b" not in kv.req_blocks  # not even an empty block table
     kv.free(b)
     kv.free(a)
     assert kv.pool.num_free_blocks == 3
+
+
+def test_a_request_waiting_for_blocks_is_counted_once() -> None:
+    """Hit counters are per admission: failed allocations (the request keeps waiting and is
+    looked up again next step) must not add its prompt to the queries again."""
+    kv = KVCacheManager(num_blocks=4, block_size=BS, enable_caching=True)  # 3 usable
+    hog = make_request("hog", list(range(1, 3 * BS + 1)))
+    assert admit(kv, hog) == 0
+    waiting = make_request("w", list(range(100, 100 + 2 * BS)))
+    for _ in range(3):
+        hits, n_hit = kv.get_computed_blocks(waiting)
+        assert not kv.allocate_slots(waiting, waiting.num_tokens - n_hit, hits)
+    assert kv.prefix_cache_queries == hog.num_tokens
+    kv.free(hog)
+    assert admit(kv, waiting) == 0
+    assert kv.prefix_cache_queries == hog.num_tokens + waiting.num_tokens

@@ -59,8 +59,6 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
-        self.prefix_cache_queries += request.num_tokens
-        self.prefix_cache_hits += len(hits) * self.block_size
         return hits, len(hits) * self.block_size
 
     def allocate_slots(
@@ -68,9 +66,9 @@ class KVCacheManager:
     ) -> bool:
         """Grow the request's block table to hold `num_new_tokens` more; False if out of blocks."""
         blocks = self.req_blocks.get(request.request_id)
+        first = blocks is None
         if blocks is None:
-            blocks = self.req_blocks[request.request_id] = []
-            self._num_cached_blocks[request.request_id] = 0
+            blocks = []
         num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
         total = num_computed + num_new_tokens
         num_new_blocks = cdiv(total, self.block_size) - len(blocks) - len(new_computed_blocks)
@@ -78,6 +76,14 @@ class KVCacheManager:
         num_free_hits = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
         if num_new_blocks > self.pool.num_free_blocks - num_free_hits:
             return False
+        if first:
+            self.req_blocks[request.request_id] = blocks
+            self._num_cached_blocks[request.request_id] = 0
+        if first and self.enable_caching:
+            # Counted once per admission, not per lookup: a request that waits for blocks
+            # is looked up again on every step, and would count its prompt each time.
+            self.prefix_cache_queries += request.num_tokens
+            self.prefix_cache_hits += len(new_computed_blocks) * self.block_size
         self.pool.touch(new_computed_blocks)
         blocks.extend(new_computed_blocks)
         if num_new_blocks > 0:
