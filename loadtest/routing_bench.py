@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import json
 import math
+import random
 import statistics
 import sys
 import threading
@@ -488,6 +489,53 @@ def targets(policies: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def decision_micro_bench(entries: int = 100_000, decisions: int = 2000) -> dict[str, Any]:
+    """Cost of one prefix-aware routing decision (choose + record) at a full index.
+
+    The gateway's own policy object, in this process: 4 ready workers, an index filled to
+    `entries` block keys by chat requests over 40 system prompts, then `decisions` new
+    requests timed one by one (~3 KB prompts: about 45 blocks each).
+    """
+    from gateway.registry.base import WorkerInfo, WorkerState
+    from gateway.routing.policy import PrefixAware
+    from gateway.routing.prefix_index import block_keys, prompt_bytes
+    from proto import inference_pb2 as pb
+
+    rng = random.Random(7)
+    pool = [
+        WorkerInfo(worker_id=f"w{i}", address=f"a{i}", state=WorkerState.SERVING) for i in range(4)
+    ]
+    policy = PrefixAware()
+    systems = [f"You are assistant number {i}. " * 80 for i in range(40)]
+
+    def request(i: int) -> pb.GenerateRequest:
+        r = pb.GenerateRequest(model="m")
+        r.chat.messages.add(role="system", content=rng.choice(systems))
+        r.chat.messages.add(role="user", content=f"question {i} " * 40)
+        return r
+
+    i = 0
+    while len(policy.index) < entries:
+        r = request(i)
+        policy.routed(policy.choose(pool, r, {}), r)
+        i += 1
+    outstanding = {"w0": 3, "w1": 1, "w2": 2}
+    times = []
+    reqs = [request(i + j) for j in range(decisions)]
+    for r in reqs:
+        t = time.perf_counter()
+        policy.routed(policy.choose(pool, r, outstanding), r)
+        times.append((time.perf_counter() - t) * 1e6)
+    times.sort()
+    return {
+        "index_entries": len(policy.index),
+        "blocks_per_request": len(block_keys(prompt_bytes(reqs[0]))),
+        "decision_us_p50": round(times[len(times) // 2], 1),
+        "decision_us_p99": round(times[int(len(times) * 0.99)], 1),
+        "ok": times[len(times) // 2] < 200,
+    }
+
+
 # -- the bench -------------------------------------------------------------------------------
 
 
@@ -630,6 +678,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     if ran:
         out["oracle_hit_rate"] = round(statistics.mean(p["oracle_hit_rate"] for p in ran), 4)
     out["targets"] = targets(out["policies"])
+    out["decision"] = decision_micro_bench()
     out["workload"] = {
         "system_prompts": len(sys_tokens),
         "system_prompt_tokens": {
@@ -683,6 +732,12 @@ def format_table(res: dict[str, Any]) -> str:
             f"(>= 0.9), TTFT p50 {t['ttft_p50_speedup_vs_round_robin']:g}x better than "
             f"round-robin (>= 2), imbalance {t['prefix_aware_load_imbalance']} (<= 1.25): "
             + ("met" if t["met"] else "NOT met")
+        )
+    d = res.get("decision")
+    if d:
+        lines.append(
+            f"routing decision at {d['index_entries']} index entries: p50 "
+            f"{d['decision_us_p50']} us, p99 {d['decision_us_p99']} us (< 200)"
         )
     return "\n".join(lines)
 
