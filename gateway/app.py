@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from dataclasses import replace
@@ -19,7 +20,8 @@ from gateway.frontend.grpc_api import GatewayInference
 from gateway.frontend.http_api import GatewayRoutes
 from gateway.process_group import READY_LINE, Siblings, die_with_parent, sibling_settings
 from gateway.registry.base import Registry, WorkerInfo
-from gateway.routing.policy import make_policy
+from gateway.routing.policy import PrefixAware, make_policy
+from gateway.routing.sibling_share import SiblingShare, bind_sockets, child_env
 from gateway.settings import GatewaySettings
 from gateway.upstream.base import Upstream
 from proto import inference_pb2_grpc as pb_grpc
@@ -69,9 +71,14 @@ class Gateway:
             self.registry = EmbeddedRegistry(
                 settings.workers, upstream_for, settings.health_interval_s
             )
+        policy = make_policy(settings.routing)
+        self.share: SiblingShare | None = None
+        if isinstance(policy, PrefixAware):
+            self.share = SiblingShare.from_env(policy.index.insert)
+            policy.share = self.share.publish if self.share else None
         self.dispatcher = Dispatcher(
             self.registry,
-            make_policy(settings.routing),
+            policy,
             make_upstream,
             DispatchSettings(
                 max_attempts=settings.max_attempts,
@@ -90,6 +97,7 @@ class Gateway:
             self.admission,
         )
         routes.process.update(index=settings.process_index, processes=settings.processes)
+        routes.share = self.share
         routes.add_to(self.app)
         self.breaker_sync = None
         if settings.redis_url:
@@ -102,6 +110,8 @@ class Gateway:
         self.grpc_port: int | None = None
 
     async def start(self) -> None:
+        if self.share is not None:
+            await self.share.start()
         await self.admission.start()
         await self.registry.start()
         if self.breaker_sync is not None:
@@ -137,9 +147,16 @@ class Gateway:
         await self.registry.close()
         await self.dispatcher.close()
         await self.admission.close()
+        if self.share is not None:
+            self.share.close()
 
 
 async def _serve(settings: GatewaySettings) -> int:
+    share_socks = None
+    group = settings.processes > 1 and settings.process_index == 0
+    if group and settings.routing == "prefix-aware":
+        share_socks = bind_sockets(settings.processes)
+        os.environ.update(child_env(share_socks, 0, dup=True))  # Gateway reads it back
     gw = Gateway(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -147,8 +164,8 @@ async def _serve(settings: GatewaySettings) -> int:
         loop.add_signal_handler(sig, stop.set)
     await gw.start()
     siblings = None
-    if settings.processes > 1 and settings.process_index == 0:
-        siblings = Siblings(settings, gw.http_port, gw.grpc_port)
+    if group:
+        siblings = Siblings(settings, gw.http_port, gw.grpc_port, share_socks)
         await siblings.start()
     grpc_part = f" grpc={settings.host}:{gw.grpc_port}" if gw.grpc_port else ""
     print(

@@ -19,8 +19,10 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 
+from gateway.routing.sibling_share import child_env
 from gateway.settings import GatewaySettings
 
 log = logging.getLogger("breakwater.gateway")
@@ -34,8 +36,16 @@ RESTART_DELAY_S = 1.0
 class Siblings:
     """Processes 1..N-1, started and supervised by process 0."""
 
-    def __init__(self, settings: GatewaySettings, http_port: int, grpc_port: int | None) -> None:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        http_port: int,
+        grpc_port: int | None,
+        share_socks: list[socket.socket] | None = None,
+    ) -> None:
         self.settings = settings
+        self.share_socks = share_socks
+        """One datagram socket per process for sharing routing decisions, or None."""
         self.http_port = http_port
         self.grpc_port = grpc_port
         self.procs: dict[int, asyncio.subprocess.Process] = {}
@@ -46,11 +56,14 @@ class Siblings:
         s = dataclasses.replace(
             self.settings, port=self.http_port, grpc_port=self.grpc_port, process_index=index
         )
-        return {
+        env = {
             **os.environ,
             SETTINGS_ENV: json.dumps(dataclasses.asdict(s)),
             PARENT_ENV: str(os.getpid()),
         }
+        if self.share_socks:
+            env.update(child_env(self.share_socks, index))
+        return env
 
     async def _spawn(self, index: int, timeout: float = 60.0) -> None:
         proc = await asyncio.create_subprocess_exec(
@@ -59,6 +72,7 @@ class Siblings:
             "gateway.app",
             env=self._env(index),
             stdout=asyncio.subprocess.PIPE,
+            pass_fds=(self.share_socks[index].fileno(),) if self.share_socks else (),
         )
         self.procs[index] = proc
         assert proc.stdout is not None

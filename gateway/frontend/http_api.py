@@ -19,6 +19,7 @@ from aiohttp import web
 
 from gateway.admission.admission import Admission, Ticket, estimate_tokens
 from gateway.dispatch import Call, Dispatcher, RawRequest
+from gateway.routing.sibling_share import SiblingShare
 from proto import inference_pb2 as pb
 from proto.openai_compat import OpenAIError, ParsedRequest, sse
 from serving.calls import CallInfo, UpstreamError
@@ -67,10 +68,17 @@ class GatewayRoutes(OpenAIRoutes):
         self.dispatcher = dispatcher
         self.process: dict[str, int] = {"pid": os.getpid(), "index": 0, "processes": 1}
         """Which of the gateway's processes answers (`--processes`), for /admin/workers."""
+        self.share: SiblingShare | None = None
+
+    def process_view(self) -> dict[str, Any]:
+        view: dict[str, Any] = dict(self.process)
+        if self.share is not None:
+            view["routing_shared"] = {"sent": self.share.sent, "received": self.share.received}
+        return view
 
     async def list_workers(self, request: web.Request) -> web.Response:
         """The pool as this gateway process sees it (read-only; operator actions come later)."""
-        return json_response({"workers": self.dispatcher.workers(), "process": self.process})
+        return json_response({"workers": self.dispatcher.workers(), "process": self.process_view()})
 
     async def _dispatch(
         self, request: web.Request, parsed: ParsedRequest, raw: bytes, deadline: float

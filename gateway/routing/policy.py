@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 from gateway.registry.base import WorkerInfo
@@ -109,6 +109,8 @@ class PrefixAware:
         self.weights = weights
         self._memo: tuple[int, list[int]] = (0, [])
         self._tiebreak = itertools.count()
+        self.share: Callable[[str, list[int]], None] | None = None
+        """Tells sibling gateway processes of each decision (see sibling_share)."""
 
     def _keys(self, request: pb.GenerateRequest) -> list[int]:
         """Block keys, computed once per request even when it is retried."""
@@ -148,6 +150,8 @@ class PrefixAware:
         keys = self._keys(request)
         if keys:
             self.index.insert(keys, worker.worker_id)
+            if self.share is not None:
+                self.share(worker.worker_id, keys)
 
 
 POLICIES: dict[str, type[RoutingPolicy]] = {

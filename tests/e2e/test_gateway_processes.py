@@ -80,3 +80,49 @@ def test_two_processes_serve_one_port(worker: Proc) -> None:
         assert gw.stop() == 0
     # Stopping the first process stops them all.
     wait_for(lambda: not any(_alive(p) for p in children), timeout=30)
+
+
+def test_prefix_aware_processes_share_their_routing(worker: Proc) -> None:
+    """Turns of one conversation reach either process; both send them to the same replica."""
+    other = start_sim_worker()
+    gw = start_gateway(
+        "--worker",
+        worker.ready["grpc"],
+        "--worker",
+        other.ready["grpc"],
+        "--routing",
+        "prefix-aware",
+        processes=2,
+    )
+    try:
+        url = gw.ready["http"]
+
+        def where(prompt: str) -> str:
+            body = json.dumps({"model": "sim", "prompt": prompt, "max_tokens": 2}).encode()
+            req = urllib.request.Request(
+                url + "/v1/completions",
+                body,
+                {"Content-Type": "application/json", "Connection": "close"},
+            )
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.headers["x-breakwater-worker"]
+
+        def received() -> dict[int, int]:
+            """Decisions each process has heard from its sibling, by pid."""
+            seen: dict[int, int] = {}
+            while len(seen) < 2:
+                p = _admin(url)["process"]
+                seen[p["pid"]] = p["routing_shared"]["received"]
+            return seen
+
+        for n in range(4):
+            prompt = f"conversation {n}: " + "a long shared system prompt. " * 20
+            before = sum(received().values())
+            first = where(prompt)
+            # The decision reaches the sibling (in milliseconds); from then on every turn,
+            # whichever process takes its connection, goes where the first one went.
+            wait_for(lambda b=before: sum(received().values()) > b, timeout=30)
+            assert [where(prompt) for _ in range(8)] == [first] * 8
+    finally:
+        gw.stop()
+        other.stop()

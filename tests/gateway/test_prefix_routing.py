@@ -7,6 +7,7 @@ import collections
 from gateway.registry.base import WorkerInfo, WorkerState
 from gateway.routing.policy import PrefixAware, make_policy
 from gateway.routing.prefix_index import BLOCK_BYTES, PrefixIndex, block_keys, prompt_bytes
+from gateway.routing.sibling_share import decode, encode
 from proto import inference_pb2 as pb
 
 SYSTEM = "You are a careful assistant who answers in French. " * 20
@@ -89,3 +90,10 @@ def test_unmatched_prompts_go_to_the_least_loaded() -> None:
     pool = workers(3)
     w = policy.choose(pool, chat("something nobody has sent " * 10), {"w0": 5, "w1": 0, "w2": 3})
     assert w.worker_id == "w1"
+
+
+def test_sibling_datagrams_round_trip() -> None:
+    entries = [("w0", [1, 2**63, 3]), ("worker-é", list(range(100)))]
+    data = b"".join(encode(w, k) for w, k in entries)
+    assert decode(data) == entries
+    assert decode(data + b"\x05\x00") == entries  # a malformed tail is dropped
