@@ -20,8 +20,8 @@ from gateway.frontend.grpc_api import GatewayInference
 from gateway.frontend.http_api import GatewayRoutes
 from gateway.process_group import READY_LINE, Siblings, die_with_parent, sibling_settings
 from gateway.registry.base import Registry, WorkerInfo
+from gateway.routing.decision_share import RedisShare, SiblingShare, bind_sockets, child_env
 from gateway.routing.policy import PrefixAware, make_policy
-from gateway.routing.sibling_share import SiblingShare, bind_sockets, child_env
 from gateway.settings import GatewaySettings
 from gateway.upstream.base import Upstream
 from proto import inference_pb2_grpc as pb_grpc
@@ -72,9 +72,14 @@ class Gateway:
                 settings.workers, upstream_for, settings.health_interval_s
             )
         policy = make_policy(settings.routing)
-        self.share: SiblingShare | None = None
+        self.share: SiblingShare | RedisShare | None = None
         if isinstance(policy, PrefixAware):
-            self.share = SiblingShare.from_env(policy.index.insert)
+            # With Redis, one channel reaches siblings and other gateways alike.
+            self.share = (
+                RedisShare(settings.redis_url, policy.learn)
+                if settings.redis_url
+                else SiblingShare.from_env(policy.learn)
+            )
             policy.share = self.share.publish if self.share else None
         self.dispatcher = Dispatcher(
             self.registry,
@@ -148,13 +153,13 @@ class Gateway:
         await self.dispatcher.close()
         await self.admission.close()
         if self.share is not None:
-            self.share.close()
+            await self.share.close()
 
 
 async def _serve(settings: GatewaySettings) -> int:
     share_socks = None
     group = settings.processes > 1 and settings.process_index == 0
-    if group and settings.routing == "prefix-aware":
+    if group and settings.routing == "prefix-aware" and not settings.redis_url:
         share_socks = bind_sockets(settings.processes)
         os.environ.update(child_env(share_socks, 0, dup=True))  # Gateway reads it back
     gw = Gateway(settings)

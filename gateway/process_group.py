@@ -22,7 +22,7 @@ import signal
 import socket
 import sys
 
-from gateway.routing.sibling_share import child_env
+from gateway.routing.decision_share import child_env
 from gateway.settings import GatewaySettings
 
 log = logging.getLogger("breakwater.gateway")

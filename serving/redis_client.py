@@ -23,7 +23,9 @@ OP_TIMEOUT = 1.0
 REDIS_ERRORS = (aioredis.RedisError, OSError, TimeoutError)
 
 
-def make_client(url: str, socket_timeout: float = SOCKET_TIMEOUT) -> aioredis.Redis:
+def make_client(
+    url: str, socket_timeout: float = SOCKET_TIMEOUT, decode_responses: bool = True
+) -> aioredis.Redis:
     """A client that fails fast.
 
     redis-py's own defaults (5 s timeouts; ten retries with backoff in ``Redis()``) would
@@ -36,7 +38,7 @@ def make_client(url: str, socket_timeout: float = SOCKET_TIMEOUT) -> aioredis.Re
     return aioredis.Redis.from_url(
         url,
         protocol=2,
-        decode_responses=True,
+        decode_responses=decode_responses,
         socket_timeout=socket_timeout,
         socket_connect_timeout=socket_timeout,
         retry=Retry(NoBackoff(), 0),

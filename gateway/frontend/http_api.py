@@ -19,7 +19,7 @@ from aiohttp import web
 
 from gateway.admission.admission import Admission, Ticket, estimate_tokens
 from gateway.dispatch import Call, Dispatcher, RawRequest
-from gateway.routing.sibling_share import SiblingShare
+from gateway.routing.decision_share import RedisShare, SiblingShare
 from proto import inference_pb2 as pb
 from proto.openai_compat import OpenAIError, ParsedRequest, sse
 from serving.calls import CallInfo, UpstreamError
@@ -68,7 +68,7 @@ class GatewayRoutes(OpenAIRoutes):
         self.dispatcher = dispatcher
         self.process: dict[str, int] = {"pid": os.getpid(), "index": 0, "processes": 1}
         """Which of the gateway's processes answers (`--processes`), for /admin/workers."""
-        self.share: SiblingShare | None = None
+        self.share: SiblingShare | RedisShare | None = None
 
     def process_view(self) -> dict[str, Any]:
         view: dict[str, Any] = dict(self.process)

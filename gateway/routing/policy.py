@@ -110,7 +110,7 @@ class PrefixAware:
         self._memo: tuple[int, list[int]] = (0, [])
         self._tiebreak = itertools.count()
         self.share: Callable[[str, list[int]], None] | None = None
-        """Tells sibling gateway processes of each decision (see sibling_share)."""
+        """Tells sibling processes or other gateways of each decision (see decision_share)."""
 
     def _keys(self, request: pb.GenerateRequest) -> list[int]:
         """Block keys, computed once per request even when it is retried."""
@@ -145,6 +145,10 @@ class PrefixAware:
             return s, (hash(w.worker_id) + turn) % 997
 
         return max(eligible, key=score)
+
+    def learn(self, worker_id: str, keys: list[int]) -> None:
+        """Another process or gateway sent a request with these block keys to `worker_id`."""
+        self.index.insert(keys, worker_id)
 
     def routed(self, worker: WorkerInfo, request: pb.GenerateRequest) -> None:
         keys = self._keys(request)

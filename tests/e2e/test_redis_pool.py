@@ -86,3 +86,35 @@ def test_gateways_share_a_pool_and_follow_heartbeats(redis: RedisServer) -> None
     finally:
         for p in procs:
             p.stop()
+
+
+def test_prefix_aware_gateways_share_routing_through_redis(redis: RedisServer) -> None:
+    """A conversation that moves between gateway replicas stays on the replica holding it."""
+    a, b = sim_worker(redis, "p-a"), sim_worker(redis, "p-b")
+    gws = [start_gateway("--redis-url", redis.url, "--routing", "prefix-aware") for _ in range(2)]
+    try:
+        for gw in gws:
+            wait_for(lambda gw=gw: {"p-a", "p-b"} <= set(workers(gw)), timeout=20)
+
+        def routing_shared(gw: Proc) -> dict[str, int]:
+            with urllib.request.urlopen(gw.ready["http"] + "/admin/workers", timeout=10) as r:
+                return json.loads(r.read())["process"]["routing_shared"]
+
+        def where(gw: Proc, prompt: str) -> str:
+            req = urllib.request.Request(
+                gw.ready["http"] + "/v1/completions",
+                data=json.dumps({"model": "sim", "prompt": prompt, "max_tokens": 2}).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.headers["x-breakwater-worker"]
+
+        for n in range(4):
+            prompt = f"conversation {n}: " + "a long shared system prompt. " * 20
+            before = routing_shared(gws[1])["received"]
+            first = where(gws[0], prompt)
+            wait_for(lambda b=before: routing_shared(gws[1])["received"] > b, timeout=30)
+            assert [where(gws[1], prompt) for _ in range(4)] == [first] * 4
+    finally:
+        for p in (*gws, a, b):
+            p.stop()

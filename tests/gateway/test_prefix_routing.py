@@ -5,9 +5,9 @@ from __future__ import annotations
 import collections
 
 from gateway.registry.base import WorkerInfo, WorkerState
+from gateway.routing.decision_share import decode, encode
 from gateway.routing.policy import PrefixAware, make_policy
 from gateway.routing.prefix_index import BLOCK_BYTES, PrefixIndex, block_keys, prompt_bytes
-from gateway.routing.sibling_share import decode, encode
 from proto import inference_pb2 as pb
 
 SYSTEM = "You are a careful assistant who answers in French. " * 20

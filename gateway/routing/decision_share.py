@@ -1,0 +1,260 @@
+"""Prefix-aware routing decisions shared between gateway processes and gateway replicas.
+
+The turns of one conversation reach whichever process (`--processes N`: the kernel hands
+each connection to any of them) or gateway replica (behind a load balancer) takes the
+connection; each would otherwise learn only its own share of the fleet's cache contents.
+So each tells the others which block keys it just sent to which worker:
+
+- `SiblingShare`: UDP datagrams on 127.0.0.1 between the processes of one gateway.
+  Process 0 binds one socket per process before starting them and passes each its own,
+  so the addresses are known up front and a restarted sibling gets the same one.
+- `RedisShare`: a Redis pub/sub channel between every process of every gateway that
+  shares the Redis (it then also covers siblings).
+
+Loss is harmless (the index is a hint), so there is no acknowledgement; decisions are
+batched for up to `FLUSH_S` to keep this off the request path's cost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import struct
+from array import array
+from collections.abc import Callable
+
+from serving.redis_client import OP_TIMEOUT, REDIS_ERRORS, OutageLog, make_client
+
+FLUSH_S = 0.01
+MAX_DATAGRAM = 60_000
+FDS_ENV = "BREAKWATER_GATEWAY_SHARE_FD"
+PORTS_ENV = "BREAKWATER_GATEWAY_SHARE_PORTS"
+log = logging.getLogger(__name__)
+
+DEFAULT_CHANNEL = "breakwater:routing"
+_HEAD = struct.Struct("!BH")  # worker id length, key count
+
+
+def bind_sockets(n: int) -> list[socket.socket]:
+    """One datagram socket per process, on 127.0.0.1; made by process 0."""
+    socks = []
+    for _ in range(n):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("127.0.0.1", 0))
+        s.setblocking(False)
+        socks.append(s)
+    return socks
+
+
+def child_env(socks: list[socket.socket], index: int, dup: bool = False) -> dict[str, str]:
+    """Where process `index` finds its socket; `dup` for process 0, which keeps all of them
+    open for restarts and so hands its own gateway a descriptor of its own to close."""
+    fd = socks[index].fileno()
+    return {
+        FDS_ENV: str(os.dup(fd) if dup else fd),
+        PORTS_ENV: ",".join(str(s.getsockname()[1]) for s in socks),
+    }
+
+
+def encode(worker: str, keys: list[int]) -> bytes:
+    wid = worker.encode()[:255]
+    keys = keys[: (MAX_DATAGRAM - 300) // 8]
+    return _HEAD.pack(len(wid), len(keys)) + wid + array("Q", keys).tobytes()
+
+
+def decode(data: bytes) -> list[tuple[str, list[int]]]:
+    """Entries of one datagram; a malformed tail is dropped."""
+    out = []
+    view = memoryview(data)
+    while len(view) >= _HEAD.size:
+        n_id, n_keys = _HEAD.unpack_from(view)
+        end = _HEAD.size + n_id + 8 * n_keys
+        if end > len(view):
+            break
+        wid = bytes(view[_HEAD.size : _HEAD.size + n_id]).decode(errors="replace")
+        keys = array("Q")
+        keys.frombytes(view[_HEAD.size + n_id : end])
+        out.append((wid, keys.tolist()))
+        view = view[end:]
+    return out
+
+
+class _Batcher:
+    """Collects decisions and sends them as one message every `FLUSH_S` at most."""
+
+    apply: Callable[[str, list[int]], None]
+
+    def __init__(self) -> None:
+        self._batch: list[bytes] = []
+        self._size = 0
+        self._flush: asyncio.TimerHandle | None = None
+        self.received = 0
+        self.sent = 0
+        """Decisions received from the others and sent to them, for /admin/workers."""
+
+    def _send(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _apply_all(self, data: bytes) -> None:
+        """Learn what a message says; a bad message is dropped, never fatal."""
+        try:
+            for worker, keys in decode(data):
+                self.apply(worker, keys)
+                self.received += 1
+        except Exception as e:
+            log.debug("routing share: dropped a message: %s", e)
+
+    def _ready(self) -> bool:
+        return True
+
+    def publish(self, worker: str, keys: list[int]) -> None:
+        if not self._ready():
+            return
+        entry = encode(worker, keys)
+        if self._size + len(entry) > MAX_DATAGRAM:
+            self.flush()
+        self.sent += 1
+        self._batch.append(entry)
+        self._size += len(entry)
+        if self._flush is None:
+            self._flush = asyncio.get_running_loop().call_later(FLUSH_S, self.flush)
+
+    def flush(self) -> None:
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        if not self._batch:
+            return
+        data = b"".join(self._batch)
+        self._batch.clear()
+        self._size = 0
+        self._send(data)
+
+
+class SiblingShare(_Batcher, asyncio.DatagramProtocol):
+    """Between the processes of one gateway, over loopback datagrams."""
+
+    def __init__(
+        self, sock: socket.socket, ports: list[int], apply: Callable[[str, list[int]], None]
+    ) -> None:
+        super().__init__()
+        self.sock = sock
+        own = sock.getsockname()[1]
+        self.peers = [("127.0.0.1", p) for p in ports if p != own]
+        self.apply = apply
+        self.transport: asyncio.DatagramTransport | None = None
+
+    @classmethod
+    def from_env(cls, apply: Callable[[str, list[int]], None]) -> SiblingShare | None:
+        fd, ports = os.environ.pop(FDS_ENV, None), os.environ.pop(PORTS_ENV, None)
+        if not fd or not ports:
+            return None
+        sock = socket.socket(fileno=int(fd))
+        return cls(sock, [int(p) for p in ports.split(",")], apply)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.create_datagram_endpoint(lambda: self, sock=self.sock)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self._apply_all(data)
+
+    def error_received(self, exc: Exception) -> None:  # a sibling restarting: drop
+        pass
+
+    def _ready(self) -> bool:
+        return bool(self.peers) and self.transport is not None
+
+    def _send(self, data: bytes) -> None:
+        if self.transport is None:
+            return
+        for peer in self.peers:
+            with contextlib.suppress(OSError):
+                self.transport.sendto(data, peer)
+
+    async def close(self) -> None:
+        self.flush()
+        if self.transport is not None:
+            self.transport.close()
+
+
+class RedisShare(_Batcher):
+    """Between every gateway process that shares a Redis: one pub/sub channel.
+
+    Messages carry a random sender id so a process skips its own. While Redis is down
+    decisions are dropped and the subscriber retries every second: each gateway keeps
+    routing on what it learnt itself.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        apply: Callable[[str, list[int]], None],
+        channel: str = DEFAULT_CHANNEL,
+    ) -> None:
+        super().__init__()
+        self.url = url
+        self.apply = apply
+        self.channel = channel
+        self._id = os.urandom(8)
+        self._client = make_client(url, decode_responses=False)
+        self._outage = OutageLog("routing share")
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._listener: asyncio.Task[None] | None = None
+        self.subscribed = asyncio.Event()
+
+    async def start(self) -> None:
+        self._listener = asyncio.create_task(self._listen(), name="routing-share-listen")
+
+    async def _listen(self) -> None:
+        while True:
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.channel)
+                self.subscribed.set()
+                self._outage.ok()
+                while True:
+                    msg = await pubsub.get_message(timeout=1.0)
+                    if msg is not None:
+                        self._on_message(msg["data"])
+            except REDIS_ERRORS as exc:
+                self.subscribed.clear()
+                self._outage.failed(exc)
+            finally:
+                with contextlib.suppress(*REDIS_ERRORS):
+                    await pubsub.aclose()
+            await asyncio.sleep(1.0)
+
+    def _on_message(self, data: bytes) -> None:
+        if isinstance(data, bytes) and data[:8] != self._id:
+            self._apply_all(data[8:])
+
+    def _send(self, data: bytes) -> None:
+        task = asyncio.create_task(self._publish(self._id + data))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _publish(self, data: bytes) -> None:
+        try:
+            async with asyncio.timeout(OP_TIMEOUT):
+                await self._client.publish(self.channel, data)
+        except REDIS_ERRORS as exc:
+            self._outage.failed(exc)
+
+    async def close(self) -> None:
+        self.flush()
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+        for task in list(self._tasks):
+            with contextlib.suppress(Exception):
+                await task
+        with contextlib.suppress(*REDIS_ERRORS):
+            await self._client.aclose()
