@@ -61,7 +61,7 @@ class Gateway:
         def upstream_for(info: WorkerInfo) -> Upstream:
             return dispatcher_ref[0].upstream_for(info)
 
-        if settings.redis_url:
+        if settings.redis_url and not settings.workers:
             from gateway.registry.redis_backend import RedisRegistry
 
             self.registry = RedisRegistry(settings.redis_url)

@@ -53,7 +53,8 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--redis-url",
         default=os.environ.get("BREAKWATER_REDIS_URL"),
-        help="discover workers through Redis instead of --worker",
+        help="share state with other gateways through Redis (rate limits, ejections, "
+        "routing), and discover workers there unless --worker lists them",
     )
     p.add_argument(
         "--routing",

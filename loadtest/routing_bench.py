@@ -52,16 +52,17 @@ from loadtest.chat_workload import (
 from loadtest.fleet import Proc, get_json, start_gateway, start_sim_worker, wait_for
 from loadtest.loadgen import HttpTransport, RequestSpec, Schedule, Target, open_transport
 from loadtest.records import RequestRecord
+from loadtest.redis_server import RedisServer
 from loadtest.report import summarize
 
 MODEL = "sim"
-POLICIES = ("round-robin", "least-outstanding", "prefix-aware")
+TWO_GATEWAYS = "-2-gateways"
+POLICIES = ("round-robin", "least-outstanding", "prefix-aware", "prefix-aware" + TWO_GATEWAYS)
 HIT_COUNTER_UNIT = (
-    "tokens: each prefix-cache lookup adds the request's token count to prefix_cache_queries "
-    "and its cached whole blocks x 16 to prefix_cache_hits; hit_rate is hits / queries. A "
-    "request waiting for KV blocks, or preempted, is looked up again and counted again, so "
-    "under KV pressure this weighs waiting requests more; hit_rate_per_request (cached_tokens "
-    "of each answer's usage / its prompt_tokens, counted once per request) does not"
+    "tokens: each admission adds the request's token count to prefix_cache_queries and its "
+    "cached whole blocks x 16 to prefix_cache_hits; hit_rate is hits / queries. A preempted "
+    "request is admitted (and counted) again; hit_rate_per_request (cached_tokens of each "
+    "answer's usage / its prompt_tokens, once per request) is not"
 )
 
 
@@ -173,11 +174,13 @@ def wait_idle(addrs: Sequence[str], timeout: float = 30.0) -> None:
         wait_for(idle, timeout=timeout, interval=0.1)
 
 
-def start_policy_gateway(policy: str, addrs: Sequence[str]) -> Proc:
+def start_policy_gateway(policy: str, addrs: Sequence[str], *extra: str) -> Proc:
     """A one-process gateway with this routing policy, once it sees every worker serving.
     Raises RuntimeError, with the gateway's own complaint, if it will not start."""
     specs = [a for addr in addrs for a in ("--worker", addr)]
-    gw = start_gateway(*specs, "--routing", policy, "--health-interval", "0.25", processes=1)
+    gw = start_gateway(
+        *specs, "--routing", policy, "--health-interval", "0.25", *extra, processes=1
+    )
 
     def routable() -> bool:
         ws = get_json(gw.ready["http"] + "/admin/workers")["workers"]
@@ -254,16 +257,22 @@ class _TappedResponse:
 
 @contextlib.asynccontextmanager
 async def chat_sender(
-    url: str, cfg: BenchConfig
+    urls: Sequence[str], cfg: BenchConfig
 ) -> AsyncIterator[Callable[[Sent, float], Coroutine[Any, Any, None]]]:
-    """`send(turn, t0)` over one connection pool: a streamed chat completion through the
-    loadgen's HTTP transport, timed by it, usage kept."""
-    target = Target(url=url, model=MODEL, chat=True, timeout_s=cfg.timeout_s)
-    async with open_transport(target) as transport:
-        assert isinstance(transport, HttpTransport)
-        session = transport.session
+    """`send(turn, t0)` over one connection pool per gateway: a streamed chat completion
+    through the loadgen's HTTP transport, timed by it, usage kept. With several gateways a
+    user's turns alternate between them, the worst case for keeping a conversation on the
+    replica that holds it."""
+    async with contextlib.AsyncExitStack() as stack:
+        senders = []
+        for url in urls:
+            target = Target(url=url, model=MODEL, chat=True, timeout_s=cfg.timeout_s)
+            transport = await stack.enter_async_context(open_transport(target))
+            assert isinstance(transport, HttpTransport)
+            senders.append((transport.session, target))
 
         async def send(s: Sent, t0: float) -> None:
+            session, target = senders[(s.user + s.turn) % len(senders)]
             # `messages` in extra replaces the single user message the transport would build.
             spec = RequestSpec(
                 prompt="",
@@ -277,7 +286,7 @@ async def chat_sender(
 
 
 async def chat_open_loop(
-    url: str,
+    urls: Sequence[str],
     workload: ChatWorkload,
     offsets: Sequence[float],
     cfg: BenchConfig,
@@ -292,7 +301,7 @@ async def chat_open_loop(
     new_user = 0
     loop = asyncio.get_running_loop()
     timers: list[asyncio.TimerHandle] = []
-    async with chat_sender(url, cfg) as send:
+    async with chat_sender(urls, cfg) as send:
         t0 = time.monotonic()
 
         async def one(s: Sent) -> None:
@@ -324,14 +333,19 @@ async def chat_open_loop(
 
 
 async def chat_closed_loop(
-    url: str, workload: ChatWorkload, users: int, duration_s: float, cfg: BenchConfig, salt: str
+    urls: Sequence[str],
+    workload: ChatWorkload,
+    users: int,
+    duration_s: float,
+    cfg: BenchConfig,
+    salt: str,
 ) -> list[Sent]:
     """`users` conversations at once, each turn sent as soon as the last answer came; a
     finished conversation is replaced by a new user. For the capacity probe: at the end the
     requests still in flight are cancelled (status 'cancelled'), not waited for."""
     sent: list[Sent] = []
     uids = iter(range(10**9))
-    async with chat_sender(url, cfg) as send:
+    async with chat_sender(urls, cfg) as send:
         t0 = time.monotonic()
 
         async def conversations() -> None:
@@ -485,6 +499,10 @@ def targets(policies: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "ttft_ok": speedup >= 2.0,
         "balance_ok": pa["load_imbalance"] is not None and pa["load_imbalance"] <= 1.25,
     }
+    two = policies.get("prefix_aware_2_gateways", {})
+    if two.get("hit_rate") is not None and pa["hit_rate"]:
+        out["two_gateways_hit_rate_vs_one"] = round(two["hit_rate"] / pa["hit_rate"], 3)
+        out["two_gateways_ok"] = out["two_gateways_hit_rate_vs_one"] >= 0.9
     out["met"] = out["hit_rate_ok"] and out["ttft_ok"] and out["balance_ok"]
     return out
 
@@ -579,21 +597,35 @@ class _Workers:
 
 
 def run_policy(
-    policy: str, addrs: Sequence[str], traffic: Callable[[str], list[Sent]]
+    policy: str, addrs: Sequence[str], traffic: Callable[[list[str]], list[Sent]]
 ) -> tuple[list[Sent], list[dict[str, int]]] | str:
-    """Traffic through a fresh gateway with `policy`: the turns sent and each worker's
-    counter deltas, or why the gateway would not start (an unknown policy, say)."""
-    try:
-        gw = start_policy_gateway(policy, addrs)
-    except RuntimeError as e:
-        return refusal(e)
-    try:
-        before = [worker_stats(a) for a in addrs]
-        sent = traffic(gw.ready["http"])
-        wait_idle(addrs)
-        after = [worker_stats(a) for a in addrs]
-    finally:
-        gw.stop()
+    """Traffic through fresh gateways with `policy`: the turns sent and each worker's
+    counter deltas, or why a gateway would not start (an unknown policy, say).
+
+    `<policy>-2-gateways` runs two gateway replicas that share state through their own
+    Redis (a redis-server on a free port), each user's turns alternating between them.
+    """
+    replicas = 2 if policy.endswith(TWO_GATEWAYS) else 1
+    base = policy.removesuffix(TWO_GATEWAYS)
+    with contextlib.ExitStack() as stack:
+        extra: tuple[str, ...] = ()
+        if replicas > 1:
+            redis = stack.enter_context(RedisServer())
+            extra = ("--redis-url", redis.url)
+        gws: list[Proc] = []
+        try:
+            for _ in range(replicas):
+                gws.append(start_policy_gateway(base, addrs, *extra))
+        except RuntimeError as e:
+            stop_all(gws)
+            return refusal(e)
+        try:
+            before = [worker_stats(a) for a in addrs]
+            sent = traffic([gw.ready["http"] for gw in gws])
+            wait_idle(addrs)
+            after = [worker_stats(a) for a in addrs]
+        finally:
+            stop_all(gws)
     return sent, [counter_delta(b, a) for b, a in zip(before, after, strict=True)]
 
 
@@ -606,7 +638,9 @@ def probe_capacity(
     res = run_policy(
         "round-robin",
         addrs,
-        lambda url: asyncio.run(chat_closed_loop(url, workload, users, cfg.probe_s, cfg, "probe")),
+        lambda urls: asyncio.run(
+            chat_closed_loop(urls, workload, users, cfg.probe_s, cfg, "probe")
+        ),
     )
     if isinstance(res, str):
         raise RuntimeError(f"the round-robin gateway did not start: {res}")
@@ -660,8 +694,8 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
             res = run_policy(
                 policy,
                 addrs,
-                lambda url, n=n: asyncio.run(
-                    chat_open_loop(url, workload, offsets, cfg, salt=f"run {n}")
+                lambda urls, n=n: asyncio.run(
+                    chat_open_loop(urls, workload, offsets, cfg, salt=f"run {n}")
                 ),
             )
             if isinstance(res, str):
@@ -732,6 +766,11 @@ def format_table(res: dict[str, Any]) -> str:
             f"(>= 0.9), TTFT p50 {t['ttft_p50_speedup_vs_round_robin']:g}x better than "
             f"round-robin (>= 2), imbalance {t['prefix_aware_load_imbalance']} (<= 1.25): "
             + ("met" if t["met"] else "NOT met")
+        )
+    if "two_gateways_hit_rate_vs_one" in t:
+        lines.append(
+            f"two gateways sharing Redis: {t['two_gateways_hit_rate_vs_one']:g}x one gateway's "
+            "hit rate (>= 0.9)"
         )
     d = res.get("decision")
     if d:
