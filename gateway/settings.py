@@ -19,7 +19,7 @@ class GatewaySettings:
     workers: list[str] = field(default_factory=list)
     """Static upstreams for the embedded registry: host:port (gRPC) or http://... (OpenAI)."""
     redis_url: str | None = None
-    routing: str = "least-outstanding"
+    routing: str = "prefix-aware"
     request_timeout_s: float = 600.0
     """Default overall deadline; callers may set their own (X-Request-Timeout-Ms, gRPC)."""
     max_request_timeout_s: float = 3600.0
@@ -58,7 +58,7 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--routing",
-        default=_env("ROUTING", "least-outstanding"),
+        default=_env("ROUTING", "prefix-aware"),
         choices=["round-robin", "least-outstanding", "prefix-aware"],
         help="how a replica is chosen; prefix-aware: the one most likely to hold the prompt's "
         "prefix in its KV cache, among those not much busier than the least loaded",
