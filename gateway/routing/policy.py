@@ -75,12 +75,6 @@ class LeastOutstanding:
         pass
 
 
-def load_of(w: WorkerInfo, outstanding: Mapping[str, int]) -> float:
-    """Requests this gateway has in flight there, or the worker's own count if higher
-    (other gateways' requests show in what the worker reports)."""
-    return max(outstanding.get(w.worker_id, 0), w.stats.get("in_flight", 0.0))
-
-
 class PrefixAware:
     """The replica most likely to hold the prompt's prefix in its KV cache, within a load bound.
 
@@ -127,14 +121,26 @@ class PrefixAware:
         if len(candidates) == 1:
             return candidates[0]
         keys = self._keys(request)
-        loads = {w.worker_id: load_of(w, outstanding) for w in candidates}
+        # This gateway's own in-flight count: exact now, where the workers' reports are up to
+        # a probe interval old (routing on those piled requests onto a worker that had
+        # looked idle, and its batch overflowed: the overload scenario caught it).
+        loads = {w.worker_id: outstanding.get(w.worker_id, 0) for w in candidates}
         bound = min(loads.values()) * self.rel + self.abs
         eligible = [w for w in candidates if loads[w.worker_id] <= bound]
         matched = self.index.match(keys, {w.worker_id for w in eligible}) if keys else {}
+        turn = next(self._tiebreak)
+        if not any(matched.values()):  # nothing to gain from a cache: least loaded
+            return min(
+                eligible,
+                key=lambda w: (
+                    loads[w.worker_id],
+                    w.stats.get("queue_depth", 0),
+                    (hash(w.worker_id) + turn) % 997,
+                ),
+            )
         n = max(1, len(keys))
         top = max(1.0, max(loads.values()))
         wp, wq, wk = self.weights
-        turn = next(self._tiebreak)
 
         def score(w: WorkerInfo) -> tuple[float, int]:
             s = (

@@ -97,3 +97,12 @@ def test_sibling_datagrams_round_trip() -> None:
     data = b"".join(encode(w, k) for w, k in entries)
     assert decode(data) == entries
     assert decode(data + b"\x05\x00") == entries  # a malformed tail is dropped
+
+
+def test_stale_worker_reports_do_not_steer_load() -> None:
+    """Reports are up to a probe interval old; this gateway's in-flight count is exact."""
+    policy = PrefixAware()
+    pool = workers(2)
+    pool[0].stats = {"in_flight": 16.0, "kv_cache_usage": 0.9}  # stale: it has drained since
+    w = policy.choose(pool, chat("a fresh prompt nobody sent " * 10), {"w0": 0, "w1": 5})
+    assert w.worker_id == "w0"
