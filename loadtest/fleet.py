@@ -159,3 +159,23 @@ def wait_for(cond: Callable[[], T], timeout: float = 30.0, interval: float = 0.0
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         time.sleep(interval)
+
+
+def read_ready(popen: subprocess.Popen[str], prefix: str, timeout: float) -> dict[str, str] | None:
+    """The key=value pairs of the first stdout line starting with prefix; None if the process
+    exited or said nothing in time (its stdout must be a text pipe)."""
+    import selectors
+
+    assert popen.stdout is not None
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(popen.stdout, selectors.EVENT_READ)
+        while (left := deadline - time.monotonic()) > 0:
+            if not sel.select(left):
+                break
+            line = popen.stdout.readline()
+            if not line:
+                return None
+            if line.startswith(prefix):
+                return dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)
+    return None

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loadtest.fleet import read_ready
+
 READY = "MOCK_OPENAI_READY"
 JSON_TOKENS = 16
 SSE_CHUNKS = 32
@@ -345,26 +347,6 @@ def start_mock_backends(
         finally:
             for b in started:
                 b.stop()
-
-
-def read_ready(popen: subprocess.Popen[str], prefix: str, timeout: float) -> dict[str, str] | None:
-    """The key=value pairs of the first stdout line starting with prefix; None if the process
-    exited or said nothing in time (its stdout must be a text pipe)."""
-    import selectors
-
-    assert popen.stdout is not None
-    deadline = time.monotonic() + timeout
-    with selectors.DefaultSelector() as sel:
-        sel.register(popen.stdout, selectors.EVENT_READ)
-        while (left := deadline - time.monotonic()) > 0:
-            if not sel.select(left):
-                break
-            line = popen.stdout.readline()
-            if not line:
-                return None
-            if line.startswith(prefix):
-                return dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)
-    return None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -501,26 +501,34 @@ class Peer:
     """(venv, worker URLs, port, prometheus port) -> argv."""
 
 
+def _router_args(urls: list[str], port: int, prom: int, log_level: str) -> list[str]:
+    """Flags both Rust routers take alike: loopback only, round robin, Prometheus moved off
+    its default port 29000."""
+    return [
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--worker-urls",
+        *urls,
+        "--policy",
+        "round_robin",
+        "--prometheus-host",
+        "127.0.0.1",
+        "--prometheus-port",
+        str(prom),
+        "--log-level",
+        log_level,
+    ]
+
+
 PEERS = {
     "vllm_router": Peer(
         "vllm-router",
         "0.1.17",
         lambda venv, urls, port, prom: [
             str(venv / "bin" / "vllm-router"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--worker-urls",
-            *urls,
-            "--policy",
-            "round_robin",
-            "--prometheus-host",
-            "127.0.0.1",
-            "--prometheus-port",
-            str(prom),
-            "--log-level",
-            "warning",
+            *_router_args(urls, port, prom, "warning"),
         ],
     ),
     "sglang_router": Peer(
@@ -530,20 +538,7 @@ PEERS = {
             str(venv / "bin" / "python"),
             "-m",
             "sglang_router.launch_router",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--worker-urls",
-            *urls,
-            "--policy",
-            "round_robin",
-            "--prometheus-host",
-            "127.0.0.1",
-            "--prometheus-port",
-            str(prom),
-            "--log-level",
-            "warn",
+            *_router_args(urls, port, prom, "warn"),
         ],
     ),
 }

@@ -38,6 +38,8 @@ from typing import Any
 
 from aiohttp import web
 
+from loadtest.fleet import read_ready
+
 READY = "TRIVIAL_SERVER_READY"
 
 
@@ -281,7 +283,7 @@ def start_trivial_server(
         )
         server = None
         try:
-            ready = _read_ready(popen, timeout)
+            ready = read_ready(popen, READY, timeout)
             if ready is None:
                 errlog.seek(0)
                 raise RuntimeError(f"trivial server did not start:\n{errlog.read()[-2000:]}")
@@ -295,24 +297,6 @@ def start_trivial_server(
                 server.stop()
             assert popen.stdout is not None
             popen.stdout.close()
-
-
-def _read_ready(popen: subprocess.Popen[str], timeout: float) -> dict[str, str] | None:
-    import selectors
-
-    assert popen.stdout is not None
-    deadline = time.monotonic() + timeout
-    with selectors.DefaultSelector() as sel:
-        sel.register(popen.stdout, selectors.EVENT_READ)
-        while (left := deadline - time.monotonic()) > 0:
-            if not sel.select(left):
-                break
-            line = popen.stdout.readline()
-            if not line:
-                return None  # exited
-            if line.startswith(READY):
-                return dict(kv.split("=", 1) for kv in line.split()[1:])
-    return None
 
 
 def main(argv: list[str] | None = None) -> None:
