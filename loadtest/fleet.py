@@ -179,3 +179,14 @@ def read_ready(popen: subprocess.Popen[str], prefix: str, timeout: float) -> dic
             if line.startswith(prefix):
                 return dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)
     return None
+
+
+def terminate(popen: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout`; by PID, never by name."""
+    if popen.poll() is None:
+        popen.send_signal(signal.SIGTERM)
+        try:
+            popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait()

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loadtest.fleet import read_ready
+from loadtest.fleet import read_ready, terminate
 
 READY = "MOCK_OPENAI_READY"
 JSON_TOKENS = 16
@@ -306,13 +306,7 @@ class MockBackend:
         return int(self.url.rsplit(":", 1)[1])
 
     def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(5)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
+        terminate(self.popen, 5.0)
         if self.popen.stdout is not None:
             self.popen.stdout.close()
 

@@ -36,7 +36,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -46,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadtest.fleet import Proc, free_port
+from loadtest.fleet import Proc, free_port, terminate
 from loadtest.mock_openai import (
     JSON_TOKENS,
     SSE_CHUNKS,
@@ -439,16 +438,6 @@ def _tail(path: Path, n: int = 2000) -> str:
         return ""
 
 
-def _stop(popen: subprocess.Popen[Any], timeout: float = 10.0) -> None:
-    if popen.poll() is None:
-        popen.send_signal(signal.SIGTERM)
-        try:
-            popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            popen.kill()
-            popen.wait()
-
-
 @contextlib.contextmanager
 def _process(args: list[str], port: int, timeout: float = 60.0) -> Iterator[subprocess.Popen[Any]]:
     """A router process with its output in a temp dir, listening on `port`; stopped by PID."""
@@ -462,7 +451,7 @@ def _process(args: list[str], port: int, timeout: float = 60.0) -> Iterator[subp
             _wait_port(port, popen, timeout, logfile)
             yield popen
         finally:
-            _stop(popen)
+            terminate(popen)
 
 
 def gateway_help() -> str:

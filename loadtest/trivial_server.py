@@ -38,7 +38,7 @@ from typing import Any
 
 from aiohttp import web
 
-from loadtest.fleet import read_ready
+from loadtest.fleet import read_ready, terminate
 
 READY = "TRIVIAL_SERVER_READY"
 
@@ -255,13 +255,7 @@ class RunningServer:
     popen: subprocess.Popen[str]
 
     def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(5)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
+        terminate(self.popen, 5.0)
 
 
 @contextlib.contextmanager
