@@ -107,21 +107,25 @@ def test_prefix_aware_processes_share_their_routing(worker: Proc) -> None:
             with urllib.request.urlopen(req, timeout=30) as r:
                 return r.headers["x-breakwater-worker"]
 
-        def received() -> dict[int, int]:
-            """Decisions each process has heard from its sibling, by pid."""
-            seen: dict[int, int] = {}
+        def shared() -> dict[int, dict[str, int]]:
+            """Decisions each process has sent to and heard from its sibling, by pid."""
+            seen: dict[int, dict[str, int]] = {}
             while len(seen) < 2:
                 p = _admin(url)["process"]
-                seen[p["pid"]] = p["routing_shared"]["received"]
+                seen[p["pid"]] = p["routing_shared"]
             return seen
+
+        def all_delivered() -> bool:
+            counts = shared().values()
+            return sum(c["sent"] for c in counts) == sum(c["received"] for c in counts)
 
         for n in range(4):
             prompt = f"conversation {n}: " + "a long shared system prompt. " * 20
-            before = sum(received().values())
             first = where(prompt)
-            # The decision reaches the sibling (in milliseconds); from then on every turn,
-            # whichever process takes its connection, goes where the first one went.
-            wait_for(lambda b=before: sum(received().values()) > b, timeout=30)
+            # Every decision so far has reached the other process (in milliseconds); from
+            # then on every turn, whichever process takes its connection, goes where the
+            # first one went.
+            wait_for(all_delivered, timeout=30)
             assert [where(prompt) for _ in range(8)] == [first] * 8
     finally:
         gw.stop()
