@@ -82,7 +82,7 @@ class Call:
     UpstreamError if the upstream fails mid-stream; `close` must be called once.
     """
 
-    __slots__ = ("_attempt", "_closed", "_deltas", "_idle", "_resp", "first", "raw", "status")
+    __slots__ = ("_attempt", "_closed", "_deltas", "_idle", "_resp", "first", "raw")
 
     def __init__(
         self,
@@ -98,7 +98,6 @@ class Call:
         self._deltas = deltas
         self._resp = resp
         self.raw = resp is not None
-        self.status = resp.status if resp is not None else 200
         self._closed = False
 
     @property

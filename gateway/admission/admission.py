@@ -34,6 +34,7 @@ from gateway.admission.tenants import (
     TenantDirectory,
     load_settings,
 )
+from proto import inference_pb2 as pb
 from proto.openai_compat import OpenAIError
 
 
@@ -45,6 +46,21 @@ def estimate_tokens(prompt: str | Sequence[int], max_tokens: int) -> int:
     """
     n = len(prompt) if not isinstance(prompt, str) else math.ceil(len(prompt.encode()) / 4)
     return n + max(0, max_tokens)
+
+
+def estimate_request_tokens(request: pb.GenerateRequest) -> int:
+    """`estimate_tokens` for a Generate request (chat, token ids or text; max_tokens 256
+    when unset), as both front ends charge it."""
+    which = request.WhichOneof("prompt")
+    prompt: str | list[int]
+    if which == "chat":
+        prompt = "".join(m.content for m in request.chat.messages)
+    elif which == "token_ids":
+        prompt = list(request.token_ids.ids)
+    else:
+        prompt = request.text
+    sp = request.sampling
+    return estimate_tokens(prompt, sp.max_tokens if sp.HasField("max_tokens") else 256)
 
 
 class Ticket:

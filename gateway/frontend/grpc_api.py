@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from gateway.admission.admission import Admission, Ticket, estimate_tokens
+from gateway.admission.admission import Admission, Ticket, estimate_request_tokens
 from gateway.dispatch import Dispatcher
 from proto import inference_pb2 as pb
 from proto import inference_pb2_grpc as pb_grpc
@@ -61,16 +61,7 @@ class GatewayInference(pb_grpc.InferenceServicer):
         if self.admission is None:
             return None
         auth = dict(context.invocation_metadata() or ()).get("authorization")
-        which = request.WhichOneof("prompt")
-        prompt: str | list[int]
-        if which == "token_ids":
-            prompt = list(request.token_ids.ids)
-        elif which == "chat":
-            prompt = "".join(m.content for m in request.chat.messages)
-        else:
-            prompt = request.text
-        sp = request.sampling
-        est = estimate_tokens(prompt, sp.max_tokens if sp.HasField("max_tokens") else 256)
+        est = estimate_request_tokens(request)
         try:
             return await self.admission.admit(
                 str(auth) if auth else None, est, int(request.priority), deadline

@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.admission.admission import Admission, Ticket, estimate_tokens
+from gateway.admission.admission import Admission, Ticket, estimate_request_tokens
 from gateway.dispatch import Call, Dispatcher, RawRequest
 from gateway.routing.decision_share import RedisShare, SiblingShare
 from proto import inference_pb2 as pb
@@ -38,19 +38,10 @@ class HTTPAdmission:
     async def __call__(
         self, request: web.Request, body: dict[str, Any], parsed: ParsedRequest, deadline: float
     ) -> Ticket | None:
-        req = parsed.request
-        which = req.WhichOneof("prompt")
-        if which == "chat":
-            prompt: str | list[int] = "".join(m.content for m in req.chat.messages)
-        elif which == "token_ids":
-            prompt = list(req.token_ids.ids)
-        else:
-            prompt = req.text
-        max_tokens = req.sampling.max_tokens if req.sampling.HasField("max_tokens") else 256
-        priority = int(req.priority) if body.get("priority") is not None else None
+        priority = int(parsed.request.priority) if body.get("priority") is not None else None
         return await self.admission.admit(
             request.headers.get("Authorization"),
-            estimate_tokens(prompt, max_tokens),
+            estimate_request_tokens(parsed.request),
             priority,
             deadline,
         )
