@@ -21,7 +21,7 @@ from gateway.frontend.http_api import GatewayRoutes
 from gateway.process_group import READY_LINE, Siblings, die_with_parent, sibling_settings
 from gateway.registry.base import Registry, WorkerInfo
 from gateway.routing.decision_share import RedisShare, SiblingShare, bind_sockets, child_env
-from gateway.routing.policy import PrefixAware, make_policy
+from gateway.routing.policy import Router
 from gateway.settings import GatewaySettings
 from gateway.upstream.base import Upstream
 from proto import inference_pb2_grpc as pb_grpc
@@ -71,9 +71,12 @@ class Gateway:
             self.registry = EmbeddedRegistry(
                 settings.workers, upstream_for, settings.health_interval_s
             )
-        policy = make_policy(settings.routing)
+        self.router = router = Router(
+            settings.routing, settings.model_routing, settings.sticky_sessions
+        )
+        policy = router.prefix_aware()
         self.share: SiblingShare | RedisShare | None = None
-        if isinstance(policy, PrefixAware):
+        if policy is not None:
             # With Redis, one channel reaches siblings and other gateways alike.
             self.share = (
                 RedisShare(settings.redis_url, policy.learn)
@@ -83,7 +86,7 @@ class Gateway:
             policy.share = self.share.publish if self.share else None
         self.dispatcher = Dispatcher(
             self.registry,
-            policy,
+            router,
             make_upstream,
             DispatchSettings(
                 max_attempts=settings.max_attempts,
@@ -103,6 +106,7 @@ class Gateway:
         )
         routes.process.update(index=settings.process_index, processes=settings.processes)
         routes.share = self.share
+        routes.session_header = settings.session_header
         routes.add_to(self.app)
         self.breaker_sync = None
         if settings.redis_url:
@@ -133,10 +137,11 @@ class Gateway:
         self.http_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         if self.settings.grpc_port is not None:
             self.grpc_server = grpc.aio.server(options=[("grpc.so_reuseport", int(shared))])
-            pb_grpc.add_InferenceServicer_to_server(
-                GatewayInference(self.dispatcher, self.settings.request_timeout_s, self.admission),
-                self.grpc_server,
+            front = GatewayInference(
+                self.dispatcher, self.settings.request_timeout_s, self.admission
             )
+            front.session_header = self.settings.session_header.lower()
+            pb_grpc.add_InferenceServicer_to_server(front, self.grpc_server)
             self.grpc_port = self.grpc_server.add_insecure_port(
                 f"{self.settings.host}:{self.settings.grpc_port}"
             )
@@ -159,7 +164,8 @@ class Gateway:
 async def _serve(settings: GatewaySettings) -> int:
     share_socks = None
     group = settings.processes > 1 and settings.process_index == 0
-    if group and settings.routing == "prefix-aware" and not settings.redis_url:
+    prefix_aware = "prefix-aware" in {settings.routing, *settings.model_routing.values()}
+    if group and prefix_aware and not settings.redis_url:
         share_socks = bind_sockets(settings.processes)
         os.environ.update(child_env(share_socks, 0, dup=True))  # Gateway reads it back
     gw = Gateway(settings)

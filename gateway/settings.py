@@ -20,6 +20,11 @@ class GatewaySettings:
     """Static upstreams for the embedded registry: host:port (gRPC) or http://... (OpenAI)."""
     redis_url: str | None = None
     routing: str = "prefix-aware"
+    model_routing: dict[str, str] = field(default_factory=dict)
+    """Per-model policy overrides (model -> policy); other models use `routing`."""
+    sticky_sessions: bool = False
+    """Keep a session's requests on one replica (key: `session_header`, or OpenAI `user`)."""
+    session_header: str = "X-Session-Id"
     request_timeout_s: float = 600.0
     """Default overall deadline; callers may set their own (X-Request-Timeout-Ms, gRPC)."""
     max_request_timeout_s: float = 3600.0
@@ -62,6 +67,25 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
         choices=["round-robin", "least-outstanding", "prefix-aware"],
         help="how a replica is chosen; prefix-aware: the one most likely to hold the prompt's "
         "prefix in its KV cache, among those not much busier than the least loaded",
+    )
+    p.add_argument(
+        "--model-routing",
+        action="append",
+        default=[],
+        metavar="MODEL=POLICY",
+        help="a routing policy for one model (repeatable); other models use --routing",
+    )
+    p.add_argument(
+        "--sticky-sessions",
+        action=argparse.BooleanOptionalAction,
+        default=(_env("STICKY_SESSIONS", "") or "").lower() in ("1", "true", "yes"),
+        help="keep a session's requests on one replica (while it is not much busier than "
+        "the least loaded); the key is the --session-header, else the body's `user`",
+    )
+    p.add_argument(
+        "--session-header",
+        default=_env("SESSION_HEADER", "X-Session-Id"),
+        help="HTTP header (gRPC metadata, lower-cased) carrying the session key",
     )
     p.add_argument(
         "--request-timeout",
@@ -117,6 +141,21 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--process-index", type=int, default=0, help=argparse.SUPPRESS)
 
 
+def _model_routing(items: list[str]) -> dict[str, str]:
+    from gateway.routing.policy import POLICIES
+
+    out: dict[str, str] = {}
+    for item in items:
+        model, sep, policy = item.rpartition("=")
+        if not sep or not model or policy not in POLICIES:
+            raise SystemExit(
+                f"--model-routing {item!r}: expected MODEL=POLICY with POLICY one of "
+                f"{', '.join(sorted(POLICIES))}"
+            )
+        out[model] = policy
+    return out
+
+
 def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
     return GatewaySettings(
         host=args.host,
@@ -125,6 +164,9 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         workers=args.workers,
         redis_url=args.redis_url,
         routing=args.routing,
+        model_routing=_model_routing(args.model_routing),
+        sticky_sessions=args.sticky_sessions,
+        session_header=args.session_header,
         request_timeout_s=args.request_timeout,
         max_request_timeout_s=args.max_request_timeout,
         ttft_timeout_s=args.ttft_timeout,

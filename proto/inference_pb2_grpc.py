@@ -44,6 +44,11 @@ class InferenceStub:
                 request_serializer=proto_dot_inference__pb2.StatsRequest.SerializeToString,
                 response_deserializer=proto_dot_inference__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.WatchCache = channel.unary_stream(
+                '/breakwater.v1.Inference/WatchCache',
+                request_serializer=proto_dot_inference__pb2.WatchCacheRequest.SerializeToString,
+                response_deserializer=proto_dot_inference__pb2.CacheUpdate.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -64,6 +69,14 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchCache(self, request, context):
+        """The worker's prefix cache as block keys: one snapshot, then changes as they happen,
+        so a router can score replicas on what they hold rather than on what it guesses.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +89,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=proto_dot_inference__pb2.StatsRequest.FromString,
                     response_serializer=proto_dot_inference__pb2.StatsResponse.SerializeToString,
+            ),
+            'WatchCache': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchCache,
+                    request_deserializer=proto_dot_inference__pb2.WatchCacheRequest.FromString,
+                    response_serializer=proto_dot_inference__pb2.CacheUpdate.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +150,33 @@ class Inference:
             '/breakwater.v1.Inference/Stats',
             proto_dot_inference__pb2.StatsRequest.SerializeToString,
             proto_dot_inference__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchCache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/breakwater.v1.Inference/WatchCache',
+            proto_dot_inference__pb2.WatchCacheRequest.SerializeToString,
+            proto_dot_inference__pb2.CacheUpdate.FromString,
             options,
             channel_credentials,
             insecure,

@@ -93,8 +93,17 @@ def _int(body: dict[str, Any], name: str, lo: int, hi: int = 2**31 - 1) -> int |
     return v
 
 
+MAX_SESSION_KEY = 256
+"""Characters of a session key (or `user`) kept for sticky routing."""
+
+
 def _common(body: dict[str, Any], req: pb.GenerateRequest) -> None:
     """Sampling fields shared by both endpoints (with vLLM's extensions)."""
+    user = body.get("user")
+    if user is not None:
+        if not isinstance(user, str):
+            raise bad("'user' must be a string", "user")
+        req.session_key = user[:MAX_SESSION_KEY]
     sp = req.sampling
     if (t := _number(body, "temperature", 0, 2)) is not None:
         sp.temperature = t

@@ -12,7 +12,7 @@ from gateway.admission.admission import Admission, Ticket, estimate_request_toke
 from gateway.dispatch import Dispatcher
 from proto import inference_pb2 as pb
 from proto import inference_pb2_grpc as pb_grpc
-from proto.openai_compat import OpenAIError
+from proto.openai_compat import MAX_SESSION_KEY, OpenAIError
 from serving.calls import UpstreamError
 
 # Admission answers in HTTP terms; gRPC callers get the matching status codes.
@@ -32,12 +32,18 @@ class GatewayInference(pb_grpc.InferenceServicer):
         self.dispatcher = dispatcher
         self.default_timeout_s = default_timeout_s
         self.admission = admission
+        self.session_header = "x-session-id"
+        """Metadata key of the sticky-routing key, when the request has no session_key."""
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         if not request.request_id:
             request.request_id = uuid.uuid4().hex
+        if not request.session_key:
+            for key, value in context.invocation_metadata() or ():
+                if key == self.session_header and isinstance(value, str):
+                    request.session_key = value[:MAX_SESSION_KEY]
         remaining = context.time_remaining()
         timeout = min(remaining, self.default_timeout_s) if remaining else self.default_timeout_s
         deadline = time.monotonic() + timeout

@@ -21,7 +21,7 @@ from gateway.admission.admission import Admission, Ticket, estimate_request_toke
 from gateway.dispatch import Call, Dispatcher, RawRequest
 from gateway.routing.decision_share import RedisShare, SiblingShare
 from proto import inference_pb2 as pb
-from proto.openai_compat import OpenAIError, ParsedRequest, sse
+from proto.openai_compat import MAX_SESSION_KEY, OpenAIError, ParsedRequest, sse
 from serving.calls import CallInfo, UpstreamError
 from serving.openai_http import OpenAIRoutes, call_headers, from_upstream, json_response
 
@@ -60,6 +60,8 @@ class GatewayRoutes(OpenAIRoutes):
         self.process: dict[str, int] = {"pid": os.getpid(), "index": 0, "processes": 1}
         """Which of the gateway's processes answers (`--processes`), for /admin/workers."""
         self.share: SiblingShare | RedisShare | None = None
+        self.session_header = "X-Session-Id"
+        """Carries the sticky-routing key; overrides the body's `user`."""
 
     def process_view(self) -> dict[str, Any]:
         view: dict[str, Any] = dict(self.process)
@@ -69,12 +71,21 @@ class GatewayRoutes(OpenAIRoutes):
 
     async def list_workers(self, request: web.Request) -> web.Response:
         """The pool as this gateway process sees it (read-only; operator actions come later)."""
-        return json_response({"workers": self.dispatcher.workers(), "process": self.process_view()})
+        view: dict[str, Any] = {
+            "workers": self.dispatcher.workers(),
+            "process": self.process_view(),
+        }
+        describe = getattr(self.dispatcher.policy, "describe", None)
+        if describe is not None:
+            view["routing"] = describe()
+        return json_response(view)
 
     async def _dispatch(
         self, request: web.Request, parsed: ParsedRequest, raw: bytes, deadline: float
     ) -> web.StreamResponse:
         info = CallInfo()
+        if session := request.headers.get(self.session_header):
+            parsed.request.session_key = session[:MAX_SESSION_KEY]
         relay = RawRequest(_PATHS[parsed.kind], raw, parsed.stream)
         try:
             call = await self.dispatcher.open(

@@ -1,9 +1,15 @@
-"""Routing policies behind one interface: round-robin, least-outstanding, prefix-aware."""
+"""Routing policies behind one interface: round-robin, least-outstanding, prefix-aware.
+
+`Router` puts them together as a gateway runs them: a policy per model (a default and
+overrides), and optional sticky sessions in front.
+"""
 
 from __future__ import annotations
 
 import itertools
+import zlib
 from collections.abc import Callable, Mapping, Sequence
+from hashlib import blake2b
 from typing import Protocol
 
 from gateway.registry.base import WorkerInfo
@@ -101,15 +107,20 @@ class PrefixAware:
         self.rel = rel
         self.abs = abs_
         self.weights = weights
-        self._memo: tuple[int, list[int]] = (0, [])
+        self._memo: tuple[pb.GenerateRequest | None, list[int]] = (None, [])
         self._tiebreak = itertools.count()
         self.share: Callable[[str, list[int]], None] | None = None
         """Tells sibling processes or other gateways of each decision (see decision_share)."""
 
     def _keys(self, request: pb.GenerateRequest) -> list[int]:
-        """Block keys, computed once per request even when it is retried."""
-        if self._memo[0] != id(request):
-            self._memo = (id(request), block_keys(prompt_bytes(request)))
+        """Block keys, computed once per request even when it is retried.
+
+        Keyed by the object itself, held: an id() alone is reused by the next request
+        allocated where a finished one was, which then got the finished one's keys.
+        """
+        if self._memo[0] is not request:
+            seed = zlib.crc32(request.model.encode())  # one model's cache is not another's
+            self._memo = (request, block_keys(prompt_bytes(request), seed=seed))
         return self._memo[1]
 
     def choose(
@@ -178,3 +189,79 @@ def make_policy(name: str) -> RoutingPolicy:
         raise ValueError(
             f"unknown routing policy {name!r}; choose from {sorted(POLICIES)}"
         ) from None
+
+
+def sticky_choice(
+    key: str,
+    candidates: Sequence[WorkerInfo],
+    outstanding: Mapping[str, int],
+    rel: float = 1.5,
+    abs_: float = 4.0,
+) -> WorkerInfo:
+    """The replica a session key belongs to: rendezvous hashing with a load bound.
+
+    Every gateway (and process) computes the same owner from the key alone, so stickiness
+    needs no shared table, and a replica that leaves moves only its own sessions. The owner
+    is skipped while it is busier than `rel` x the least loaded + `abs_` (as prefix-aware
+    bounds its choice), so one heavy session cannot pile onto one replica; the session
+    moves back once the owner has room.
+    """
+    loads = [outstanding.get(w.worker_id, 0) for w in candidates]
+    bound = min(loads) * rel + abs_
+    kb = key.encode()
+    # blake2b, not CRC-32: CRC is linear, so its rank of replicas barely depends on the key
+    # (measured: 80/70/30/20 sessions of 200 over 4 replicas); ~1 us per candidate.
+    ranked = sorted(
+        zip(candidates, loads, strict=True),
+        key=lambda wl: blake2b(kb + b"\x00" + wl[0].worker_id.encode(), digest_size=8).digest(),
+        reverse=True,
+    )
+    return next(w for w, load in ranked if load <= bound)
+
+
+class Router:
+    """The gateway's routing: a policy per model, and sticky sessions in front when asked.
+
+    Policies are shared between the models that name the same one (one prefix index for
+    all models; its keys are seeded with the model, so they never mix).
+    """
+
+    def __init__(
+        self,
+        default: str = "prefix-aware",
+        per_model: Mapping[str, str] | None = None,
+        sticky: bool = False,
+    ) -> None:
+        names = {default, *(per_model or {}).values()}
+        self.policies: dict[str, RoutingPolicy] = {n: make_policy(n) for n in sorted(names)}
+        self.default = self.policies[default]
+        self.per_model = {m: self.policies[n] for m, n in (per_model or {}).items()}
+        self.sticky = sticky
+        self.name = default
+
+    def policy_for(self, model: str) -> RoutingPolicy:
+        return self.per_model.get(model, self.default)
+
+    def prefix_aware(self) -> PrefixAware | None:
+        p = self.policies.get(PrefixAware.name)
+        return p if isinstance(p, PrefixAware) else None
+
+    def choose(
+        self,
+        candidates: Sequence[WorkerInfo],
+        request: pb.GenerateRequest,
+        outstanding: Mapping[str, int],
+    ) -> WorkerInfo:
+        if self.sticky and request.session_key and len(candidates) > 1:
+            return sticky_choice(request.session_key, candidates, outstanding)
+        return self.policy_for(request.model).choose(candidates, request, outstanding)
+
+    def routed(self, worker: WorkerInfo, request: pb.GenerateRequest) -> None:
+        self.policy_for(request.model).routed(worker, request)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "default": self.default.name,
+            "per_model": {m: p.name for m, p in sorted(self.per_model.items())},
+            "sticky_sessions": self.sticky,
+        }

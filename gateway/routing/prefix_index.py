@@ -38,10 +38,10 @@ def prompt_bytes(request: pb.GenerateRequest) -> bytes:
     return request.text.encode()
 
 
-def block_keys(data: bytes, block: int = BLOCK_BYTES) -> list[int]:
+def block_keys(data: bytes, block: int = BLOCK_BYTES, seed: int = 0) -> list[int]:
     """Chained keys of the full blocks of `data` (a partial last block is not cached)."""
     keys: list[int] = []
-    crc = 0
+    crc = seed
     view = memoryview(data)
     for i in range(0, len(data) - block + 1, block):
         crc = zlib.crc32(view[i : i + block], crc)

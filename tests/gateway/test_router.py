@@ -1,0 +1,99 @@
+"""The gateway's Router: a policy per model, and sticky sessions with a load bound."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from gateway.registry.base import WorkerInfo
+from gateway.routing.policy import Router, sticky_choice
+from proto import inference_pb2 as pb
+from serving.registry_record import WorkerState
+
+
+def pool(n: int) -> list[WorkerInfo]:
+    return [
+        WorkerInfo(f"w{i}", f"127.0.0.1:{9000 + i}", state=WorkerState.SERVING) for i in range(n)
+    ]
+
+
+def req(model: str = "m", session: str = "", text: str = "hello") -> pb.GenerateRequest:
+    return pb.GenerateRequest(model=model, text=text, session_key=session)
+
+
+def test_a_session_stays_on_one_replica_and_sessions_spread() -> None:
+    workers = pool(4)
+    router = Router("round-robin", sticky=True)
+    owners = {}
+    for s in range(200):
+        key = f"session-{s}"
+        picks = {
+            router.choose(workers, req(session=key, text=f"t{t}"), {}).worker_id for t in range(5)
+        }
+        assert len(picks) == 1, picks
+        owners[key] = picks.pop()
+    spread = Counter(owners.values())
+    assert len(spread) == 4 and min(spread.values()) > 200 / 4 / 2, spread
+
+
+def test_stickiness_is_the_same_in_every_gateway_and_moves_only_a_leavers_sessions() -> None:
+    workers = pool(4)
+    a, b = Router("prefix-aware", sticky=True), Router("least-outstanding", sticky=True)
+    keys = [f"user-{i}" for i in range(100)]
+    before = {k: a.choose(workers, req(session=k), {}).worker_id for k in keys}
+    assert before == {k: b.choose(workers, req(session=k), {}).worker_id for k in keys}
+    after = {k: a.choose(workers[1:], req(session=k), {}).worker_id for k in keys}
+    moved = {k for k in keys if before[k] != after[k]}
+    assert moved == {k for k in keys if before[k] == "w0"}
+
+
+def test_a_busy_owner_is_skipped_until_it_has_room() -> None:
+    workers = pool(3)
+    owner = sticky_choice("s", workers, {})
+    busy = {owner.worker_id: 20}
+    assert sticky_choice("s", workers, busy) is not owner
+    assert sticky_choice("s", workers, {owner.worker_id: 4}) is owner  # within min*1.5+4
+
+
+def test_without_a_session_key_or_stickiness_the_policy_decides() -> None:
+    workers = pool(3)
+    router = Router("round-robin", sticky=False)
+    picks = [router.choose(workers, req(session="same"), {}).worker_id for _ in range(6)]
+    assert picks == ["w0", "w1", "w2", "w0", "w1", "w2"]
+    sticky = Router("round-robin", sticky=True)
+    picks = [sticky.choose(workers, req(), {}).worker_id for _ in range(3)]
+    assert picks == ["w0", "w1", "w2"]
+
+
+def test_policies_per_model_and_one_prefix_index_for_all() -> None:
+    router = Router("prefix-aware", {"batch": "round-robin", "chat": "least-outstanding"})
+    assert router.policy_for("batch").name == "round-robin"
+    assert router.policy_for("chat").name == "least-outstanding"
+    assert router.policy_for("other").name == "prefix-aware"
+    assert router.prefix_aware() is router.default
+    assert router.describe() == {
+        "default": "prefix-aware",
+        "per_model": {"batch": "round-robin", "chat": "least-outstanding"},
+        "sticky_sessions": False,
+    }
+    workers = pool(3)
+    picks = [router.choose(workers, req("batch"), {"w0": 9}).worker_id for _ in range(3)]
+    assert picks == ["w0", "w1", "w2"]  # round-robin ignores load
+    assert router.choose(workers, req("chat"), {"w0": 2, "w1": 0, "w2": 1}).worker_id == "w1"
+
+
+def test_the_same_prompt_for_two_models_does_not_share_prefix_keys() -> None:
+    router = Router("prefix-aware")
+    workers = pool(2)
+    text = "a long shared system prompt " * 20
+    first = router.choose(workers, req("m1", text=text), {})
+    router.routed(first, req("m1", text=text))
+    other = next(w for w in workers if w is not first)
+    # m2 has never been sent this prompt: the least loaded replica wins, not m1's holder
+    assert router.choose(workers, req("m2", text=text), {first.worker_id: 1}) is other
+
+
+def test_unknown_policy_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown routing policy"):
+        Router("random")
