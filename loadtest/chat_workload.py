@@ -24,8 +24,8 @@ import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from worker.engine.block_pool import hash_block
-from worker.engine.tokenizer import Tokenizer
+from prompts.block_keys import hash_block
+from prompts.tokenizer import Tokenizer
 
 BLOCK_SIZE = 16
 """The sim worker's KV block size (EngineConfig.block_size default)."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("breakwater", "gateway", "worker", "serving", "proto", "loadtest")
+PACKAGES = ("breakwater", "gateway", "worker", "serving", "proto", "prompts", "loadtest")
 SDK = ("breakwater.client", "breakwater.types", "breakwater.errors", "breakwater")
 
 
@@ -43,6 +43,11 @@ WALLS = (
     ),
     Wall("serving", ("gateway", "worker", "breakwater", "torch"), "serving is shared by both"),
     Wall("proto", ("gateway", "worker", "breakwater", "serving", "torch"), "the wire contract"),
+    Wall(
+        "prompts",
+        ("gateway", "worker", "breakwater", "serving", "proto", "torch", "grpc", "aiohttp"),
+        "prompt tokenization and block keys: a leaf both the engine and the router import",
+    ),
 )
 SDK_FORBIDDEN = ("torch", "grpc", "aiohttp", "gateway", "worker", "serving", "loadtest")
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from prompts.tokenizer import Tokenizer
 from proto import inference_pb2 as pb
 from worker.engine.outputs import Delta
 from worker.engine.request import GenerateRequest, Priority, SamplingParams
-from worker.engine.tokenizer import Tokenizer
 
 _FINISH = {
     "stop": pb.FINISH_REASON_STOP,

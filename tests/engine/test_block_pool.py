@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from worker.engine.block_pool import BlockPool, FreeBlockQueue, KVBlock, hash_block
+from prompts.block_keys import hash_block
+from worker.engine.block_pool import BlockPool, FreeBlockQueue, KVBlock
 from worker.engine.kv_cache_manager import KVCacheManager
 from worker.engine.request import Priority, Request, SamplingParams
 

@@ -22,11 +22,11 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
 
+from prompts.tokenizer import Tokenizer
 from worker.backends.vllm_engine import INSTALL_HINT, VLLMEngine, VLLMNotInstalledError
 from worker.engine import EngineConfig, GenerateRequest, SamplingParams
 from worker.engine.errors import ConfigError, InvalidRequestError
 from worker.engine.outputs import Delta
-from worker.engine.tokenizer import Tokenizer
 
 FAKE_DIR = Path(__file__).parent / "fake_vllm"
 TEXT = "hello world, hello breakwater. "

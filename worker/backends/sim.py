@@ -66,6 +66,7 @@ from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
+from prompts.tokenizer import Tokenizer
 from worker.engine.async_engine import AsyncEngine
 from worker.engine.config import EngineConfig
 from worker.engine.demo_model import default_demo_dir, ensure_demo_model
@@ -74,7 +75,6 @@ from worker.engine.kv_cache_manager import KVCacheManager
 from worker.engine.request import Request
 from worker.engine.sampler import SampleResult
 from worker.engine.scheduler import ScheduledBatch
-from worker.engine.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)

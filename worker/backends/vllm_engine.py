@@ -22,11 +22,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Protocol
 
+from prompts.tokenizer import Tokenizer
 from worker.engine.config import EngineConfig
 from worker.engine.errors import ConfigError, InvalidRequestError
 from worker.engine.outputs import Delta, EngineStats, FinishReason, TokenLogprob, Usage
 from worker.engine.request import GenerateRequest, Priority, SamplingParams
-from worker.engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
+from prompts.tokenizer import Tokenizer
 from worker.engine.config import EngineConfig
 from worker.engine.engine_core import EngineCore
 from worker.engine.errors import EngineDeadError, InvalidRequestError
 from worker.engine.outputs import Delta, EngineStats
 from worker.engine.request import GenerateRequest, Request
-from worker.engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,6 @@ reuse it without recomputation.
 
 from __future__ import annotations
 
-import hashlib
-from array import array
 from collections.abc import Iterable, Iterator, Sequence
 
 
@@ -76,17 +74,6 @@ class FreeBlockQueue:
         while node is not None and node is not self._tail:
             yield node
             node = node.next_free
-
-
-def hash_block(parent: bytes | None, token_ids: Sequence[int], extra_key: bytes) -> bytes:
-    """Chained SHA-256 of (parent hash, the block's tokens, extra keys such as the model id).
-
-    Chaining makes a block's hash identify its whole prefix, not just its own tokens.
-    """
-    h = hashlib.sha256(parent or b"\x00" * 32)
-    h.update(array("q", token_ids).tobytes())
-    h.update(extra_key)
-    return h.digest()
 
 
 class BlockPool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from prompts.errors import PromptError
 from worker.engine.config import EngineConfig
 from worker.engine.errors import InvalidRequestError
 from worker.engine.executor import Executor, TorchExecutor
@@ -64,11 +65,11 @@ class EngineCore:
             raise InvalidRequestError(
                 "give exactly one of prompt, prompt_token_ids or messages", "prompt"
             )
-        if req.messages is not None:
-            text = self.tokenizer.apply_chat_template(req.messages, req.add_generation_prompt)
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
-        elif req.prompt is not None:
-            ids = self.tokenizer.encode(req.prompt)
+        if req.messages is not None or req.prompt is not None:
+            try:
+                ids = self.tokenizer.prompt_ids(req.prompt, req.messages, req.add_generation_prompt)
+            except PromptError as e:
+                raise InvalidRequestError(e.message, e.param) from e
         else:
             ids = list(req.prompt_token_ids or [])
             vocab = self.executor.vocab_size

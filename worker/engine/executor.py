@@ -10,6 +10,7 @@ from typing import Protocol
 
 import torch
 
+from prompts.tokenizer import Tokenizer
 from worker.engine.config import EngineConfig
 from worker.engine.kv_cache_manager import KVCacheManager
 from worker.engine.memory import plan_memory
@@ -19,7 +20,6 @@ from worker.engine.request import Request
 from worker.engine.runner import ModelRunner
 from worker.engine.sampler import Sampler, SampleResult
 from worker.engine.scheduler import ScheduledBatch
-from worker.engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from worker.engine.block_pool import BlockPool, KVBlock, hash_block
+from prompts.block_keys import hash_block
+from worker.engine.block_pool import BlockPool, KVBlock
 from worker.engine.request import Request
 
 

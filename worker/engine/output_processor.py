@@ -6,9 +6,9 @@ become a stop string is held back until it either completes one (and is cut) or 
 
 from __future__ import annotations
 
+from prompts.tokenizer import Tokenizer
 from worker.engine.outputs import Delta, FinishReason, TokenLogprob
 from worker.engine.request import Request
-from worker.engine.tokenizer import Tokenizer
 
 
 def _holdback(text: str, stops: list[str]) -> int:

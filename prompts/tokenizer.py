@@ -12,7 +12,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.decoders import DecodeStream
 
-from worker.engine.errors import InvalidRequestError
+from prompts.errors import PromptError
 
 
 def _special_token(value: Any) -> str | None:
@@ -52,6 +52,18 @@ class Tokenizer:
                 ids = [bos, *ids]
         return ids
 
+    def prompt_ids(
+        self,
+        prompt: str | None = None,
+        messages: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[int]:
+        """A text or chat prompt's token ids, as the engine computes them (and so its cache)."""
+        if messages is not None:
+            text = self.apply_chat_template(messages, add_generation_prompt)
+            return self.encode(text, add_special_tokens=False)
+        return self.encode(prompt or "")
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
 
@@ -63,7 +75,7 @@ class Tokenizer:
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
     ) -> str:
         if not self.chat_template:
-            raise InvalidRequestError("this model has no chat template", "messages")
+            raise PromptError("this model has no chat template", "messages")
         if self._compiled is None:
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
 
@@ -84,6 +96,4 @@ class Tokenizer:
                 eos_token=self.eos_token or "",
             )
         except TemplateError as e:
-            raise InvalidRequestError(
-                f"chat template rejected the messages: {e}", "messages"
-            ) from e
+            raise PromptError(f"chat template rejected the messages: {e}", "messages") from e

@@ -1,0 +1,34 @@
+"""Prefix-cache block hashes, and the 8-byte keys workers report and routers predict.
+
+A block's hash is a chained SHA-256 of (parent block's hash, the block's token ids, an
+extra key such as the model id): chaining makes one hash name the whole prefix up to the
+block's end, so equal hashes mean equal prefixes. Only full blocks are hashed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections.abc import Sequence
+
+
+def hash_block(parent: bytes | None, token_ids: Sequence[int], extra_key: bytes) -> bytes:
+    h = hashlib.sha256(parent or b"\x00" * 32)
+    h.update(array("q", token_ids).tobytes())
+    h.update(extra_key)
+    return h.digest()
+
+
+def block_hashes(token_ids: Sequence[int], block_size: int, extra_key: bytes) -> list[bytes]:
+    """The hashes of every full block of a prompt, in order."""
+    out: list[bytes] = []
+    parent = None
+    for i in range(len(token_ids) // block_size):
+        parent = hash_block(parent, token_ids[i * block_size : (i + 1) * block_size], extra_key)
+        out.append(parent)
+    return out
+
+
+def block_key(block_hash: bytes) -> int:
+    """The hash's first 8 bytes as an unsigned int: what travels (CacheUpdate) and is matched."""
+    return int.from_bytes(block_hash[:8], "big")
