@@ -20,8 +20,10 @@ from gateway.frontend.grpc_api import GatewayInference
 from gateway.frontend.http_api import GatewayRoutes
 from gateway.process_group import READY_LINE, Siblings, die_with_parent, sibling_settings
 from gateway.registry.base import Registry, WorkerInfo
+from gateway.routing.cache_views import CacheWatcher
 from gateway.routing.decision_share import RedisShare, SiblingShare, bind_sockets, child_env
 from gateway.routing.policy import Router
+from gateway.routing.token_keys import TokenizerStore
 from gateway.settings import GatewaySettings
 from gateway.upstream.base import Upstream
 from proto import inference_pb2_grpc as pb_grpc
@@ -84,6 +86,11 @@ class Gateway:
                 else SiblingShare.from_env(policy.learn)
             )
             policy.share = self.share.publish if self.share else None
+            policy.tokenizers = TokenizerStore(settings.tokenizers)
+        self.cache_watcher: CacheWatcher | None = None
+        if policy is not None and settings.watch_caches:
+            self.cache_watcher = CacheWatcher(self.registry)
+            policy.views = self.cache_watcher.views
         self.dispatcher = Dispatcher(
             self.registry,
             router,
@@ -107,6 +114,8 @@ class Gateway:
         routes.process.update(index=settings.process_index, processes=settings.processes)
         routes.share = self.share
         routes.session_header = settings.session_header
+        if self.cache_watcher is not None:
+            routes.cache_views = self.cache_watcher.views
         routes.add_to(self.app)
         self.breaker_sync = None
         if settings.redis_url:
@@ -125,6 +134,8 @@ class Gateway:
         await self.registry.start()
         if self.breaker_sync is not None:
             await self.breaker_sync.start()
+        if self.cache_watcher is not None:
+            await self.cache_watcher.start()
         # handler_cancellation: a client that disconnects cancels its handler, and with it
         # the upstream call (aiohttp leaves this off by default).
         self.runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
@@ -154,6 +165,8 @@ class Gateway:
             await self.runner.cleanup()
         if self.breaker_sync is not None:
             await self.breaker_sync.close()
+        if self.cache_watcher is not None:
+            await self.cache_watcher.close()
         await self.registry.close()
         await self.dispatcher.close()
         await self.admission.close()

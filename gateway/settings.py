@@ -25,6 +25,10 @@ class GatewaySettings:
     sticky_sessions: bool = False
     """Keep a session's requests on one replica (key: `session_header`, or OpenAI `user`)."""
     session_header: str = "X-Session-Id"
+    watch_caches: bool = True
+    """Follow Breakwater workers' prefix caches (WatchCache) for exact prefix-aware scores."""
+    tokenizers: dict[str, str] = field(default_factory=dict)
+    """model -> tokenizer directory, so prefix-aware routing works on the workers' tokens."""
     request_timeout_s: float = 600.0
     """Default overall deadline; callers may set their own (X-Request-Timeout-Ms, gRPC)."""
     max_request_timeout_s: float = 3600.0
@@ -86,6 +90,22 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
         "--session-header",
         default=_env("SESSION_HEADER", "X-Session-Id"),
         help="HTTP header (gRPC metadata, lower-cased) carrying the session key",
+    )
+    p.add_argument(
+        "--watch-caches",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="prefix-aware: follow each Breakwater worker's prefix cache (WatchCache) and "
+        "score replicas on what they hold, not only on what was sent to them",
+    )
+    p.add_argument(
+        "--tokenizer",
+        action="append",
+        default=[],
+        dest="tokenizers",
+        metavar="MODEL=DIR",
+        help="the model's tokenizer directory, for routing on the workers' own token "
+        "blocks (default: the directory a worker on this host reports)",
     )
     p.add_argument(
         "--request-timeout",
@@ -156,6 +176,16 @@ def _model_routing(items: list[str]) -> dict[str, str]:
     return out
 
 
+def _pairs(flag: str, items: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise SystemExit(f"{flag} {item!r}: expected MODEL=VALUE")
+        out[key] = value
+    return out
+
+
 def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
     return GatewaySettings(
         host=args.host,
@@ -167,6 +197,8 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         model_routing=_model_routing(args.model_routing),
         sticky_sessions=args.sticky_sessions,
         session_header=args.session_header,
+        watch_caches=args.watch_caches,
+        tokenizers=_pairs("--tokenizer", args.tokenizers),
         request_timeout_s=args.request_timeout,
         max_request_timeout_s=args.max_request_timeout,
         ttft_timeout_s=args.ttft_timeout,

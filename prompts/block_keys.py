@@ -20,11 +20,18 @@ def hash_block(parent: bytes | None, token_ids: Sequence[int], extra_key: bytes)
 
 
 def block_hashes(token_ids: Sequence[int], block_size: int, extra_key: bytes) -> list[bytes]:
-    """The hashes of every full block of a prompt, in order."""
+    """The hashes of every full block of a prompt, in order: `hash_block` chained, with one
+    conversion of the ids to bytes for the whole prompt (about half the cost per block)."""
     out: list[bytes] = []
-    parent = None
-    for i in range(len(token_ids) // block_size):
-        parent = hash_block(parent, token_ids[i * block_size : (i + 1) * block_size], extra_key)
+    parent = b"\x00" * 32
+    data = memoryview(array("q", token_ids).tobytes())
+    step = block_size * 8
+    sha256 = hashlib.sha256
+    for end in range(step, len(data) + 1, step):
+        h = sha256(parent)
+        h.update(data[end - step : end])
+        h.update(extra_key)
+        parent = h.digest()
         out.append(parent)
     return out
 

@@ -24,6 +24,8 @@ def _special_token(value: Any) -> str | None:
 class Tokenizer:
     def __init__(self, model_dir: str | Path) -> None:
         model_dir = Path(model_dir)
+        self.source_dir = str(model_dir.resolve())
+        """Where it was loaded from: a router on the same host can load the same one."""
         path = model_dir / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found (only fast tokenizers are supported)")

@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2
 
 from proto import inference_pb2 as pb
 from proto import inference_pb2_grpc as pb_grpc
+from worker.cache_feed import CacheFeed
 from worker.engine.errors import EngineError, InvalidRequestError
 from worker.proto_convert import to_engine_request, to_response
 
@@ -45,6 +46,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         self.idle = asyncio.Event()
         self.idle.set()
         self._ids = itertools.count()
+        self.cache_feed: CacheFeed | None = None
 
     @property
     def model_name(self) -> str:
@@ -107,6 +109,17 @@ class InferenceService(pb_grpc.InferenceServicer):
         self, request: pb.StatsRequest, context: grpc.aio.ServicerContext
     ) -> pb.StatsResponse:
         return self.stats()
+
+    async def WatchCache(
+        self, request: pb.WatchCacheRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.CacheUpdate]:
+        if self.cache_feed is None:
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED, "this worker's engine does not report its cache"
+            )
+        assert self.cache_feed is not None
+        async for update in self.cache_feed.watch():
+            yield update
 
     def stats(self) -> pb.StatsResponse:
         resp = pb.StatsResponse(

@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2_grpc
 from proto import inference_pb2_grpc as pb_grpc
 from serving.logs import configure_logging
 from serving.registry_record import WorkerInfo, WorkerState
+from worker.cache_feed import CacheFeed
 from worker.engine_factory import build_engine
 from worker.grpc_service import NOT_SERVING, SERVICE_NAME, SERVING, InferenceService
 from worker.grpc_service import WorkerState as State
@@ -96,6 +97,9 @@ class Worker:
         engine = await asyncio.to_thread(build_engine, s)
         await _warm_up(engine)
         self.service.engine = engine
+        if CacheFeed.supported(engine):
+            self.service.cache_feed = CacheFeed(engine)
+            self.service.cache_feed.start()
         self.service.state = State.SERVING
         await self._set_health(SERVING)
         if s.http_port is not None:
@@ -135,6 +139,8 @@ class Worker:
             log.warning("drain timeout: %d request(s) cut off", self.service.in_flight)
         if self.http_runner is not None:
             await self.http_runner.cleanup()
+        if self.service.cache_feed is not None:
+            await self.service.cache_feed.close()
         assert self.server is not None
         await self.server.stop(grace=1.0)
         if self.publisher is not None:

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from aiohttp import web
 
 from gateway.admission.admission import Admission, Ticket, estimate_request_tokens
 from gateway.dispatch import Call, Dispatcher, RawRequest
+from gateway.routing.cache_views import CacheView
 from gateway.routing.decision_share import RedisShare, SiblingShare
 from proto import inference_pb2 as pb
 from proto.openai_compat import MAX_SESSION_KEY, OpenAIError, ParsedRequest, sse
@@ -62,6 +63,8 @@ class GatewayRoutes(OpenAIRoutes):
         self.share: SiblingShare | RedisShare | None = None
         self.session_header = "X-Session-Id"
         """Carries the sticky-routing key; overrides the body's `user`."""
+        self.cache_views: Mapping[str, CacheView] | None = None
+        """Workers' reported prefix caches, when followed (for /admin/workers)."""
 
     def process_view(self) -> dict[str, Any]:
         view: dict[str, Any] = dict(self.process)
@@ -71,10 +74,16 @@ class GatewayRoutes(OpenAIRoutes):
 
     async def list_workers(self, request: web.Request) -> web.Response:
         """The pool as this gateway process sees it (read-only; operator actions come later)."""
-        view: dict[str, Any] = {
-            "workers": self.dispatcher.workers(),
-            "process": self.process_view(),
-        }
+        workers = self.dispatcher.workers()
+        if self.cache_views is not None:
+            for w in workers:
+                v = self.cache_views.get(w["worker_id"])
+                w["cache"] = (
+                    {"reported": True, "blocks": len(v.held), "digest": v.digest()}
+                    if v is not None
+                    else {"reported": False}
+                )
+        view: dict[str, Any] = {"workers": workers, "process": self.process_view()}
         describe = getattr(self.dispatcher.policy, "describe", None)
         if describe is not None:
             view["routing"] = describe()

@@ -7,13 +7,16 @@ overrides), and optional sticky sessions in front.
 from __future__ import annotations
 
 import itertools
+import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from hashlib import blake2b
 from typing import Protocol
 
 from gateway.registry.base import WorkerInfo
+from gateway.routing.cache_views import CacheView
 from gateway.routing.prefix_index import PrefixIndex, block_keys, prompt_bytes
+from gateway.routing.token_keys import TokenizerStore, token_block_keys
 from proto import inference_pb2 as pb
 
 
@@ -90,8 +93,14 @@ class PrefixAware:
     abs 64, rel 1.5), and its users report collapse onto one worker under a popular prefix
     before that trips; bounding every decision keeps a hot prefix from piling up at all.
     A request that matches nothing goes to the least loaded replica, which also spreads
-    new prefixes. The index is approximate (see PrefixIndex): it learns from the routing
-    decisions themselves, so it needs no cooperation from the upstream.
+    new prefixes.
+
+    Two sources say what a replica holds. Where the replica reports its cache (`views`,
+    from WatchCache) and the model's tokenizer is at hand, the prompt is cut into the
+    engine's own token blocks and matched against what the replica holds now, evictions
+    included, plus what was sent to it in the last `recent_s` (not cached yet while it
+    prefills). Elsewhere (OpenAI upstreams) the index learnt from the routing decisions
+    themselves stands in, with text blocks and LRU ageing.
     """
 
     name = "prefix-aware"
@@ -102,12 +111,22 @@ class PrefixAware:
         rel: float = 1.5,
         abs_: float = 4.0,
         weights: tuple[float, float, float] = (3.0, 2.0, 2.0),
+        recent_s: float = 10.0,
     ) -> None:
         self.index = index or PrefixIndex()
         self.rel = rel
         self.abs = abs_
         self.weights = weights
+        self.recent_s = recent_s
+        self.views: Mapping[str, CacheView] = {}
+        """Replicas' reported caches by worker id (see cache_views.CacheWatcher)."""
+        self.tokenizers: TokenizerStore | None = None
         self._memo: tuple[pb.GenerateRequest | None, list[int]] = (None, [])
+        self._token_memo: tuple[pb.GenerateRequest | None, tuple[int, str], list[int] | None] = (
+            None,
+            (0, ""),
+            None,
+        )
         self._tiebreak = itertools.count()
         self.share: Callable[[str, list[int]], None] | None = None
         """Tells sibling processes or other gateways of each decision (see decision_share)."""
@@ -123,6 +142,65 @@ class PrefixAware:
             self._memo = (request, block_keys(prompt_bytes(request), seed=seed))
         return self._memo[1]
 
+    def _token_keys(self, request: pb.GenerateRequest, view: CacheView) -> list[int] | None:
+        """The engine's block keys for this prompt, or None without a tokenizer."""
+        shape = (view.block_size, view.model_id)
+        memo = self._token_memo
+        if memo[0] is request and memo[1] == shape:
+            return memo[2]
+        keys = None
+        tok = self.tokenizers.get(request.model, view.tokenizer) if self.tokenizers else None
+        if tok is not None or request.WhichOneof("prompt") == "token_ids":
+            try:
+                pieces = self.tokenizers.pieces(tok) if tok and self.tokenizers else None
+                keys = token_block_keys(request, tok, view.block_size, view.model_id, pieces)
+                if pieces is not None and pieces.queued and self.tokenizers:
+                    self.tokenizers.learn_later(pieces)
+            except ValueError:  # a chat template refusing the messages: the worker will say
+                keys = None
+        self._token_memo = (request, shape, keys)
+        return keys
+
+    def _holdings(
+        self, request: pb.GenerateRequest, eligible: Sequence[WorkerInfo]
+    ) -> dict[str, float]:
+        """The share of the prompt's blocks each eligible replica holds (0..1)."""
+        views = self.views
+        reported = [w.worker_id for w in eligible if w.worker_id in views]
+        guessed = {w.worker_id for w in eligible if w.worker_id not in views}
+        share: dict[str, float] = {}
+        tkeys = self._token_keys(request, views[reported[0]]) if reported else None
+        if tkeys is None:
+            guessed.update(reported)
+        elif tkeys:
+            first = views[reported[0]]
+            fresh_after = time.monotonic() - self.recent_s
+            for wid in reported:
+                view = views[wid]
+                if (view.block_size, view.model_id) != (first.block_size, first.model_id):
+                    guessed.add(wid)
+                    continue
+                share[wid] = self._leading(tkeys, wid, view, fresh_after) / len(tkeys)
+        if guessed:
+            keys = self._keys(request)
+            if keys:
+                for wid, n in self.index.match(keys, guessed).items():
+                    share[wid] = n / len(keys)
+        return share
+
+    def _leading(self, keys: list[int], wid: str, view: CacheView, fresh_after: float) -> int:
+        """Leading blocks the replica holds, or will once it prefills a request sent to it
+        recently (unless it has reported evicting the block since)."""
+        held, evicted, routed_at = view.held, view.evicted, self.index.routed_at
+        n = 0
+        for key in keys:
+            if key not in held:
+                sent = routed_at(key, wid)
+                if sent <= fresh_after or sent <= evicted.get(key, 0.0):
+                    break
+            n += 1
+        return n
+
     def choose(
         self,
         candidates: Sequence[WorkerInfo],
@@ -131,16 +209,15 @@ class PrefixAware:
     ) -> WorkerInfo:
         if len(candidates) == 1:
             return candidates[0]
-        keys = self._keys(request)
         # This gateway's own in-flight count: exact now, where the workers' reports are up to
         # a probe interval old (routing on those piled requests onto a worker that had
         # looked idle, and its batch overflowed: the overload scenario caught it).
         loads = {w.worker_id: outstanding.get(w.worker_id, 0) for w in candidates}
         bound = min(loads.values()) * self.rel + self.abs
         eligible = [w for w in candidates if loads[w.worker_id] <= bound]
-        matched = self.index.match(keys, {w.worker_id for w in eligible}) if keys else {}
+        held = self._holdings(request, eligible)
         turn = next(self._tiebreak)
-        if not any(matched.values()):  # nothing to gain from a cache: least loaded
+        if not any(held.values()):  # nothing to gain from a cache: least loaded
             return min(
                 eligible,
                 key=lambda w: (
@@ -149,13 +226,12 @@ class PrefixAware:
                     (hash(w.worker_id) + turn) % 997,
                 ),
             )
-        n = max(1, len(keys))
         top = max(1.0, max(loads.values()))
         wp, wq, wk = self.weights
 
         def score(w: WorkerInfo) -> tuple[float, int]:
             s = (
-                wp * matched.get(w.worker_id, 0) / n
+                wp * held.get(w.worker_id, 0.0)
                 - wq * loads[w.worker_id] / top
                 - wk * w.stats.get("kv_cache_usage", 0.0)
             )
@@ -168,7 +244,13 @@ class PrefixAware:
         self.index.insert(keys, worker_id)
 
     def routed(self, worker: WorkerInfo, request: pb.GenerateRequest) -> None:
-        keys = self._keys(request)
+        memo = self._token_memo
+        tkeys = memo[2] if memo[0] is request else None
+        # Text keys only serve replicas scored from the index; where every replica
+        # reported its cache for this request they would be unused work (~30 us).
+        keys = [] if tkeys and worker.worker_id in self.views else self._keys(request)
+        if tkeys:
+            keys = keys + tkeys  # both kinds: the index keeps them apart by value
         if keys:
             self.index.insert(keys, worker.worker_id)
             if self.share is not None:
@@ -260,8 +342,12 @@ class Router:
         self.policy_for(request.model).routed(worker, request)
 
     def describe(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "default": self.default.name,
             "per_model": {m: p.name for m, p in sorted(self.per_model.items())},
             "sticky_sessions": self.sticky,
         }
+        pa = self.prefix_aware()
+        if pa is not None:
+            out["tokenizers"] = pa.tokenizers.loaded() if pa.tokenizers else []
+        return out

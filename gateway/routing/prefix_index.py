@@ -58,11 +58,14 @@ class PrefixIndex:
     def __len__(self) -> int:
         return len(self._holders)
 
-    def match(self, keys: list[int], workers: set[str]) -> dict[str, int]:
-        """How many leading blocks of `keys` each of `workers` probably holds (0 if none)."""
+    def match(
+        self, keys: list[int], workers: set[str], ttl_s: float | None = None
+    ) -> dict[str, int]:
+        """How many leading blocks of `keys` each of `workers` probably holds (0 if none),
+        counting only entries younger than `ttl_s` (default: the index's TTL)."""
         matched = dict.fromkeys(workers, 0)
         alive = set(workers)
-        fresh_after = time.monotonic() - self.ttl_s
+        fresh_after = time.monotonic() - (self.ttl_s if ttl_s is None else ttl_s)
         holders_of = self._holders
         for n, key in enumerate(keys):
             holders = holders_of.get(key)
@@ -81,6 +84,11 @@ class PrefixIndex:
         for w in alive:
             matched[w] = n
         return matched
+
+    def routed_at(self, key: int, worker: str) -> float:
+        """When a request with block `key` was last sent to `worker` (0.0 if never known)."""
+        holders = self._holders.get(key)
+        return holders.get(worker, 0.0) if holders else 0.0
 
     def insert(self, keys: list[int], worker: str, now: float | None = None) -> None:
         """`worker` now holds these blocks (it will once it has prefilled the prompt)."""

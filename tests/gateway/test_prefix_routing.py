@@ -106,3 +106,50 @@ def test_stale_worker_reports_do_not_steer_load() -> None:
     pool[0].stats = {"in_flight": 16.0, "kv_cache_usage": 0.9}  # stale: it has drained since
     w = policy.choose(pool, chat("a fresh prompt nobody sent " * 10), {"w0": 0, "w1": 5})
     assert w.worker_id == "w0"
+
+
+def token_prompt(ids: list[int]) -> pb.GenerateRequest:
+    return pb.GenerateRequest(model="m", token_ids=pb.TokenIds(ids=ids))
+
+
+def engine_keys(ids: list[int]) -> list[int]:
+    from prompts.block_keys import block_hashes, block_key
+
+    return [block_key(h) for h in block_hashes(ids, 16, b"m")]
+
+
+def test_reported_caches_beat_the_learnt_index_and_evictions_count() -> None:
+    from gateway.routing.cache_views import CacheView
+
+    pool = workers(3)
+    ids = list(range(1, 161))  # 10 blocks of 16 tokens
+    policy = PrefixAware()
+    views = {w.worker_id: CacheView(16, "m", "") for w in pool}
+    policy.views = views
+    # The index believes w0 (a decision), but w2 reports holding the prompt: w2 wins.
+    policy.routed(pool[0], token_prompt(ids))
+    views["w0"].apply([], [], now=0.0)
+    views["w2"].apply(engine_keys(ids), [], now=0.0)
+    later = token_prompt(ids)
+    assert policy.choose(pool, later, {}).worker_id in {"w0", "w2"}  # w0: sent just now
+    # w0 reports evicting the blocks after the decision: only w2 still counts.
+    import time
+
+    views["w0"].apply([], engine_keys(ids), now=time.monotonic() + 1)
+    assert policy.choose(pool, token_prompt(ids), {}).worker_id == "w2"
+    # A decision older than the recent window no longer vouches for anything.
+    policy.recent_s = 0.0
+    views["w2"].apply([], engine_keys(ids)[5:], now=time.monotonic())
+    views["w1"].apply(engine_keys(ids), [], now=time.monotonic())
+    assert policy.choose(pool, token_prompt(ids), {}).worker_id == "w1"
+
+
+def test_unreported_workers_are_scored_from_the_index() -> None:
+    from gateway.routing.cache_views import CacheView
+
+    pool = workers(2)
+    policy = PrefixAware()
+    policy.views = {"w0": CacheView(16, "m", "")}  # w1 cannot report (an OpenAI upstream)
+    first = chat(SYSTEM, "one")
+    policy.routed(pool[1], first)
+    assert policy.choose(pool, chat(SYSTEM, "two"), {}).worker_id == "w1"

@@ -49,6 +49,19 @@ class AsyncEngine:
     def tokenizer(self) -> Tokenizer:
         return self.core.tokenizer
 
+    @property
+    def block_size(self) -> int:
+        return self.core.config.block_size
+
+    def cache_events(self) -> tuple[list[tuple[bool, bytes]], int]:
+        """Prefix-cache changes since the last call ((stored?, block hash)), and how many
+        were dropped unread so far; callable from any thread (see BlockPool.cache_events)."""
+        return self.core.kv.pool.cache_events()
+
+    def cached_hashes(self) -> list[bytes]:
+        """Every block hash in the prefix cache now."""
+        return self.core.kv.pool.cached_hashes()
+
     def stats(self) -> EngineStats:
         """Latest snapshot, published by the step thread (never stale by more than a step)."""
         return self._stats

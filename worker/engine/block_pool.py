@@ -7,6 +7,7 @@ reuse it without recomputation.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 
 
@@ -79,7 +80,9 @@ class FreeBlockQueue:
 class BlockPool:
     """Owns every KV block; block 0 is the null block used to pad block tables."""
 
-    def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
+    def __init__(
+        self, num_blocks: int, enable_caching: bool = True, max_events: int = 1 << 16
+    ) -> None:
         if num_blocks < 2:
             raise ValueError("a block pool needs at least 2 blocks (one is the null block)")
         self.num_blocks = num_blocks
@@ -89,6 +92,9 @@ class BlockPool:
         self.null_block.is_null = True
         self.free_queue = FreeBlockQueue(self.blocks[1:])
         self.cached: dict[bytes, KVBlock] = {}
+        self.events: deque[tuple[bool, bytes]] = deque(maxlen=max_events)
+        """(stored?, hash) as the cache changes, for a router to follow (see cache_events)."""
+        self.events_dropped = 0
 
     @property
     def num_free_blocks(self) -> int:
@@ -124,7 +130,29 @@ class BlockPool:
         if block.block_hash is not None:
             if self.cached.get(block.block_hash) is block:
                 del self.cached[block.block_hash]
+                self._event(False, block.block_hash)
             block.block_hash = None
+
+    def _event(self, stored: bool, block_hash: bytes) -> None:
+        if len(self.events) == self.events.maxlen:
+            self.events_dropped += 1  # a reader that fell this far behind takes a snapshot
+        self.events.append((stored, block_hash))
+
+    def cache_events(self) -> tuple[list[tuple[bool, bytes]], int]:
+        """Take the changes since the last call, and how many were dropped unread so far.
+
+        Safe from another thread: deque appends and pops are atomic, so the engine thread
+        never waits for a reader.
+        """
+        out = []
+        pop = self.events.popleft
+        for _ in range(len(self.events)):
+            out.append(pop())
+        return out, self.events_dropped
+
+    def cached_hashes(self) -> list[bytes]:
+        """Every hash held now (a snapshot: `list(dict)` runs without yielding the GIL)."""
+        return list(self.cached)
 
     def cache_full_blocks(
         self, blocks: Sequence[KVBlock], block_hashes: Sequence[bytes], start: int, end: int
@@ -142,6 +170,7 @@ class BlockPool:
             if h not in self.cached:
                 self.cached[h] = block
                 block.block_hash = h
+                self._event(True, h)
 
     def free_blocks(self, blocks: Iterable[KVBlock]) -> None:
         """Drop one reference each; pass blocks tail-first so a prefix's tail is evicted first."""
@@ -157,5 +186,7 @@ class BlockPool:
             return False
         for block in self.blocks:
             block.block_hash = None
+        for h in self.cached:
+            self._event(False, h)
         self.cached.clear()
         return True

@@ -1,0 +1,133 @@
+"""Prefix-aware routing on what workers report they hold (WatchCache), checked end to end.
+
+Prompts are sent straight to a worker, behind the gateway's back, so only the worker's own
+cache report can tell the gateway where a prefix lives, or that it was evicted.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import grpc
+import pytest
+
+from loadtest.fleet import Proc, get_json, start_gateway, start_sim_worker, wait_for
+from prompts.block_keys import block_hashes, block_key
+from prompts.tokenizer import Tokenizer
+from proto import inference_pb2 as pb
+from proto import inference_pb2_grpc as pb_grpc
+
+KV_TOKENS = 1024  # 64 blocks of 16: a few long prompts evict the oldest
+
+
+def system_prompt(tag: str) -> str:
+    return f"[{tag}] You are a careful assistant for the {tag} team. " * 12
+
+
+def messages(tag: str, question: str = "What now?") -> list[dict[str, str]]:
+    return [
+        {"role": "system", "content": system_prompt(tag)},
+        {"role": "user", "content": question},
+    ]
+
+
+def chat(base: str, msgs: list[dict[str, str]]) -> str:
+    req = urllib.request.Request(
+        base + "/v1/chat/completions",
+        data=json.dumps({"model": "sim", "messages": msgs, "max_tokens": 2}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=60) as r:
+        r.read()
+        return r.headers.get("x-breakwater-worker", "")
+
+
+def reported(worker: Proc) -> pb.CacheUpdate:
+    """The worker's own snapshot of its cache."""
+    with grpc.insecure_channel(worker.ready["grpc"]) as ch:
+        stream = pb_grpc.InferenceStub(ch).WatchCache(pb.WatchCacheRequest(), timeout=30)
+        first = next(stream)
+        stream.cancel()
+        return first
+
+
+def admin(gw: Proc) -> dict[str, Any]:
+    return get_json(gw.ready["http"] + "/admin/workers")
+
+
+@pytest.fixture(scope="module")
+def fleet() -> Iterator[tuple[Proc, dict[str, Proc]]]:
+    procs = [
+        start_sim_worker("--http-port", "0", "--sim-kv-tokens", str(KV_TOKENS)) for _ in range(2)
+    ]
+    workers = {w.ready["grpc"]: w for w in procs}  # the gateway names static workers so
+    gw = start_gateway(*[x for w in procs for x in ("--worker", w.ready["grpc"])])
+    try:
+        wait_for(
+            lambda: (
+                all(w["cache"]["reported"] for w in admin(gw)["workers"])
+                and len(admin(gw)["workers"]) == 2
+            ),
+            timeout=60,
+        )
+        chat(gw.ready["http"], messages("warm-up"))  # the gateway loads the tokenizer now
+        wait_for(lambda: admin(gw)["routing"]["tokenizers"], timeout=60)
+        yield gw, workers
+    finally:
+        gw.stop()
+        for w in workers.values():
+            w.stop()
+
+
+def digest(keys: Iterable[int]) -> str:
+    x = 0
+    for key in keys:
+        x ^= key
+    return f"{x:016x}"
+
+
+def in_sync(gw: Proc, workers: dict[str, Proc]) -> bool:
+    views = {w["worker_id"]: w["cache"] for w in admin(gw)["workers"]}
+    return all(views[wid].get("digest") == digest(reported(w).stored) for wid, w in workers.items())
+
+
+def wait_in_sync(gw: Proc, workers: dict[str, Proc]) -> None:
+    """Until the gateway's view of every worker's cache is the worker's own report."""
+    wait_for(lambda: in_sync(gw, workers), timeout=30)
+
+
+def test_the_gateways_keys_are_the_workers_keys(fleet: tuple[Proc, dict[str, Proc]]) -> None:
+    gw, workers = fleet
+    msgs = messages("keys")
+    holder = chat(gw.ready["http"], msgs)
+    wait_in_sync(gw, workers)
+    snap = reported(workers[holder])
+    tok = Tokenizer(snap.tokenizer)
+    ids = tok.prompt_ids(None, msgs)
+    keys = [block_key(h) for h in block_hashes(ids, snap.block_size, snap.model_id.encode())]
+    assert len(keys) == len(ids) // snap.block_size >= 10
+    assert set(keys) <= set(snap.stored)
+
+
+def test_a_prefix_cached_behind_the_gateways_back_is_found_and_its_eviction_seen(
+    fleet: tuple[Proc, dict[str, Proc]],
+) -> None:
+    gw, workers = fleet
+    msgs = messages("found")
+    # Only w1 ever sees this prompt, straight to its own port: the gateway must learn it
+    # from w1's cache report, as no decision of its own put it there.
+    w0, w1 = sorted(workers)
+    chat(workers[w1].ready["http"], msgs)
+    wait_in_sync(gw, workers)
+    for i in range(3):
+        assert chat(gw.ready["http"], messages("found", f"question {i}")) == w1
+    # Now w1 evicts it (other long prompts fill its small cache) and w0 gets it, again
+    # behind the gateway's back; the next turn must follow the cache to w0.
+    for i in range(8):
+        chat(workers[w1].ready["http"], messages(f"filler-{i}"))
+    chat(workers[w0].ready["http"], msgs)
+    wait_in_sync(gw, workers)
+    assert chat(gw.ready["http"], messages("found", "after the eviction")) == w0

@@ -1,0 +1,70 @@
+"""The gateway computes the engine's token block keys: piecewise tokenization and memoised
+hashing must equal the engine's own (prompts/) whole-prompt path exactly."""
+
+from __future__ import annotations
+
+import random
+
+from gateway.routing.token_keys import ChainMemo, PieceCache, token_block_keys
+from prompts.block_keys import block_hashes, block_key
+from prompts.tokenizer import Tokenizer
+from proto import inference_pb2 as pb
+from worker.engine.demo_model import ensure_demo_model
+
+
+def chat_request(messages: list[tuple[str, str]]) -> pb.GenerateRequest:
+    r = pb.GenerateRequest(model="m")
+    for role, content in messages:
+        r.chat.messages.add(role=role, content=content)
+    r.chat.add_generation_prompt = True
+    return r
+
+
+def test_piecewise_tokenization_equals_the_engines_once_learnt() -> None:
+    tok = Tokenizer(ensure_demo_model())
+    pieces = PieceCache(tok, verify=0)
+    rng = random.Random(3)
+    words = ["hello", "  spaced", "\nnew line", "émigré", "数据", "<tag>", "x" * 40, "🙂", ""]
+    for n in range(60):
+        msgs = [("system", f"system prompt {n % 5} " * 20)]
+        for _ in range(rng.randint(1, 4)):
+            msgs.append(("user", " ".join(rng.choice(words) for _ in range(rng.randint(1, 30)))))
+            msgs.append(("assistant", " ".join(rng.choice(words) for _ in range(5))))
+        msgs.append(("user", f"question {n}"))
+        req = chat_request(msgs)
+        whole = tok.prompt_ids(None, [{"role": r, "content": c} for r, c in msgs])
+        got = pieces.prefix_ids(
+            tok.apply_chat_template([{"role": r, "content": c} for r, c in msgs])
+        )
+        assert whole[: len(got)] == got  # a prefix before learning the last new piece
+        pieces.learn()
+        after = token_block_keys(req, tok, 16, "m", pieces)
+        engine = [block_key(h) for h in block_hashes(whole, 16, b"m")]
+        assert after == engine
+    assert pieces.split is not None  # never had to fall back
+
+
+def test_the_self_check_falls_back_on_a_difference() -> None:
+    tok = Tokenizer(ensure_demo_model())
+    pieces = PieceCache(tok, verify=4)
+    text = tok.apply_chat_template([{"role": "user", "content": "hi there"}])
+    pieces.prefix_ids(text)
+    first = next(iter(p for p in pieces.split.split(text) if p and p not in pieces.special))  # type: ignore[union-attr]
+    pieces.learn()
+    from array import array
+
+    pieces.pieces[first] = array("I", [7, 7, 7])  # corrupt: as a tokenizer that merges across
+    pieces.prefix_ids(text)
+    pieces.learn()
+    assert pieces.split is None
+    assert pieces.prefix_ids(text) == tok.encode(text, add_special_tokens=False)
+
+
+def test_memoised_chain_equals_the_engines_hashes() -> None:
+    memo = ChainMemo(max_entries=50)
+    rng = random.Random(5)
+    base = [rng.randrange(500) for _ in range(300)]
+    for _ in range(20):
+        ids = base[: rng.randrange(0, 300)] + [rng.randrange(500) for _ in range(rng.randrange(40))]
+        for extra in (b"m", b"other"):
+            assert memo.keys(ids, 16, extra) == [block_key(h) for h in block_hashes(ids, 16, extra)]
