@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import secrets
 import signal
 import sys
 import time
@@ -87,7 +88,11 @@ async def _up(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     t0 = time.perf_counter()
     try:
-        common = ["--engine", args.engine, "--host", args.host, "--grpc-port", "0"]
+        # Each worker also gets an HTTP port of its own: /metrics (vLLM's names) and its
+        # OpenAI routes, for scrapes and for debugging one replica directly.
+        common = [
+            "--engine", args.engine, "--host", args.host, "--grpc-port", "0", "--http-port", "0",
+        ]  # fmt: skip
         if model:
             common += ["--model", model]
         if args.engine == "sim":
@@ -120,6 +125,9 @@ async def _up(args: argparse.Namespace) -> int:
         else:
             for w in workers:
                 gw_args += ["--worker", w.ready["grpc"]]
+        # The admin API's token: the operator's, or one made for this run and shown below.
+        admin_token = os.environ.get("BREAKWATER_ADMIN_TOKEN") or secrets.token_urlsafe(18)
+        os.environ["BREAKWATER_ADMIN_TOKEN"] = admin_token  # inherited, never on a command line
         gateway = await _spawn("gateway", gw_args, "BREAKWATER_GATEWAY_READY", args.ready_timeout)
         children.insert(0, gateway)  # stopped first
         url = gateway.ready["http"]
@@ -131,7 +139,10 @@ async def _up(args: argparse.Namespace) -> int:
             f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
             f'    -d \'{{"model": "{model_name}", "messages": '
             f'[{{"role": "user", "content": "Hello"}}], "max_tokens": 32}}\'\n'
-            "Press Ctrl-C to stop.",
+            f"  metrics: {url}/metrics; workers: "
+            + ", ".join(f"{w.ready.get('http', '?')}/metrics" for w in workers)
+            + f"\n  admin: {gateway.ready.get('admin', '-')}/admin/workers "
+            f"(Authorization: Bearer {admin_token})" + "\nPress Ctrl-C to stop.",
             flush=True,
         )
         waits = [asyncio.create_task(c.proc.wait()) for c in children]

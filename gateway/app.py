@@ -7,17 +7,29 @@ import logging
 import os
 import signal
 import sys
+import tempfile
+from collections.abc import Mapping
 from dataclasses import replace
+from typing import Any
 
 import grpc
 import uvloop
 from aiohttp import web
 
+from gateway.admin.api import AdminAPI
+from gateway.admin.overrides import FileStore, Overrides, RedisStore
 from gateway.admission.admission import Admission
 from gateway.admission.tenants import load_settings, per_process
 from gateway.dispatch import Dispatcher, DispatchSettings
 from gateway.frontend.grpc_api import GatewayInference
 from gateway.frontend.http_api import GatewayRoutes
+from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from gateway.metrics import (
+    MULTIPROC_ENV,
+    GatewayMetrics,
+    ensure_multiprocess_dir,
+    remove_multiprocess_dir,
+)
 from gateway.process_group import READY_LINE, Siblings, die_with_parent, sibling_settings
 from gateway.registry.base import Registry, WorkerInfo
 from gateway.routing.cache_views import CacheWatcher
@@ -27,6 +39,7 @@ from gateway.routing.token_keys import TokenizerStore
 from gateway.settings import GatewaySettings
 from gateway.upstream.base import Upstream
 from proto import inference_pb2_grpc as pb_grpc
+from proto.openai_compat import OpenAIError
 from serving.logs import configure_logging
 
 log = logging.getLogger("breakwater.gateway")
@@ -74,7 +87,11 @@ class Gateway:
                 settings.workers, upstream_for, settings.health_interval_s
             )
         self.router = router = Router(
-            settings.routing, settings.model_routing, settings.sticky_sessions
+            settings.routing,
+            settings.model_routing,
+            settings.sticky_sessions,
+            settings.balance_rel,
+            settings.balance_abs,
         )
         policy = router.prefix_aware()
         self.share: SiblingShare | RedisShare | None = None
@@ -117,6 +134,21 @@ class Gateway:
         if self.cache_watcher is not None:
             routes.cache_views = self.cache_watcher.views
         routes.add_to(self.app)
+        self.metrics = GatewayMetrics(
+            self._metric_sources, self._metric_gauges, settings.gpu_hour_price, settings.request_log
+        )
+        self.metrics.index = settings.process_index
+        routes.on_finished = self.metrics.finished
+        self.overrides = Overrides(
+            RedisStore(settings.redis_url)
+            if settings.redis_url
+            else FileStore(os.environ.get(MULTIPROC_ENV) or tempfile.gettempdir())
+        )
+        self.dispatcher.blocked = self.overrides.blocked
+        self.admin_runner: web.AppRunner | None = None
+        self.admin_url: str | None = None
+        self.app.router.add_get("/metrics", self._metrics)
+        self.routes = routes
         self.breaker_sync = None
         if settings.redis_url:
             from gateway.resilience.breaker_sync import BreakerSync
@@ -127,7 +159,66 @@ class Gateway:
         self.http_port = 0
         self.grpc_port: int | None = None
 
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = await asyncio.to_thread(self.metrics.render)  # reads siblings' files
+        return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+    def _metric_sources(self) -> dict[str, Mapping[str, float]]:
+        d = self.dispatcher.counters
+        upstream = dict(d)
+        upstream["retries"] = max(0, d["attempts"] - d["requests"])
+        policy = self.router.prefix_aware()
+        return {
+            "admission": self.admission.counts,
+            "upstream": upstream,
+            "routing": policy.stats if policy is not None else {},
+            "client_disconnects": {"": self.routes.client_disconnects},
+        }
+
+    def _metric_gauges(self) -> dict[str, Any]:
+        limiter = self.admission.limiter
+        return {
+            "in_flight": limiter.in_flight,
+            "queued": limiter.queued,
+            "outstanding": dict(self.dispatcher.outstanding),
+            "breakers": {w: b["state"] for w, b in self.dispatcher.breakers.snapshot().items()},
+            "ready": {w.worker_id: w.ready for w in self.registry.workers()},
+        }
+
+    def _is_tenant_key(self, authorization: str | None) -> bool:
+        tenants = self.admission.tenants
+        if tenants.default is not None:  # no keys configured: nothing is a tenant's key
+            return False
+        try:
+            tenants.authenticate(authorization)
+        except OpenAIError:
+            return False
+        return True
+
+    async def _start_admin(self) -> None:
+        s = self.settings
+        if s.admin_port is None or s.process_index != 0:
+            return
+        api = AdminAPI(
+            s.admin_token,
+            self.overrides,
+            self.routes.workers_view,
+            lambda: {w.worker_id for w in self.registry.workers()},
+            self._is_tenant_key,
+        )
+        self.admin_runner = web.AppRunner(api.app(), access_log=None)
+        await self.admin_runner.setup()
+        host = s.admin_host or s.host
+        site = web.TCPSite(self.admin_runner, host, s.admin_port)
+        await site.start()
+        port = self.admin_runner.addresses[0][1]
+        self.admin_url = f"http://{host}:{port}"
+        if not s.admin_token:
+            log.warning("no --admin-token: the admin listener on %s refuses every call", port)
+
     async def start(self) -> None:
+        await self.metrics.start()
+        await self.overrides.start()
         if self.share is not None:
             await self.share.start()
         await self.admission.start()
@@ -157,6 +248,7 @@ class Gateway:
                 f"{self.settings.host}:{self.settings.grpc_port}"
             )
             await self.grpc_server.start()
+        await self._start_admin()
 
     async def stop(self) -> None:
         if self.grpc_server is not None:
@@ -167,6 +259,10 @@ class Gateway:
             await self.breaker_sync.close()
         if self.cache_watcher is not None:
             await self.cache_watcher.close()
+        await self.metrics.close()
+        if self.admin_runner is not None:
+            await self.admin_runner.cleanup()
+        await self.overrides.close()
         await self.registry.close()
         await self.dispatcher.close()
         await self.admission.close()
@@ -192,8 +288,9 @@ async def _serve(settings: GatewaySettings) -> int:
         siblings = Siblings(settings, gw.http_port, gw.grpc_port, share_socks)
         await siblings.start()
     grpc_part = f" grpc={settings.host}:{gw.grpc_port}" if gw.grpc_port else ""
+    admin_part = f" admin={gw.admin_url}" if gw.admin_url else ""
     print(
-        f"{READY_LINE} http=http://{settings.host}:{gw.http_port}{grpc_part}"
+        f"{READY_LINE} http=http://{settings.host}:{gw.http_port}{grpc_part}{admin_part}"
         f" processes={settings.processes}",
         flush=True,
     )
@@ -206,6 +303,14 @@ async def _serve(settings: GatewaySettings) -> int:
 
 
 def run_gateway(settings: GatewaySettings) -> int:
+    metrics_dir = ensure_multiprocess_dir()  # before prometheus_client is imported
+    try:
+        return _run(settings)
+    finally:
+        remove_multiprocess_dir(metrics_dir)
+
+
+def _run(settings: GatewaySettings) -> int:
     configure_logging()
     # uvloop: about twice the request rate of asyncio's own loop on this path (peer_bench).
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

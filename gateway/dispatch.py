@@ -205,6 +205,8 @@ class Dispatcher:
         # whose first delta is the commit point, which tenacity's retry loop cannot express.
         self._wait = wait_random_exponential(multiplier=s.backoff_base_s, max=s.backoff_max_s)
         self.counters: Counter[str] = Counter()
+        self.blocked: Callable[[str], bool] = lambda _worker_id: False
+        """An operator keeps new requests away from these (drained or ejected)."""
 
     def upstream_for(self, info: WorkerInfo) -> Upstream:
         key = (info.worker_id, info.address, info.kind)
@@ -231,7 +233,7 @@ class Dispatcher:
         return [
             w
             for w in ready_workers(self.registry, model)
-            if self.breakers.state(w.worker_id) != "open"
+            if self.breakers.state(w.worker_id) != "open" and not self.blocked(w.worker_id)
         ]
 
     def is_ready(self, model: str | None = None) -> bool:
@@ -280,6 +282,7 @@ class Dispatcher:
             info.worker_id = worker.worker_id
             self.counters["attempts"] += 1
             attempt = _Attempt(self, worker, pool, deadline)
+            info.concurrency = self.outstanding[worker.worker_id]
             self.policy.routed(worker, request)
             try:
                 return await self._start(attempt, request, raw)
@@ -389,7 +392,8 @@ class Dispatcher:
         self, model: str | None, request: pb.GenerateRequest, tried: set[str]
     ) -> tuple[WorkerInfo, list[str]] | None:
         """A worker not yet tried whose breaker lets a call through, and the ready pool."""
-        ready = ready_workers(self.registry, model)
+        blocked = self.blocked
+        ready = [w for w in ready_workers(self.registry, model) if not blocked(w.worker_id)]
         candidates = [w for w in ready if w.worker_id not in tried]
         while candidates:
             worker = self.policy.choose(candidates, request, self.outstanding)

@@ -54,7 +54,11 @@ class Siblings:
 
     def _env(self, index: int) -> dict[str, str]:
         s = dataclasses.replace(
-            self.settings, port=self.http_port, grpc_port=self.grpc_port, process_index=index
+            self.settings,
+            port=self.http_port,
+            grpc_port=self.grpc_port,
+            process_index=index,
+            admin_token=None,  # only process 0 serves the admin API
         )
         env = {
             **os.environ,

@@ -22,9 +22,23 @@ class GatewaySettings:
     routing: str = "prefix-aware"
     model_routing: dict[str, str] = field(default_factory=dict)
     """Per-model policy overrides (model -> policy); other models use `routing`."""
+    balance_rel: float = 1.5
+    balance_abs: float = 4.0
+    """prefix-aware and sticky sessions pass over a replica busier than rel x the least
+    loaded + abs requests (this gateway's calls in flight)."""
     sticky_sessions: bool = False
     """Keep a session's requests on one replica (key: `session_header`, or OpenAI `user`)."""
     session_header: str = "X-Session-Id"
+    admin_host: str | None = None
+    """Where the admin listener binds (default: --host)."""
+    admin_port: int | None = 0
+    """The admin listener's port (0: any free one, announced in the READY line); None: off."""
+    admin_token: str | None = None
+    """The bearer token the admin API requires (BREAKWATER_ADMIN_TOKEN)."""
+    request_log: bool = False
+    """One JSON line per request on the `breakwater.requests` logger (no prompt text)."""
+    gpu_hour_price: float = 0.0
+    """$ per replica-hour, for the cost metric (0: no cost metric)."""
     watch_caches: bool = True
     """Follow Breakwater workers' prefix caches (WatchCache) for exact prefix-aware scores."""
     tokenizers: dict[str, str] = field(default_factory=dict)
@@ -80,6 +94,19 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
         help="a routing policy for one model (repeatable); other models use --routing",
     )
     p.add_argument(
+        "--balance-rel",
+        type=float,
+        default=float(_env("BALANCE_REL", "1.5") or 1.5),
+        help="prefix-aware/sticky: skip a replica with more than REL x the least loaded's "
+        "calls in flight + --balance-abs",
+    )
+    p.add_argument(
+        "--balance-abs",
+        type=float,
+        default=float(_env("BALANCE_ABS", "4") or 4),
+        help="see --balance-rel",
+    )
+    p.add_argument(
         "--sticky-sessions",
         action=argparse.BooleanOptionalAction,
         default=(_env("STICKY_SESSIONS", "") or "").lower() in ("1", "true", "yes"),
@@ -90,6 +117,35 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
         "--session-header",
         default=_env("SESSION_HEADER", "X-Session-Id"),
         help="HTTP header (gRPC metadata, lower-cased) carrying the session key",
+    )
+    p.add_argument(
+        "--admin-host", default=_env("ADMIN_HOST"), help="admin listener address (default: --host)"
+    )
+    p.add_argument(
+        "--admin-port",
+        type=int,
+        default=int(_env("ADMIN_PORT", "0") or 0),
+        help="admin listener port (operators' API: workers, drain, eject, audit); 0: any "
+        "free port, announced at start; -1: no admin listener",
+    )
+    p.add_argument(
+        "--admin-token",
+        default=os.environ.get("BREAKWATER_ADMIN_TOKEN"),
+        help="bearer token the admin API requires (prefer BREAKWATER_ADMIN_TOKEN: "
+        "arguments are visible to other local users); without one, the admin API refuses all",
+    )
+    p.add_argument(
+        "--request-log",
+        action=argparse.BooleanOptionalAction,
+        default=(_env("REQUEST_LOG", "") or "").lower() in ("1", "true", "yes"),
+        help="log one JSON line per request: id, tenant, model, replica, tokens, TTFT, "
+        "latency, status, attempts (never the prompt)",
+    )
+    p.add_argument(
+        "--gpu-hour-price",
+        type=float,
+        default=float(_env("GPU_HOUR_PRICE", "0") or 0),
+        help="$ per replica-hour: /metrics then counts breakwater_cost_dollars per tenant",
     )
     p.add_argument(
         "--watch-caches",
@@ -195,8 +251,15 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         redis_url=args.redis_url,
         routing=args.routing,
         model_routing=_model_routing(args.model_routing),
+        balance_rel=args.balance_rel,
+        balance_abs=args.balance_abs,
         sticky_sessions=args.sticky_sessions,
         session_header=args.session_header,
+        admin_host=args.admin_host,
+        admin_port=None if args.admin_port < 0 else args.admin_port,
+        admin_token=args.admin_token,
+        request_log=args.request_log,
+        gpu_hour_price=args.gpu_hour_price,
         watch_caches=args.watch_caches,
         tokenizers=_pairs("--tokenizer", args.tokenizers),
         request_timeout_s=args.request_timeout,

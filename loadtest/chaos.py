@@ -24,7 +24,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from loadtest.fleet import Proc, free_port, get_json, start_gateway, start_sim_worker, wait_for
+from loadtest.fleet import (
+    Proc,
+    admin_json,
+    free_port,
+    start_gateway,
+    start_sim_worker,
+    wait_for,
+)
 from loadtest.loadgen import Schedule, Target, run_open_loop, simple_requests
 from loadtest.records import RequestRecord
 from loadtest.report import summarize
@@ -46,7 +53,9 @@ class Fleet:
         return self.gateway.ready["http"]
 
     def admin(self) -> dict[str, dict[str, Any]]:
-        return {w["worker_id"]: w for w in get_json(self.url + "/admin/workers")["workers"]}
+        assert self.gateway is not None
+        workers = admin_json(self.gateway, "/admin/workers")["workers"]
+        return {w["worker_id"]: w for w in workers}
 
     def worker_id(self, i: int) -> str:
         return f"127.0.0.1:{self.ports[i]}"

@@ -47,7 +47,10 @@ class Proc:
         threading.Thread(target=self._read, args=(ready_prefix,), daemon=True).start()
         if not self._ready.wait(timeout) or not self.ready:
             self.kill()
-            raise RuntimeError(f"{args[0]} did not become ready:\n{self.log_text()[-4000:]}")
+            text = self.log_text()[-4000:]
+            self._log_f.close()
+            self.log.unlink(missing_ok=True)  # its text is in the error
+            raise RuntimeError(f"{args[0]} did not become ready:\n{text}")
 
     def _read(self, prefix: str) -> None:
         assert self.popen.stdout is not None
@@ -137,11 +140,31 @@ def start_sim_worker(
     )
 
 
+ADMIN_TOKEN = "fleet-admin-token"
+"""The admin token gateways started here are given (their admin listener: ready["admin"])."""
+
+
 def start_gateway(*extra: str, timeout: float = 60.0, processes: int = 1) -> Proc:
     """One event-loop process unless asked: a scenario's figures (ejections seen, limits
     hit) then belong to one gateway view, not to siblings that each learn on their own."""
-    args = ["gateway", "--port", "0", "--processes", str(processes), *extra]
-    return Proc(args, "BREAKWATER_GATEWAY_READY", timeout)
+    args = ["gateway", "--port", "0", "--processes", str(processes)]
+    if "--admin-token" not in extra:
+        args += ["--admin-token", ADMIN_TOKEN]
+    return Proc([*args, *extra], "BREAKWATER_GATEWAY_READY", timeout)
+
+
+def admin_json(
+    gw: Proc, path: str, method: str = "GET", token: str = ADMIN_TOKEN, timeout: float = 10.0
+) -> Any:
+    """A call to the gateway's admin listener, e.g. admin_json(gw, "/admin/workers")."""
+    req = urllib.request.Request(
+        gw.ready["admin"] + path,
+        method=method,
+        headers={"Authorization": f"Bearer {token}"},
+        data=b"" if method == "POST" else None,
+    )
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
 
 
 def get_json(url: str, timeout: float = 10.0) -> Any:

@@ -2,6 +2,11 @@
 
     python -m loadtest.peer_bench [--quick] [--json] [--duration S] [--connections N]
         [--targets direct,breakwater,...] [--no-peers] [--generator auto|wrk|python]
+    python -m loadtest.peer_bench --workload chat [--quick] [--json] [--targets ...]
+        [--no-peers] [--workers 4] [--rate R | --load 0.7] [routing_bench's workload flags]
+
+The default workload (mock) measures what a router costs; `--workload chat` measures where
+it sends requests (both are described below).
 
 Every target fronts the same three mock OpenAI backends (`loadtest.mock_openai`: zero model
 time, answers pre-encoded), so what differs between targets is the router alone. Each target
@@ -22,8 +27,25 @@ socket errors, and 200s whose body is wrong), the router's CPU microseconds per 
 (utime+stime of its whole process tree from /proc, before and after), and p50 added over
 `direct`. `ratios` holds Breakwater against vLLM's router (CPU per request, rps) and the p50
 Breakwater adds to a stream. A target whose answer is wrong before measuring is an error in
-`skipped`, not a result. All traffic goes to 127.0.0.1; every process started is stopped
-by PID.
+`skipped`, not a result.
+
+`--workload chat`: `loadtest.routing_bench`'s multi-turn chat (shared system prompts, whole
+histories resent each turn, Poisson arrivals at `--load` of the capacity one closed-loop
+probe measures) through each target in turn, all fronting the same sim workers (`--workers`
+4, each with its gRPC port and its own OpenAI HTTP port, a KV cache that holds a share of
+the system prompts). Targets: `breakwater` (the gateway, one process, default routing, over
+the workers' HTTP ports), `breakwater_grpc` (the same over their gRPC ports),
+`vllm_router_cache_aware`, `vllm_router_power_of_two`, `vllm_router_kv_aware`,
+`sglang_router_cache_aware` and `nginx_round_robin`. Every target gets the same arrivals
+and prompts, each run salted so no run hits another's blocks. Per target: hit rate from
+the workers' own counters (gRPC Stats, differenced around the run), TTFT p50/p99,
+throughput, errors (must be 0), the router's CPU microseconds per request (its process
+tree, /proc), and load imbalance (requests per worker, from the tokens each generated);
+`ratios` puts every target against `breakwater` (> 1 where Breakwater is better) and
+`goal` judges the issue's target (hit rate and TTFT p50 better than both Rust routers'
+cache-aware policies). A router that cannot start is in `skipped` with its reason.
+
+All traffic goes to 127.0.0.1; every process started is stopped by PID.
 """
 
 from __future__ import annotations
@@ -36,12 +58,13 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -486,13 +509,15 @@ class Peer:
 
     package: str
     version: str
-    command: Callable[[Path, list[str], int, int], list[str]]
-    """(venv, worker URLs, port, prometheus port) -> argv."""
+    command: Callable[[Path, list[str], int, int, str], list[str]]
+    """(venv, worker URLs, port, prometheus port, policy) -> argv."""
 
 
-def _router_args(urls: list[str], port: int, prom: int, log_level: str) -> list[str]:
-    """Flags both Rust routers take alike: loopback only, round robin, Prometheus moved off
-    its default port 29000."""
+def _router_args(
+    urls: list[str], port: int, prom: int, log_level: str, policy: str = "round_robin"
+) -> list[str]:
+    """Flags both Rust routers take alike: loopback only, the routing policy (`--policy`,
+    round robin for the mock workloads), Prometheus moved off its default port 29000."""
     return [
         "--host",
         "127.0.0.1",
@@ -501,7 +526,7 @@ def _router_args(urls: list[str], port: int, prom: int, log_level: str) -> list[
         "--worker-urls",
         *urls,
         "--policy",
-        "round_robin",
+        policy,
         "--prometheus-host",
         "127.0.0.1",
         "--prometheus-port",
@@ -515,19 +540,19 @@ PEERS = {
     "vllm_router": Peer(
         "vllm-router",
         "0.1.17",
-        lambda venv, urls, port, prom: [
+        lambda venv, urls, port, prom, policy: [
             str(venv / "bin" / "vllm-router"),
-            *_router_args(urls, port, prom, "warning"),
+            *_router_args(urls, port, prom, "warning", policy),
         ],
     ),
     "sglang_router": Peer(
         "sglang-router",
         "0.3.2",
-        lambda venv, urls, port, prom: [
+        lambda venv, urls, port, prom, policy: [
             str(venv / "bin" / "python"),
             "-m",
             "sglang_router.launch_router",
-            *_router_args(urls, port, prom, "warn"),
+            *_router_args(urls, port, prom, "warn", policy),
         ],
     ),
 }
@@ -566,11 +591,14 @@ def ensure_peer(name: str, peer: Peer, install: bool = True) -> Path:
 
 
 @contextlib.contextmanager
-def start_peer(name: str, backends: list[MockBackend], install: bool = True) -> Iterator[Running]:
+def start_peer(
+    name: str, urls: list[str], install: bool = True, policy: str = "round_robin"
+) -> Iterator[Running]:
+    """The peer router `name` in front of the OpenAI servers at `urls`."""
     peer = PEERS[name]
     venv = ensure_peer(name, peer, install)
     port, prom = free_port(), free_port()
-    args = peer.command(venv, [b.url for b in backends], port, prom)
+    args = peer.command(venv, urls, port, prom, policy)
     with _process(args, port) as popen:
         info = {"package": f"{peer.package}=={peer.version}", "argv": args[1:]}
         yield Running(f"http://127.0.0.1:{port}", [popen.pid], info)
@@ -606,14 +634,20 @@ http {
 """
 
 
+def nginx_path() -> str:
+    """Debian's nginx, or '' when it is not installed."""
+    return shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else "")
+
+
 @contextlib.contextmanager
-def start_nginx(backends: list[MockBackend], workers: str) -> Iterator[Running]:
-    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else "")
+def start_nginx(urls: list[str], workers: str) -> Iterator[Running]:
+    """nginx round robin over the HTTP servers at `urls` (upstream keepalive, unbuffered)."""
+    nginx = nginx_path()
     if not nginx:
         raise Skip("nginx is not installed (apt-get install -y nginx)")
     with tempfile.TemporaryDirectory(prefix="peer-bench-nginx-") as tmp:
         port = free_port()
-        servers = "\n".join(f"        server {b.url.split('://', 1)[1]};" for b in backends)
+        servers = "\n".join(f"        server {u.split('://', 1)[1]};" for u in urls)
         conf = Path(tmp) / "nginx.conf"
         conf.write_text(
             NGINX_CONF % {"workers": workers, "tmp": tmp, "servers": servers, "port": port}
@@ -640,13 +674,13 @@ def start_target(
         with start_breakwater(backends, os.cpu_count() or 1) as r:
             yield r
     elif name in PEERS:
-        with start_peer(name, backends, install_peers) as r:
+        with start_peer(name, [b.url for b in backends], install_peers) as r:
             yield r
     elif name == "nginx":
-        with start_nginx(backends, "1") as r:
+        with start_nginx([b.url for b in backends], "1") as r:
             yield r
     elif name == "nginx_all_cores":
-        with start_nginx(backends, "auto") as r:
+        with start_nginx([b.url for b in backends], "auto") as r:
             yield r
     else:
         raise ValueError(f"unknown target {name!r}")
@@ -760,6 +794,13 @@ def machine() -> dict[str, Any]:
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
     ).stdout.strip()
+    changed = subprocess.run(
+        # read-only: no index refresh, so no lock a concurrent git command could trip on
+        ["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    ).stdout.strip()
     wrk = shutil.which("wrk")
     return {
         "cores": os.cpu_count(),
@@ -768,6 +809,7 @@ def machine() -> dict[str, Any]:
         "kernel": platform.release(),
         "loadavg_start": list(os.getloadavg()),
         "commit": commit or None,
+        "uncommitted_changes": bool(changed) if commit else None,
         "wrk": wrk is not None,
     }
 
@@ -859,18 +901,374 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+# -- the chat workload (--workload chat) -----------------------------------------------------
+
+CHAT_TARGETS = (
+    "breakwater",
+    "breakwater_grpc",
+    "vllm_router_cache_aware",
+    "vllm_router_power_of_two",
+    "vllm_router_kv_aware",
+    "sglang_router_cache_aware",
+    "nginx_round_robin",
+)
+CHAT_PEERS = {
+    "vllm_router_cache_aware": ("vllm_router", "cache_aware"),
+    "vllm_router_power_of_two": ("vllm_router", "power_of_two"),
+    "vllm_router_kv_aware": ("vllm_router", "kv_aware"),
+    "sglang_router_cache_aware": ("sglang_router", "cache_aware"),
+}
+"""Chat targets that are pip-installed peers: (PEERS key, its --policy)."""
+CACHE_AWARE_PEERS = ("vllm_router_cache_aware", "sglang_router_cache_aware")
+"""The peers the issue's goal is judged against."""
+CHAT_NOTES = {
+    "breakwater": "the gateway, 1 process, default routing, over the workers' OpenAI ports",
+    "breakwater_grpc": "the gateway, 1 process, default routing, over the workers' gRPC ports",
+    "vllm_router_cache_aware": (
+        "tokenizes each chat on a worker first (POST /v1/chat/completions/render, which the "
+        "worker does not serve, then POST /tokenize) and matches token prefixes"
+    ),
+    "vllm_router_kv_aware": (
+        "blind here: it scores workers by the KV events they publish over ZMQ "
+        "(GET /kv_event_sources), which sim workers do not, so it credits no cached prefix"
+    ),
+    "sglang_router_cache_aware": "matches text prefixes of the chat in its own radix tree",
+    "nginx_round_robin": "nginx, 1 worker process, round robin, upstream keepalive",
+}
+CHAT_ERROR_REASONS = 8
+"""Distinct error kinds kept per target."""
+
+
+@dataclass
+class ChatFleet:
+    """The sim workers every chat target fronts: gRPC addresses (their counters, and the
+    breakwater_grpc target) and OpenAI HTTP URLs (every other target)."""
+
+    procs: list[Proc]
+
+    @property
+    def grpc(self) -> list[str]:
+        return [p.ready["grpc"] for p in self.procs]
+
+    @property
+    def http(self) -> list[str]:
+        return [p.ready["http"] for p in self.procs]
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+
+@contextlib.contextmanager
+def start_chat_target(name: str, fleet: ChatFleet, install_peers: bool) -> Iterator[Running]:
+    from loadtest.routing_bench import refusal, start_policy_gateway
+
+    info: dict[str, Any] = {"note": CHAT_NOTES.get(name, "")}
+    if name in ("breakwater", "breakwater_grpc"):
+        specs = fleet.http if name == "breakwater" else fleet.grpc
+        try:
+            gw = start_policy_gateway(None, specs)
+        except (RuntimeError, AssertionError) as e:
+            raise RuntimeError(f"the gateway did not start: {refusal(e)}") from None
+        try:
+            yield Running(gw.ready["http"], [gw.pid], info | {"processes": 1})
+        finally:
+            gw.stop()
+    elif name in CHAT_PEERS:
+        peer, policy = CHAT_PEERS[name]
+        with start_peer(peer, fleet.http, install_peers, policy) as r:
+            r.info |= info | {"policy": policy}
+            yield r
+    elif name == "nginx_round_robin":
+        with start_nginx(fleet.http, "1") as r:
+            r.info |= info
+            yield r
+    else:
+        raise ValueError(f"unknown chat target {name!r}")
+
+
+def verify_chat(url: str, send_one: Callable[[str, str], Any], salt: str, timeout: float) -> str:
+    """'' once one streamed chat turn through `url` comes back whole; else the last reason it
+    did not. Retried until `timeout`: a router may listen before it has admitted a worker."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rec = send_one(url, salt)
+        if rec.ok and rec.output_tokens > 0:
+            return ""
+        reason = f"{rec.status}" + (f" ({rec.error_code})" if rec.error_code else "")
+        if time.monotonic() > deadline:
+            return reason
+        time.sleep(0.5)
+
+
+def chat_figures(
+    figs: dict[str, Any], cpu_s: float, max_tokens: int, deltas: list[dict[str, int]]
+) -> dict[str, Any]:
+    """The issue's figures first (hit rate from the workers' counters, TTFT, throughput,
+    errors, router CPU per request, imbalance), then routing_bench's explaining figures."""
+    ok = figs["ok"]
+    head = {
+        "hit_rate": figs["hit_rate"],
+        "ttft_p50_ms": figs["ttft_p50_ms"],
+        "ttft_p99_ms": figs["ttft_p99_ms"],
+        "throughput_rps": figs["throughput_rps"],
+        "errors": figs["failed"],
+        "router_cpu_us_per_request": round(cpu_s * 1e6 / ok, 1) if ok else None,
+        "load_imbalance": figs["load_imbalance"],
+    }
+    rest = {k: v for k, v in figs.items() if k not in head and k != "errors"}
+    kinds = sorted(figs["errors"].items(), key=lambda kv: -kv[1])[:CHAT_ERROR_REASONS]
+    return (
+        head
+        | rest
+        | {
+            "error_kinds": dict(kinds),
+            "router_cpu_s": round(cpu_s, 3),
+            "requests_per_worker_from": "generation_tokens_total / max_tokens (workers' counters)",
+            "generation_tokens_per_worker": [d["generation_tokens_total"] for d in deltas],
+            "max_tokens": max_tokens,
+        }
+    )
+
+
+def chat_ratios(targets: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Every other target against `breakwater`, each ratio > 1 where Breakwater is better:
+    hit rate and throughput Breakwater's over the target's; TTFT and router CPU per
+    request the target's over Breakwater's."""
+    bw = targets.get("breakwater")
+    if bw is None:
+        return {}
+    out: dict[str, Any] = {}
+    for name, t in targets.items():
+        if name == "breakwater":
+            continue
+        out[f"breakwater_vs_{name}"] = {
+            "hit_rate": _ratio(bw["hit_rate"], t["hit_rate"]),
+            "ttft_p50": _ratio(t["ttft_p50_ms"], bw["ttft_p50_ms"]),
+            "ttft_p99": _ratio(t["ttft_p99_ms"], bw["ttft_p99_ms"]),
+            "throughput": _ratio(bw["throughput_rps"], t["throughput_rps"]),
+            "router_cpu_per_request": _ratio(
+                t["router_cpu_us_per_request"], bw["router_cpu_us_per_request"]
+            ),
+        }
+    return out
+
+
+def chat_goal(targets: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The issue's target: Breakwater's hit rate higher and TTFT p50 lower than both Rust
+    routers' cache-aware policies, in the same run; judged only when all three ran."""
+    bw = targets.get("breakwater")
+    peers = {n: targets[n] for n in CACHE_AWARE_PEERS if n in targets}
+    if bw is None or len(peers) < len(CACHE_AWARE_PEERS):
+        return {"judged": False, "why": "breakwater and both cache-aware peers must run"}
+    hit = {n: bw["hit_rate"] > p["hit_rate"] for n, p in peers.items()}
+    ttft = {
+        n: bw["ttft_p50_ms"] is not None
+        and p["ttft_p50_ms"] is not None
+        and bw["ttft_p50_ms"] < p["ttft_p50_ms"]
+        for n, p in peers.items()
+    }
+    clean = {n: targets[n]["errors"] == 0 for n in ("breakwater", *peers)}
+    return {
+        "judged": True,
+        "hit_rate_better": hit,
+        "ttft_p50_better": ttft,
+        "no_errors": clean,
+        "met": all(hit.values()) and all(ttft.values()) and all(clean.values()),
+    }
+
+
+def run_chat(
+    cfg: Any, targets: list[str], install_peers: bool = True, verify_timeout: float = 30.0
+) -> dict[str, Any]:
+    """The chat workload of `loadtest.routing_bench` through each target in turn, all
+    fronting the same sim workers (`cfg`: a routing_bench.BenchConfig)."""
+    from loadtest.chat_workload import ChatWorkload
+    from loadtest.loadgen import Schedule
+    from loadtest.routing_bench import (
+        HIT_COUNTER_UNIT,
+        chat_open_loop,
+        counted,
+        kv_tokens_for,
+        policy_figures,
+        probe_capacity,
+        start_workers,
+        stop_all,
+        workload_info,
+    )
+
+    t_start = time.monotonic()
+    mach = machine()
+    workload = ChatWorkload(cfg.seed, cfg.system_prompts, turns=cfg.turns)
+    sys_tokens = workload.system_prompt_tokens()
+    kv_tokens = kv_tokens_for(cfg, sys_tokens)
+    results: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
+    info: dict[str, Any] = {}
+    timings: dict[str, float] = {}
+    out: dict[str, Any] = {"workload": "chat", "capacity_rps": None, "offered_rps": None}
+
+    def send_one(url: str, salt: str) -> Any:
+        return asyncio.run(chat_open_loop([url], workload, [0.0], cfg, salt))[0].record
+
+    log(f"starting {cfg.workers} sim workers ({cfg.preset}, {kv_tokens} KV tokens each)")
+    t = time.monotonic()
+    fleet = ChatFleet(start_workers(cfg, kv_tokens, "--http-port", "0"))
+    timings["start_workers_s"] = round(time.monotonic() - t, 1)
+    try:
+        rate = cfg.rate
+        if rate is None:
+            t = time.monotonic()
+            out["capacity_probe"] = probe = probe_capacity(cfg, workload, fleet.grpc)
+            timings["probe_s"] = round(time.monotonic() - t, 1)
+            out["capacity_rps"] = probe["capacity_rps"]
+            rate = cfg.load * probe["capacity_rps"]
+        if not rate > 0:
+            raise RuntimeError("the capacity probe completed no requests")
+        out["offered_rps"] = round(rate, 2)
+        offsets = Schedule(rate=rate, seed=cfg.seed).arrivals(cfg.duration_s)
+        for n, name in enumerate(targets):
+            t = time.monotonic()
+            log(f"{name}: starting")
+            try:
+                with start_chat_target(name, fleet, install_peers) as running:
+                    why = verify_chat(running.url, send_one, f"verify {n}", verify_timeout)
+                    if why:
+                        skipped[name] = f"error: no good answer before measuring: {why}"
+                        log(f"{name}: {skipped[name]}")
+                        continue
+                    log(f"{name}: {len(offsets)} turns at {rate:.2f} req/s")
+                    cpu0 = tree_cpu_s(running.pids)
+                    sent, deltas = counted(
+                        fleet.grpc,
+                        lambda n=n, url=running.url: asyncio.run(
+                            chat_open_loop([url], workload, offsets, cfg, f"run {n}")
+                        ),
+                    )
+                    cpu_s = tree_cpu_s(running.pids) - cpu0
+                    per_worker = [
+                        round(d["generation_tokens_total"] / cfg.max_tokens) for d in deltas
+                    ]
+                    figs = policy_figures(
+                        sent, workload, fleet.grpc, deltas, cfg.duration_s, per_worker
+                    )
+                    results[name] = m = chat_figures(figs, cpu_s, cfg.max_tokens, deltas)
+                    info[name] = running.info
+                    log(
+                        f"{name}: hit rate {m['hit_rate']}, TTFT p50 {m['ttft_p50_ms']} ms, "
+                        f"errors {m['errors']}, cpu {m['router_cpu_us_per_request']} us/req"
+                    )
+            except Skip as e:
+                skipped[name] = str(e)
+                log(f"{name}: skipped: {e}")
+            except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                skipped[name] = f"error: {type(e).__name__}: {str(e)[-1500:]}"
+                log(f"{name}: {skipped[name]}")
+            timings[f"{name}_s"] = round(time.monotonic() - t, 1)
+    finally:
+        stop_all(fleet.procs)
+    oracles = [t["oracle_hit_rate"] for t in results.values()]
+    mach["loadavg_end"] = list(os.getloadavg())
+    timings["total_s"] = round(time.monotonic() - t_start, 1)
+    return out | {
+        "oracle_hit_rate": round(statistics.mean(oracles), 4) if oracles else None,
+        "targets": results,
+        "ratios": chat_ratios(results),
+        "goal": chat_goal(results),
+        "skipped": skipped,
+        "target_info": info,
+        "hit_counter_unit": HIT_COUNTER_UNIT,
+        "workload_info": workload_info(cfg, sys_tokens, kv_tokens),
+        "config": {k: v for k, v in asdict(cfg).items() if k != "policies"},
+        "timings": timings,
+        "machine": mach,
+    }
+
+
+def format_chat_table(report: dict[str, Any]) -> str:
+    cols = (
+        ("hit_rate", "hit rate", "g"),
+        ("ttft_p50_ms", "TTFT p50", "g"),
+        ("ttft_p99_ms", "TTFT p99", "g"),
+        ("throughput_rps", "req/s", "g"),
+        ("errors", "errors", "d"),
+        ("router_cpu_us_per_request", "cpu us/req", ".0f"),
+        ("load_imbalance", "imbalance", "g"),
+    )
+    cap = report["capacity_rps"]
+    lines = [
+        (f"capacity {cap} req/s (closed loop, round-robin)" if cap else "capacity not measured")
+        + f"; offered {report['offered_rps']} req/s to each target; "
+        f"oracle hit rate {report['oracle_hit_rate']}",
+        f"{'target':<27}" + "".join(f"{title:>11}" for _, title, _ in cols),
+    ]
+    for name, t in report["targets"].items():
+        cells = ("-" if t[k] is None else format(t[k], f) for k, _, f in cols)
+        lines.append(f"{name:<27}" + "".join(f"{c:>11}" for c in cells))
+    if report["ratios"]:
+        lines.append(
+            "breakwater vs each (> 1: breakwater better): hit rate bw/x, TTFT x/bw, "
+            "req/s bw/x, cpu x/bw"
+        )
+    for key, r in report["ratios"].items():
+        cells = " ".join(f"{k} {v}" for k, v in r.items())
+        lines.append(f"  {key.removeprefix('breakwater_vs_'):<25} {cells}")
+    goal = report["goal"]
+    if goal.get("judged"):
+        lines.append(
+            "goal (hit rate and TTFT p50 better than both cache-aware Rust routers, no "
+            f"errors): {'met' if goal['met'] else 'NOT met'}"
+        )
+    for name, why in report["skipped"].items():
+        lines.append(f"skipped {name}: {why}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
+    from loadtest.routing_bench import QUICK, BenchConfig
+
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="3 s runs, one warm-up per target")
-    ap.add_argument("--duration", type=float, help="seconds per run (default 10, quick 3)")
-    ap.add_argument("--connections", type=int, default=64)
-    ap.add_argument("--warmup", type=float, help="seconds (default 2, quick 1)")
-    ap.add_argument("--targets", help=f"comma list of {','.join(ALL_TARGETS)}")
-    ap.add_argument("--no-peers", action="store_true", help="skip vllm_router and sglang_router")
+    ap.add_argument(
+        "--workload",
+        choices=("mock", "chat"),
+        default="mock",
+        help="mock: JSON and SSE against mock backends (default); chat: multi-turn chat "
+        "over sim workers, hit rates from their counters",
+    )
+    ap.add_argument("--quick", action="store_true", help="short runs (chat: about 2 minutes)")
+    ap.add_argument(
+        "--duration", type=float, help="seconds per run (mock 10, quick 3; chat 60, quick 6)"
+    )
+    ap.add_argument("--targets", help="comma list (default: all of the workload's targets)")
+    ap.add_argument("--no-peers", action="store_true", help="skip the pip-installed routers")
     ap.add_argument("--no-install", action="store_true", help="never pip install a peer")
-    ap.add_argument("--generator", choices=("auto", "wrk", "python"), default="auto")
     ap.add_argument("--json", action="store_true", help="print one JSON object last on stdout")
+    mock = ap.add_argument_group("mock workload")
+    mock.add_argument("--connections", type=int, default=64)
+    mock.add_argument("--warmup", type=float, help="seconds (default 2, quick 1)")
+    mock.add_argument("--generator", choices=("auto", "wrk", "python"), default="auto")
+    chat = ap.add_argument_group("chat workload (as loadtest.routing_bench)")
+    chat.add_argument("--workers", type=int, default=BenchConfig.workers)
+    chat.add_argument("--rate", type=float, help="offered req/s (skips the capacity probe)")
+    chat.add_argument("--load", type=float, default=BenchConfig.load, help="share of capacity")
+    chat.add_argument("--probe-duration", type=float, help="capacity probe seconds")
+    chat.add_argument(
+        "--probe-users",
+        type=int,
+        default=BenchConfig.probe_users_per_worker,
+        help="capacity probe conversations per worker",
+    )
+    chat.add_argument("--sim-speed", type=float, default=BenchConfig.sim_speed)
+    chat.add_argument("--kv-tokens", type=int, help="per worker (default: see BenchConfig)")
+    chat.add_argument("--system-prompts", type=int, default=BenchConfig.system_prompts)
+    chat.add_argument("--think", type=float, default=BenchConfig.think_s, help="mean, s")
+    chat.add_argument("--max-tokens", type=int, default=BenchConfig.max_tokens)
+    chat.add_argument("--seed", type=int, default=BenchConfig.seed)
     args = ap.parse_args(argv)
+    if args.workload == "chat":
+        # Quick: 10 s of traffic per target, ~2 minutes in all for the seven targets.
+        main_chat(ap, args, replace(QUICK, duration_s=10.0) if args.quick else BenchConfig())
+        return
     duration = args.duration or (3.0 if args.quick else 10.0)
     warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0)
     targets = args.targets.split(",") if args.targets else list(ALL_TARGETS)
@@ -891,6 +1289,40 @@ def main(argv: list[str] | None = None) -> None:
     )
     report["skipped"] = pre_skipped | report["skipped"]
     print(format_table(report), file=sys.stderr, flush=True)
+    if args.json:
+        print(json.dumps(report, separators=(",", ":")), flush=True)
+
+
+def main_chat(ap: argparse.ArgumentParser, args: argparse.Namespace, base: Any) -> None:
+    targets = args.targets.split(",") if args.targets else list(CHAT_TARGETS)
+    if unknown := [t for t in targets if t not in CHAT_TARGETS]:
+        ap.error(f"unknown chat targets {unknown}; choose from {','.join(CHAT_TARGETS)}")
+    cfg = replace(
+        base,
+        workers=args.workers,
+        duration_s=args.duration or base.duration_s,
+        probe_s=args.probe_duration or base.probe_s,
+        probe_users_per_worker=args.probe_users,
+        rate=args.rate,
+        load=args.load,
+        sim_speed=args.sim_speed,
+        kv_tokens=args.kv_tokens,
+        system_prompts=args.system_prompts,
+        think_s=args.think,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+        policies=(),
+    )
+    pre_skipped: dict[str, str] = {}
+    if args.no_peers:
+        pre_skipped = {t: "--no-peers" for t in targets if t in CHAT_PEERS}
+        targets = [t for t in targets if t not in CHAT_PEERS]
+    if "nginx_round_robin" in targets and not nginx_path():
+        pre_skipped["nginx_round_robin"] = "nginx is not installed (apt-get install -y nginx)"
+        targets.remove("nginx_round_robin")
+    report = run_chat(cfg, targets, not args.no_install)
+    report["skipped"] = pre_skipped | report["skipped"]
+    print(format_chat_table(report), file=sys.stderr, flush=True)
     if args.json:
         print(json.dumps(report, separators=(",", ":")), flush=True)
 

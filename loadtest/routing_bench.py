@@ -38,7 +38,7 @@ import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -49,12 +49,13 @@ from loadtest.chat_workload import (
     OracleResult,
     oracle_hits,
 )
-from loadtest.fleet import Proc, get_json, start_gateway, start_sim_worker, wait_for
+from loadtest.fleet import Proc, admin_json, start_gateway, start_sim_worker, wait_for
 from loadtest.loadgen import HttpTransport, RequestSpec, Schedule, Target, open_transport
 from loadtest.records import RequestRecord
 from loadtest.redis_server import RedisServer
 from loadtest.report import summarize
 
+T = TypeVar("T")
 MODEL = "sim"
 TWO_GATEWAYS = "-2-gateways"
 POLICIES = ("round-robin", "least-outstanding", "prefix-aware", "prefix-aware" + TWO_GATEWAYS)
@@ -100,8 +101,15 @@ QUICK = BenchConfig(duration_s=6.0, probe_s=4.0)
 # -- fleet -----------------------------------------------------------------------------------
 
 
-def start_workers(cfg: BenchConfig, kv_tokens: int) -> list[Proc]:
-    """Sim workers started in parallel (each imports torch: seconds on 2 cores)."""
+def kv_tokens_for(cfg: BenchConfig, system_prompt_tokens: Sequence[int]) -> int:
+    """KV tokens per worker: `cfg.kv_tokens`, else half the tokens of all system prompts
+    (rounded up to 256), so one worker cannot hold them all but holds a share of them."""
+    return cfg.kv_tokens or math.ceil(sum(system_prompt_tokens) / 2 / 256) * 256
+
+
+def start_workers(cfg: BenchConfig, kv_tokens: int, *extra: str) -> list[Proc]:
+    """Sim workers started in parallel (each imports torch: seconds on 2 cores); `extra`
+    flags go to every worker (`--http-port 0` for an OpenAI port of its own, say)."""
     args = [
         "--sim-speed",
         str(cfg.sim_speed),
@@ -109,6 +117,7 @@ def start_workers(cfg: BenchConfig, kv_tokens: int) -> list[Proc]:
         str(kv_tokens),
         "--max-model-len",
         str(cfg.max_model_len),
+        *extra,
     ]
     procs: list[Proc | None] = [None] * cfg.workers
     errors: list[BaseException] = []
@@ -141,6 +150,7 @@ STAT_FIELDS = (
     "prefix_cache_hits",
     "prefix_cache_queries",
     "prompt_tokens_total",
+    "generation_tokens_total",
     "num_preemptions",
     "running",
     "queue_depth",
@@ -174,16 +184,17 @@ def wait_idle(addrs: Sequence[str], timeout: float = 30.0) -> None:
         wait_for(idle, timeout=timeout, interval=0.1)
 
 
-def start_policy_gateway(policy: str, addrs: Sequence[str], *extra: str) -> Proc:
-    """A one-process gateway with this routing policy, once it sees every worker serving.
-    Raises RuntimeError, with the gateway's own complaint, if it will not start."""
+def start_policy_gateway(policy: str | None, addrs: Sequence[str], *extra: str) -> Proc:
+    """A one-process gateway with this routing policy (None: the gateway's default), once
+    it sees every worker serving. `addrs` are `--worker` specs: gRPC `host:port`, or
+    `http://host:port` for OpenAI HTTP workers. Raises RuntimeError, with the gateway's own
+    complaint, if it will not start."""
     specs = [a for addr in addrs for a in ("--worker", addr)]
-    gw = start_gateway(
-        *specs, "--routing", policy, "--health-interval", "0.25", *extra, processes=1
-    )
+    routing = ("--routing", policy) if policy else ()
+    gw = start_gateway(*specs, *routing, "--health-interval", "0.25", *extra, processes=1)
 
     def routable() -> bool:
-        ws = get_json(gw.ready["http"] + "/admin/workers")["workers"]
+        ws = admin_json(gw, "/admin/workers")["workers"]
         return set(addrs) <= {w["worker_id"] for w in ws if w.get("state") == "SERVING"}
 
     try:
@@ -379,8 +390,24 @@ def capacity_rps(sent: Sequence[Sent], duration_s: float) -> float:
 
 
 def counter_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
-    keys = ("prefix_cache_hits", "prefix_cache_queries", "prompt_tokens_total", "num_preemptions")
+    keys = (
+        "prefix_cache_hits",
+        "prefix_cache_queries",
+        "prompt_tokens_total",
+        "generation_tokens_total",
+        "num_preemptions",
+    )
     return {k: after[k] - before[k] for k in keys}
+
+
+def counted(addrs: Sequence[str], traffic: Callable[[], T]) -> tuple[T, list[dict[str, int]]]:
+    """`traffic()`'s result and each worker's counter deltas around it (gRPC Stats at
+    `addrs`), read once the workers are idle again so the deltas are complete."""
+    before = [worker_stats(a) for a in addrs]
+    out = traffic()
+    wait_idle(addrs)
+    after = [worker_stats(a) for a in addrs]
+    return out, [counter_delta(b, a) for b, a in zip(before, after, strict=True)]
 
 
 def served_vs_oracle(
@@ -436,15 +463,20 @@ def policy_figures(
     addrs: Sequence[str],
     deltas: Sequence[dict[str, int]],
     duration_s: float,
+    requests_per_worker: Sequence[int] | None = None,
 ) -> dict[str, Any]:
-    """The issue's figures first, then what explains them."""
+    """The issue's figures first, then what explains them. Requests per worker (for the
+    imbalance) are those the gateway's worker header names, unless given."""
     records = [s.record for s in sent]
     summ = summarize(records, duration_s=duration_s)
     hits = sum(d["prefix_cache_hits"] for d in deltas)
     queries = sum(d["prefix_cache_queries"] for d in deltas)
     oracle = oracle_hits(workload.prompt_ids(s.messages) for s in sent)
-    per_worker = Counter(r.worker for r in records if r.ok)
-    counts = [per_worker.get(a, 0) for a in addrs]
+    if requests_per_worker is None:
+        per_worker = Counter(r.worker for r in records if r.ok)
+        counts = [per_worker.get(a, 0) for a in addrs]
+    else:
+        counts = list(requests_per_worker)
     mean = statistics.mean(counts) if counts else 0.0
     return {
         "hit_rate": round(hits / queries, 4) if queries else 0.0,
@@ -507,16 +539,22 @@ def targets(policies: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def decision_micro_bench(entries: int = 100_000, decisions: int = 2000) -> dict[str, Any]:
+def decision_micro_bench(
+    entries: int = 100_000, decisions: int = 2000, reported: bool = False
+) -> dict[str, Any]:
     """Cost of one prefix-aware routing decision (choose + record) at a full index.
 
     The gateway's own policy object, in this process: 4 ready workers, an index filled to
     `entries` block keys by chat requests over 40 system prompts, then `decisions` new
-    requests timed one by one (~3 KB prompts: about 45 blocks each).
+    requests timed one by one (~3 KB prompts: about 45 text blocks each). With `reported`,
+    every worker also reports its cache (as over WatchCache) and the decision includes
+    rendering the chat template, tokenizing and hashing the engine's token blocks.
     """
     from gateway.registry.base import WorkerInfo, WorkerState
+    from gateway.routing.cache_views import CacheView
     from gateway.routing.policy import PrefixAware
     from gateway.routing.prefix_index import block_keys, prompt_bytes
+    from gateway.routing.token_keys import TokenizerStore, token_block_keys
     from proto import inference_pb2 as pb
 
     rng = random.Random(7)
@@ -524,6 +562,14 @@ def decision_micro_bench(entries: int = 100_000, decisions: int = 2000) -> dict[
         WorkerInfo(worker_id=f"w{i}", address=f"a{i}", state=WorkerState.SERVING) for i in range(4)
     ]
     policy = PrefixAware()
+    if reported:
+        from prompts.tokenizer import Tokenizer
+        from worker.engine.demo_model import ensure_demo_model
+
+        tok = Tokenizer(ensure_demo_model())
+        policy.tokenizers = TokenizerStore()
+        policy.tokenizers.add("m", tok)
+        policy.views = {w.worker_id: CacheView(BLOCK_SIZE, "m", tok.source_dir) for w in pool}
     systems = [f"You are assistant number {i}. " * 80 for i in range(40)]
 
     def request(i: int) -> pb.GenerateRequest:
@@ -532,26 +578,41 @@ def decision_micro_bench(entries: int = 100_000, decisions: int = 2000) -> dict[
         r.chat.messages.add(role="user", content=f"question {i} " * 40)
         return r
 
+    def held() -> int:
+        return sum(len(v.held) for v in policy.views.values())
+
     i = 0
-    while len(policy.index) < entries:
+    while len(policy.index) + held() < entries:
         r = request(i)
-        policy.routed(policy.choose(pool, r, {}), r)
+        w = policy.choose(pool, r, {})
+        policy.routed(w, r)
+        if reported:  # the worker prefills it and reports the blocks
+            keys = token_block_keys(r, tok, BLOCK_SIZE, "m")
+            policy.views[w.worker_id].apply(keys, [], time.monotonic())
+            policy.tokenizers.pieces(tok).learn()  # type: ignore[union-attr]
         i += 1
     outstanding = {"w0": 3, "w1": 1, "w2": 2}
     times = []
     reqs = [request(i + j) for j in range(decisions)]
+    pieces = policy.tokenizers.pieces(tok) if reported and policy.tokenizers else None
     for r in reqs:
         t = time.perf_counter()
         policy.routed(policy.choose(pool, r, outstanding), r)
         times.append((time.perf_counter() - t) * 1e6)
+        if pieces is not None:  # the gateway does this after the decision, on its loop
+            pieces.learn()
     times.sort()
-    return {
+    out = {
         "index_entries": len(policy.index),
         "blocks_per_request": len(block_keys(prompt_bytes(reqs[0]))),
         "decision_us_p50": round(times[len(times) // 2], 1),
         "decision_us_p99": round(times[int(len(times) * 0.99)], 1),
         "ok": times[len(times) // 2] < 200,
     }
+    if reported:
+        out["reported_blocks"] = held()
+        out["token_blocks_per_request"] = len(token_block_keys(reqs[0], tok, BLOCK_SIZE, "m"))
+    return out
 
 
 # -- the bench -------------------------------------------------------------------------------
@@ -620,13 +681,9 @@ def run_policy(
             stop_all(gws)
             return refusal(e)
         try:
-            before = [worker_stats(a) for a in addrs]
-            sent = traffic([gw.ready["http"] for gw in gws])
-            wait_idle(addrs)
-            after = [worker_stats(a) for a in addrs]
+            return counted(addrs, lambda: traffic([gw.ready["http"] for gw in gws]))
         finally:
             stop_all(gws)
-    return sent, [counter_delta(b, a) for b, a in zip(before, after, strict=True)]
 
 
 def probe_capacity(
@@ -665,8 +722,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     workload = ChatWorkload(cfg.seed, cfg.system_prompts, turns=cfg.turns)
     timings: dict[str, float] = {"workload_s": round(time.monotonic() - t_start, 1)}
     sys_tokens = workload.system_prompt_tokens()
-    kv_tokens = cfg.kv_tokens or math.ceil(sum(sys_tokens) / 2 / 256) * 256
-    share = sorted(sys_tokens)[-math.ceil(len(sys_tokens) / cfg.workers) :]
+    kv_tokens = kv_tokens_for(cfg, sys_tokens)
     out: dict[str, Any] = {
         "oracle_hit_rate": None,
         "hit_counter_unit": HIT_COUNTER_UNIT,
@@ -713,7 +769,18 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         out["oracle_hit_rate"] = round(statistics.mean(p["oracle_hit_rate"] for p in ran), 4)
     out["targets"] = targets(out["policies"])
     out["decision"] = decision_micro_bench()
-    out["workload"] = {
+    out["decision_reported"] = decision_micro_bench(reported=True)
+    out["workload"] = workload_info(cfg, sys_tokens, kv_tokens)
+    out["config"] = {k: v for k, v in asdict(cfg).items() if k not in ("policies",)}
+    timings["total_s"] = round(time.monotonic() - t_start, 1)
+    out["timings"] = timings
+    return out
+
+
+def workload_info(cfg: BenchConfig, sys_tokens: Sequence[int], kv_tokens: int) -> dict[str, Any]:
+    """The chat workload's shape against the workers' KV cache, for the report."""
+    share = sorted(sys_tokens)[-math.ceil(len(sys_tokens) / cfg.workers) :]
+    return {
         "system_prompts": len(sys_tokens),
         "system_prompt_tokens": {
             "min": min(sys_tokens),
@@ -729,10 +796,6 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         "max_tokens": cfg.max_tokens,
         "block_size": BLOCK_SIZE,
     }
-    out["config"] = {k: v for k, v in asdict(cfg).items() if k not in ("policies",)}
-    timings["total_s"] = round(time.monotonic() - t_start, 1)
-    out["timings"] = timings
-    return out
 
 
 def format_table(res: dict[str, Any]) -> str:
@@ -777,6 +840,13 @@ def format_table(res: dict[str, Any]) -> str:
         lines.append(
             f"routing decision at {d['index_entries']} index entries: p50 "
             f"{d['decision_us_p50']} us, p99 {d['decision_us_p99']} us (< 200)"
+        )
+    d = res.get("decision_reported")
+    if d:
+        lines.append(
+            f"with reported caches ({d['reported_blocks']} blocks, tokenize + hash "
+            f"{d['token_blocks_per_request']} token blocks): p50 {d['decision_us_p50']} us, "
+            f"p99 {d['decision_us_p99']} us (< 200)"
         )
     return "\n".join(lines)
 

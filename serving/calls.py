@@ -46,3 +46,11 @@ class CallInfo:
 
     attempts: int = 0
     worker_id: str | None = None
+    first_output_at: float | None = None
+    """time.monotonic() when the first output arrived (for TTFT)."""
+    output_chunks: int = 0
+    """Deltas (or SSE events, when relayed) sent to the client: completion tokens, roughly."""
+    usage: tuple[int, int, int] | None = None
+    """(prompt, completion, cached) tokens, when the upstream reported them."""
+    concurrency: int = 1
+    """Calls in flight on the chosen replica when this one started (cost attribution)."""

@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
@@ -81,6 +82,11 @@ def call_headers(request_id: str, info: CallInfo) -> dict[str, str]:
     }
 
 
+def _note_usage(info: CallInfo, usage: pb.Usage | None) -> None:
+    if usage is not None:
+        info.usage = (usage.prompt_tokens, usage.completion_tokens, usage.cached_prompt_tokens)
+
+
 def error_response(err: OpenAIError, request_id: str | None = None) -> web.Response:
     headers = {}
     if request_id:
@@ -114,6 +120,22 @@ TIMEOUT_HEADER = "X-Request-Timeout-Ms"
 """A caller's overall deadline for the request, capped by the gateway's maximum."""
 
 
+@dataclass
+class Finished:
+    """One request as it ended, for metrics and the request log (never the prompt)."""
+
+    request_id: str
+    model: str
+    tenant: str | None
+    status: int
+    started: float
+    """time.monotonic() when the request arrived."""
+    ended: float
+    stream: bool
+    info: CallInfo
+    error_type: str | None = None
+
+
 class OpenAIRoutes:
     def __init__(
         self,
@@ -128,6 +150,8 @@ class OpenAIRoutes:
         self.admit = admit
         self.client_disconnects = 0
         """Clients that left before their response was complete."""
+        self.on_finished: Callable[[Finished], None] | None = None
+        """Told of every request that reached a model route, once it has ended."""
 
     def _timeout(self, request: web.Request) -> float:
         raw = request.headers.get(TIMEOUT_HEADER)
@@ -147,7 +171,6 @@ class OpenAIRoutes:
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
-        app.router.add_get("/admin/workers", self.list_workers)
 
     async def healthz(self, request: web.Request) -> web.Response:
         return json_response({"status": "ok"})
@@ -159,10 +182,6 @@ class OpenAIRoutes:
         return json_response(
             {"ready": ok, "models": models, "not_ready": not_ready}, status=200 if ok else 503
         )
-
-    async def list_workers(self, request: web.Request) -> web.Response:
-        """The pool as this gateway sees it (read-only; operator actions come later)."""
-        return json_response({"workers": self.backend.workers()})
 
     async def list_models(self, request: web.Request) -> web.Response:
         now = int(time.time())
@@ -185,8 +204,11 @@ class OpenAIRoutes:
     async def _handle(
         self, request: web.Request, parse: Callable[[Any], ParsedRequest]
     ) -> web.StreamResponse:
+        started = time.monotonic()
         request_id = request.headers.get("X-Request-Id") or os.urandom(16).hex()
         ticket: Releasable | None = None
+        info = CallInfo()
+        model, stream, status, error_type = "", False, 499, None
         try:
             raw = await request.read()
             try:
@@ -195,7 +217,7 @@ class OpenAIRoutes:
                 raise OpenAIError(400, "the request body is not valid JSON") from None
             parsed: ParsedRequest = parse(body)
             parsed.request.request_id = request_id
-            model = parsed.request.model
+            model, stream = parsed.request.model, parsed.stream
             if model not in self.backend.models():
                 raise OpenAIError(
                     404,
@@ -204,24 +226,40 @@ class OpenAIRoutes:
                     "model",
                     "model_not_found",
                 )
-            deadline = time.monotonic() + self._timeout(request)
+            deadline = started + self._timeout(request)
             if self.admit is not None:
                 ticket = await self.admit(request, body, parsed, deadline)
-            return await self._dispatch(request, parsed, raw, deadline)
+            response = await self._dispatch(request, parsed, raw, deadline, info)
+            status = response.status
+            return response
         except OpenAIError as e:
+            status, error_type = e.status, e.type
             return error_response(e, request_id)
         except asyncio.CancelledError:  # the client disconnected (handler cancellation)
             self._client_left(request_id, "before the response")
             raise
+        except Exception:
+            status = 500
+            raise
         finally:
             if ticket is not None:
                 ticket.release()
+            if self.on_finished is not None:
+                ended = time.monotonic()
+                tenant = getattr(ticket, "tenant", None)
+                done = Finished(request_id, model, tenant, status, started, ended, stream, info)
+                done.error_type = error_type
+                self.on_finished(done)
 
     async def _dispatch(
-        self, request: web.Request, parsed: ParsedRequest, raw: bytes, deadline: float
+        self,
+        request: web.Request,
+        parsed: ParsedRequest,
+        raw: bytes,
+        deadline: float,
+        info: CallInfo,
     ) -> web.StreamResponse:
         """Call the backend and answer; `raw` is the body as received (for relaying)."""
-        info = CallInfo()
         remaining = max(0.001, deadline - time.monotonic())
         stream = self.backend.generate(parsed.request, remaining, info)
         try:
@@ -230,6 +268,7 @@ class OpenAIRoutes:
             raise OpenAIError(502, "upstream ended without output", "upstream_error") from None
         except UpstreamError as e:
             raise from_upstream(e) from None
+        info.first_output_at = info.first_output_at or time.monotonic()
         return await self._respond(request, parsed, stream, first, info)
 
     async def _respond(
@@ -245,8 +284,8 @@ class OpenAIRoutes:
         builder = ResponseBuilder(parsed, request_id, parsed.request.model)
         headers = call_headers(request_id, info)
         if parsed.stream:
-            return await self._stream(request, stream, first, builder, headers)
-        return await self._whole(stream, first, builder, headers)
+            return await self._stream(request, stream, first, builder, headers, info)
+        return await self._whole(stream, first, builder, headers, info)
 
     async def _whole(
         self,
@@ -254,6 +293,7 @@ class OpenAIRoutes:
         first: pb.GenerateResponse,
         builder: ResponseBuilder,
         headers: dict[str, str],
+        info: CallInfo,
     ) -> web.Response:
         request_id = headers["X-Request-Id"]
         try:
@@ -262,6 +302,7 @@ class OpenAIRoutes:
                 if resp.finish_reason == pb.FINISH_REASON_ERROR:
                     raise OpenAIError(500, resp.error or "generation failed", "server_error")
                 builder.add(resp)
+                info.output_chunks += len(resp.token_ids)
                 if resp.finish_reason:
                     break
                 resp = await anext(stream)
@@ -275,6 +316,7 @@ class OpenAIRoutes:
             )
         finally:
             await stream.aclose()
+            _note_usage(info, builder.usage)
         return json_response(builder.whole(), headers=headers)
 
     async def _stream(
@@ -284,6 +326,7 @@ class OpenAIRoutes:
         first: pb.GenerateResponse,
         builder: ResponseBuilder,
         headers: dict[str, str],
+        info: CallInfo,
     ) -> web.StreamResponse:
         out = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers}
@@ -291,7 +334,7 @@ class OpenAIRoutes:
         try:
             await out.prepare(request)
             try:
-                await self._pump(out, stream, first, builder)
+                await self._pump(out, stream, first, builder, info)
             finally:
                 await stream.aclose()  # cancels the upstream call if it is still running
             await out.write(sse("[DONE]"))
@@ -306,6 +349,7 @@ class OpenAIRoutes:
         stream: AsyncIterator[pb.GenerateResponse],
         first: pb.GenerateResponse,
         builder: ResponseBuilder,
+        info: CallInfo,
     ) -> None:
         """Write deltas as SSE events until the last; an upstream failure ends the stream."""
         try:
@@ -317,7 +361,9 @@ class OpenAIRoutes:
                     return
                 for chunk in builder.chunks(resp):
                     await out.write(sse(chunk))
+                info.output_chunks += len(resp.token_ids)
                 if resp.finish_reason:
+                    _note_usage(info, builder.usage)
                     return
                 resp = await anext(stream)
         except UpstreamError as e:

@@ -1,7 +1,9 @@
 """A worker's own OpenAI-compatible HTTP port (as `vllm serve` has), for use without a gateway.
 
 It serves the shared OpenAI routes (the gateway serves the same) over a backend that calls
-this worker's engine directly, so a single worker and a gateway answer exactly alike.
+this worker's engine directly, so a single worker and a gateway answer exactly alike. Two
+routes more, as `vllm serve` has them, for routers that probe their workers: GET /health,
+and POST /tokenize (vLLM's cache-aware router asks it for a prompt's token ids).
 """
 
 from __future__ import annotations
@@ -10,9 +12,12 @@ import itertools
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 from aiohttp import web
 
+from prompts.errors import PromptError
 from proto import inference_pb2 as pb
+from proto.openai_compat import OpenAIError, parse_chat, parse_completion
 from serving.calls import (
     INVALID_ARGUMENT,
     NOT_FOUND,
@@ -21,10 +26,12 @@ from serving.calls import (
     CallInfo,
     UpstreamError,
 )
-from serving.openai_http import OpenAIRoutes
+from serving.openai_http import OpenAIRoutes, error_response, json_response
 from worker.engine.errors import EngineError, InvalidRequestError
 from worker.grpc_service import InferenceService
 from worker.grpc_service import WorkerState as State
+from worker.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from worker.metrics import WorkerMetrics
 from worker.proto_convert import to_engine_request, to_response
 
 
@@ -82,9 +89,70 @@ class LocalBackend:
                 svc.idle.set()
 
 
-async def start_http(service: InferenceService, host: str, port: int) -> web.AppRunner:
+async def health(service: InferenceService) -> web.Response:
+    """GET /health as vLLM and SGLang servers answer it (routers probe it by default):
+    200 with an empty body while serving, 503 otherwise (starting or draining)."""
+    if service.state == State.SERVING:
+        return web.Response(status=200)
+    return web.Response(status=503, text=f"worker is {service.state.lower()}")
+
+
+async def tokenize(service: InferenceService, request: web.Request) -> web.Response:
+    """POST /tokenize as vLLM answers it: `{"count", "max_model_len", "tokens",
+    "token_strs"}` for a `prompt` or a chat's `messages`, tokenized exactly as a generate
+    call with the same body would be (so a router's prefix keys match the worker's cache).
+    Bad input is a 400 with the same error shape as the generate routes."""
+    engine = service.engine
+    try:
+        if service.state != State.SERVING or engine is None:
+            raise OpenAIError(503, f"worker is {service.state.lower()}", "service_unavailable")
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            raise OpenAIError(400, "the request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise OpenAIError(400, "the request body must be a JSON object")
+        # The generate parsers validate the prompt; the model is optional here, as in vLLM.
+        body = {**body, "model": body.get("model") or service.model_name}
+        chat = "messages" in body
+        parsed = (parse_chat if chat else parse_completion)(body)
+        req = to_engine_request(parsed.request, "tokenize")
+        if req.prompt_token_ids is not None:
+            ids = list(req.prompt_token_ids)
+        else:
+            add_generation_prompt = body.get("add_generation_prompt", True)
+            if not isinstance(add_generation_prompt, bool):
+                raise OpenAIError(400, "'add_generation_prompt' must be a boolean")
+            try:
+                ids = engine.tokenizer.prompt_ids(req.prompt, req.messages, add_generation_prompt)
+            except PromptError as e:
+                raise OpenAIError(400, e.message, "invalid_request_error", e.param) from None
+    except OpenAIError as e:
+        return error_response(e)
+    core = getattr(engine, "core", None)
+    return json_response(
+        {
+            "count": len(ids),
+            "max_model_len": getattr(core, "max_model_len", None),
+            "tokens": ids,
+            "token_strs": None,
+        }
+    )
+
+
+async def metrics_response(metrics: WorkerMetrics) -> web.Response:
+    return web.Response(body=metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+async def start_http(
+    service: InferenceService, host: str, port: int, metrics: WorkerMetrics | None = None
+) -> web.AppRunner:
     app = web.Application()
     OpenAIRoutes(LocalBackend(service)).add_to(app)
+    app.router.add_get("/health", lambda _request: health(service))
+    app.router.add_post("/tokenize", lambda request: tokenize(service, request))
+    if metrics is not None:
+        app.router.add_get("/metrics", lambda _request: metrics_response(metrics))
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()

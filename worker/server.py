@@ -25,6 +25,7 @@ from worker.cache_feed import CacheFeed
 from worker.engine_factory import build_engine
 from worker.grpc_service import NOT_SERVING, SERVICE_NAME, SERVING, InferenceService
 from worker.grpc_service import WorkerState as State
+from worker.metrics import MeteredEngine, WorkerMetrics
 from worker.settings import WorkerSettings
 
 log = logging.getLogger("breakwater.worker")
@@ -96,7 +97,8 @@ class Worker:
         t0 = time.perf_counter()
         engine = await asyncio.to_thread(build_engine, s)
         await _warm_up(engine)
-        self.service.engine = engine
+        self.metrics = WorkerMetrics(self.service)
+        self.service.engine = MeteredEngine(engine, self.metrics)
         if CacheFeed.supported(engine):
             self.service.cache_feed = CacheFeed(engine)
             self.service.cache_feed.start()
@@ -105,7 +107,7 @@ class Worker:
         if s.http_port is not None:
             from worker.http_port import start_http
 
-            self.http_runner = await start_http(self.service, s.host, s.http_port)
+            self.http_runner = await start_http(self.service, s.host, s.http_port, self.metrics)
         if s.redis_url:
             from worker.registry_publisher import RedisPublisher
 

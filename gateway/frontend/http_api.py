@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from gateway.admission.admission import Admission, Ticket, estimate_request_tokens
@@ -66,14 +67,22 @@ class GatewayRoutes(OpenAIRoutes):
         self.cache_views: Mapping[str, CacheView] | None = None
         """Workers' reported prefix caches, when followed (for /admin/workers)."""
 
+    async def healthz(self, request: web.Request) -> web.Response:
+        # Which of the gateway's processes answered (one port, several processes), and
+        # its routing-decision exchange with the others.
+        body: dict[str, Any] = {"status": "ok", "process": self.process["index"]}
+        if self.share is not None:
+            body["routing_shared"] = {"sent": self.share.sent, "received": self.share.received}
+        return json_response(body)
+
     def process_view(self) -> dict[str, Any]:
         view: dict[str, Any] = dict(self.process)
         if self.share is not None:
             view["routing_shared"] = {"sent": self.share.sent, "received": self.share.received}
         return view
 
-    async def list_workers(self, request: web.Request) -> web.Response:
-        """The pool as this gateway process sees it (read-only; operator actions come later)."""
+    def workers_view(self) -> dict[str, Any]:
+        """The pool as this gateway process sees it (served by the admin listener)."""
         workers = self.dispatcher.workers()
         if self.cache_views is not None:
             for w in workers:
@@ -87,12 +96,16 @@ class GatewayRoutes(OpenAIRoutes):
         describe = getattr(self.dispatcher.policy, "describe", None)
         if describe is not None:
             view["routing"] = describe()
-        return json_response(view)
+        return view
 
     async def _dispatch(
-        self, request: web.Request, parsed: ParsedRequest, raw: bytes, deadline: float
+        self,
+        request: web.Request,
+        parsed: ParsedRequest,
+        raw: bytes,
+        deadline: float,
+        info: CallInfo,
     ) -> web.StreamResponse:
-        info = CallInfo()
         if session := request.headers.get(self.session_header):
             parsed.request.session_key = session[:MAX_SESSION_KEY]
         relay = RawRequest(_PATHS[parsed.kind], raw, parsed.stream)
@@ -102,6 +115,7 @@ class GatewayRoutes(OpenAIRoutes):
             )
         except UpstreamError as e:
             raise from_upstream(e) from None
+        info.first_output_at = time.monotonic()
         if not call.raw:
             assert isinstance(call.first, pb.GenerateResponse)
             return await self._respond(request, parsed, _Deltas(call), call.first, info)
@@ -109,11 +123,12 @@ class GatewayRoutes(OpenAIRoutes):
         if not parsed.stream:
             await call.close()
             assert isinstance(call.first, bytes)
+            info.usage = _usage_of(call.first)
             return web.Response(body=call.first, headers=headers, content_type="application/json")
-        return await self._relay_stream(request, call, headers)
+        return await self._relay_stream(request, call, headers, info)
 
     async def _relay_stream(
-        self, request: web.Request, call: Call, headers: dict[str, str]
+        self, request: web.Request, call: Call, headers: dict[str, str], info: CallInfo
     ) -> web.StreamResponse:
         out = _CoalescingStreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers}
@@ -125,6 +140,7 @@ class GatewayRoutes(OpenAIRoutes):
             try:
                 while data is not None:
                     assert isinstance(data, bytes)
+                    info.output_chunks += data.count(b"data: ")
                     tail = (tail + data)[-32:]
                     if call.finished:  # nothing more will come: send it with the end
                         last = data
@@ -148,6 +164,20 @@ class _CoalescingStreamResponse(web.StreamResponse):
     class attribute aiohttp's own `Response` sets; one syscall fewer per stream)."""
 
     _send_headers_immediately = False
+
+
+def _usage_of(body: bytes) -> tuple[int, int, int] | None:
+    """The usage of a relayed whole answer (it is in memory already; ~5 us to parse)."""
+    try:
+        u = orjson.loads(body).get("usage") or {}
+        details = u.get("prompt_tokens_details") or {}
+        return (
+            int(u["prompt_tokens"]),
+            int(u["completion_tokens"]),
+            int(details.get("cached_tokens") or 0),
+        )
+    except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _ended_early(tail: bytes, err: OpenAIError | None = None) -> bytes:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from hashlib import blake2b
 from typing import Protocol
@@ -128,6 +129,9 @@ class PrefixAware:
             None,
         )
         self._tiebreak = itertools.count()
+        self._last: tuple[pb.GenerateRequest | None, dict[str, float]] = (None, {})
+        self.stats: Counter[str] = Counter()
+        """Prompt blocks routed, and how many of them the chosen replica held (hit rate)."""
         self.share: Callable[[str, list[int]], None] | None = None
         """Tells sibling processes or other gateways of each decision (see decision_share)."""
 
@@ -216,6 +220,7 @@ class PrefixAware:
         bound = min(loads.values()) * self.rel + self.abs
         eligible = [w for w in candidates if loads[w.worker_id] <= bound]
         held = self._holdings(request, eligible)
+        self._last = (request, held)
         turn = next(self._tiebreak)
         if not any(held.values()):  # nothing to gain from a cache: least loaded
             return min(
@@ -246,6 +251,10 @@ class PrefixAware:
     def routed(self, worker: WorkerInfo, request: pb.GenerateRequest) -> None:
         memo = self._token_memo
         tkeys = memo[2] if memo[0] is request else None
+        blocks = len(tkeys) if tkeys else len(self._keys(request))
+        self.stats["routed"] += blocks
+        if self._last[0] is request:
+            self.stats["held"] += round(self._last[1].get(worker.worker_id, 0.0) * blocks)
         # Text keys only serve replicas scored from the index; where every replica
         # reported its cache for this request they would be unused work (~30 us).
         keys = [] if tkeys and worker.worker_id in self.views else self._keys(request)
@@ -264,13 +273,15 @@ POLICIES: dict[str, type[RoutingPolicy]] = {
 }
 
 
-def make_policy(name: str) -> RoutingPolicy:
+def make_policy(name: str, **options: float) -> RoutingPolicy:
+    """A policy by name; `options` (rel, abs_) tune prefix-aware's load bound."""
     try:
-        return POLICIES[name]()
+        cls = POLICIES[name]
     except KeyError:
         raise ValueError(
             f"unknown routing policy {name!r}; choose from {sorted(POLICIES)}"
         ) from None
+    return cls(**options) if cls is PrefixAware else cls()
 
 
 def sticky_choice(
@@ -313,12 +324,19 @@ class Router:
         default: str = "prefix-aware",
         per_model: Mapping[str, str] | None = None,
         sticky: bool = False,
+        balance_rel: float = 1.5,
+        balance_abs: float = 4.0,
     ) -> None:
         names = {default, *(per_model or {}).values()}
-        self.policies: dict[str, RoutingPolicy] = {n: make_policy(n) for n in sorted(names)}
+        bound = {"rel": balance_rel, "abs_": balance_abs}
+        self.policies: dict[str, RoutingPolicy] = {
+            n: make_policy(n, **bound) for n in sorted(names)
+        }
         self.default = self.policies[default]
         self.per_model = {m: self.policies[n] for m, n in (per_model or {}).items()}
         self.sticky = sticky
+        self.balance_rel = balance_rel
+        self.balance_abs = balance_abs
         self.name = default
 
     def policy_for(self, model: str) -> RoutingPolicy:
@@ -335,7 +353,9 @@ class Router:
         outstanding: Mapping[str, int],
     ) -> WorkerInfo:
         if self.sticky and request.session_key and len(candidates) > 1:
-            return sticky_choice(request.session_key, candidates, outstanding)
+            return sticky_choice(
+                request.session_key, candidates, outstanding, self.balance_rel, self.balance_abs
+            )
         return self.policy_for(request.model).choose(candidates, request, outstanding)
 
     def routed(self, worker: WorkerInfo, request: pb.GenerateRequest) -> None:

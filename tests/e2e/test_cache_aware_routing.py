@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 import pytest
 
-from loadtest.fleet import Proc, get_json, start_gateway, start_sim_worker, wait_for
+from loadtest.fleet import Proc, admin_json, start_gateway, start_sim_worker, wait_for
 from prompts.block_keys import block_hashes, block_key
 from prompts.tokenizer import Tokenizer
 from proto import inference_pb2 as pb
@@ -55,7 +55,7 @@ def reported(worker: Proc) -> pb.CacheUpdate:
 
 
 def admin(gw: Proc) -> dict[str, Any]:
-    return get_json(gw.ready["http"] + "/admin/workers")
+    return admin_json(gw, "/admin/workers")
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from loadtest.fleet import admin_json
 from tests.procs import Proc, start_gateway, start_sim_worker, wait_for
 
 
@@ -20,11 +21,11 @@ def worker() -> Iterator[Proc]:
     w.stop()
 
 
-def _admin(url: str) -> dict:
-    # A new connection each time, so the kernel may hand it to either process.
-    req = urllib.request.Request(url + "/admin/workers", headers={"Connection": "close"})
+def _process(url: str) -> int:
+    """Which process answered; a new connection each time, so the kernel may pick either."""
+    req = urllib.request.Request(url + "/healthz", headers={"Connection": "close"})
     with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read())
+        return int(json.loads(r.read())["process"])
 
 
 def _complete(url: str) -> dict:
@@ -59,22 +60,23 @@ def test_two_processes_serve_one_port(worker: Proc) -> None:
         assert gw.ready["processes"] == "2"
         url = gw.ready["http"]
 
-        def pids() -> set[int]:
-            return {_admin(url)["process"]["pid"] for _ in range(20)}
+        def answering() -> set[int]:
+            return {_process(url) for _ in range(20)}
 
-        seen = wait_for(lambda: s if len(s := pids()) == 2 else None, timeout=60)
-        assert gw.pid in seen
+        assert wait_for(lambda: answering() == {0, 1}, timeout=60)
         # Every process serves requests (admission split between them, both route).
         for _ in range(10):
             assert _complete(url)["choices"][0]["finish_reason"] == "length"
         (sibling,) = _children(gw.pid)
-        assert _admin(url)["process"]["processes"] == 2
+        view = admin_json(gw, "/admin/workers")  # the admin listener is process 0's
+        assert (view["process"]["pid"], view["process"]["processes"]) == (gw.pid, 2)
 
         # A sibling that dies is replaced on the same port.
         os.kill(sibling, signal.SIGKILL)
         replaced = wait_for(lambda: (_children(gw.pid) - {sibling}) or None, timeout=60)
         (new_sibling,) = replaced
-        wait_for(lambda: new_sibling in pids(), timeout=60)
+        assert new_sibling != sibling
+        wait_for(lambda: 1 in answering(), timeout=60)
     finally:
         children = _children(gw.pid)
         assert gw.stop() == 0
@@ -108,11 +110,13 @@ def test_prefix_aware_processes_share_their_routing(worker: Proc) -> None:
                 return r.headers["x-breakwater-worker"]
 
         def shared() -> dict[int, dict[str, int]]:
-            """Decisions each process has sent to and heard from its sibling, by pid."""
+            """Decisions each process has sent to and heard from its sibling, by index."""
             seen: dict[int, dict[str, int]] = {}
             while len(seen) < 2:
-                p = _admin(url)["process"]
-                seen[p["pid"]] = p["routing_shared"]
+                req = urllib.request.Request(url + "/healthz", headers={"Connection": "close"})
+                with urllib.request.urlopen(req, timeout=10) as r:
+                    h = json.loads(r.read())
+                seen[h["process"]] = h["routing_shared"]
             return seen
 
         def all_delivered() -> bool:

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from loadtest.fleet import admin_json
 from tests.gateway.redis_server import RedisServer
 from tests.procs import Proc, start_gateway, start_worker, wait_for
 
@@ -17,8 +18,7 @@ TTL_S = 3.0  # the workers' default heartbeat TTL
 
 
 def workers(gw: Proc) -> dict[str, dict]:
-    with urllib.request.urlopen(gw.ready["http"] + "/admin/workers", timeout=10) as r:
-        return {w["worker_id"]: w for w in json.loads(r.read())["workers"]}
+    return {w["worker_id"]: w for w in admin_json(gw, "/admin/workers")["workers"]}
 
 
 def complete(gw: Proc) -> dict:
@@ -97,8 +97,7 @@ def test_prefix_aware_gateways_share_routing_through_redis(redis: RedisServer) -
             wait_for(lambda gw=gw: {"p-a", "p-b"} <= set(workers(gw)), timeout=20)
 
         def routing_shared(gw: Proc) -> dict[str, int]:
-            with urllib.request.urlopen(gw.ready["http"] + "/admin/workers", timeout=10) as r:
-                return json.loads(r.read())["process"]["routing_shared"]
+            return admin_json(gw, "/admin/workers")["process"]["routing_shared"]
 
         def where(gw: Proc, prompt: str) -> str:
             req = urllib.request.Request(

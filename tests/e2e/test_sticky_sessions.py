@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from loadtest.fleet import Proc, get_json, start_gateway, start_sim_worker, wait_for
+from loadtest.fleet import Proc, admin_json, start_gateway, start_sim_worker, wait_for
 from proto import inference_pb2 as pb
 from proto import inference_pb2_grpc as pb_grpc
 
@@ -26,10 +26,7 @@ def fleet() -> Iterator[tuple[Proc, list[Proc]]]:
     try:
         wait_for(
             lambda: (
-                sum(
-                    w["state"] == "SERVING"
-                    for w in get_json(gw.ready["http"] + "/admin/workers")["workers"]
-                )
+                sum(w["state"] == "SERVING" for w in admin_json(gw, "/admin/workers")["workers"])
                 == 3
             ),
             timeout=60,
@@ -96,7 +93,7 @@ def test_grpc_metadata_session_key_sticks(fleet: tuple[Proc, list[Proc]]) -> Non
             list(stub.Generate(request, metadata=(("x-session-id", "grpc-session"),), timeout=60))
     grew = sorted(b - a for a, b in zip(before, generate_calls(workers), strict=True))
     assert grew == [0, 0, 4]
-    view = get_json(gw.ready["http"] + "/admin/workers")
+    view = admin_json(gw, "/admin/workers")
     assert view["routing"] == {
         "default": "prefix-aware",
         "per_model": {"sim": "round-robin"},

@@ -13,7 +13,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -112,7 +115,7 @@ def test_missing_peer_is_skipped_not_installed(
     assert list(tmp_path.iterdir()) == []
 
 
-def _run_cli(tmp_path: Path, *args: str) -> dict:
+def _run_cli(tmp_path: Path, *args: str, table: str = "rps") -> dict:
     """The CLI in its own session with TMPDIR in tmp_path: afterwards no process may be
     left in that session and no file in that TMPDIR."""
     tmpdir = tmp_path / "tmp"
@@ -139,7 +142,7 @@ def _run_cli(tmp_path: Path, *args: str) -> dict:
     assert popen.returncode == 0, err[-3000:]
     assert not left, f"processes left running: {left}"
     assert list(tmpdir.iterdir()) == []
-    assert "rps" in err  # the human table went to stderr
+    assert table in err  # the human table went to stderr
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -190,3 +193,135 @@ def test_cli_with_wrk(tmp_path: Path) -> None:
     )
     for m in report["targets"]["direct"].values():
         assert m["requests"] > 0 and m["errors"] == 0 and m["generator"] == "wrk"
+
+
+# -- the chat workload ------------------------------------------------------------------------
+
+CHAT_FIGURES = (
+    "hit_rate",
+    "ttft_p50_ms",
+    "ttft_p99_ms",
+    "throughput_rps",
+    "errors",
+    "router_cpu_us_per_request",
+    "load_imbalance",
+)
+
+# The bodies the Rust routers re-serialize a chat turn into (captured from vllm-router
+# 0.1.17 and sglang-router 0.3.2): `max_completion_tokens` for `max_tokens` (SGLang), and
+# fields of their own request structs.
+SGLANG_CHAT_BODY = {
+    "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+    "model": "sim",
+    "logprobs": False,
+    "max_completion_tokens": 4,
+    "stream": True,
+    "stream_options": {"include_usage": True},
+    "no_stop_trim": False,
+    "ignore_eos": True,
+    "continue_final_message": False,
+    "skip_special_tokens": True,
+    "separate_reasoning": True,
+    "stream_reasoning": True,
+    "return_hidden_states": False,
+}
+VLLM_ROUTER_CHAT_BODY = {
+    k: v for k, v in SGLANG_CHAT_BODY.items() if k != "max_completion_tokens"
+} | {"max_tokens": 4, "include_reasoning": True}
+
+
+def _post(url: str, body: Any) -> tuple[int, bytes]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_worker_http_port_takes_what_routers_send() -> None:
+    """What the routers probe and send, straight to a sim worker's OpenAI port: GET /health,
+    POST /tokenize (vLLM's shape, the ids the engine computes), and both routers' chat
+    bodies; bad input stays a clear 400."""
+    from loadtest.chat_workload import sim_tokenizer
+    from loadtest.fleet import start_sim_worker
+
+    w = start_sim_worker("--http-port", "0", "--sim-speed", "10")
+    try:
+        base = w.ready["http"]
+        with urllib.request.urlopen(base + "/health", timeout=10) as r:
+            assert r.status == 200
+        messages = SGLANG_CHAT_BODY["messages"]
+        body = {"model": "sim", "continue_final_message": False, "messages": messages}
+        status, raw = _post(base + "/tokenize", body)
+        assert status == 200, raw
+        got = json.loads(raw)
+        ids = sim_tokenizer().prompt_ids(None, messages, True)
+        assert got["tokens"] == ids and got["count"] == len(ids) and got["max_model_len"] > 0
+        status, raw = _post(base + "/tokenize", {"prompt": "hello"})
+        assert status == 200 and json.loads(raw)["tokens"] == sim_tokenizer().prompt_ids("hello")
+        for bad in (b"not json", {"messages": 3}, {"prompt": ""}):
+            status, raw = _post(base + "/tokenize", bad)
+            assert status == 400 and json.loads(raw)["error"]["message"], raw
+        for body in (SGLANG_CHAT_BODY, VLLM_ROUTER_CHAT_BODY):
+            status, raw = _post(base + "/v1/chat/completions", body)
+            assert status == 200, raw
+            events = [ln[5:].strip() for ln in raw.decode().splitlines() if ln.startswith("data:")]
+            assert events[-1] == "[DONE]"
+            usage = json.loads(events[-2])["usage"]
+            assert usage["completion_tokens"] == 4 and usage["prompt_tokens"] == len(ids)
+        whole = {k: v for k, v in SGLANG_CHAT_BODY.items() if k != "stream_options"}
+        status, raw = _post(base + "/v1/chat/completions", whole | {"stream": False})
+        assert status == 200 and json.loads(raw)["usage"]["completion_tokens"] == 4
+        status, raw = _post(
+            base + "/v1/chat/completions", SGLANG_CHAT_BODY | {"max_completion_tokens": 0}
+        )
+        assert status == 400 and b"max_completion_tokens" in raw
+    finally:
+        w.stop()
+
+
+def test_chat_cli_json(tmp_path: Path) -> None:
+    """The chat workload in miniature (2 workers, seconds of traffic, peers skipped): its
+    JSON, every answer right, the workers' counters seeing exactly the prompts sent, and,
+    where nginx is installed, prefix-aware routing beating round robin on hit rate."""
+    report = _run_cli(
+        tmp_path,
+        "--workload=chat",
+        "--no-peers",
+        "--targets=breakwater,nginx_round_robin,sglang_router_cache_aware",
+        "--workers=2",
+        "--duration=4",
+        "--probe-duration=3",
+        "--probe-users=2",
+        "--system-prompts=4",
+        "--sim-speed=1",
+        "--think=0.2",
+        "--max-tokens=8",
+        table="hit rate",
+    )
+    assert report["workload"] == "chat"
+    assert set(report) >= {"oracle_hit_rate", "targets", "ratios", "goal", "skipped", "machine"}
+    assert 0 < report["oracle_hit_rate"] <= 1
+    assert report["capacity_rps"] > 0 and report["offered_rps"] > 0
+    assert report["skipped"]["sglang_router_cache_aware"] == "--no-peers"
+    assert report["goal"]["judged"] is False
+    has_nginx = peer_bench.nginx_path() != ""
+    expect = {"breakwater", "nginx_round_robin"} if has_nginx else {"breakwater"}
+    assert set(report["targets"]) == expect
+    for name, t in report["targets"].items():
+        assert list(t)[: len(CHAT_FIGURES)] == list(CHAT_FIGURES), name
+        assert t["requests"] > 0 and t["errors"] == 0 and t["ok"] == t["requests"], (name, t)
+        assert 0 <= t["hit_rate"] <= 1 and t["ttft_p50_ms"] <= t["ttft_p99_ms"]
+        assert t["throughput_rps"] > 0 and isinstance(t["router_cpu_us_per_request"], float)
+        assert t["load_imbalance"] >= 1 and sum(t["requests_per_worker"]) == t["ok"]
+        # The workers tokenised exactly the prompts the bench sent, through every router.
+        assert t["prompt_tokens"] == t["prompt_tokens_sent"], name
+    if has_nginx:
+        bw, rr = report["targets"]["breakwater"], report["targets"]["nginx_round_robin"]
+        assert bw["hit_rate"] > rr["hit_rate"]
+        ratio = report["ratios"]["breakwater_vs_nginx_round_robin"]
+        assert ratio["hit_rate"] > 1 and set(ratio) >= {"ttft_p50", "router_cpu_per_request"}
+    else:
+        assert "not installed" in report["skipped"]["nginx_round_robin"]

@@ -1,0 +1,164 @@
+"""Operator overrides (drained or ejected replicas), shared by every gateway process.
+
+An operator acts on one gateway's admin listener; every process of every gateway must
+follow. With Redis the overrides live in a hash and each change is published, so other
+gateways apply it within a poll; without Redis the gateway's processes share a small JSON
+file in their common directory. Each change is also appended to an audit log (a Redis list,
+or a JSON-lines file beside the overrides) and logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+Action = Literal["drain", "undrain", "eject", "readmit"]
+STATES: dict[str, str | None] = {
+    "drain": "drained",
+    "undrain": None,
+    "eject": "ejected",
+    "readmit": None,
+}
+log = logging.getLogger("breakwater.admin")
+
+
+class Store(Protocol):
+    async def load(self) -> dict[str, str]: ...
+    async def apply(self, worker_id: str, state: str | None, audit: dict[str, Any]) -> None: ...
+    async def audit(self, limit: int) -> list[dict[str, Any]]: ...
+    async def close(self) -> None: ...
+
+
+class FileStore:
+    """Overrides in `<dir>/admin-overrides.json` (replaced atomically), audit in
+    `<dir>/admin-audit.jsonl`; file work runs in a thread, off the event loop."""
+
+    def __init__(self, directory: str) -> None:
+        self.path = Path(directory) / "admin-overrides.json"
+        self.audit_path = Path(directory) / "admin-audit.jsonl"
+
+    def _read(self) -> dict[str, str]:
+        try:
+            return dict(json.loads(self.path.read_text()))
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    async def load(self) -> dict[str, str]:
+        return await asyncio.to_thread(self._read)
+
+    def _write(self, worker_id: str, state: str | None, audit: dict[str, Any]) -> None:
+        current = self._read()
+        if state is None:
+            current.pop(worker_id, None)
+        else:
+            current[worker_id] = state
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(current))
+        tmp.replace(self.path)
+        with self.audit_path.open("a") as f:
+            f.write(json.dumps(audit) + "\n")
+
+    async def apply(self, worker_id: str, state: str | None, audit: dict[str, Any]) -> None:
+        await asyncio.to_thread(self._write, worker_id, state, audit)
+
+    def _tail(self, limit: int) -> list[dict[str, Any]]:
+        try:
+            lines = self.audit_path.read_text().splitlines()[-limit:]
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in lines]
+
+    async def audit(self, limit: int) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self._tail, limit)
+
+    async def close(self) -> None:
+        pass
+
+
+class RedisStore:
+    """Overrides in the hash `{prefix}admin:overrides`, audit in the list `{prefix}admin:audit`."""
+
+    def __init__(self, url: str, prefix: str = "breakwater:") -> None:
+        from serving.redis_client import make_client
+
+        self._client = make_client(url, 1.0)
+        self.key = f"{prefix}admin:overrides"
+        self.audit_key = f"{prefix}admin:audit"
+
+    async def load(self) -> dict[str, str]:
+        raw = await self._client.hgetall(self.key)
+        return {_s(k): _s(v) for k, v in raw.items()}
+
+    async def apply(self, worker_id: str, state: str | None, audit: dict[str, Any]) -> None:
+        async with self._client.pipeline(transaction=True) as pipe:
+            if state is None:
+                pipe.hdel(self.key, worker_id)
+            else:
+                pipe.hset(self.key, worker_id, state)
+            pipe.rpush(self.audit_key, json.dumps(audit))
+            pipe.ltrim(self.audit_key, -10_000, -1)
+            await pipe.execute()
+
+    async def audit(self, limit: int) -> list[dict[str, Any]]:
+        return [json.loads(_s(x)) for x in await self._client.lrange(self.audit_key, -limit, -1)]
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._client.aclose()
+
+
+def _s(x: Any) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
+
+
+class Overrides:
+    """This process's copy of the overrides, refreshed from the store every `poll_s`."""
+
+    def __init__(self, store: Store, poll_s: float = 0.5) -> None:
+        self.store = store
+        self.poll_s = poll_s
+        self.states: dict[str, str] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._task = asyncio.create_task(self._loop())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.store.close()
+
+    async def refresh(self) -> None:
+        try:
+            self.states = await self.store.load()
+        except Exception as e:  # keep the last known overrides through a store outage
+            log.debug("admin overrides not refreshed: %s", e)
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_s)
+            await self.refresh()
+
+    def blocked(self, worker_id: str) -> bool:
+        """True while an operator keeps new requests away from the replica."""
+        return worker_id in self.states
+
+    async def act(self, action: Action, worker_id: str, who: str) -> dict[str, Any]:
+        state = STATES[action]
+        audit = {"at": time.time(), "action": action, "worker": worker_id, "by": who}
+        await self.store.apply(worker_id, state, audit)
+        if state is None:
+            self.states.pop(worker_id, None)
+        else:
+            self.states[worker_id] = state
+        log.info("admin: %s %s (by %s)", action, worker_id, who)
+        return audit

@@ -1,0 +1,332 @@
+"""The gateway's Prometheus metrics and its one-line-per-request log.
+
+A gateway runs several processes on one port (`--processes`), and a scrape reaches any one
+of them. Each process keeps its metrics in memory and, once a second, writes their text
+exposition to the gateway's shared directory (made by process 0, inherited by siblings);
+whichever process answers a scrape merges the others' files with its own live figures:
+counters and histograms add up, gauges add up too except breaker states and readiness,
+where the worst (highest) wins.
+
+prometheus-client's own multiprocess mode does this on every update, through mmap'd
+files: measured here, 65 us per request for one counter and three histograms, against
+9 us in memory (a request through the gateway costs ~300 us of CPU in all).
+
+Per request, on the hot path: a counter by model and status, and histograms of latency,
+TTFT and time per output token. Everything else (shed requests by reason, attempts and
+retries, breaker states, queue depth, routing hits) is copied from the gateway's own
+counters once a second, so the request path pays nothing for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from collections import Counter as Tally
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import orjson
+
+from serving.openai_http import Finished
+
+MULTIPROC_ENV = "BREAKWATER_GATEWAY_SHARED_DIR"
+"""The directory a gateway's processes share: metric snapshots, operator overrides."""
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+request_log = logging.getLogger("breakwater.requests")
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 10, 20, 40, 80)
+TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
+BREAKER_VALUES = {"closed": 0.0, "half-open": 1.0, "open": 2.0}
+
+
+def ensure_multiprocess_dir() -> str | None:
+    """Process 0: a fresh directory shared with its siblings through the environment;
+    returns the path to remove at exit (None when inherited or set by the operator)."""
+    if os.environ.get(MULTIPROC_ENV):
+        return None
+    path = tempfile.mkdtemp(prefix="breakwater-gateway-")
+    os.environ[MULTIPROC_ENV] = path
+    return path
+
+
+def remove_multiprocess_dir(path: str | None) -> None:
+    if path:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class GatewayMetrics:
+    def __init__(
+        self,
+        sources: Callable[[], Mapping[str, Mapping[str, float]]],
+        gauges: Callable[[], Mapping[str, Any]],
+        price_per_gpu_hour: float = 0.0,
+        log_requests: bool = False,
+    ) -> None:
+        """`sources()`: named tallies that only grow (copied into counters each second);
+        `gauges()`: current values (queue depth, in flight, breaker states, ...)."""
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.directory = os.environ.get(MULTIPROC_ENV)
+        self.index = 0
+        """This process's index in its gateway (--processes): names its snapshot file."""
+        self._sources = sources
+        self._gauges = gauges
+        self.price_per_gpu_hour = price_per_gpu_hour
+        self.log_requests = log_requests
+        self._seen: dict[str, Tally[str]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.requests = Counter(
+            "breakwater_requests", "Requests answered, by model and HTTP status.",
+            ["model", "status"],
+            registry=r,
+        )  # fmt: skip
+        self.latency = Histogram(
+            "breakwater_request_duration_seconds", "End-to-end request latency.",
+            ["model"], buckets=LATENCY_BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        self.ttft = Histogram(
+            "breakwater_time_to_first_token_seconds", "Time to the first output, gateway side.",
+            ["model"], buckets=TTFT_BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        self.tpot = Histogram(
+            "breakwater_time_per_output_token_seconds",
+            "Mean time per output token after the first, per request.",
+            ["model"], buckets=TPOT_BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        self.tokens = Counter(
+            "breakwater_tokens", "Tokens by kind (prompt, completion, cached) and model.",
+            ["model", "kind"],
+            registry=r,
+        )  # fmt: skip
+        self.cost = Counter(
+            "breakwater_cost_dollars",
+            "Estimated serving cost: replica time at --gpu-hour-price, shared among the "
+            "requests in flight on it.",
+            ["model", "tenant"],
+            registry=r,
+        )  # fmt: skip
+        self.admission = Counter(
+            "breakwater_admission", "Admission outcomes: admitted, or why refused (shed).",
+            ["outcome"],
+            registry=r,
+        )  # fmt: skip
+        self.upstream = Counter(
+            "breakwater_upstream", "Upstream calls: requests, attempts, retries and "
+            "retry_budget_exhausted.", ["event"],
+            registry=r,
+        )  # fmt: skip
+        self.routing = Counter(
+            "breakwater_routing_prefix_blocks", "Prompt blocks routed, and those the chosen "
+            "replica held (their ratio is the routing hit rate).", ["kind"],
+            registry=r,
+        )  # fmt: skip
+        self.client_disconnects = Counter(
+            "breakwater_client_disconnects",
+            "Clients that left before their answer ended.",
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "breakwater_in_flight", "Requests admitted and not finished.",
+            registry=r,
+        )  # fmt: skip
+        self.queued = Gauge(
+            "breakwater_queue_depth", "Requests waiting for an admission slot.",
+            registry=r,
+        )  # fmt: skip
+        self.outstanding = Gauge(
+            "breakwater_worker_outstanding", "Calls in flight to each replica.",
+            ["worker"],
+            registry=r,
+        )  # fmt: skip
+        self.breaker = Gauge(
+            "breakwater_breaker_state", "Each replica's breaker: 0 closed, 1 half-open, 2 open.",
+            ["worker"],
+            registry=r,
+        )  # fmt: skip
+        self.ready = Gauge(
+            "breakwater_worker_ready", "1 while a replica is ready for traffic.",
+            ["worker"],
+            registry=r,
+        )  # fmt: skip
+
+    # -- per request -------------------------------------------------------------------------
+
+    def finished(self, done: Finished) -> None:
+        model = done.model or "unknown"
+        info = done.info
+        self.requests.labels(model, str(done.status)).inc()
+        latency = done.ended - done.started
+        if done.status < 400:
+            self.latency.labels(model).observe(latency)
+        ttft = (info.first_output_at - done.started) if info.first_output_at else None
+        if ttft is not None:
+            self.ttft.labels(model).observe(ttft)
+        completion = info.usage[1] if info.usage else info.output_chunks
+        if ttft is not None and completion > 1:
+            self.tpot.labels(model).observe((latency - ttft) / (completion - 1))
+        if info.usage:
+            prompt, comp, cached = info.usage
+            self.tokens.labels(model, "prompt").inc(prompt)
+            self.tokens.labels(model, "completion").inc(comp)
+            self.tokens.labels(model, "cached").inc(cached)
+        if self.price_per_gpu_hour and done.status < 400:
+            share = latency / max(1, info.concurrency)
+            self.cost.labels(model, done.tenant or "").inc(share * self.price_per_gpu_hour / 3600)
+        if self.log_requests:
+            request_log.info(self.log_line(done, latency, ttft))
+
+    @staticmethod
+    def log_line(done: Finished, latency: float, ttft: float | None) -> str:
+        info = done.info
+        prompt, completion, cached = info.usage or (None, None, None)
+        return orjson.dumps(
+            {
+                "request_id": done.request_id,
+                "tenant": done.tenant,
+                "model": done.model,
+                "replica": info.worker_id,
+                "status": done.status,
+                "stream": done.stream,
+                "attempts": info.attempts,
+                "prompt_tokens": prompt,
+                "completion_tokens": completion if completion is not None else info.output_chunks,
+                "cached_tokens": cached,
+                "ttft_ms": round(ttft * 1000, 2) if ttft is not None else None,
+                "latency_ms": round(latency * 1000, 2),
+                "error": done.error_type,
+            }
+        ).decode()
+
+    # -- once a second -------------------------------------------------------------------------
+
+    async def start(self, interval_s: float = 1.0) -> None:
+        self._task = asyncio.create_task(self._loop(interval_s))
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self.sync()  # the last second's counts too
+            self._write_snapshot(self._exposition())
+
+    async def _loop(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                self.sync()
+                if self.directory:
+                    await asyncio.to_thread(self._write_snapshot, self._exposition())
+            except Exception:  # metrics must never take the gateway down
+                logging.getLogger(__name__).exception("metrics sync failed")
+
+    def _exposition(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+    def _snapshot_path(self, index: int) -> str:
+        assert self.directory is not None
+        return os.path.join(self.directory, f"metrics-{index}.prom")
+
+    def _write_snapshot(self, text: bytes) -> None:
+        if not self.directory:
+            return
+        path = self._snapshot_path(self.index)
+        with open(path + ".tmp", "wb") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+
+    def render(self) -> bytes:
+        """This process's live figures merged with its siblings' last snapshots."""
+        own = self._exposition()
+        if not self.directory:
+            return own
+        texts = [own.decode()]
+        mine = f"metrics-{self.index}.prom"
+        for name in sorted(os.listdir(self.directory)):
+            if name.startswith("metrics-") and name.endswith(".prom") and name != mine:
+                with (
+                    contextlib.suppress(OSError),
+                    open(os.path.join(self.directory, name)) as f,
+                ):
+                    texts.append(f.read())
+        return merge_expositions(texts).encode() if len(texts) > 1 else own
+
+    def sync(self) -> None:
+        counters = {
+            "admission": (self.admission, "outcome"),
+            "upstream": (self.upstream, "event"),
+            "routing": (self.routing, "kind"),
+        }
+        for name, tally in self._sources().items():
+            if name == "client_disconnects":
+                delta = tally.get("", 0) - self._seen.setdefault(name, Tally()).get("", 0)
+                if delta > 0:
+                    self.client_disconnects.inc(delta)
+                self._seen[name][""] = tally.get("", 0)
+                continue
+            metric, _ = counters[name]
+            seen = self._seen.setdefault(name, Tally())
+            for key, value in tally.items():
+                delta = value - seen.get(key, 0)
+                if delta > 0:
+                    metric.labels(key).inc(delta)
+                    seen[key] = value
+        g = self._gauges()
+        self.in_flight.set(g.get("in_flight", 0))
+        self.queued.set(g.get("queued", 0))
+        for worker, n in g.get("outstanding", {}).items():
+            self.outstanding.labels(worker).set(n)
+        for worker, state in g.get("breakers", {}).items():
+            self.breaker.labels(worker).set(BREAKER_VALUES.get(state, 0.0))
+        for worker, ready in g.get("ready", {}).items():
+            self.ready.labels(worker).set(1.0 if ready else 0.0)
+
+
+MAX_GAUGES = {"breakwater_breaker_state", "breakwater_worker_ready"}
+"""Gauges where processes' values are not added: the worst (highest) one stands."""
+
+
+def merge_expositions(texts: list[str]) -> str:
+    """Prometheus text expositions of the same families, added sample by sample."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    meta: dict[str, tuple[str, str]] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for text in texts:
+        for fam in text_string_to_metric_families(text):
+            meta.setdefault(fam.name, (fam.type, fam.documentation))
+            merged = values.setdefault(fam.name, {})
+            keep_max = fam.name in MAX_GAUGES
+            for sample in fam.samples:
+                if sample.name.endswith("_created"):
+                    continue
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                old = merged.get(key)
+                if old is None:
+                    merged[key] = sample.value
+                else:
+                    merged[key] = max(old, sample.value) if keep_max else old + sample.value
+    lines: list[str] = []
+    for name, (kind, doc) in meta.items():
+        exposed = name + "_total" if kind == "counter" else name
+        lines.append(f"# HELP {exposed} {doc}")
+        lines.append(f"# TYPE {exposed} {kind}")
+        for (sample, labels), value in values[name].items():
+            label_text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
+            lines.append(f"{sample}{{{label_text}}} {value!r}" if labels else f"{sample} {value!r}")
+    return "\n".join(lines) + "\n"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')

@@ -1,0 +1,150 @@
+"""Prometheus metrics on `breakwater up` (gateway and workers), and the request log."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import urllib.error
+import urllib.request
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from loadtest.fleet import Proc, start_gateway, start_sim_worker, wait_for
+
+VLLM_NAMES = {
+    "vllm:num_requests_running",
+    "vllm:num_requests_waiting",
+    "vllm:kv_cache_usage_perc",
+    "vllm:prefix_cache_queries",
+    "vllm:prefix_cache_hits",
+    "vllm:prompt_tokens",
+    "vllm:generation_tokens",
+    "vllm:num_preemptions",
+    "vllm:time_to_first_token_seconds",
+    "vllm:inter_token_latency_seconds",
+    "vllm:e2e_request_latency_seconds",
+    "vllm:request_success",
+}
+GATEWAY_NAMES = {
+    "breakwater_requests",
+    "breakwater_request_duration_seconds",
+    "breakwater_time_to_first_token_seconds",
+    "breakwater_time_per_output_token_seconds",
+    "breakwater_queue_depth",
+    "breakwater_in_flight",
+    "breakwater_admission",
+    "breakwater_upstream",
+    "breakwater_breaker_state",
+    "breakwater_routing_prefix_blocks",
+    "breakwater_tokens",
+}
+
+
+def scrape(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+        assert r.headers["Content-Type"].startswith("text/plain")
+        text = r.read().decode()
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def value(families: dict[str, Any], sample: str, **labels: str) -> float:
+    return sum(
+        s.value
+        for f in families.values()
+        for s in f.samples
+        if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def post(url: str, body: dict[str, Any]) -> int:
+    req = urllib.request.Request(
+        url + "/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            r.read()
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_up_exposes_vllm_names_on_workers_and_the_gateways_families() -> None:
+    up = Proc(
+        ["up", "--engine", "sim", "--sim-preset", "tiny", "--workers", "2", "--port", "0"],
+        "Breakwater is up",
+        timeout=240,
+    )
+    try:
+        text = "\n".join(up.stdout_lines)
+        gateway = re.search(r"gateway (http://\S+)", text).group(1)  # type: ignore[union-attr]
+        workers = re.findall(r"(http://[\d.:]+)/metrics", text.split("workers:")[1])
+        assert len(workers) == 2
+        model = re.search(r"model (\S+)\)", text).group(1)  # type: ignore[union-attr]
+        messages = [{"role": "user", "content": "count the metrics " * 8}]
+        for i in range(6):
+            body = {"model": model, "messages": messages, "max_tokens": 4, "stream": i % 2 == 0}
+            assert post(gateway, body) == 200
+        assert post(gateway, {"model": model, "messages": []}) == 400
+
+        def synced() -> dict[str, Any]:
+            fams = scrape(gateway)
+            return fams if value(fams, "breakwater_upstream_total", event="requests") >= 6 else {}
+
+        fams = wait_for(synced, timeout=30)
+        assert set(fams) >= GATEWAY_NAMES, GATEWAY_NAMES - set(fams)
+        assert value(fams, "breakwater_requests_total", model=model, status="200") == 6
+        assert value(fams, "breakwater_requests_total", status="400") == 1
+        assert value(fams, "breakwater_time_to_first_token_seconds_count", model=model) == 6
+        assert value(fams, "breakwater_breaker_state") == 0  # both closed
+        assert value(fams, "breakwater_routing_prefix_blocks_total", kind="routed") > 0
+
+        served = 0.0
+        for url in workers:
+            wf = scrape(url)
+            assert set(wf) >= VLLM_NAMES, VLLM_NAMES - set(wf)
+            assert value(wf, "vllm:num_requests_waiting", model_name=model) == 0
+            served += value(wf, "vllm:e2e_request_latency_seconds_count", model_name=model)
+            assert value(wf, "vllm:prefix_cache_queries_total") >= value(
+                wf, "vllm:prefix_cache_hits_total"
+            )
+        assert served == 6
+        up.signal(signal.SIGINT)
+        assert up.wait(90) == 0
+    finally:
+        up.stop()
+
+
+def test_one_log_line_per_request_and_no_prompt_text() -> None:
+    worker = start_sim_worker()
+    gw = start_gateway("--worker", worker.ready["grpc"], "--request-log")
+    try:
+        secret = "the prompt text stays out of the log"
+        for i in range(3):
+            body = {"model": "sim", "messages": [{"role": "user", "content": secret}]}
+            assert post(gw.ready["http"], {**body, "max_tokens": 3, "stream": i == 1}) == 200
+        assert post(gw.ready["http"], {"model": "nope", "messages": [{"role": "user"}]}) == 404
+
+        def lines() -> list[dict[str, Any]]:
+            out = [
+                json.loads(line.split("breakwater.requests: ", 1)[1])
+                for line in gw.log_text().splitlines()
+                if "breakwater.requests: " in line
+            ]
+            return out if len(out) == 4 else []
+
+        records = wait_for(lines, timeout=30)
+        assert secret not in gw.log_text()
+        ok = [r for r in records if r["status"] == 200]
+        assert len(ok) == 3
+        for r in ok:
+            assert r["model"] == "sim" and r["replica"] and r["attempts"] == 1
+            assert r["tenant"] and r["ttft_ms"] is not None and r["latency_ms"] >= r["ttft_ms"]
+            assert r["completion_tokens"] == 3
+        assert [r["status"] for r in records if r["status"] != 200] == [404]
+    finally:
+        gw.stop()
+        worker.stop()
