@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -145,6 +145,10 @@ class Gateway:
             else FileStore(os.environ.get(MULTIPROC_ENV) or tempfile.gettempdir())
         )
         self.dispatcher.blocked = self.overrides.blocked
+        self.dispatcher.resolve_model = self.overrides.resolve
+        self.dispatcher.model_aliases = lambda: self.overrides.splits.keys()
+        self.tell_siblings: Callable[[], None] = lambda: None
+        """After an admin change: make the other processes re-read the overrides now."""
         self.admin_runner: web.AppRunner | None = None
         self.admin_url: str | None = None
         self.app.router.add_get("/metrics", self._metrics)
@@ -205,6 +209,9 @@ class Gateway:
             self.routes.workers_view,
             lambda: {w.worker_id for w in self.registry.workers()},
             self._is_tenant_key,
+            lambda: {m for w in self.registry.workers() for m in w.models},
+            lambda: self.tell_siblings(),
+            self.metrics.render,
         )
         self.admin_runner = web.AppRunner(api.app(), access_log=None)
         await self.admin_runner.setup()
@@ -219,6 +226,8 @@ class Gateway:
     async def start(self) -> None:
         await self.metrics.start()
         await self.overrides.start()
+        # process 0 signals an admin change; re-read at once rather than at the next poll
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, self.overrides.refresh_soon)
         if self.share is not None:
             await self.share.start()
         await self.admission.start()
@@ -287,6 +296,7 @@ async def _serve(settings: GatewaySettings) -> int:
     if group:
         siblings = Siblings(settings, gw.http_port, gw.grpc_port, share_socks)
         await siblings.start()
+        gw.tell_siblings = siblings.notify
     grpc_part = f" grpc={settings.host}:{gw.grpc_port}" if gw.grpc_port else ""
     admin_part = f" admin={gw.admin_url}" if gw.admin_url else ""
     print(
@@ -303,7 +313,10 @@ async def _serve(settings: GatewaySettings) -> int:
 
 
 def run_gateway(settings: GatewaySettings) -> int:
-    metrics_dir = ensure_multiprocess_dir()  # before prometheus_client is imported
+    # SIGUSR1 means "re-read the overrides" once the loop runs; until then it must not
+    # kill a process that is still starting (its default action).
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    metrics_dir = ensure_multiprocess_dir()
     try:
         return _run(settings)
     finally:

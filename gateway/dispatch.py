@@ -19,10 +19,11 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import orjson
 from tenacity import RetryCallState, wait_random_exponential
 
 from gateway.registry.base import Registry, WorkerInfo, WorkerState, ready_workers
@@ -63,6 +64,12 @@ class DispatchSettings:
     retry_budget_ratio: float = 0.2
     retry_budget_floor: int = 10
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
+
+
+def _with_model(body: bytes, model: str) -> bytes:
+    data = orjson.loads(body)
+    data["model"] = model
+    return orjson.dumps(data)
 
 
 @dataclass(slots=True)
@@ -207,6 +214,10 @@ class Dispatcher:
         self.counters: Counter[str] = Counter()
         self.blocked: Callable[[str], bool] = lambda _worker_id: False
         """An operator keeps new requests away from these (drained or ejected)."""
+        self.resolve_model: Callable[[str], str] = lambda model: model
+        """The version a request for `model` goes to (an operator's traffic split)."""
+        self.model_aliases: Callable[[], Iterable[str]] = tuple
+        """Model names that exist only as splits over versions."""
 
     def upstream_for(self, info: WorkerInfo) -> Upstream:
         key = (info.worker_id, info.address, info.kind)
@@ -216,7 +227,8 @@ class Dispatcher:
         return up
 
     def models(self) -> list[str]:
-        return sorted({m for w in self.registry.workers() for m in w.models})
+        served = {m for w in self.registry.workers() for m in w.models}
+        return sorted(served.union(self.model_aliases()))
 
     def workers(self) -> list[dict[str, Any]]:
         breakers = self.breakers.snapshot()
@@ -259,6 +271,10 @@ class Dispatcher:
         s = self.settings
         info = info or CallInfo()
         deadline = time.monotonic() + (timeout if timeout is not None else 3600.0)
+        if request.model and (target := self.resolve_model(request.model)) != request.model:
+            request.model = target
+            if raw is not None:  # the upstream must see the version, not the alias
+                raw = RawRequest(raw.path, _with_model(raw.body, target), raw.stream)
         model = request.model or None
         tried: set[str] = set()
         last: UpstreamError | None = None

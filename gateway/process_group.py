@@ -52,6 +52,13 @@ class Siblings:
         self._stopping = False
         self._watchers: list[asyncio.Task[None]] = []
 
+    def notify(self) -> None:
+        """Tell every sibling to re-read the operator overrides now (SIGUSR1)."""
+        for proc in self.procs.values():
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGUSR1)
+
     def _env(self, index: int) -> dict[str, str]:
         s = dataclasses.replace(
             self.settings,

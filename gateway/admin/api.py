@@ -7,8 +7,10 @@ key is 403, so a tenant cannot reach it even by accident. Errors have OpenAI's J
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -18,6 +20,9 @@ from proto.openai_compat import OpenAIError
 from serving.openai_http import error_response, json_response
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+DASHBOARD = Path(__file__).with_name("dashboard.html")
+CSP = "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'"
+"""The page loads nothing from elsewhere: its script and style are inline."""
 
 
 def _bearer(header: str | None) -> str | None:
@@ -34,22 +39,36 @@ class AdminAPI:
         view: Callable[[], dict[str, Any]],
         known_workers: Callable[[], set[str]],
         is_tenant_key: Callable[[str | None], bool],
+        served_models: Callable[[], set[str]] = set,
+        changed: Callable[[], None] = lambda: None,
+        metrics: Callable[[], bytes] | None = None,
     ) -> None:
         self._token = token.encode() if token else None
         self.overrides = overrides
         self._view = view
         self._known = known_workers
         self._is_tenant_key = is_tenant_key
+        self._served = served_models
+        self._changed = changed
+        """Called after a change, to tell the gateway's other processes at once."""
+        self._metrics = metrics
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._auth])
+        app.router.add_get("/admin/dashboard", self.dashboard)
+        app.router.add_get("/admin/metrics", self.metrics)
         app.router.add_get("/admin/workers", self.workers)
         app.router.add_post("/admin/workers/{worker_id}/{action}", self.act)
         app.router.add_get("/admin/audit", self.audit)
+        app.router.add_get("/admin/splits", self.splits)
+        app.router.add_put("/admin/splits/{model}", self.put_split)
+        app.router.add_delete("/admin/splits/{model}", self.delete_split)
         return app
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path == "/admin/dashboard":  # a static page; its data calls need the token
+            return await handler(request)
         header = request.headers.get("Authorization")
         presented = _bearer(header)
         if self._token is None:
@@ -65,6 +84,19 @@ class AdminAPI:
         return error_response(
             OpenAIError(401, "the admin API needs the admin token (Authorization: Bearer ...)")
         )
+
+    async def dashboard(self, request: web.Request) -> web.Response:
+        """The operators' page: open it as /admin/dashboard#token=<admin token>."""
+        return web.Response(
+            body=DASHBOARD.read_bytes(),
+            content_type="text/html",
+            headers={"Cache-Control": "no-store", "Content-Security-Policy": CSP},
+        )
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        """The gateway's merged metrics, for the dashboard (same text as /metrics)."""
+        body = await asyncio.to_thread(self._metrics) if self._metrics else b""
+        return web.Response(body=body, content_type="text/plain")
 
     async def workers(self, request: web.Request) -> web.Response:
         view = self._view()
@@ -86,7 +118,53 @@ class AdminAPI:
             entry = await self.overrides.act(action, worker_id, who)  # type: ignore[arg-type]
         except Exception as e:  # the shared store is unreachable: say so, change nothing
             return error_response(OpenAIError(503, f"the change was not saved: {e}"))
+        self._changed()
         return json_response({"ok": True, **entry, "state": self.overrides.states.get(worker_id)})
+
+    async def splits(self, request: web.Request) -> web.Response:
+        return json_response({m: s.weights for m, s in self.overrides.splits.items()})
+
+    async def put_split(self, request: web.Request) -> web.Response:
+        """Canary (`{"weights": {"m-v1": 90, "m-v2": 10}}`), blue-green (one version at 100)."""
+        model = request.match_info["model"]
+        try:
+            body = await request.json()
+            weights = body["weights"]
+            assert isinstance(weights, dict) and weights
+            weights = {str(m): float(w) for m, w in weights.items()}
+        except Exception:
+            return error_response(
+                OpenAIError(
+                    400, 'expected {"weights": {"<model version>": <weight>, ...}}', param="weights"
+                )
+            )
+        if any(not (w >= 0) or w == float("inf") for w in weights.values()) or not any(
+            w > 0 for w in weights.values()
+        ):
+            return error_response(
+                OpenAIError(400, "weights must be finite, >= 0, and not all 0", param="weights")
+            )
+        unknown = sorted(set(weights) - self._served())
+        if unknown:
+            return error_response(
+                OpenAIError(400, f"no worker serves {', '.join(unknown)}", param="weights")
+            )
+        return await self._set(request, model, weights)
+
+    async def delete_split(self, request: web.Request) -> web.Response:
+        """Rollback: requests for the model go to the model itself again."""
+        return await self._set(request, request.match_info["model"], None)
+
+    async def _set(
+        self, request: web.Request, model: str, weights: dict[str, float] | None
+    ) -> web.Response:
+        who = request.headers.get("X-Operator") or request.remote or "unknown"
+        try:
+            entry = await self.overrides.set_split(model, weights, who)
+        except Exception as e:
+            return error_response(OpenAIError(503, f"the change was not saved: {e}"))
+        self._changed()
+        return json_response({"ok": True, **entry})
 
     async def audit(self, request: web.Request) -> web.Response:
         try:

@@ -1,4 +1,5 @@
-"""Operator overrides (drained or ejected replicas), shared by every gateway process.
+"""Operator overrides (drained or ejected replicas, traffic splits between model versions),
+shared by every gateway process.
 
 An operator acts on one gateway's admin listener; every process of every gateway must
 follow. With Redis the overrides live in a hash and each change is published, so other
@@ -117,13 +118,40 @@ def _s(x: Any) -> str:
     return x.decode() if isinstance(x, bytes) else str(x)
 
 
+WORKER = "worker:"
+SPLIT = "split:"
+
+
+class Split:
+    """Smooth weighted round-robin (nginx's) over a model's versions: the shares hold to
+    within one request at any point, where a random draw would wander by sqrt(n)."""
+
+    def __init__(self, weights: dict[str, float]) -> None:
+        self.weights = {m: float(w) for m, w in weights.items() if float(w) > 0}
+        self.total = sum(self.weights.values())
+        self._current = dict.fromkeys(self.weights, 0.0)
+
+    def pick(self) -> str:
+        current = self._current
+        for model, weight in self.weights.items():
+            current[model] += weight
+        best = max(current, key=current.__getitem__)
+        current[best] -= self.total
+        return best
+
+
 class Overrides:
-    """This process's copy of the overrides, refreshed from the store every `poll_s`."""
+    """This process's copy of the overrides, refreshed from the store every `poll_s` (and
+    at once on `refresh_soon`, which process 0 signals to its siblings after a change)."""
 
     def __init__(self, store: Store, poll_s: float = 0.5) -> None:
         self.store = store
         self.poll_s = poll_s
         self.states: dict[str, str] = {}
+        """worker id -> drained | ejected."""
+        self.splits: dict[str, Split] = {}
+        """model alias -> its versions' split."""
+        self._raw: dict[str, str] = {}
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -139,9 +167,31 @@ class Overrides:
 
     async def refresh(self) -> None:
         try:
-            self.states = await self.store.load()
+            raw = await self.store.load()
         except Exception as e:  # keep the last known overrides through a store outage
             log.debug("admin overrides not refreshed: %s", e)
+            return
+        if raw == self._raw:
+            return
+        self._raw = raw
+        self.states = {k[len(WORKER) :]: v for k, v in raw.items() if k.startswith(WORKER)}
+        splits: dict[str, Split] = {}
+        for key, value in raw.items():
+            if key.startswith(SPLIT):
+                model = key[len(SPLIT) :]
+                old = self.splits.get(model)
+                weights = json.loads(value)
+                # an unchanged split keeps its round-robin position
+                splits[model] = old if old and old.weights == weights else Split(weights)
+        self.splits = splits
+
+    def refresh_soon(self) -> None:
+        asyncio.get_running_loop().create_task(self.refresh())
+
+    def resolve(self, model: str) -> str:
+        """The model version this request goes to (the model itself without a split)."""
+        split = self.splits.get(model)
+        return split.pick() if split is not None else model
 
     async def _loop(self) -> None:
         while True:
@@ -155,10 +205,29 @@ class Overrides:
     async def act(self, action: Action, worker_id: str, who: str) -> dict[str, Any]:
         state = STATES[action]
         audit = {"at": time.time(), "action": action, "worker": worker_id, "by": who}
-        await self.store.apply(worker_id, state, audit)
+        await self.store.apply(WORKER + worker_id, state, audit)
         if state is None:
             self.states.pop(worker_id, None)
         else:
             self.states[worker_id] = state
         log.info("admin: %s %s (by %s)", action, worker_id, who)
+        return audit
+
+    async def set_split(
+        self, model: str, weights: dict[str, float] | None, who: str
+    ) -> dict[str, Any]:
+        """Route `model` to its versions by weight (None: no split, the model itself)."""
+        audit = {
+            "at": time.time(),
+            "action": "split",
+            "model": model,
+            "weights": weights,
+            "by": who,
+        }
+        await self.store.apply(SPLIT + model, json.dumps(weights) if weights else None, audit)
+        if weights:
+            self.splits[model] = Split(weights)
+        else:
+            self.splits.pop(model, None)
+        log.info("admin: split %s -> %s (by %s)", model, weights, who)
         return audit

@@ -144,3 +144,62 @@ def test_a_drain_on_one_gateway_reaches_another_through_redis(workers: list[Proc
         finally:
             a.stop()
             b.stop()
+
+
+def admin_call(gw: Proc, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    req = urllib.request.Request(
+        gw.ready["admin"] + path,
+        method=method,
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"},
+        data=json.dumps(body).encode() if body is not None else None,
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_canary_split_holds_and_rollback_is_immediate() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    v1 = start_sim_worker(name="chat-v1")
+    v2 = start_sim_worker(name="chat-v2")
+    gw = start_gateway("--worker", v1.ready["grpc"], "--worker", v2.ready["grpc"])
+    try:
+        wait_for(lambda: len(admin_json(gw, "/admin/workers")["workers"]) == 2, timeout=60)
+
+        def model_of(i: int) -> str:
+            req = urllib.request.Request(
+                gw.ready["http"] + "/v1/completions",
+                data=json.dumps({"model": "chat", "prompt": f"q{i}", "max_tokens": 1}).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return json.loads(r.read())["model"]
+
+        # no split yet: "chat" is no model anyone serves
+        assert status_of(gw.ready["http"] + "/v1/models")[1]["data"]
+        code, body = admin_call(gw, "PUT", "/admin/splits/chat", {"weights": {"chat-v9": 1}})
+        assert code == 400 and body["error"]["param"] == "weights"
+        code, _ = admin_call(
+            gw, "PUT", "/admin/splits/chat", {"weights": {"chat-v1": 90, "chat-v2": 10}}
+        )
+        assert code == 200
+        with ThreadPoolExecutor(8) as pool:
+            served = Counter(pool.map(model_of, range(2000)))
+        assert set(served) == {"chat-v1", "chat-v2"}
+        assert abs(served["chat-v2"] / 2000 - 0.10) <= 0.02, served
+        # blue-green: everything to v2, then roll back; each takes effect on the next request
+        admin_call(gw, "PUT", "/admin/splits/chat", {"weights": {"chat-v2": 100}})
+        assert {model_of(i) for i in range(5)} == {"chat-v2"}
+        code, _ = admin_call(gw, "DELETE", "/admin/splits/chat")
+        assert code == 200
+        admin_call(gw, "PUT", "/admin/splits/chat", {"weights": {"chat-v1": 1}})
+        assert model_of(0) == "chat-v1"
+        actions = [e["action"] for e in admin_json(gw, "/admin/audit")["entries"]]
+        assert actions.count("split") == 4
+    finally:
+        gw.stop()
+        v1.stop()
+        v2.stop()
