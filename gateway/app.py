@@ -41,6 +41,7 @@ from gateway.upstream.base import Upstream
 from proto import inference_pb2_grpc as pb_grpc
 from proto.openai_compat import OpenAIError
 from serving.logs import configure_logging
+from serving.tracing import make_tracer
 
 log = logging.getLogger("breakwater.gateway")
 
@@ -138,6 +139,8 @@ class Gateway:
             self._metric_sources, self._metric_gauges, settings.gpu_hour_price, settings.request_log
         )
         self.metrics.index = settings.process_index
+        tracer = make_tracer(settings.trace_exporter, "breakwater-gateway")
+        routes.tracer = self.dispatcher.tracer = tracer
         routes.on_finished = self.metrics.finished
         self.overrides = Overrides(
             RedisStore(settings.redis_url)

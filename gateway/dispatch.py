@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import orjson
+from opentelemetry.trace import SpanKind, Status, StatusCode
 from tenacity import RetryCallState, wait_random_exponential
 
 from gateway.registry.base import Registry, WorkerInfo, WorkerState, ready_workers
@@ -43,6 +44,7 @@ from serving.calls import (
     CallInfo,
     UpstreamError,
 )
+from serving.tracing import TRACEPARENT, traceparent_of
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +220,8 @@ class Dispatcher:
         """The version a request for `model` goes to (an operator's traffic split)."""
         self.model_aliases: Callable[[], Iterable[str]] = tuple
         """Model names that exist only as splits over versions."""
+        self.tracer: Any | None = None
+        """OpenTelemetry tracer when tracing is on (serving.tracing): a span per attempt."""
 
     def upstream_for(self, info: WorkerInfo) -> Upstream:
         key = (info.worker_id, info.address, info.kind)
@@ -300,9 +304,24 @@ class Dispatcher:
             attempt = _Attempt(self, worker, pool, deadline)
             info.concurrency = self.outstanding[worker.worker_id]
             self.policy.routed(worker, request)
+            span = traced = None
+            if self.tracer is not None:
+                span = self.tracer.start_span(
+                    f"attempt {info.attempts}",
+                    kind=SpanKind.CLIENT,
+                    attributes={
+                        "breakwater.worker_id": worker.worker_id,
+                        "server.address": worker.address,
+                        "breakwater.attempt": info.attempts,
+                    },
+                )
+                traced = TRACEPARENT.set(traceparent_of(span))
             try:
                 return await self._start(attempt, request, raw)
             except UpstreamError as e:
+                if span is not None:
+                    span.set_attribute("error.type", e.code)
+                    span.set_status(Status(StatusCode.ERROR, e.message))
                 attempt.end()
                 last = e
                 log.info(
@@ -316,6 +335,10 @@ class Dispatcher:
             except BaseException:
                 attempt.end()
                 raise
+            finally:
+                if span is not None and traced is not None:
+                    span.end()
+                    TRACEPARENT.reset(traced)
         if last is not None:
             raise last
         if model is not None and model not in self.models():

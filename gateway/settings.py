@@ -23,7 +23,7 @@ class GatewaySettings:
     model_routing: dict[str, str] = field(default_factory=dict)
     """Per-model policy overrides (model -> policy); other models use `routing`."""
     balance_rel: float = 1.5
-    balance_abs: float = 4.0
+    balance_abs: float = 16.0
     """prefix-aware and sticky sessions pass over a replica busier than rel x the least
     loaded + abs requests (this gateway's calls in flight)."""
     sticky_sessions: bool = False
@@ -35,6 +35,8 @@ class GatewaySettings:
     """The admin listener's port (0: any free one, announced in the READY line); None: off."""
     admin_token: str | None = None
     """The bearer token the admin API requires (BREAKWATER_ADMIN_TOKEN)."""
+    trace_exporter: str = "none"
+    """OpenTelemetry spans: none, console, otlp or file:PATH (serving.tracing)."""
     request_log: bool = False
     """One JSON line per request on the `breakwater.requests` logger (no prompt text)."""
     gpu_hour_price: float = 0.0
@@ -103,7 +105,7 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--balance-abs",
         type=float,
-        default=float(_env("BALANCE_ABS", "4") or 4),
+        default=float(_env("BALANCE_ABS", "16") or 16),
         help="see --balance-rel",
     )
     p.add_argument(
@@ -133,6 +135,12 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
         default=os.environ.get("BREAKWATER_ADMIN_TOKEN"),
         help="bearer token the admin API requires (prefer BREAKWATER_ADMIN_TOKEN: "
         "arguments are visible to other local users); without one, the admin API refuses all",
+    )
+    p.add_argument(
+        "--trace-exporter",
+        default=os.environ.get("BREAKWATER_TRACE_EXPORTER", "none"),
+        help="OpenTelemetry traces: none (default), console, otlp (OTEL_EXPORTER_OTLP_* "
+        "variables), or file:PATH (JSON lines)",
     )
     p.add_argument(
         "--request-log",
@@ -258,6 +266,7 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         admin_host=args.admin_host,
         admin_port=None if args.admin_port < 0 else args.admin_port,
         admin_token=args.admin_token,
+        trace_exporter=args.trace_exporter,
         request_log=args.request_log,
         gpu_hour_price=args.gpu_hour_price,
         watch_caches=args.watch_caches,

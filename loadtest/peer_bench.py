@@ -1225,7 +1225,7 @@ def format_chat_table(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from loadtest.routing_bench import QUICK, BenchConfig
+    from loadtest.routing_bench import QUICK, BenchConfig, add_workload_args
 
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument(
@@ -1248,22 +1248,7 @@ def main(argv: list[str] | None = None) -> None:
     mock.add_argument("--warmup", type=float, help="seconds (default 2, quick 1)")
     mock.add_argument("--generator", choices=("auto", "wrk", "python"), default="auto")
     chat = ap.add_argument_group("chat workload (as loadtest.routing_bench)")
-    chat.add_argument("--workers", type=int, default=BenchConfig.workers)
-    chat.add_argument("--rate", type=float, help="offered req/s (skips the capacity probe)")
-    chat.add_argument("--load", type=float, default=BenchConfig.load, help="share of capacity")
-    chat.add_argument("--probe-duration", type=float, help="capacity probe seconds")
-    chat.add_argument(
-        "--probe-users",
-        type=int,
-        default=BenchConfig.probe_users_per_worker,
-        help="capacity probe conversations per worker",
-    )
-    chat.add_argument("--sim-speed", type=float, default=BenchConfig.sim_speed)
-    chat.add_argument("--kv-tokens", type=int, help="per worker (default: see BenchConfig)")
-    chat.add_argument("--system-prompts", type=int, default=BenchConfig.system_prompts)
-    chat.add_argument("--think", type=float, default=BenchConfig.think_s, help="mean, s")
-    chat.add_argument("--max-tokens", type=int, default=BenchConfig.max_tokens)
-    chat.add_argument("--seed", type=int, default=BenchConfig.seed)
+    add_workload_args(chat)
     args = ap.parse_args(argv)
     if args.workload == "chat":
         # Quick: 10 s of traffic per target, ~2 minutes in all for the seven targets.

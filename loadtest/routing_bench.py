@@ -851,12 +851,9 @@ def format_table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="short runs: under a minute in all")
-    ap.add_argument("--duration", type=float, help="open-loop seconds per policy")
+def add_workload_args(ap: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The chat workload's and the sim fleet's flags (shared with peer_bench --workload chat)."""
     ap.add_argument("--workers", type=int, default=BenchConfig.workers)
-    ap.add_argument("--policies", default=",".join(POLICIES), help="comma list")
     ap.add_argument("--rate", type=float, help="offered req/s (skips the capacity probe)")
     ap.add_argument("--load", type=float, default=BenchConfig.load, help="share of capacity")
     ap.add_argument("--probe-duration", type=float, help="capacity probe seconds")
@@ -872,6 +869,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--think", type=float, default=BenchConfig.think_s, help="mean, s")
     ap.add_argument("--max-tokens", type=int, default=BenchConfig.max_tokens)
     ap.add_argument("--seed", type=int, default=BenchConfig.seed)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="short runs: under a minute in all")
+    ap.add_argument("--duration", type=float, help="open-loop seconds per policy")
+    ap.add_argument("--policies", default=",".join(POLICIES), help="comma list")
+    add_workload_args(ap)
     ap.add_argument("--fresh-workers", action="store_true", help="restart workers per run")
     ap.add_argument("--json", action="store_true", help="print one JSON object last")
     args = ap.parse_args(argv)

@@ -11,9 +11,11 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2
+from opentelemetry.trace import SpanKind
 
 from proto import inference_pb2 as pb
 from proto import inference_pb2_grpc as pb_grpc
+from serving.tracing import context_from
 from worker.cache_feed import CacheFeed
 from worker.engine.errors import EngineError, InvalidRequestError
 from worker.proto_convert import to_engine_request, to_response
@@ -47,6 +49,8 @@ class InferenceService(pb_grpc.InferenceServicer):
         self.idle.set()
         self._ids = itertools.count()
         self.cache_feed: CacheFeed | None = None
+        self.tracer: Any | None = None
+        """OpenTelemetry tracer when tracing is on (serving.tracing)."""
 
     @property
     def model_name(self) -> str:
@@ -85,6 +89,57 @@ class InferenceService(pb_grpc.InferenceServicer):
         request_id = request.request_id or _metadata(context, "x-request-id") or ""
         # Engine ids must be unique on this worker even when callers reuse theirs.
         engine_id = f"{request_id or 'req'}#{next(self._ids)}"
+        if self.tracer is not None:
+            async for resp in self._traced(request, context, engine_id, request_id):
+                yield resp
+            return
+        async for resp in self._generate(request, context, engine_id, request_id):
+            yield resp
+
+    async def _traced(
+        self,
+        request: pb.GenerateRequest,
+        context: grpc.aio.ServicerContext,
+        engine_id: str,
+        request_id: str,
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        """`_generate` in a server span continuing the caller's trace (W3C traceparent)."""
+        assert self.tracer is not None
+        carrier = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+        attributes = {
+            "gen_ai.operation.name": "chat" if request.HasField("chat") else "text_completion",
+            "gen_ai.provider.name": "breakwater",
+            "gen_ai.request.model": request.model or self.model_name,
+            "breakwater.request_id": request_id,
+            "breakwater.worker_id": self.worker_id,
+        }
+        with self.tracer.start_as_current_span(
+            f"generate {request.model or self.model_name}",
+            context=context_from(carrier),
+            kind=SpanKind.SERVER,
+            attributes=attributes,
+        ) as span:
+            produced = 0
+            async for resp in self._generate(request, context, engine_id, request_id):
+                if not produced and resp.token_ids:
+                    span.add_event("first_token")
+                produced += len(resp.token_ids)
+                span.set_attribute("gen_ai.usage.output_tokens", produced)
+                if resp.HasField("usage"):
+                    span.set_attribute("gen_ai.usage.input_tokens", resp.usage.prompt_tokens)
+                    span.set_attribute("gen_ai.usage.output_tokens", resp.usage.completion_tokens)
+                    span.set_attribute(
+                        "breakwater.cached_prompt_tokens", resp.usage.cached_prompt_tokens
+                    )
+                yield resp
+
+    async def _generate(
+        self,
+        request: pb.GenerateRequest,
+        context: grpc.aio.ServicerContext,
+        engine_id: str,
+        request_id: str,
+    ) -> AsyncIterator[pb.GenerateResponse]:
         include_usage = request.stream_options.include_usage
         self.in_flight += 1
         self.idle.clear()

@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2_grpc
 from proto import inference_pb2_grpc as pb_grpc
 from serving.logs import configure_logging
 from serving.registry_record import WorkerInfo, WorkerState
+from serving.tracing import make_tracer
 from worker.cache_feed import CacheFeed
 from worker.engine_factory import build_engine
 from worker.grpc_service import NOT_SERVING, SERVICE_NAME, SERVING, InferenceService
@@ -49,6 +50,7 @@ class Worker:
         self.service = InferenceService(
             settings.worker_id, settings.max_queue, settings.fault_fail_rate
         )
+        self.service.tracer = make_tracer(settings.trace_exporter, "breakwater-worker")
         self.port = 0
         self.publisher: Any = None
         self.http_runner: Any = None

@@ -33,6 +33,8 @@ class WorkerSettings:
     """Requests allowed to wait in the engine; beyond it, RESOURCE_EXHAUSTED with pushback."""
     drain_timeout_s: float = 30.0
     fault_fail_rate: float = 0.0
+    trace_exporter: str = "none"
+    """OpenTelemetry spans: none, console, otlp or file:PATH (serving.tracing)."""
     """Chaos testing only: fail this share of Generate calls with UNAVAILABLE."""
     sim_preset: str = "llama3-8b-h100"
     sim_speed: float = 1.0
@@ -64,6 +66,11 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         default=0.0,
         help="chaos testing: fail this share of Generate calls on purpose",
     )
+    p.add_argument(
+        "--trace-exporter",
+        default=os.environ.get("BREAKWATER_TRACE_EXPORTER", "none"),
+        help="OpenTelemetry traces: none (default), console, otlp, or file:PATH (JSON lines)",
+    )
     p.add_argument("--sim-preset", default="llama3-8b-h100")
     p.add_argument("--sim-speed", type=float, default=1.0)
     p.add_argument("--sim-kv-tokens", type=int, default=None)
@@ -84,6 +91,7 @@ def settings_from_args(args: argparse.Namespace, engine_config: EngineConfig) ->
         sim_speed=args.sim_speed,
         sim_kv_tokens=args.sim_kv_tokens,
         fault_fail_rate=args.fault_fail_rate,
+        trace_exporter=args.trace_exporter,
     )
     if args.worker_id:
         s.worker_id = args.worker_id

@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from opentelemetry.trace import SpanKind
 
 from gateway.admission.admission import Admission, Ticket, estimate_request_tokens
 from gateway.dispatch import Call, Dispatcher, RawRequest
@@ -26,6 +27,7 @@ from proto import inference_pb2 as pb
 from proto.openai_compat import MAX_SESSION_KEY, OpenAIError, ParsedRequest, sse
 from serving.calls import CallInfo, UpstreamError
 from serving.openai_http import OpenAIRoutes, call_headers, from_upstream, json_response
+from serving.tracing import context_from
 
 _PATHS = {"completion": b"/v1/completions", "chat": b"/v1/chat/completions"}
 _DONE = sse("[DONE]")
@@ -64,6 +66,8 @@ class GatewayRoutes(OpenAIRoutes):
         self.share: SiblingShare | RedisShare | None = None
         self.session_header = "X-Session-Id"
         """Carries the sticky-routing key; overrides the body's `user`."""
+        self.tracer: Any | None = None
+        """OpenTelemetry tracer when tracing is on: a server span per request."""
         self.cache_views: Mapping[str, CacheView] | None = None
         """Workers' reported prefix caches, when followed (for /admin/workers)."""
 
@@ -108,6 +112,58 @@ class GatewayRoutes(OpenAIRoutes):
     ) -> web.StreamResponse:
         if session := request.headers.get(self.session_header):
             parsed.request.session_key = session[:MAX_SESSION_KEY]
+        if self.tracer is None:
+            return await self._forward(request, parsed, raw, deadline, info)
+        return await self._traced(request, parsed, raw, deadline, info)
+
+    async def _traced(
+        self,
+        request: web.Request,
+        parsed: ParsedRequest,
+        raw: bytes,
+        deadline: float,
+        info: CallInfo,
+    ) -> web.StreamResponse:
+        """`_forward` in a server span with the GenAI semantic-convention attributes."""
+        assert self.tracer is not None
+        req = parsed.request
+        op = "chat" if parsed.kind == "chat" else "text_completion"
+        sp = req.sampling
+        attributes: dict[str, Any] = {
+            "gen_ai.operation.name": op,
+            "gen_ai.provider.name": "breakwater",
+            "gen_ai.request.model": req.model,
+            "breakwater.request_id": req.request_id,
+            "breakwater.stream": parsed.stream,
+        }
+        if sp.HasField("max_tokens"):
+            attributes["gen_ai.request.max_tokens"] = sp.max_tokens
+        if sp.HasField("temperature"):
+            attributes["gen_ai.request.temperature"] = sp.temperature
+        if sp.HasField("top_p"):
+            attributes["gen_ai.request.top_p"] = sp.top_p
+        parent = context_from(request.headers) if "traceparent" in request.headers else None
+        with self.tracer.start_as_current_span(
+            f"{op} {req.model}", context=parent, kind=SpanKind.SERVER, attributes=attributes
+        ) as span:
+            response = await self._forward(request, parsed, raw, deadline, info)
+            span.set_attribute("gen_ai.response.model", req.model)
+            span.set_attribute("breakwater.attempts", info.attempts)
+            span.set_attribute("breakwater.replica", info.worker_id or "")
+            span.set_attribute("http.response.status_code", response.status)
+            if info.usage:
+                span.set_attribute("gen_ai.usage.input_tokens", info.usage[0])
+                span.set_attribute("gen_ai.usage.output_tokens", info.usage[1])
+            return response
+
+    async def _forward(
+        self,
+        request: web.Request,
+        parsed: ParsedRequest,
+        raw: bytes,
+        deadline: float,
+        info: CallInfo,
+    ) -> web.StreamResponse:
         relay = RawRequest(_PATHS[parsed.kind], raw, parsed.stream)
         try:
             call = await self.dispatcher.open(

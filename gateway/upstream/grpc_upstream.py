@@ -12,6 +12,7 @@ from gateway.registry.base import WorkerInfo, WorkerState
 from proto import inference_pb2 as pb
 from proto import inference_pb2_grpc as pb_grpc
 from serving.calls import UNAVAILABLE, UpstreamError
+from serving.tracing import TRACEPARENT
 
 PROBE_TIMEOUT_S = 1.0
 
@@ -59,8 +60,12 @@ class GrpcUpstream:
     async def generate(
         self, request: pb.GenerateRequest, timeout: float | None
     ) -> AsyncIterator[pb.GenerateResponse]:
-        metadata = (("x-request-id", request.request_id),) if request.request_id else None
-        call = self.stub.Generate(request, timeout=timeout, metadata=metadata)
+        metadata: tuple[tuple[str, str], ...] = (
+            (("x-request-id", request.request_id),) if request.request_id else ()
+        )
+        if traceparent := TRACEPARENT.get():
+            metadata += (("traceparent", traceparent),)
+        call = self.stub.Generate(request, timeout=timeout, metadata=metadata or None)
         try:
             async for resp in call:
                 yield resp

@@ -28,6 +28,7 @@ from serving.calls import (
     UNAVAILABLE,
     UpstreamError,
 )
+from serving.tracing import TRACEPARENT
 
 _STATUS = {
     400: INVALID_ARGUMENT,
@@ -88,6 +89,8 @@ class OpenAIHTTPUpstream:
         Raises UpstreamError for a failed connection or a deadline passed before headers.
         """
         headers = b"Content-Type: application/json\r\nX-Request-Id: %s\r\n" % request_id.encode()
+        if traceparent := TRACEPARENT.get():
+            headers += b"traceparent: %s\r\n" % traceparent.encode()
         try:
             return await self.pool.request(b"POST", self._prefix + path, body, headers, deadline)
         except HTTPError as e:

@@ -1,0 +1,110 @@
+"""OpenTelemetry traces, gateway to worker, off unless an exporter is named.
+
+`--trace-exporter` picks where spans go: `none` (the default: no tracer, and nothing on
+the request path pays for tracing), `console`, `otlp` (needs the
+opentelemetry-exporter-otlp-proto-http package; endpoint from the standard
+OTEL_EXPORTER_OTLP_* variables) or `file:PATH` (one JSON line per span, written as each
+span ends: what the tests read, one file per process).
+
+Context crosses processes as W3C trace context: the gateway puts the current attempt's
+`traceparent` in `TRACEPARENT`, which the upstream clients copy into gRPC metadata or an
+HTTP header; a worker continues the trace from it. Spans carry the OpenTelemetry GenAI
+semantic-convention attributes (`gen_ai.operation.name`, `gen_ai.request.model`,
+`gen_ai.usage.input_tokens`, ...). Prompts and answers are never recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
+from typing import Any
+
+TRACEPARENT: ContextVar[str | None] = ContextVar("breakwater_traceparent", default=None)
+"""The W3C traceparent an upstream call should carry (set by the gateway per attempt)."""
+
+
+def make_tracer(spec: str | None, service_name: str) -> Any | None:
+    """A tracer exporting to `spec`, or None for `none`/empty (tracing off)."""
+    if not spec or spec == "none":
+        return None
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        ConsoleSpanExporter,
+        SimpleSpanProcessor,
+    )
+
+    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    if spec == "console":
+        provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
+    elif spec == "otlp":
+        try:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        except ImportError as e:
+            raise SystemExit(
+                "--trace-exporter otlp needs: pip install opentelemetry-exporter-otlp-proto-http"
+            ) from e
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    elif spec.startswith("file:"):
+        provider.add_span_processor(SimpleSpanProcessor(JsonLinesExporter(spec[5:])))
+    else:
+        raise SystemExit(f"--trace-exporter {spec!r}: none, console, otlp or file:PATH")
+    return provider.get_tracer("breakwater")
+
+
+def traceparent_of(span: Any) -> str:
+    ctx = span.get_span_context()
+    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
+
+
+def context_from(carrier: Mapping[str, str]) -> Any:
+    """The remote parent in `carrier` (a `traceparent` entry), as an OpenTelemetry context."""
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    return TraceContextTextMapPropagator().extract(carrier=dict(carrier))
+
+
+class JsonLinesExporter:
+    """Each finished span as one JSON line, appended to a file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+
+    def export(self, spans: Sequence[Any]) -> Any:
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        lines = []
+        for s in spans:
+            parent = s.parent
+            lines.append(
+                json.dumps(
+                    {
+                        "name": s.name,
+                        "kind": s.kind.name,
+                        "trace_id": f"{s.context.trace_id:032x}",
+                        "span_id": f"{s.context.span_id:016x}",
+                        "parent_span_id": f"{parent.span_id:016x}" if parent else None,
+                        "service": s.resource.attributes.get("service.name"),
+                        "attributes": dict(s.attributes or {}),
+                        "status": s.status.status_code.name,
+                        "start": s.start_time,
+                        "end": s.end_time,
+                    }
+                )
+            )
+        with self._lock, open(self.path, "a") as f:
+            f.write("".join(line + "\n" for line in lines))
+            f.flush()
+            os.fsync(f.fileno())
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True
