@@ -145,7 +145,9 @@ class Gateway:
         self.overrides = Overrides(
             RedisStore(settings.redis_url)
             if settings.redis_url
-            else FileStore(os.environ.get(MULTIPROC_ENV) or tempfile.gettempdir())
+            # run_gateway always sets the shared directory; a private one otherwise, never a
+            # common /tmp file that unrelated gateways on the host would share
+            else FileStore(os.environ.get(MULTIPROC_ENV) or tempfile.mkdtemp(prefix="bw-admin-"))
         )
         self.dispatcher.blocked = self.overrides.blocked
         self.dispatcher.resolve_model = self.overrides.resolve

@@ -23,7 +23,7 @@ class GatewaySettings:
     model_routing: dict[str, str] = field(default_factory=dict)
     """Per-model policy overrides (model -> policy); other models use `routing`."""
     balance_rel: float = 1.5
-    balance_abs: float = 16.0
+    balance_abs: float = 8.0
     """prefix-aware and sticky sessions pass over a replica busier than rel x the least
     loaded + abs requests (this gateway's calls in flight)."""
     sticky_sessions: bool = False
@@ -105,7 +105,7 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--balance-abs",
         type=float,
-        default=float(_env("BALANCE_ABS", "16") or 16),
+        default=float(_env("BALANCE_ABS", "8") or 8),
         help="see --balance-rel",
     )
     p.add_argument(
