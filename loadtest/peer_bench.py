@@ -1279,25 +1279,12 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def main_chat(ap: argparse.ArgumentParser, args: argparse.Namespace, base: Any) -> None:
+    from loadtest.routing_bench import workload_config
+
     targets = args.targets.split(",") if args.targets else list(CHAT_TARGETS)
     if unknown := [t for t in targets if t not in CHAT_TARGETS]:
         ap.error(f"unknown chat targets {unknown}; choose from {','.join(CHAT_TARGETS)}")
-    cfg = replace(
-        base,
-        workers=args.workers,
-        duration_s=args.duration or base.duration_s,
-        probe_s=args.probe_duration or base.probe_s,
-        probe_users_per_worker=args.probe_users,
-        rate=args.rate,
-        load=args.load,
-        sim_speed=args.sim_speed,
-        kv_tokens=args.kv_tokens,
-        system_prompts=args.system_prompts,
-        think_s=args.think,
-        max_tokens=args.max_tokens,
-        seed=args.seed,
-        policies=(),
-    )
+    cfg = replace(workload_config(base, args), policies=())
     pre_skipped: dict[str, str] = {}
     if args.no_peers:
         pre_skipped = {t: "--no-peers" for t in targets if t in CHAT_PEERS}

@@ -871,6 +871,25 @@ def add_workload_args(ap: argparse.ArgumentParser | argparse._ArgumentGroup) -> 
     ap.add_argument("--seed", type=int, default=BenchConfig.seed)
 
 
+def workload_config(base: BenchConfig, args: argparse.Namespace) -> BenchConfig:
+    """`base` with the flags of `add_workload_args` applied."""
+    return replace(
+        base,
+        workers=args.workers,
+        duration_s=args.duration or base.duration_s,
+        probe_s=args.probe_duration or base.probe_s,
+        probe_users_per_worker=args.probe_users,
+        rate=args.rate,
+        load=args.load,
+        sim_speed=args.sim_speed,
+        kv_tokens=args.kv_tokens,
+        system_prompts=args.system_prompts,
+        think_s=args.think,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="short runs: under a minute in all")
@@ -883,20 +902,8 @@ def main(argv: list[str] | None = None) -> None:
     policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
     base = QUICK if args.quick else BenchConfig()
     cfg = replace(
-        base,
-        workers=args.workers,
+        workload_config(base, args),
         policies=policies,
-        duration_s=args.duration or base.duration_s,
-        probe_s=args.probe_duration or base.probe_s,
-        probe_users_per_worker=args.probe_users,
-        rate=args.rate,
-        load=args.load,
-        sim_speed=args.sim_speed,
-        kv_tokens=args.kv_tokens,
-        system_prompts=args.system_prompts,
-        think_s=args.think,
-        max_tokens=args.max_tokens,
-        seed=args.seed,
         fresh_workers=args.fresh_workers,
     )
     res = run(cfg)
