@@ -98,6 +98,24 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--kv-cache-memory", default=None)
     up.add_argument("--max-model-len", type=int, default=None)
     up.add_argument("--ready-timeout", type=float, default=300.0)
+    up.add_argument("--max-num-seqs", type=int, default=None, help="batch slots per worker")
+    scale = up.add_argument_group("autoscaling (--autoscale)")
+    scale.add_argument(
+        "--autoscale",
+        action="store_true",
+        help="start and retire local workers from queue depth (the deploy/ HPA's policy)",
+    )
+    scale.add_argument("--min-workers", type=int, default=None, help="default: --workers")
+    scale.add_argument("--max-workers", type=int, default=4)
+    scale.add_argument(
+        "--target-queue", type=float, default=4.0, help="requests waiting per worker"
+    )
+    scale.add_argument(
+        "--scale-down-window",
+        type=float,
+        default=60.0,
+        help="seconds the fleet must want fewer workers before one is retired",
+    )
     up.set_defaults(func=_cmd_up)
 
     d = sub.add_parser("demo-model", help="write a small RANDOM-WEIGHT checkpoint (HF format)")

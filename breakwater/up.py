@@ -16,6 +16,7 @@ import secrets
 import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 PR_SET_PDEATHSIG = 1
@@ -103,17 +104,18 @@ async def _up(args: argparse.Namespace) -> int:
             common += ["--max-model-len", str(args.max_model_len)]
         if args.redis_url:
             common += ["--redis-url", args.redis_url]
-        workers = await asyncio.gather(
-            *(
-                _spawn(
-                    f"worker-{i}",
-                    ["worker", *common, "--worker-id", f"local-{i}"],
-                    "BREAKWATER_WORKER_READY",
-                    args.ready_timeout,
-                )
-                for i in range(args.workers)
+        if args.max_num_seqs:
+            common += ["--max-num-seqs", str(args.max_num_seqs)]
+
+        async def spawn_worker(i: int) -> Child:
+            return await _spawn(
+                f"worker-{i}",
+                ["worker", *common, "--worker-id", f"local-{i}"],
+                "BREAKWATER_WORKER_READY",
+                args.ready_timeout,
             )
-        )
+
+        workers = await asyncio.gather(*(spawn_worker(i) for i in range(args.workers)))
         children.extend(workers)
         gw_args = ["gateway", "--host", args.host, "--port", str(args.port)]
         if args.grpc_port is not None:
@@ -147,8 +149,15 @@ async def _up(args: argparse.Namespace) -> int:
         )
         waits = [asyncio.create_task(c.proc.wait()) for c in children]
         stopper = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait([stopper, *waits], return_when=asyncio.FIRST_COMPLETED)
-        for t in [stopper, *waits]:
+        tasks = [stopper, *waits]
+        if args.autoscale:
+            tasks.append(
+                asyncio.create_task(
+                    _autoscale(args, gateway.ready["admin"], admin_token, spawn_worker, children)
+                )
+            )
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for t in tasks:
             t.cancel()
         if stopper not in done:
             dead = [c.name for c in children if c.proc.returncode is not None]
@@ -161,6 +170,46 @@ async def _up(args: argparse.Namespace) -> int:
         return 1
     finally:
         await _stop(children, timeout=35.0)
+
+
+async def _autoscale(
+    args: argparse.Namespace,
+    admin_url: str,
+    admin_token: str,
+    spawn_worker: Callable[[int], Awaitable[Child]],
+    children: list[Child],
+) -> None:
+    import aiohttp
+
+    from breakwater.autoscale import AutoscalePolicy, Autoscaler
+
+    policy = AutoscalePolicy(
+        min_workers=args.min_workers if args.min_workers is not None else args.workers,
+        max_workers=args.max_workers,
+        target_queue=args.target_queue,
+        scale_down_window_s=args.scale_down_window,
+    )
+
+    async def spawn(i: int) -> tuple[Child, dict[str, str]]:
+        child = await spawn_worker(i)
+        children.append(child)  # stopped with the rest on the way out
+        return child, child.ready
+
+    async def stop(child: Child) -> None:
+        await _stop([child], timeout=35.0)
+        children.remove(child)
+
+    scaler = Autoscaler(
+        policy, admin_url, admin_token, spawn, stop, registered_by_gateway=not args.redis_url
+    )
+    print(
+        f"autoscale: {policy.min_workers}..{policy.max_workers} workers, "
+        f"{policy.target_queue:g} waiting per worker, scale down after "
+        f"{policy.scale_down_window_s:g}s",
+        flush=True,
+    )
+    async with aiohttp.ClientSession() as session:
+        await scaler.run(session, args.workers, args.workers)
 
 
 async def _wait_ready(url: str, timeout: float) -> None:
@@ -180,5 +229,14 @@ async def _wait_ready(url: str, timeout: float) -> None:
 
 
 def run_up(args: argparse.Namespace) -> int:
+    if args.autoscale:
+        lo = args.min_workers if args.min_workers is not None else args.workers
+        if not (1 <= lo <= args.workers <= args.max_workers) or not args.target_queue > 0:
+            print(
+                "breakwater up: --autoscale needs 1 <= --min-workers <= --workers <= "
+                "--max-workers and --target-queue > 0",
+                file=sys.stderr,
+            )
+            return 2
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     return asyncio.run(_up(args))

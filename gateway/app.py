@@ -19,7 +19,7 @@ from aiohttp import web
 from gateway.admin.api import AdminAPI
 from gateway.admin.overrides import FileStore, Overrides, RedisStore
 from gateway.admission.admission import Admission
-from gateway.admission.tenants import load_settings, per_process
+from gateway.admission.tenants import load_settings
 from gateway.dispatch import Dispatcher, DispatchSettings
 from gateway.frontend.grpc_api import GatewayInference
 from gateway.frontend.http_api import GatewayRoutes
@@ -32,11 +32,13 @@ from gateway.metrics import (
 )
 from gateway.process_group import READY_LINE, Siblings, die_with_parent, sibling_settings
 from gateway.registry.base import Registry, WorkerInfo
+from gateway.registry.dynamic import DynamicRegistry
 from gateway.routing.cache_views import CacheWatcher
 from gateway.routing.decision_share import RedisShare, SiblingShare, bind_sockets, child_env
 from gateway.routing.policy import Router
 from gateway.routing.token_keys import TokenizerStore
 from gateway.settings import GatewaySettings
+from gateway.shadow import Shadows
 from gateway.upstream.base import Upstream
 from proto import inference_pb2_grpc as pb_grpc
 from proto.openai_compat import OpenAIError
@@ -65,28 +67,29 @@ def build_admission(settings: GatewaySettings) -> Admission:
     if settings.max_queue is not None:
         limits = replace(limits, max_queue=settings.max_queue)
     config = replace(config, global_limits=limits, redis_url=config.redis_url or settings.redis_url)
-    return Admission(per_process(config, settings.processes))
+    return Admission(config, processes=settings.processes)
 
 
 class Gateway:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
-        self.registry: Registry
+        self.registry: DynamicRegistry
         dispatcher_ref: list[Dispatcher] = []
 
         def upstream_for(info: WorkerInfo) -> Upstream:
             return dispatcher_ref[0].upstream_for(info)
 
+        base: Registry
         if settings.redis_url and not settings.workers:
             from gateway.registry.redis_backend import RedisRegistry
 
-            self.registry = RedisRegistry(settings.redis_url)
+            base = RedisRegistry(settings.redis_url)
         else:
             from gateway.registry.embedded import EmbeddedRegistry
 
-            self.registry = EmbeddedRegistry(
-                settings.workers, upstream_for, settings.health_interval_s
-            )
+            base = EmbeddedRegistry(settings.workers, upstream_for, settings.health_interval_s)
+        # plus what operators register at run time (the admin API), minus what they remove
+        self.registry = DynamicRegistry(base, upstream_for, settings.health_interval_s)
         self.router = router = Router(
             settings.routing,
             settings.model_routing,
@@ -149,8 +152,12 @@ class Gateway:
             # common /tmp file that unrelated gateways on the host would share
             else FileStore(os.environ.get(MULTIPROC_ENV) or tempfile.mkdtemp(prefix="bw-admin-"))
         )
+        self.shadows = Shadows(self.dispatcher)
+        routes.shadows = self.shadows
         self.dispatcher.blocked = self.overrides.blocked
+        self.dispatcher.weights = lambda: self.overrides.weights
         self.dispatcher.resolve_model = self.overrides.resolve
+        self.overrides.listeners.append(self._apply_overrides)
         self.dispatcher.model_aliases = lambda: self.overrides.splits.keys()
         self.tell_siblings: Callable[[], None] = lambda: None
         """After an admin change: make the other processes re-read the overrides now."""
@@ -168,6 +175,13 @@ class Gateway:
         self.http_port = 0
         self.grpc_port: int | None = None
 
+    def _apply_overrides(self) -> None:
+        """An operator changed something: follow it (registered upstreams, ...)."""
+        self.registry.apply(self.overrides.upstreams)
+        self.shadows.configure(self.overrides.shadows)
+        self.admission.set_quotas(self.overrides.quotas)
+        self.dispatcher.prune_upstreams({w.worker_id for w in self.registry.workers()})
+
     async def _metrics(self, request: web.Request) -> web.Response:
         body = await asyncio.to_thread(self.metrics.render)  # reads siblings' files
         return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
@@ -182,6 +196,7 @@ class Gateway:
             "upstream": upstream,
             "routing": policy.stats if policy is not None else {},
             "client_disconnects": {"": self.routes.client_disconnects},
+            "shadow": self.shadows.counts,
         }
 
     def _metric_gauges(self) -> dict[str, Any]:
@@ -217,6 +232,8 @@ class Gateway:
             lambda: {m for w in self.registry.workers() for m in w.models},
             lambda: self.tell_siblings(),
             self.metrics.render,
+            admission=self.admission,
+            shadows=self.shadows,
         )
         self.admin_runner = web.AppRunner(api.app(), access_log=None)
         await self.admin_runner.setup()
@@ -257,6 +274,8 @@ class Gateway:
                 self.dispatcher, self.settings.request_timeout_s, self.admission
             )
             front.session_header = self.settings.session_header.lower()
+            front.on_finished = self.metrics.finished
+            front.tracer = self.dispatcher.tracer
             pb_grpc.add_InferenceServicer_to_server(front, self.grpc_server)
             self.grpc_port = self.grpc_server.add_insecure_port(
                 f"{self.settings.host}:{self.settings.grpc_port}"
@@ -277,6 +296,7 @@ class Gateway:
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()
         await self.overrides.close()
+        await self.shadows.close()
         await self.registry.close()
         await self.dispatcher.close()
         await self.admission.close()

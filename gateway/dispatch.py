@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -30,7 +30,7 @@ from tenacity import RetryCallState, wait_random_exponential
 from gateway.registry.base import Registry, WorkerInfo, WorkerState, ready_workers
 from gateway.resilience.breaker import BreakerBoard, BreakerConfig
 from gateway.resilience.retry_budget import RetryBudget
-from gateway.routing.policy import RoutingPolicy
+from gateway.routing.policy import RoutingPolicy, WeightedLoads
 from gateway.upstream.base import Upstream
 from gateway.upstream.http_client import HTTPError, Response
 from gateway.upstream.openai_http import OpenAIHTTPUpstream, error_from
@@ -206,6 +206,8 @@ class Dispatcher:
         self.policy = policy
         self._make_upstream = make_upstream
         self._upstreams: dict[tuple[str, str, str], Upstream] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+        self._retiring: list[Upstream] = []
         self.outstanding: Counter[str] = Counter()
         self.settings = s = settings or DispatchSettings()
         self.breakers = BreakerBoard(s.breaker)
@@ -218,6 +220,8 @@ class Dispatcher:
         """An operator keeps new requests away from these (drained or ejected)."""
         self.resolve_model: Callable[[str], str] = lambda model: model
         """The version a request for `model` goes to (an operator's traffic split)."""
+        self.weights: Callable[[], Mapping[str, float]] = dict
+        """Operator-set replica weights (absent: 1; 0: no new requests, like a drain)."""
         self.model_aliases: Callable[[], Iterable[str]] = tuple
         """Model names that exist only as splits over versions."""
         self.tracer: Any | None = None
@@ -229,6 +233,23 @@ class Dispatcher:
         if up is None:
             up = self._upstreams[key] = self._make_upstream(info)
         return up
+
+    def prune_upstreams(self, live: set[str]) -> None:
+        """Close the clients of replicas no longer listed (deregistered), once their calls
+        have finished: a deregistration never cuts a call short."""
+        for key in [k for k in self._upstreams if k[0] not in live]:
+            up = self._upstreams.pop(key)
+            self._retiring.append(up)
+            task = asyncio.get_running_loop().create_task(self._close_when_idle(key[0], up))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def _close_when_idle(self, worker_id: str, up: Upstream) -> None:
+        deadline = time.monotonic() + 3600.0
+        while self.outstanding.get(worker_id, 0) > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(1.0)
+        self._retiring.remove(up)
+        await up.close()
 
     def models(self) -> list[str]:
         served = {m for w in self.registry.workers() for m in w.models}
@@ -433,14 +454,20 @@ class Dispatcher:
         """A worker not yet tried whose breaker lets a call through, and the ready pool."""
         blocked = self.blocked
         ready = [w for w in ready_workers(self.registry, model) if not blocked(w.worker_id)]
+        loads: Mapping[str, float] = self.outstanding
+        if weights := self.weights():
+            ready = [w for w in ready if weights.get(w.worker_id, 1.0) > 0]
+            loads = WeightedLoads(self.outstanding, weights)
         candidates = [w for w in ready if w.worker_id not in tried]
         while candidates:
-            worker = self.policy.choose(candidates, request, self.outstanding)
+            worker = self.policy.choose(candidates, request, loads)
             if self.breakers.allow(worker.worker_id):
                 return worker, [w.worker_id for w in ready]
             candidates.remove(worker)
         return None
 
     async def close(self) -> None:
-        for up in self._upstreams.values():
+        for task in list(self._closing):
+            task.cancel()
+        for up in [*self._upstreams.values(), *self._retiring]:
             await up.close()

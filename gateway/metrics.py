@@ -129,6 +129,12 @@ class GatewayMetrics:
             "replica held (their ratio is the routing hit rate).", ["kind"],
             registry=r,
         )  # fmt: skip
+        self.shadow = Counter(
+            "breakwater_shadow", "Shadow traffic: requests mirrored to another version, and "
+            "how their answers compared (matched, mismatched, failed, skipped, dropped).",
+            ["outcome"],
+            registry=r,
+        )  # fmt: skip
         self.client_disconnects = Counter(
             "breakwater_client_disconnects",
             "Clients that left before their answer ended.",
@@ -267,6 +273,7 @@ class GatewayMetrics:
             "admission": (self.admission, "outcome"),
             "upstream": (self.upstream, "event"),
             "routing": (self.routing, "kind"),
+            "shadow": (self.shadow, "outcome"),
         }
         for name, tally in self._sources().items():
             if name == "client_disconnects":

@@ -15,6 +15,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -151,6 +152,21 @@ def start_gateway(*extra: str, timeout: float = 60.0, processes: int = 1) -> Pro
     if "--admin-token" not in extra:
         args += ["--admin-token", ADMIN_TOKEN]
     return Proc([*args, *extra], "BREAKWATER_GATEWAY_READY", timeout)
+
+
+def admin_call(gw: Proc, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    """An admin call with a JSON body that may be refused: (status, JSON answer)."""
+    req = urllib.request.Request(
+        gw.ready["admin"] + path,
+        method=method,
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"},
+        data=json.dumps(body).encode() if body is not None else None,
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
 
 
 def admin_json(

@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import re
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from gateway.admin.overrides import STATES, Action, Overrides
+from gateway.admin.overrides import QUOTA, SHADOW, STATES, UPSTREAM, WEIGHT, Action, Overrides
+from gateway.admission.admission import Admission
+from gateway.admission.tenants import quota_from_fields
+from gateway.registry.dynamic import check_address
+from gateway.shadow import Shadows
 from proto.openai_compat import OpenAIError
 from serving.openai_http import error_response, json_response
 
@@ -31,6 +37,22 @@ def _bearer(header: str | None) -> str | None:
     return None
 
 
+_ID = re.compile(r"[\x21-\x7e]{1,200}")
+
+
+def _who(request: web.Request) -> str:
+    """The operator, for the audit log: their X-Operator header, else their address."""
+    return (request.headers.get("X-Operator") or request.remote or "unknown")[:200]
+
+
+async def _json_object(request: web.Request) -> dict[str, Any] | None:
+    try:
+        body = await request.json()
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
 class AdminAPI:
     def __init__(
         self,
@@ -42,6 +64,9 @@ class AdminAPI:
         served_models: Callable[[], set[str]] = set,
         changed: Callable[[], None] = lambda: None,
         metrics: Callable[[], bytes] | None = None,
+        *,
+        admission: Admission | None = None,
+        shadows: Shadows | None = None,
     ) -> None:
         self._token = token.encode() if token else None
         self.overrides = overrides
@@ -52,6 +77,8 @@ class AdminAPI:
         self._changed = changed
         """Called after a change, to tell the gateway's other processes at once."""
         self._metrics = metrics
+        self._admission = admission
+        self._shadows = shadows
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._auth])
@@ -63,6 +90,15 @@ class AdminAPI:
         app.router.add_get("/admin/splits", self.splits)
         app.router.add_put("/admin/splits/{model}", self.put_split)
         app.router.add_delete("/admin/splits/{model}", self.delete_split)
+        app.router.add_get("/admin/upstreams", self.upstreams)
+        app.router.add_post("/admin/upstreams", self.register)
+        app.router.add_delete("/admin/upstreams/{worker_id:.+}", self.deregister)
+        app.router.add_get("/admin/shadows", self.shadows)
+        app.router.add_put("/admin/shadows/{model}", self.put_shadow)
+        app.router.add_delete("/admin/shadows/{model}", self.delete_shadow)
+        app.router.add_get("/admin/tenants", self.tenants)
+        app.router.add_put("/admin/tenants/{tenant}/quota", self.put_quota)
+        app.router.add_delete("/admin/tenants/{tenant}/quota", self.delete_quota)
         return app
 
     @web.middleware
@@ -102,24 +138,200 @@ class AdminAPI:
         view = self._view()
         for w in view["workers"]:
             w["admin"] = self.overrides.states.get(w["worker_id"])
+            w["weight"] = self.overrides.weights.get(w["worker_id"], 1.0)
+            entry = self.overrides.upstreams.get(w["worker_id"])
+            w["registered"] = "admin" if entry and "address" in entry else "config"
         return json_response(view)
 
     async def act(self, request: web.Request) -> web.Response:
         worker_id = request.match_info["worker_id"]
         action = request.match_info["action"]
-        if action not in STATES:
+        if action not in STATES and action != "weight":
             return error_response(
-                OpenAIError(404, f"unknown action {action!r}; one of {', '.join(STATES)}")
+                OpenAIError(404, f"unknown action {action!r}; one of {', '.join(STATES)}, weight")
             )
         if worker_id not in self._known() and worker_id not in self.overrides.states:
             return error_response(OpenAIError(404, f"no worker {worker_id!r}", param="worker_id"))
-        who = request.headers.get("X-Operator") or request.remote or "unknown"
+        if action == "weight":
+            return await self._weight(request, worker_id)
+        who = _who(request)
         try:
             entry = await self.overrides.act(action, worker_id, who)  # type: ignore[arg-type]
         except Exception as e:  # the shared store is unreachable: say so, change nothing
             return error_response(OpenAIError(503, f"the change was not saved: {e}"))
         self._changed()
         return json_response({"ok": True, **entry, "state": self.overrides.states.get(worker_id)})
+
+    async def _weight(self, request: web.Request, worker_id: str) -> web.Response:
+        """`{"weight": w}`: the replica's share of new requests relative to the others (1 by
+        default, 0 for none, like a drain; up to 1000)."""
+        body = await _json_object(request)
+        weight = body.get("weight") if body is not None else None
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, int | float)
+            or not 0 <= weight <= 1000
+        ):
+            return error_response(
+                OpenAIError(400, 'expected {"weight": <number from 0 to 1000>}', param="weight")
+            )
+        audit = {"action": "weight", "worker": worker_id, "weight": weight, "by": _who(request)}
+        value = None if weight == 1 else float(weight)
+        return await self._put(WEIGHT, worker_id, value, audit, weight=float(weight))
+
+    async def _put(
+        self, prefix: str, name: str, value: Any, audit: dict[str, Any], **extra: Any
+    ) -> web.Response:
+        try:
+            entry = await self.overrides.put(prefix, name, value, audit)
+        except Exception as e:  # the shared store is unreachable: say so, change nothing
+            return error_response(OpenAIError(503, f"the change was not saved: {e}"))
+        self._changed()
+        return json_response({"ok": True, **entry, **extra})
+
+    # -- upstreams registered at run time ---------------------------------------------------
+
+    async def upstreams(self, request: web.Request) -> web.Response:
+        return json_response({"upstreams": self.overrides.upstreams})
+
+    async def register(self, request: web.Request) -> web.Response:
+        """`{"address": "host:port" | "grpc://..." | "http(s)://...", "worker_id": optional}`:
+        a replica the gateway routes to from now on, health-checked like `--worker` ones."""
+        body = await _json_object(request)
+        if body is None:
+            return error_response(
+                OpenAIError(400, 'expected {"address": "...", "worker_id": "..."}', param="address")
+            )
+        try:
+            address = check_address(body.get("address"))
+        except ValueError as e:
+            return error_response(OpenAIError(400, str(e), param="address"))
+        worker_id = body.get("worker_id", address)
+        if not isinstance(worker_id, str) or not _ID.fullmatch(worker_id):
+            return error_response(
+                OpenAIError(
+                    400, "'worker_id' must be 1-200 printable characters", param="worker_id"
+                )
+            )
+        current = self.overrides.upstreams.get(worker_id)
+        if worker_id in self._known() and not (current and "address" in current):
+            return error_response(
+                OpenAIError(
+                    409,
+                    f"worker {worker_id!r} is already in the pool (from the configuration "
+                    "or the registry); deregister it first or choose another worker_id",
+                    "conflict_error",
+                    param="worker_id",
+                )
+            )
+        entry = {"address": address}
+        audit = {"action": "register", "worker": worker_id, "address": address}
+        audit["by"] = _who(request)
+        return await self._put(UPSTREAM, worker_id, entry, audit, worker_id=worker_id)
+
+    async def deregister(self, request: web.Request) -> web.Response:
+        """The replica leaves routing at once (calls already on it finish: drain first to
+        let them); a configured one stays out until registered again."""
+        worker_id = request.match_info["worker_id"]
+        current = self.overrides.upstreams.get(worker_id)
+        if worker_id not in self._known() and not current:
+            return error_response(OpenAIError(404, f"no worker {worker_id!r}", param="worker_id"))
+        admin_added = bool(current and "address" in current)
+        value = None if admin_added else {"removed": True}
+        audit = {"action": "deregister", "worker": worker_id, "by": _who(request)}
+        return await self._put(UPSTREAM, worker_id, value, audit, worker_id=worker_id)
+
+    # -- shadow traffic ---------------------------------------------------------------------
+
+    async def shadows(self, request: web.Request) -> web.Response:
+        """The shadows set, and how this process's mirrors compared."""
+        view = self._shadows.view() if self._shadows else {"shadows": self.overrides.shadows}
+        return json_response(view)
+
+    async def put_shadow(self, request: web.Request) -> web.Response:
+        """`{"target": "<version>", "percent": p}`: mirror p% of the model's requests to the
+        version, compare the answers, never return the shadow's."""
+        model = request.match_info["model"]
+        body = await _json_object(request)
+        target = body.get("target") if body else None
+        percent = body.get("percent") if body else None
+        if not isinstance(target, str) or target not in self._served():
+            return error_response(
+                OpenAIError(400, "'target' must be a model version a worker serves", param="target")
+            )
+        if target == model:
+            return error_response(
+                OpenAIError(400, "'target' must differ from the model it shadows", param="target")
+            )
+        if (
+            isinstance(percent, bool)
+            or not isinstance(percent, int | float)
+            or not (0 < percent <= 100)
+        ):
+            return error_response(
+                OpenAIError(400, "'percent' must be a number in (0, 100]", param="percent")
+            )
+        entry = {"target": target, "percent": float(percent)}
+        audit = {"action": "shadow", "model": model, **entry, "by": _who(request)}
+        return await self._put(SHADOW, model, entry, audit)
+
+    async def delete_shadow(self, request: web.Request) -> web.Response:
+        model = request.match_info["model"]
+        if model not in self.overrides.shadows:
+            return error_response(OpenAIError(404, f"no shadow for {model!r}", param="model"))
+        audit = {"action": "unshadow", "model": model, "by": _who(request)}
+        return await self._put(SHADOW, model, None, audit)
+
+    # -- tenants' quotas --------------------------------------------------------------------
+
+    async def tenants(self, request: web.Request) -> web.Response:
+        """Each tenant's quota for the whole gateway (config, or set here), and whether an
+        operator set it."""
+        if self._admission is None:
+            return json_response({"tenants": {}})
+        quotas = self._admission.tenant_quotas()
+        return json_response(
+            {
+                "tenants": {
+                    name: {
+                        "quota": {k: v for k, v in asdict(q).items() if v is not None},
+                        "set_by_admin": name in self.overrides.quotas,
+                        "active": self._admission.active(name),
+                    }
+                    for name, q in quotas.items()
+                }
+            }
+        )
+
+    async def put_quota(self, request: web.Request) -> web.Response:
+        """Quota fields as in the config file's `[tenants.<name>]` (rates, bursts,
+        max_concurrent, priority; null: unlimited), over the configured quota; the whole
+        gateway's figures (each process takes its share)."""
+        tenant = request.match_info["tenant"]
+        if self._admission is None or tenant not in self._admission.tenant_quotas():
+            return error_response(OpenAIError(404, f"no tenant {tenant!r}", param="tenant"))
+        body = await _json_object(request)
+        base = next(
+            (t.quota for t in self._admission.configured.tenants if t.name == tenant),
+            self._admission.configured.defaults,
+        )
+        try:
+            quota_from_fields(body, base, "quota")
+        except ValueError as e:
+            return error_response(OpenAIError(400, str(e), param="quota"))
+        assert body is not None
+        audit = {"action": "quota", "tenant": tenant, "quota": body, "by": _who(request)}
+        return await self._put(QUOTA, tenant, body, audit)
+
+    async def delete_quota(self, request: web.Request) -> web.Response:
+        """Back to the configured quota."""
+        tenant = request.match_info["tenant"]
+        if tenant not in self.overrides.quotas:
+            return error_response(
+                OpenAIError(404, f"no quota set at run time for {tenant!r}", param="tenant")
+            )
+        audit = {"action": "unquota", "tenant": tenant, "by": _who(request)}
+        return await self._put(QUOTA, tenant, None, audit)
 
     async def splits(self, request: web.Request) -> web.Response:
         return json_response({m: s.weights for m, s in self.overrides.splits.items()})
@@ -158,7 +370,7 @@ class AdminAPI:
     async def _set(
         self, request: web.Request, model: str, weights: dict[str, float] | None
     ) -> web.Response:
-        who = request.headers.get("X-Operator") or request.remote or "unknown"
+        who = _who(request)
         try:
             entry = await self.overrides.set_split(model, weights, who)
         except Exception as e:

@@ -1,5 +1,6 @@
-"""Operator overrides (drained or ejected replicas, traffic splits between model versions),
-shared by every gateway process.
+"""Operator overrides, shared by every gateway process: drained or ejected replicas, replica
+weights, upstreams registered or deregistered at run time, traffic splits between model
+versions, shadow traffic, and tenants' quotas.
 
 An operator acts on one gateway's admin listener; every process of every gateway must
 follow. With Redis the overrides live in a hash and each change is published, so other
@@ -16,6 +17,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -31,7 +33,7 @@ log = logging.getLogger("breakwater.admin")
 
 class Store(Protocol):
     async def load(self) -> dict[str, str]: ...
-    async def apply(self, worker_id: str, state: str | None, audit: dict[str, Any]) -> None: ...
+    async def apply(self, field: str, value: str | None, audit: dict[str, Any]) -> None: ...
     async def audit(self, limit: int) -> list[dict[str, Any]]: ...
     async def close(self) -> None: ...
 
@@ -53,20 +55,20 @@ class FileStore:
     async def load(self) -> dict[str, str]:
         return await asyncio.to_thread(self._read)
 
-    def _write(self, worker_id: str, state: str | None, audit: dict[str, Any]) -> None:
+    def _write(self, key: str, value: str | None, audit: dict[str, Any]) -> None:
         current = self._read()
-        if state is None:
-            current.pop(worker_id, None)
+        if value is None:
+            current.pop(key, None)
         else:
-            current[worker_id] = state
+            current[key] = value
         tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(current))
         tmp.replace(self.path)
         with self.audit_path.open("a") as f:
             f.write(json.dumps(audit) + "\n")
 
-    async def apply(self, worker_id: str, state: str | None, audit: dict[str, Any]) -> None:
-        await asyncio.to_thread(self._write, worker_id, state, audit)
+    async def apply(self, key: str, value: str | None, audit: dict[str, Any]) -> None:
+        await asyncio.to_thread(self._write, key, value, audit)
 
     def _tail(self, limit: int) -> list[dict[str, Any]]:
         try:
@@ -96,12 +98,12 @@ class RedisStore:
         raw = await self._client.hgetall(self.key)
         return {_s(k): _s(v) for k, v in raw.items()}
 
-    async def apply(self, worker_id: str, state: str | None, audit: dict[str, Any]) -> None:
+    async def apply(self, field: str, value: str | None, audit: dict[str, Any]) -> None:
         async with self._client.pipeline(transaction=True) as pipe:
-            if state is None:
-                pipe.hdel(self.key, worker_id)
+            if value is None:
+                pipe.hdel(self.key, field)
             else:
-                pipe.hset(self.key, worker_id, state)
+                pipe.hset(self.key, field, value)
             pipe.rpush(self.audit_key, json.dumps(audit))
             pipe.ltrim(self.audit_key, -10_000, -1)
             await pipe.execute()
@@ -120,6 +122,25 @@ def _s(x: Any) -> str:
 
 WORKER = "worker:"
 SPLIT = "split:"
+WEIGHT = "weight:"
+UPSTREAM = "upstream:"
+SHADOW = "shadow:"
+QUOTA = "quota:"
+
+
+def _loads(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except ValueError:  # a hand-edited or foreign entry: ignored, never fatal
+        return None
+
+
+def _section(raw: dict[str, str], prefix: str) -> dict[str, Any]:
+    return {
+        k[len(prefix) :]: v
+        for k, value in raw.items()
+        if k.startswith(prefix) and (v := _loads(value)) is not None
+    }
 
 
 class Split:
@@ -151,6 +172,16 @@ class Overrides:
         """worker id -> drained | ejected."""
         self.splits: dict[str, Split] = {}
         """model alias -> its versions' split."""
+        self.weights: dict[str, float] = {}
+        """worker id -> routing weight (1 when absent; 0 takes no new requests)."""
+        self.upstreams: dict[str, dict[str, Any]] = {}
+        """worker id -> {"address", "kind"} registered at run time, or {"removed": True}."""
+        self.shadows: dict[str, dict[str, Any]] = {}
+        """model -> {"target": version, "percent": share mirrored}."""
+        self.quotas: dict[str, dict[str, Any]] = {}
+        """tenant -> quota fields set at run time (over the config file's)."""
+        self.listeners: list[Callable[[], None]] = []
+        """Called after the overrides changed (a refresh that found news, or a local act)."""
         self._raw: dict[str, str] = {}
         self._task: asyncio.Task[None] | None = None
 
@@ -171,19 +202,32 @@ class Overrides:
         except Exception as e:  # keep the last known overrides through a store outage
             log.debug("admin overrides not refreshed: %s", e)
             return
-        if raw == self._raw:
-            return
+        if raw != self._raw:
+            self._apply(raw)
+
+    def _apply(self, raw: dict[str, str]) -> None:
         self._raw = raw
         self.states = {k[len(WORKER) :]: v for k, v in raw.items() if k.startswith(WORKER)}
         splits: dict[str, Split] = {}
-        for key, value in raw.items():
-            if key.startswith(SPLIT):
-                model = key[len(SPLIT) :]
-                old = self.splits.get(model)
-                weights = json.loads(value)
-                # an unchanged split keeps its round-robin position
-                splits[model] = old if old and old.weights == weights else Split(weights)
+        for model, weights in _section(raw, SPLIT).items():
+            old = self.splits.get(model)
+            # an unchanged split keeps its round-robin position
+            splits[model] = old if old and old.weights == weights else Split(weights)
         self.splits = splits
+        self.weights = {
+            k: float(v) for k, v in _section(raw, WEIGHT).items() if isinstance(v, int | float)
+        }
+        self.upstreams = _section(raw, UPSTREAM)
+        self.shadows = _section(raw, SHADOW)
+        self.quotas = _section(raw, QUOTA)
+        self._notify()
+
+    def _notify(self) -> None:
+        for listener in self.listeners:
+            try:
+                listener()
+            except Exception:  # one consumer's bug must not stop the others' updates
+                log.exception("applying admin overrides failed")
 
     def refresh_soon(self) -> None:
         asyncio.get_running_loop().create_task(self.refresh())
@@ -200,34 +244,36 @@ class Overrides:
 
     def blocked(self, worker_id: str) -> bool:
         """True while an operator keeps new requests away from the replica."""
-        return worker_id in self.states
+        return worker_id in self.states or self.weights.get(worker_id, 1.0) <= 0
 
     async def act(self, action: Action, worker_id: str, who: str) -> dict[str, Any]:
-        state = STATES[action]
-        audit = {"at": time.time(), "action": action, "worker": worker_id, "by": who}
-        await self.store.apply(WORKER + worker_id, state, audit)
-        if state is None:
-            self.states.pop(worker_id, None)
-        else:
-            self.states[worker_id] = state
-        log.info("admin: %s %s (by %s)", action, worker_id, who)
-        return audit
+        audit = {"action": action, "worker": worker_id, "by": who}
+        return await self._save(WORKER + worker_id, STATES[action], audit)
 
     async def set_split(
         self, model: str, weights: dict[str, float] | None, who: str
     ) -> dict[str, Any]:
         """Route `model` to its versions by weight (None: no split, the model itself)."""
-        audit = {
-            "at": time.time(),
-            "action": "split",
-            "model": model,
-            "weights": weights,
-            "by": who,
-        }
-        await self.store.apply(SPLIT + model, json.dumps(weights) if weights else None, audit)
-        if weights:
-            self.splits[model] = Split(weights)
+        audit = {"action": "split", "model": model, "weights": weights, "by": who}
+        return await self._save(SPLIT + model, json.dumps(weights) if weights else None, audit)
+
+    async def put(
+        self, prefix: str, name: str, value: Any, audit: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Set (or with None, remove) one JSON entry of a section (WEIGHT, UPSTREAM, SHADOW,
+        QUOTA)."""
+        return await self._save(prefix + name, None if value is None else json.dumps(value), audit)
+
+    async def _save(self, key: str, encoded: str | None, audit: dict[str, Any]) -> dict[str, Any]:
+        """Store one entry with its audit record, then apply it to this process at once
+        (the others follow on their next refresh, or at once when told)."""
+        audit = {"at": time.time(), **audit}
+        await self.store.apply(key, encoded, audit)
+        raw = dict(self._raw)
+        if encoded is None:
+            raw.pop(key, None)
         else:
-            self.splits.pop(model, None)
-        log.info("admin: split %s -> %s (by %s)", model, weights, who)
+            raw[key] = encoded
+        self._apply(raw)
+        log.info("admin: %s", " ".join(f"{k}={v}" for k, v in audit.items() if k != "at"))
         return audit

@@ -18,7 +18,7 @@ import math
 import os
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -26,13 +26,18 @@ from gateway.admission.buckets import BucketSpec, LocalBuckets, retry_after_ms
 from gateway.admission.queue import PriorityLimiter, deadline_exceeded, overloaded
 from gateway.admission.redis_buckets import RedisBuckets
 from gateway.admission.tenants import (
+    DEFAULT_TENANT,
     PRIORITY_BATCH,
     PRIORITY_INTERACTIVE,
     AdmissionSettings,
+    Quota,
     Rates,
     Tenant,
     TenantDirectory,
     load_settings,
+    per_process,
+    quota_from_fields,
+    quota_share,
 )
 from proto import inference_pb2 as pb
 from proto.openai_compat import OpenAIError
@@ -111,8 +116,13 @@ class Admission:
         config: AdmissionSettings | str | os.PathLike[str] | None = None,
         *,
         redis_url: str | None = None,
+        processes: int = 1,
     ) -> None:
         settings = config if isinstance(config, AdmissionSettings) else load_settings(config)
+        self.configured = settings
+        """As configured, for the whole gateway (before this process's share is taken)."""
+        self.processes = processes
+        settings = per_process(settings, processes)
         self.settings = settings
         self.tenants = TenantDirectory(settings)
         g = settings.global_limits
@@ -130,6 +140,9 @@ class Admission:
             )
         self._fallback_scale = settings.fallback_share if url else 1.0
         self._active: dict[str, int] = {}
+        self._quotas: dict[str, Quota] = {}
+        self._admin_quotas: dict[str, Quota] = {}
+        """Tenant -> quota set at run time (admin API), this process's share."""
         self.counts: Counter[str] = Counter()
         """Outcomes: ``admitted`` and one key per refusal reason, for metrics."""
 
@@ -157,7 +170,7 @@ class Admission:
         except OpenAIError:
             self.counts["unauthorized"] += 1
             raise
-        quota = tenant.quota
+        quota = self._quotas.get(tenant.name, tenant.quota)
         prio = quota.priority if priority is None else priority
         if prio not in (PRIORITY_INTERACTIVE, PRIORITY_BATCH):
             raise OpenAIError(
@@ -186,7 +199,7 @@ class Admission:
                 code="rate_limit_exceeded",
                 retry_after_ms=retry_after_ms(min(30.0, max(0.05, wait))),
             )
-        specs = self._specs(tenant, max(0, int(est_tokens)))
+        specs = self._specs(tenant.name, quota, max(0, int(est_tokens)))
         self._active[tenant.name] = active + 1
         try:
             if specs:
@@ -200,10 +213,10 @@ class Admission:
         self.counts["admitted"] += 1
         return Ticket(self, tenant.name, prio, queued_s)
 
-    def _specs(self, tenant: Tenant, tokens: int) -> list[BucketSpec]:
+    def _specs(self, name: str, quota: Quota, tokens: int) -> list[BucketSpec]:
         specs: list[BucketSpec] = []
         scopes: tuple[tuple[str, Rates], ...] = (
-            (f"tenant:{tenant.name}", tenant.quota),
+            (f"tenant:{name}", quota),
             ("global", self.settings.global_limits),
         )
         for scope, rates in scopes:
@@ -212,7 +225,7 @@ class Admission:
             if tokens and (b := rates.token_bucket()) is not None:
                 if tokens > b[1]:
                     self.counts["too_large"] += 1
-                    who = "the gateway" if scope == "global" else f"tenant '{tenant.name}'"
+                    who = "the gateway" if scope == "global" else f"tenant '{name}'"
                     raise OpenAIError(
                         400,
                         f"Request too large: it needs about {tokens} tokens (prompt + "
@@ -255,6 +268,29 @@ class Admission:
     def _release(self, tenant: str, hold_s: float) -> None:
         self._drop_active(tenant)
         self.limiter.release(hold_s)
+
+    def tenant_quotas(self) -> dict[str, Quota]:
+        """Every tenant's quota for the whole gateway: the config's, or the admin's."""
+        c = self.configured
+        tenants = {t.name: t.quota for t in c.tenants} or {DEFAULT_TENANT: c.defaults}
+        return tenants | self._admin_quotas
+
+    def set_quotas(self, entries: Mapping[str, Any]) -> None:
+        """Quotas set at run time (tenant -> quota fields over the configured quota); an
+        entry that names no tenant or does not parse is skipped (the admin API checked it)."""
+        base = {t.name: t.quota for t in self.configured.tenants} or {
+            DEFAULT_TENANT: self.configured.defaults
+        }
+        admin: dict[str, Quota] = {}
+        for name, data in entries.items():
+            if name in base:
+                try:
+                    admin[name] = quota_from_fields(data, base[name], f"quota of {name}")
+                except ValueError:
+                    continue
+        shared = self.redis is not None
+        self._admin_quotas = admin
+        self._quotas = {n: quota_share(q, self.processes, shared) for n, q in admin.items()}
 
     def active(self, tenant: str) -> int:
         """Admitted or queued requests of ``tenant`` now."""

@@ -368,6 +368,32 @@ def _quota(data: Mapping[str, Any], base: Quota, where: str) -> Quota:
     return replace(base, **changes)
 
 
+def _rate_share(r: Rates, processes: int, shared: bool) -> dict[str, float | None]:
+    if shared or processes <= 1:  # Redis buckets are cluster-wide: nothing to divide
+        return {}
+    return {
+        f.name: (None if getattr(r, f.name) is None else getattr(r, f.name) / processes)
+        for f in fields(Rates)
+    }
+
+
+def quota_share(q: Quota, processes: int, shared_rates: bool) -> Quota:
+    """One process's share of a tenant's quota (see `per_process`)."""
+    if processes <= 1:
+        return q
+    n = q.max_concurrent
+    concurrent = None if n is None else max(1, math.ceil(n / processes))
+    return replace(q, max_concurrent=concurrent, **_rate_share(q, processes, shared_rates))
+
+
+def quota_from_fields(data: object, base: Quota, where: str) -> Quota:
+    """`base` with the quota fields in `data` (a tenant's table; null rates: unlimited);
+    ValueError names what is wrong. Used by the config file and the admin API alike."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where} must be an object of quota fields")
+    return _quota(data, base, where)
+
+
 def per_process(settings: AdmissionSettings, processes: int) -> AdmissionSettings:
     """One of `processes` gateway processes' share of the limits, so that together they
     admit what one process would: concurrency and queue bounds always (they are counted in
@@ -381,15 +407,10 @@ def per_process(settings: AdmissionSettings, processes: int) -> AdmissionSetting
         return None if n is None else max(1, math.ceil(n / processes))
 
     def rates(r: Rates) -> dict[str, float | None]:
-        if settings.redis_url:
-            return {}
-        return {
-            f.name: (None if getattr(r, f.name) is None else getattr(r, f.name) / processes)
-            for f in fields(Rates)
-        }
+        return _rate_share(r, processes, bool(settings.redis_url))
 
     def quota(q: Quota) -> Quota:
-        return replace(q, max_concurrent=share(q.max_concurrent), **rates(q))
+        return quota_share(q, processes, bool(settings.redis_url))
 
     g = settings.global_limits
     return replace(

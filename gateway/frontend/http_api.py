@@ -23,6 +23,7 @@ from gateway.admission.admission import Admission, Ticket, estimate_request_toke
 from gateway.dispatch import Call, Dispatcher, RawRequest
 from gateway.routing.cache_views import CacheView
 from gateway.routing.decision_share import RedisShare, SiblingShare
+from gateway.shadow import Mirror, Shadows
 from proto import inference_pb2 as pb
 from proto.openai_compat import MAX_SESSION_KEY, OpenAIError, ParsedRequest, sse
 from serving.calls import CallInfo, UpstreamError
@@ -70,6 +71,8 @@ class GatewayRoutes(OpenAIRoutes):
         """OpenTelemetry tracer when tracing is on: a server span per request."""
         self.cache_views: Mapping[str, CacheView] | None = None
         """Workers' reported prefix caches, when followed (for /admin/workers)."""
+        self.shadows: Shadows | None = None
+        """Shadow traffic an operator set up (admin API): mirrors of sampled requests."""
 
     async def healthz(self, request: web.Request) -> web.Response:
         # Which of the gateway's processes answered (one port, several processes), and
@@ -164,6 +167,25 @@ class GatewayRoutes(OpenAIRoutes):
         deadline: float,
         info: CallInfo,
     ) -> web.StreamResponse:
+        mirror = None
+        if self.shadows is not None and self.shadows.config:
+            mirror = self.shadows.mirror(parsed.request, max(0.001, deadline - time.monotonic()))
+        if mirror is None:
+            return await self._call(request, parsed, raw, deadline, info, None)
+        try:
+            return await self._call(request, parsed, raw, deadline, info, mirror)
+        finally:
+            mirror.done()  # with what was kept; a no-op when the answer was handed in
+
+    async def _call(
+        self,
+        request: web.Request,
+        parsed: ParsedRequest,
+        raw: bytes,
+        deadline: float,
+        info: CallInfo,
+        mirror: Mirror | None,
+    ) -> web.StreamResponse:
         relay = RawRequest(_PATHS[parsed.kind], raw, parsed.stream)
         try:
             call = await self.dispatcher.open(
@@ -174,17 +196,25 @@ class GatewayRoutes(OpenAIRoutes):
         info.first_output_at = time.monotonic()
         if not call.raw:
             assert isinstance(call.first, pb.GenerateResponse)
-            return await self._respond(request, parsed, _Deltas(call), call.first, info)
+            deltas = _Deltas(call) if mirror is None else _MirroredDeltas(call, mirror)
+            return await self._respond(request, parsed, deltas, call.first, info)
         headers = call_headers(parsed.request.request_id, info)
         if not parsed.stream:
             await call.close()
             assert isinstance(call.first, bytes)
             info.usage = _usage_of(call.first)
+            if mirror is not None:
+                mirror.keep(call.first)
             return web.Response(body=call.first, headers=headers, content_type="application/json")
-        return await self._relay_stream(request, call, headers, info)
+        return await self._relay_stream(request, call, headers, info, mirror)
 
     async def _relay_stream(
-        self, request: web.Request, call: Call, headers: dict[str, str], info: CallInfo
+        self,
+        request: web.Request,
+        call: Call,
+        headers: dict[str, str],
+        info: CallInfo,
+        mirror: Mirror | None = None,
     ) -> web.StreamResponse:
         out = _CoalescingStreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers}
@@ -197,6 +227,8 @@ class GatewayRoutes(OpenAIRoutes):
                 while data is not None:
                     assert isinstance(data, bytes)
                     info.output_chunks += data.count(b"data: ")
+                    if mirror is not None:
+                        mirror.keep(data)
                     tail = (tail + data)[-32:]
                     if call.finished:  # nothing more will come: send it with the end
                         last = data
@@ -207,6 +239,8 @@ class GatewayRoutes(OpenAIRoutes):
                     last += _ended_early(tail)
             except UpstreamError as e:
                 last = _ended_early(tail, from_upstream(e))
+                if mirror is not None:
+                    mirror.raw.clear()  # a broken answer is not one to compare
             finally:
                 await call.close()
             await out.write_eof(last)
@@ -262,3 +296,25 @@ class _Deltas:
 
     async def aclose(self) -> None:
         await self.call.close()
+
+
+class _MirroredDeltas(_Deltas):
+    """Deltas that also collect the answer's text for a shadow comparison; the answer is
+    handed over at its last delta (the routes stop reading there)."""
+
+    def __init__(self, call: Call, mirror: Mirror) -> None:
+        super().__init__(call)
+        self.mirror = mirror
+        self.parts: list[str] = []
+        assert isinstance(call.first, pb.GenerateResponse)
+        self._seen(call.first)
+
+    def _seen(self, item: pb.GenerateResponse) -> None:
+        self.parts.append(item.text)
+        if item.finish_reason and item.finish_reason != pb.FINISH_REASON_ERROR:
+            self.mirror.done("".join(self.parts))
+
+    async def __anext__(self) -> pb.GenerateResponse:
+        item = await super().__anext__()
+        self._seen(item)
+        return item

@@ -28,24 +28,43 @@ class EmbeddedRegistry:
         interval_s: float = 1.0,
     ) -> None:
         self._workers: dict[str, WorkerInfo] = {}
-        for spec in specs:
-            kind, address = parse_worker_spec(spec)
-            self._workers[address] = WorkerInfo(worker_id=address, address=address, kind=kind)
+        self.specs: dict[str, str] = {}
+        """worker id -> the spec it was given as."""
         self._upstream_for = upstream_for
         self.interval_s = interval_s
         self._task: asyncio.Task[None] | None = None
+        self._probes: set[asyncio.Task[None]] = set()
+        self.set_specs({parse_worker_spec(spec)[1]: spec for spec in specs})
 
     def workers(self) -> list[WorkerInfo]:
         return list(self._workers.values())
 
-    async def probe_all(self) -> None:
-        async def one(info: WorkerInfo) -> None:
-            try:
-                await self._upstream_for(info).probe(info)
-            except Exception as e:  # a probe must never kill the loop
-                log.debug("probe of %s failed: %s", info.address, e)
+    def set_specs(self, specs: dict[str, str]) -> None:
+        """Replace the list (worker id -> spec). Unchanged workers keep their health state;
+        a new one is probed at once, so it takes traffic as soon as it answers."""
+        workers: dict[str, WorkerInfo] = {}
+        for worker_id, spec in specs.items():
+            kind, address = parse_worker_spec(spec)
+            old = self._workers.get(worker_id)
+            if old is not None and (old.address, old.kind) == (address, kind):
+                workers[worker_id] = old
+                continue
+            workers[worker_id] = info = WorkerInfo(worker_id=worker_id, address=address, kind=kind)
+            if self._task is not None:  # started: don't wait for the next round
+                probe = asyncio.get_running_loop().create_task(self._probe(info))
+                self._probes.add(probe)
+                probe.add_done_callback(self._probes.discard)
+        self._workers = workers
+        self.specs = dict(specs)
 
-        await asyncio.gather(*(one(w) for w in self.workers()))
+    async def _probe(self, info: WorkerInfo) -> None:
+        try:
+            await self._upstream_for(info).probe(info)
+        except Exception as e:  # a probe must never kill the loop
+            log.debug("probe of %s failed: %s", info.address, e)
+
+    async def probe_all(self) -> None:
+        await asyncio.gather(*(self._probe(w) for w in self.workers()))
 
     async def _loop(self) -> None:
         while True:
@@ -57,7 +76,8 @@ class EmbeddedRegistry:
         self._task = asyncio.create_task(self._loop())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in [self._task, *self._probes]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task

@@ -10,7 +10,7 @@ import itertools
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from hashlib import blake2b
 from typing import Protocol
 
@@ -28,7 +28,7 @@ class RoutingPolicy(Protocol):
         self,
         candidates: Sequence[WorkerInfo],
         request: pb.GenerateRequest,
-        outstanding: Mapping[str, int],
+        outstanding: Mapping[str, float],
     ) -> WorkerInfo:
         """Pick one of a non-empty list of ready workers."""
         ...
@@ -38,18 +38,56 @@ class RoutingPolicy(Protocol):
         ...
 
 
+class WeightedLoads(Mapping[str, float]):
+    """Calls in flight per replica divided by its operator-set weight, so every policy that
+    balances load gives a weight-2 replica twice the traffic of a weight-1 one."""
+
+    __slots__ = ("outstanding", "weights")
+
+    def __init__(self, outstanding: Mapping[str, float], weights: Mapping[str, float]) -> None:
+        self.outstanding = outstanding
+        self.weights = weights
+        """worker id -> weight > 0 (absent: 1)."""
+
+    def __getitem__(self, worker_id: str) -> float:
+        return self.outstanding.get(worker_id, 0) / self.weights.get(worker_id, 1.0)
+
+    def get(self, worker_id: str, default: float = 0) -> float:  # type: ignore[override]
+        return self[worker_id]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.outstanding)
+
+    def __len__(self) -> int:
+        return len(self.outstanding)
+
+
 class RoundRobin:
+    """In turn; with weights (see WeightedLoads), nginx's smooth weighted round-robin, which
+    interleaves (a, a, b -> a b a) where plain weighting would send bursts."""
+
     name = "round-robin"
 
     def __init__(self) -> None:
         self._counter = itertools.count()
+        self._current: dict[str, float] = {}
 
     def choose(
         self,
         candidates: Sequence[WorkerInfo],
         request: pb.GenerateRequest,
-        outstanding: Mapping[str, int],
+        outstanding: Mapping[str, float],
     ) -> WorkerInfo:
+        if isinstance(outstanding, WeightedLoads):
+            weights, current = outstanding.weights, self._current
+            total = 0.0
+            for w in candidates:
+                weight = weights.get(w.worker_id, 1.0)
+                current[w.worker_id] = current.get(w.worker_id, 0.0) + weight
+                total += weight
+            best = max(candidates, key=lambda w: (current[w.worker_id], w.worker_id))
+            current[best.worker_id] -= total
+            return best
         ordered = sorted(candidates, key=lambda w: w.worker_id)
         return ordered[next(self._counter) % len(ordered)]
 
@@ -69,7 +107,7 @@ class LeastOutstanding:
         self,
         candidates: Sequence[WorkerInfo],
         request: pb.GenerateRequest,
-        outstanding: Mapping[str, int],
+        outstanding: Mapping[str, float],
     ) -> WorkerInfo:
         n = next(self._tiebreak)
         return min(
@@ -214,7 +252,7 @@ class PrefixAware:
         self,
         candidates: Sequence[WorkerInfo],
         request: pb.GenerateRequest,
-        outstanding: Mapping[str, int],
+        outstanding: Mapping[str, float],
     ) -> WorkerInfo:
         if len(candidates) == 1:
             return candidates[0]
@@ -287,7 +325,7 @@ def make_policy(name: str, **options: float) -> RoutingPolicy:
 def sticky_choice(
     key: str,
     candidates: Sequence[WorkerInfo],
-    outstanding: Mapping[str, int],
+    outstanding: Mapping[str, float],
     rel: float = 1.5,
     abs_: float = 8.0,
 ) -> WorkerInfo:
@@ -350,7 +388,7 @@ class Router:
         self,
         candidates: Sequence[WorkerInfo],
         request: pb.GenerateRequest,
-        outstanding: Mapping[str, int],
+        outstanding: Mapping[str, float],
     ) -> WorkerInfo:
         if self.sticky and request.session_key and len(candidates) > 1:
             return sticky_choice(

@@ -14,7 +14,15 @@ from typing import Any
 import pytest
 
 from gateway.admission.tenants import hash_key
-from loadtest.fleet import ADMIN_TOKEN, Proc, admin_json, start_gateway, start_sim_worker, wait_for
+from loadtest.fleet import (
+    ADMIN_TOKEN,
+    Proc,
+    admin_call,
+    admin_json,
+    start_gateway,
+    start_sim_worker,
+    wait_for,
+)
 from tests.gateway.redis_server import RedisServer
 
 SECRET = "admin-test-secret"
@@ -144,20 +152,6 @@ def test_a_drain_on_one_gateway_reaches_another_through_redis(workers: list[Proc
         finally:
             a.stop()
             b.stop()
-
-
-def admin_call(gw: Proc, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-    req = urllib.request.Request(
-        gw.ready["admin"] + path,
-        method=method,
-        headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"},
-        data=json.dumps(body).encode() if body is not None else None,
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 def test_canary_split_holds_and_rollback_is_immediate() -> None:

@@ -98,3 +98,17 @@ def test_the_same_prompt_for_two_models_does_not_share_prefix_keys() -> None:
 def test_unknown_policy_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown routing policy"):
         Router("random")
+
+
+def test_weights_scale_load_for_balancing_policies_and_round_robin_interleaves() -> None:
+    from gateway.routing.policy import LeastOutstanding, RoundRobin, WeightedLoads
+
+    a, b = WorkerInfo("a", "a:1"), WorkerInfo("b", "b:1")
+    req = pb.GenerateRequest(model="m", text="x")
+    loads = WeightedLoads({"a": 4, "b": 3}, {"a": 2.0})
+    assert loads.get("a") == 2.0 and loads.get("b") == 3.0
+    # weight 2 carries twice the calls before it counts as equally loaded
+    assert LeastOutstanding().choose([a, b], req, loads).worker_id == "a"
+    rr = RoundRobin()
+    picks = [rr.choose([a, b], req, WeightedLoads({}, {"a": 2.0})).worker_id for _ in range(6)]
+    assert picks == ["a", "b", "a", "a", "b", "a"]

@@ -1,0 +1,67 @@
+"""The configured registry plus upstreams an operator registered at run time, minus those
+deregistered (the admin API's `/admin/upstreams`, shared through the admin overrides).
+
+Registered upstreams get the embedded registry's active health checks, whatever the
+configured backend: they are the ones that cannot register themselves (an OpenAI server,
+a worker outside the Redis fleet). A deregistered replica leaves routing at once; calls
+already on it finish. Operators drain first when they want no call cut short.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from gateway.registry.base import Registry, WorkerInfo
+from gateway.registry.embedded import EmbeddedRegistry, parse_worker_spec
+from gateway.upstream.base import Upstream
+
+
+def check_address(address: object) -> str:
+    """A worker spec as `--worker` takes it, or ValueError saying what is wrong."""
+    if not isinstance(address, str) or not address or len(address) > 512 or " " in address:
+        raise ValueError("'address' must be host:port, grpc://host:port or http(s)://host:port")
+    kind, rest = parse_worker_spec(address)
+    if kind == "grpc":
+        host, _, port = rest.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"'address' {address!r} is not host:port")
+    return address
+
+
+class DynamicRegistry:
+    def __init__(
+        self, base: Registry, upstream_for: Callable[[WorkerInfo], Upstream], interval_s: float
+    ) -> None:
+        self.base = base
+        self.extra = EmbeddedRegistry([], upstream_for, interval_s)
+        self.removed: frozenset[str] = frozenset()
+
+    async def start(self) -> None:
+        await self.base.start()
+        await self.extra.start()
+
+    async def close(self) -> None:
+        await self.extra.close()
+        await self.base.close()
+
+    def workers(self) -> list[WorkerInfo]:
+        if not self.removed and not self.extra.specs:  # the usual case costs nothing more
+            return self.base.workers()
+        removed = self.removed
+        out = [w for w in self.base.workers() if w.worker_id not in removed]
+        taken = {w.worker_id for w in out}
+        out += [w for w in self.extra.workers() if w.worker_id not in taken]
+        return out
+
+    def apply(self, upstreams: Mapping[str, Mapping[str, Any]]) -> None:
+        """The admin overrides' upstream entries: `{"address": ...}` registers a replica
+        under that id, `{"removed": true}` hides a configured one."""
+        self.removed = frozenset(w for w, e in upstreams.items() if e.get("removed"))
+        specs: dict[str, str] = {}
+        for worker_id, entry in upstreams.items():
+            try:
+                specs[worker_id] = check_address(entry.get("address"))
+            except ValueError:
+                continue
+        self.extra.set_specs(specs)
