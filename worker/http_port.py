@@ -14,10 +14,11 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from opentelemetry.trace import SpanKind
 
 from prompts.errors import PromptError
 from proto import inference_pb2 as pb
-from proto.openai_compat import OpenAIError, parse_chat, parse_completion
+from proto.openai_compat import OpenAIError, ParsedRequest, parse_chat, parse_completion
 from serving.calls import (
     INVALID_ARGUMENT,
     NOT_FOUND,
@@ -27,6 +28,7 @@ from serving.calls import (
     UpstreamError,
 )
 from serving.openai_http import OpenAIRoutes, error_response, json_response
+from serving.tracing import context_from
 from worker.engine.errors import EngineError, InvalidRequestError
 from worker.grpc_service import InferenceService
 from worker.grpc_service import WorkerState as State
@@ -89,6 +91,48 @@ class LocalBackend:
                 svc.idle.set()
 
 
+class WorkerRoutes(OpenAIRoutes):
+    """The shared routes, in a server span per request when the worker traces, continuing
+    a caller's `traceparent` header as the worker's gRPC service does its metadata."""
+
+    def __init__(self, service: InferenceService) -> None:
+        super().__init__(LocalBackend(service))
+        self.service = service
+
+    async def _dispatch(
+        self,
+        request: web.Request,
+        parsed: ParsedRequest,
+        raw: bytes,
+        deadline: float,
+        info: CallInfo,
+    ) -> web.StreamResponse:
+        tracer = self.service.tracer
+        if tracer is None:
+            return await super()._dispatch(request, parsed, raw, deadline, info)
+        model = parsed.request.model or self.service.model_name
+        attributes = {
+            "gen_ai.operation.name": "chat" if parsed.kind == "chat" else "text_completion",
+            "gen_ai.provider.name": "breakwater",
+            "gen_ai.request.model": model,
+            "breakwater.request_id": parsed.request.request_id,
+            "breakwater.worker_id": self.service.worker_id,
+        }
+        with tracer.start_as_current_span(
+            f"generate {model}",
+            context=context_from(request.headers),
+            kind=SpanKind.SERVER,
+            attributes=attributes,
+        ) as span:
+            response = await super()._dispatch(request, parsed, raw, deadline, info)
+            span.set_attribute("http.response.status_code", response.status)
+            if info.usage:
+                span.set_attribute("gen_ai.usage.input_tokens", info.usage[0])
+                span.set_attribute("gen_ai.usage.output_tokens", info.usage[1])
+                span.set_attribute("breakwater.cached_prompt_tokens", info.usage[2])
+            return response
+
+
 async def health(service: InferenceService) -> web.Response:
     """GET /health as vLLM and SGLang servers answer it (routers probe it by default):
     200 with an empty body while serving, 503 otherwise (starting or draining)."""
@@ -148,7 +192,7 @@ async def start_http(
     service: InferenceService, host: str, port: int, metrics: WorkerMetrics | None = None
 ) -> web.AppRunner:
     app = web.Application()
-    OpenAIRoutes(LocalBackend(service)).add_to(app)
+    WorkerRoutes(service).add_to(app)
     app.router.add_get("/health", lambda _request: health(service))
     app.router.add_post("/tokenize", lambda request: tokenize(service, request))
     if metrics is not None:

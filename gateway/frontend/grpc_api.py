@@ -1,19 +1,29 @@
-"""The gateway's gRPC front end: the same Generate contract, proxied to a worker."""
+"""The gateway's gRPC front end: the same Generate contract, proxied to a worker.
+
+Like the HTTP front end, every call ends in one `Finished` record (metrics and the request
+log, through `on_finished`) with its outcome as the HTTP status a gateway would have
+answered, and, when tracing is on, in a server span continuing the caller's `traceparent`.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Any
 
 import grpc
+from opentelemetry.trace import SpanKind, Status, StatusCode, use_span
 
 from gateway.admission.admission import Admission, Ticket, estimate_request_tokens
 from gateway.dispatch import Dispatcher
 from proto import inference_pb2 as pb
 from proto import inference_pb2_grpc as pb_grpc
 from proto.openai_compat import MAX_SESSION_KEY, OpenAIError
-from serving.calls import UpstreamError
+from serving.calls import CallInfo, UpstreamError
+from serving.openai_http import Finished, from_upstream
+from serving.tracing import context_from
 
 # Admission answers in HTTP terms; gRPC callers get the matching status codes.
 _GRPC_CODES = {
@@ -23,6 +33,19 @@ _GRPC_CODES = {
     503: grpc.StatusCode.UNAVAILABLE,
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
+# And the reverse, for metrics and the request log: the status an HTTP caller would count.
+# Codes not listed are an upstream failure (502), as the HTTP front end counts them.
+_HTTP_STATUS = {
+    "INVALID_ARGUMENT": 400,
+    "UNAUTHENTICATED": 401,
+    "NOT_FOUND": 404,
+    "RESOURCE_EXHAUSTED": 429,
+    "CANCELLED": 499,
+    "UNAVAILABLE": 503,
+    "DEADLINE_EXCEEDED": 504,
+}
+CLIENT_LEFT = 499
+"""A call that ends without an outcome of its own: the caller cancelled or went away."""
 
 
 class GatewayInference(pb_grpc.InferenceServicer):
@@ -34,49 +57,120 @@ class GatewayInference(pb_grpc.InferenceServicer):
         self.admission = admission
         self.session_header = "x-session-id"
         """Metadata key of the sticky-routing key, when the request has no session_key."""
+        self.on_finished: Callable[[Finished], None] | None = None
+        """Told of every Generate call once it has ended (metrics, the request log)."""
+        self.tracer: Any | None = None
+        """OpenTelemetry tracer when tracing is on: a server span per Generate call."""
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
+        started = time.monotonic()
+        metadata = context.invocation_metadata() or ()
         if not request.request_id:
             request.request_id = uuid.uuid4().hex
         if not request.session_key:
-            for key, value in context.invocation_metadata() or ():
+            for key, value in metadata:
                 if key == self.session_header and isinstance(value, str):
                     request.session_key = value[:MAX_SESSION_KEY]
+        info = CallInfo()
+        # the model as asked (the dispatcher may swap in a version of it), as HTTP records it
+        done = Finished(
+            request.request_id, request.model, None, CLIENT_LEFT, started, 0.0, True, info
+        )
+        code = grpc.StatusCode.CANCELLED
+        span = self._start_span(request, metadata) if self.tracer is not None else None
         remaining = context.time_remaining()
         timeout = min(remaining, self.default_timeout_s) if remaining else self.default_timeout_s
-        deadline = time.monotonic() + timeout
-        ticket = await self._admit(request, context, deadline)
-        stream = self.dispatcher.generate(request, max(0.001, deadline - time.monotonic()))
+        deadline = started + timeout
+        ticket: Ticket | None = None
+        stream: AsyncGenerator[pb.GenerateResponse, None] | None = None
         try:
-            async for resp in stream:
+            ticket = await self._admit(request, metadata, deadline)
+            done.tenant = ticket.tenant if ticket is not None else None
+            stream = self.dispatcher.generate(
+                request, max(0.001, deadline - time.monotonic()), info
+            )
+            # The span is current only while the call opens (no yield inside): the attempt
+            # spans become its children, and it is never left attached to a suspended
+            # generator that something else may close.
+            with _current(span):
+                resp = await anext(stream, None)
+            if resp is not None:
+                info.first_output_at = time.monotonic()
+            while resp is not None:
+                info.output_chunks += len(resp.token_ids)
+                if resp.finish_reason and resp.HasField("usage"):
+                    u = resp.usage
+                    info.usage = (u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens)
                 yield resp
-        except UpstreamError as e:
+                resp = await anext(stream, None)
+            done.status, code = 200, grpc.StatusCode.OK
+        except OpenAIError as e:  # refused by admission
+            done.status, done.error_type = e.status, e.type
+            code = _GRPC_CODES.get(e.status, grpc.StatusCode.UNKNOWN)
             if e.retry_after_ms is not None:
                 context.set_trailing_metadata((("grpc-retry-pushback-ms", str(e.retry_after_ms)),))
-            await context.abort(grpc.StatusCode[e.code], e.message)
+            await context.abort(code, e.message)
+        except UpstreamError as e:
+            done.status = _HTTP_STATUS.get(e.code, 502)
+            done.error_type = from_upstream(e).type
+            code = grpc.StatusCode[e.code]
+            if e.retry_after_ms is not None:
+                context.set_trailing_metadata((("grpc-retry-pushback-ms", str(e.retry_after_ms)),))
+            await context.abort(code, e.message)
+        except Exception:
+            done.status, code = 500, grpc.StatusCode.UNKNOWN
+            raise
         finally:
-            await stream.aclose()
+            if stream is not None:
+                await stream.aclose()
             if ticket is not None:
                 ticket.release()
+            done.ended = time.monotonic()
+            if span is not None:
+                _end_span(span, request, done, code)
+            if self.on_finished is not None:
+                self.on_finished(done)
+
+    def _start_span(self, request: pb.GenerateRequest, metadata: Any) -> Any:
+        """A server span with the HTTP front end's GenAI attributes, plus the RPC's."""
+        assert self.tracer is not None
+        op = "chat" if request.HasField("chat") else "text_completion"
+        sp = request.sampling
+        attributes: dict[str, Any] = {
+            "gen_ai.operation.name": op,
+            "gen_ai.provider.name": "breakwater",
+            "gen_ai.request.model": request.model,
+            "breakwater.request_id": request.request_id,
+            "breakwater.stream": True,
+            "rpc.system": "grpc",
+            "rpc.service": "breakwater.v1.Inference",
+            "rpc.method": "Generate",
+        }
+        if sp.HasField("max_tokens"):
+            attributes["gen_ai.request.max_tokens"] = sp.max_tokens
+        if sp.HasField("temperature"):
+            attributes["gen_ai.request.temperature"] = sp.temperature
+        if sp.HasField("top_p"):
+            attributes["gen_ai.request.top_p"] = sp.top_p
+        carrier = {k: v for k, v in metadata if k == "traceparent" and isinstance(v, str)}
+        parent = context_from(carrier) if carrier else None
+        return self.tracer.start_span(
+            f"{op} {request.model}", context=parent, kind=SpanKind.SERVER, attributes=attributes
+        )
 
     async def _admit(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, deadline: float
+        self, request: pb.GenerateRequest, metadata: Any, deadline: float
     ) -> Ticket | None:
+        """A ticket, or OpenAIError (in HTTP terms) to refuse the call."""
         if self.admission is None:
             return None
-        auth = dict(context.invocation_metadata() or ()).get("authorization")
+        auth = dict(metadata).get("authorization")
         est = estimate_request_tokens(request)
-        try:
-            return await self.admission.admit(
-                str(auth) if auth else None, est, int(request.priority), deadline
-            )
-        except OpenAIError as e:
-            if e.retry_after_ms is not None:
-                context.set_trailing_metadata((("grpc-retry-pushback-ms", str(e.retry_after_ms)),))
-            await context.abort(_GRPC_CODES.get(e.status, grpc.StatusCode.UNKNOWN), e.message)
-            raise  # unreachable: abort raises
+        return await self.admission.admit(
+            str(auth) if auth else None, est, int(request.priority), deadline
+        )
 
     async def Stats(
         self, request: pb.StatsRequest, context: grpc.aio.ServicerContext
@@ -93,3 +187,27 @@ class GatewayInference(pb_grpc.InferenceServicer):
                 sum(w.stats.get("kv_cache_usage", 0.0) for w in ready) / len(ready) if ready else 0
             ),
         )
+
+
+def _current(span: Any) -> Any:
+    """`span` as the current span (what the dispatcher's attempt spans hang from)."""
+    if span is None:
+        return contextlib.nullcontext()
+    return use_span(span, record_exception=False, set_status_on_exception=False)
+
+
+def _end_span(
+    span: Any, request: pb.GenerateRequest, done: Finished, code: grpc.StatusCode
+) -> None:
+    info = done.info
+    span.set_attribute("gen_ai.response.model", request.model)
+    span.set_attribute("breakwater.attempts", info.attempts)
+    span.set_attribute("breakwater.replica", info.worker_id or "")
+    span.set_attribute("rpc.grpc.status_code", code.value[0])
+    if info.usage:
+        span.set_attribute("gen_ai.usage.input_tokens", info.usage[0])
+        span.set_attribute("gen_ai.usage.output_tokens", info.usage[1])
+    if done.status >= 500:
+        span.set_attribute("error.type", done.error_type or str(done.status))
+        span.set_status(Status(StatusCode.ERROR))
+    span.end()

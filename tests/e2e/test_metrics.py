@@ -7,11 +7,17 @@ import re
 import signal
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
+import grpc
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.admission.tenants import hash_key
 from loadtest.fleet import Proc, start_gateway, start_sim_worker, wait_for
+from proto import inference_pb2 as pb
+from proto import inference_pb2_grpc as pb_grpc
 
 VLLM_NAMES = {
     "vllm:num_requests_running",
@@ -145,6 +151,71 @@ def test_one_log_line_per_request_and_no_prompt_text() -> None:
             assert r["tenant"] and r["ttft_ms"] is not None and r["latency_ms"] >= r["ttft_ms"]
             assert r["completion_tokens"] == 3
         assert [r["status"] for r in records if r["status"] != 200] == [404]
+    finally:
+        gw.stop()
+        worker.stop()
+
+
+def log_records(gw: Proc) -> list[dict[str, Any]]:
+    return [
+        json.loads(line.split("breakwater.requests: ", 1)[1])
+        for line in gw.log_text().splitlines()
+        if "breakwater.requests: " in line
+    ]
+
+
+def test_grpc_requests_show_in_metrics_and_the_request_log(tmp_path: Path) -> None:
+    """The gRPC front end is counted like the HTTP one: requests by status (admission
+    refusals too), TTFT, tokens, and one log line each."""
+    config = tmp_path / "admission.toml"
+    config.write_text(
+        f'key_secret = "s"\n[tenants.alice]\nkey_digests = ["{hash_key("alice-key", "s")}"]\n'
+    )
+    worker = start_sim_worker()
+    gw = start_gateway(
+        "--worker", worker.ready["grpc"], "--grpc-port", "0", "--request-log",
+        "--admission-config", str(config),
+    )  # fmt: skip
+    try:
+        req = pb.GenerateRequest(
+            model="sim",
+            text="count me over grpc",
+            request_id="grpc-metrics-1",
+            sampling=pb.SamplingParams(max_tokens=3, ignore_eos=True),
+            stream_options=pb.StreamOptions(include_usage=True),
+        )
+        with grpc.insecure_channel(gw.ready["grpc"]) as ch:
+            stub = pb_grpc.InferenceStub(ch)
+            auth = (("authorization", "Bearer alice-key"),)
+            responses = list(stub.Generate(req, metadata=auth, timeout=60))
+            assert responses[-1].usage.completion_tokens == 3
+            with pytest.raises(grpc.RpcError) as refused:
+                list(stub.Generate(req, timeout=60))  # no key: refused by admission
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+        def counted() -> dict[str, Any]:
+            fams = scrape(gw.ready["http"])
+            done = value(fams, "breakwater_requests_total", model="sim", status="401") >= 1
+            return fams if done else {}
+
+        fams = wait_for(counted, timeout=30)
+        assert value(fams, "breakwater_requests_total", model="sim", status="200") == 1
+        assert value(fams, "breakwater_requests_total", model="sim", status="401") == 1
+        assert value(fams, "breakwater_time_to_first_token_seconds_count", model="sim") == 1
+        assert value(fams, "breakwater_request_duration_seconds_count", model="sim") == 1
+        assert value(fams, "breakwater_tokens_total", model="sim", kind="completion") == 3
+        assert value(fams, "breakwater_tokens_total", model="sim", kind="prompt") > 0
+
+        records = wait_for(lambda: log_records(gw) if len(log_records(gw)) == 2 else [], 30)
+        ok = next(r for r in records if r["status"] == 200)
+        assert ok["request_id"] == "grpc-metrics-1" and ok["tenant"] == "alice"
+        assert ok["model"] == "sim" and ok["replica"] == worker.ready["grpc"]
+        assert ok["attempts"] == 1 and ok["stream"] is True
+        assert ok["completion_tokens"] == 3 and ok["prompt_tokens"] > 0
+        assert ok["ttft_ms"] is not None and ok["latency_ms"] >= ok["ttft_ms"]
+        no = next(r for r in records if r["status"] != 200)
+        assert no["status"] == 401 and no["tenant"] is None and no["attempts"] == 0
+        assert "count me over grpc" not in gw.log_text()
     finally:
         gw.stop()
         worker.stop()

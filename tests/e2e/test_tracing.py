@@ -9,7 +9,15 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from loadtest.fleet import start_gateway, start_sim_worker, wait_for
+from proto import inference_pb2 as pb
+from proto import inference_pb2_grpc as pb_grpc
+
+CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+CALLER_SPAN = "00f067aa0ba902b7"
+TRACEPARENT = f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"
 
 
 def spans(path: Path) -> list[dict[str, Any]]:
@@ -77,4 +85,67 @@ def test_tracing_over_an_openai_upstream_and_off_by_default(tmp_path: Path) -> N
         assert not list(tmp_path.glob("worker*"))
     finally:
         gw.stop()
+        worker.stop()
+
+
+def test_a_grpc_call_continues_the_callers_trace(tmp_path: Path) -> None:
+    """gRPC front end: the caller's traceparent metadata through the gateway's server
+    span and attempt span to the worker's span, with the HTTP path's attributes."""
+    gw_file, w_file = tmp_path / "gateway.jsonl", tmp_path / "worker.jsonl"
+    worker = start_sim_worker("--trace-exporter", f"file:{w_file}")
+    gw = start_gateway(
+        "--worker", worker.ready["grpc"], "--grpc-port", "0",
+        "--trace-exporter", f"file:{gw_file}",
+    )  # fmt: skip
+    try:
+        req = pb.GenerateRequest(
+            model="sim",
+            text="trace me",
+            request_id="grpc-trace-1",
+            sampling=pb.SamplingParams(max_tokens=3, ignore_eos=True),
+            stream_options=pb.StreamOptions(include_usage=True),
+        )
+        with grpc.insecure_channel(gw.ready["grpc"]) as ch:
+            stub = pb_grpc.InferenceStub(ch)
+            list(stub.Generate(req, metadata=(("traceparent", TRACEPARENT),), timeout=60))
+
+        def kinds(path: Path, *wanted: str) -> list[dict[str, Any]]:
+            found = {s["kind"]: s for s in spans(path)}
+            return [found[k] for k in wanted] if set(wanted) <= set(found) else []
+
+        server, attempt = wait_for(lambda: kinds(gw_file, "SERVER", "CLIENT"), timeout=30)
+        (generate,) = wait_for(lambda: kinds(w_file, "SERVER"), timeout=30)
+        assert server["trace_id"] == attempt["trace_id"] == generate["trace_id"] == CALLER_TRACE
+        assert server["parent_span_id"] == CALLER_SPAN
+        assert attempt["parent_span_id"] == server["span_id"]
+        assert generate["parent_span_id"] == attempt["span_id"]
+        assert server["name"] == "text_completion sim"
+        a = server["attributes"]
+        assert a["rpc.system"] == "grpc" and a["rpc.method"] == "Generate"
+        assert a["rpc.grpc.status_code"] == 0
+        assert a["gen_ai.operation.name"] == "text_completion"
+        assert a["gen_ai.request.model"] == "sim" and a["gen_ai.request.max_tokens"] == 3
+        assert a["breakwater.request_id"] == "grpc-trace-1"
+        assert a["breakwater.attempts"] == 1
+        assert a["breakwater.replica"] == worker.ready["grpc"]
+        assert a["gen_ai.usage.output_tokens"] == 3
+        assert "trace me" not in gw_file.read_text() + w_file.read_text()
+    finally:
+        gw.stop()
+        worker.stop()
+
+
+def test_the_workers_http_port_continues_a_trace(tmp_path: Path) -> None:
+    w_file = tmp_path / "worker.jsonl"
+    worker = start_sim_worker("--http-port", "0", "--trace-exporter", f"file:{w_file}")
+    try:
+        chat(worker.ready["http"], {"traceparent": TRACEPARENT})
+        (span,) = wait_for(lambda: spans(w_file), timeout=30)
+        assert span["kind"] == "SERVER" and span["service"] == "breakwater-worker"
+        assert span["trace_id"] == CALLER_TRACE and span["parent_span_id"] == CALLER_SPAN
+        a = span["attributes"]
+        assert a["gen_ai.operation.name"] == "chat" and a["gen_ai.request.model"] == "sim"
+        assert a["gen_ai.usage.output_tokens"] == 3
+        assert a["http.response.status_code"] == 200
+    finally:
         worker.stop()
