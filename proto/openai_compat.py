@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from proto import inference_pb2 as pb
+from proto.limits import DEFAULT_LIMITS, RequestLimits
 
 FINISH_REASONS = {
     pb.FINISH_REASON_STOP: "stop",
@@ -75,10 +76,11 @@ def _number(body: dict[str, Any], name: str, lo: float, hi: float) -> float | No
     v = body.get(name)
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+    if isinstance(v, bool) or not isinstance(v, int | float):
         raise bad(f"'{name}' must be a number", name)
-    if not lo <= v <= hi:
-        raise bad(f"'{name}' must be between {lo} and {hi}, got {v}", name)
+    # Compared before float(): a huge integer is refused, not overflowed.
+    if not (isinstance(v, int) or math.isfinite(v)) or not lo <= v <= hi:
+        raise bad(f"'{name}' must be between {lo} and {hi}", name)
     return float(v)
 
 
@@ -89,15 +91,67 @@ def _int(body: dict[str, Any], name: str, lo: int, hi: int = 2**31 - 1) -> int |
     if isinstance(v, bool) or not isinstance(v, int):
         raise bad(f"'{name}' must be an integer", name)
     if not lo <= v <= hi:
-        raise bad(f"'{name}' must be between {lo} and {hi}, got {v}", name)
+        raise bad(f"'{name}' must be between {lo} and {hi}", name)
     return v
+
+
+def _bool(body: dict[str, Any], name: str) -> bool | None:
+    v = body.get(name)
+    if v is not None and not isinstance(v, bool):
+        raise bad(f"'{name}' must be a boolean", name)
+    return v
+
+
+def _is_ids(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in value
+    )
+
+
+def _token_ids(value: list[int], name: str, most: int, limits: RequestLimits) -> list[int]:
+    """Token ids as the Generate contract carries them (int32, never negative)."""
+    if len(value) > most:
+        raise bad(f"'{name}' has {len(value)} token ids; at most {most} are allowed", name)
+    if not all(0 <= t <= limits.max_token_id for t in value):
+        raise bad(f"'{name}' token ids must be between 0 and {limits.max_token_id}", name)
+    return value
 
 
 MAX_SESSION_KEY = 256
 """Characters of a session key (or `user`) kept for sticky routing."""
 
+_PRIORITIES: dict[str | int, int] = {
+    "interactive": pb.PRIORITY_INTERACTIVE,
+    "batch": pb.PRIORITY_BATCH,
+    0: pb.PRIORITY_INTERACTIVE,
+    1: pb.PRIORITY_BATCH,
+}
 
-def _common(body: dict[str, Any], req: pb.GenerateRequest) -> None:
+
+def _stops(body: dict[str, Any], sp: pb.SamplingParams, limits: RequestLimits) -> None:
+    """`stop` (bounded like OpenAI's) and vLLM's `stop_token_ids`."""
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None:
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+            raise bad("'stop' must be a non-empty string or a list of them", "stop")
+        if len(stop) > limits.max_stop:
+            raise bad(f"at most {limits.max_stop} stop sequences are allowed", "stop")
+        if any(len(s) > limits.max_stop_chars for s in stop):
+            most = limits.max_stop_chars
+            raise bad(f"a stop sequence may have at most {most} characters", "stop")
+        sp.stop.extend(stop)
+    ids = body.get("stop_token_ids")
+    if ids is not None:
+        if not _is_ids(ids):
+            raise bad("'stop_token_ids' must be a list of token ids", "stop_token_ids")
+        sp.stop_token_ids.extend(
+            _token_ids(ids, "stop_token_ids", limits.max_stop_token_ids, limits)
+        )
+
+
+def _common(body: dict[str, Any], req: pb.GenerateRequest, limits: RequestLimits) -> None:
     """Sampling fields shared by both endpoints (with vLLM's extensions)."""
     user = body.get("user")
     if user is not None:
@@ -108,60 +162,44 @@ def _common(body: dict[str, Any], req: pb.GenerateRequest) -> None:
     if (t := _number(body, "temperature", 0, 2)) is not None:
         sp.temperature = t
     if (p := _number(body, "top_p", 0, 1)) is not None:
-        if p == 0:
-            raise bad("'top_p' must be greater than 0", "top_p")
         sp.top_p = p
+        if sp.top_p == 0:  # also a tiny value that rounds to 0 as the wire's float32
+            raise bad("'top_p' must be greater than 0", "top_p")
     if (k := _int(body, "top_k", -1)) is not None:
         sp.top_k = k
     if (seed := _int(body, "seed", -(2**63), 2**63 - 1)) is not None:
         sp.seed = seed
-    n = _int(body, "n", 1)
-    if n not in (None, 1):
+    if _int(body, "n", 1) not in (None, 1):
         raise bad("only n=1 is supported", "n")
+    if _int(body, "best_of", 1) not in (None, 1):
+        raise bad("only best_of=1 is supported", "best_of")
     for name in ("presence_penalty", "frequency_penalty"):
         if _number(body, name, -2, 2):
             raise bad(f"'{name}' is not supported", name)
     if body.get("logit_bias"):
         raise bad("'logit_bias' is not supported", "logit_bias")
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None:
-        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-            raise bad("'stop' must be a non-empty string or a list of them", "stop")
-        if len(stop) > 16:
-            raise bad("at most 16 stop sequences", "stop")
-        sp.stop.extend(stop)
-    ids = body.get("stop_token_ids")
-    if ids is not None:
-        if not isinstance(ids, list) or not all(isinstance(i, int) and i >= 0 for i in ids):
-            raise bad("'stop_token_ids' must be a list of token ids", "stop_token_ids")
-        sp.stop_token_ids.extend(ids)
-    for flag in ("ignore_eos", "include_stop_str_in_output"):
-        if body.get(flag) is not None:
-            if not isinstance(body[flag], bool):
-                raise bad(f"'{flag}' must be a boolean", flag)
-            setattr(sp, flag, body[flag])
-    if isinstance(body.get("skip_special_tokens"), bool):
-        sp.skip_special_tokens = body["skip_special_tokens"]
+    _stops(body, sp, limits)
+    for flag in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+        if (v := _bool(body, flag)) is not None:
+            setattr(sp, flag, v)
     prio = body.get("priority")
     if prio is not None:
-        names = {
-            "interactive": pb.PRIORITY_INTERACTIVE,
-            "batch": pb.PRIORITY_BATCH,
-            0: pb.PRIORITY_INTERACTIVE,
-            1: pb.PRIORITY_BATCH,
-        }
-        if prio not in names:
+        if isinstance(prio, bool) or not isinstance(prio, str | int) or prio not in _PRIORITIES:
             raise bad("'priority' must be 'interactive' or 'batch'", "priority")
-        req.priority = names[prio]
+        req.priority = _PRIORITIES[prio]
 
 
-def _model(body: dict[str, Any]) -> str:
+def _model(body: dict[str, Any], limits: RequestLimits) -> str:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad("'model' is required", "model")
+    if len(model) > limits.max_model_chars:
+        raise bad(f"'model' may have at most {limits.max_model_chars} characters", "model")
     return model
+
+
+def _max_tokens(body: dict[str, Any], name: str, limits: RequestLimits) -> int | None:
+    return _int(body, name, 1, limits.max_tokens)
 
 
 def _stream_flags(body: dict[str, Any], req: pb.GenerateRequest) -> tuple[bool, bool]:
@@ -175,48 +213,69 @@ def _stream_flags(body: dict[str, Any], req: pb.GenerateRequest) -> tuple[bool, 
             raise bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
         if not isinstance(opts, dict):
             raise bad("'stream_options' must be an object", "stream_options")
-        include_usage = bool(opts.get("include_usage", False))
+        flag = opts.get("include_usage", False)
+        if not isinstance(flag, bool):
+            raise bad("'include_usage' must be a boolean", "stream_options.include_usage")
+        include_usage = flag
     # The gateway always needs usage from its upstream, whatever the client asked.
     req.stream_options.include_usage = True
     return stream, include_usage
 
 
-def parse_completion(body: Any) -> ParsedRequest:
-    if not isinstance(body, dict):
-        raise bad("the request body must be a JSON object")
-    req = pb.GenerateRequest(model=_model(body))
+def _prompt(body: dict[str, Any], req: pb.GenerateRequest, limits: RequestLimits) -> None:
+    """`prompt`: a string or token ids, or a batch (list) of those of at most
+    `max_batch_prompts` (a batch of one is unwrapped)."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt):
+        if len(prompt) > limits.max_batch_prompts:
+            raise bad(
+                f"a batch of {len(prompt)} prompts; at most {limits.max_batch_prompts} per "
+                "request is supported (send one prompt per request)",
+                "prompt",
+            )
+        prompt = prompt[0]
     if isinstance(prompt, str):
         if not prompt:
             raise bad("'prompt' must not be empty", "prompt")
+        if len(prompt) > limits.max_prompt_chars:
+            raise bad(
+                f"'prompt' has {len(prompt)} characters; at most {limits.max_prompt_chars} "
+                "are allowed",
+                "prompt",
+            )
         req.text = prompt
-    elif (
-        isinstance(prompt, list)
-        and prompt
-        and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
-    ):
-        req.token_ids.ids.extend(prompt)
-    elif isinstance(prompt, list) and len(prompt) > 1:
-        raise bad("batched prompts are not supported; send one prompt per request", "prompt")
+    elif prompt and _is_ids(prompt):
+        req.token_ids.ids.extend(_token_ids(prompt, "prompt", limits.max_prompt_token_ids, limits))
     else:
         raise bad("'prompt' must be a string or a list of token ids", "prompt")
+
+
+def parse_completion(body: Any, limits: RequestLimits = DEFAULT_LIMITS) -> ParsedRequest:
+    """A /v1/completions body as a Generate request; OpenAIError (400) when invalid."""
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object")
+    req = pb.GenerateRequest(model=_model(body, limits))
+    _prompt(body, req, limits)
     if body.get("echo"):
         raise bad("'echo' is not supported", "echo")
     if body.get("suffix"):
         raise bad("'suffix' is not supported", "suffix")
-    mt = _int(body, "max_tokens", 1)
+    mt = _max_tokens(body, "max_tokens", limits)
     req.sampling.max_tokens = 16 if mt is None else mt  # OpenAI's default for completions
-    logprobs = _int(body, "logprobs", 0, 20)
+    logprobs = _int(body, "logprobs", 0, limits.max_logprobs)
     if logprobs is not None:
         req.sampling.logprobs = logprobs
-    _common(body, req)
+    _common(body, req, limits)
     stream, include_usage = _stream_flags(body, req)
     return ParsedRequest(req, "completion", stream, include_usage, logprobs)
 
 
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+"""Message roles OpenAI's chat API defines."""
+
+
 def _content_text(content: Any, i: int) -> str:
+    param = f"messages[{i}].content"
     if content is None:
         return ""
     if isinstance(content, str):
@@ -225,34 +284,64 @@ def _content_text(content: Any, i: int) -> str:
         parts = []
         for part in content:
             if not isinstance(part, dict) or part.get("type") != "text":
-                raise bad("only text content parts are supported", f"messages[{i}].content")
-            parts.append(str(part.get("text", "")))
+                raise bad("only text content parts are supported", param)
+            text = part.get("text", "")
+            if not isinstance(text, str):
+                raise bad("a text content part's 'text' must be a string", param)
+            parts.append(text)
         return "".join(parts)
-    raise bad("message content must be a string or a list of parts", f"messages[{i}].content")
+    raise bad("message content must be a string or a list of parts", param)
 
 
-def parse_chat(body: Any) -> ParsedRequest:
-    if not isinstance(body, dict):
-        raise bad("the request body must be a JSON object")
-    req = pb.GenerateRequest(model=_model(body))
+def _messages(body: dict[str, Any], req: pb.GenerateRequest, limits: RequestLimits) -> None:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("'messages' must be a non-empty list", "messages")
+    if len(messages) > limits.max_messages:
+        raise bad(
+            f"{len(messages)} messages; at most {limits.max_messages} are allowed", "messages"
+        )
+    total = 0
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise bad("each message needs a 'role'", f"messages[{i}]")
-        req.chat.messages.add(role=m["role"], content=_content_text(m.get("content"), i))
+        if not isinstance(m, dict):
+            raise bad("each message must be an object", f"messages[{i}]")
+        role = m.get("role")
+        if not isinstance(role, str) or role not in ROLES:
+            raise bad(f"'role' must be one of {', '.join(sorted(ROLES))}", f"messages[{i}].role")
+        text = _content_text(m.get("content"), i)
+        if len(text) > limits.max_message_chars:
+            raise bad(
+                f"a message may have at most {limits.max_message_chars} characters",
+                f"messages[{i}].content",
+            )
+        total += len(text)
+        if total > limits.max_prompt_chars:
+            raise bad(
+                f"the messages have more than {limits.max_prompt_chars} characters in all",
+                "messages",
+            )
+        req.chat.messages.add(role=role, content=text)
     req.chat.add_generation_prompt = True
-    mt = _int(body, "max_completion_tokens", 1)
-    if mt is None:
-        mt = _int(body, "max_tokens", 1)
-    if mt is not None:
-        req.sampling.max_tokens = mt
+
+
+def parse_chat(body: Any, limits: RequestLimits = DEFAULT_LIMITS) -> ParsedRequest:
+    """A /v1/chat/completions body as a Generate request; OpenAIError (400) when invalid."""
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object")
+    req = pb.GenerateRequest(model=_model(body, limits))
+    _messages(body, req, limits)
+    # Both are checked; the newer name wins when a client sends the two.
+    mct = _max_tokens(body, "max_completion_tokens", limits)
+    mt = _max_tokens(body, "max_tokens", limits)
+    if (chosen := mt if mct is None else mct) is not None:
+        req.sampling.max_tokens = chosen
+    want = _bool(body, "logprobs")
+    top = _int(body, "top_logprobs", 0, limits.max_logprobs)
     logprobs = None
-    if body.get("logprobs"):
-        logprobs = _int(body, "top_logprobs", 0, 20) or 0
+    if want:
+        logprobs = top or 0
         req.sampling.logprobs = logprobs
-    _common(body, req)
+    _common(body, req, limits)
     stream, include_usage = _stream_flags(body, req)
     return ParsedRequest(req, "chat", stream, include_usage, logprobs)
 
@@ -403,8 +492,13 @@ class ResponseBuilder:
 
 
 def sse(payload: dict[str, Any] | str) -> bytes:
-    data = payload.encode() if isinstance(payload, str) else orjson.dumps(payload)
-    return b"data: " + data + b"\n\n"
+    """One server-sent event. JSON is encoded on one line (orjson escapes control
+    characters); a text payload with line breaks becomes several `data:` lines, which a
+    client joins back with newlines, so no payload can end its event early."""
+    if not isinstance(payload, str):
+        return b"data: " + orjson.dumps(payload) + b"\n\n"
+    lines = payload.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    return b"".join(b"data: " + line.encode() + b"\n" for line in lines) + b"\n"
 
 
 # -- the reverse direction, for fronting OpenAI-compatible servers --------------------------
@@ -440,27 +534,60 @@ def to_openai_body(req: pb.GenerateRequest) -> tuple[str, dict[str, Any]]:
     return "/v1/completions", body
 
 
-def from_openai_chunk(chunk: dict[str, Any], request_id: str) -> pb.GenerateResponse:
-    """One OpenAI stream chunk (completion or chat) as a Generate delta."""
+def _malformed(what: str) -> OpenAIError:
+    return OpenAIError(502, f"malformed upstream stream chunk: {what}", "upstream_error")
+
+
+def _count(obj: dict[str, Any], name: str) -> int:
+    v = obj.get(name) or 0
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**31:
+        raise _malformed(f"'{name}' is not a token count")
+    return v
+
+
+def from_openai_chunk(chunk: Any, request_id: str) -> pb.GenerateResponse:
+    """One OpenAI stream chunk (completion or chat) as a Generate delta.
+
+    The chunk comes from another server: a field of the wrong type raises OpenAIError
+    (502, upstream_error) rather than whatever Python or protobuf would raise.
+    """
+    if not isinstance(chunk, dict):
+        raise _malformed("not an object")
     resp = pb.GenerateResponse(request_id=request_id)
     choices = chunk.get("choices") or []
+    if not isinstance(choices, list):
+        raise _malformed("'choices' is not a list")
     if choices:
         c = choices[0]
+        if not isinstance(c, dict):
+            raise _malformed("a choice is not an object")
         if "delta" in c:
-            resp.text = (c.get("delta") or {}).get("content") or ""
+            delta = c.get("delta") or {}
+            if not isinstance(delta, dict):
+                raise _malformed("'delta' is not an object")
+            text = delta.get("content")
         else:
-            resp.text = c.get("text") or ""
+            text = c.get("text")
+        if text is not None and not isinstance(text, str):
+            raise _malformed("the text is not a string")
+        resp.text = text or ""
         fr = c.get("finish_reason")
         if fr:
+            if not isinstance(fr, str):
+                raise _malformed("'finish_reason' is not a string")
             resp.finish_reason = FINISH_FROM_NAME.get(fr, pb.FINISH_REASON_STOP)
     u = chunk.get("usage")
     if u:
+        if not isinstance(u, dict):
+            raise _malformed("'usage' is not an object")
         details = u.get("prompt_tokens_details") or {}
+        if not isinstance(details, dict):
+            raise _malformed("'prompt_tokens_details' is not an object")
         resp.usage.CopyFrom(
             pb.Usage(
-                prompt_tokens=u.get("prompt_tokens", 0),
-                completion_tokens=u.get("completion_tokens", 0),
-                cached_prompt_tokens=details.get("cached_tokens") or 0,
+                prompt_tokens=_count(u, "prompt_tokens"),
+                completion_tokens=_count(u, "completion_tokens"),
+                cached_prompt_tokens=_count(details, "cached_tokens"),
             )
         )
     return resp

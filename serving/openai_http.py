@@ -21,6 +21,7 @@ import orjson
 from aiohttp import web
 
 from proto import inference_pb2 as pb
+from proto.limits import DEFAULT_LIMITS, RequestLimits
 from proto.openai_compat import (
     OpenAIError,
     ParsedRequest,
@@ -116,6 +117,40 @@ def from_upstream(e: UpstreamError) -> OpenAIError:
     return OpenAIError(502, e.message, "upstream_error", None, e.code.lower())
 
 
+def too_large(limit: int) -> OpenAIError:
+    return OpenAIError(
+        413,
+        f"the request body is larger than the limit of {limit} bytes",
+        "invalid_request_error",
+        None,
+        "request_too_large",
+    )
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The request body, refused (413) past `limit` bytes before more is held in memory.
+
+    Read from the stream rather than with `request.read()`, so the bound is this one (a
+    JSON error) whatever `client_max_size` the application was given (a text 413).
+    """
+    length = request.content_length
+    if length is not None:
+        if length > limit:
+            raise too_large(limit)
+        try:  # one await for the usual case (a length given), as request.read() costs
+            return await request.content.readexactly(length)
+        except asyncio.IncompleteReadError:
+            raise OpenAIError(400, "the request body ended before its Content-Length") from None
+    parts: list[bytes] = []
+    size = 0
+    async for part in request.content.iter_chunked(64 * 1024):
+        size += len(part)
+        if size > limit:
+            raise too_large(limit)
+        parts.append(part)
+    return b"".join(parts)
+
+
 TIMEOUT_HEADER = "X-Request-Timeout-Ms"
 """A caller's overall deadline for the request, capped by the gateway's maximum."""
 
@@ -143,8 +178,11 @@ class OpenAIRoutes:
         default_timeout_s: float = 600.0,
         max_timeout_s: float = 3600.0,
         admit: Admit | None = None,
+        limits: RequestLimits = DEFAULT_LIMITS,
     ) -> None:
         self.backend = backend
+        self.limits = limits
+        """Bounds on a request's body and fields, checked before any work is spent on it."""
         self.default_timeout_s = default_timeout_s
         self.max_timeout_s = max_timeout_s
         self.admit = admit
@@ -202,7 +240,7 @@ class OpenAIRoutes:
         return await self._handle(request, parse_chat)
 
     async def _handle(
-        self, request: web.Request, parse: Callable[[Any], ParsedRequest]
+        self, request: web.Request, parse: Callable[[Any, RequestLimits], ParsedRequest]
     ) -> web.StreamResponse:
         started = time.monotonic()
         request_id = request.headers.get("X-Request-Id") or os.urandom(16).hex()
@@ -210,12 +248,12 @@ class OpenAIRoutes:
         info = CallInfo()
         model, stream, status, error_type = "", False, 499, None
         try:
-            raw = await request.read()
+            raw = await read_body(request, self.limits.max_body_bytes)
             try:
                 body = orjson.loads(raw)
-            except orjson.JSONDecodeError:
+            except orjson.JSONDecodeError:  # also invalid UTF-8 and nesting past 1024
                 raise OpenAIError(400, "the request body is not valid JSON") from None
-            parsed: ParsedRequest = parse(body)
+            parsed: ParsedRequest = parse(body, self.limits)
             parsed.request.request_id = request_id
             model, stream = parsed.request.model, parsed.stream
             if model not in self.backend.models():

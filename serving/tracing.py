@@ -26,6 +26,25 @@ TRACEPARENT: ContextVar[str | None] = ContextVar("breakwater_traceparent", defau
 """The W3C traceparent an upstream call should carry (set by the gateway per attempt)."""
 
 
+def request_attributes(request: Any, model: str | None = None) -> dict[str, Any]:
+    """The GenAI semantic-convention attributes of a Generate request (a
+    `pb.GenerateRequest`), shared by every server span: gateway and worker, HTTP and gRPC."""
+    sp = request.sampling
+    attributes: dict[str, Any] = {
+        "gen_ai.operation.name": "chat" if request.HasField("chat") else "text_completion",
+        "gen_ai.provider.name": "breakwater",
+        "gen_ai.request.model": model or request.model,
+        "breakwater.request_id": request.request_id,
+    }
+    if sp.HasField("max_tokens"):
+        attributes["gen_ai.request.max_tokens"] = sp.max_tokens
+    if sp.HasField("temperature"):
+        attributes["gen_ai.request.temperature"] = sp.temperature
+    if sp.HasField("top_p"):
+        attributes["gen_ai.request.top_p"] = sp.top_p
+    return attributes
+
+
 def make_tracer(spec: str | None, service_name: str) -> Any | None:
     """A tracer exporting to `spec`, or None for `none`/empty (tracing off)."""
     if not spec or spec == "none":

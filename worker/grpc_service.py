@@ -15,7 +15,7 @@ from opentelemetry.trace import SpanKind
 
 from proto import inference_pb2 as pb
 from proto import inference_pb2_grpc as pb_grpc
-from serving.tracing import context_from
+from serving.tracing import context_from, request_attributes
 from worker.cache_feed import CacheFeed
 from worker.engine.errors import EngineError, InvalidRequestError
 from worker.proto_convert import to_engine_request, to_response
@@ -106,13 +106,9 @@ class InferenceService(pb_grpc.InferenceServicer):
         """`_generate` in a server span continuing the caller's trace (W3C traceparent)."""
         assert self.tracer is not None
         carrier = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
-        attributes = {
-            "gen_ai.operation.name": "chat" if request.HasField("chat") else "text_completion",
-            "gen_ai.provider.name": "breakwater",
-            "gen_ai.request.model": request.model or self.model_name,
-            "breakwater.request_id": request_id,
-            "breakwater.worker_id": self.worker_id,
-        }
+        attributes = request_attributes(request, request.model or self.model_name)
+        attributes["breakwater.request_id"] = request_id
+        attributes["breakwater.worker_id"] = self.worker_id
         with self.tracer.start_as_current_span(
             f"generate {request.model or self.model_name}",
             context=context_from(carrier),

@@ -28,7 +28,7 @@ from serving.calls import (
     UpstreamError,
 )
 from serving.openai_http import OpenAIRoutes, error_response, json_response
-from serving.tracing import context_from
+from serving.tracing import context_from, request_attributes
 from worker.engine.errors import EngineError, InvalidRequestError
 from worker.grpc_service import InferenceService
 from worker.grpc_service import WorkerState as State
@@ -111,13 +111,8 @@ class WorkerRoutes(OpenAIRoutes):
         if tracer is None:
             return await super()._dispatch(request, parsed, raw, deadline, info)
         model = parsed.request.model or self.service.model_name
-        attributes = {
-            "gen_ai.operation.name": "chat" if parsed.kind == "chat" else "text_completion",
-            "gen_ai.provider.name": "breakwater",
-            "gen_ai.request.model": model,
-            "breakwater.request_id": parsed.request.request_id,
-            "breakwater.worker_id": self.service.worker_id,
-        }
+        attributes = request_attributes(parsed.request, model)
+        attributes["breakwater.worker_id"] = self.service.worker_id
         with tracer.start_as_current_span(
             f"generate {model}",
             context=context_from(request.headers),

@@ -23,7 +23,7 @@ from proto import inference_pb2_grpc as pb_grpc
 from proto.openai_compat import MAX_SESSION_KEY, OpenAIError
 from serving.calls import CallInfo, UpstreamError
 from serving.openai_http import Finished, from_upstream
-from serving.tracing import context_from
+from serving.tracing import context_from, request_attributes
 
 # Admission answers in HTTP terms; gRPC callers get the matching status codes.
 _GRPC_CODES = {
@@ -136,24 +136,16 @@ class GatewayInference(pb_grpc.InferenceServicer):
     def _start_span(self, request: pb.GenerateRequest, metadata: Any) -> Any:
         """A server span with the HTTP front end's GenAI attributes, plus the RPC's."""
         assert self.tracer is not None
-        op = "chat" if request.HasField("chat") else "text_completion"
-        sp = request.sampling
-        attributes: dict[str, Any] = {
-            "gen_ai.operation.name": op,
-            "gen_ai.provider.name": "breakwater",
-            "gen_ai.request.model": request.model,
-            "breakwater.request_id": request.request_id,
-            "breakwater.stream": True,
-            "rpc.system": "grpc",
-            "rpc.service": "breakwater.v1.Inference",
-            "rpc.method": "Generate",
-        }
-        if sp.HasField("max_tokens"):
-            attributes["gen_ai.request.max_tokens"] = sp.max_tokens
-        if sp.HasField("temperature"):
-            attributes["gen_ai.request.temperature"] = sp.temperature
-        if sp.HasField("top_p"):
-            attributes["gen_ai.request.top_p"] = sp.top_p
+        attributes = request_attributes(request)
+        op = attributes["gen_ai.operation.name"]
+        attributes.update(
+            {
+                "breakwater.stream": True,
+                "rpc.system": "grpc",
+                "rpc.service": "breakwater.v1.Inference",
+                "rpc.method": "Generate",
+            }
+        )
         carrier = {k: v for k, v in metadata if k == "traceparent" and isinstance(v, str)}
         parent = context_from(carrier) if carrier else None
         return self.tracer.start_span(

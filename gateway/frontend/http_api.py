@@ -28,7 +28,7 @@ from proto import inference_pb2 as pb
 from proto.openai_compat import MAX_SESSION_KEY, OpenAIError, ParsedRequest, sse
 from serving.calls import CallInfo, UpstreamError
 from serving.openai_http import OpenAIRoutes, call_headers, from_upstream, json_response
-from serving.tracing import context_from
+from serving.tracing import context_from, request_attributes
 
 _PATHS = {"completion": b"/v1/completions", "chat": b"/v1/chat/completions"}
 _DONE = sse("[DONE]")
@@ -130,21 +130,9 @@ class GatewayRoutes(OpenAIRoutes):
         """`_forward` in a server span with the GenAI semantic-convention attributes."""
         assert self.tracer is not None
         req = parsed.request
-        op = "chat" if parsed.kind == "chat" else "text_completion"
-        sp = req.sampling
-        attributes: dict[str, Any] = {
-            "gen_ai.operation.name": op,
-            "gen_ai.provider.name": "breakwater",
-            "gen_ai.request.model": req.model,
-            "breakwater.request_id": req.request_id,
-            "breakwater.stream": parsed.stream,
-        }
-        if sp.HasField("max_tokens"):
-            attributes["gen_ai.request.max_tokens"] = sp.max_tokens
-        if sp.HasField("temperature"):
-            attributes["gen_ai.request.temperature"] = sp.temperature
-        if sp.HasField("top_p"):
-            attributes["gen_ai.request.top_p"] = sp.top_p
+        attributes = request_attributes(req)
+        attributes["breakwater.stream"] = parsed.stream
+        op = attributes["gen_ai.operation.name"]
         parent = context_from(request.headers) if "traceparent" in request.headers else None
         with self.tracer.start_as_current_span(
             f"{op} {req.model}", context=parent, kind=SpanKind.SERVER, attributes=attributes

@@ -18,7 +18,7 @@ import orjson
 from gateway.registry.base import WorkerInfo, WorkerState
 from gateway.upstream.http_client import HTTPError, HTTPPool, Response
 from proto import inference_pb2 as pb
-from proto.openai_compat import from_openai_chunk, to_openai_body
+from proto.openai_compat import OpenAIError, from_openai_chunk, to_openai_body
 from serving.calls import (
     DEADLINE_EXCEEDED,
     INTERNAL,
@@ -113,6 +113,8 @@ class OpenAIHTTPUpstream:
             raise UpstreamError(UNAVAILABLE, f"{self.base_url}: {e}") from None
         except TimeoutError:
             raise UpstreamError(DEADLINE_EXCEEDED, "upstream deadline exceeded") from None
+        except OpenAIError as e:  # from_openai_chunk: a chunk of the wrong shape
+            raise UpstreamError(INTERNAL, f"{self.base_url}: {e.message}") from None
         except (orjson.JSONDecodeError, TypeError, AttributeError) as e:
             raise UpstreamError(INTERNAL, f"{self.base_url}: malformed stream event: {e}") from None
         finally:

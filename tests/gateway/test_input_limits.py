@@ -1,0 +1,618 @@
+"""Hostile and malformed OpenAI requests are refused with a 400 (413 for the body) that
+names the offending field, never a 500: the parsers, the shared HTTP routes in process,
+and property tests over arbitrary JSON for the parsers, the SSE encoder and the reverse
+mapping used to front OpenAI-compatible servers."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proto import inference_pb2 as pb
+from proto.limits import DEFAULT_LIMITS, MiB, RequestLimits
+from proto.openai_compat import (
+    ROLES,
+    OpenAIError,
+    ParsedRequest,
+    from_openai_chunk,
+    parse_chat,
+    parse_completion,
+    sse,
+    to_openai_body,
+)
+from serving.calls import CallInfo
+from serving.openai_http import OpenAIRoutes
+
+L = DEFAULT_LIMITS
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+COMPLETION = {"model": "m", "prompt": "hi"}
+
+
+def chat(**fields: Any) -> dict[str, Any]:
+    return {**CHAT, **fields}
+
+
+def comp(**fields: Any) -> dict[str, Any]:
+    return {**COMPLETION, **fields}
+
+
+def msg(content: Any = "hi", role: Any = "user", **extra: Any) -> dict[str, Any]:
+    return {"role": role, "content": content, **extra}
+
+
+PARSERS = {"chat": parse_chat, "completion": parse_completion}
+
+# (endpoint, body, param named in the 400)
+HOSTILE: list[tuple[str, Any, str | None]] = [
+    # the body itself
+    ("chat", [], None),
+    ("chat", "a string", None),
+    ("chat", None, None),
+    ("completion", 42, None),
+    ("completion", [COMPLETION], None),
+    # model
+    ("chat", {"messages": CHAT["messages"]}, "model"),
+    ("chat", chat(model=123), "model"),
+    ("chat", chat(model=["m"]), "model"),
+    ("chat", chat(model="m" * (L.max_model_chars + 1)), "model"),
+    # messages: shape, count, roles, content
+    ("chat", chat(messages="hi"), "messages"),
+    ("chat", chat(messages={"role": "user", "content": "hi"}), "messages"),
+    ("chat", chat(messages=[]), "messages"),
+    ("chat", chat(messages=[msg()] * (L.max_messages + 1)), "messages"),
+    ("chat", chat(messages=[1]), "messages[0]"),
+    ("chat", chat(messages=[msg(), ["user", "hi"]]), "messages[1]"),
+    ("chat", chat(messages=[{"content": "hi"}]), "messages[0].role"),
+    ("chat", chat(messages=[msg(role="wizard")]), "messages[0].role"),
+    ("chat", chat(messages=[msg(role=5)]), "messages[0].role"),
+    ("chat", chat(messages=[msg(role=["user"])]), "messages[0].role"),
+    ("chat", chat(messages=[msg(content=5)]), "messages[0].content"),
+    ("chat", chat(messages=[msg(content=True)]), "messages[0].content"),
+    ("chat", chat(messages=[msg(content={"text": "x"})]), "messages[0].content"),
+    ("chat", chat(messages=[msg(content=[["nested"]])]), "messages[0].content"),
+    ("chat", chat(messages=[msg(content=["plain string part"])]), "messages[0].content"),
+    (
+        "chat",
+        chat(messages=[msg(content=[{"type": "text", "text": ["x"]}])]),
+        "messages[0].content",
+    ),
+    ("chat", chat(messages=[msg(content=[{"type": "text", "text": 7}])]), "messages[0].content"),
+    (
+        "chat",
+        chat(messages=[msg(content=[{"type": "image_url", "image_url": {"url": "x"}}])]),
+        "messages[0].content",
+    ),
+    ("chat", chat(messages=[msg(content="x" * (L.max_message_chars + 1))]), "messages[0].content"),
+    ("chat", chat(messages=[msg(content="x" * L.max_message_chars)] * 3), "messages"),
+    # sampling numbers
+    ("chat", chat(temperature="0.5"), "temperature"),
+    ("chat", chat(temperature=3), "temperature"),
+    ("chat", chat(temperature=-0.1), "temperature"),
+    ("chat", chat(temperature=10**400), "temperature"),
+    ("chat", chat(temperature=float("nan")), "temperature"),
+    ("chat", chat(temperature=float("inf")), "temperature"),
+    ("chat", chat(temperature=[1]), "temperature"),
+    ("chat", chat(temperature=True), "temperature"),
+    ("chat", chat(top_p=0), "top_p"),
+    ("chat", chat(top_p=1e-50), "top_p"),
+    ("chat", chat(top_p=1.5), "top_p"),
+    ("chat", chat(top_k="1"), "top_k"),
+    ("chat", chat(top_k=2**40), "top_k"),
+    ("chat", chat(top_k=-2), "top_k"),
+    ("chat", chat(seed=2**70), "seed"),
+    ("chat", chat(seed=1.5), "seed"),
+    ("chat", chat(presence_penalty=1), "presence_penalty"),
+    ("chat", chat(frequency_penalty="x"), "frequency_penalty"),
+    ("chat", chat(logit_bias={"1": 5}), "logit_bias"),
+    # stream
+    ("chat", chat(stream="true"), "stream"),
+    ("chat", chat(stream=1), "stream"),
+    ("chat", chat(stream=False, stream_options={"include_usage": True}), "stream_options"),
+    ("chat", chat(stream=True, stream_options=[]), "stream_options"),
+    (
+        "chat",
+        chat(stream=True, stream_options={"include_usage": "yes"}),
+        "stream_options.include_usage",
+    ),
+    # max_tokens
+    ("chat", chat(max_tokens=0), "max_tokens"),
+    ("chat", chat(max_tokens=-1), "max_tokens"),
+    ("chat", chat(max_tokens=L.max_tokens + 1), "max_tokens"),
+    ("chat", chat(max_tokens="10"), "max_tokens"),
+    ("chat", chat(max_tokens=1.5), "max_tokens"),
+    ("chat", chat(max_tokens=True), "max_tokens"),
+    ("chat", chat(max_completion_tokens=10**6), "max_completion_tokens"),
+    ("chat", chat(max_completion_tokens=8, max_tokens=10**6), "max_tokens"),
+    ("completion", comp(max_tokens=L.max_tokens + 1), "max_tokens"),
+    ("completion", comp(max_tokens=0), "max_tokens"),
+    # stop
+    ("chat", chat(stop=["a", "b", "c", "d", "e"]), "stop"),
+    ("chat", chat(stop="x" * (L.max_stop_chars + 1)), "stop"),
+    ("chat", chat(stop=5), "stop"),
+    ("chat", chat(stop=[["a"]]), "stop"),
+    ("chat", chat(stop=[""]), "stop"),
+    ("chat", chat(stop=""), "stop"),
+    ("chat", chat(stop={"a": 1}), "stop"),
+    ("chat", chat(stop=[1]), "stop"),
+    ("completion", comp(stop_token_ids="1"), "stop_token_ids"),
+    ("completion", comp(stop_token_ids=[-1]), "stop_token_ids"),
+    ("completion", comp(stop_token_ids=[2**31]), "stop_token_ids"),
+    ("completion", comp(stop_token_ids=[True]), "stop_token_ids"),
+    ("completion", comp(stop_token_ids=[0] * (L.max_stop_token_ids + 1)), "stop_token_ids"),
+    # logprobs, n, best_of
+    ("chat", chat(logprobs="yes"), "logprobs"),
+    ("chat", chat(logprobs=1), "logprobs"),
+    ("chat", chat(logprobs=True, top_logprobs=21), "top_logprobs"),
+    ("chat", chat(logprobs=True, top_logprobs=-1), "top_logprobs"),
+    ("chat", chat(logprobs=True, top_logprobs="5"), "top_logprobs"),
+    ("completion", comp(logprobs=21), "logprobs"),
+    ("completion", comp(logprobs=True), "logprobs"),
+    ("completion", comp(logprobs=-1), "logprobs"),
+    ("chat", chat(n=2), "n"),
+    ("chat", chat(n=0), "n"),
+    ("chat", chat(n="2"), "n"),
+    ("completion", comp(best_of=2), "best_of"),
+    ("completion", comp(best_of=0), "best_of"),
+    # flags, priority, user
+    ("chat", chat(ignore_eos="no"), "ignore_eos"),
+    ("chat", chat(include_stop_str_in_output=0), "include_stop_str_in_output"),
+    ("chat", chat(skip_special_tokens=1), "skip_special_tokens"),
+    ("chat", chat(priority=[]), "priority"),
+    ("chat", chat(priority={"a": 1}), "priority"),
+    ("chat", chat(priority=True), "priority"),
+    ("chat", chat(priority="urgent"), "priority"),
+    ("chat", chat(priority=2), "priority"),
+    ("chat", chat(user=5), "user"),
+    # completion prompts
+    ("completion", {"model": "m"}, "prompt"),
+    ("completion", comp(prompt=""), "prompt"),
+    ("completion", comp(prompt=5), "prompt"),
+    ("completion", comp(prompt={"text": "hi"}), "prompt"),
+    ("completion", comp(prompt=[]), "prompt"),
+    ("completion", comp(prompt=["a", "b"]), "prompt"),
+    ("completion", comp(prompt=["a"] * 10_000), "prompt"),
+    ("completion", comp(prompt=[[1], [2]]), "prompt"),
+    ("completion", comp(prompt=[1, "a"]), "prompt"),
+    ("completion", comp(prompt=[[["a"]]]), "prompt"),
+    ("completion", comp(prompt=[[]]), "prompt"),
+    ("completion", comp(prompt=[""]), "prompt"),
+    ("completion", comp(prompt=[-1]), "prompt"),
+    ("completion", comp(prompt=[2**31]), "prompt"),
+    ("completion", comp(prompt=[2**64]), "prompt"),
+    ("completion", comp(prompt=[True]), "prompt"),
+    ("completion", comp(prompt=[1.0]), "prompt"),
+    ("completion", comp(prompt=[None]), "prompt"),
+    ("completion", comp(prompt=[1] * (L.max_prompt_token_ids + 1)), "prompt"),
+    ("completion", comp(prompt=[[1] * (L.max_prompt_token_ids + 1)]), "prompt"),
+    ("completion", comp(prompt="x" * (L.max_prompt_chars + 1)), "prompt"),
+    ("completion", comp(echo=True), "echo"),
+    ("completion", comp(suffix="x"), "suffix"),
+]
+
+
+def _id(case: tuple[str, Any, str | None]) -> str:
+    kind, _, param = case
+    return f"{kind}-{param}"
+
+
+@pytest.mark.parametrize(("kind", "body", "param"), HOSTILE, ids=[_id(c) for c in HOSTILE])
+def test_hostile_body_is_a_400_naming_the_field(kind: str, body: Any, param: str | None) -> None:
+    with pytest.raises(OpenAIError) as e:
+        PARSERS[kind](body)
+    assert e.value.status == 400
+    assert e.value.param == param
+    err = e.value.body()["error"]
+    assert err["type"] == "invalid_request_error" and err["param"] == param
+    # Short enough to log and return: a refused value is never echoed back whole.
+    assert len(err["message"]) < 300
+
+
+# What real clients send stays inside the limits (and unknown fields are ignored).
+ACCEPTED: list[tuple[str, dict[str, Any]]] = [
+    ("chat", chat()),
+    (
+        "chat",
+        chat(
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+            tool_choice="auto",
+            response_format={"type": "json_object"},
+            metadata={"a": "b"},
+            store=False,
+            parallel_tool_calls=True,
+            service_tier="auto",
+            unknown_field={"deeply": [{"nested": [1, 2, None]}]},
+        ),
+    ),
+    ("chat", chat(messages=[msg(role=r) for r in sorted(ROLES)])),
+    ("chat", chat(messages=[msg(name="alice"), msg(None, "assistant", tool_calls=[])])),
+    ("chat", chat(messages=[msg([{"type": "text", "text": "a"}, {"type": "text"}])])),
+    ("chat", chat(messages=[msg()] * L.max_messages)),
+    ("chat", chat(messages=[msg("x" * L.max_message_chars)] * 2)),
+    ("chat", chat(max_tokens=L.max_tokens, temperature=2, top_p=1, top_k=-1, seed=-1)),
+    ("chat", chat(max_completion_tokens=1, max_tokens=None)),
+    ("chat", chat(stop=["x" * L.max_stop_chars] * L.max_stop)),
+    ("chat", chat(stop=None, stop_token_ids=[0, 2**31 - 1])),
+    ("chat", chat(stop=[])),
+    ("chat", chat(logprobs=True, top_logprobs=L.max_logprobs)),
+    ("chat", chat(logprobs=False, top_logprobs=None)),
+    ("chat", chat(n=1, best_of=1, presence_penalty=0, frequency_penalty=0.0, logit_bias={})),
+    ("chat", chat(stream=True, stream_options={"include_usage": True})),
+    ("chat", chat(priority="batch", user="u" * 10_000, ignore_eos=False)),
+    ("chat", chat(priority=1, skip_special_tokens=True, include_stop_str_in_output=True)),
+    ("completion", comp()),
+    ("completion", comp(prompt=["hello"])),
+    ("completion", comp(prompt=[1, 2, 3])),
+    ("completion", comp(prompt=[[1, 2, 3]])),
+    ("completion", comp(prompt=[0] * L.max_prompt_token_ids)),
+    ("completion", comp(prompt="x" * L.max_prompt_chars)),
+    ("completion", comp(logprobs=L.max_logprobs, echo=False, suffix=None, max_tokens=None)),
+]
+
+
+@pytest.mark.parametrize(("kind", "body"), ACCEPTED)
+def test_what_clients_send_is_accepted(kind: str, body: dict[str, Any]) -> None:
+    parsed = PARSERS[kind](body)
+    parsed.request.SerializeToString()  # every value fits the wire contract
+
+
+def test_parsed_values() -> None:
+    p = parse_completion(comp(prompt=[[5, 6]], max_tokens=None))
+    assert list(p.request.token_ids.ids) == [5, 6]
+    assert p.request.sampling.max_tokens == 16
+    p = parse_chat(chat(max_completion_tokens=7, max_tokens=9))
+    assert p.request.sampling.max_tokens == 7  # the newer name wins
+    p = parse_chat(chat(logprobs=True))
+    assert p.logprobs == 0 and p.request.sampling.logprobs == 0
+    p = parse_chat(chat(top_logprobs=3))
+    assert p.logprobs is None and not p.request.sampling.HasField("logprobs")
+
+
+def test_limits_are_configurable() -> None:
+    tight = RequestLimits(max_messages=2, max_tokens=8, max_stop=1, max_prompt_token_ids=3)
+    parse_chat(chat(messages=[msg()] * 2, max_tokens=8, stop="a"), tight)
+    for body, param in [
+        (chat(messages=[msg()] * 3), "messages"),
+        (chat(max_tokens=9), "max_tokens"),
+        (chat(stop=["a", "b"]), "stop"),
+    ]:
+        with pytest.raises(OpenAIError) as e:
+            parse_chat(body, tight)
+        assert e.value.param == param
+    with pytest.raises(OpenAIError) as e:
+        parse_completion(comp(prompt=[1, 2, 3, 4]), tight)
+    assert e.value.param == "prompt"
+
+
+# -- the shared HTTP routes, in process ------------------------------------------------------
+
+
+class _Backend:
+    """One-delta answers for model "m"."""
+
+    def models(self) -> list[str]:
+        return ["m"]
+
+    def workers(self) -> list[dict[str, Any]]:
+        return []
+
+    def is_ready(self, model: str | None = None) -> bool:
+        return True
+
+    async def generate(
+        self, request: pb.GenerateRequest, timeout: float | None, info: CallInfo | None = None
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        yield pb.GenerateResponse(
+            request_id=request.request_id,
+            text="ok",
+            token_ids=[1],
+            finish_reason=pb.FINISH_REASON_STOP,
+            usage=pb.Usage(prompt_tokens=1, completion_tokens=1),
+        )
+
+
+async def _http_cases(limits: RequestLimits) -> list[tuple[int, dict[str, Any]]]:
+    app = web.Application(client_max_size=64)  # the routes' own bound applies, not this
+    OpenAIRoutes(_Backend(), limits=limits).add_to(app)
+    async with TestClient(TestServer(app)) as client:
+
+        async def post(data: Any, **kw: Any) -> tuple[int, dict[str, Any]]:
+            r = await client.post("/v1/chat/completions", data=data, **kw)
+            assert r.content_type == "application/json"
+            return r.status, await r.json()
+
+        async def chunked() -> AsyncIterator[bytes]:
+            for _ in range(limits.max_body_bytes // 1000 + 2):
+                yield b" " * 1000
+
+        return [
+            await post(orjson.dumps(chat())),
+            await post(b" " * (limits.max_body_bytes + 1)),
+            await post(chunked()),  # no Content-Length: counted while read
+            await post(b'{"model": "m", "messages": [{"role": "user", "content": "\xff\xfe"}]}'),
+            await post(b"{not json"),
+            await post(b""),
+            await post(b"[" * 1500 + b"]" * 1500),  # deeper than orjson nests
+            await post(orjson.dumps(chat(messages="hi"))),
+            await post(orjson.dumps(chat(priority=[]))),
+            await post(b" " * 100 + orjson.dumps(chat())),  # within the limit: still served
+        ]
+
+
+def test_http_routes_answer_hostile_bodies_with_json_errors() -> None:
+    limits = RequestLimits(max_body_bytes=4096)
+    results = asyncio.run(_http_cases(limits))
+    ok, big, streamed, utf8, bad_json, empty, deep, wrong, unhashable, last = results
+    assert ok[0] == 200 and ok[1]["choices"][0]["message"]["content"] == "ok"
+    for status, body in (big, streamed):
+        assert status == 413
+        assert body["error"]["type"] == "invalid_request_error"
+        assert body["error"]["code"] == "request_too_large"
+        assert "4096 bytes" in body["error"]["message"]
+    for status, body in (utf8, bad_json, empty, deep):
+        assert status == 400 and body["error"]["type"] == "invalid_request_error"
+    assert wrong == (400, wrong[1]) and wrong[1]["error"]["param"] == "messages"
+    assert unhashable[0] == 400 and unhashable[1]["error"]["param"] == "priority"
+    assert last[0] == 200
+
+
+# -- properties ------------------------------------------------------------------------------
+
+PROPS = settings(max_examples=200, deadline=None)
+
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=12)
+    | st.sampled_from(["user", "text", "batch", "stop", "m", ""])
+)
+jsonish = st.recursive(
+    scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+FIELDS = [
+    "model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature",
+    "top_p", "top_k", "seed", "n", "best_of", "stop", "stop_token_ids", "logprobs",
+    "top_logprobs", "stream", "stream_options", "priority", "user", "ignore_eos",
+    "skip_special_tokens", "include_stop_str_in_output", "presence_penalty", "logit_bias",
+    "echo", "suffix", "role", "content", "type", "text", "include_usage",
+]  # fmt: skip
+keys = st.sampled_from(FIELDS) | st.text(max_size=8)
+messages = st.lists(
+    st.dictionaries(
+        st.sampled_from(["role", "content", "name"]), jsonish | st.sampled_from(sorted(ROLES))
+    ),
+    max_size=4,
+)
+bodies = st.one_of(
+    jsonish,
+    st.dictionaries(keys, jsonish, max_size=8),
+    st.builds(
+        lambda extra, m: {**CHAT, "messages": m, **extra},
+        st.dictionaries(keys, jsonish, max_size=6),
+        messages,
+    ),
+    st.builds(lambda extra: {**COMPLETION, **extra}, st.dictionaries(keys, jsonish, max_size=6)),
+)
+
+
+# Bodies of the right shape, so that the properties also cover requests that parse.
+sampling = st.fixed_dictionaries(
+    {},
+    optional={
+        "temperature": st.floats(0, 2),
+        "top_p": st.floats(0, 1, exclude_min=True),
+        "top_k": st.integers(-1, 2**31 - 1),
+        "seed": st.integers(-(2**63), 2**63 - 1),
+        "max_tokens": st.integers(1, L.max_tokens),
+        "stop": st.text(min_size=1, max_size=8)
+        | st.lists(st.text(min_size=1, max_size=8), max_size=L.max_stop),
+        "stop_token_ids": st.lists(st.integers(0, 2**31 - 1), max_size=4),
+        "ignore_eos": st.booleans(),
+        "user": st.text(max_size=8),
+        "stream": st.booleans(),
+    },
+)
+well_formed_chat = st.builds(
+    lambda m, s, lp: {"model": "m", "messages": m, **s, **lp},
+    st.lists(
+        st.fixed_dictionaries(
+            {"role": st.sampled_from(sorted(ROLES)), "content": st.text(max_size=20)}
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    sampling,
+    st.fixed_dictionaries(
+        {}, optional={"logprobs": st.booleans(), "top_logprobs": st.integers(0, L.max_logprobs)}
+    ),
+)
+well_formed_completion = st.builds(
+    lambda p, s, lp: {"model": "m", "prompt": p, **s, **lp},
+    st.text(min_size=1, max_size=20) | st.lists(st.integers(0, 2**31 - 1), min_size=1, max_size=8),
+    sampling,
+    st.fixed_dictionaries({}, optional={"logprobs": st.integers(0, L.max_logprobs)}),
+)
+requests = st.one_of(
+    st.tuples(st.sampled_from(["chat", "completion"]), bodies),
+    st.tuples(st.just("chat"), well_formed_chat),
+    st.tuples(st.just("completion"), well_formed_completion),
+)
+
+
+def _parse_or_refuse(kind: str, body: Any) -> ParsedRequest | None:
+    try:
+        parsed = PARSERS[kind](body)
+    except OpenAIError as e:
+        assert e.status == 400 and e.type == "invalid_request_error"
+        return None
+    parsed.request.SerializeToString()
+    return parsed
+
+
+@PROPS
+@given(request=requests)
+def test_parsers_raise_only_openai_errors(request: tuple[str, Any]) -> None:
+    """Any JSON value: a parsed request that fits the wire, or a clean 400."""
+    _parse_or_refuse(*request)
+
+
+def _sampling(req: pb.GenerateRequest) -> dict[str, Any]:
+    sp = req.sampling
+    names = ("temperature", "top_p", "top_k", "seed", "max_tokens", "logprobs")
+    fields = {n: getattr(sp, n) for n in names if sp.HasField(n)}
+    return {
+        **fields,
+        "stop": list(sp.stop),
+        "stop_token_ids": list(sp.stop_token_ids),
+        "ignore_eos": sp.ignore_eos,
+    }
+
+
+@PROPS
+@given(request=requests)
+def test_to_openai_body_reparses_to_the_same_request(request: tuple[str, Any]) -> None:
+    """What the gateway sends an OpenAI-compatible upstream passes the same validation and
+    means the same: prompt and sampling survive the round trip."""
+    parsed = _parse_or_refuse(*request)
+    if parsed is None:
+        return
+    path, out = to_openai_body(parsed.request)
+    again = (parse_chat if path.endswith("chat/completions") else parse_completion)(
+        orjson.loads(orjson.dumps(out))
+    )
+    a, b = parsed.request, again.request
+    assert a.WhichOneof("prompt") == b.WhichOneof("prompt")
+    assert (a.text, a.token_ids, a.chat.messages) == (b.text, b.token_ids, b.chat.messages)
+    assert _sampling(a) == _sampling(b)
+
+
+chunks = st.one_of(
+    jsonish,
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "choices": st.lists(
+                st.fixed_dictionaries(
+                    {},
+                    optional={
+                        "delta": jsonish | st.dictionaries(st.just("content"), jsonish),
+                        "text": jsonish,
+                        "finish_reason": jsonish | st.sampled_from(["stop", "length", "x"]),
+                    },
+                )
+                | jsonish,
+                max_size=2,
+            )
+            | jsonish,
+            "usage": st.dictionaries(
+                st.sampled_from(["prompt_tokens", "completion_tokens", "prompt_tokens_details"]),
+                jsonish
+                | st.integers(0, 2**31 - 1)
+                | st.dictionaries(st.just("cached_tokens"), jsonish),
+            )
+            | jsonish,
+        },
+    ),
+)
+
+
+@PROPS
+@given(chunk=chunks)
+def test_from_openai_chunk_raises_only_clean_errors(chunk: Any) -> None:
+    try:
+        delta = from_openai_chunk(chunk, "r")
+    except OpenAIError as e:
+        assert e.status == 502 and e.type == "upstream_error"
+        return
+    delta.SerializeToString()
+
+
+def test_from_openai_chunk_reads_well_formed_chunks() -> None:
+    d = from_openai_chunk({"choices": [{"delta": {"content": "hi"}, "finish_reason": None}]}, "r")
+    assert d.text == "hi" and not d.finish_reason
+    d = from_openai_chunk(
+        {
+            "choices": [],
+            "usage": {
+                "prompt_tokens": 3,
+                "completion_tokens": 2,
+                "prompt_tokens_details": {"cached_tokens": 1},
+            },
+        },
+        "r",
+    )
+    assert (d.usage.prompt_tokens, d.usage.completion_tokens, d.usage.cached_prompt_tokens) == (
+        3,
+        2,
+        1,
+    )
+    d = from_openai_chunk({"choices": [{"text": "x", "finish_reason": "length"}]}, "r")
+    assert d.text == "x" and d.finish_reason == pb.FINISH_REASON_LENGTH
+
+
+def _sse_events(stream: bytes) -> list[str]:
+    """Events' data as a client following the SSE spec reads them."""
+    events: list[str] = []
+    data: list[str] = []
+    for line in re.split(r"\r\n|\r|\n", stream.decode()):
+        if line == "":
+            if data:
+                events.append("\n".join(data))
+            data = []
+        elif line.startswith("data:"):
+            value = line[5:]
+            data.append(value[1:] if value.startswith(" ") else value)
+    return events
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=16,
+)
+
+
+@PROPS
+@given(payload=st.dictionaries(st.text(), json_values, max_size=6))
+def test_sse_json_payload_round_trips_as_one_event(payload: dict[str, Any]) -> None:
+    encoded = sse(payload)
+    assert encoded.startswith(b"data: ") and encoded.endswith(b"\n\n")
+    assert b"\n" not in encoded[:-2] and b"\r" not in encoded
+    assert [orjson.loads(e) for e in _sse_events(encoded)] == [payload]
+    # Events written back to back stay apart.
+    assert len(_sse_events(encoded + sse({"next": 1}))) == 2
+
+
+@PROPS
+@given(text=st.text())
+def test_sse_text_payload_round_trips_as_one_event(text: str) -> None:
+    encoded = sse(text)
+    assert encoded.endswith(b"\n\n") and b"\n\n" not in encoded[:-2]
+    expected = text.replace("\r\n", "\n").replace("\r", "\n")
+    assert _sse_events(encoded) == [expected]
+
+
+def test_sse_done_is_unchanged() -> None:
+    assert sse("[DONE]") == b"data: [DONE]\n\n"
+
+
+def test_body_limit_default_is_four_mib() -> None:
+    assert RequestLimits().max_body_bytes == 4 * MiB
