@@ -68,7 +68,14 @@ def status_error(response: httpx.Response, request_id: str) -> APIError:
         request_id=response.headers.get("x-request-id", request_id),
         retry_after=retry_after_seconds(response.headers),
         body=body,
+        should_retry=_should_retry(response.headers),
     )
+
+
+def _should_retry(headers: Headers) -> bool | None:
+    """The server's `x-should-retry` (true/false), as the openai SDK reads it."""
+    value = headers.get("x-should-retry")
+    return {"true": True, "false": False}.get(value.lower()) if value else None
 
 
 def failure(exc: BaseException, request_id: str) -> APIError:
@@ -128,6 +135,9 @@ class Call(Generic[T]):
         return cls("POST", path, parse, body, stream, timeout, headers)
 
 
+RETRY_COUNT_HEADER = "X-Retry-Count"
+
+
 @dataclass(frozen=True)
 class Exchange(Generic[T]):
     """A call prepared for sending: what all its attempts share."""
@@ -140,6 +150,12 @@ class Exchange(Generic[T]):
     @property
     def request_id(self) -> str:
         return self.deadline.request_id
+
+    def retried(self) -> None:
+        """The next attempt is a retry: say so (`X-Retry-Count`, as the openai SDK's
+        `x-stainless-retry-count`), so the gateway can hold retries to a budget."""
+        n = int(self.headers.get(RETRY_COUNT_HEADER, "0")) + 1
+        self.headers[RETRY_COUNT_HEADER] = str(n)
 
     def request(
         self, http: httpx.Client | httpx.AsyncClient, timeout: httpx.Timeout

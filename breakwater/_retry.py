@@ -73,6 +73,8 @@ class RetryPolicy:
     def retryable(self, error: APIError) -> bool:
         if isinstance(error, StreamError | ClientThrottledError):
             return False
+        if error.should_retry is False:  # the server's retry budget is spent: obey it
+            return False
         if isinstance(error, APIConnectionError):
             return True
         return error.status in self.retry_statuses

@@ -92,6 +92,7 @@ class Autoscaler:
         self.scaled: list[tuple[str, Any]] = []
         """Workers this loop started (worker id, handle), newest last: retired first."""
         self._next = 0
+        self._last_shed: tuple[float, float] | None = None
 
     async def run(self, session: aiohttp.ClientSession, initial: int, first_index: int) -> None:
         self._next = first_index
@@ -102,8 +103,7 @@ class Autoscaler:
                 workers = await self._admin(session, "GET", "/admin/workers")
             except (aiohttp.ClientError, TimeoutError):
                 continue  # the gateway is busy or restarting: next reading
-            live = [w for w in workers["workers"] if w.get("admin") is None]
-            waiting = sum(float(w.get("stats", {}).get("queue_depth", 0)) for w in live)
+            waiting = self._waiting(workers, time.monotonic())
             target = self.recommender.recommend(time.monotonic(), current, waiting)
             if target > current:
                 print(
@@ -119,6 +119,22 @@ class Autoscaler:
                 print(f"autoscale: {current} -> {target} workers ({waiting:g} waiting)", flush=True)
                 await self._retire(session)
                 current -= 1
+
+    def _waiting(self, view: dict[str, Any], now: float) -> float:
+        """Demand not being served now: the replicas' own queues, the gateway's admission
+        queue, and what it shed since the last reading (by Little's law, refusals per
+        second x how long a request holds a slot: the queue they would have formed). With
+        the gateway shedding at its door, the replicas' queues alone stay near zero."""
+        live = [w for w in view["workers"] if w.get("admin") is None]
+        waiting = sum(float(w.get("stats", {}).get("queue_depth", 0)) for w in live)
+        adm = view.get("admission") or {}
+        processes = max(1, int(view.get("process", {}).get("processes", 1)))
+        shed = float(adm.get("counts", {}).get("overloaded", 0))
+        last = self._last_shed
+        self._last_shed = (now, shed)
+        rate = (shed - last[1]) / (now - last[0]) if last and now > last[0] else 0.0
+        hold = float(adm.get("mean_hold_s", 0.0))
+        return waiting + processes * (float(adm.get("queued", 0)) + max(0.0, rate) * hold)
 
     async def _add(self, session: aiohttp.ClientSession) -> bool:
         index = self._next

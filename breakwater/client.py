@@ -35,6 +35,7 @@ Both clients are thin faces over one IO-free implementation (`_resources`, `_htt
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 import time
 import uuid
@@ -89,7 +90,7 @@ DEFAULT_TIMEOUT = 600.0
 class _BaseClient(Generic[H]):
     """Configuration and retry state; a face adds its httpx client, lock and IO."""
 
-    _new_http: Callable[[], H]
+    _new_http: Callable[..., H]
     _new_lock: Callable[[], AbstractContextManager[Any]]
     _call: Callable[[Call[Any]], Any]  # the face's IO: a result, or (async) a coroutine of one
     completions: Completions[Any, Any]
@@ -106,11 +107,14 @@ class _BaseClient(Generic[H]):
         retry_policy: RetryPolicy | None = None,
         default_headers: Headers | None = None,
         http_client: H | None = None,
+        verify: bool | str | ssl.SSLContext = True,
     ) -> None:
         """`timeout` is each call's overall deadline in seconds (None: no deadline).
         `retry_policy`, when given, replaces `max_retries`; it also sets the retry budget
         and adaptive throttling (e.g. `RetryPolicy(budget_ratio=0.1, throttle_k=None)`),
-        whose state belongs to this client alone."""
+        whose state belongs to this client alone. `verify` applies to https:// gateways:
+        True (the system's CAs), a CA bundle file for a private CA, or an SSLContext (e.g.
+        with a client certificate loaded, for mTLS); ignored with `http_client`."""
         # Accept OpenAI-style ".../v1" base URLs too; paths carry the /v1 themselves.
         self.base_url = base_url.rstrip("/").removesuffix("/v1")
         self.api_key = api_key
@@ -124,7 +128,9 @@ class _BaseClient(Generic[H]):
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._headers.update(default_headers or {})
         self._owns_http = http_client is None
-        self._http: H = http_client or self._new_http()
+        if isinstance(verify, str):
+            verify = ssl.create_default_context(cafile=verify)
+        self._http: H = http_client or self._new_http(verify=verify)
         self.completions = Completions(self)
         self.chat = Chat(self)
         self.models = Models(self)
@@ -249,6 +255,7 @@ class Client(_BaseClient[httpx.Client]):
                 step = plan.send(self._attempt(exchange, step))
             else:
                 time.sleep(step)
+                exchange.retried()
                 step = next(plan)
         return step.result
 
@@ -298,6 +305,7 @@ class AsyncClient(_BaseClient[httpx.AsyncClient]):
                 step = plan.send(await self._attempt(exchange, step))
             else:
                 await asyncio.sleep(step)
+                exchange.retried()
                 step = next(plan)
         return step.result
 

@@ -41,6 +41,7 @@ class APIError(Exception):
         request_id: str | None = None,
         retry_after: float | None = None,
         body: Any = None,
+        should_retry: bool | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -51,6 +52,8 @@ class APIError(Exception):
         self.request_id = request_id
         self.retry_after = retry_after
         self.body = body
+        self.should_retry = should_retry
+        """The server's word on retrying (`x-should-retry`); None when it said nothing."""
 
     def __str__(self) -> str:
         head = f"{self.status} " if self.status is not None else ""

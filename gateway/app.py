@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
+import ssl
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
@@ -18,6 +20,7 @@ from aiohttp import web
 
 from gateway.admin.api import AdminAPI
 from gateway.admin.overrides import FileStore, Overrides, RedisStore
+from gateway.admission.adaptive import AdaptiveConcurrency
 from gateway.admission.admission import Admission
 from gateway.admission.tenants import load_settings
 from gateway.dispatch import Dispatcher, DispatchSettings
@@ -41,21 +44,24 @@ from gateway.settings import GatewaySettings
 from gateway.shadow import Shadows
 from gateway.upstream.base import Upstream
 from proto import inference_pb2_grpc as pb_grpc
+from proto.limits import DEFAULT_LIMITS
 from proto.openai_compat import OpenAIError
 from serving.logs import configure_logging
+from serving.slow_clients import ConnectionCap, fit_fd_limit
+from serving.tls import ClientTLS, TLSConfigError
 from serving.tracing import make_tracer
 
 log = logging.getLogger("breakwater.gateway")
 
 
-def make_upstream(info: WorkerInfo) -> Upstream:
+def make_upstream(info: WorkerInfo, tls: ClientTLS | None = None) -> Upstream:
     if info.kind == "openai-http":
         from gateway.upstream.openai_http import OpenAIHTTPUpstream
 
-        return OpenAIHTTPUpstream(info.worker_id, info.address)
+        return OpenAIHTTPUpstream(info.worker_id, info.address, tls)
     from gateway.upstream.grpc_upstream import GrpcUpstream
 
-    return GrpcUpstream(info.worker_id, info.address)
+    return GrpcUpstream(info.worker_id, info.address, tls)
 
 
 def build_admission(settings: GatewaySettings) -> Admission:
@@ -73,6 +79,8 @@ def build_admission(settings: GatewaySettings) -> Admission:
 class Gateway:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
+        self.front_tls = settings.front_tls()
+        self.upstream_tls = settings.upstream_tls()
         self.registry: DynamicRegistry
         dispatcher_ref: list[Dispatcher] = []
 
@@ -110,12 +118,12 @@ class Gateway:
             policy.tokenizers = TokenizerStore(settings.tokenizers)
         self.cache_watcher: CacheWatcher | None = None
         if policy is not None and settings.watch_caches:
-            self.cache_watcher = CacheWatcher(self.registry)
+            self.cache_watcher = CacheWatcher(self.registry, tls=self.upstream_tls)
             policy.views = self.cache_watcher.views
         self.dispatcher = Dispatcher(
             self.registry,
             router,
-            make_upstream,
+            functools.partial(make_upstream, tls=self.upstream_tls),
             DispatchSettings(
                 max_attempts=settings.max_attempts,
                 ttft_timeout_s=settings.ttft_timeout_s,
@@ -125,6 +133,8 @@ class Gateway:
         )
         dispatcher_ref.append(self.dispatcher)
         self.admission = build_admission(settings)
+        self.concurrency = self.dispatcher.concurrency = AdaptiveConcurrency()
+        self._fleet_task: asyncio.Task[None] | None = None
         self.app = web.Application()
         routes = GatewayRoutes(
             self.dispatcher,
@@ -135,6 +145,8 @@ class Gateway:
         routes.process.update(index=settings.process_index, processes=settings.processes)
         routes.share = self.share
         routes.session_header = settings.session_header
+        routes.body_timeout_s = settings.client_body_timeout_s or None
+        routes.send_watch.timeout_s = settings.send_timeout_s
         if self.cache_watcher is not None:
             routes.cache_views = self.cache_watcher.views
         routes.add_to(self.app)
@@ -171,9 +183,22 @@ class Gateway:
 
             self.breaker_sync = BreakerSync(settings.redis_url, self.dispatcher.breakers)
         self.runner: web.AppRunner | None = None
+        self.connections: ConnectionCap | None = None
         self.grpc_server: grpc.aio.Server | None = None
         self.http_port = 0
         self.grpc_port: int | None = None
+
+    def _follow_fleet(self) -> None:
+        """Admission's limits from the replicas now ready (see admission/adaptive.py)."""
+        workers = self.registry.workers()
+        self.concurrency.sync(workers)
+        ready = [w.worker_id for w in self.dispatcher.healthy()]
+        self.admission.follow_fleet(self.concurrency.total(ready), self.concurrency.wait_budgets())
+
+    async def _fleet_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            self._follow_fleet()
 
     def _apply_overrides(self) -> None:
         """An operator changed something: follow it (registered upstreams, ...)."""
@@ -219,6 +244,13 @@ class Gateway:
             return False
         return True
 
+    @property
+    def scheme(self) -> str:
+        return "http" if self.front_tls is None else "https"
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        return None if self.front_tls is None else self.front_tls.ssl_context()
+
     async def _start_admin(self) -> None:
         s = self.settings
         if s.admin_port is None or s.process_index != 0:
@@ -235,13 +267,15 @@ class Gateway:
             admission=self.admission,
             shadows=self.shadows,
         )
-        self.admin_runner = web.AppRunner(api.app(), access_log=None)
+        self.admin_runner = web.AppRunner(
+            api.app(), access_log=None, keepalive_timeout=s.keepalive_timeout_s
+        )
         await self.admin_runner.setup()
         host = s.admin_host or s.host
-        site = web.TCPSite(self.admin_runner, host, s.admin_port)
+        site = web.TCPSite(self.admin_runner, host, s.admin_port, ssl_context=self._ssl_context())
         await site.start()
         port = self.admin_runner.addresses[0][1]
-        self.admin_url = f"http://{host}:{port}"
+        self.admin_url = f"{self.scheme}://{host}:{port}"
         if not s.admin_token:
             log.warning("no --admin-token: the admin listener on %s refuses every call", port)
 
@@ -254,22 +288,45 @@ class Gateway:
             await self.share.start()
         await self.admission.start()
         await self.registry.start()
+        self._follow_fleet()
+        self._fleet_task = asyncio.create_task(self._fleet_loop())
         if self.breaker_sync is not None:
             await self.breaker_sync.start()
         if self.cache_watcher is not None:
             await self.cache_watcher.start()
         # handler_cancellation: a client that disconnects cancels its handler, and with it
         # the upstream call (aiohttp leaves this off by default).
-        self.runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        # keepalive_timeout: aiohttp's timer also closes a connection that has not sent a
+        # complete request head in that time (its default is an hour).
+        self.runner = web.AppRunner(
+            self.app,
+            handler_cancellation=True,
+            access_log=None,
+            keepalive_timeout=self.settings.keepalive_timeout_s,
+        )
         await self.runner.setup()
+        assert self.runner.server is not None
+        self.connections = ConnectionCap(
+            self.runner.server, fit_fd_limit(self.settings.max_connections)
+        )
         shared = self.settings.processes > 1  # SO_REUSEPORT: siblings serve the same port
         site = web.TCPSite(
-            self.runner, self.settings.host, self.settings.port, reuse_port=shared or None
+            self.runner,
+            self.settings.host,
+            self.settings.port,
+            reuse_port=shared or None,
+            ssl_context=self._ssl_context(),
         )
         await site.start()
         self.http_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         if self.settings.grpc_port is not None:
-            self.grpc_server = grpc.aio.server(options=[("grpc.so_reuseport", int(shared))])
+            self.grpc_server = grpc.aio.server(
+                options=[
+                    ("grpc.so_reuseport", int(shared)),
+                    # a Generate request is bounded like an HTTP body (413 there)
+                    ("grpc.max_receive_message_length", DEFAULT_LIMITS.max_body_bytes),
+                ]
+            )
             front = GatewayInference(
                 self.dispatcher, self.settings.request_timeout_s, self.admission
             )
@@ -277,13 +334,18 @@ class Gateway:
             front.on_finished = self.metrics.finished
             front.tracer = self.dispatcher.tracer
             pb_grpc.add_InferenceServicer_to_server(front, self.grpc_server)
-            self.grpc_port = self.grpc_server.add_insecure_port(
-                f"{self.settings.host}:{self.settings.grpc_port}"
+            address = f"{self.settings.host}:{self.settings.grpc_port}"
+            self.grpc_port = (
+                self.grpc_server.add_secure_port(address, self.front_tls.grpc_credentials())
+                if self.front_tls is not None
+                else self.grpc_server.add_insecure_port(address)
             )
             await self.grpc_server.start()
         await self._start_admin()
 
     async def stop(self) -> None:
+        if self._fleet_task is not None:
+            self._fleet_task.cancel()
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace=2.0)
         if self.runner is not None:
@@ -325,7 +387,7 @@ async def _serve(settings: GatewaySettings) -> int:
     grpc_part = f" grpc={settings.host}:{gw.grpc_port}" if gw.grpc_port else ""
     admin_part = f" admin={gw.admin_url}" if gw.admin_url else ""
     print(
-        f"{READY_LINE} http=http://{settings.host}:{gw.http_port}{grpc_part}{admin_part}"
+        f"{READY_LINE} http={gw.scheme}://{settings.host}:{gw.http_port}{grpc_part}{admin_part}"
         f" processes={settings.processes}",
         flush=True,
     )
@@ -341,6 +403,12 @@ def run_gateway(settings: GatewaySettings) -> int:
     # SIGUSR1 means "re-read the overrides" once the loop runs; until then it must not
     # kill a process that is still starting (its default action).
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:  # before anything starts: a bad file is one line on stderr, not a traceback
+        settings.front_tls()
+        settings.upstream_tls()
+    except TLSConfigError as e:
+        print(f"breakwater gateway: {e}", file=sys.stderr, flush=True)
+        return 2
     metrics_dir = ensure_multiprocess_dir()
     try:
         return _run(settings)

@@ -27,13 +27,14 @@ import orjson
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from tenacity import RetryCallState, wait_random_exponential
 
+from gateway.admission.adaptive import AdaptiveConcurrency
 from gateway.registry.base import Registry, WorkerInfo, WorkerState, ready_workers
 from gateway.resilience.breaker import BreakerBoard, BreakerConfig
 from gateway.resilience.retry_budget import RetryBudget
 from gateway.routing.policy import RoutingPolicy, WeightedLoads
 from gateway.upstream.base import Upstream
 from gateway.upstream.http_client import HTTPError, Response
-from gateway.upstream.openai_http import OpenAIHTTPUpstream, error_from
+from gateway.upstream.openai_http import OpenAIHTTPUpstream, error_from, wrong_type
 from proto import inference_pb2 as pb
 from serving.calls import (
     DEADLINE_EXCEEDED,
@@ -74,6 +75,11 @@ def _with_model(body: bytes, model: str) -> bytes:
     return orjson.dumps(data)
 
 
+MAX_RELAY_LINE = 16 << 20
+"""The longest line a relayed stream may carry. An OpenAI event is one line, the largest
+an echoed prompt (a few MiB); an upstream past this is not sending SSE."""
+
+
 @dataclass(slots=True)
 class RawRequest:
     """An HTTP client's OpenAI request, forwarded as is to OpenAI-compatible upstreams."""
@@ -91,7 +97,17 @@ class Call:
     UpstreamError if the upstream fails mid-stream; `close` must be called once.
     """
 
-    __slots__ = ("_attempt", "_closed", "_deltas", "_idle", "_resp", "first", "raw")
+    __slots__ = (
+        "_attempt",
+        "_closed",
+        "_deltas",
+        "_idle",
+        "_line",
+        "_quiet_since",
+        "_resp",
+        "first",
+        "raw",
+    )
 
     def __init__(
         self,
@@ -108,6 +124,10 @@ class Call:
         self._resp = resp
         self.raw = resp is not None
         self._closed = False
+        self._line = 0
+        """Bytes since the last newline of a relayed stream."""
+        self._quiet_since = 0.0
+        """Since when a relayed stream has sent only bytes without an event (0: it has not)."""
 
     @property
     def worker_id(self) -> str:
@@ -126,6 +146,23 @@ class Call:
                 if not data:
                     self._attempt.outcome = True
                     return None
+                # Relayed unparsed; two scans that stop at their first hit keep the framing
+                # honest: no endless line, and the idle limit counts from the last event,
+                # not the last byte (an upstream sending only comments or blank lines).
+                nl = data.rfind(b"\n")
+                self._line = self._line + len(data) if nl < 0 else len(data) - nl - 1
+                if self._line > MAX_RELAY_LINE:
+                    raise UpstreamError(
+                        INTERNAL, f"{self.worker_id} sent a line over {MAX_RELAY_LINE} bytes"
+                    )
+                if b"data:" in data:
+                    self._quiet_since = 0.0
+                elif not self._quiet_since:
+                    self._quiet_since = time.monotonic()
+                elif time.monotonic() - self._quiet_since > self._idle:
+                    raise UpstreamError(
+                        DEADLINE_EXCEEDED, f"no events from {self.worker_id} in {self._idle:g} s"
+                    )
                 return data
             assert self._deltas is not None
             async with asyncio.timeout(max(0.0, limit)):
@@ -134,7 +171,7 @@ class Call:
             self._attempt.outcome = True
             return None
         except TimeoutError:
-            self._attempt.outcome = False
+            self._attempt.timed_out(limit == self._idle)
             raise UpstreamError(
                 DEADLINE_EXCEEDED, f"idle time between tokens exceeded on {self.worker_id}"
             ) from None
@@ -176,14 +213,25 @@ class _Attempt:
         dispatcher.outstanding[worker.worker_id] += 1
 
     def first_output(self) -> None:
-        self.dispatcher.breakers.observe_ttft(
-            self.worker.worker_id, time.monotonic() - self.started, self.pool
-        )
+        ttft = time.monotonic() - self.started
+        d = self.dispatcher
+        d.breakers.observe_ttft(self.worker.worker_id, ttft, self.pool)
+        if d.concurrency is not None:
+            d.concurrency.observe(self.worker.worker_id, ttft)
 
     def failed(self, e: UpstreamError) -> None:
+        if e.code == DEADLINE_EXCEEDED and time.monotonic() >= self.deadline:
+            return  # the caller's deadline (passed on to the upstream): see timed_out
         self.outcome = e.code not in _HEALTH_FAILURES
         if e.code == UNAVAILABLE:
             self.worker.state = WorkerState.NOT_SERVING  # until a probe says otherwise
+
+    def timed_out(self, own_limit: bool) -> None:
+        """A time limit ran out. The gateway's own (TTFT, idle) judge the replica; the
+        caller's deadline, as short as a client likes (X-Request-Timeout-Ms), does not:
+        counting it would let any client eject healthy replicas by asking for 1 ms."""
+        if own_limit:
+            self.outcome = False
 
     def end(self) -> None:
         d = self.dispatcher
@@ -220,6 +268,9 @@ class Dispatcher:
         """An operator keeps new requests away from these (drained or ejected)."""
         self.resolve_model: Callable[[str], str] = lambda model: model
         """The version a request for `model` goes to (an operator's traffic split)."""
+        self.concurrency: AdaptiveConcurrency | None = None
+        """Per-replica concurrency limits learnt from TTFT (admission/adaptive.py): routing
+        prefers replicas under theirs."""
         self.weights: Callable[[], Mapping[str, float]] = dict
         """Operator-set replica weights (absent: 1; 0: no new requests, like a drain)."""
         self.model_aliases: Callable[[], Iterable[str]] = tuple
@@ -385,7 +436,7 @@ class Dispatcher:
                 await stream.aclose()
                 raise
         except TimeoutError:
-            attempt.outcome = False
+            attempt.timed_out(ttft_limit == s.ttft_timeout_s)
             raise UpstreamError(
                 DEADLINE_EXCEEDED, f"time to first token exceeded on {worker.worker_id}"
             ) from None
@@ -416,6 +467,8 @@ class Dispatcher:
         try:
             if resp.status != 200:
                 raise await error_from(resp, first_by)
+            if (wrong := wrong_type(resp, raw.stream)) is not None:
+                raise UpstreamError(INTERNAL, f"{attempt.worker.worker_id}: {wrong}")
             first = await (resp.read_some(first_by) if raw.stream else resp.read(first_by))
         except HTTPError as e:
             resp.release()
@@ -459,6 +512,11 @@ class Dispatcher:
             ready = [w for w in ready if weights.get(w.worker_id, 1.0) > 0]
             loads = WeightedLoads(self.outstanding, weights)
         candidates = [w for w in ready if w.worker_id not in tried]
+        if (c := self.concurrency) is not None and len(candidates) > 1:
+            # a replica at its limit would queue the request in its engine: others first
+            out = self.outstanding
+            room = [w for w in candidates if out.get(w.worker_id, 0) < c.limit(w.worker_id)]
+            candidates = room or candidates
         while candidates:
             worker = self.policy.choose(candidates, request, loads)
             if self.breakers.allow(worker.worker_id):

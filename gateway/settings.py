@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # grpc loads only when a gateway runs, not for `breakwater --help`
+    from serving.tls import ClientTLS, ServerTLS
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -57,10 +61,42 @@ class GatewaySettings:
     """TOML (or JSON) file with tenants, API key digests and quotas."""
     max_in_flight: int | None = None
     max_queue: int | None = None
+    keepalive_timeout_s: float = 75.0
+    """Idle keep-alive connections close after this, and a connection must send a complete
+    request head within it (slowloris); nginx's keepalive_timeout."""
+    client_body_timeout_s: float = 60.0
+    """A request body must arrive whole within this of its head (408 past it; 0: never)."""
+    send_timeout_s: float = 60.0
+    """A response whose client has read nothing for this long is closed, and its upstream
+    call cancelled (0: never)."""
+    max_connections: int = 4096
+    """Per process: one past it is answered 503 and closed (file descriptors are finite)."""
     processes: int = field(default_factory=lambda: os.cpu_count() or 1)
     """Event-loop processes serving one port (SO_REUSEPORT); limits are split among them."""
     process_index: int = 0
     """0 for the first process (which starts the others), 1.. for the others."""
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    """PEM files: serve the HTTP, gRPC and admin listeners over TLS (1.2 or newer)."""
+    tls_client_ca: str | None = None
+    """Require callers' certificates signed by this CA (mTLS) on those listeners."""
+    upstream_ca: str | None = None
+    """Dial gRPC workers over TLS, verifying them against this CA (https:// upstreams too)."""
+    upstream_cert: str | None = None
+    upstream_key: str | None = None
+    """The gateway's client certificate for workers that require one (mTLS)."""
+
+    def front_tls(self) -> ServerTLS | None:
+        """The listeners' TLS, loaded and checked (TLSConfigError if a file does not fit)."""
+        from serving.tls import ServerTLS
+
+        return ServerTLS.from_files(self.tls_cert, self.tls_key, self.tls_client_ca)
+
+    def upstream_tls(self) -> ClientTLS | None:
+        """TLS to workers when any --upstream-* file is given; None: plaintext gRPC."""
+        from serving.tls import ClientTLS
+
+        return ClientTLS.from_files(self.upstream_ca, self.upstream_cert, self.upstream_key)
 
 
 def add_gateway_args(p: argparse.ArgumentParser) -> None:
@@ -215,6 +251,32 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="requests allowed to wait for a slot; beyond it, 503 at once",
     )
+    p.add_argument(
+        "--keepalive-timeout",
+        type=float,
+        default=75.0,
+        help="seconds an idle client connection stays open; also the most a connection may "
+        "take to send a complete request head",
+    )
+    p.add_argument(
+        "--client-body-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a request body has to arrive whole (408 past them)",
+    )
+    p.add_argument(
+        "--send-timeout",
+        type=float,
+        default=60.0,
+        help="close a response whose client has read nothing for this many seconds, and "
+        "cancel its upstream call (0: never)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=4096,
+        help="client connections per process; one more is answered 503 and closed",
+    )
 
     p.add_argument(
         "--processes",
@@ -223,6 +285,37 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
         help="event-loop processes on one port (default: the number of cores)",
     )
     p.add_argument("--process-index", type=int, default=0, help=argparse.SUPPRESS)
+
+    tls = p.add_argument_group("TLS")
+    tls.add_argument(
+        "--tls-cert",
+        default=_env("TLS_CERT"),
+        metavar="FILE",
+        help="PEM certificate (chain): serve HTTP, gRPC and admin over TLS; needs --tls-key",
+    )
+    tls.add_argument("--tls-key", default=_env("TLS_KEY"), metavar="FILE", help="its PEM key")
+    tls.add_argument(
+        "--tls-client-ca",
+        default=_env("TLS_CLIENT_CA"),
+        metavar="FILE",
+        help="require callers' client certificates signed by this CA (mTLS)",
+    )
+    tls.add_argument(
+        "--upstream-ca",
+        default=_env("UPSTREAM_CA"),
+        metavar="FILE",
+        help="dial gRPC workers over TLS and verify them against this CA (also used for "
+        "https:// upstreams, which otherwise use the system's roots)",
+    )
+    tls.add_argument(
+        "--upstream-cert",
+        default=_env("UPSTREAM_CERT"),
+        metavar="FILE",
+        help="client certificate for workers that require one (mTLS); turns on TLS to workers",
+    )
+    tls.add_argument(
+        "--upstream-key", default=_env("UPSTREAM_KEY"), metavar="FILE", help="its PEM key"
+    )
 
 
 def _model_routing(items: list[str]) -> dict[str, str]:
@@ -281,6 +374,16 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         admission_config=args.admission_config,
         max_in_flight=args.max_in_flight,
         max_queue=args.max_queue,
+        keepalive_timeout_s=args.keepalive_timeout,
+        client_body_timeout_s=args.client_body_timeout,
+        send_timeout_s=args.send_timeout,
+        max_connections=args.max_connections,
         processes=max(1, args.processes or os.cpu_count() or 1),
         process_index=args.process_index,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        upstream_ca=args.upstream_ca,
+        upstream_cert=args.upstream_cert,
+        upstream_key=args.upstream_key,
     )

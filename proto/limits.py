@@ -1,9 +1,10 @@
 """Bounds on what one OpenAI request may ask for, checked while it is parsed.
 
-Every OpenAI surface of Breakwater (the gateway's public port, a worker's own HTTP port)
-refuses a request outside these bounds with a 400 naming the field (413 for the body),
-before any tokenizing, routing or queueing spends work on it. The defaults are what
-OpenAI and vLLM users expect; a request a real client sends stays well inside them.
+Every OpenAI surface of Breakwater (the gateway's public port, a worker's own HTTP port,
+the gateway's gRPC front end) refuses a request outside these bounds with a 400 naming the
+field (413 for the body; INVALID_ARGUMENT over gRPC), before any tokenizing, routing or
+queueing spends work on it. The defaults are what OpenAI and vLLM users expect; a request
+a real client sends stays well inside them.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ class RequestLimits:
     """Entries of vLLM's `stop_token_ids`."""
     max_logprobs: int = 20
     """`logprobs` (completions) and `top_logprobs` (chat), as OpenAI and vLLM cap them."""
+    max_request_id_chars: int = 256
+    """A caller's request id (`X-Request-Id`, or `request_id` over gRPC): it is echoed back
+    and passed upstream as gRPC metadata, which takes only printable ASCII."""
 
 
 DEFAULT_LIMITS = RequestLimits()

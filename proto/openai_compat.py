@@ -45,6 +45,9 @@ class OpenAIError(Exception):
         self.param = param
         self.code = code
         self.retry_after_ms = retry_after_ms
+        self.should_retry: bool | None = None
+        """Said to the client as `x-should-retry` (the openai SDK obeys it): False once
+        the gateway's door retry budget is spent, so a refusal is not retried into a storm."""
 
     def body(self) -> dict[str, Any]:
         return {
@@ -120,6 +123,25 @@ def _token_ids(value: list[int], name: str, most: int, limits: RequestLimits) ->
 MAX_SESSION_KEY = 256
 """Characters of a session key (or `user`) kept for sticky routing."""
 
+
+def session_key(value: str) -> str:
+    """A sticky-routing key as the wire carries it: its first MAX_SESSION_KEY characters, as
+    valid UTF-8. An HTTP header's undecodable bytes arrive as lone surrogates, which protobuf
+    refuses; they become U+FFFD (the key only has to be stable, not exact)."""
+    key = value[:MAX_SESSION_KEY]
+    if key.isascii():
+        return key
+    return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in key)
+
+
+def check_request_id(value: str, param: str, limits: RequestLimits = DEFAULT_LIMITS) -> None:
+    """A caller's request id: echoed in headers and passed upstream as gRPC metadata, so
+    printable ASCII of bounded length (anything else fails there, not here)."""
+    most = limits.max_request_id_chars
+    if len(value) > most or not all(" " <= c <= "~" for c in value):
+        raise bad(f"'{param}' must be at most {most} printable ASCII characters", param)
+
+
 _PRIORITIES: dict[str | int, int] = {
     "interactive": pb.PRIORITY_INTERACTIVE,
     "batch": pb.PRIORITY_BATCH,
@@ -157,7 +179,7 @@ def _common(body: dict[str, Any], req: pb.GenerateRequest, limits: RequestLimits
     if user is not None:
         if not isinstance(user, str):
             raise bad("'user' must be a string", "user")
-        req.session_key = user[:MAX_SESSION_KEY]
+        req.session_key = session_key(user)
     sp = req.sampling
     if (t := _number(body, "temperature", 0, 2)) is not None:
         sp.temperature = t
@@ -176,7 +198,10 @@ def _common(body: dict[str, Any], req: pb.GenerateRequest, limits: RequestLimits
     for name in ("presence_penalty", "frequency_penalty"):
         if _number(body, name, -2, 2):
             raise bad(f"'{name}' is not supported", name)
-    if body.get("logit_bias"):
+    bias = body.get("logit_bias")
+    if bias is not None and not isinstance(bias, dict):
+        raise bad("'logit_bias' must be an object", "logit_bias")
+    if bias:
         raise bad("'logit_bias' is not supported", "logit_bias")
     _stops(body, sp, limits)
     for flag in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
@@ -256,9 +281,12 @@ def parse_completion(body: Any, limits: RequestLimits = DEFAULT_LIMITS) -> Parse
         raise bad("the request body must be a JSON object")
     req = pb.GenerateRequest(model=_model(body, limits))
     _prompt(body, req, limits)
-    if body.get("echo"):
+    if _bool(body, "echo"):
         raise bad("'echo' is not supported", "echo")
-    if body.get("suffix"):
+    suffix = body.get("suffix")
+    if suffix is not None and not isinstance(suffix, str):
+        raise bad("'suffix' must be a string", "suffix")
+    if suffix:
         raise bad("'suffix' is not supported", "suffix")
     mt = _max_tokens(body, "max_tokens", limits)
     req.sampling.max_tokens = 16 if mt is None else mt  # OpenAI's default for completions
@@ -305,23 +333,29 @@ def _messages(body: dict[str, Any], req: pb.GenerateRequest, limits: RequestLimi
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise bad("each message must be an object", f"messages[{i}]")
-        role = m.get("role")
-        if not isinstance(role, str) or role not in ROLES:
-            raise bad(f"'role' must be one of {', '.join(sorted(ROLES))}", f"messages[{i}].role")
+        role = _role(m.get("role"), f"messages[{i}].role")
         text = _content_text(m.get("content"), i)
-        if len(text) > limits.max_message_chars:
-            raise bad(
-                f"a message may have at most {limits.max_message_chars} characters",
-                f"messages[{i}].content",
-            )
-        total += len(text)
-        if total > limits.max_prompt_chars:
-            raise bad(
-                f"the messages have more than {limits.max_prompt_chars} characters in all",
-                "messages",
-            )
+        total = _message_size(text, total, "messages", i, limits)
         req.chat.messages.add(role=role, content=text)
     req.chat.add_generation_prompt = True
+
+
+def _role(role: Any, param: str) -> str:
+    if not isinstance(role, str) or role not in ROLES:
+        raise bad(f"'{param}' must be one of {', '.join(sorted(ROLES))}", param)
+    return role
+
+
+def _message_size(text: str, total: int, name: str, i: int, limits: RequestLimits) -> int:
+    """The characters of messages so far, with message `i` (`text`) within the bounds."""
+    if len(text) > limits.max_message_chars:
+        param = f"{name}[{i}].content"
+        raise bad(f"'{param}' may have at most {limits.max_message_chars} characters", param)
+    total += len(text)
+    if total > limits.max_prompt_chars:
+        most = limits.max_prompt_chars
+        raise bad(f"the '{name}' have more than {most} characters in all", name)
+    return total
 
 
 def parse_chat(body: Any, limits: RequestLimits = DEFAULT_LIMITS) -> ParsedRequest:
@@ -344,6 +378,66 @@ def parse_chat(body: Any, limits: RequestLimits = DEFAULT_LIMITS) -> ParsedReque
     _common(body, req, limits)
     stream, include_usage = _stream_flags(body, req)
     return ParsedRequest(req, "chat", stream, include_usage, logprobs)
+
+
+def check_generate(req: pb.GenerateRequest, limits: RequestLimits = DEFAULT_LIMITS) -> None:
+    """The parsers' bounds on a Generate request taken as is (the gateway's gRPC front end):
+    OpenAIError (400) naming the field, before admission, tokenizing or routing spend work.
+    Fields are named as the proto names them (`sampling.max_tokens`, `chat.messages[2]`)."""
+    check_request_id(req.request_id, "request_id", limits)
+    if len(req.model) > limits.max_model_chars:
+        raise bad(f"'model' may have at most {limits.max_model_chars} characters", "model")
+    which = req.WhichOneof("prompt")
+    if which == "text":
+        if len(req.text) > limits.max_prompt_chars:
+            most = limits.max_prompt_chars
+            raise bad(f"'text' has {len(req.text)} characters; at most {most} are allowed", "text")
+        if not req.text:
+            raise bad("'text' must not be empty", "text")
+    elif which == "token_ids":
+        if not req.token_ids.ids:
+            raise bad("'token_ids' must not be empty", "token_ids")
+        _token_ids(list(req.token_ids.ids), "token_ids", limits.max_prompt_token_ids, limits)
+    elif which == "chat":
+        messages = req.chat.messages
+        if not messages:
+            raise bad("'chat.messages' must not be empty", "chat.messages")
+        if len(messages) > limits.max_messages:
+            most = limits.max_messages
+            raise bad(
+                f"'chat.messages' has {len(messages)}; at most {most} are allowed", "chat.messages"
+            )
+        total = 0
+        for i, m in enumerate(messages):
+            _role(m.role, f"chat.messages[{i}].role")
+            total = _message_size(m.content, total, "chat.messages", i, limits)
+    else:
+        raise bad("the request has no prompt: set 'text', 'token_ids' or 'chat'", "prompt")
+    _check_sampling(req.sampling, limits)
+    if req.priority not in (pb.PRIORITY_INTERACTIVE, pb.PRIORITY_BATCH):
+        raise bad("'priority' must be PRIORITY_INTERACTIVE or PRIORITY_BATCH", "priority")
+
+
+def _check_sampling(sp: pb.SamplingParams, limits: RequestLimits) -> None:
+    def between(name: str, lo: float, hi: float) -> None:
+        if sp.HasField(name) and not lo <= getattr(sp, name) <= hi:  # NaN fails too
+            raise bad(f"'sampling.{name}' must be between {lo} and {hi}", f"sampling.{name}")
+
+    between("max_tokens", 1, limits.max_tokens)
+    between("temperature", 0, 2)
+    between("top_p", 0, 1)
+    if sp.HasField("top_p") and sp.top_p == 0:
+        raise bad("'sampling.top_p' must be greater than 0", "sampling.top_p")
+    between("top_k", -1, 2**31 - 1)
+    between("logprobs", 0, limits.max_logprobs)
+    if len(sp.stop) > limits.max_stop:
+        most = limits.max_stop
+        raise bad(f"'sampling.stop' has more than {most} stop sequences", "sampling.stop")
+    if not all(0 < len(s) <= limits.max_stop_chars for s in sp.stop):
+        most = limits.max_stop_chars
+        raise bad(f"each of 'sampling.stop' must have 1 to {most} characters", "sampling.stop")
+    most = limits.max_stop_token_ids
+    _token_ids(list(sp.stop_token_ids), "sampling.stop_token_ids", most, limits)
 
 
 # -- responses -------------------------------------------------------------------------------

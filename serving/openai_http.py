@@ -26,6 +26,7 @@ from proto.openai_compat import (
     OpenAIError,
     ParsedRequest,
     ResponseBuilder,
+    check_request_id,
     parse_chat,
     parse_completion,
     sse,
@@ -39,6 +40,8 @@ from serving.calls import (
     CallInfo,
     UpstreamError,
 )
+from serving.openapi import build_openapi
+from serving.slow_clients import BODY_TIMEOUT_S, Sending, SendWatch
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +98,8 @@ def error_response(err: OpenAIError, request_id: str | None = None) -> web.Respo
     if err.retry_after_ms is not None:
         headers["Retry-After"] = str(max(1, -(-err.retry_after_ms // 1000)))
         headers["retry-after-ms"] = str(err.retry_after_ms)
+    if err.should_retry is not None:
+        headers["x-should-retry"] = "true" if err.should_retry else "false"
     return json_response(err.body(), err.status, headers)
 
 
@@ -127,12 +132,30 @@ def too_large(limit: int) -> OpenAIError:
     )
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
+async def read_body(request: web.Request, limit: int, timeout: float | None = None) -> bytes:
     """The request body, refused (413) past `limit` bytes before more is held in memory.
 
     Read from the stream rather than with `request.read()`, so the bound is this one (a
-    JSON error) whatever `client_max_size` the application was given (a text 413).
+    JSON error) whatever `client_max_size` the application was given (a text 413). A body
+    still arriving when the handler starts gets `timeout` seconds in all (408 past them), so
+    a client trickling it in cannot hold a handler; one already whole costs no timer.
     """
+    if timeout is None or request.content.is_eof():
+        return await _read_body(request, limit)
+    try:
+        async with asyncio.timeout(timeout):
+            return await _read_body(request, limit)
+    except TimeoutError:
+        raise OpenAIError(
+            408,
+            f"the request body did not arrive within {timeout:g} s",
+            "invalid_request_error",
+            None,
+            "request_timeout",
+        ) from None
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
     length = request.content_length
     if length is not None:
         if length > limit:
@@ -190,6 +213,12 @@ class OpenAIRoutes:
         """Clients that left before their response was complete."""
         self.on_finished: Callable[[Finished], None] | None = None
         """Told of every request that reached a model route, once it has ended."""
+        self.body_timeout_s: float | None = BODY_TIMEOUT_S
+        """A request body must arrive whole within this of its head (408 past it)."""
+        self.send_watch = SendWatch()
+        """Closes streams whose client has stopped reading (and so their upstream calls)."""
+        self._openapi: dict[bool, bytes] = {}
+        """GET /openapi.json, encoded once (with and without `/metrics`)."""
 
     def _timeout(self, request: web.Request) -> float:
         raw = request.headers.get(TIMEOUT_HEADER)
@@ -199,7 +228,7 @@ class OpenAIRoutes:
             ms = float(raw)
         except ValueError:
             raise OpenAIError(400, f"{TIMEOUT_HEADER} must be a number of milliseconds") from None
-        if ms <= 0:
+        if not ms > 0:  # also NaN, which no deadline compares with
             raise OpenAIError(400, f"{TIMEOUT_HEADER} must be positive")
         return min(ms / 1000.0, self.max_timeout_s)
 
@@ -209,6 +238,15 @@ class OpenAIRoutes:
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/openapi.json", self.openapi)
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        """This server's OpenAPI document: its limits, and `/metrics` only when served."""
+        metrics = any(r.canonical == "/metrics" for r in request.app.router.resources())
+        doc = self._openapi.get(metrics)
+        if doc is None:
+            doc = self._openapi[metrics] = orjson.dumps(build_openapi(self.limits, metrics=metrics))
+        return web.Response(body=doc, content_type="application/json")
 
     async def healthz(self, request: web.Request) -> web.Response:
         return json_response({"status": "ok"})
@@ -243,12 +281,16 @@ class OpenAIRoutes:
         self, request: web.Request, parse: Callable[[Any, RequestLimits], ParsedRequest]
     ) -> web.StreamResponse:
         started = time.monotonic()
-        request_id = request.headers.get("X-Request-Id") or os.urandom(16).hex()
+        asked = request.headers.get("X-Request-Id")
+        request_id = os.urandom(16).hex()  # the caller's once it is known to be fit to echo
         ticket: Releasable | None = None
         info = CallInfo()
         model, stream, status, error_type = "", False, 499, None
         try:
-            raw = await read_body(request, self.limits.max_body_bytes)
+            if asked:
+                check_request_id(asked, "X-Request-Id", self.limits)
+                request_id = asked
+            raw = await read_body(request, self.limits.max_body_bytes, self.body_timeout_s)
             try:
                 body = orjson.loads(raw)
             except orjson.JSONDecodeError:  # also invalid UTF-8 and nesting past 1024
@@ -272,6 +314,7 @@ class OpenAIRoutes:
             return response
         except OpenAIError as e:
             status, error_type = e.status, e.type
+            self._judge_retry(e)
             return error_response(e, request_id)
         except asyncio.CancelledError:  # the client disconnected (handler cancellation)
             self._client_left(request_id, "before the response")
@@ -288,6 +331,9 @@ class OpenAIRoutes:
                 done = Finished(request_id, model, tenant, status, started, ended, stream, info)
                 done.error_type = error_type
                 self.on_finished(done)
+
+    def _judge_retry(self, e: OpenAIError) -> None:
+        """Say whether the client should retry a refusal (see the gateway's override)."""
 
     async def _dispatch(
         self,
@@ -369,16 +415,19 @@ class OpenAIRoutes:
         out = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers}
         )
+        sending = self.send_watch.start(request, headers["X-Request-Id"])
         try:
             await out.prepare(request)
             try:
-                await self._pump(out, stream, first, builder, info)
+                await self._pump(out, stream, first, builder, info, sending)
             finally:
                 await stream.aclose()  # cancels the upstream call if it is still running
             await out.write(sse("[DONE]"))
             await out.write_eof()
         except ConnectionError:
             self._client_left(headers["X-Request-Id"], "mid-stream")
+        finally:
+            self.send_watch.stop(sending)
         return out
 
     async def _pump(
@@ -388,6 +437,7 @@ class OpenAIRoutes:
         first: pb.GenerateResponse,
         builder: ResponseBuilder,
         info: CallInfo,
+        sending: Sending,
     ) -> None:
         """Write deltas as SSE events until the last; an upstream failure ends the stream."""
         try:
@@ -399,6 +449,7 @@ class OpenAIRoutes:
                     return
                 for chunk in builder.chunks(resp):
                     await out.write(sse(chunk))
+                sending.writes += 1
                 info.output_chunks += len(resp.token_ids)
                 if resp.finish_reason:
                     _note_usage(info, builder.usage)

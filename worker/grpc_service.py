@@ -35,10 +35,17 @@ class WorkerState:
 class InferenceService(pb_grpc.InferenceServicer):
     """Adapts one engine to the wire contract; owns admission (state, bounded queue)."""
 
-    def __init__(self, worker_id: str, max_queue: int, fault_fail_rate: float = 0.0) -> None:
+    def __init__(
+        self,
+        worker_id: str,
+        max_queue: int,
+        fault_fail_rate: float = 0.0,
+        fault_code: str = "UNAVAILABLE",
+    ) -> None:
         self.worker_id = worker_id
         self.max_queue = max_queue
         self.fault_fail_rate = fault_fail_rate
+        self.fault_code = grpc.StatusCode[fault_code]
         """Chaos testing: this share of Generate calls fails with UNAVAILABLE on purpose."""
         self.generate_calls = 0
         self._fault_rng = random.Random(0)
@@ -68,7 +75,7 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def admit(self, context: grpc.aio.ServicerContext) -> None:
         self.generate_calls += 1
         if self.fault_fail_rate and self._fault_rng.random() < self.fault_fail_rate:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "injected fault")
+            await context.abort(self.fault_code, "injected fault")
         if self.state != WorkerState.SERVING:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker is {self.state.lower()}")
         if self.queue_depth() >= self.max_queue:
@@ -186,6 +193,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         if self.engine is not None:
             s = self.engine.stats()
             resp.running = s.num_requests_running
+            resp.max_running = s.max_num_seqs
             resp.kv_cache_usage = s.kv_cache_usage
             resp.prefix_cache_hit_rate = s.prefix_cache_hit_rate
             resp.prefix_cache_queries = s.prefix_cache_queries

@@ -9,6 +9,7 @@ and POST /tokenize (vLLM's cache-aware router asks it for a prompt's token ids).
 from __future__ import annotations
 
 import itertools
+import ssl
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -28,6 +29,7 @@ from serving.calls import (
     UpstreamError,
 )
 from serving.openai_http import OpenAIRoutes, error_response, json_response
+from serving.slow_clients import KEEPALIVE_TIMEOUT_S
 from serving.tracing import context_from, request_attributes
 from worker.engine.errors import EngineError, InvalidRequestError
 from worker.grpc_service import InferenceService
@@ -184,7 +186,11 @@ async def metrics_response(metrics: WorkerMetrics) -> web.Response:
 
 
 async def start_http(
-    service: InferenceService, host: str, port: int, metrics: WorkerMetrics | None = None
+    service: InferenceService,
+    host: str,
+    port: int,
+    metrics: WorkerMetrics | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> web.AppRunner:
     app = web.Application()
     WorkerRoutes(service).add_to(app)
@@ -192,7 +198,10 @@ async def start_http(
     app.router.add_post("/tokenize", lambda request: tokenize(service, request))
     if metrics is not None:
         app.router.add_get("/metrics", lambda _request: metrics_response(metrics))
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    # aiohttp's keep-alive timer also bounds how long a request head may take (slowloris)
+    runner = web.AppRunner(
+        app, handler_cancellation=True, access_log=None, keepalive_timeout=KEEPALIVE_TIMEOUT_S
+    )
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
     return runner

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 import time
 from typing import Any
 
@@ -21,6 +22,7 @@ from grpc_health.v1 import health, health_pb2_grpc
 from proto import inference_pb2_grpc as pb_grpc
 from serving.logs import configure_logging
 from serving.registry_record import WorkerInfo, WorkerState
+from serving.tls import TLSConfigError
 from serving.tracing import make_tracer
 from worker.cache_feed import CacheFeed
 from worker.engine_factory import build_engine
@@ -48,9 +50,10 @@ class Worker:
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
         self.service = InferenceService(
-            settings.worker_id, settings.max_queue, settings.fault_fail_rate
+            settings.worker_id, settings.max_queue, settings.fault_fail_rate, settings.fault_code
         )
         self.service.tracer = make_tracer(settings.trace_exporter, "breakwater-worker")
+        self.tls = settings.server_tls()
         self.port = 0
         self.publisher: Any = None
         self.http_runner: Any = None
@@ -71,6 +74,7 @@ class Worker:
             stats={
                 "queue_depth": s.queue_depth,
                 "running": s.running,
+                "max_running": s.max_running,
                 "in_flight": s.in_flight,
                 "kv_cache_usage": s.kv_cache_usage,
                 "prefix_cache_hit_rate": s.prefix_cache_hit_rate,
@@ -92,7 +96,12 @@ class Worker:
         )
         pb_grpc.add_InferenceServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        address = f"{s.host}:{s.grpc_port}"
+        self.port = (
+            self.server.add_secure_port(address, self.tls.grpc_credentials())
+            if self.tls is not None
+            else self.server.add_insecure_port(address)
+        )
         await self.server.start()
         await self._set_health(NOT_SERVING)
         log.info("gRPC listening on %s:%d; loading the %s engine", s.host, self.port, s.engine)
@@ -109,7 +118,13 @@ class Worker:
         if s.http_port is not None:
             from worker.http_port import start_http
 
-            self.http_runner = await start_http(self.service, s.host, s.http_port, self.metrics)
+            self.http_runner = await start_http(
+                self.service,
+                s.host,
+                s.http_port,
+                self.metrics,
+                ssl_context=self.tls.ssl_context() if self.tls is not None else None,
+            )
         if s.redis_url:
             from worker.registry_publisher import RedisPublisher
 
@@ -124,7 +139,7 @@ class Worker:
         http = ""
         if self.http_runner is not None:
             http_port = self.http_runner.addresses[0][1]
-            http = f" http=http://{s.host}:{http_port}"
+            http = f" http={'https' if self.tls else 'http'}://{s.host}:{http_port}"
         print(f"{READY_LINE} grpc={s.host}:{self.port}{http} model={engine.model_name}", flush=True)
 
     async def drain(self) -> None:
@@ -177,5 +192,10 @@ class Worker:
 
 
 def run_worker(settings: WorkerSettings) -> int:
+    try:  # before the engine loads: a bad file is one line on stderr, not a traceback
+        settings.server_tls()
+    except TLSConfigError as e:
+        print(f"breakwater worker: {e}", file=sys.stderr, flush=True)
+        return 2
     configure_logging()
     return asyncio.run(Worker(settings).run())

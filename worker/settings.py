@@ -6,8 +6,12 @@ import argparse
 import os
 import socket
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from worker.engine.config import EngineConfig, parse_bytes
+
+if TYPE_CHECKING:
+    from serving.tls import ServerTLS
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -33,16 +37,28 @@ class WorkerSettings:
     """Requests allowed to wait in the engine; beyond it, RESOURCE_EXHAUSTED with pushback."""
     drain_timeout_s: float = 30.0
     fault_fail_rate: float = 0.0
+    fault_code: str = "UNAVAILABLE"
     trace_exporter: str = "none"
     """OpenTelemetry spans: none, console, otlp or file:PATH (serving.tracing)."""
     """Chaos testing only: fail this share of Generate calls with UNAVAILABLE."""
     sim_preset: str = "llama3-8b-h100"
     sim_speed: float = 1.0
     sim_kv_tokens: int | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    """PEM files: serve gRPC (and the HTTP port) over TLS, 1.2 or newer."""
+    tls_client_ca: str | None = None
+    """Require callers (gateways) to present a certificate signed by this CA (mTLS)."""
 
     @property
     def address(self) -> str:
         return self.advertise or f"{self.host}:{self.grpc_port}"
+
+    def server_tls(self) -> ServerTLS | None:
+        """The listeners' TLS, loaded and checked (TLSConfigError if a file does not fit)."""
+        from serving.tls import ServerTLS
+
+        return ServerTLS.from_files(self.tls_cert, self.tls_key, self.tls_client_ca)
 
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:
@@ -67,6 +83,13 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         help="chaos testing: fail this share of Generate calls on purpose",
     )
     p.add_argument(
+        "--fault-code",
+        choices=["UNAVAILABLE", "INTERNAL"],
+        default="UNAVAILABLE",
+        help="chaos testing: the status of an injected failure (UNAVAILABLE: as if down; "
+        "INTERNAL: a replica that is up but failing calls)",
+    )
+    p.add_argument(
         "--trace-exporter",
         default=os.environ.get("BREAKWATER_TRACE_EXPORTER", "none"),
         help="OpenTelemetry traces: none (default), console, otlp, or file:PATH (JSON lines)",
@@ -74,6 +97,20 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sim-preset", default="llama3-8b-h100")
     p.add_argument("--sim-speed", type=float, default=1.0)
     p.add_argument("--sim-kv-tokens", type=int, default=None)
+    tls = p.add_argument_group("TLS")
+    tls.add_argument(
+        "--tls-cert",
+        default=_env("TLS_CERT"),
+        metavar="FILE",
+        help="PEM certificate (chain): serve gRPC and --http-port over TLS; needs --tls-key",
+    )
+    tls.add_argument("--tls-key", default=_env("TLS_KEY"), metavar="FILE", help="its PEM key")
+    tls.add_argument(
+        "--tls-client-ca",
+        default=_env("TLS_CLIENT_CA"),
+        metavar="FILE",
+        help="require client certificates signed by this CA (mTLS; gateways: --upstream-cert)",
+    )
 
 
 def settings_from_args(args: argparse.Namespace, engine_config: EngineConfig) -> WorkerSettings:
@@ -91,7 +128,11 @@ def settings_from_args(args: argparse.Namespace, engine_config: EngineConfig) ->
         sim_speed=args.sim_speed,
         sim_kv_tokens=args.sim_kv_tokens,
         fault_fail_rate=args.fault_fail_rate,
+        fault_code=args.fault_code,
         trace_exporter=args.trace_exporter,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
     )
     if args.worker_id:
         s.worker_id = args.worker_id

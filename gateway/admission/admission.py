@@ -39,8 +39,12 @@ from gateway.admission.tenants import (
     quota_from_fields,
     quota_share,
 )
+from gateway.resilience.retry_budget import RetryBudget
 from proto import inference_pb2 as pb
 from proto.openai_compat import OpenAIError
+
+AUTO_INITIAL_IN_FLIGHT = 256
+"""The in-flight limit of an adaptive gateway until it has seen its fleet."""
 
 
 def estimate_tokens(prompt: str | Sequence[int], max_tokens: int) -> int:
@@ -126,7 +130,11 @@ class Admission:
         self.settings = settings
         self.tenants = TenantDirectory(settings)
         g = settings.global_limits
-        self.limiter = PriorityLimiter(g.max_in_flight, g.max_queue, g.max_queue_wait_s)
+        self.adaptive = g.max_in_flight is None
+        """The in-flight limit follows the fleet (`follow_fleet`), not the config."""
+        self.limiter = PriorityLimiter(
+            g.max_in_flight or AUTO_INITIAL_IN_FLIGHT, g.max_queue, g.max_queue_wait_s
+        )
         self.local = LocalBuckets()
         url = redis_url or settings.redis_url
         self.redis: RedisBuckets | None = None
@@ -143,6 +151,8 @@ class Admission:
         self._quotas: dict[str, Quota] = {}
         self._admin_quotas: dict[str, Quota] = {}
         """Tenant -> quota set at run time (admin API), this process's share."""
+        self.door = RetryBudget(ratio=0.2, floor=10, window_s=10.0)
+        """Retries arriving at the gateway, against new requests (see `admit`)."""
         self.counts: Counter[str] = Counter()
         """Outcomes: ``admitted`` and one key per refusal reason, for metrics."""
 
@@ -155,9 +165,43 @@ class Admission:
             await self.redis.close()
 
     async def admit(
-        self, authorization: str | None, est_tokens: int, priority: int | None, deadline: float
+        self,
+        authorization: str | None,
+        est_tokens: int,
+        priority: int | None,
+        deadline: float,
+        retry: bool = False,
     ) -> Ticket:
         """Admit a request or raise ``OpenAIError`` (401, 400, 429, 503, 504) at once.
+
+        ``retry``: the client says this is a retry (`X-Retry-Count`, the openai SDK's
+        `x-stainless-retry-count`); only new requests earn retry budget. Retries at the door
+        are held to 20% of new requests over 10 s: a refusal says `x-should-retry: true`
+        only while that lasts, else `false`, which the openai SDK and ours obey, so an
+        overloaded gateway is not retried into a storm.
+        """
+        if retry:
+            self.counts["retry_arrived"] += 1
+        else:
+            self.door.on_request()
+        try:
+            return await self._admit(authorization, est_tokens, priority, deadline)
+        except OpenAIError as e:
+            self.judge_retry(e)
+            raise
+
+    def judge_retry(self, e: OpenAIError) -> None:
+        """Tell the client of a retryable refusal whether to retry: yes while the door's
+        retry budget lasts, and each yes spends from it then (counting retries when they
+        arrive let a burst of refusals all hear yes before the first retry came back)."""
+        if e.should_retry is None and e.status in (429, 500, 502, 503, 504):
+            e.should_retry = self.door.try_spend()
+            self.counts["told_to_retry" if e.should_retry else "told_not_to_retry"] += 1
+
+    async def _admit(
+        self, authorization: str | None, est_tokens: int, priority: int | None, deadline: float
+    ) -> Ticket:
+        """`admit` without the door's retry accounting.
 
         ``authorization``: the ``Authorization`` header (or gRPC metadata) value.
         ``est_tokens``: prompt estimate + max_tokens (see :func:`estimate_tokens`).
@@ -268,6 +312,14 @@ class Admission:
     def _release(self, tenant: str, hold_s: float) -> None:
         self._drop_active(tenant)
         self.limiter.release(hold_s)
+
+    def follow_fleet(self, total_in_flight: int, wait_budgets: dict[int, float]) -> None:
+        """The fleet's adaptive figures (see adaptive.py): this process's share of what the
+        ready replicas take at once, and how long each priority may wait for a slot."""
+        if self.adaptive:
+            share = math.ceil(max(1, total_in_flight) / self.processes)
+            self.limiter.set_max_in_flight(share)
+        self.limiter.wait_budgets = wait_budgets
 
     def tenant_quotas(self) -> dict[str, Quota]:
         """Every tenant's quota for the whole gateway: the config's, or the admin's."""

@@ -6,6 +6,11 @@ a queued request leaves when its deadline passes (it would be served late, to no
 interactive requests (priority 0) are admitted before batch ones (1), first come first
 served within a class. Slots are handed directly from a releasing request to the next
 waiter, so a newcomer can never overtake the queue.
+
+Without a configured `max_queue` the bound is time, not a count: a request joins the queue
+only if, at the measured rate slots free up, it will probably get one within its
+priority's wait budget (`wait_budgets`, from adaptive.py); otherwise it hears 503 with
+Retry-After at once, not after waiting for nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ MIN_RETRY_AFTER_S = 0.05
 MAX_RETRY_AFTER_S = 30.0
 INITIAL_HOLD_S = 1.0
 """Assumed mean time a request holds a slot, until some have been measured."""
+AUTO_QUEUE_CAP = 10_000
+"""A time-bounded queue still holds at most this many (memory stays bounded)."""
 
 
 def overloaded(message: str, retry_after_s: float) -> OpenAIError:
@@ -44,12 +51,15 @@ class PriorityLimiter:
     ``deadline`` values are ``time.monotonic()`` instants. Single event loop only.
     """
 
-    def __init__(self, max_in_flight: int, max_queue: int, max_queue_wait_s: float) -> None:
-        if max_in_flight < 1 or max_queue < 0 or max_queue_wait_s <= 0:
+    def __init__(self, max_in_flight: int, max_queue: int | None, max_queue_wait_s: float) -> None:
+        if max_in_flight < 1 or (max_queue is not None and max_queue < 0) or max_queue_wait_s <= 0:
             raise ValueError("need max_in_flight >= 1, max_queue >= 0, max_queue_wait_s > 0")
         self.max_in_flight = max_in_flight
         self.max_queue = max_queue
+        """None: bounded by `wait_budgets` (and AUTO_QUEUE_CAP) instead of a count."""
         self.max_queue_wait_s = max_queue_wait_s
+        self.wait_budgets: dict[int, float] = {}
+        """Priority -> longest expected wait worth queueing for (absent: max_queue_wait_s)."""
         self.in_flight = 0
         self.queued = 0
         self.rejected_full = 0
@@ -60,8 +70,34 @@ class PriorityLimiter:
 
     @property
     def full(self) -> bool:
-        """Whether ``acquire`` would answer 503 right now."""
-        return self.queued >= self.max_queue and not self._free_now()
+        """Whether ``acquire`` would answer 503 right now, whatever the priority."""
+        if self._free_now():
+            return False
+        if self.max_queue is not None:
+            return self.queued >= self.max_queue
+        budget = max(self.wait_budgets.values(), default=self.max_queue_wait_s)
+        return self.queued >= AUTO_QUEUE_CAP or self.expected_wait_s(self.queued + 1) > budget
+
+    def expected_wait_s(self, position: int) -> float:
+        """How long the `position`-th in line probably waits: slots free up at about
+        max_in_flight / mean_hold_s per second."""
+        return position * self.mean_hold_s / self.max_in_flight
+
+    def _no_room(self, priority: int) -> bool:
+        if self.max_queue is not None:
+            return self.queued >= self.max_queue
+        if self.queued >= AUTO_QUEUE_CAP:
+            return True
+        ahead = sum(len(q) for p, q in self._queues.items() if p <= priority)
+        budget = self.wait_budgets.get(priority, self.max_queue_wait_s)
+        return self.expected_wait_s(ahead + 1) > budget
+
+    def set_max_in_flight(self, n: int) -> None:
+        """A new limit (the fleet grew or shrank); waiters take the room it makes now."""
+        self.max_in_flight = max(1, n)
+        while self.queued and self.in_flight < self.max_in_flight:
+            self.in_flight += 1
+            self.release(None)  # hands the new slot to the first waiter
 
     def _free_now(self) -> bool:
         return self.in_flight < self.max_in_flight and self.queued == 0
@@ -79,7 +115,7 @@ class PriorityLimiter:
         if self._free_now():
             self.in_flight += 1
             return 0.0
-        if self.queued >= self.max_queue:
+        if self._no_room(priority):
             self.rejected_full += 1
             raise overloaded(
                 f"The gateway is overloaded: {self.in_flight} requests in flight and "
@@ -87,7 +123,11 @@ class PriorityLimiter:
                 self.retry_after_s(),
             )
         start = time.monotonic()
-        limit = start + self.max_queue_wait_s
+        wait_s = self.max_queue_wait_s
+        if self.max_queue is None and priority in self.wait_budgets:
+            # an estimate, not a promise: a request kept past twice its budget is shed
+            wait_s = min(wait_s, 2 * self.wait_budgets[priority])
+        limit = start + wait_s
         by_deadline = deadline <= limit
         give_up = min(deadline, limit)
         if give_up <= start:

@@ -13,8 +13,10 @@ Config file (TOML, or JSON with the same shape; every section and field is optio
     key_secret = "..."              # BREAKWATER_KEY_SECRET wins over this
 
     [global]                        # the whole gateway (cluster-wide with Redis)
-    max_in_flight = 256             # admitted requests at once
-    max_queue = 1024                # waiting for a slot; beyond that: 503 at once
+    max_in_flight = 256             # admitted requests at once; absent: from the fleet
+                                    # (each replica's batch slots, adapted to its TTFT)
+    max_queue = 1024                # waiting for a slot, beyond that 503 at once; absent:
+                                    # what will start within its wait budget (adaptive.py)
     max_queue_wait_s = 30           # longest wait in the queue before 503
     requests_per_second = 500       # rates are unlimited when absent
     request_burst = 1000            # defaults to one second's worth (at least 1)
@@ -116,8 +118,10 @@ class Quota(Rates):
 
 @dataclass(frozen=True)
 class GlobalLimits(Rates):
-    max_in_flight: int = 256
-    max_queue: int = 1024
+    max_in_flight: int | None = None
+    """None: the sum of the replicas' adaptive limits (see adaptive.py)."""
+    max_queue: int | None = None
+    """None: queue what will start within its priority's wait budget."""
     max_queue_wait_s: float = 30.0
 
 
@@ -284,8 +288,8 @@ def settings_from_dict(
     glob = _table(data, "global")
     limits = GlobalLimits(
         **_rates(glob, "global", {"max_in_flight", "max_queue", "max_queue_wait_s"}),
-        max_in_flight=_int(glob, "max_in_flight", "global", 1, GlobalLimits.max_in_flight),
-        max_queue=_int(glob, "max_queue", "global", 0, GlobalLimits.max_queue),
+        max_in_flight=_opt_int(glob, "max_in_flight", "global", 1),
+        max_queue=_opt_int(glob, "max_queue", "global", 0),
         max_queue_wait_s=_num(glob, "max_queue_wait_s", "global") or GlobalLimits.max_queue_wait_s,
     )
     url = redis.get("url")
@@ -338,6 +342,10 @@ def _int(data: Mapping[str, Any], name: str, where: str, lo: int, default: int =
     if isinstance(v, bool) or not isinstance(v, int) or v < lo:
         raise ValueError(f"{where}.{name} must be an integer >= {lo}, got {v!r}")
     return v
+
+
+def _opt_int(data: Mapping[str, Any], name: str, where: str, lo: int) -> int | None:
+    return None if data.get(name) is None else _int(data, name, where, lo)
 
 
 def _rates(data: Mapping[str, Any], where: str, extra: set[str]) -> dict[str, float | None]:
@@ -419,8 +427,8 @@ def per_process(settings: AdmissionSettings, processes: int) -> AdmissionSetting
         defaults=quota(settings.defaults),
         global_limits=replace(
             g,
-            max_in_flight=share(g.max_in_flight) or 1,
-            max_queue=math.ceil(g.max_queue / processes),
+            max_in_flight=share(g.max_in_flight),
+            max_queue=None if g.max_queue is None else math.ceil(g.max_queue / processes),
             **rates(g),
         ),
         fallback_share=settings.fallback_share / processes

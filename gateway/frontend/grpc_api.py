@@ -20,7 +20,8 @@ from gateway.admission.admission import Admission, Ticket, estimate_request_toke
 from gateway.dispatch import Dispatcher
 from proto import inference_pb2 as pb
 from proto import inference_pb2_grpc as pb_grpc
-from proto.openai_compat import MAX_SESSION_KEY, OpenAIError
+from proto.limits import DEFAULT_LIMITS, RequestLimits
+from proto.openai_compat import MAX_SESSION_KEY, OpenAIError, check_generate
 from serving.calls import CallInfo, UpstreamError
 from serving.openai_http import Finished, from_upstream
 from serving.tracing import context_from, request_attributes
@@ -61,6 +62,8 @@ class GatewayInference(pb_grpc.InferenceServicer):
         """Told of every Generate call once it has ended (metrics, the request log)."""
         self.tracer: Any | None = None
         """OpenTelemetry tracer when tracing is on: a server span per Generate call."""
+        self.limits: RequestLimits = DEFAULT_LIMITS
+        """The HTTP front end's bounds on a request, checked here before admission."""
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -86,6 +89,7 @@ class GatewayInference(pb_grpc.InferenceServicer):
         ticket: Ticket | None = None
         stream: AsyncGenerator[pb.GenerateResponse, None] | None = None
         try:
+            check_generate(request, self.limits)
             ticket = await self._admit(request, metadata, deadline)
             done.tenant = ticket.tenant if ticket is not None else None
             stream = self.dispatcher.generate(
@@ -106,11 +110,18 @@ class GatewayInference(pb_grpc.InferenceServicer):
                 yield resp
                 resp = await anext(stream, None)
             done.status, code = 200, grpc.StatusCode.OK
-        except OpenAIError as e:  # refused by admission
+        except OpenAIError as e:  # out of bounds, or refused by admission
             done.status, done.error_type = e.status, e.type
             code = _GRPC_CODES.get(e.status, grpc.StatusCode.UNKNOWN)
-            if e.retry_after_ms is not None:
-                context.set_trailing_metadata((("grpc-retry-pushback-ms", str(e.retry_after_ms)),))
+            trailing: list[tuple[str, str]] = []
+            if e.param is not None:  # the offending field, as the worker's service says it
+                trailing.append(("param", e.param))
+            # gRPC's retry policy: a negative pushback means "do not retry"
+            pushback = -1 if e.should_retry is False else e.retry_after_ms
+            if pushback is not None:
+                trailing.append(("grpc-retry-pushback-ms", str(pushback)))
+            if trailing:
+                context.set_trailing_metadata(tuple(trailing))
             await context.abort(code, e.message)
         except UpstreamError as e:
             done.status = _HTTP_STATUS.get(e.code, 502)
@@ -158,10 +169,16 @@ class GatewayInference(pb_grpc.InferenceServicer):
         """A ticket, or OpenAIError (in HTTP terms) to refuse the call."""
         if self.admission is None:
             return None
-        auth = dict(metadata).get("authorization")
+        md = dict(metadata)
+        auth = md.get("authorization")
+        retries = md.get("x-retry-count") or md.get("grpc-previous-rpc-attempts")
         est = estimate_request_tokens(request)
         return await self.admission.admit(
-            str(auth) if auth else None, est, int(request.priority), deadline
+            str(auth) if auth else None,
+            est,
+            int(request.priority),
+            deadline,
+            retry=retries is not None and str(retries) != "0",
         )
 
     async def Stats(

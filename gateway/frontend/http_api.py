@@ -25,7 +25,7 @@ from gateway.routing.cache_views import CacheView
 from gateway.routing.decision_share import RedisShare, SiblingShare
 from gateway.shadow import Mirror, Shadows
 from proto import inference_pb2 as pb
-from proto.openai_compat import MAX_SESSION_KEY, OpenAIError, ParsedRequest, sse
+from proto.openai_compat import OpenAIError, ParsedRequest, session_key, sse
 from serving.calls import CallInfo, UpstreamError
 from serving.openai_http import OpenAIRoutes, call_headers, from_upstream, json_response
 from serving.tracing import context_from, request_attributes
@@ -44,11 +44,14 @@ class HTTPAdmission:
         self, request: web.Request, body: dict[str, Any], parsed: ParsedRequest, deadline: float
     ) -> Ticket | None:
         priority = int(parsed.request.priority) if body.get("priority") is not None else None
+        headers = request.headers
+        retries = headers.get("X-Retry-Count") or headers.get("x-stainless-retry-count")
         return await self.admission.admit(
-            request.headers.get("Authorization"),
+            headers.get("Authorization"),
             estimate_request_tokens(parsed.request),
             priority,
             deadline,
+            retry=retries is not None and retries != "0",
         )
 
 
@@ -62,6 +65,7 @@ class GatewayRoutes(OpenAIRoutes):
     ) -> None:
         super().__init__(dispatcher, default_timeout_s, max_timeout_s, HTTPAdmission(admission))
         self.dispatcher = dispatcher
+        self.admission = admission
         self.process: dict[str, int] = {"pid": os.getpid(), "index": 0, "processes": 1}
         """Which of the gateway's processes answers (`--processes`), for /admin/workers."""
         self.share: SiblingShare | RedisShare | None = None
@@ -73,6 +77,11 @@ class GatewayRoutes(OpenAIRoutes):
         """Workers' reported prefix caches, when followed (for /admin/workers)."""
         self.shadows: Shadows | None = None
         """Shadow traffic an operator set up (admin API): mirrors of sampled requests."""
+
+    def _judge_retry(self, e: OpenAIError) -> None:
+        """Failures after admission (no replica could answer) are retryable too: the same
+        door budget decides whether the client hears `x-should-retry: true`."""
+        self.admission.judge_retry(e)
 
     async def healthz(self, request: web.Request) -> web.Response:
         # Which of the gateway's processes answered (one port, several processes), and
@@ -99,7 +108,11 @@ class GatewayRoutes(OpenAIRoutes):
                     if v is not None
                     else {"reported": False}
                 )
-        view: dict[str, Any] = {"workers": workers, "process": self.process_view()}
+        view: dict[str, Any] = {
+            "workers": workers,
+            "process": self.process_view(),
+            "admission": self.admission.stats(),
+        }
         describe = getattr(self.dispatcher.policy, "describe", None)
         if describe is not None:
             view["routing"] = describe()
@@ -114,7 +127,7 @@ class GatewayRoutes(OpenAIRoutes):
         info: CallInfo,
     ) -> web.StreamResponse:
         if session := request.headers.get(self.session_header):
-            parsed.request.session_key = session[:MAX_SESSION_KEY]
+            parsed.request.session_key = session_key(session)  # a header may not be UTF-8
         if self.tracer is None:
             return await self._forward(request, parsed, raw, deadline, info)
         return await self._traced(request, parsed, raw, deadline, info)
@@ -207,6 +220,7 @@ class GatewayRoutes(OpenAIRoutes):
         out = _CoalescingStreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers}
         )
+        sending = self.send_watch.start(request, headers["X-Request-Id"])
         try:
             await out.prepare(request)  # headers go out with the first bytes
             data: bytes | pb.GenerateResponse | None = call.first
@@ -222,6 +236,7 @@ class GatewayRoutes(OpenAIRoutes):
                         last = data
                         break
                     await out.write(data)
+                    sending.writes += 1
                     data = await call.next()
                 if b"[DONE]" not in tail:
                     last += _ended_early(tail)
@@ -234,6 +249,8 @@ class GatewayRoutes(OpenAIRoutes):
             await out.write_eof(last)
         except ConnectionError:
             self._client_left(headers["X-Request-Id"], "mid-stream")
+        finally:
+            self.send_watch.stop(sending)
         return out
 
 
@@ -245,16 +262,25 @@ class _CoalescingStreamResponse(web.StreamResponse):
 
 
 def _usage_of(body: bytes) -> tuple[int, int, int] | None:
-    """The usage of a relayed whole answer (it is in memory already; ~5 us to parse)."""
+    """The usage of a relayed whole answer (it is in memory already; ~5 us to parse).
+
+    An answer that is not a JSON object raises OpenAIError (502): it is not passed on as one.
+    """
     try:
-        u = orjson.loads(body).get("usage") or {}
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        doc = None
+    if not isinstance(doc, dict):
+        raise OpenAIError(502, "the upstream's answer is not a JSON object", "upstream_error")
+    try:
+        u = doc.get("usage") or {}
         details = u.get("prompt_tokens_details") or {}
         return (
             int(u["prompt_tokens"]),
             int(u["completion_tokens"]),
             int(details.get("cached_tokens") or 0),
         )
-    except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
+    except (AttributeError, KeyError, TypeError, ValueError):
         return None
 
 

@@ -20,6 +20,7 @@ import grpc
 from gateway.registry.base import Registry
 from proto import inference_pb2 as pb
 from proto import inference_pb2_grpc as pb_grpc
+from serving.tls import ClientTLS, aio_channel
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,16 @@ EVICTION_MEMORY_S = 60.0
 class CacheWatcher:
     """Keeps one WatchCache stream per gRPC worker of the registry; `views` is the result."""
 
-    def __init__(self, registry: Registry, sync_s: float = 1.0, max_backoff_s: float = 10.0):
+    def __init__(
+        self,
+        registry: Registry,
+        sync_s: float = 1.0,
+        max_backoff_s: float = 10.0,
+        tls: ClientTLS | None = None,
+    ):
         self.registry = registry
+        self.tls = tls
+        """The credentials the gateway's calls to workers use (None: plaintext)."""
         self.sync_s = sync_s
         self.max_backoff_s = max_backoff_s
         self.views: dict[str, CacheView] = {}
@@ -109,7 +118,7 @@ class CacheWatcher:
         backoff = 0.5
         while True:
             try:
-                async with grpc.aio.insecure_channel(address) as channel:
+                async with aio_channel(address, self.tls) as channel:
                     stream = pb_grpc.InferenceStub(channel).WatchCache(pb.WatchCacheRequest())
                     async for update in stream:
                         self._apply(worker_id, update)

@@ -12,6 +12,7 @@ from gateway.registry.base import WorkerInfo, WorkerState
 from proto import inference_pb2 as pb
 from proto import inference_pb2_grpc as pb_grpc
 from serving.calls import UNAVAILABLE, UpstreamError
+from serving.tls import ClientTLS, aio_channel
 from serving.tracing import TRACEPARENT
 
 PROBE_TIMEOUT_S = 1.0
@@ -41,11 +42,12 @@ def to_upstream_error(err: grpc.aio.AioRpcError) -> UpstreamError:
 
 
 class GrpcUpstream:
-    def __init__(self, worker_id: str, address: str) -> None:
+    def __init__(self, worker_id: str, address: str, tls: ClientTLS | None = None) -> None:
         self.worker_id = worker_id
         self.address = address
-        self.channel = grpc.aio.insecure_channel(
+        self.channel = aio_channel(
             address,
+            tls,
             options=[
                 ("grpc.keepalive_time_ms", 10_000),
                 ("grpc.keepalive_timeout_ms", 5_000),
@@ -94,6 +96,7 @@ class GrpcUpstream:
         info.stats = {
             "queue_depth": s.queue_depth,
             "running": s.running,
+            "max_running": s.max_running,
             "in_flight": s.in_flight,
             "kv_cache_usage": s.kv_cache_usage,
             "prefix_cache_hit_rate": s.prefix_cache_hit_rate,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl as ssl_module
 import time
 
 import httptools
@@ -22,6 +23,10 @@ MAX_BUFFER = 1 << 20
 IDLE_KEEPALIVE_S = 4.0
 """Drop pooled connections idle this long: servers close theirs (uvicorn after 5 s)."""
 MAX_HEADER_BYTES = 64 << 10
+"""A response's status line and headers: more is not an upstream worth waiting for (and
+httptools would hold an unfinished header line whole, copying it at every read)."""
+MAX_BODY_BYTES = 16 << 20
+"""A body read whole (`Response.read`): a non-streamed completion, even with logprobs."""
 
 
 class HTTPError(Exception):
@@ -55,6 +60,12 @@ class _Connection(asyncio.Protocol):
             resp._fail(HTTPError(f"malformed response: {e}"))
             self.close()
             return
+        if not resp.status:  # all of it was head: bounded here, whatever its lines
+            self._header_bytes += len(data)
+            if self._header_bytes > MAX_HEADER_BYTES:
+                resp._fail(HTTPError(f"response head over {MAX_HEADER_BYTES} bytes"))
+                self.close()
+                return
         resp._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -69,10 +80,10 @@ class _Connection(asyncio.Protocol):
         pass
 
     # -- httptools callbacks
+    def on_message_begin(self) -> None:
+        self._header_bytes = 0  # per response, not per kept-alive connection
+
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_bytes += len(name) + len(value)
-        if self._header_bytes > MAX_HEADER_BYTES:
-            raise httptools.HttpParserError("response headers too large")
         assert self.response is not None
         self.response.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
@@ -184,9 +195,14 @@ class Response:
         self._buffered = 0
         return data
 
-    async def read(self, deadline: float | None = None) -> bytes:
+    async def read(self, deadline: float | None = None, limit: int = MAX_BODY_BYTES) -> bytes:
+        """The whole body; HTTPError past `limit` bytes (held in memory until then)."""
         parts = []
+        size = 0
         while chunk := await self.read_some(deadline):
+            size += len(chunk)
+            if size > limit:
+                raise HTTPError(f"response body over {limit} bytes")
             parts.append(chunk)
         return b"".join(parts)
 
@@ -219,10 +235,18 @@ def _expire(fut: asyncio.Future[None]) -> None:
 class HTTPPool:
     """Keep-alive connections to one upstream (host, port)."""
 
-    def __init__(self, host: str, port: int, connect_timeout: float = 2.0) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        connect_timeout: float = 2.0,
+        ssl: ssl_module.SSLContext | None = None,
+    ) -> None:
         self.host = host
         self.port = port
         self.connect_timeout = connect_timeout
+        self.ssl = ssl
+        """TLS (https://) when set: asyncio's SSL transport, verified against `host`."""
         self._host_header = f"Host: {host}:{port}\r\n".encode()
         self._idle: list[_Connection] = []
 
@@ -243,7 +267,9 @@ class HTTPPool:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, conn = await loop.create_connection(_Connection, self.host, self.port)
+                _, conn = await loop.create_connection(
+                    _Connection, self.host, self.port, ssl=self.ssl
+                )
         except (OSError, TimeoutError) as e:
             raise HTTPError(f"cannot connect to {self.host}:{self.port}: {e}") from None
         return conn

@@ -28,6 +28,7 @@ from serving.calls import (
     UNAVAILABLE,
     UpstreamError,
 )
+from serving.tls import ClientTLS
 from serving.tracing import TRACEPARENT
 
 _STATUS = {
@@ -42,6 +43,10 @@ _STATUS = {
 }
 PROBE_TIMEOUT_S = 1.0
 MAX_ERROR_BODY = 64 << 10
+MAX_EVENT_BYTES = 1 << 20
+"""The largest SSE event parsed into deltas (one token's chunk, even with 20 logprobs, is
+a few KiB): what one stream may hold in memory for an event not yet complete."""
+_MEDIA_TYPES = {True: "text/event-stream", False: "application/json"}
 
 
 def retry_after_ms(headers: dict[str, str]) -> int | None:
@@ -59,7 +64,7 @@ def retry_after_ms(headers: dict[str, str]) -> int | None:
 async def error_from(resp: Response, deadline: float | None) -> UpstreamError:
     """A non-200 upstream answer as an UpstreamError with its message and pushback."""
     try:
-        text = (await resp.read(deadline))[:MAX_ERROR_BODY]
+        text = await resp.read(deadline, MAX_ERROR_BODY)
     except (HTTPError, TimeoutError):
         text = b""
     finally:
@@ -71,15 +76,30 @@ async def error_from(resp: Response, deadline: float | None) -> UpstreamError:
     return UpstreamError(_STATUS.get(resp.status, INTERNAL), message, retry_after_ms(resp.headers))
 
 
+def wrong_type(resp: Response, stream: bool) -> str | None:
+    """Why a 200 is not the answer asked for (an HTML page from a proxy in between, ...),
+    judged by its Content-Type; None when it fits or says nothing."""
+    ctype = resp.headers.get("content-type")
+    if ctype is None:
+        return None
+    media = ctype.partition(";")[0].strip().lower()
+    expected = _MEDIA_TYPES[stream]
+    return None if media == expected else f"answered {media[:64]!r} where {expected} was asked"
+
+
 class OpenAIHTTPUpstream:
-    def __init__(self, worker_id: str, base_url: str) -> None:
+    def __init__(self, worker_id: str, base_url: str, tls: ClientTLS | None = None) -> None:
+        """`tls`: the gateway's --upstream-* files, for https:// (system roots without)."""
         self.worker_id = worker_id
         self.base_url = base_url.rstrip("/")
         url = urlsplit(self.base_url)
-        if url.scheme != "http" or not url.hostname:
-            raise ValueError(f"an OpenAI upstream must be http://host:port, got {base_url!r}")
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"an OpenAI upstream must be http(s)://host:port, got {base_url!r}")
         self._prefix = url.path.encode()
-        self.pool = HTTPPool(url.hostname, url.port or 80)
+        context = None
+        if url.scheme == "https":
+            context = (tls or ClientTLS()).ssl_context()
+        self.pool = HTTPPool(url.hostname, url.port or (443 if context else 80), ssl=context)
 
     async def relay(
         self, path: bytes, body: bytes, request_id: str, deadline: float | None
@@ -106,6 +126,9 @@ class OpenAIHTTPUpstream:
         resp = await self.relay(path.encode(), orjson.dumps(body), request.request_id, deadline)
         if resp.status != 200:
             raise await error_from(resp, deadline)
+        if (wrong := wrong_type(resp, True)) is not None:
+            resp.release()
+            raise UpstreamError(INTERNAL, f"{self.base_url}: {wrong}")
         try:
             async for delta in _deltas(resp, request.request_id, deadline):
                 yield delta
@@ -115,7 +138,7 @@ class OpenAIHTTPUpstream:
             raise UpstreamError(DEADLINE_EXCEEDED, "upstream deadline exceeded") from None
         except OpenAIError as e:  # from_openai_chunk: a chunk of the wrong shape
             raise UpstreamError(INTERNAL, f"{self.base_url}: {e.message}") from None
-        except (orjson.JSONDecodeError, TypeError, AttributeError) as e:
+        except (ValueError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
             raise UpstreamError(INTERNAL, f"{self.base_url}: malformed stream event: {e}") from None
         finally:
             resp.release()
@@ -157,6 +180,8 @@ async def _deltas(
     while data := await resp.read_some(deadline):
         events = (tail + data).split(b"\n\n")
         tail = events.pop()
+        if len(tail) > MAX_EVENT_BYTES:
+            raise UpstreamError(INTERNAL, f"an upstream stream event over {MAX_EVENT_BYTES} bytes")
         for event in events:
             for line in event.split(b"\n"):
                 if not line.startswith(b"data:"):

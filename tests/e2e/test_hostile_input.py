@@ -1,19 +1,25 @@
 """Hostile requests over real HTTP, to a real gateway over a simulated worker (and to the
 worker's own OpenAI port, which shares the routes): each is a JSON error naming the field,
-never a 500 or a text page, and the gateway serves normally afterwards."""
+never a 500 or a text page, and the gateway serves normally afterwards. The gateway's gRPC
+front end refuses the same out-of-bounds requests with INVALID_ARGUMENT."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
+import grpc
 import pytest
 
+from proto import inference_pb2 as pb
+from proto import inference_pb2_grpc as pb_grpc
 from proto.limits import DEFAULT_LIMITS
-from tests.procs import Proc, start_gateway, start_sim_worker
+from tests.procs import Proc, start_gateway, start_sim_worker, wait_for
 
 MODEL = "sim"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -28,7 +34,7 @@ def sim_worker() -> Iterator[Proc]:
 
 @pytest.fixture(scope="module")
 def sim_gateway(sim_worker: Proc) -> Iterator[Proc]:
-    g = start_gateway("--worker", sim_worker.ready["grpc"])
+    g = start_gateway("--worker", sim_worker.ready["grpc"], "--grpc-port", "0")
     yield g
     g.stop()
 
@@ -98,3 +104,131 @@ def test_hostile_bodies_are_json_errors_and_service_goes_on(
         base + "/v1/completions", json.dumps({"model": MODEL, "prompt": [1, 2]}).encode()
     )
     assert got == 200, answer
+
+
+def post_raw(base: str, path: str, body: bytes, headers: dict[str, bytes]) -> tuple[int, Any]:
+    """A POST whose header values are sent as the bytes given (urllib would encode them)."""
+    url = urlsplit(base)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    try:
+        conn.putrequest("POST", path)
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(len(body)))
+        for name, value in headers.items():
+            conn.putheader(name, value)
+        conn.endheaders(body)
+        resp = conn.getresponse()
+        assert resp.headers.get_content_type() == "application/json"
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("port", ["gateway", "worker"])
+def test_hostile_headers_are_json_errors(port: str, sim_gateway: Proc, sim_worker: Proc) -> None:
+    """Headers found by fuzzing: a request id that gRPC metadata cannot carry (a 500 and
+    then a 502 that counted against the replica), a session key that is not UTF-8 (a 500),
+    a NaN deadline."""
+    base = (sim_gateway if port == "gateway" else sim_worker).ready["http"]
+    path = "/v1/chat/completions"
+    most = DEFAULT_LIMITS.max_request_id_chars
+    for value in ("é".encode("latin-1"), "é".encode(), b"r" * (most + 1)):
+        for _ in range(4):  # more than a breaker would take from a replica
+            status, answer = post_raw(base, path, chat(), {"X-Request-Id": value})
+            assert (status, answer["error"]["param"]) == (400, "X-Request-Id"), value[:8]
+    status, answer = post_raw(base, path, chat(), {"X-Request-Timeout-Ms": b"nan"})
+    assert status == 400, answer
+    for headers in ({"X-Session-Id": "é".encode("latin-1")}, {"X-Request-Id": b"r" * most}):
+        status, answer = post_raw(base, path, chat(), headers)
+        assert status == 200, answer
+    if port == "gateway":
+        assert answer["id"] == "chatcmpl-" + "r" * most
+
+
+def test_tight_deadlines_do_not_eject_the_replica(sim_gateway: Proc) -> None:
+    """A caller's own deadline running out says nothing of the replica: counted as its
+    failure, a client asking for 1 ms a few times took the only replica out of service."""
+    base = sim_gateway.ready["http"]
+    for _ in range(8):
+        status, answer = post_raw(
+            base, "/v1/chat/completions", chat(), {"X-Request-Timeout-Ms": b"1"}
+        )
+        assert status in (200, 504), answer
+    status, answer = post_raw(base, "/v1/chat/completions", chat(), {})
+    assert status == 200, answer
+
+
+def _requests_400(gw: Proc) -> float:
+    with urllib.request.urlopen(gw.ready["http"] + "/metrics", timeout=30) as resp:
+        text = resp.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("breakwater_requests_total{") and 'status="400"' in line
+    )
+
+
+L = DEFAULT_LIMITS
+
+
+def _gen(**fields: Any) -> pb.GenerateRequest:
+    req = pb.GenerateRequest(model=MODEL, text="hi", sampling=pb.SamplingParams(max_tokens=4))
+    for name, value in fields.items():
+        if name == "sampling":
+            req.sampling.MergeFrom(value)
+        elif name == "token_ids":
+            req.token_ids.ids.extend(value)
+        elif name == "messages":
+            req.chat.messages.extend(pb.ChatMessage(role=r, content=c) for r, c in value)
+        else:
+            setattr(req, name, value)
+    return req
+
+
+GRPC_HOSTILE: list[tuple[str, pb.GenerateRequest, str]] = [
+    ("too many token ids", _gen(token_ids=[1] * (L.max_prompt_token_ids + 1)), "token_ids"),
+    ("a negative token id", _gen(token_ids=[5, -1]), "token_ids"),
+    ("oversized prompt", _gen(text="x" * (L.max_prompt_chars + 1)), "text"),
+    ("no prompt", pb.GenerateRequest(model=MODEL), "prompt"),
+    ("too many messages", _gen(messages=[("user", "x")] * (L.max_messages + 1)), "chat.messages"),
+    ("unknown role", _gen(messages=[("user", "x"), ("root", "x")]), "chat.messages[1].role"),
+    (
+        "max_tokens over the ceiling",
+        _gen(sampling=pb.SamplingParams(max_tokens=L.max_tokens + 1)),
+        "sampling.max_tokens",
+    ),
+    ("five stop strings", _gen(sampling=pb.SamplingParams(stop=list("abcde"))), "sampling.stop"),
+    (
+        "logprobs over the cap",
+        _gen(sampling=pb.SamplingParams(logprobs=L.max_logprobs + 1)),
+        "sampling.logprobs",
+    ),
+    ("a long model name", _gen(model="m" * (L.max_model_chars + 1)), "model"),
+    ("a request id gRPC metadata cannot carry", _gen(request_id="é"), "request_id"),
+]
+
+
+def test_grpc_front_end_refuses_out_of_bounds_requests(sim_gateway: Proc) -> None:
+    before = _requests_400(sim_gateway)
+    with grpc.insecure_channel(
+        sim_gateway.ready["grpc"], options=[("grpc.max_send_message_length", -1)]
+    ) as ch:
+        stub = pb_grpc.InferenceStub(ch)
+        for what, req, field in GRPC_HOSTILE:
+            call = stub.Generate(req, timeout=60)
+            with pytest.raises(grpc.RpcError) as e:
+                list(call)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (what, e.value.details())
+            assert field in e.value.details(), (what, e.value.details())
+            assert ("param", field) in (call.trailing_metadata() or ()), what
+        # past the body limit, gRPC itself refuses the message
+        too_big = _gen(text="x" * L.max_body_bytes)
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub.Generate(too_big, timeout=60))
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # and a normal request is served
+        out = list(stub.Generate(_gen(), timeout=60))
+        assert out[-1].finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
+    # every refusal ended as a request answered 400, like the HTTP front end counts it
+    wait_for(lambda: _requests_400(sim_gateway) - before >= len(GRPC_HOSTILE), timeout=10)
+    assert _requests_400(sim_gateway) - before == len(GRPC_HOSTILE)

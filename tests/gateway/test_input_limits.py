@@ -20,17 +20,21 @@ from hypothesis import strategies as st
 from proto import inference_pb2 as pb
 from proto.limits import DEFAULT_LIMITS, MiB, RequestLimits
 from proto.openai_compat import (
+    MAX_SESSION_KEY,
     ROLES,
     OpenAIError,
     ParsedRequest,
+    check_generate,
     from_openai_chunk,
     parse_chat,
     parse_completion,
+    session_key,
     sse,
     to_openai_body,
 )
 from serving.calls import CallInfo
 from serving.openai_http import OpenAIRoutes
+from serving.openapi import build_openapi
 
 L = DEFAULT_LIMITS
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -196,6 +200,12 @@ HOSTILE: list[tuple[str, Any, str | None]] = [
     ("completion", comp(prompt="x" * (L.max_prompt_chars + 1)), "prompt"),
     ("completion", comp(echo=True), "echo"),
     ("completion", comp(suffix="x"), "suffix"),
+    # falsy values of the wrong type: the OpenAPI document calls them invalid, so they are
+    ("completion", comp(echo=0), "echo"),
+    ("completion", comp(echo="yes"), "echo"),
+    ("completion", comp(suffix=0), "suffix"),
+    ("chat", chat(logit_bias=""), "logit_bias"),
+    ("chat", chat(logit_bias=[1]), "logit_bias"),
 ]
 
 
@@ -460,6 +470,7 @@ def _parse_or_refuse(kind: str, body: Any) -> ParsedRequest | None:
         assert e.status == 400 and e.type == "invalid_request_error"
         return None
     parsed.request.SerializeToString()
+    check_generate(parsed.request)  # what HTTP accepts, the gRPC front end does too
     return parsed
 
 
@@ -616,3 +627,212 @@ def test_sse_done_is_unchanged() -> None:
 
 def test_body_limit_default_is_four_mib() -> None:
     assert RequestLimits().max_body_bytes == 4 * MiB
+
+
+# -- the gRPC front end's bounds (check_generate) ---------------------------------------------
+
+
+def _gen(**fields: Any) -> pb.GenerateRequest:
+    """A Generate request for "hi", with `fields` set (`sampling` merged)."""
+    req = pb.GenerateRequest(model="m", text="hi")
+    for name, value in fields.items():
+        if name == "sampling":
+            req.sampling.MergeFrom(value)
+        else:
+            setattr(req, name, value)
+    return req
+
+
+def _chat(*messages: tuple[str, str]) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        model="m",
+        chat=pb.ChatMessages(messages=[pb.ChatMessage(role=r, content=c) for r, c in messages]),
+    )
+
+
+def _ids(ids: list[int]) -> pb.GenerateRequest:
+    return pb.GenerateRequest(model="m", token_ids=pb.TokenIds(ids=ids))
+
+
+SP = pb.SamplingParams
+GRPC_HOSTILE: list[tuple[pb.GenerateRequest, str]] = [
+    (pb.GenerateRequest(model="m"), "prompt"),
+    (_gen(text=""), "text"),
+    (_gen(text="x" * (L.max_prompt_chars + 1)), "text"),
+    (_ids([]), "token_ids"),
+    (_ids([1] * (L.max_prompt_token_ids + 1)), "token_ids"),
+    (_ids([3, -1]), "token_ids"),
+    (pb.GenerateRequest(model="m", chat=pb.ChatMessages()), "chat.messages"),
+    (_chat(*[("user", "x")] * (L.max_messages + 1)), "chat.messages"),
+    (_chat(("user", "x"), ("wizard", "x")), "chat.messages[1].role"),
+    (_chat(("", "x")), "chat.messages[0].role"),
+    (_chat(("user", "x" * (L.max_message_chars + 1))), "chat.messages[0].content"),
+    (_chat(*[("user", "x" * L.max_message_chars)] * 3), "chat.messages"),
+    (_gen(model="m" * (L.max_model_chars + 1)), "model"),
+    (_gen(request_id="é"), "request_id"),
+    (_gen(request_id="a\nb"), "request_id"),
+    (_gen(request_id="r" * (L.max_request_id_chars + 1)), "request_id"),
+    (_gen(sampling=SP(max_tokens=0)), "sampling.max_tokens"),
+    (_gen(sampling=SP(max_tokens=-5)), "sampling.max_tokens"),
+    (_gen(sampling=SP(max_tokens=L.max_tokens + 1)), "sampling.max_tokens"),
+    (_gen(sampling=SP(temperature=float("nan"))), "sampling.temperature"),
+    (_gen(sampling=SP(temperature=2.5)), "sampling.temperature"),
+    (_gen(sampling=SP(temperature=-1)), "sampling.temperature"),
+    (_gen(sampling=SP(top_p=0)), "sampling.top_p"),
+    (_gen(sampling=SP(top_p=1e-50)), "sampling.top_p"),
+    (_gen(sampling=SP(top_p=1.5)), "sampling.top_p"),
+    (_gen(sampling=SP(top_k=-2)), "sampling.top_k"),
+    (_gen(sampling=SP(logprobs=L.max_logprobs + 1)), "sampling.logprobs"),
+    (_gen(sampling=SP(logprobs=-1)), "sampling.logprobs"),
+    (_gen(sampling=SP(stop=["a"] * (L.max_stop + 1))), "sampling.stop"),
+    (_gen(sampling=SP(stop=[""])), "sampling.stop"),
+    (_gen(sampling=SP(stop=["x" * (L.max_stop_chars + 1)])), "sampling.stop"),
+    (_gen(sampling=SP(stop_token_ids=[-1])), "sampling.stop_token_ids"),
+    (_gen(sampling=SP(stop_token_ids=[0] * (L.max_stop_token_ids + 1))), "sampling.stop_token_ids"),
+    (_gen(priority=7), "priority"),
+]
+
+
+@pytest.mark.parametrize(("req", "param"), GRPC_HOSTILE, ids=[p for _, p in GRPC_HOSTILE])
+def test_grpc_request_out_of_bounds_is_a_400_naming_the_field(
+    req: pb.GenerateRequest, param: str
+) -> None:
+    with pytest.raises(OpenAIError) as e:
+        check_generate(req)
+    assert (e.value.status, e.value.param) == (400, param)
+    assert param in e.value.message  # gRPC callers see the message, not the param
+    assert len(e.value.message) < 300
+
+
+@pytest.mark.parametrize(
+    "req",
+    [
+        _gen(),
+        _gen(model=""),  # a worker's own model
+        _gen(text="x" * L.max_prompt_chars, request_id="r" * L.max_request_id_chars),
+        _ids([0, L.max_token_id]),
+        _chat(*[(r, "x") for r in sorted(ROLES)]),
+        _chat(("user", "")),
+        _gen(
+            session_key="s" * 10_000,  # truncated for routing, never refused
+            priority=pb.PRIORITY_BATCH,
+            sampling=SP(
+                max_tokens=L.max_tokens,
+                temperature=2,
+                top_p=1,
+                top_k=-1,
+                logprobs=L.max_logprobs,
+                stop=["x" * L.max_stop_chars] * L.max_stop,
+                stop_token_ids=[0] * L.max_stop_token_ids,
+            ),
+        ),
+    ],
+)
+def test_grpc_request_in_bounds_passes(req: pb.GenerateRequest) -> None:
+    check_generate(req)
+
+
+def test_session_key_is_stable_valid_utf8() -> None:
+    """An HTTP header's undecodable bytes arrive as lone surrogates, which protobuf refuses."""
+    raw = "\udce9caf\udcc3" * 100
+    key = session_key(raw)
+    assert key == session_key(raw) and len(key) <= MAX_SESSION_KEY
+    pb.GenerateRequest(session_key=key).SerializeToString()
+    assert session_key("plain") == "plain"
+
+
+async def _header_cases() -> list[tuple[int, dict[str, Any]]]:
+    routes = OpenAIRoutes(_Backend())
+    app = web.Application()
+    routes.add_to(app)
+    async with TestClient(TestServer(app)) as client:
+
+        async def post(**headers: str) -> tuple[int, dict[str, Any]]:
+            body = orjson.dumps(chat())
+            r = await client.post("/v1/chat/completions", data=body, headers=headers)
+            assert r.content_type == "application/json"
+            return r.status, await r.json()
+
+        return [
+            await post(**{"X-Request-Id": "r" * (L.max_request_id_chars + 1)}),
+            await post(**{"X-Request-Id": "a\tb"}),
+            await post(**{"X-Request-Id": "r" * L.max_request_id_chars}),
+            await post(**{"X-Request-Timeout-Ms": "nan"}),
+            await post(**{"X-Request-Timeout-Ms": "inf"}),  # the server's maximum
+        ]
+
+
+def test_http_routes_refuse_hostile_headers() -> None:
+    long_id, tab, fits, nan, inf = asyncio.run(_header_cases())
+    for status, body in (long_id, tab):
+        assert (status, body["error"]["param"]) == (400, "X-Request-Id")
+    assert fits[0] == 200 and fits[1]["id"] == "chatcmpl-" + "r" * L.max_request_id_chars
+    assert nan[0] == 400 and "X-Request-Timeout-Ms" in nan[1]["error"]["message"]
+    assert inf[0] == 200
+
+
+# -- the OpenAPI document says what the parsers accept ----------------------------------------
+
+
+async def _served_document(limits: RequestLimits, metrics: bool) -> dict[str, Any]:
+    app = web.Application()
+    OpenAIRoutes(_Backend(), limits=limits).add_to(app)
+    if metrics:
+
+        async def metrics_page(request: web.Request) -> web.Response:
+            return web.Response(text="")
+
+        app.router.add_get("/metrics", metrics_page)
+    async with TestClient(TestServer(app)) as client:
+        r = await client.get("/openapi.json")
+        assert r.status == 200 and r.content_type == "application/json"
+        return await r.json()
+
+
+def test_served_document_follows_the_limits() -> None:
+    tight = RequestLimits(max_messages=3, max_tokens=9, max_stop=2, max_prompt_token_ids=5)
+    doc = asyncio.run(_served_document(tight, metrics=False))
+    assert doc == orjson.loads(orjson.dumps(build_openapi(tight, metrics=False)))
+    assert "/metrics" not in doc["paths"]
+    schemas = doc["components"]["schemas"]
+    chat_fields = schemas["ChatCompletionRequest"]["properties"]
+    assert chat_fields["messages"]["maxItems"] == 3
+    assert chat_fields["max_tokens"]["anyOf"][0]["maximum"] == 9
+    assert chat_fields["stop"]["anyOf"][0]["anyOf"][1]["maxItems"] == 2
+    assert schemas["CompletionRequest"]["properties"]["prompt"]["anyOf"][1]["maxItems"] == 5
+    assert "/metrics" in asyncio.run(_served_document(tight, metrics=True))["paths"]
+
+
+def _integral_float(value: Any) -> bool:
+    """JSON Schema's `integer` takes 8.0; the parsers (like the wire) take only 8."""
+    if isinstance(value, float):
+        return value.is_integer()
+    if isinstance(value, list):
+        return any(_integral_float(v) for v in value)
+    if isinstance(value, dict):
+        return any(_integral_float(v) for v in value.values())
+    return False
+
+
+def test_document_request_schemas_agree_with_the_parsers() -> None:
+    """For any body: the parser accepts it exactly when the document's schema does (short of
+    integers written as 8.0, which JSON Schema cannot tell apart)."""
+    jsonschema = pytest.importorskip("jsonschema")  # with openapi-spec-validator, dev extra
+    doc = build_openapi()
+    validators = {
+        kind: jsonschema.Draft202012Validator(
+            {"$ref": f"#/components/schemas/{name}", "components": doc["components"]}
+        )
+        for kind, name in (("chat", "ChatCompletionRequest"), ("completion", "CompletionRequest"))
+    }
+
+    @PROPS
+    @given(request=requests)
+    def agree(request: tuple[str, Any]) -> None:
+        kind, body = request
+        accepted = _parse_or_refuse(kind, body) is not None
+        valid = validators[kind].is_valid(body)
+        if accepted or not _integral_float(body):
+            assert accepted == valid, (kind, body)
+
+    agree()

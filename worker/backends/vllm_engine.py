@@ -128,6 +128,7 @@ class VLLMEngine:
             model=self.model_name,
             num_requests_running=running,
             num_requests_waiting=len(self._live) - running,
+            max_num_seqs=self.config.max_num_seqs,
             prefix_cache_queries=self._cache_queries,
             prefix_cache_hits=self._cache_hits,
             prompt_tokens_total=self._prompt_tokens_total,

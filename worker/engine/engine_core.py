@@ -181,6 +181,7 @@ class EngineCore:
             model=self.config.model_name,
             num_requests_running=len(self.scheduler.running),
             num_requests_waiting=len(self.scheduler.waiting),
+            max_num_seqs=self.config.max_num_seqs,
             kv_cache_usage=self.kv.usage,
             num_blocks_total=self.kv.num_usable_blocks,
             num_blocks_free=self.kv.pool.num_free_blocks,

@@ -53,6 +53,8 @@ class EngineStats:
     model: str = ""
     num_requests_running: int = 0
     num_requests_waiting: int = 0
+    max_num_seqs: int = 0
+    """Batch slots: the most requests the engine runs at once (0: not known)."""
     kv_cache_usage: float = 0.0
     num_blocks_total: int = 0
     num_blocks_free: int = 0
