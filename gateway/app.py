@@ -205,6 +205,7 @@ class Gateway:
         self.registry.apply(self.overrides.upstreams)
         self.shadows.configure(self.overrides.shadows)
         self.admission.set_quotas(self.overrides.quotas)
+        self.admission.tenants.set_runtime_keys(self.overrides.keys)
         self.dispatcher.prune_upstreams({w.worker_id for w in self.registry.workers()})
 
     async def _metrics(self, request: web.Request) -> web.Response:

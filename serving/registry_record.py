@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 UpstreamKind = Literal["grpc", "openai-http"]
@@ -42,6 +42,8 @@ class WorkerInfo:
     """host:port for gRPC workers; a base URL (http://host:port) for OpenAI HTTP servers."""
     kind: UpstreamKind = "grpc"
     models: list[str] = field(default_factory=list)
+    version: str = ""
+    """The worker's software version, as it reports it (empty: not known)."""
     state: WorkerState = WorkerState.STARTING
     stats: dict[str, float] = field(default_factory=dict)
     """queue_depth, running, kv_cache_usage, prefix_cache_hit_rate, ... (worker's Stats)."""
@@ -62,7 +64,8 @@ class WorkerInfo:
     def from_json(cls, data: str | bytes) -> WorkerInfo:
         d: dict[str, Any] = json.loads(data)
         d["state"] = WorkerState(d.get("state", "STARTING"))
-        return cls(**d)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})  # newer workers' extras
 
 
 class RegistryKeys:

@@ -1,5 +1,44 @@
 """Real Breakwater processes for tests: the same harness the chaos suite uses."""
 
+import json
+import urllib.error
+import urllib.request
+
 from loadtest.fleet import Proc, start_gateway, start_sim_worker, start_worker, wait_for
 
-__all__ = ["Proc", "start_gateway", "start_sim_worker", "start_worker", "wait_for"]
+__all__ = [
+    "Proc",
+    "complete",
+    "start_gateway",
+    "start_sim_worker",
+    "start_worker",
+    "vm_kb",
+    "wait_for",
+]
+
+
+def complete(
+    gw: Proc, i: int, model: str = "sim", key: str | None = None, stream: bool = False
+) -> tuple[int, dict[str, str], bytes]:
+    """One short completion through the gateway's HTTP port: (status, headers, body)."""
+    headers = {"Content-Type": "application/json", "Connection": "close"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    body = {"model": model, "prompt": f"p{i}", "max_tokens": 3, "stream": stream}
+    req = urllib.request.Request(
+        gw.ready["http"] + "/v1/completions", data=json.dumps(body).encode(), headers=headers
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def vm_kb(pid: int, key: str) -> int:
+    """A /proc/<pid>/status figure in kB (VmRSS: now, VmHWM: the peak)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)

@@ -70,6 +70,7 @@ class Worker:
             address=self.settings.advertise or f"{self.settings.host}:{self.port}",
             kind="grpc",
             models=[self.service.model_name] if self.service.model_name else [],
+            version=s.version,
             state=WorkerState(s.state),
             stats={
                 "queue_depth": s.queue_depth,

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import math
 import re
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -17,9 +19,18 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.admin.overrides import QUOTA, SHADOW, STATES, UPSTREAM, WEIGHT, Action, Overrides
+from gateway.admin.overrides import (
+    KEY,
+    QUOTA,
+    SHADOW,
+    STATES,
+    UPSTREAM,
+    WEIGHT,
+    Action,
+    Overrides,
+)
 from gateway.admission.admission import Admission
-from gateway.admission.tenants import quota_from_fields
+from gateway.admission.tenants import TenantDirectory, quota_from_fields
 from gateway.registry.dynamic import check_address
 from gateway.shadow import Shadows
 from proto.openai_compat import OpenAIError
@@ -99,6 +110,9 @@ class AdminAPI:
         app.router.add_get("/admin/tenants", self.tenants)
         app.router.add_put("/admin/tenants/{tenant}/quota", self.put_quota)
         app.router.add_delete("/admin/tenants/{tenant}/quota", self.delete_quota)
+        app.router.add_get("/admin/tenants/{tenant}/keys", self.list_keys)
+        app.router.add_post("/admin/tenants/{tenant}/keys", self.create_key)
+        app.router.add_delete("/admin/tenants/{tenant}/keys/{key_id}", self.revoke_key)
         return app
 
     @web.middleware
@@ -332,6 +346,95 @@ class AdminAPI:
             )
         audit = {"action": "unquota", "tenant": tenant, "by": _who(request)}
         return await self._put(QUOTA, tenant, None, audit)
+
+    # -- tenants' API keys -------------------------------------------------------------------
+
+    def _directory(self, request: web.Request) -> TenantDirectory | web.Response:
+        """The tenants' keys, or a 404 when the URL names no tenant of this gateway."""
+        tenant = request.match_info["tenant"]
+        if self._admission is None or not self._admission.tenants.has_tenant(tenant):
+            return error_response(OpenAIError(404, f"no tenant {tenant!r}", param="tenant"))
+        return self._admission.tenants
+
+    async def list_keys(self, request: web.Request) -> web.Response:
+        """The tenant's keys: ids, when made, when they expire, whether revoked; never a
+        secret or a digest."""
+        directory = self._directory(request)
+        if isinstance(directory, web.Response):
+            return directory
+        now = time.time()
+        keys = directory.keys_of(request.match_info["tenant"])
+        return json_response({"keys": [k.view(now) for k in keys]})
+
+    async def create_key(self, request: web.Request) -> web.Response:
+        """A new key for the tenant, `{"expires_in_s": N}` optional: the answer is the only
+        place the key is ever shown (only its digest is stored). Rotation: make the new key,
+        move clients to it, then revoke the old one; both work in between."""
+        directory = self._directory(request)
+        if isinstance(directory, web.Response):
+            return directory
+        tenant = request.match_info["tenant"]
+        body = await _json_object(request) if request.can_read_body else {}
+        expires_in = body.get("expires_in_s") if body is not None else None
+        if body is None or set(body) - {"expires_in_s"}:
+            return error_response(OpenAIError(400, 'expected {} or {"expires_in_s": <seconds>}'))
+        if expires_in is not None and (
+            isinstance(expires_in, bool)
+            or not isinstance(expires_in, int | float)
+            or not (math.isfinite(expires_in) and expires_in > 0)
+        ):
+            return error_response(
+                OpenAIError(400, "'expires_in_s' must be a positive number", param="expires_in_s")
+            )
+        if not directory.can_make_keys:
+            return error_response(
+                OpenAIError(
+                    409,
+                    "this gateway has no key secret to digest keys with: set "
+                    "BREAKWATER_KEY_SECRET (the same on every gateway) or key_secret in the "
+                    "admission config",
+                    "conflict_error",
+                )
+            )
+        key, key_id, digest = directory.new_key()
+        now = time.time()
+        expires_at = None if expires_in is None else now + float(expires_in)
+        entry = {
+            "tenant": tenant,
+            "digest": digest,
+            "created_at": now,
+            "expires_at": expires_at,
+            "revoked": False,
+        }
+        audit = {"action": "key_create", "tenant": tenant, "key_id": key_id}
+        audit |= {"expires_at": expires_at, "by": _who(request)}
+        response = await self._put(KEY, key_id, entry, audit, key=key)
+        response.headers["Cache-Control"] = "no-store"  # it carries the key
+        return response
+
+    async def revoke_key(self, request: web.Request) -> web.Response:
+        """The key stops working at once in every process (and every gateway on the same
+        Redis, within a poll); it stays listed as revoked, so the tenant never goes keyless."""
+        directory = self._directory(request)
+        if isinstance(directory, web.Response):
+            return directory
+        tenant, key_id = request.match_info["tenant"], request.match_info["key_id"]
+        found = directory.key(key_id)
+        if found is None or found.tenant != tenant:
+            return error_response(
+                OpenAIError(404, f"no key {key_id!r} of tenant {tenant!r}", param="key_id")
+            )
+        if found.revoked:
+            return json_response({"ok": True, "key_id": key_id, "revoked": True})
+        entry = {
+            "tenant": tenant,
+            "created_at": found.created_at,
+            "expires_at": found.expires_at,
+            "revoked": True,
+            "revoked_at": time.time(),
+        }
+        audit = {"action": "key_revoke", "tenant": tenant, "key_id": key_id, "by": _who(request)}
+        return await self._put(KEY, key_id, entry, audit, revoked=True)
 
     async def splits(self, request: web.Request) -> web.Response:
         return json_response({m: s.weights for m, s in self.overrides.splits.items()})

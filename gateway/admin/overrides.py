@@ -1,6 +1,7 @@
 """Operator overrides, shared by every gateway process: drained or ejected replicas, replica
 weights, upstreams registered or deregistered at run time, traffic splits between model
-versions, shadow traffic, and tenants' quotas.
+versions, shadow traffic, tenants' quotas, and API keys made or revoked at run time (their
+ids and digests, never the keys).
 
 An operator acts on one gateway's admin listener; every process of every gateway must
 follow. With Redis the overrides live in a hash and each change is published, so other
@@ -126,6 +127,7 @@ WEIGHT = "weight:"
 UPSTREAM = "upstream:"
 SHADOW = "shadow:"
 QUOTA = "quota:"
+KEY = "key:"
 
 
 def _loads(value: str) -> Any:
@@ -180,6 +182,8 @@ class Overrides:
         """model -> {"target": version, "percent": share mirrored}."""
         self.quotas: dict[str, dict[str, Any]] = {}
         """tenant -> quota fields set at run time (over the config file's)."""
+        self.keys: dict[str, dict[str, Any]] = {}
+        """API key id -> {"tenant", "digest", "created_at", "expires_at", "revoked"}."""
         self.listeners: list[Callable[[], None]] = []
         """Called after the overrides changed (a refresh that found news, or a local act)."""
         self._raw: dict[str, str] = {}
@@ -220,6 +224,7 @@ class Overrides:
         self.upstreams = _section(raw, UPSTREAM)
         self.shadows = _section(raw, SHADOW)
         self.quotas = _section(raw, QUOTA)
+        self.keys = _section(raw, KEY)
         self._notify()
 
     def _notify(self) -> None:
@@ -261,7 +266,7 @@ class Overrides:
         self, prefix: str, name: str, value: Any, audit: dict[str, Any]
     ) -> dict[str, Any]:
         """Set (or with None, remove) one JSON entry of a section (WEIGHT, UPSTREAM, SHADOW,
-        QUOTA)."""
+        QUOTA, KEY)."""
         return await self._save(prefix + name, None if value is None else json.dumps(value), audit)
 
     async def _save(self, key: str, encoded: str | None, audit: dict[str, Any]) -> dict[str, Any]:

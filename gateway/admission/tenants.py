@@ -1,12 +1,19 @@
 """Tenants, their quotas, and API-key authentication; plus the admission config file.
 
-API keys are never stored: the config holds ``HMAC-SHA256(secret, key)`` hex digests, so a
-leaked config does not leak keys, and the secret alone does not either. The secret comes from
+API keys are never stored, only ``HMAC-SHA256(secret, ...)`` hex digests, so a leaked config
+or admin store does not leak keys, and the secret alone does not either. The secret comes from
 the environment variable ``BREAKWATER_KEY_SECRET`` (preferred: keep it out of files) or else
-from ``key_secret`` in the config file. Make a digest for the config with::
+from ``key_secret`` in the config file; gateways sharing a Redis must share it too.
 
-    BREAKWATER_KEY_SECRET=... python -m gateway.admission.tenants hash-key KEY   # or - for stdin
-    BREAKWATER_KEY_SECRET=... python -m gateway.admission.tenants new-key        # random key
+Keys look like ``bw_<id>.<secret>``: the id (12 base62 characters) is public and names the
+key in logs and the audit; the secret (32 random bytes, base64url) is digested alone. A key
+is found by its id in one dict lookup, then its digest compared with ``hmac.compare_digest``;
+keys can also be made, listed and revoked at run time (admin API, `set_runtime_keys`). Keys
+of any other shape are the older kind: ``key_digests`` holds the digest of the whole key, and
+every one of them is compared. Make keys for the config with::
+
+    BREAKWATER_KEY_SECRET=... python -m gateway.admission.tenants new-key --tenant acme
+    BREAKWATER_KEY_SECRET=... python -m gateway.admission.tenants hash-key KEY  # an old key
 
 Config file (TOML, or JSON with the same shape; every section and field is optional)::
 
@@ -41,7 +48,9 @@ Config file (TOML, or JSON with the same shape; every section and field is optio
     priority = "interactive"        # or "batch" (0 / 1); requests may ask for another
 
     [tenants.acme]
-    key_digests = ["<64 hex>", "<64 hex>"]   # several keys allow rotation
+    keys = [{id = "<12 base62>", digest = "<64 hex>"}]  # from new-key; optional expires_at
+                                             # (Unix seconds); several keys allow rotation
+    key_digests = ["<64 hex>", "<64 hex>"]   # older keys: digests of the whole key
     requests_per_second = 50
     priority = "batch"
 """
@@ -56,9 +65,11 @@ import math
 import os
 import re
 import secrets
+import string
 import sys
+import time
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -80,6 +91,12 @@ REDIS_PROBE_INTERVAL_S = 0.25
 
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
+KEY_PREFIX = "bw_"
+KEY_ID_LENGTH = 12
+"""62^12, about 71 bits: ids never collide in practice, and are checked anyway."""
+KEY_SECRET_BYTES = 32
+_ID_ALPHABET = string.ascii_letters + string.digits
+_KEY_ID = re.compile(f"[A-Za-z0-9]{{{KEY_ID_LENGTH}}}")
 
 
 @dataclass(frozen=True)
@@ -126,10 +143,44 @@ class GlobalLimits(Rates):
 
 
 @dataclass(frozen=True)
+class ApiKey:
+    """One ``bw_<id>.<secret>`` key as stored: never the secret, only its digest."""
+
+    key_id: str
+    tenant: str
+    digest: str | None
+    """Hex HMAC-SHA256 of the secret part; None once revoked at run time (not needed)."""
+    created_at: float | None = None
+    expires_at: float | None = None
+    """Unix seconds; None: never."""
+    revoked: bool = False
+    source: str = "config"
+    """``config`` (the file) or ``admin`` (made at run time)."""
+
+    def usable(self, now: float) -> bool:
+        return not self.revoked and (self.expires_at is None or now < self.expires_at)
+
+    def view(self, now: float) -> dict[str, Any]:
+        """What the admin API shows: no digest, no secret."""
+        return {
+            "id": self.key_id,
+            "tenant": self.tenant,
+            "created_at": self.created_at,
+            "expires_at": self.expires_at,
+            "revoked": self.revoked,
+            "expired": self.expires_at is not None and now >= self.expires_at,
+            "source": self.source,
+        }
+
+
+@dataclass(frozen=True)
 class Tenant:
     name: str
     quota: Quota = field(default_factory=Quota)
     key_digests: tuple[str, ...] = ()
+    """Older keys: digests of the whole key, each compared on every request."""
+    keys: tuple[ApiKey, ...] = ()
+    """``bw_<id>.<secret>`` keys from the config file."""
 
 
 @dataclass(frozen=True)
@@ -154,7 +205,10 @@ class AdmissionSettings:
         digests = [d for t in self.tenants for d in t.key_digests]
         if len(set(digests)) != len(digests):
             raise ValueError("the same key digest is listed for more than one tenant")
-        if digests and not self.key_secret:
+        ids = [k.key_id for t in self.tenants for k in t.keys]
+        if len(set(ids)) != len(ids):
+            raise ValueError("the same key id is listed more than once")
+        if (digests or ids) and not self.key_secret:
             raise ValueError(f"key digests are configured but no secret: set {KEY_SECRET_ENV}")
         if not 0 < self.fallback_share <= 1:
             raise ValueError("fallback_share must be in (0, 1]")
@@ -170,11 +224,55 @@ def hash_key(key: str, secret: bytes | str) -> str:
     return hmac.new(secret, key.encode(), hashlib.sha256).hexdigest()
 
 
+def new_api_key(secret: bytes | str, taken: Container[str] = ()) -> tuple[str, str, str]:
+    """A new key ``bw_<id>.<secret>``, its id, and the digest to store (of the secret part):
+    the key is known only to whoever is shown it now."""
+    while True:
+        key_id = "".join(secrets.choice(_ID_ALPHABET) for _ in range(KEY_ID_LENGTH))
+        if key_id not in taken:
+            break
+    part = secrets.token_urlsafe(KEY_SECRET_BYTES)
+    return f"{KEY_PREFIX}{key_id}.{part}", key_id, hash_key(part, secret)
+
+
+def split_key(key: str) -> tuple[str, str] | None:
+    """(id, secret) of a ``bw_<id>.<secret>`` key; None for a key of the older kind."""
+    if not key.startswith(KEY_PREFIX):
+        return None
+    key_id, dot, part = key[len(KEY_PREFIX) :].partition(".")
+    if not dot or not part or not _KEY_ID.fullmatch(key_id):
+        return None
+    return key_id, part
+
+
+def _no_key() -> OpenAIError:
+    return OpenAIError(
+        401,
+        "You didn't provide an API key. Provide it in an Authorization header using "
+        "Bearer auth (Authorization: Bearer YOUR_KEY).",
+        type_="invalid_request_error",
+        code="invalid_api_key",
+    )
+
+
+def _bad_key() -> OpenAIError:
+    """One answer for an unknown id, a wrong secret, a revoked or an expired key: never the
+    key, nor which of these it was."""
+    return OpenAIError(
+        401, "Incorrect API key provided.", type_="invalid_request_error", code="invalid_api_key"
+    )
+
+
 class TenantDirectory:
     """Resolves an ``Authorization`` header to a tenant.
 
-    Every configured digest is compared with ``hmac.compare_digest`` and the loop never stops
-    early, so the time taken says nothing about which digest, or how much of one, matched.
+    A ``bw_<id>.<secret>`` key costs one dict lookup by id and one ``hmac.compare_digest`` of
+    its secret's digest, whether the id is known or not (an unknown one is compared against a
+    dummy digest); revocation and expiry are judged after the comparison, and every failure
+    is the same 401. A key of the older kind, or an id found nowhere, goes through every
+    ``key_digests`` entry, and that loop never stops early, so the time taken says nothing
+    about which digest, or how much of one, matched. (With older digests configured, an
+    unknown id therefore costs that loop as well: ids are public, so this tells nothing.)
     """
 
     def __init__(self, settings: AdmissionSettings) -> None:
@@ -182,40 +280,134 @@ class TenantDirectory:
         self._digests: list[tuple[bytes, Tenant]] = [
             (bytes.fromhex(d), t) for t in settings.tenants for d in t.key_digests
         ]
-        self.default: Tenant | None = (
-            None if self._digests else Tenant(DEFAULT_TENANT, settings.defaults)
-        )
+        self._default = Tenant(DEFAULT_TENANT, settings.defaults)
+        self._tenants: dict[str, Tenant] = {t.name: t for t in settings.tenants} or {
+            DEFAULT_TENANT: self._default
+        }
+        self._config_keys = {k.key_id: k for t in settings.tenants for k in t.keys}
+        self._dummy = secrets.token_bytes(32)
+        self._keys: dict[str, tuple[bytes | None, ApiKey]] = {}
+        self._closed = False
+        self.set_runtime_keys({})
+
+    @property
+    def default(self) -> Tenant | None:
+        """Every request's tenant while no key exists at all; None once one does (in the
+        config or made at run time): keys are then required, even after the last is revoked
+        (revoked keys stay listed), so revoking never opens the gateway."""
+        return None if self._closed else self._default
 
     @property
     def keys_required(self) -> bool:
-        return self.default is None
+        return self._closed
+
+    def set_runtime_keys(self, entries: Mapping[str, Any]) -> None:
+        """Keys made or revoked at run time (the admin store's id -> entry), over the config
+        file's; an entry that does not parse or names no tenant of ours is skipped."""
+        keys = {i: (_unhex(k.digest), k) for i, k in self._config_keys.items()}
+        for key_id, entry in entries.items():
+            record = _runtime_key(key_id, entry, self._config_keys.get(key_id))
+            if record is not None and record.tenant in self._tenants:
+                keys[key_id] = (_unhex(record.digest), record)
+        self._keys = keys
+        self._closed = bool(self._digests or self._config_keys or entries)
+
+    def has_tenant(self, name: str) -> bool:
+        return name in self._tenants
+
+    def key(self, key_id: str) -> ApiKey | None:
+        found = self._keys.get(key_id)
+        return found[1] if found else None
+
+    def keys_of(self, tenant: str) -> list[ApiKey]:
+        """The tenant's ``bw_`` keys, revoked and expired ones included, oldest first."""
+        keys = [k for _, k in self._keys.values() if k.tenant == tenant]
+        return sorted(keys, key=lambda k: (k.created_at or 0.0, k.key_id))
+
+    @property
+    def can_make_keys(self) -> bool:
+        return bool(self._secret)
+
+    def new_key(self) -> tuple[str, str, str]:
+        """A new key, its id and its digest (`new_api_key`) under this gateway's secret."""
+        if not self._secret:
+            raise ValueError(f"no key secret: set {KEY_SECRET_ENV} (or key_secret in the config)")
+        return new_api_key(self._secret, self._keys)
 
     def authenticate(self, authorization: str | None) -> Tenant:
         """The caller's tenant; raises a 401 ``OpenAIError`` for a missing or bad key."""
-        if self.default is not None:
-            return self.default
+        if not self._closed:
+            return self._default
         key = bearer_token(authorization)
         if key is None:
-            raise OpenAIError(
-                401,
-                "You didn't provide an API key. Provide it in an Authorization header using "
-                "Bearer auth (Authorization: Bearer YOUR_KEY).",
-                type_="invalid_request_error",
-                code="invalid_api_key",
-            )
-        presented = hmac.new(self._secret, key.encode(), hashlib.sha256).digest()
+            raise _no_key()
+        known, found = self._by_id(key)
+        if not known and self._digests:
+            found = self._by_digest(key)
+        if found is None:
+            raise _bad_key()
+        return found
+
+    def _by_id(self, key: str) -> tuple[bool, Tenant | None]:
+        """(whether the key's id is one of ours, its tenant if the key is good)."""
+        parts = split_key(key)
+        if parts is None:
+            return False, None
+        key_id, part = parts
+        stored, record = self._keys.get(key_id, (None, None))
+        presented = hmac.new(self._secret, _utf8(part), hashlib.sha256).digest()
+        match = hmac.compare_digest(self._dummy if stored is None else stored, presented)
+        if record is None:
+            return False, None
+        if match and record.usable(time.time()):
+            return True, self._tenants.get(record.tenant)
+        return True, None
+
+    def _by_digest(self, key: str) -> Tenant | None:
+        presented = hmac.new(self._secret, _utf8(key), hashlib.sha256).digest()
         found: Tenant | None = None
         for digest, tenant in self._digests:
             if hmac.compare_digest(digest, presented):
                 found = tenant
-        if found is None:
-            raise OpenAIError(
-                401,
-                "Incorrect API key provided.",
-                type_="invalid_request_error",
-                code="invalid_api_key",
-            )
         return found
+
+
+def _utf8(text: str) -> bytes:
+    # aiohttp hands undecodable header bytes over as surrogates: a bad key, not a crash
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _unhex(digest: str | None) -> bytes | None:
+    return None if digest is None else bytes.fromhex(digest)
+
+
+def _time(value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"expected Unix seconds, got {value!r}")
+    return float(value)
+
+
+def _runtime_key(key_id: str, entry: object, base: ApiKey | None) -> ApiKey | None:
+    """The key an admin store entry describes, or None if it does not parse."""
+    if not _KEY_ID.fullmatch(key_id) or not isinstance(entry, Mapping):
+        return None
+    revoked = entry.get("revoked") is True
+    if base is not None:  # a key from the config file: run time can only revoke it
+        return replace(base, revoked=True) if revoked else base
+    tenant, digest = entry.get("tenant"), entry.get("digest")
+    if not isinstance(tenant, str):
+        return None
+    if digest is None and not revoked:
+        return None
+    if digest is not None and not (isinstance(digest, str) and _DIGEST.fullmatch(digest)):
+        return None
+    try:
+        created, expires = _time(entry.get("created_at")), _time(entry.get("expires_at"))
+    except ValueError:
+        return None
+    return ApiKey(key_id, tenant, digest, created, expires, revoked, "admin")
 
 
 def bearer_token(authorization: str | None) -> str | None:
@@ -283,8 +475,10 @@ def settings_from_dict(
                     "(store digests from `python -m gateway.admission.tenants hash-key`, "
                     "not keys)"
                 )
-        quota_fields = {k: v for k, v in body.items() if k != "key_digests"}
-        tenants.append(Tenant(name, _quota(quota_fields, defaults, f"tenants.{name}"), digests))
+        keys = _config_keys(body.get("keys", []), name)
+        quota_fields = {k: v for k, v in body.items() if k not in ("key_digests", "keys")}
+        quota = _quota(quota_fields, defaults, f"tenants.{name}")
+        tenants.append(Tenant(name, quota, digests, keys))
     glob = _table(data, "global")
     limits = GlobalLimits(
         **_rates(glob, "global", {"max_in_flight", "max_queue", "max_queue_wait_s"}),
@@ -311,6 +505,30 @@ def settings_from_dict(
 
 
 _RATE_FIELDS = {f.name for f in fields(Rates)}
+
+
+def _config_keys(raw: object, tenant: str) -> tuple[ApiKey, ...]:
+    """A tenant's ``keys = [{id = "...", digest = "..."}, ...]`` (from ``new-key``)."""
+    where = f"tenants.{tenant}.keys"
+    if not isinstance(raw, list) or not all(isinstance(k, Mapping) for k in raw):
+        raise ValueError(f'{where} must be a list of {{id = "...", digest = "..."}} tables')
+    keys = []
+    for entry in raw:
+        _only(entry, where, {"id", "digest", "expires_at"})
+        key_id, digest = entry.get("id"), entry.get("digest")
+        if not isinstance(key_id, str) or not _KEY_ID.fullmatch(key_id):
+            raise ValueError(f"{where}: id {key_id!r} is not {KEY_ID_LENGTH} letters and digits")
+        if not isinstance(digest, str) or not _DIGEST.match(digest.strip().lower()):
+            raise ValueError(
+                f"{where}: the digest of {key_id} is not 64 hex digits (store what "
+                "`python -m gateway.admission.tenants new-key` prints, never the key)"
+            )
+        try:
+            expires = _time(entry.get("expires_at"))
+        except ValueError as e:
+            raise ValueError(f"{where}: expires_at of {key_id}: {e}") from None
+        keys.append(ApiKey(key_id, tenant, digest.strip().lower(), expires_at=expires))
+    return tuple(keys)
 
 
 def _table(data: Mapping[str, Any], name: str) -> Mapping[str, Any]:
@@ -470,8 +688,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     h = sub.add_parser("hash-key", help="print the digest of KEY, for key_digests")
     h.add_argument("key", nargs="?", default="-", help="the API key, or - to read stdin")
-    sub.add_parser("new-key", help="print a new random key and its digest")
+    n = sub.add_parser("new-key", help="print a new bw_<id>.<secret> key and its config line")
+    n.add_argument("--tenant", help="the tenant it is for (names its config table)")
     args = p.parse_args(argv)
+    if args.cmd == "new-key" and args.tenant is not None and not _NAME.match(args.tenant):
+        raise SystemExit(f"tenant name {args.tenant!r}: use 1-64 of A-Z a-z 0-9 _ . -")
     secret = _secret_for_cli(args.config)
     if args.cmd == "hash-key":
         key = sys.stdin.readline().strip() if args.key == "-" else args.key
@@ -479,8 +700,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit("empty key")
         print(hash_key(key, secret))
     else:
-        key = "bw-" + secrets.token_urlsafe(32)
-        print(f"key:    {key}\ndigest: {hash_key(key, secret)}")
+        # printed once: only the digest is kept anywhere, the key cannot be shown again
+        key, key_id, digest = new_api_key(secret)
+        print(f"key:    {key}\nid:     {key_id}\ndigest: {digest}")
+        print("# the key is shown only now; the admission config takes its id and digest:")
+        if args.tenant is not None:
+            print(f"[tenants.{args.tenant}]")
+        print(f'keys = [{{id = "{key_id}", digest = "{digest}"}}]  # or add it to the list')
     return 0
 
 

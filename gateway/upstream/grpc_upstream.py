@@ -93,6 +93,7 @@ class GrpcUpstream:
         if not serving and info.state == WorkerState.SERVING:
             info.state = WorkerState.NOT_SERVING
         info.models = [s.model_id] if s.model_id else info.models
+        info.version = s.version or info.version
         info.stats = {
             "queue_depth": s.queue_depth,
             "running": s.running,

@@ -23,6 +23,7 @@ from loadtest.fleet import (
     start_sim_worker,
     wait_for,
 )
+from tests.procs import complete
 
 
 @pytest.fixture(scope="module")
@@ -31,23 +32,6 @@ def workers() -> Iterator[list[Proc]]:
     yield ws
     for w in ws:
         w.stop()
-
-
-def complete(
-    gw: Proc, i: int, model: str = "sim", key: str | None = None, stream: bool = False
-) -> tuple[int, dict[str, str], bytes]:
-    headers = {"Content-Type": "application/json", "Connection": "close"}
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-    body = {"model": model, "prompt": f"p{i}", "max_tokens": 3, "stream": stream}
-    req = urllib.request.Request(
-        gw.ready["http"] + "/v1/completions", data=json.dumps(body).encode(), headers=headers
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, dict(r.headers), r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
 
 
 def served_by(gw: Proc, n: int) -> Counter[str]:

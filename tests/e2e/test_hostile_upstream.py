@@ -24,7 +24,8 @@ import pytest
 
 from proto import inference_pb2 as pb
 from proto import inference_pb2_grpc as pb_grpc
-from tests.procs import Proc, start_gateway, wait_for
+from tests.e2e.fake_http import FakeHTTPServer
+from tests.procs import Proc, start_gateway, vm_kb, wait_for
 
 EVENT = b'data: {"id":"x","object":"text_completion","choices":[{"index":0,"text":"tok"}]}\n\n'
 FINISH = (
@@ -56,51 +57,23 @@ def _whole(data: bytes, ctype: bytes = b"application/json", status: bytes = b"20
     )
 
 
-class Upstream:
-    """An OpenAI-compatible HTTP/1.1 server on its own loop and thread, serving `model`;
-    `hostile` ones misbehave as their prompt says."""
+class Upstream(FakeHTTPServer):
+    """An OpenAI-compatible HTTP/1.1 server (a fake of a third-party one) on its own loop and
+    thread, serving `model`; `hostile` ones misbehave as their prompt says."""
 
     def __init__(self, model: str, hostile: bool) -> None:
         self.model = model
         self.hostile = hostile
-        self.loop = asyncio.new_event_loop()
-        self.port = 0
-        ready = threading.Event()
+        super().__init__()
 
-        async def start() -> None:
-            self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-            self.port = self.server.sockets[0].getsockname()[1]
-            ready.set()
-
-        threading.Thread(target=self.loop.run_forever, daemon=True).start()
-        asyncio.run_coroutine_threadsafe(start(), self.loop)
-        assert ready.wait(10)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await r.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                body = await r.readexactly(length)
-                if head.startswith(b"GET /v1/models"):
-                    w.write(_whole(b'{"object":"list","data":[{"id":"%s"}]}' % self.model.encode()))
-                    await w.drain()
-                    continue
-                req = json.loads(body)
-                prompt = req.get("prompt", "") if self.hostile else "ok"
-                if not await self._answer(prompt, bool(req.get("stream")), w):
-                    return
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-            pass
-        finally:
-            w.close()
+    async def respond(self, head: bytes, body: bytes, w: asyncio.StreamWriter) -> bool:
+        if head.startswith(b"GET /v1/models"):
+            w.write(_whole(b'{"object":"list","data":[{"id":"%s"}]}' % self.model.encode()))
+            await w.drain()
+            return True
+        req = json.loads(body)
+        prompt = req.get("prompt", "") if self.hostile else "ok"
+        return await self._answer(prompt, bool(req.get("stream")), w)
 
     async def _answer(self, prompt: str, stream: bool, w: asyncio.StreamWriter) -> bool:
         """Write one answer; False closes the connection (every hostile answer does)."""
@@ -163,17 +136,6 @@ class Upstream:
         await w.drain()
         return False
 
-    def close(self) -> None:
-        async def shutdown() -> None:
-            self.server.close()
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-
 
 @pytest.fixture(scope="module")
 def fleet() -> Iterator[tuple[Proc, Upstream]]:
@@ -204,15 +166,6 @@ def _post(
             return r.status, dict(r.headers), r.read()
     except urllib.error.HTTPError as e:
         return e.code, dict(e.headers), e.read()
-
-
-def _vm(pid: int, key: str) -> int:
-    """A /proc/<pid>/status figure in kB (VmRSS: now, VmHWM: the peak)."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
 
 
 class Traffic:
@@ -286,7 +239,7 @@ def test_hostile_upstream_answers_end_cleanly_and_service_goes_on(
 ) -> None:
     gw, _ = fleet
     wait_for(lambda: _post(gw, "m", "ok", False)[0] == 200, timeout=30, interval=0.2)
-    rss_before = _vm(gw.pid, "VmRSS")
+    rss_before = vm_kb(gw.pid, "VmRSS")
     traffic = Traffic(gw)
     outcomes: list[str] = []
     try:
@@ -321,7 +274,7 @@ def test_hostile_upstream_answers_end_cleanly_and_service_goes_on(
                 wait_for(lambda: _post(gw, "m", "ok", True)[0] == 200, timeout=30, interval=0.1)
     finally:
         traffic.stop()
-    peak = _vm(gw.pid, "VmHWM")
+    peak = vm_kb(gw.pid, "VmHWM")
     print("\n".join(outcomes))
     print(f"gateway RSS before {rss_before} kB, peak {peak} kB, +{(peak - rss_before) // 1024} MB")
     print(f"other model: {len(traffic.latencies)} requests, max {max(traffic.latencies):.2f}s")

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 
 import pytest
 
+from tests.e2e.fake_http import FakeHTTPServer
 from tests.procs import Proc, start_gateway, wait_for
 
 EVENT = b'data: {"id":"x","object":"text_completion","choices":[{"index":0,"text":"tok"}]}\n\n'
@@ -25,50 +25,23 @@ def _chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-class Upstream:
-    """An OpenAI-ish HTTP/1.1 server on its own loop and thread; `busy` answers 429 always."""
+class Upstream(FakeHTTPServer):
+    """An OpenAI-ish HTTP/1.1 server (a fake of a third-party one) on its own loop and thread;
+    `busy` answers 429 always."""
 
     def __init__(self, busy: bool = False) -> None:
         self.busy = busy
         self.requests = 0
-        self.loop = asyncio.new_event_loop()
-        ready = threading.Event()
-        self.port = 0
+        super().__init__()
 
-        async def start() -> None:
-            server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-            self.port = server.sockets[0].getsockname()[1]
-            ready.set()
-
-        threading.Thread(target=self.loop.run_forever, daemon=True).start()
-        asyncio.run_coroutine_threadsafe(start(), self.loop)
-        assert ready.wait(10)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await r.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                body = await r.readexactly(length)
-                self.requests += 1
-                if head.startswith(b"GET /v1/models"):
-                    data = b'{"object":"list","data":[{"id":"m","object":"model"}]}'
-                    w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
-                    await w.drain()
-                    continue
-                if not await self._answer(json.loads(body), w):
-                    return
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            w.close()
+    async def respond(self, head: bytes, body: bytes, w: asyncio.StreamWriter) -> bool:
+        self.requests += 1
+        if head.startswith(b"GET /v1/models"):
+            data = b'{"object":"list","data":[{"id":"m","object":"model"}]}'
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+            await w.drain()
+            return True
+        return await self._answer(json.loads(body), w)
 
     async def _answer(self, req: dict, w: asyncio.StreamWriter) -> bool:
         """Write one answer; False closes the connection."""
@@ -100,9 +73,6 @@ class Upstream:
             w.write(b"0\r\n\r\n")
         await w.drain()
         return True
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
 
 
 @pytest.fixture(scope="module")

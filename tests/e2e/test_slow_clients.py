@@ -26,7 +26,8 @@ import pytest
 
 from proto import inference_pb2 as pb
 from proto import inference_pb2_grpc as pb_grpc
-from tests.procs import Proc, start_gateway, start_sim_worker, wait_for
+from tests.e2e.fake_http import FakeHTTPServer
+from tests.procs import Proc, start_gateway, start_sim_worker, vm_kb, wait_for
 
 SEND_TIMEOUT_S = 2.0
 KEEPALIVE_S = 8.0
@@ -39,72 +40,35 @@ EVENT = (
 )
 
 
-class Firehose:
-    """An OpenAI-compatible upstream whose streams never end: it writes as fast as it is
-    read, so only the gateway closing the connection stops it (`open` counts them)."""
+class Firehose(FakeHTTPServer):
+    """An OpenAI-compatible upstream (a fake of a third-party server) whose streams never end:
+    it writes as fast as it is read, so only the gateway closing the connection stops it
+    (`open` counts them)."""
 
     def __init__(self) -> None:
         self.open = 0
         self.started = 0
-        self.loop = asyncio.new_event_loop()
-        self.port = 0
-        ready = threading.Event()
+        super().__init__()
 
-        async def start() -> None:
-            self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-            self.port = self.server.sockets[0].getsockname()[1]
-            ready.set()
-
-        threading.Thread(target=self.loop.run_forever, daemon=True).start()
-        asyncio.run_coroutine_threadsafe(start(), self.loop)
-        assert ready.wait(10)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    async def respond(self, head: bytes, body: bytes, w: asyncio.StreamWriter) -> bool:
+        if head.startswith(b"GET"):
+            data = b'{"object":"list","data":[{"id":"firehose"}]}'
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+            await w.drain()
+            return True
+        self.open += 1
+        self.started += 1
         try:
+            w.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n"
+            )
+            batch = EVENT * 50
             while True:
-                head = await r.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                await r.readexactly(length)
-                if head.startswith(b"GET"):
-                    data = b'{"object":"list","data":[{"id":"firehose"}]}'
-                    w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
-                    await w.drain()
-                    continue
-                self.open += 1
-                self.started += 1
-                try:
-                    w.write(
-                        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                        b"Transfer-Encoding: chunked\r\n\r\n"
-                    )
-                    batch = EVENT * 50
-                    while True:
-                        w.write(b"%x\r\n%s\r\n" % (len(batch), batch))
-                        await w.drain()
-                finally:
-                    self.open -= 1
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
+                w.write(b"%x\r\n%s\r\n" % (len(batch), batch))
+                await w.drain()
         finally:
-            w.close()
-
-    def close(self) -> None:
-        async def shutdown() -> None:
-            self.server.close()
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
+            self.open -= 1
 
 
 @pytest.fixture(scope="module")
@@ -186,15 +150,6 @@ def _complete(answer: bytes) -> bool:
     return False
 
 
-def _vm(pid: int, key: str) -> int:
-    """A /proc/<pid>/status figure in kB (VmRSS: now, VmHWM: the peak)."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
 class Slowloris:
     """Sockets that send a request head a byte at a time and never finish it; a thread
     trickles the bytes and notes when the gateway closes each one."""
@@ -271,7 +226,7 @@ def test_slow_and_greedy_clients_cannot_starve_others(
     address = _address(gw)
     wait_for(lambda: b"firehose" in _answer_models(address), timeout=30, interval=0.2)
     baseline = [_normal_request(gw, i) for i in range(20)]
-    rss_before = _vm(gw.pid, "VmRSS")
+    rss_before = vm_kb(gw.pid, "VmRSS")
 
     slowloris = Slowloris(address, SLOWLORIS)
     unread: list[socket.socket] = []
@@ -308,7 +263,7 @@ def test_slow_and_greedy_clients_cannot_starve_others(
         while time.monotonic() < t_end:
             during.append(_normal_request(gw, i))
             i += 1
-            peak_rss = max(peak_rss, _vm(gw.pid, "VmRSS"))
+            peak_rss = max(peak_rss, vm_kb(gw.pid, "VmRSS"))
             if closed_at is None and gw.log_text().count("has read nothing") >= len(unread):
                 closed_at = time.monotonic()
             if answered_at is None and select.select([trickle], [], [], 0)[0]:
@@ -335,7 +290,7 @@ def test_slow_and_greedy_clients_cannot_starve_others(
         # the slowloris sockets were all closed at the keep-alive timeout
         wait_for(lambda: len(slowloris.closed) == SLOWLORIS, timeout=KEEPALIVE_S + 10)
         held = [slowloris.closed[f] - slowloris.opened[f] for f in slowloris.closed]
-        peak_rss = max(peak_rss, _vm(gw.pid, "VmHWM"))
+        peak_rss = max(peak_rss, vm_kb(gw.pid, "VmHWM"))
     finally:
         slowloris.close()
         for s in unread:
