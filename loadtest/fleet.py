@@ -31,12 +31,15 @@ class Proc:
         ready_prefix: str,
         timeout: float = 180.0,
         env: dict[str, str] | None = None,
+        python: str = sys.executable,
     ) -> None:
+        """`python`: the interpreter to run breakwater with (a vLLM worker runs in vLLM's own
+        virtualenv, see loadtest.vllm_env)."""
         self.args = args
         self.log = Path(tempfile.mkstemp(prefix="bw-", suffix=".log")[1])
         self._log_f = self.log.open("w")
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "breakwater.cli", *args],
+            [python, "-m", "breakwater.cli", *args],
             stdout=subprocess.PIPE,
             stderr=self._log_f,
             text=True,
@@ -114,6 +117,8 @@ def start_worker(
     name: str = "tiny",
     grpc_port: int = 0,
     timeout: float = 180.0,
+    python: str = sys.executable,
+    env: dict[str, str] | None = None,
 ) -> Proc:
     args = [
         "worker",
@@ -130,7 +135,7 @@ def start_worker(
     ]
     if model is not None:
         args += ["--model", str(model)]
-    return Proc([*args, *extra], "BREAKWATER_WORKER_READY", timeout)
+    return Proc([*args, *extra], "BREAKWATER_WORKER_READY", timeout, env=env, python=python)
 
 
 def start_sim_worker(

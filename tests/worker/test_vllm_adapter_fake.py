@@ -1,16 +1,18 @@
-"""The `vllm` engine adapter, over a fake vLLM package.
+"""The `vllm` engine adapter over a FAKE vLLM package: only what real vLLM on CPU cannot show.
 
-vLLM cannot run in this project's environment (it needs its GPU build), so these tests put
-tests/worker/fake_vllm on sys.path and `import vllm` finds a fake with vLLM's module layout
-and signatures. What they pin down is the adapter's side: parameter mapping, synchronous
-validation, delta streaming, usage, logprobs, and aborting vLLM when a caller goes away.
+tests/vllm runs the adapter against real vLLM (its CPU build): greedy output, streaming,
+stop strings, logprobs, chat templates, aborts, stats, KV events, drain. What is left here
+needs a vLLM this machine cannot run: CUDA-only options (a byte budget as
+gpu_memory_utilization), shapes of older vLLM releases (cumulative outputs, V0's priority
+scheduler flag, an async get_tokenizer), a hub model id without a local tokenizer, and
+failure paths real vLLM does not produce on demand. These tests put tests/worker/fake_vllm
+on sys.path, so `import vllm` finds a fake with vLLM's module layout and signatures.
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib.util
-import json
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -18,11 +20,7 @@ from types import ModuleType, SimpleNamespace
 from typing import Any, TypeVar
 
 import pytest
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import WhitespaceSplit
 
-from prompts.tokenizer import Tokenizer
 from worker.backends.vllm_engine import INSTALL_HINT, VLLMEngine, VLLMNotInstalledError
 from worker.engine import EngineConfig, GenerateRequest, SamplingParams
 from worker.engine.errors import ConfigError, InvalidRequestError
@@ -50,21 +48,6 @@ def vllm(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
     _purge_vllm()
 
 
-@pytest.fixture
-def checkpoint(tmp_path: Path) -> Path:
-    """A model dir with only a word-level tokenizer and a chat template: all ours needs."""
-    words = ["[UNK]", "<user>", "<assistant>", "hi", "there"]
-    hf = HFTokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    hf.pre_tokenizer = WhitespaceSplit()
-    hf.save(str(tmp_path / "tokenizer.json"))
-    template = (
-        "{% for m in messages %}<{{ m.role }}> {{ m.content }} {% endfor %}"
-        "{% if add_generation_prompt %}<assistant>{% endif %}"
-    )
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
-    return tmp_path
-
-
 def run(body: Callable[[], Awaitable[T]]) -> T:
     async def main() -> T:
         return await asyncio.wait_for(body(), timeout=30)
@@ -84,29 +67,6 @@ def req(rid: str, prompt: str = "hi", **sampling: Any) -> GenerateRequest:
     return GenerateRequest(rid, prompt=prompt, sampling=SamplingParams(**sampling))
 
 
-def test_streams_deltas_then_usage_on_the_final_one(vllm: ModuleType) -> None:
-    engine = make(served_model_name="m")
-    first = run(lambda: collect(engine, req("a", max_tokens=5)))
-    again = run(lambda: collect(engine, req("b", max_tokens=5)))
-
-    assert engine.model_name == "m"
-    assert "".join(d.text for d in first) == "hello"
-    assert [t for d in first for t in d.token_ids] == [ord(c) for c in "hello"]
-    assert len(first) == 5 and all(not d.finished for d in first[:-1])
-    assert first[-1].finish_reason == "length" and first[-1].stop_reason is None
-    assert first[-1].usage is not None
-    assert (first[-1].usage.prompt_tokens, first[-1].usage.completion_tokens) == (2, 5)
-    assert first[-1].usage.cached_prompt_tokens == 0
-    # The fake reports a prefix-cache hit for a prompt it has seen: passed through.
-    assert again[-1].usage is not None and again[-1].usage.cached_prompt_tokens == 1
-    stats = engine.stats()
-    assert (stats.num_requests_running, stats.num_requests_waiting) == (0, 0)
-    assert (stats.prompt_tokens_total, stats.generation_tokens_total) == (4, 10)
-    assert (stats.prefix_cache_queries, stats.prefix_cache_hits) == (4, 1)
-    params = engine.engine.requests["a"]["params"]
-    assert params.output_kind is vllm.sampling_params.RequestOutputKind.DELTA
-
-
 def test_cumulative_outputs_give_the_same_deltas(
     vllm: ModuleType, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -121,20 +81,6 @@ def test_cumulative_outputs_give_the_same_deltas(
     assert kind.name == "CUMULATIVE"
     assert cumulative == delta_mode
     assert "".join(d.text for d in cumulative) == "hello "
-
-
-def test_stop_strings_and_logprobs(vllm: ModuleType) -> None:
-    deltas = run(lambda: collect(make(), req("a", max_tokens=20, stop=["wor"], logprobs=2)))
-
-    final = deltas[-1]
-    assert "".join(d.text for d in deltas) == "hello "
-    assert (final.finish_reason, final.stop_reason) == ("stop", "wor")
-    tokens = [t for d in deltas for t in d.token_ids]
-    assert tokens == [ord(c) for c in "hello wor"]  # the tokens that made the stop string
-    logprobs = [lp for d in deltas for lp in d.logprobs or []]
-    assert [lp.token_id for lp in logprobs] == tokens
-    h = ord("h")
-    assert (logprobs[0].logprob, logprobs[0].top) == (-0.25, [(h, -0.25), (h + 1, -2.0)])
 
 
 def test_sampling_params_mapping(vllm: ModuleType) -> None:
@@ -163,38 +109,6 @@ def test_sampling_params_mapping(vllm: ModuleType) -> None:
     assert (defaults.max_tokens, defaults.logprobs, defaults.stop) == (None, None, [])
 
 
-@pytest.mark.parametrize(
-    ("request_", "param"),
-    [
-        (req("r", temperature=-1.0), "temperature"),
-        (req("r", top_p=0.0), "top_p"),
-        (req("r", top_k=-2), "top_k"),
-        (req("r", max_tokens=0), "max_tokens"),
-        (req("r", logprobs=21), "logprobs"),
-        (req("r", stop=[""]), "stop"),
-        (req("r", prompt=""), "prompt"),
-        (GenerateRequest("r"), "prompt"),
-        (GenerateRequest("r", prompt="hi", prompt_token_ids=[1]), "prompt"),
-        (GenerateRequest("r", prompt_token_ids=[1, -1]), "prompt"),
-        (GenerateRequest("r", prompt_token_ids=list(range(64))), "prompt"),
-        (
-            GenerateRequest("r", prompt_token_ids=[1], sampling=SamplingParams(max_tokens=64)),
-            "max_tokens",
-        ),
-        (GenerateRequest("r", prompt="hi", priority="urgent"), "priority"),
-        (GenerateRequest("r", messages=[{"content": "no role"}]), "messages"),
-    ],
-)
-def test_invalid_requests_raise_before_streaming(
-    vllm: ModuleType, request_: GenerateRequest, param: str
-) -> None:
-    engine = make(max_model_len=64)
-    with pytest.raises(InvalidRequestError) as e:
-        engine.generate(request_)
-    assert e.value.param == param
-    assert engine.engine.requests == {} and engine.stats().num_requests_waiting == 0
-
-
 def test_duplicate_request_id_is_refused(vllm: ModuleType) -> None:
     engine = make()
 
@@ -206,19 +120,6 @@ def test_duplicate_request_id_is_refused(vllm: ModuleType) -> None:
         assert len(await collect(engine, req("same", max_tokens=3))) == 3  # free again
 
     run(body)
-
-
-def test_chat_renders_with_the_checkpoints_template(vllm: ModuleType, checkpoint: Path) -> None:
-    engine = make(str(checkpoint))
-    messages = [{"role": "user", "content": "hi there"}]
-    run(lambda: collect(engine, GenerateRequest("c", messages=messages)))
-
-    assert isinstance(engine.tokenizer, Tokenizer)
-    rendered = "<user> hi there <assistant>"
-    expected = Tokenizer(checkpoint).encode(rendered, add_special_tokens=False)
-    assert expected == [1, 3, 4, 2]
-    assert engine.engine.requests["c"]["prompt"] == {"prompt_token_ids": expected}
-    assert engine.tokenizer.decode([3, 4]) == "hi there"
 
 
 def test_chat_and_decode_use_vllms_tokenizer_without_a_local_one(vllm: ModuleType) -> None:
@@ -255,42 +156,6 @@ def test_priority_reaches_vllm_with_a_priority_scheduler(vllm: ModuleType) -> No
     assert engine.engine.engine_args.scheduling_policy == "priority"
     assert engine.engine.requests["b"]["priority"] == 1
     assert engine.engine.requests["i"]["priority"] == 0
-
-
-def test_closing_the_stream_aborts_the_vllm_request(vllm: ModuleType) -> None:
-    engine = make(max_model_len=100_000)
-
-    async def body() -> None:
-        stream = engine.generate(req("long", max_tokens=50_000))
-        got = [await anext(stream), await anext(stream)]
-        assert engine.stats().num_requests_running == 1
-        await stream.aclose()  # type: ignore[attr-defined]
-        assert all(not d.finished for d in got)
-
-    run(body)
-    assert "long" in engine.engine.aborted
-    assert engine.stats().num_requests_running == 0
-
-
-def test_cancelling_the_consumer_aborts_the_vllm_request(vllm: ModuleType) -> None:
-    engine = make(max_model_len=100_000)
-
-    async def body() -> None:
-        started = asyncio.Event()
-
-        async def consume() -> None:
-            async for _ in engine.generate(req("long", max_tokens=50_000)):
-                started.set()
-
-        task = asyncio.create_task(consume())
-        await started.wait()
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-
-    run(body)
-    assert "long" in engine.engine.aborted
-    assert engine.stats().num_requests_running == engine.stats().num_requests_waiting == 0
 
 
 def test_vllms_own_rejection_ends_the_stream_with_an_error(vllm: ModuleType) -> None:
