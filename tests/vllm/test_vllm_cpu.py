@@ -27,7 +27,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest import vllm_env
-from loadtest.fleet import Proc, start_gateway, start_worker, wait_for
+from loadtest.fleet import Proc, admin_json, start_gateway, start_worker, wait_for
 from prompts.block_keys import block_hashes, block_key
 from prompts.tokenizer import Tokenizer
 from proto import inference_pb2 as pb
@@ -56,20 +56,23 @@ def model() -> Path:
     return ensure_demo_model("demo")
 
 
-@pytest.fixture(scope="module")
-def vllm_worker(model: Path) -> Iterator[Proc]:
-    python = _need_vllm()
-    w = start_worker(
+def start_vllm_worker(model: Path) -> Proc:
+    return start_worker(
         model,
         "--enforce-eager",
         "--http-port",
         "0",
         engine="vllm",
         name=MODEL,
-        python=python,
+        python=_need_vllm(),
         env=vllm_env.worker_env(),
         timeout=300,
     )
+
+
+@pytest.fixture(scope="module")
+def vllm_worker(model: Path) -> Iterator[Proc]:
+    w = start_vllm_worker(model)
     yield w
     w.stop()
 
@@ -283,6 +286,51 @@ def test_a_client_that_leaves_aborts_the_request_in_vllm(
     wait_for(settled, timeout=60, interval=0.2)
     made = metrics(vllm_worker)["vllm:generation_tokens_total"] - before
     assert made < 600, made  # aborted, not run to its 900 tokens
+
+
+def test_the_gateway_sends_a_shared_prefix_to_the_vllm_replica_that_holds_it(
+    model: Path, vllm_worker: Proc
+) -> None:
+    """Two vLLM replicas behind one gateway (cache-aware routing, the default): follow-up
+    turns sharing a long system prompt go where vLLM's KV events say its blocks are."""
+    other = start_vllm_worker(model)
+    gw = start_gateway("--worker", vllm_worker.ready["grpc"], "--worker", other.ready["grpc"])
+    try:
+
+        def workers() -> list[dict[str, Any]]:
+            return list(admin_json(gw, "/admin/workers")["workers"])
+
+        wait_for(lambda: [w["cache"]["reported"] for w in workers()] == [True, True], timeout=60)
+        system = "You are a careful assistant for the river team, and brief. " * 12  # ~310 tokens
+
+        def chat(question: str) -> tuple[str, int]:
+            body = {
+                "model": MODEL,
+                "max_tokens": 2,
+                "messages": [
+                    {"role": "system", "content": system},
+                    {"role": "user", "content": question},
+                ],
+            }
+            req = urllib.request.Request(
+                gw.ready["http"] + "/v1/chat/completions",
+                data=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(req, timeout=120) as r:
+                usage = json.loads(r.read())["usage"]
+                replica = r.headers.get("x-breakwater-worker", "")
+            return replica, usage["prompt_tokens_details"]["cached_tokens"]
+
+        holder, _ = chat("first question")
+        wait_for(lambda: any(w["cache"].get("blocks", 0) >= 2 for w in workers()), timeout=60)
+        for i in range(4):
+            replica, cached = chat(f"follow-up {i}")
+            assert replica == holder
+            assert cached >= 256
+    finally:
+        gw.stop()
+        other.stop()
 
 
 def test_sigterm_drains_the_request_in_flight_then_exits(vllm_worker: Proc, via_vllm: str) -> None:
