@@ -187,7 +187,7 @@ def bench_hf(model: Path, wl: Workload, batch: int) -> dict[str, float]:
 def _vllm_env() -> dict[str, str]:
     from loadtest import vllm_env
 
-    return vllm_env.worker_env()
+    return vllm_env.worker_env()  # the runner sizes LLM()'s KV space itself
 
 
 def bench_vllm_peer(vllm_python: str, seed: int) -> dict[str, float]:
