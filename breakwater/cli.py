@@ -90,7 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="gateway event-loop processes (default: the number of cores)",
     )
     up.add_argument("--workers", type=int, default=1, help="local workers to start")
-    up.add_argument("--engine", choices=["torch", "sim"], default="torch")
+    up.add_argument(
+        "--engine",
+        choices=["torch", "sim", "vllm"],
+        default="torch",
+        help="vllm: vLLM in each worker (installed in this environment)",
+    )
+    up.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="vllm: no torch.compile or CUDA graphs (faster start, slower steps)",
+    )
     up.add_argument("--sim-preset", default="llama3-8b-h100")
     up.add_argument("--redis-url", default=None, help="use Redis as the registry")
     up.add_argument("--host", default="127.0.0.1")

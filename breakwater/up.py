@@ -79,7 +79,7 @@ async def _stop(children: list[Child], timeout: float) -> None:
 async def _up(args: argparse.Namespace) -> int:
     children: list[Child] = []
     model = args.model
-    if args.engine == "torch" and model is None:
+    if args.engine in ("torch", "vllm") and model is None:
         from worker.engine.demo_model import ensure_demo_model
 
         ensure_demo_model("demo")  # once, before the workers race to write it
@@ -98,6 +98,8 @@ async def _up(args: argparse.Namespace) -> int:
             common += ["--model", model]
         if args.engine == "sim":
             common += ["--sim-preset", args.sim_preset]
+        if args.enforce_eager:
+            common += ["--enforce-eager"]
         if args.kv_cache_memory:
             common += ["--kv-cache-memory", args.kv_cache_memory]
         if args.max_model_len:

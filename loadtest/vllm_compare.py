@@ -18,6 +18,7 @@ import json
 import random
 import statistics
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -92,14 +93,17 @@ def run_load(base: str, prompts: list[list[int]], max_tokens: int) -> dict[str, 
     }
 
 
-def measure(engine: str, model: Path, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
+def measure(
+    engine: str, model: Path, prompts: list[list[int]], max_tokens: int, rpc_dir: str
+) -> dict[str, Any]:
+    """`rpc_dir`: where vLLM puts its ZMQ ipc sockets (it leaves some behind at every stop)."""
     extra = ["--kv-cache-memory", "512MiB", "--max-model-len", "1024", "--enforce-eager"]
     if engine == "vllm":
         python = vllm_env.ensure()
         t0 = time.perf_counter()
         worker = start_worker(
             model, *extra, engine="vllm", name="demo", python=python,
-            env=vllm_env.worker_env(), timeout=600,
+            env={**vllm_env.worker_env(), "VLLM_RPC_BASE_PATH": rpc_dir}, timeout=600,
         )  # fmt: skip
     else:
         t0 = time.perf_counter()
@@ -131,8 +135,9 @@ def main(argv: list[str] | None = None) -> None:
     n, length, out = (16, 128, 64) if args.quick else (32, 128, 128)
     rng = random.Random(args.seed)
     prompts = [[rng.randrange(8, vocab) for _ in range(length)] for _ in range(n)]
-    ours = measure("torch", model, prompts, out)
-    theirs = measure("vllm", model, prompts, out)
+    with tempfile.TemporaryDirectory(prefix="bw-vllm-rpc-") as rpc_dir:
+        ours = measure("torch", model, prompts, out, rpc_dir)
+        theirs = measure("vllm", model, prompts, out, rpc_dir)
     result = {
         "workload": {"requests": n, "prompt_tokens": length, "max_tokens": out},
         "torch": ours,

@@ -1,6 +1,8 @@
 """Real Breakwater processes for tests: the same harness the chaos suite uses."""
 
 import json
+import os
+import signal
 import urllib.error
 import urllib.request
 
@@ -8,7 +10,9 @@ from loadtest.fleet import Proc, start_gateway, start_sim_worker, start_worker, 
 
 __all__ = [
     "Proc",
+    "child_pids",
     "complete",
+    "interrupt_and_reap",
     "start_gateway",
     "start_sim_worker",
     "start_worker",
@@ -42,3 +46,15 @@ def vm_kb(pid: int, key: str) -> int:
             if line.startswith(key + ":"):
                 return int(line.split()[1])
     raise KeyError(key)
+
+
+def child_pids(proc: Proc) -> list[int]:
+    return [int(p) for p in os.popen(f"pgrep -P {proc.pid}").read().split()]
+
+
+def interrupt_and_reap(proc: Proc, children: list[int]) -> None:
+    """Ctrl-C: the process exits 0 and every child it had is gone."""
+    proc.signal(signal.SIGINT)
+    assert proc.wait(90) == 0
+    for pid in children:
+        wait_for(lambda pid=pid: not os.path.exists(f"/proc/{pid}"), timeout=30)

@@ -7,6 +7,7 @@ import asyncio
 import io
 import itertools
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -47,6 +48,9 @@ class Browser:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            # Its singleton socket directory (org.chromium.Chromium.*) lands in TMPDIR: the
+            # profile's, removed with it, not loose in /tmp.
+            env={**os.environ, "TMPDIR": profile},
         )
         self.ids = itertools.count(1)
         assert self.proc.stderr is not None

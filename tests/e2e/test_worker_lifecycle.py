@@ -116,10 +116,9 @@ def test_bounded_queue_pushes_back(tiny_llama: Path) -> None:
 
 def test_up_starts_serves_and_stops_cleanly(tiny_llama: Path, tmp_path: Path) -> None:
     import json
-    import os
     import urllib.request
 
-    from tests.procs import Proc
+    from tests.procs import Proc, child_pids, interrupt_and_reap
 
     up = Proc(
         [
@@ -148,11 +147,8 @@ def test_up_starts_serves_and_stops_cleanly(tiny_llama: Path, tmp_path: Path) ->
         )
         with urllib.request.urlopen(req, timeout=60) as r:
             assert json.loads(r.read())["usage"]["completion_tokens"] == 3
-        children = [int(p) for p in os.popen(f"pgrep -P {up.pid}").read().split()]
+        children = child_pids(up)
         assert len(children) == 3
-        up.signal(signal.SIGINT)
-        assert up.wait(90) == 0
-        for pid in children:
-            wait_for(lambda pid=pid: not os.path.exists(f"/proc/{pid}"), timeout=30)
+        interrupt_and_reap(up, children)
     finally:
         up.stop()

@@ -13,6 +13,7 @@ import http.client
 import json
 import os
 import signal
+import tempfile
 import threading
 import time
 import urllib.error
@@ -33,6 +34,7 @@ from prompts.tokenizer import Tokenizer
 from proto import inference_pb2 as pb
 from proto import inference_pb2_grpc as pb_grpc
 from tests.engine._util import hf_greedy
+from tests.procs import child_pids, interrupt_and_reap
 from worker.engine.demo_model import ensure_demo_model
 
 MODEL = "demo"
@@ -56,6 +58,20 @@ def model() -> Path:
     return ensure_demo_model("demo")
 
 
+RPC_DIR = tempfile.TemporaryDirectory(prefix="bw-vllm-rpc-")
+"""vLLM's ZMQ ipc sockets (it leaves some behind at every stop): here, not loose in /tmp."""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _rpc_dir_cleanup() -> Iterator[None]:
+    yield
+    RPC_DIR.cleanup()
+
+
+def vllm_worker_env() -> dict[str, str]:
+    return {**vllm_env.worker_env(), "VLLM_RPC_BASE_PATH": RPC_DIR.name}
+
+
 def start_vllm_worker(model: Path) -> Proc:
     return start_worker(
         model,
@@ -65,7 +81,7 @@ def start_vllm_worker(model: Path) -> Proc:
         engine="vllm",
         name=MODEL,
         python=_need_vllm(),
-        env=vllm_env.worker_env(),
+        env=vllm_worker_env(),
         timeout=300,
     )
 
@@ -331,6 +347,29 @@ def test_the_gateway_sends_a_shared_prefix_to_the_vllm_replica_that_holds_it(
     finally:
         gw.stop()
         other.stop()
+
+
+def test_breakwater_up_with_the_vllm_engine(model: Path) -> None:
+    """`breakwater up --engine vllm` from vLLM's environment: a worker and a gateway, one
+    answer, and Ctrl-C leaves no process behind."""
+    up = Proc(
+        ["up", "--engine", "vllm", "--enforce-eager", "--workers", "1", "--port", "0",
+         "--model", str(model), "--kv-cache-memory", "32MiB", "--max-model-len", "1024",
+         "--gateway-processes", "1"],
+        "Breakwater is up",
+        timeout=300,
+        env=vllm_worker_env(),
+        python=_need_vllm(),
+    )  # fmt: skip
+    try:
+        line = next(x for x in up.stdout_lines if x.startswith("Breakwater is up"))
+        assert "1 vllm worker(s)" in line
+        url = line.split("gateway ")[1].split()[0]
+        body = {"model": str(model), "prompt": "up", "max_tokens": 3, "temperature": 0}
+        assert post(url, "/v1/completions", body)["usage"]["completion_tokens"] == 3
+        interrupt_and_reap(up, child_pids(up))
+    finally:
+        up.stop()
 
 
 def test_sigterm_drains_the_request_in_flight_then_exits(vllm_worker: Proc, via_vllm: str) -> None:
