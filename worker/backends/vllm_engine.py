@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from prompts.tokenizer import Tokenizer
+from worker.backends.vllm_kv_events import KVEventFollower
 from worker.engine.config import EngineConfig
 from worker.engine.errors import ConfigError, InvalidRequestError
 from worker.engine.outputs import Delta, EngineStats, FinishReason, TokenLogprob, Usage
@@ -100,7 +101,7 @@ class VLLMEngine:
         self._delta_kind = _delta_output_kind()
         self._priority_ok = _accepts(vllm.AsyncLLMEngine.generate, "priority")
         self.counters = VLLMCounters()
-        self.kv_events: Any = _kv_event_follower(config)
+        self.kv_events = _kv_event_follower(config)
         endpoint = self.kv_events.endpoint if self.kv_events is not None else None
         try:
             self.engine = _build(vllm, config, self._priority_ok, self.counters, endpoint)
@@ -152,13 +153,10 @@ class VLLMEngine:
 
     # The prefix-cache feed (worker.cache_feed.CacheFeed), from vLLM's KV events.
     def cache_events(self) -> tuple[list[tuple[bool, bytes]], int]:
-        if self.kv_events is None:
-            return [], 0
-        events: tuple[list[tuple[bool, bytes]], int] = self.kv_events.cache_events()
-        return events
+        return ([], 0) if self.kv_events is None else self.kv_events.cache_events()
 
     def cached_hashes(self) -> list[bytes]:
-        return [] if self.kv_events is None else list(self.kv_events.cached_hashes())
+        return [] if self.kv_events is None else self.kv_events.cached_hashes()
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[Delta]:
         """Validate now (raising InvalidRequestError) and return the request's delta stream.
@@ -435,7 +433,7 @@ def _stat_logger(counters: VLLMCounters) -> Any:
     return BreakwaterStats
 
 
-def _kv_event_follower(config: EngineConfig) -> Any:
+def _kv_event_follower(config: EngineConfig) -> KVEventFollower | None:
     """A subscriber to vLLM's KV events (its prefix cache, as our block hashes), where this
     vLLM publishes them."""
     if not config.enable_prefix_caching:
@@ -445,8 +443,6 @@ def _kv_event_follower(config: EngineConfig) -> Any:
         importlib.import_module("vllm.config").KVEventsConfig  # noqa: B018
     except (ImportError, AttributeError):
         return None
-    from worker.backends.vllm_kv_events import KVEventFollower
-
     return KVEventFollower(config.model_name.encode())
 
 
