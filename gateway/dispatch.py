@@ -198,7 +198,16 @@ class Call:
 class _Attempt:
     """One try on one worker: load accounting, breaker bookkeeping, and its deadline."""
 
-    __slots__ = ("board", "deadline", "dispatcher", "outcome", "pool", "started", "worker")
+    __slots__ = (
+        "board",
+        "deadline",
+        "dispatcher",
+        "outcome",
+        "pool",
+        "prefill",
+        "started",
+        "worker",
+    )
 
     def __init__(
         self, dispatcher: Dispatcher, worker: WorkerInfo, pool: list[str], deadline: float
@@ -210,11 +219,19 @@ class _Attempt:
         """The ready workers' ids when it started: the breaker's ejection limits need them."""
         self.outcome: bool | None = None  # None: cancelled, records nothing
         self.started = time.monotonic()
+        self.prefill = 0.0
+        """Prompt tokens routing expects the replica to prefill for this attempt."""
         dispatcher.outstanding[worker.worker_id] += 1
+
+    def _prefilled(self) -> None:
+        if self.prefill:
+            self.dispatcher.policy.prefilled(self.worker.worker_id, self.prefill)
+            self.prefill = 0.0
 
     def first_output(self) -> None:
         ttft = time.monotonic() - self.started
         d = self.dispatcher
+        self._prefilled()
         d.breakers.observe_ttft(self.worker.worker_id, ttft, self.pool)
         if d.concurrency is not None:
             d.concurrency.observe(self.worker.worker_id, ttft)
@@ -236,6 +253,7 @@ class _Attempt:
     def end(self) -> None:
         d = self.dispatcher
         wid = self.worker.worker_id
+        self._prefilled()
         d.outstanding[wid] -= 1
         d.breakers.release_probe(wid)
         if self.outcome is not None:
@@ -375,7 +393,7 @@ class Dispatcher:
             self.counters["attempts"] += 1
             attempt = _Attempt(self, worker, pool, deadline)
             info.concurrency = self.outstanding[worker.worker_id]
-            self.policy.routed(worker, request)
+            attempt.prefill = self.policy.routed(worker, request)
             span = traced = None
             if self.tracer is not None:
                 span = self.tracer.start_span(

@@ -585,7 +585,7 @@ def decision_micro_bench(
     while len(policy.index) + held() < entries:
         r = request(i)
         w = policy.choose(pool, r, {})
-        policy.routed(w, r)
+        policy.prefilled(w.worker_id, policy.routed(w, r))
         if reported:  # the worker prefills it and reports the blocks
             keys = token_block_keys(r, tok, BLOCK_SIZE, "m")
             policy.views[w.worker_id].apply(keys, [], time.monotonic())
@@ -597,7 +597,8 @@ def decision_micro_bench(
     pieces = policy.tokenizers.pieces(tok) if reported and policy.tokenizers else None
     for r in reqs:
         t = time.perf_counter()
-        policy.routed(policy.choose(pool, r, outstanding), r)
+        w = policy.choose(pool, r, outstanding)
+        policy.prefilled(w.worker_id, policy.routed(w, r))
         times.append((time.perf_counter() - t) * 1e6)
         if pieces is not None:  # the gateway does this after the decision, on its loop
             pieces.learn()

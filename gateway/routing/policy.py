@@ -16,9 +16,12 @@ from typing import Protocol
 
 from gateway.registry.base import WorkerInfo
 from gateway.routing.cache_views import CacheView
-from gateway.routing.prefix_index import PrefixIndex, block_keys, prompt_bytes
+from gateway.routing.prefix_index import BLOCK_BYTES, PrefixIndex, block_keys, prompt_bytes
 from gateway.routing.token_keys import TokenizerStore, token_block_keys
 from proto import inference_pb2 as pb
+
+TEXT_BLOCK_TOKENS = BLOCK_BYTES // 4
+"""Tokens in a text block, about (English averages ~4 bytes a token)."""
 
 
 class RoutingPolicy(Protocol):
@@ -33,8 +36,16 @@ class RoutingPolicy(Protocol):
         """Pick one of a non-empty list of ready workers."""
         ...
 
-    def routed(self, worker: WorkerInfo, request: pb.GenerateRequest) -> None:
-        """The request was sent to `worker` (called once per attempt, after `choose`)."""
+    def routed(self, worker: WorkerInfo, request: pb.GenerateRequest) -> float:
+        """The request was sent to `worker` (called once per attempt, after `choose`).
+
+        Returns the prompt tokens the policy expects the replica to prefill for it (0 where
+        it does not track them), to be handed back to `prefilled` once that is done.
+        """
+        ...
+
+    def prefilled(self, worker_id: str, tokens: float) -> None:
+        """The replica's first output for a routed request came, or the attempt ended."""
         ...
 
 
@@ -91,7 +102,10 @@ class RoundRobin:
         ordered = sorted(candidates, key=lambda w: w.worker_id)
         return ordered[next(self._counter) % len(ordered)]
 
-    def routed(self, worker: WorkerInfo, request: pb.GenerateRequest) -> None:
+    def routed(self, worker: WorkerInfo, request: pb.GenerateRequest) -> float:
+        return 0.0
+
+    def prefilled(self, worker_id: str, tokens: float) -> None:
         pass
 
 
@@ -119,15 +133,24 @@ class LeastOutstanding:
             ),
         )
 
-    def routed(self, worker: WorkerInfo, request: pb.GenerateRequest) -> None:
+    def routed(self, worker: WorkerInfo, request: pb.GenerateRequest) -> float:
+        return 0.0
+
+    def prefilled(self, worker_id: str, tokens: float) -> None:
         pass
 
 
 class PrefixAware:
-    """The replica most likely to hold the prompt's prefix in its KV cache, within a load bound.
+    """The replica that will give the prompt its first token soonest, within a load bound.
 
     Among replicas whose load is within `rel` x the least loaded + `abs` requests, the one
-    holding the most of the prompt wins, the least loaded breaking ties. A weighted sum
+    with the fewest prompt tokens to prefill before this request's first token wins: the
+    part of the prompt it lacks, plus the prompts already sent to it and not yet prefilled
+    (`prefilling`, handed back at each attempt's first output or end), the least loaded
+    breaking ties. With nothing queued this is "the most of the prompt held" (as SGLang's
+    and llm-d's prefix scorers); the queue term is Dynamo's KV router's (overlap x new
+    prefill blocks + active blocks), in tokens: in routing_bench it cut TTFT p99 from 625
+    to 381 ms and load imbalance from 1.19 to 1.10 for 1% of hit rate. A weighted sum
     (llm-d's prefix 3, queue 2, KV usage 2, used here before) moved 4-6% of a chat's
     follow-up turns and spread a system prompt over 1.2-1.65 replicas in peer_bench's chat
     run, where SGLang's and vLLM's cache-aware routers moved none: a holder busy with the
@@ -172,7 +195,10 @@ class PrefixAware:
             None,
         )
         self._tiebreak = itertools.count()
-        self._last: tuple[pb.GenerateRequest | None, dict[str, float]] = (None, {})
+        self._last: tuple[pb.GenerateRequest | None, dict[str, float], float] = (None, {}, 0.0)
+        self.prefilling: Counter[str] = Counter()
+        """Prompt tokens sent to each replica that it has not prefilled yet (estimated:
+        the part of each prompt it did not hold), until the first output or the end."""
         self.stats: Counter[str] = Counter()
         """Prompt blocks routed, and how many of them the chosen replica held (hit rate)."""
         self.share: Callable[[str, list[int]], None] | None = None
@@ -263,36 +289,55 @@ class PrefixAware:
         bound = min(loads.values()) * self.rel + self.abs
         eligible = [w for w in candidates if loads[w.worker_id] <= bound]
         held = self._holdings(request, eligible)
-        self._last = (request, held)
+        tokens = self._prompt_tokens(request)
+        self._last = (request, held, tokens)
         turn = next(self._tiebreak)
-        if not any(held.values()):  # nothing to gain from a cache: least loaded
+        pending = self.prefilling
+        unit = max(16.0, tokens / 16)  # costs within 1/16 of the prompt count as equal
+        if not any(held.values()):  # nothing to gain from a cache: least prefill, then load
             return min(
                 eligible,
                 key=lambda w: (
+                    round(pending.get(w.worker_id, 0.0) / unit),
                     loads[w.worker_id],
                     w.stats.get("queue_depth", 0),
                     (hash(w.worker_id) + turn) % 997,
                 ),
             )
 
-        def score(w: WorkerInfo) -> tuple[int, int, int]:
-            # The most held first (shares within 1/16 count as equal), then the least loaded.
+        def cost(w: WorkerInfo) -> tuple[int, float, int]:
+            # Prompt tokens the replica must prefill before this request's first token:
+            # what is already queued there, plus the part of this prompt it lacks.
             wid = w.worker_id
-            return round(16 * held.get(wid, 0.0)), -loads[wid], (hash(wid) + turn) % 997
+            c = pending.get(wid, 0.0) + (1.0 - held.get(wid, 0.0)) * tokens
+            return round(c / unit), loads[wid], (hash(wid) + turn) % 997
 
-        return max(eligible, key=score)
+        return min(eligible, key=cost)
+
+    def _prompt_tokens(self, request: pb.GenerateRequest) -> float:
+        """The prompt's length in tokens, from its block keys (token blocks where the
+        replicas report their caches, else text blocks of about 16 tokens)."""
+        memo = self._token_memo
+        if memo[0] is request and memo[2] is not None:
+            return float(len(memo[2]) * memo[1][0])
+        return float(len(self._keys(request)) * TEXT_BLOCK_TOKENS)
 
     def learn(self, worker_id: str, keys: list[int]) -> None:
         """Another process or gateway sent a request with these block keys to `worker_id`."""
         self.index.insert(keys, worker_id)
 
-    def routed(self, worker: WorkerInfo, request: pb.GenerateRequest) -> None:
+    def routed(self, worker: WorkerInfo, request: pb.GenerateRequest) -> float:
         memo = self._token_memo
         tkeys = memo[2] if memo[0] is request else None
         blocks = len(tkeys) if tkeys else len(self._keys(request))
         self.stats["routed"] += blocks
+        prefill = 0.0
         if self._last[0] is request:
-            self.stats["held"] += round(self._last[1].get(worker.worker_id, 0.0) * blocks)
+            share = self._last[1].get(worker.worker_id, 0.0)
+            self.stats["held"] += round(share * blocks)
+            prefill = (1.0 - share) * self._last[2]
+            if prefill:
+                self.prefilling[worker.worker_id] += prefill
         # Text keys only serve replicas scored from the index; where every replica
         # reported its cache for this request they would be unused work (~30 us).
         keys = [] if tkeys and worker.worker_id in self.views else self._keys(request)
@@ -302,6 +347,14 @@ class PrefixAware:
             self.index.insert(keys, worker.worker_id)
             if self.share is not None:
                 self.share(worker.worker_id, keys)
+        return prefill
+
+    def prefilled(self, worker_id: str, tokens: float) -> None:
+        left = self.prefilling[worker_id] - tokens
+        if left > 0.5:
+            self.prefilling[worker_id] = left
+        else:
+            self.prefilling.pop(worker_id, None)
 
 
 POLICIES: dict[str, type[RoutingPolicy]] = {
@@ -396,8 +449,12 @@ class Router:
             )
         return self.policy_for(request.model).choose(candidates, request, outstanding)
 
-    def routed(self, worker: WorkerInfo, request: pb.GenerateRequest) -> None:
-        self.policy_for(request.model).routed(worker, request)
+    def routed(self, worker: WorkerInfo, request: pb.GenerateRequest) -> float:
+        return self.policy_for(request.model).routed(worker, request)
+
+    def prefilled(self, worker_id: str, tokens: float) -> None:
+        if tokens and (pa := self.prefix_aware()) is not None:
+            pa.prefilled(worker_id, tokens)
 
     def describe(self) -> dict[str, object]:
         out: dict[str, object] = {
@@ -408,4 +465,5 @@ class Router:
         pa = self.prefix_aware()
         if pa is not None:
             out["tokenizers"] = pa.tokenizers.loaded() if pa.tokenizers else []
+            out["prefilling"] = {w: round(t) for w, t in sorted(pa.prefilling.items())}
         return out

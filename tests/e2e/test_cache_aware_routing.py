@@ -7,6 +7,7 @@ cache report can tell the gateway where a prefix lives, or that it was evicted.
 from __future__ import annotations
 
 import json
+import urllib.error
 import urllib.request
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -131,3 +132,23 @@ def test_a_prefix_cached_behind_the_gateways_back_is_found_and_its_eviction_seen
     chat(workers[w0].ready["http"], msgs)
     wait_in_sync(gw, workers)
     assert chat(gw.ready["http"], messages("found", "after the eviction")) == w0
+
+
+def test_queued_prefill_is_counted_until_the_first_token(
+    fleet: tuple[Proc, dict[str, Proc]],
+) -> None:
+    """Routing weighs the prompt tokens each replica still has to prefill; every request,
+    finished or refused, hands its share back."""
+    gw, _ = fleet
+    for i in range(3):
+        chat(gw.ready["http"], messages("queued", f"question {i}"))
+    bad = urllib.request.Request(  # refused by the worker (max_tokens past its context)
+        gw.ready["http"] + "/v1/chat/completions",
+        data=json.dumps(
+            {"model": "sim", "messages": messages("queued"), "max_tokens": 30000}
+        ).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(bad, timeout=60)
+    assert admin(gw)["routing"]["prefilling"] == {}

@@ -99,6 +99,7 @@ def test_grpc_metadata_session_key_sticks(fleet: tuple[Proc, list[Proc]]) -> Non
         "per_model": {"sim": "round-robin"},
         "sticky_sessions": True,
         "tokenizers": [],
+        "prefilling": {},
     }
 
 
