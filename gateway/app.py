@@ -72,7 +72,12 @@ def build_admission(settings: GatewaySettings) -> Admission:
         limits = replace(limits, max_in_flight=settings.max_in_flight)
     if settings.max_queue is not None:
         limits = replace(limits, max_queue=settings.max_queue)
-    config = replace(config, global_limits=limits, redis_url=config.redis_url or settings.redis_url)
+    config = replace(
+        config,
+        global_limits=limits,
+        redis_url=config.redis_url or settings.redis_url,
+        require_keys=config.require_keys or settings.require_api_keys,
+    )
     return Admission(config, processes=settings.processes)
 
 

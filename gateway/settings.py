@@ -59,6 +59,8 @@ class GatewaySettings:
     health_interval_s: float = 1.0
     admission_config: str | None = None
     """TOML (or JSON) file with tenants, API key digests and quotas."""
+    require_api_keys: bool = False
+    """Refuse requests without a valid API key even while no key exists yet (fail closed)."""
     max_in_flight: int | None = None
     max_queue: int | None = None
     keepalive_timeout_s: float = 75.0
@@ -240,6 +242,14 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
         help="tenants, API key digests and quotas (TOML or JSON)",
     )
     p.add_argument(
+        "--require-api-keys",
+        action="store_true",
+        default=_env("REQUIRE_API_KEYS", "") not in ("", "0", "false"),
+        help="answer 401 to requests without a valid API key even while no key exists "
+        "(none configured, none made through the admin API yet, or the key store not "
+        "reachable at start): the gateway fails closed instead of open",
+    )
+    p.add_argument(
         "--max-in-flight",
         type=int,
         default=None,
@@ -372,6 +382,7 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         retry_budget=args.retry_budget,
         health_interval_s=args.health_interval,
         admission_config=args.admission_config,
+        require_api_keys=args.require_api_keys,
         max_in_flight=args.max_in_flight,
         max_queue=args.max_queue,
         keepalive_timeout_s=args.keepalive_timeout,

@@ -15,6 +15,7 @@ from opentelemetry.trace import SpanKind
 
 from proto import inference_pb2 as pb
 from proto import inference_pb2_grpc as pb_grpc
+from proto.openai_compat import OpenAIError, check_generate
 from serving.tracing import context_from, request_attributes
 from worker.cache_feed import CacheFeed
 from worker.engine.errors import EngineError, InvalidRequestError
@@ -88,6 +89,12 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
+        try:  # the gateway's bounds, for callers that reach this port without a gateway
+            check_generate(request)
+        except OpenAIError as e:
+            if e.param is not None:
+                context.set_trailing_metadata((("param", e.param),))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, e.message)
         await self.admit(context)
         if request.model and request.model != self.model_name:
             await context.abort(

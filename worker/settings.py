@@ -84,10 +84,11 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--fault-code",
-        choices=["UNAVAILABLE", "INTERNAL"],
+        choices=["UNAVAILABLE", "INTERNAL", "RESOURCE_EXHAUSTED"],
         default="UNAVAILABLE",
         help="chaos testing: the status of an injected failure (UNAVAILABLE: as if down; "
-        "INTERNAL: a replica that is up but failing calls)",
+        "INTERNAL: a replica that is up but failing calls; RESOURCE_EXHAUSTED: as if its "
+        "queue were full)",
     )
     p.add_argument(
         "--trace-exporter",

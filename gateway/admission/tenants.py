@@ -191,6 +191,9 @@ class AdmissionSettings:
     defaults: Quota = field(default_factory=Quota)
     global_limits: GlobalLimits = field(default_factory=GlobalLimits)
     key_secret: bytes | None = None
+    require_keys: bool = False
+    """Keys are required even while none exists (none configured, none made yet, or the
+    admin store not read yet): the gateway fails closed instead of open."""
     redis_url: str | None = None
     redis_prefix: str = DEFAULT_REDIS_PREFIX
     fallback_share: float = 1.0
@@ -287,7 +290,8 @@ class TenantDirectory:
         self._config_keys = {k.key_id: k for t in settings.tenants for k in t.keys}
         self._dummy = secrets.token_bytes(32)
         self._keys: dict[str, tuple[bytes | None, ApiKey]] = {}
-        self._closed = False
+        self._require = settings.require_keys
+        self._closed = self._require
         self.set_runtime_keys({})
 
     @property
@@ -310,7 +314,7 @@ class TenantDirectory:
             if record is not None and record.tenant in self._tenants:
                 keys[key_id] = (_unhex(record.digest), record)
         self._keys = keys
-        self._closed = bool(self._digests or self._config_keys or entries)
+        self._closed = self._require or bool(self._digests or self._config_keys or entries)
 
     def has_tenant(self, name: str) -> bool:
         return name in self._tenants
@@ -446,10 +450,13 @@ def settings_from_dict(
     data: Mapping[str, Any], env: Mapping[str, str] | None = None
 ) -> AdmissionSettings:
     env = os.environ if env is None else env
-    _only(data, "config", {"key_secret", "global", "redis", "defaults", "tenants"})
+    _only(data, "config", {"key_secret", "require_keys", "global", "redis", "defaults", "tenants"})
     secret_text = env.get(KEY_SECRET_ENV) or data.get("key_secret")
     if secret_text is not None and not isinstance(secret_text, str):
         raise ValueError("key_secret must be a string")
+    require_keys = data.get("require_keys", False)
+    if not isinstance(require_keys, bool):
+        raise ValueError("require_keys must be true or false")
     redis = _table(data, "redis")
     _only(
         redis,
@@ -495,6 +502,7 @@ def settings_from_dict(
         defaults=defaults,
         global_limits=limits,
         key_secret=secret_text.encode() if secret_text else None,
+        require_keys=require_keys,
         redis_url=url,
         redis_prefix=prefix,
         fallback_share=_num(redis, "fallback_share", "redis") or 1.0,

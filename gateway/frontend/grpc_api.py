@@ -34,17 +34,6 @@ _GRPC_CODES = {
     503: grpc.StatusCode.UNAVAILABLE,
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
-# And the reverse, for metrics and the request log: the status an HTTP caller would count.
-# Codes not listed are an upstream failure (502), as the HTTP front end counts them.
-_HTTP_STATUS = {
-    "INVALID_ARGUMENT": 400,
-    "UNAUTHENTICATED": 401,
-    "NOT_FOUND": 404,
-    "RESOURCE_EXHAUSTED": 429,
-    "CANCELLED": 499,
-    "UNAVAILABLE": 503,
-    "DEADLINE_EXCEEDED": 504,
-}
 CLIENT_LEFT = 499
 """A call that ends without an outcome of its own: the caller cancelled or went away."""
 
@@ -124,8 +113,10 @@ class GatewayInference(pb_grpc.InferenceServicer):
                 context.set_trailing_metadata(tuple(trailing))
             await context.abort(code, e.message)
         except UpstreamError as e:
-            done.status = _HTTP_STATUS.get(e.code, 502)
-            done.error_type = from_upstream(e).type
+            # for metrics and the request log: the status the HTTP front end answers
+            as_http = from_upstream(e)
+            done.status = CLIENT_LEFT if e.code == "CANCELLED" else as_http.status
+            done.error_type = as_http.type
             code = grpc.StatusCode[e.code]
             if e.retry_after_ms is not None:
                 context.set_trailing_metadata((("grpc-retry-pushback-ms", str(e.retry_after_ms)),))

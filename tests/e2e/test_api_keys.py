@@ -174,3 +174,25 @@ def test_no_key_reaches_the_request_log_traces_audit_or_metrics(
         assert key_id in texts["audit"] and revoked_id in texts["audit"]  # named by id
     finally:
         gw.stop()
+
+
+def test_a_gateway_told_to_require_keys_starts_closed(worker: Proc, tmp_path: Path) -> None:
+    """No key configured anywhere: with --require-api-keys the gateway refuses everyone
+    (401) until an operator makes the first key, which then works."""
+    config = tmp_path / "admission.toml"
+    config.write_text(f'key_secret = "{SECRET}"\n')  # a secret to make keys with; no keys
+    gw = start_gateway(
+        "--worker",
+        worker.ready["grpc"],
+        "--admission-config",
+        str(config),
+        "--require-api-keys",
+    )
+    try:
+        assert statuses(gw, None, 4) == {401}
+        assert statuses(gw, "bw_abcdefabcdef.guessed", 2) == {401}
+        key, _ = new_key(gw, "default")
+        wait_for(lambda: statuses(gw, key, 4) == {200}, timeout=10)
+        assert statuses(gw, None, 2) == {401}
+    finally:
+        gw.stop()

@@ -208,6 +208,21 @@ GRPC_HOSTILE: list[tuple[str, pb.GenerateRequest, str]] = [
 ]
 
 
+def test_a_workers_own_grpc_port_refuses_them_too(sim_worker: Proc) -> None:
+    """Callers may reach a worker without a gateway (a sidecar, a test rig): same bounds."""
+    with grpc.insecure_channel(sim_worker.ready["grpc"]) as ch:
+        stub = pb_grpc.InferenceStub(ch)
+        for what, req, field in GRPC_HOSTILE:
+            call = stub.Generate(req, timeout=60)
+            with pytest.raises(grpc.RpcError) as e:
+                list(call)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (what, e.value.details())
+            assert field in e.value.details(), (what, e.value.details())
+            assert ("param", field) in (call.trailing_metadata() or ()), what
+        out = list(stub.Generate(_gen(), timeout=60))
+        assert out[-1].finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
+
+
 def test_grpc_front_end_refuses_out_of_bounds_requests(sim_gateway: Proc) -> None:
     before = _requests_400(sim_gateway)
     with grpc.insecure_channel(

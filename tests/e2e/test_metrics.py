@@ -219,3 +219,32 @@ def test_grpc_requests_show_in_metrics_and_the_request_log(tmp_path: Path) -> No
     finally:
         gw.stop()
         worker.stop()
+
+
+def test_a_worker_refusal_counts_the_same_status_over_grpc_as_over_http() -> None:
+    """A full worker (RESOURCE_EXHAUSTED) is a 503 to an HTTP caller; a gRPC caller gets
+    RESOURCE_EXHAUSTED, and both are counted as the 503 dashboards alert on."""
+    worker = start_sim_worker("--fault-fail-rate", "1", "--fault-code", "RESOURCE_EXHAUSTED")
+    gw = start_gateway("--worker", worker.ready["grpc"], "--grpc-port", "0")
+    try:
+        body = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        assert post(gw.ready["http"], body) == 503
+        req = pb.GenerateRequest(model="sim", text="hi", sampling=pb.SamplingParams(max_tokens=2))
+        with (
+            grpc.insecure_channel(gw.ready["grpc"]) as ch,
+            pytest.raises(grpc.RpcError) as refused,
+        ):
+            list(pb_grpc.InferenceStub(ch).Generate(req, timeout=60))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+        def counted() -> dict[str, Any]:
+            fams = scrape(gw.ready["http"])
+            done = value(fams, "breakwater_requests_total", model="sim", status="503") >= 2
+            return fams if done else {}
+
+        fams = wait_for(counted, timeout=30)
+        assert value(fams, "breakwater_requests_total", model="sim", status="503") == 2
+        assert value(fams, "breakwater_requests_total", model="sim", status="429") == 0
+    finally:
+        gw.stop()
+        worker.stop()

@@ -188,6 +188,23 @@ def test_keys_made_at_run_time_close_an_open_gateway_and_revoking_never_reopens_
     refusal(d, key)
 
 
+def test_require_keys_fails_closed_before_any_key_exists() -> None:
+    """--require-api-keys (or `require_keys = true`): no key yet, or the store not read
+    yet, refuses everyone rather than serving everyone; a key made later works."""
+    settings = settings_from_dict({"key_secret": SECRET.decode(), "require_keys": True}, env={})
+    d = TenantDirectory(settings)
+    assert d.keys_required and d.default is None
+    refusal(d, None)
+    refusal(d, "bw_abcdefabcdef.whatever-was-guessed-here-0123456789012345678")
+    key, key_id, entry = made("default")
+    d.set_runtime_keys({key_id: entry})
+    assert d.authenticate(f"Bearer {key}").name == "default"
+    d.set_runtime_keys({})  # the store emptied (or unreadable on a reload): still closed
+    refusal(d, key)
+    with pytest.raises(ValueError, match="require_keys"):
+        settings_from_dict({"require_keys": "yes"}, env={})
+
+
 def test_entries_for_unknown_tenants_or_garbage_are_skipped() -> None:
     d = directory(Tenant("acme"))
     key, key_id, entry = made("nobody")

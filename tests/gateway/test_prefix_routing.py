@@ -86,29 +86,29 @@ def test_a_hot_prefix_does_not_collapse_onto_one_replica() -> None:
 
 
 def test_queued_prefill_sends_a_request_where_its_first_token_comes_sooner() -> None:
-    """Cost = prompt tokens the replica must prefill first: its queue, plus what it lacks."""
+    """Cost = prompt tokens the replica must prefill first: its queue, plus what it lacks
+    (a missed token weighing `miss_weight`, 1.5)."""
     policy = PrefixAware()
     pool = workers(2)
     first = chat(SYSTEM, "question one")
     holder = policy.choose(pool, first, {})
     queued = policy.routed(holder, first)
     assert queued > 200  # it held nothing: the whole prompt (~1,000 bytes) is to prefill
+    assert policy.prefilling == {holder.worker_id: queued}
     other = pool[1] if holder is pool[0] else pool[0]
-    # The holder is still prefilling `first`: an idle replica gives the next turn its
-    # first token sooner, even without the prefix.
-    second = chat(SYSTEM, "question two")
-    assert policy.choose(pool, second, {holder.worker_id: 1}) is other
-    # Prefilled: now the prefix draws the conversation back, though the holder is busier.
-    policy.prefilled(holder.worker_id, queued)
-    assert policy.prefilling == {}
-    third = chat(SYSTEM, "question three")
-    assert policy.choose(pool, third, {holder.worker_id: 2}) is holder
+    # Waiting for the holder's queue (1x the prompt) beats prefilling it all elsewhere (1.5x).
+    assert policy.choose(pool, chat(SYSTEM, "two"), {holder.worker_id: 1}) is holder
     # A long prefill queued on the holder outweighs what the prefix saves...
     policy.prefilling[holder.worker_id] = 4 * queued
-    assert policy.choose(pool, chat(SYSTEM, "four"), {holder.worker_id: 2}) is other
-    # ...a short one does not.
-    policy.prefilling[holder.worker_id] = queued / 4
-    assert policy.choose(pool, chat(SYSTEM, "five"), {holder.worker_id: 2}) is holder
+    assert policy.choose(pool, chat(SYSTEM, "three"), {holder.worker_id: 2}) is other
+    # ...and the tokens are handed back when the first output comes (or the attempt ends).
+    policy.prefilled(holder.worker_id, 4 * queued)
+    assert policy.prefilling == {}
+    assert policy.choose(pool, chat(SYSTEM, "four"), {holder.worker_id: 2}) is holder
+    # With misses weighed as plain prefill time, the idle replica answers first.
+    policy.miss_weight = 1.0
+    policy.prefilling[holder.worker_id] = queued
+    assert policy.choose(pool, chat(SYSTEM, "five"), {holder.worker_id: 1}) is other
 
 
 def test_unmatched_prompts_go_to_the_least_loaded() -> None:
