@@ -208,17 +208,22 @@ GRPC_HOSTILE: list[tuple[str, pb.GenerateRequest, str]] = [
 ]
 
 
+def refuses_every_hostile_request(stub: pb_grpc.InferenceStub) -> None:
+    """Each of GRPC_HOSTILE is INVALID_ARGUMENT, naming its field (also as `param`)."""
+    for what, req, field in GRPC_HOSTILE:
+        call = stub.Generate(req, timeout=60)
+        with pytest.raises(grpc.RpcError) as e:
+            list(call)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (what, e.value.details())
+        assert field in e.value.details(), (what, e.value.details())
+        assert ("param", field) in (call.trailing_metadata() or ()), what
+
+
 def test_a_workers_own_grpc_port_refuses_them_too(sim_worker: Proc) -> None:
     """Callers may reach a worker without a gateway (a sidecar, a test rig): same bounds."""
     with grpc.insecure_channel(sim_worker.ready["grpc"]) as ch:
         stub = pb_grpc.InferenceStub(ch)
-        for what, req, field in GRPC_HOSTILE:
-            call = stub.Generate(req, timeout=60)
-            with pytest.raises(grpc.RpcError) as e:
-                list(call)
-            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (what, e.value.details())
-            assert field in e.value.details(), (what, e.value.details())
-            assert ("param", field) in (call.trailing_metadata() or ()), what
+        refuses_every_hostile_request(stub)
         out = list(stub.Generate(_gen(), timeout=60))
         assert out[-1].finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
 
@@ -229,13 +234,7 @@ def test_grpc_front_end_refuses_out_of_bounds_requests(sim_gateway: Proc) -> Non
         sim_gateway.ready["grpc"], options=[("grpc.max_send_message_length", -1)]
     ) as ch:
         stub = pb_grpc.InferenceStub(ch)
-        for what, req, field in GRPC_HOSTILE:
-            call = stub.Generate(req, timeout=60)
-            with pytest.raises(grpc.RpcError) as e:
-                list(call)
-            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (what, e.value.details())
-            assert field in e.value.details(), (what, e.value.details())
-            assert ("param", field) in (call.trailing_metadata() or ()), what
+        refuses_every_hostile_request(stub)
         # past the body limit, gRPC itself refuses the message
         too_big = _gen(text="x" * L.max_body_bytes)
         with pytest.raises(grpc.RpcError) as e:

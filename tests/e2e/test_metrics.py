@@ -64,6 +64,17 @@ def value(families: dict[str, Any], sample: str, **labels: str) -> float:
     )
 
 
+def wait_counted(gw: Proc, status: str, n: int) -> dict[str, Any]:
+    """The gateway's metric families once `n` requests of model sim ended with `status`."""
+
+    def counted() -> dict[str, Any]:
+        fams = scrape(gw.ready["http"])
+        done = value(fams, "breakwater_requests_total", model="sim", status=status) >= n
+        return fams if done else {}
+
+    return wait_for(counted, timeout=30)
+
+
 def post(url: str, body: dict[str, Any]) -> int:
     req = urllib.request.Request(
         url + "/v1/chat/completions",
@@ -193,12 +204,7 @@ def test_grpc_requests_show_in_metrics_and_the_request_log(tmp_path: Path) -> No
                 list(stub.Generate(req, timeout=60))  # no key: refused by admission
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
-        def counted() -> dict[str, Any]:
-            fams = scrape(gw.ready["http"])
-            done = value(fams, "breakwater_requests_total", model="sim", status="401") >= 1
-            return fams if done else {}
-
-        fams = wait_for(counted, timeout=30)
+        fams = wait_counted(gw, "401", 1)
         assert value(fams, "breakwater_requests_total", model="sim", status="200") == 1
         assert value(fams, "breakwater_requests_total", model="sim", status="401") == 1
         assert value(fams, "breakwater_time_to_first_token_seconds_count", model="sim") == 1
@@ -237,12 +243,7 @@ def test_a_worker_refusal_counts_the_same_status_over_grpc_as_over_http() -> Non
             list(pb_grpc.InferenceStub(ch).Generate(req, timeout=60))
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
-        def counted() -> dict[str, Any]:
-            fams = scrape(gw.ready["http"])
-            done = value(fams, "breakwater_requests_total", model="sim", status="503") >= 2
-            return fams if done else {}
-
-        fams = wait_for(counted, timeout=30)
+        fams = wait_counted(gw, "503", 2)
         assert value(fams, "breakwater_requests_total", model="sim", status="503") == 2
         assert value(fams, "breakwater_requests_total", model="sim", status="429") == 0
     finally:
