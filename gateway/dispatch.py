@@ -324,6 +324,11 @@ class Dispatcher:
         served = {m for w in self.registry.workers() for m in w.models}
         return sorted(served.union(self.model_aliases()))
 
+    def has_model(self, model: str) -> bool:
+        return any(model in w.models for w in self.registry.workers()) or (
+            model in self.model_aliases()
+        )
+
     def workers(self) -> list[dict[str, Any]]:
         breakers = self.breakers.snapshot()
         out = []
@@ -431,7 +436,7 @@ class Dispatcher:
                     TRACEPARENT.reset(traced)
         if last is not None:
             raise last
-        if model is not None and model not in self.models():
+        if model is not None and not self.has_model(model):
             raise UpstreamError(NOT_FOUND, f"the model `{model}` does not exist")
         raise UpstreamError(UNAVAILABLE, f"no healthy replica for model `{model}`", 1000)
 

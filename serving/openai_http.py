@@ -49,6 +49,10 @@ log = logging.getLogger(__name__)
 class Backend(Protocol):
     def models(self) -> list[str]: ...
 
+    def has_model(self, model: str) -> bool:
+        """`model in models()`, without building the list (asked once per request)."""
+        ...
+
     def workers(self) -> list[dict[str, Any]]: ...
 
     def is_ready(self, model: str | None = None) -> bool: ...
@@ -160,6 +164,12 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
     if length is not None:
         if length > limit:
             raise too_large(limit)
+        content = request.content
+        if content.is_eof():  # the usual case: the whole body came with the head
+            body = content.read_nowait(-1)
+            if len(body) != length:
+                raise OpenAIError(400, "the request body ended before its Content-Length")
+            return body
         try:  # one await for the usual case (a length given), as request.read() costs
             return await request.content.readexactly(length)
         except asyncio.IncompleteReadError:
@@ -298,7 +308,7 @@ class OpenAIRoutes:
             parsed: ParsedRequest = parse(body, self.limits)
             parsed.request.request_id = request_id
             model, stream = parsed.request.model, parsed.stream
-            if model not in self.backend.models():
+            if not self.backend.has_model(model):
                 raise OpenAIError(
                     404,
                     f"The model `{model}` does not exist.",

@@ -47,6 +47,9 @@ class LocalBackend:
     def models(self) -> list[str]:
         return [self.service.model_name] if self.service.model_name else []
 
+    def has_model(self, model: str) -> bool:
+        return bool(model) and model == self.service.model_name
+
     def workers(self) -> list[dict[str, Any]]:
         s = self.service.stats()
         return [

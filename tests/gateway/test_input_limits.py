@@ -311,6 +311,9 @@ class _Backend:
     def models(self) -> list[str]:
         return ["m"]
 
+    def has_model(self, model: str) -> bool:
+        return model == "m"
+
     def workers(self) -> list[dict[str, Any]]:
         return []
 
