@@ -499,8 +499,7 @@ def test_the_worker_exports_the_queue_metric() -> None:
 
 def test_the_adapter_rules_rename_the_metric_for_the_hpa() -> None:
     hpa = one(base_docs(), "HorizontalPodAutoscaler", "worker")
-    (metric,) = hpa["spec"]["metrics"]
-    assert metric["type"] == "Pods"
+    (metric,) = [m for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
     wanted = metric["pods"]["metric"]["name"]
     assert ":" not in wanted
     rules = adapter_rules()
@@ -508,6 +507,45 @@ def test_the_adapter_rules_rename_the_metric_for_the_hpa() -> None:
     for where, rule in rules:
         assert adapter_name(rule, EXPORTED_METRIC) == wanted, where
         assert rule["resources"]["overrides"]["pod"]["resource"] == "pod", where
+
+
+def external_rules() -> list[tuple[str, Doc]]:
+    out = [
+        (str(p.relative_to(ROOT)), rule)
+        for p in HELM_VALUES
+        for rule in yaml.safe_load(p.read_text())["rules"]["external"]
+    ]
+    for doc in load_docs(K8S / "monitoring" / "adapter-config.yaml"):
+        config = yaml.safe_load(doc["data"]["config.yaml"])
+        out += [("adapter-config.yaml", r) for r in config["externalRules"]]
+    return out
+
+
+def test_the_hpa_also_follows_the_demand_the_gateways_hold_or_shed() -> None:
+    """Behind a shedding gateway the workers' queues stay short: the HPA's second metric is
+    the gateways' queue plus the demand refused at the door, from the gateway's own metric
+    families and the admission outcome it counts when it sheds."""
+    hpa = one(base_docs(), "HorizontalPodAutoscaler", "worker")
+    (metric,) = [m for m in hpa["spec"]["metrics"] if m["type"] == "External"]
+    assert metric["external"]["target"]["type"] == "AverageValue"
+    wanted = metric["external"]["metric"]["name"]
+    rules = external_rules()
+    assert len(rules) == 2
+    source = (ROOT / "gateway" / "metrics.py").read_text()
+    for where, rule in rules:
+        assert rule["name"]["as"] == wanted, where
+        assert rule["resources"]["overrides"]["namespace"]["resource"] == "namespace", where
+        query = rule["metricsQuery"]
+        assert query.count("<<.LabelMatchers>>") == 4, where
+        families = set(re.findall(r"\b(breakwater_[a-z_]+?)(?:_total|_sum|_count)?\{", query))
+        assert families == {
+            "breakwater_queue_depth",
+            "breakwater_admission",
+            "breakwater_request_duration_seconds",
+        }, where
+        assert all(f'"{f}"' in source for f in families), where
+        assert 'outcome="overloaded"' in query, where
+    assert '"overloaded"' in (ROOT / "gateway" / "admission" / "admission.py").read_text()
 
 
 def check_behavior(behavior: Doc, where: str) -> None:
