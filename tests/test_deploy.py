@@ -193,16 +193,17 @@ def check_cli(args: list[str], where: str) -> dict[str, str]:
 # ---------------------------------------------------------------------------- the metric
 
 
-def adapter_rules() -> list[tuple[str, Doc]]:
+def adapter_rules(kind: str = "custom") -> list[tuple[str, Doc]]:
+    """prometheus-adapter's `custom` (or `external`) rules, from the Helm values and the
+    ConfigMap (whose keys are `rules` and `externalRules`)."""
+    key = "rules" if kind == "custom" else "externalRules"
     out = [
         (str(p.relative_to(ROOT)), rule)
         for p in HELM_VALUES
-        for rule in yaml.safe_load(p.read_text())["rules"]["custom"]
+        for rule in yaml.safe_load(p.read_text())["rules"][kind]
     ]
     for doc in load_docs(K8S / "monitoring" / "adapter-config.yaml"):
-        out += [
-            ("adapter-config.yaml", r) for r in yaml.safe_load(doc["data"]["config.yaml"])["rules"]
-        ]
+        out += [("adapter-config.yaml", r) for r in yaml.safe_load(doc["data"]["config.yaml"])[key]]
     return out
 
 
@@ -509,18 +510,6 @@ def test_the_adapter_rules_rename_the_metric_for_the_hpa() -> None:
         assert rule["resources"]["overrides"]["pod"]["resource"] == "pod", where
 
 
-def external_rules() -> list[tuple[str, Doc]]:
-    out = [
-        (str(p.relative_to(ROOT)), rule)
-        for p in HELM_VALUES
-        for rule in yaml.safe_load(p.read_text())["rules"]["external"]
-    ]
-    for doc in load_docs(K8S / "monitoring" / "adapter-config.yaml"):
-        config = yaml.safe_load(doc["data"]["config.yaml"])
-        out += [("adapter-config.yaml", r) for r in config["externalRules"]]
-    return out
-
-
 def test_the_hpa_also_follows_the_demand_the_gateways_hold_or_shed() -> None:
     """Behind a shedding gateway the workers' queues stay short: the HPA's second metric is
     the gateways' queue plus the demand refused at the door, from the gateway's own metric
@@ -529,7 +518,7 @@ def test_the_hpa_also_follows_the_demand_the_gateways_hold_or_shed() -> None:
     (metric,) = [m for m in hpa["spec"]["metrics"] if m["type"] == "External"]
     assert metric["external"]["target"]["type"] == "AverageValue"
     wanted = metric["external"]["metric"]["name"]
-    rules = external_rules()
+    rules = adapter_rules("external")
     assert len(rules) == 2
     source = (ROOT / "gateway" / "metrics.py").read_text()
     for where, rule in rules:
