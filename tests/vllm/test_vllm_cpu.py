@@ -351,23 +351,33 @@ def test_the_gateway_sends_a_shared_prefix_to_the_vllm_replica_that_holds_it(
 
 def test_breakwater_up_with_the_vllm_engine(model: Path) -> None:
     """`breakwater up --engine vllm` from vLLM's environment: a worker and a gateway, one
-    answer, and Ctrl-C leaves no process behind."""
+    answer, and Ctrl-C leaves no process behind, nor any of vLLM's ipc sockets in the
+    temp directory (the worker gives vLLM a directory of its own and removes it)."""
+    with tempfile.TemporaryDirectory(prefix="bw-up-") as tmp:  # short: sockets live here
+        up_with_vllm(model, Path(tmp))
+
+
+def up_with_vllm(model: Path, tmp_path: Path) -> None:
+    env = {**vllm_env.worker_env(), "TMPDIR": str(tmp_path), "VLLM_RPC_BASE_PATH": ""}
     up = Proc(
         ["up", "--engine", "vllm", "--enforce-eager", "--workers", "1", "--port", "0",
          "--model", str(model), "--kv-cache-memory", "32MiB", "--max-model-len", "1024",
          "--gateway-processes", "1"],
         "Breakwater is up",
         timeout=300,
-        env=vllm_worker_env(),
+        env=env,
         python=_need_vllm(),
     )  # fmt: skip
     try:
         line = next(x for x in up.stdout_lines if x.startswith("Breakwater is up"))
+        assert [p.name for p in tmp_path.glob("bw-vllm-*")]  # in use
         assert "1 vllm worker(s)" in line
         url = line.split("gateway ")[1].split()[0]
         body = {"model": str(model), "prompt": "up", "max_tokens": 3, "temperature": 0}
         assert post(url, "/v1/completions", body)["usage"]["completion_tokens"] == 3
         interrupt_and_reap(up, child_pids(up))
+        assert [p for p in tmp_path.rglob("*") if p.is_socket()] == []
+        assert list(tmp_path.glob("bw-vllm-*")) == []
     finally:
         up.stop()
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import os
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
@@ -37,9 +39,11 @@ def _purge_vllm() -> None:
 
 
 @pytest.fixture
-def vllm(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
+def vllm(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[ModuleType]:
     """The fake vLLM package, importable as `vllm` for one test."""
     _purge_vllm()
+    # the adapter would make a socket directory of its own, and name it in the environment
+    monkeypatch.setenv("VLLM_RPC_BASE_PATH", str(tmp_path))
     monkeypatch.syspath_prepend(str(FAKE_DIR))
     import vllm as fake
 
@@ -249,3 +253,31 @@ def test_missing_vllm_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> N
         make()
     assert str(e.value) == INSTALL_HINT == "vLLM is not installed: pip install 'breakwater[vllm]'"
     assert isinstance(e.value, ImportError) and isinstance(e.value, ConfigError)
+
+
+def test_vllm_gets_a_private_socket_directory_that_fits_a_socket_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vLLM's ipc sockets go to a directory of the worker's own (removed at shutdown); under
+    a temp directory too long for a socket path it falls back to /tmp; a directory the
+    caller chose (VLLM_RPC_BASE_PATH) is left as it is."""
+    from worker.backends.vllm_engine import _IPC_PATH_MAX, _private_rpc_dir
+
+    monkeypatch.delenv("VLLM_RPC_BASE_PATH", raising=False)
+    with tempfile.TemporaryDirectory(prefix="bwt-") as short:
+        monkeypatch.setattr(tempfile, "tempdir", short)
+        path = _private_rpc_dir()
+        assert path is not None and Path(path).parent == Path(short)
+        assert os.environ["VLLM_RPC_BASE_PATH"] == path
+
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    monkeypatch.delenv("VLLM_RPC_BASE_PATH")
+    path = _private_rpc_dir()
+    assert path is not None and Path(path).parent == Path("/tmp")
+    assert len(path) + 37 <= _IPC_PATH_MAX
+    os.rmdir(path)
+
+    monkeypatch.setenv("VLLM_RPC_BASE_PATH", str(tmp_path))
+    assert _private_rpc_dir() is None

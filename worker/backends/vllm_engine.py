@@ -17,6 +17,9 @@ import contextlib
 import importlib
 import inspect
 import logging
+import os
+import shutil
+import tempfile
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -101,6 +104,7 @@ class VLLMEngine:
         self._delta_kind = _delta_output_kind()
         self._priority_ok = _accepts(vllm.AsyncLLMEngine.generate, "priority")
         self.counters = VLLMCounters()
+        self._rpc_dir = _private_rpc_dir()
         self.kv_events = _kv_event_follower(config)
         endpoint = self.kv_events.endpoint if self.kv_events is not None else None
         try:
@@ -108,6 +112,7 @@ class VLLMEngine:
         except BaseException:
             if self.kv_events is not None:
                 self.kv_events.close()
+            self._remove_rpc_dir()
             raise
         self.block_size = _engine_block_size(self.engine) or config.block_size
         if self.kv_events is not None:
@@ -204,6 +209,14 @@ class VLLMEngine:
                 stop()
             except Exception:
                 log.exception("vLLM engine shutdown failed")
+        self._remove_rpc_dir()
+
+    def _remove_rpc_dir(self) -> None:
+        if self._rpc_dir is not None:
+            shutil.rmtree(self._rpc_dir, ignore_errors=True)
+            if os.environ.get("VLLM_RPC_BASE_PATH") == self._rpc_dir:
+                del os.environ["VLLM_RPC_BASE_PATH"]
+            self._rpc_dir = None
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -444,6 +457,26 @@ def _kv_event_follower(config: EngineConfig) -> KVEventFollower | None:
     except (ImportError, AttributeError):
         return None
     return KVEventFollower(config.model_name.encode())
+
+
+def _private_rpc_dir() -> str | None:
+    """A directory of our own for vLLM's ZMQ ipc sockets, removed at shutdown: vLLM puts
+    them in VLLM_RPC_BASE_PATH (default: the temp directory) and leaves several behind at
+    every stop, clean or not. None when the caller chose the place (the variable is set)."""
+    if os.environ.get("VLLM_RPC_BASE_PATH"):
+        return None
+    path = tempfile.mkdtemp(prefix="bw-vllm-")
+    if len(path) + len("/") + 36 > _IPC_PATH_MAX and os.path.isdir("/tmp"):
+        # a socket path (the directory, a uuid4) must fit sockaddr_un: a long TMPDIR, which
+        # vLLM's own default would trip on too, gives way to /tmp
+        os.rmdir(path)
+        path = tempfile.mkdtemp(prefix="bw-vllm-", dir="/tmp")
+    os.environ["VLLM_RPC_BASE_PATH"] = path  # read by vLLM, and by its engine process
+    return path
+
+
+_IPC_PATH_MAX = 107
+"""sizeof(sockaddr_un.sun_path) - 1 on Linux: the longest ipc socket path ZMQ takes."""
 
 
 def _build(
