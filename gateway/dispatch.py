@@ -27,7 +27,7 @@ import orjson
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from tenacity import RetryCallState, wait_random_exponential
 
-from gateway.admission.adaptive import AdaptiveConcurrency
+from gateway.admission.adaptive import DEFAULT_BASELINE_S, AdaptiveConcurrency
 from gateway.registry.base import Registry, WorkerInfo, WorkerState, ready_workers
 from gateway.resilience.breaker import BreakerBoard, BreakerConfig
 from gateway.resilience.retry_budget import RetryBudget
@@ -227,6 +227,10 @@ class _Attempt:
         if self.prefill:
             self.dispatcher.policy.prefilled(self.worker.worker_id, self.prefill)
             self.prefill = 0.0
+
+    def prefilled_by_now(self) -> None:
+        """The replica has most likely prefilled the prompt (no first output to tell)."""
+        self._prefilled()
 
     def first_output(self) -> None:
         ttft = time.monotonic() - self.started
@@ -485,6 +489,12 @@ class Dispatcher:
         # A whole (non-streamed) answer comes only when generation ends: it gets the call's
         # deadline rather than the time-to-first-token limit.
         limit = ttft_limit if raw.stream else attempt.deadline - attempt.started
+        if not raw.stream and attempt.prefill:
+            # and its first token is never seen: routing's prefill estimate for it is handed
+            # back after a typical TTFT instead of when the whole answer is done
+            c = self.concurrency
+            typical = c.baseline_ttft_s() if c is not None else DEFAULT_BASELINE_S
+            loop.call_later(min(typical, limit), attempt.prefilled_by_now)
         first_by = now + max(0.0, limit)
         resp = await up.relay(raw.path, raw.body, request_id, first_by)
         try:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 
 import pytest
 
+from loadtest.fleet import admin_json
 from tests.e2e.fake_http import FakeHTTPServer
 from tests.procs import Proc, start_gateway, wait_for
 
@@ -55,6 +57,9 @@ class Upstream(FakeHTTPServer):
         elif prompt == "garbage":
             w.write(b"this is not HTTP\r\n\r\n")
             return False
+        elif prompt.startswith("slow-whole"):  # a long generation answered whole
+            await asyncio.sleep(6)
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(WHOLE), WHOLE))
         elif not req.get("stream"):
             w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(WHOLE), WHOLE))
             if prompt == "close-after":  # closes its keep-alive connection while idle
@@ -174,3 +179,47 @@ def test_a_busy_replica_is_retried_elsewhere_then_pushes_back() -> None:
         g.stop()
         busy.close()
         fine.close()
+
+
+def _routed_blocks(gateway: Proc) -> float:
+    with urllib.request.urlopen(gateway.ready["http"] + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("breakwater_routing_prefix_blocks_total{") and 'kind="routed"' in line
+    )
+
+
+def test_a_whole_answer_hands_its_prefill_estimate_back_before_it_ends(
+    upstream: Upstream,
+) -> None:
+    """A non-streamed answer shows no first token: routing's estimate of the prefill it
+    queued on the replica is handed back after a typical TTFT, not when the answer ends."""
+    other = Upstream()  # two replicas: with one there is no choice, and nothing to weigh
+    gateway = start_gateway("--worker", upstream.url, "--worker", other.url)
+    try:
+        whole_answer_hands_back(gateway)
+    finally:
+        gateway.stop()
+        other.close()
+
+
+def whole_answer_hands_back(gateway: Proc) -> None:
+    def both_ready() -> bool:
+        workers = admin_json(gateway, "/admin/workers")["workers"]
+        return len(workers) == 2 and all(w["state"] == "SERVING" for w in workers)
+
+    wait_for(both_ready, timeout=30)
+    before = _routed_blocks(gateway)
+    prompt = "slow-whole " + "a system prompt long enough to be cut into blocks " * 6
+    done: list[tuple[int, dict[str, str], bytes]] = []
+    call = threading.Thread(target=lambda: done.append(_post(gateway, {"prompt": prompt})))
+    call.start()
+    try:
+        wait_for(lambda: _routed_blocks(gateway) > before, timeout=10)  # routed, prefill queued
+        wait_for(lambda: admin_json(gateway, "/admin/workers")["routing"]["prefilling"] == {}, 5)
+        assert call.is_alive()  # the answer takes 6 s: it was handed back well before
+    finally:
+        call.join(timeout=30)
+    assert done and done[0][0] == 200
