@@ -13,6 +13,7 @@ __all__ = [
     "child_pids",
     "complete",
     "interrupt_and_reap",
+    "metric_total",
     "start_gateway",
     "start_sim_worker",
     "start_worker",
@@ -58,3 +59,15 @@ def interrupt_and_reap(proc: Proc, children: list[int]) -> None:
     assert proc.wait(90) == 0
     for pid in children:
         wait_for(lambda pid=pid: not os.path.exists(f"/proc/{pid}"), timeout=30)
+
+
+def metric_total(gw: Proc, sample: str, label: str) -> float:
+    """The sum of `sample` over the gateway's series whose labels include `label` (e.g.
+    'status="400"'), read from its /metrics."""
+    with urllib.request.urlopen(gw.ready["http"] + "/metrics", timeout=30) as resp:
+        text = resp.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(sample + "{") and label in line
+    )

@@ -19,7 +19,7 @@ import pytest
 from proto import inference_pb2 as pb
 from proto import inference_pb2_grpc as pb_grpc
 from proto.limits import DEFAULT_LIMITS
-from tests.procs import Proc, start_gateway, start_sim_worker, wait_for
+from tests.procs import Proc, metric_total, start_gateway, start_sim_worker, wait_for
 
 MODEL = "sim"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -159,13 +159,7 @@ def test_tight_deadlines_do_not_eject_the_replica(sim_gateway: Proc) -> None:
 
 
 def _requests_400(gw: Proc) -> float:
-    with urllib.request.urlopen(gw.ready["http"] + "/metrics", timeout=30) as resp:
-        text = resp.read().decode()
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("breakwater_requests_total{") and 'status="400"' in line
-    )
+    return metric_total(gw, "breakwater_requests_total", 'status="400"')
 
 
 L = DEFAULT_LIMITS

@@ -17,7 +17,7 @@ import pytest
 
 from loadtest.fleet import admin_json
 from tests.e2e.fake_http import FakeHTTPServer
-from tests.procs import Proc, start_gateway, wait_for
+from tests.procs import Proc, metric_total, start_gateway, wait_for
 
 EVENT = b'data: {"id":"x","object":"text_completion","choices":[{"index":0,"text":"tok"}]}\n\n'
 WHOLE = b'{"id":"x","object":"text_completion","choices":[{"index":0,"text":"whole"}]}'
@@ -182,13 +182,7 @@ def test_a_busy_replica_is_retried_elsewhere_then_pushes_back() -> None:
 
 
 def _routed_blocks(gateway: Proc) -> float:
-    with urllib.request.urlopen(gateway.ready["http"] + "/metrics", timeout=30) as r:
-        text = r.read().decode()
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("breakwater_routing_prefix_blocks_total{") and 'kind="routed"' in line
-    )
+    return metric_total(gateway, "breakwater_routing_prefix_blocks_total", 'kind="routed"')
 
 
 def test_a_whole_answer_hands_its_prefill_estimate_back_before_it_ends(
