@@ -512,8 +512,12 @@ class Dispatcher:
         if not first:
             resp.release()
             raise UpstreamError(INTERNAL, f"{attempt.worker.worker_id} ended without output")
-        attempt.first_output()
-        if not raw.stream:
+        if raw.stream:
+            attempt.first_output()
+        else:
+            # A whole answer's wait is its generation, not a TTFT: fed to the slow-replica
+            # detector and the concurrency limits, it would eject a replica that happened
+            # to get long answers and shrink limits on output length alone.
             attempt.outcome = True
         return Call(attempt, first, self.settings.idle_timeout_s, resp=resp)
 

@@ -194,7 +194,8 @@ class GatewayRoutes(OpenAIRoutes):
             )
         except UpstreamError as e:
             raise from_upstream(e) from None
-        info.first_output_at = time.monotonic()
+        if parsed.stream or not call.raw:  # a relayed whole answer shows no first token
+            info.first_output_at = time.monotonic()
         if not call.raw:
             assert isinstance(call.first, pb.GenerateResponse)
             deltas = _Deltas(call) if mirror is None else _MirroredDeltas(call, mirror)

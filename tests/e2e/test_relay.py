@@ -121,6 +121,26 @@ def test_whole_answer_passes_through(gateway: Proc) -> None:
         assert headers["Content-Type"].startswith("application/json")
 
 
+def test_a_whole_answers_wait_is_not_taken_for_a_ttft(gateway: Proc) -> None:
+    """A relayed non-streamed answer arrives when generation ends: its wait is no time to
+    first token. It feeds neither the TTFT histogram nor the replica's TTFT average (the
+    slow-replica detector and the learnt limits); a stream does."""
+
+    def ttft_samples() -> float:
+        return metric_total(gateway, "breakwater_time_to_first_token_seconds_count", "")
+
+    def ttft_ewma_ms() -> float:
+        (w,) = admin_json(gateway, "/admin/workers")["workers"]
+        return float(w["breaker"].get("ttft_ewma_ms", 0.0))
+
+    samples, ewma = ttft_samples(), ttft_ewma_ms()
+    for _ in range(3):
+        assert _post(gateway, {"prompt": "ok"})[0] == 200
+    assert (ttft_samples(), ttft_ewma_ms()) == (samples, ewma)
+    assert _post(gateway, {"prompt": "ok", "stream": True})[0] == 200
+    wait_for(lambda: ttft_samples() == samples + 1, timeout=10)
+
+
 def test_an_upstream_closing_idle_connections_costs_no_error(
     gateway: Proc, upstream: Upstream
 ) -> None:
