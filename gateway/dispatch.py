@@ -549,16 +549,21 @@ class Dispatcher:
             ready = [w for w in ready if weights.get(w.worker_id, 1.0) > 0]
             loads = WeightedLoads(self.outstanding, weights)
         candidates = [w for w in ready if w.worker_id not in tried]
+        tiers = [candidates]
         if (c := self.concurrency) is not None and len(candidates) > 1:
-            # a replica at its limit would queue the request in its engine: others first
+            # a replica at its limit would queue the request in its engine: others first,
+            # but only first (those with room may all be ejected: they have room because
+            # nothing is sent to them)
             out = self.outstanding
             room = [w for w in candidates if out.get(w.worker_id, 0) < c.limit(w.worker_id)]
-            candidates = room or candidates
-        while candidates:
-            worker = self.policy.choose(candidates, request, loads)
-            if self.breakers.allow(worker.worker_id):
-                return worker, [w.worker_id for w in ready]
-            candidates.remove(worker)
+            if room and len(room) < len(candidates):
+                tiers = [room, [w for w in candidates if w not in room]]
+        for tier in tiers:
+            while tier:
+                worker = self.policy.choose(tier, request, loads)
+                if self.breakers.allow(worker.worker_id):
+                    return worker, [w.worker_id for w in ready]
+                tier.remove(worker)
         return None
 
     async def close(self) -> None:

@@ -85,3 +85,34 @@ def test_retry_budget_caps_retries_at_a_share_of_requests() -> None:
     small = RetryBudget(ratio=0.2, floor=3, window_s=60)
     small.on_request()
     assert sum(small.try_spend() for _ in range(10)) == 3  # the floor
+
+
+def test_a_replica_at_its_limit_still_beats_an_ejected_one_with_room() -> None:
+    """Replicas under their learnt limit come first, but only first: an ejected replica
+    has room because nothing is sent to it, and must not leave the request with nowhere
+    to go (it did: "no healthy replica" with a healthy one in the pool)."""
+    from gateway.admission.adaptive import AdaptiveConcurrency
+    from gateway.dispatch import Dispatcher
+    from gateway.registry.base import WorkerInfo, WorkerState
+    from gateway.routing.policy import Router
+    from proto import inference_pb2 as pb
+
+    pool = [
+        WorkerInfo(worker_id=w, address=w, state=WorkerState.SERVING, stats={"max_running": 4})
+        for w in ("busy", "ejected")
+    ]
+
+    class Fixed:
+        def workers(self) -> list[WorkerInfo]:
+            return pool
+
+    d = Dispatcher(Fixed(), Router("least-outstanding"), lambda w: None)  # type: ignore[arg-type, return-value]
+    d.concurrency = AdaptiveConcurrency()
+    d.concurrency.sync(pool)
+    d.outstanding["busy"] = 4  # at its limit
+    assert d.breakers.eject("ejected", ["busy", "ejected"])
+    picked = d._pick("sim", pb.GenerateRequest(model="sim"), set())
+    assert picked is not None and picked[0].worker_id == "busy"
+    d.outstanding["busy"] = 1  # with room again: still the only one allowed
+    picked = d._pick("sim", pb.GenerateRequest(model="sim"), set())
+    assert picked is not None and picked[0].worker_id == "busy"
