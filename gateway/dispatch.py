@@ -223,19 +223,17 @@ class _Attempt:
         """Prompt tokens routing expects the replica to prefill for this attempt."""
         dispatcher.outstanding[worker.worker_id] += 1
 
-    def _prefilled(self) -> None:
+    def prefilled(self) -> None:
+        """Hand routing's prefill estimate back (once): the first output came, the attempt
+        ended, or, for a whole answer that shows no first token, a typical TTFT passed."""
         if self.prefill:
             self.dispatcher.policy.prefilled(self.worker.worker_id, self.prefill)
             self.prefill = 0.0
 
-    def prefilled_by_now(self) -> None:
-        """The replica has most likely prefilled the prompt (no first output to tell)."""
-        self._prefilled()
-
     def first_output(self) -> None:
         ttft = time.monotonic() - self.started
         d = self.dispatcher
-        self._prefilled()
+        self.prefilled()
         d.breakers.observe_ttft(self.worker.worker_id, ttft, self.pool)
         if d.concurrency is not None:
             d.concurrency.observe(self.worker.worker_id, ttft)
@@ -257,7 +255,7 @@ class _Attempt:
     def end(self) -> None:
         d = self.dispatcher
         wid = self.worker.worker_id
-        self._prefilled()
+        self.prefilled()
         d.outstanding[wid] -= 1
         d.breakers.release_probe(wid)
         if self.outcome is not None:
@@ -494,7 +492,7 @@ class Dispatcher:
             # back after a typical TTFT instead of when the whole answer is done
             c = self.concurrency
             typical = c.baseline_ttft_s() if c is not None else DEFAULT_BASELINE_S
-            loop.call_later(min(typical, limit), attempt.prefilled_by_now)
+            loop.call_later(min(typical, limit), attempt.prefilled)
         first_by = now + max(0.0, limit)
         resp = await up.relay(raw.path, raw.body, request_id, first_by)
         try:
@@ -555,9 +553,12 @@ class Dispatcher:
             # but only first (those with room may all be ejected: they have room because
             # nothing is sent to them)
             out = self.outstanding
-            room = [w for w in candidates if out.get(w.worker_id, 0) < c.limit(w.worker_id)]
-            if room and len(room) < len(candidates):
-                tiers = [room, [w for w in candidates if w not in room]]
+            room: list[WorkerInfo] = []
+            full: list[WorkerInfo] = []
+            for w in candidates:
+                (room if out.get(w.worker_id, 0) < c.limit(w.worker_id) else full).append(w)
+            if room and full:
+                tiers = [room, full]
         for tier in tiers:
             while tier:
                 worker = self.policy.choose(tier, request, loads)

@@ -459,6 +459,10 @@ def _kv_event_follower(config: EngineConfig) -> KVEventFollower | None:
     return KVEventFollower(config.model_name.encode())
 
 
+_IPC_PATH_MAX = 107
+"""sizeof(sockaddr_un.sun_path) - 1 on Linux: the longest ipc socket path ZMQ takes."""
+
+
 def _private_rpc_dir() -> str | None:
     """A directory of our own for vLLM's ZMQ ipc sockets, removed at shutdown: vLLM puts
     them in VLLM_RPC_BASE_PATH (default: the temp directory) and leaves several behind at
@@ -473,10 +477,6 @@ def _private_rpc_dir() -> str | None:
         path = tempfile.mkdtemp(prefix="bw-vllm-", dir="/tmp")
     os.environ["VLLM_RPC_BASE_PATH"] = path  # read by vLLM, and by its engine process
     return path
-
-
-_IPC_PATH_MAX = 107
-"""sizeof(sockaddr_un.sun_path) - 1 on Linux: the longest ipc socket path ZMQ takes."""
 
 
 def _build(
