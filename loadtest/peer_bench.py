@@ -433,6 +433,8 @@ class Running:
     pids: list[int]
     """Roots of the process trees whose CPU is the router's."""
     info: dict[str, Any] = field(default_factory=dict)
+    ejections: Callable[[], int] | None = None
+    """Breakwater's: times it ejected a replica so far (none should, on a healthy fleet)."""
 
 
 class Skip(Exception):
@@ -961,7 +963,7 @@ class ChatFleet:
 
 @contextlib.contextmanager
 def start_chat_target(name: str, fleet: ChatFleet, install_peers: bool) -> Iterator[Running]:
-    from loadtest.routing_bench import refusal, start_policy_gateway
+    from loadtest.routing_bench import ejections, refusal, start_policy_gateway
 
     info: dict[str, Any] = {"note": CHAT_NOTES.get(name, "")}
     if name in ("breakwater", "breakwater_grpc"):
@@ -971,7 +973,9 @@ def start_chat_target(name: str, fleet: ChatFleet, install_peers: bool) -> Itera
         except (RuntimeError, AssertionError) as e:
             raise RuntimeError(f"the gateway did not start: {refusal(e)}") from None
         try:
-            yield Running(gw.ready["http"], [gw.pid], info | {"processes": 1})
+            yield Running(
+                gw.ready["http"], [gw.pid], info | {"processes": 1}, lambda: ejections(gw)
+            )
         finally:
             gw.stop()
     elif name in CHAT_PEERS:
@@ -1153,6 +1157,8 @@ def run_chat(
                         sent, workload, fleet.grpc, deltas, cfg.duration_s, per_worker
                     )
                     results[name] = m = chat_figures(figs, cpu_s, cfg.max_tokens, deltas)
+                    if running.ejections is not None:
+                        m["replica_ejections"] = running.ejections()
                     info[name] = running.info
                     log(
                         f"{name}: hit rate {m['hit_rate']}, TTFT p50 {m['ttft_p50_ms']} ms, "

@@ -660,9 +660,10 @@ class _Workers:
 
 def run_policy(
     policy: str, addrs: Sequence[str], traffic: Callable[[list[str]], list[Sent]]
-) -> tuple[list[Sent], list[dict[str, int]]] | str:
-    """Traffic through fresh gateways with `policy`: the turns sent and each worker's
-    counter deltas, or why a gateway would not start (an unknown policy, say).
+) -> tuple[list[Sent], list[dict[str, int]], int] | str:
+    """Traffic through fresh gateways with `policy`: the turns sent, each worker's counter
+    deltas and how many times the gateways ejected a replica (breaker or slow-replica
+    detector: none should on this healthy fleet), or why a gateway would not start.
 
     `<policy>-2-gateways` runs two gateway replicas that share state through their own
     Redis (a redis-server on a free port), each user's turns alternating between them.
@@ -682,9 +683,16 @@ def run_policy(
             stop_all(gws)
             return refusal(e)
         try:
-            return counted(addrs, lambda: traffic([gw.ready["http"] for gw in gws]))
+            sent, deltas = counted(addrs, lambda: traffic([gw.ready["http"] for gw in gws]))
+            return sent, deltas, sum(ejections(gw) for gw in gws)
         finally:
             stop_all(gws)
+
+
+def ejections(gw: Proc) -> int:
+    """Times this gateway ejected any replica since it started."""
+    ws = admin_json(gw, "/admin/workers")["workers"]
+    return sum(int(w.get("breaker", {}).get("times_ejected", 0)) for w in ws)
 
 
 def probe_capacity(
@@ -702,7 +710,7 @@ def probe_capacity(
     )
     if isinstance(res, str):
         raise RuntimeError(f"the round-robin gateway did not start: {res}")
-    sent, deltas = res
+    sent, deltas, _ = res
     cap = capacity_rps(sent, cfg.probe_s)
     log(f"capacity {cap:.2f} req/s (closed loop, {users} conversations, round-robin)")
     queries = sum(d["prefix_cache_queries"] for d in deltas)
@@ -760,6 +768,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
                 out["policies"][_key(policy)] = {"skipped": f"gateway refused it: {res}"}
                 continue
             figs = policy_figures(res[0], workload, addrs, res[1], cfg.duration_s)
+            figs["replica_ejections"] = res[2]
             out["policies"][_key(policy)] = figs
             timings[f"{_key(policy)}_s"] = round(time.monotonic() - t, 1)
     finally:

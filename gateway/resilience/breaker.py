@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -37,9 +38,15 @@ class BreakerConfig:
     max_ejection_share: float = 0.5
     """Never eject more than this share of the pool (Envoy's max_ejection_percent)."""
     slow_factor: float = 5.0
-    """A replica whose TTFT EWMA exceeds this many times its peers' median is ejected."""
+    """A replica whose fast answers (the `slow_quantile` of its last `slow_min_samples`
+    TTFTs) are this many times slower than its peers' median of the same is ejected."""
     slow_min_samples: int = 20
+    slow_quantile: float = 0.25
+    slow_min_excess_s: float = 0.1
+    """...and by at least this much: a few milliseconds' difference is no sickness (at a
+    5 ms TTFT, one request ahead in a queue is 5x)."""
     ewma_alpha: float = 0.2
+    """For the TTFT EWMA shown to operators (admin API); it does not judge."""
 
 
 @dataclass
@@ -50,6 +57,10 @@ class ReplicaHealth:
     ejected_at: float | None = None
     ttft_ewma: float | None = None
     samples: int = 0
+    recent: deque[float] = field(default_factory=lambda: deque(maxlen=20))
+    """The last TTFTs (maxlen: the config's slow_min_samples)."""
+    ttft_low: float | None = None
+    """The slow_quantile of `recent`: what the detector compares."""
     forced_until: float = 0.0
     """Open on another gateway's word (shared through Redis) until this monotonic time."""
     last_change: float = field(default_factory=time.monotonic)
@@ -73,6 +84,7 @@ class BreakerBoard:
                 throw_new_error_on_trip=False,
             )
             r = self._replicas[worker_id] = ReplicaHealth(b)
+            r.recent = deque(maxlen=max(1, self.config.slow_min_samples))
         return r
 
     def state(self, worker_id: str) -> str:
@@ -159,23 +171,40 @@ class BreakerBoard:
         r.forced_until = max(r.forced_until, time.monotonic() + seconds)
 
     def observe_ttft(self, worker_id: str, ttft_s: float, pool: Iterable[str]) -> None:
-        """Feed the slow-replica detector; ejects a replica far slower than its peers."""
+        """Feed the slow-replica detector; ejects a replica far slower than its peers.
+
+        It compares replicas' *fast* answers (a low quantile of recent TTFTs), not their
+        averages: a replica's average TTFT also holds the queue routing gave it, and
+        prefix-aware routing gives unequal queues on purpose (holders of hot prefixes get
+        bursts), so averages ejected healthy replicas (one of two in every run of
+        peer_bench's chat test, at 5x). A sick replica (slow steps) is slow even when its
+        queue is empty, so its fast answers show it; a busy one still has some.
+        """
         r = self._get(worker_id)
         a = self.config.ewma_alpha
         r.ttft_ewma = ttft_s if r.ttft_ewma is None else (1 - a) * r.ttft_ewma + a * ttft_s
         r.samples += 1
-        peers = [
-            p.ttft_ewma
-            for w, p in self._replicas.items()
-            if w != worker_id and p.ttft_ewma is not None and p.samples >= 3
-        ]
-        if r.samples < self.config.slow_min_samples or len(peers) < 1:
+        r.recent.append(ttft_s)
+        ordered = sorted(r.recent)  # <= slow_min_samples values: ~1 us
+        r.ttft_low = ordered[int(self.config.slow_quantile * (len(ordered) - 1))]
+        if r.samples < self.config.slow_min_samples:
             return
-        if r.ttft_ewma > self.config.slow_factor * statistics.median(peers):
-            ids = list(pool)
-            if self.eject(worker_id, ids):
-                r.ttft_ewma = None  # start afresh after readmission
-                r.samples = 0
+        peers = [
+            p.ttft_low
+            for w, p in self._replicas.items()
+            if w != worker_id and p.ttft_low is not None and p.samples >= 3
+        ]
+        if not peers:
+            return
+        typical = statistics.median(peers)
+        if r.ttft_low <= max(
+            self.config.slow_factor * typical, typical + self.config.slow_min_excess_s
+        ):
+            return
+        if self.eject(worker_id, list(pool)):
+            r.ttft_ewma = r.ttft_low = None  # start afresh after readmission
+            r.samples = 0
+            r.recent.clear()
 
     def replicas(self) -> dict[str, ReplicaHealth]:
         return dict(self._replicas)
@@ -188,6 +217,7 @@ class BreakerBoard:
                 "times_ejected": r.times_ejected,
                 "ejection_s": r.breaker.reset_timeout,
                 "ttft_ewma_ms": round((r.ttft_ewma or 0.0) * 1000, 2),
+                "ttft_fast_ms": round((r.ttft_low or 0.0) * 1000, 2),
             }
         return out
 

@@ -76,6 +76,28 @@ def test_slow_replica_is_ejected() -> None:
     assert all(b.state(w) == CLOSED for w in ("a", "b", "c"))
 
 
+def test_a_replica_with_a_queue_is_not_taken_for_a_slow_one() -> None:
+    """Prefix-aware routing sends bursts to the holder of a hot prefix: its average TTFT
+    grows with its queue (5x its peer's was seen), yet its answers with no queue ahead
+    stay fast. It must not be ejected; one slow at every answer still is."""
+    b = BreakerBoard(BreakerConfig())
+    queued = [0.02, 0.03, 0.15, 0.25, 0.35] * 8  # a fast answer, then a burst queues up
+    for t in queued:
+        b.observe_ttft("a", 0.02, POOL)
+        b.observe_ttft("b", t, POOL)
+    assert b.replicas()["b"].ttft_ewma > 5 * b.replicas()["a"].ttft_ewma  # the old judge
+    assert b.state("b") == CLOSED and b.ejections == 0
+    for _ in range(20):
+        b.observe_ttft("c", 0.15, POOL)
+    assert b.state("c") == OPEN
+    assert b.snapshot()["a"]["ttft_fast_ms"] == 20.0
+    tiny = BreakerBoard(BreakerConfig())  # 6x slower, but by 25 ms: no sickness
+    for _ in range(30):
+        tiny.observe_ttft("a", 0.005, POOL)
+        tiny.observe_ttft("b", 0.03, POOL)
+    assert tiny.ejections == 0
+
+
 def test_retry_budget_caps_retries_at_a_share_of_requests() -> None:
     budget = RetryBudget(ratio=0.2, floor=3, window_s=60)
     for _ in range(100):
