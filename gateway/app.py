@@ -24,6 +24,7 @@ from gateway.admission.adaptive import AdaptiveConcurrency
 from gateway.admission.admission import Admission
 from gateway.admission.tenants import load_settings
 from gateway.dispatch import Dispatcher, DispatchSettings
+from gateway.frontend.fast_http import FastFront
 from gateway.frontend.grpc_api import GatewayInference
 from gateway.frontend.http_api import GatewayRoutes
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -189,6 +190,7 @@ class Gateway:
             self.breaker_sync = BreakerSync(settings.redis_url, self.dispatcher.breakers)
         self.runner: web.AppRunner | None = None
         self.connections: ConnectionCap | None = None
+        self.fast_front: FastFront | None = None
         self.grpc_server: grpc.aio.Server | None = None
         self.http_port = 0
         self.grpc_port: int | None = None
@@ -316,15 +318,32 @@ class Gateway:
             self.runner.server, fit_fd_limit(self.settings.max_connections)
         )
         shared = self.settings.processes > 1  # SO_REUSEPORT: siblings serve the same port
-        site = web.TCPSite(
-            self.runner,
-            self.settings.host,
-            self.settings.port,
-            reuse_port=shared or None,
-            ssl_context=self._ssl_context(),
-        )
-        await site.start()
-        self.http_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        ssl_context = self._ssl_context()
+        if self.settings.http_server == "fast" and ssl_context is None:
+            hot = {
+                b"/v1/completions": self.routes.completions,
+                b"/v1/chat/completions": self.routes.chat,
+            }
+            self.fast_front = FastFront(
+                hot,
+                self.runner.server,
+                self.connections,
+                self.settings.keepalive_timeout_s,
+                self.routes.limits.max_body_bytes,
+            )
+            self.http_port = await self.fast_front.start(
+                self.settings.host, self.settings.port, reuse_port=shared or None
+            )
+        else:
+            site = web.TCPSite(
+                self.runner,
+                self.settings.host,
+                self.settings.port,
+                reuse_port=shared or None,
+                ssl_context=ssl_context,
+            )
+            await site.start()
+            self.http_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         if self.settings.grpc_port is not None:
             self.grpc_server = grpc.aio.server(
                 options=[
@@ -354,6 +373,8 @@ class Gateway:
             self._fleet_task.cancel()
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace=2.0)
+        if self.fast_front is not None:
+            await self.fast_front.shutdown()
         if self.runner is not None:
             await self.runner.cleanup()
         if self.breaker_sync is not None:

@@ -120,7 +120,7 @@ class ConnectionCap:
     def __init__(self, server: web.Server, limit: int) -> None:
         self.limit = limit
         self.refused = 0
-        self._live: set[RequestHandler] = set()
+        self._live: set[object] = set()
         body = orjson.dumps(
             OpenAIError(
                 503,
@@ -131,24 +131,34 @@ class ConnectionCap:
                 1000,
             ).body()
         )
-        self._answer = _FULL % (len(body), body)
+        self.answer = _FULL % (len(body), body)
+        """What a connection past the limit is told before it is closed."""
         made, lost = server.connection_made, server.connection_lost
 
         def connection_made(handler: RequestHandler, transport: asyncio.Transport) -> None:
-            if len(self._live) >= self.limit:
-                self.refused += 1
-                transport.write(self._answer)
+            if not self.admit(handler, transport):
                 handler.force_close()  # closes the transport once the answer is out
                 return
-            self._live.add(handler)
             made(handler, transport)
 
         def connection_lost(handler: RequestHandler, exc: BaseException | None = None) -> None:
-            self._live.discard(handler)
+            self.forget(handler)
             lost(handler, exc)
 
         server.connection_made = connection_made  # type: ignore[method-assign]
         server.connection_lost = connection_lost  # type: ignore[method-assign]
+
+    def admit(self, conn: object, transport: asyncio.Transport) -> bool:
+        """Count a new connection in, or answer it 503 (the caller closes it)."""
+        if len(self._live) >= self.limit:
+            self.refused += 1
+            transport.write(self.answer)
+            return False
+        self._live.add(conn)
+        return True
+
+    def forget(self, conn: object) -> None:
+        self._live.discard(conn)
 
     @property
     def open(self) -> int:

@@ -84,7 +84,10 @@ def context_from(carrier: Mapping[str, str]) -> Any:
     """The remote parent in `carrier` (a `traceparent` entry), as an OpenTelemetry context."""
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-    return TraceContextTextMapPropagator().extract(carrier=dict(carrier))
+    # HTTP header names are case-blind; the propagator looks up lower-case names.
+    return TraceContextTextMapPropagator().extract(
+        carrier={k.lower(): v for k, v in carrier.items()}
+    )
 
 
 class JsonLinesExporter:

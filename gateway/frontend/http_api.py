@@ -21,6 +21,7 @@ from opentelemetry.trace import SpanKind
 
 from gateway.admission.admission import Admission, Ticket, estimate_request_tokens
 from gateway.dispatch import Call, Dispatcher, RawRequest
+from gateway.frontend.fast_http import FastRequest
 from gateway.routing.cache_views import CacheView
 from gateway.routing.decision_share import RedisShare, SiblingShare
 from gateway.shadow import Mirror, Shadows
@@ -218,8 +219,11 @@ class GatewayRoutes(OpenAIRoutes):
         info: CallInfo,
         mirror: Mirror | None = None,
     ) -> web.StreamResponse:
-        out = _CoalescingStreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers}
+        h = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers}
+        out = (
+            request.stream_response(h)
+            if isinstance(request, FastRequest)
+            else _CoalescingStreamResponse(headers=h)
         )
         sending = self.send_watch.start(request, headers["X-Request-Id"])
         try:

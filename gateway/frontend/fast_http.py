@@ -1,0 +1,440 @@
+"""The gateway's front door for its two hot routes, on asyncio protocols and httptools.
+
+aiohttp's server costs about 50 us of CPU per small JSON request and 100 us per relayed
+stream on this machine (a bare uvloop + httptools proxy: 27.5 us; the same proxy behind
+aiohttp's server: 78 us JSON, 131 us SSE; `loadtest.peer_bench`), a quarter to a third of
+the gateway's whole cost per request. So the common case is served here: a
+`POST /v1/completions` or `/v1/chat/completions`, HTTP/1.1, framed by Content-Length, that
+arrives whole soon after its head. The handlers are the same OpenAI routes aiohttp calls;
+they see a `FastRequest` with what they read of a request.
+
+Anything else is aiohttp's, on the same connection: another path or method, a chunked or
+oversized body, `Expect`, an upgrade, a head that does not arrive whole in one read or
+that httptools rejects, a body still missing after `HANDOFF_AFTER_S`. The bytes of that
+request, from its first, go to a fresh aiohttp `RequestHandler` that takes the connection
+over for good, so its limits, errors and timeouts (header sizes, 400s, 408, slowloris)
+apply exactly as before. A connection is only handed over between responses.
+
+Kept from aiohttp's behaviour for these routes: a handler is cancelled when its client
+disconnects; a connection idle for the keep-alive timeout is closed; writes wait while
+the client's socket is full (and the send watch aborts a client that reads nothing);
+pipelined requests are answered in order; shutdown lets requests in flight finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Any
+
+import httptools
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from serving.slow_clients import ConnectionCap
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Any], Awaitable[web.StreamResponse]]
+
+MAX_HEAD = 8190
+"""aiohttp's own line limit: a longer head goes to aiohttp, which answers it as before."""
+HANDOFF_AFTER_S = 0.5
+"""A body not whole this long after its head goes to aiohttp (its body deadline, 408)."""
+_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+_HOP_BY_HOP = frozenset(("content-length", "transfer-encoding", "connection", "date"))
+
+
+class _Date:
+    """The Date header's value, formatted once a second."""
+
+    def __init__(self) -> None:
+        self._second = 0
+        self._value = b""
+
+    def __call__(self) -> bytes:
+        now = int(time.time())
+        if now != self._second:
+            self._second, self._value = now, formatdate(now, usegmt=True).encode()
+        return self._value
+
+
+_date = _Date()
+
+
+class _WholeBody:
+    """`request.content` for a body already in memory (what read_body asks of it)."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def is_eof(self) -> bool:
+        return True
+
+    def read_nowait(self, n: int = -1) -> bytes:
+        data, self._data = self._data, b""
+        return data
+
+    async def readexactly(self, n: int) -> bytes:
+        if len(self._data) < n:
+            raise asyncio.IncompleteReadError(self._data, n)
+        return self.read_nowait()
+
+    async def iter_chunked(self, n: int) -> Any:
+        if self._data:
+            yield self.read_nowait()
+
+
+class FastRequest:
+    """What the OpenAI routes read of an aiohttp request, for a request parsed here."""
+
+    __slots__ = ("content", "content_length", "headers", "path", "protocol", "transport")
+
+    def __init__(
+        self, protocol: FastProtocol, path: str, headers: CIMultiDictProxy[str], body: bytes
+    ) -> None:
+        self.protocol = protocol
+        self.transport = protocol.transport
+        self.path = path
+        self.headers = headers
+        self.content_length: int | None = len(body)
+        self.content = _WholeBody(body)
+
+    def stream_response(self, headers: dict[str, str]) -> FastStreamResponse:
+        return FastStreamResponse(self.protocol, headers)
+
+
+class FastStreamResponse:
+    """A chunked 200 response written straight to the transport; its head leaves with the
+    first bytes (one send fewer per stream, as `_CoalescingStreamResponse` does)."""
+
+    status = 200
+
+    def __init__(self, protocol: FastProtocol, headers: dict[str, str]) -> None:
+        self.protocol = protocol
+        self.headers = headers
+        self._head: bytes | None = None
+
+    async def prepare(self, request: Any) -> None:
+        lines = [b"HTTP/1.1 200 OK\r\n"]
+        for k, v in self.headers.items():
+            lines.append(b"%s: %s\r\n" % (k.encode("latin-1"), v.encode("latin-1")))
+        lines.append(b"Transfer-Encoding: chunked\r\nDate: %s\r\n\r\n" % _date())
+        self._head = b"".join(lines)
+
+    async def write(self, data: bytes) -> None:
+        if data:
+            await self.protocol.send(self._take_head() + b"%x\r\n%s\r\n" % (len(data), data))
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        chunk = b"%x\r\n%s\r\n" % (len(data), data) if data else b""
+        await self.protocol.send(self._take_head() + chunk + b"0\r\n\r\n")
+
+    def _take_head(self) -> bytes:
+        head, self._head = self._head or b"", b""
+        return head
+
+
+def serialize(resp: web.StreamResponse, keep_alive: bool) -> bytes:
+    """A whole aiohttp Response as bytes (our handlers build them: bytes bodies)."""
+    assert isinstance(resp, web.Response)
+    body = resp.body
+    if not isinstance(body, (bytes, bytearray)):
+        body = b"" if body is None else bytes(body)  # pragma: no cover - not built here
+    status = resp.status
+    lines = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown"))]
+    for k, v in resp.headers.items():
+        if k.lower() not in _HOP_BY_HOP:
+            lines.append(b"%s: %s\r\n" % (k.encode("latin-1"), v.encode("latin-1")))
+    if not keep_alive:
+        lines.append(b"Connection: close\r\n")
+    lines.append(b"Content-Length: %d\r\nDate: %s\r\n\r\n" % (len(body), _date()))
+    lines.append(body)
+    return b"".join(lines)
+
+
+class _Head:
+    """httptools callbacks for one request head."""
+
+    __slots__ = ("expect", "headers", "upgrade", "url")
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[str, str]] = []
+        self.expect = False
+        self.upgrade = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        n = name.decode("latin-1")
+        if n.lower() == "expect":
+            self.expect = True
+        self.headers.append((n, value.decode("latin-1")))
+
+
+class FastFront:
+    """The listener's shared parts: the routes, aiohttp's server for handovers, the cap."""
+
+    def __init__(
+        self,
+        routes: dict[bytes, Handler],
+        aiohttp_server: web.Server,
+        cap: ConnectionCap,
+        keepalive_timeout_s: float,
+        max_body_bytes: int,
+    ) -> None:
+        self.routes = routes
+        self.aiohttp_server = aiohttp_server
+        self.cap = cap
+        self.keepalive_timeout_s = keepalive_timeout_s
+        self.max_body_bytes = max_body_bytes
+        self.connections: set[FastProtocol] = set()
+        self.handed_over = 0
+        """Connections given to aiohttp (not a hot request, or not whole in time)."""
+        self._sweeper: asyncio.Task[None] | None = None
+        self._server: asyncio.Server | None = None
+
+    def __call__(self) -> FastProtocol:
+        return FastProtocol(self)
+
+    async def start(self, host: str, port: int, reuse_port: bool | None) -> int:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self, host, port, reuse_port=reuse_port)
+        self._sweeper = loop.create_task(self._sweep())
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def _sweep(self) -> None:
+        """Closes connections idle past the keep-alive timeout (one task, not a timer per
+        request)."""
+        period = max(0.05, min(1.0, self.keepalive_timeout_s / 4))
+        while True:
+            await asyncio.sleep(period)
+            cutoff = time.monotonic() - self.keepalive_timeout_s
+            for c in list(self.connections):
+                if c.idle_since and c.idle_since < cutoff:
+                    c.close()
+
+    async def shutdown(self, timeout: float = 60.0) -> None:
+        """Stop listening, close idle connections, let requests in flight finish."""
+        if self._server is not None:
+            self._server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for c in list(self.connections):
+            c.closing = True
+            if c.task is None:
+                c.close()
+        busy = [c.task for c in self.connections if c.task is not None]
+        if busy:
+            _done, pending = await asyncio.wait(busy, timeout=timeout)
+            for t in pending:
+                t.cancel()
+        for c in list(self.connections):
+            c.close()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+
+
+class FastProtocol(asyncio.Protocol):
+    """One client connection, until it closes or is handed to aiohttp."""
+
+    def __init__(self, front: FastFront) -> None:
+        self.front = front
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.task: asyncio.Task[None] | None = None
+        self.idle_since = 0.0
+        self.writing_paused = False
+        self.closing = False
+        self._drain: asyncio.Future[None] | None = None
+        self._lost = False
+        self._waiting: asyncio.TimerHandle | None = None
+        self._reading_paused = False
+
+    # -- asyncio.Protocol --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        if not self.front.cap.admit(self, transport):
+            self._lost = True
+            transport.close()  # after the 503 the cap wrote
+            return
+        self.front.connections.add(self)
+        self.idle_since = time.monotonic()
+
+    def data_received(self, data: bytes) -> None:
+        if self._lost:
+            return
+        self.buf += data
+        if self.task is None:
+            self._next()
+        elif len(self.buf) > MAX_HEAD + self.front.max_body_bytes and self.transport:
+            self.transport.pause_reading()  # pipelined past one whole request: wait
+            self._reading_paused = True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self.front.connections.discard(self)
+        self.front.cap.forget(self)
+        if self._waiting is not None:
+            self._waiting.cancel()
+        if self.task is not None:
+            self.task.cancel()  # aiohttp's handler_cancellation: the upstream call ends too
+        self._wake(ConnectionResetError("the client closed the connection"))
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        self._wake(None)
+
+    # -- writing -----------------------------------------------------------------------
+
+    async def send(self, data: bytes) -> None:
+        if self._lost or self.transport is None:
+            raise ConnectionResetError("the client closed the connection")
+        self.transport.write(data)
+        if self.writing_paused:
+            self._drain = asyncio.get_running_loop().create_future()
+            await self._drain
+
+    def _wake(self, exc: Exception | None) -> None:
+        d, self._drain = self._drain, None
+        if d is not None and not d.done():
+            if exc is None:
+                d.set_result(None)
+            else:
+                d.set_exception(exc)
+
+    def close(self) -> None:
+        if self.transport is not None and not self._lost:
+            self.transport.close()
+
+    # -- requests ----------------------------------------------------------------------
+
+    def _next(self) -> None:
+        """Serve the request at the head of the buffer if it is whole and ours; wait for
+        more of it; or hand the connection to aiohttp."""
+        buf = self.buf
+        if not buf:
+            self.idle_since = time.monotonic()
+            if self.closing:
+                self.close()
+            return
+        self.idle_since = 0.0
+        end = buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
+        if end < 0:
+            self._hand_over()  # a head not whole in one read, or too long: aiohttp's
+            return
+        head_len = end + 4
+        parser_head = _Head()
+        parser = httptools.HttpRequestParser(parser_head)
+        try:
+            parser.feed_data(bytes(buf[:head_len]))
+        except httptools.HttpParserUpgrade:
+            self._hand_over()
+            return
+        except httptools.HttpParserError:
+            self._hand_over()
+            return
+        route = self.front.routes.get(parser_head.url)
+        length = _content_length(parser_head.headers)
+        if (
+            route is None
+            or parser.get_method() != b"POST"
+            or parser.get_http_version() != "1.1"
+            or length is None
+            or length > self.front.max_body_bytes
+            or parser_head.expect
+        ):
+            self._hand_over()
+            return
+        if len(buf) < head_len + length:
+            if self._waiting is None:  # from the head on: a trickle does not extend it
+                loop = asyncio.get_running_loop()
+                self._waiting = loop.call_later(HANDOFF_AFTER_S, self._hand_over)
+            return
+        if self._waiting is not None:
+            self._waiting.cancel()
+            self._waiting = None
+        body = bytes(buf[head_len : head_len + length])
+        del buf[: head_len + length]
+        keep_alive = parser.should_keep_alive()
+        headers = CIMultiDictProxy(CIMultiDict(parser_head.headers))
+        request = FastRequest(self, parser_head.url.decode("latin-1"), headers, body)
+        self.task = asyncio.get_running_loop().create_task(self._serve(route, request, keep_alive))
+
+    async def _serve(self, route: Handler, request: FastRequest, keep_alive: bool) -> None:
+        try:
+            resp = await route(request)
+            if not isinstance(resp, FastStreamResponse) and not self._lost:
+                assert self.transport is not None
+                self.transport.write(serialize(resp, keep_alive and not self.closing))
+        except (ConnectionError, asyncio.CancelledError):
+            self.close()
+            return
+        except Exception:
+            log.exception("unhandled error serving %s", request.path)
+            if not self._lost and self.transport is not None:
+                self.transport.write(_INTERNAL_ERROR)
+            self.close()
+            return
+        finally:
+            self.task = None
+            if self._reading_paused and not self._lost and self.transport is not None:
+                self._reading_paused = False
+                self.transport.resume_reading()
+        if not keep_alive or self.closing:
+            self.close()
+        elif not self._lost:
+            self._next()
+
+    def _hand_over(self) -> None:
+        """aiohttp takes this connection over, starting with the buffered request."""
+        if self._waiting is not None:
+            self._waiting.cancel()
+            self._waiting = None
+        if self._lost or self.transport is None or self.task is not None:
+            return
+        self.front.handed_over += 1
+        self.front.connections.discard(self)
+        self.front.cap.forget(self)
+        self._lost = True  # nothing more arrives here
+        handler = self.front.aiohttp_server()
+        self.transport.set_protocol(handler)
+        handler.connection_made(self.transport)
+        if self.buf:
+            data, self.buf = bytes(self.buf), bytearray()
+            handler.data_received(data)
+
+
+_ERROR_BODY = b'{"error":{"message":"internal server error","type":"server_error"}}'
+_INTERNAL_ERROR = (
+    b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\n"
+    b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_ERROR_BODY), _ERROR_BODY)
+)
+
+
+def _content_length(headers: list[tuple[str, str]]) -> int | None:
+    """The one Content-Length of a request with no Transfer-Encoding, else None."""
+    length: int | None = None
+    for name, value in headers:
+        lower = name.lower()
+        if lower == "transfer-encoding":
+            return None
+        if lower == "content-length":
+            if length is not None or not value.isdigit():
+                return None
+            length = int(value)
+    return length

@@ -1,0 +1,203 @@
+"""The gateway's own front door for the model routes (gateway/frontend/fast_http.py), over
+raw sockets against a real gateway and sim worker: what it serves itself, what it hands to
+aiohttp on the same connection, and that both answer alike."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from loadtest.fleet import Proc, start_gateway, start_sim_worker
+
+AIOHTTP_MARK = b"\r\nServer: Python/"
+"""aiohttp names itself in every response; the fast front door sends no Server header."""
+
+
+def chat_body(i: int, stream: bool = False) -> bytes:
+    return json.dumps(
+        {
+            "model": "sim",
+            "messages": [{"role": "user", "content": f"hello {i}"}],
+            "max_tokens": 4,
+            "stream": stream,
+        }
+    ).encode()
+
+
+def post(body: bytes, *extra: bytes, path: bytes = b"/v1/chat/completions") -> bytes:
+    head = b"POST %s HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n" % path
+    return head + b"".join(extra) + b"Content-Length: %d\r\n\r\n" % len(body) + body
+
+
+class Reader:
+    """Whole HTTP responses, one after another, from one connection."""
+
+    def __init__(self, s: socket.socket) -> None:
+        self.s = s
+        self.buf = b""
+
+    def _fill(self) -> None:
+        data = self.s.recv(65536)
+        assert data, f"closed with {self.buf[:200]!r} unread"
+        self.buf += data
+
+    def response(self) -> tuple[int, bytes, bytes]:
+        while b"\r\n\r\n" not in self.buf:
+            self._fill()
+        head, _, rest = self.buf.partition(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        lower = head.lower()
+        if b"transfer-encoding: chunked" in lower:
+            while b"\r\n0\r\n\r\n" not in b"\r\n" + rest:
+                self._fill()
+                rest = self.buf.partition(b"\r\n\r\n")[2]
+            end = (b"\r\n" + rest).index(b"\r\n0\r\n\r\n") + 5
+            body, self.buf = rest[:end], rest[end:]
+        else:
+            n = int(lower.split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])
+            while len(rest) < n:
+                self._fill()
+                rest = self.buf.partition(b"\r\n\r\n")[2]
+            body, self.buf = rest[:n], rest[n:]
+        return status, head, body
+
+    def closed(self, timeout: float) -> bool:
+        self.s.settimeout(timeout)
+        try:
+            return self.s.recv(1) == b""
+        except ConnectionError:
+            return True
+        except TimeoutError:
+            return False
+
+
+@pytest.fixture(scope="module")
+def gw() -> Iterator[Proc]:
+    worker = start_sim_worker()
+    gw = start_gateway("--worker", worker.ready["grpc"], "--keepalive-timeout", "1")
+    try:
+        yield gw
+    finally:
+        gw.stop()
+        worker.stop()
+
+
+def connect(gw: Proc) -> socket.socket:
+    host, port = gw.ready["http"].split("://", 1)[1].rsplit(":", 1)
+    s = socket.create_connection((host, int(port)), timeout=30)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+
+
+def test_pipelined_requests_are_answered_in_order_and_other_routes_by_aiohttp(gw: Proc) -> None:
+    with connect(gw) as s:
+        r = Reader(s)
+        s.sendall(post(chat_body(1)) + post(chat_body(2), b"X-Request-Id: second\r\n"))
+        first, second = r.response(), r.response()
+        assert first[0] == second[0] == 200
+        assert AIOHTTP_MARK not in first[1] and b"X-Request-Id: second" in second[1]
+        assert json.loads(first[2])["choices"][0]["message"]["content"]
+        # A stream, then another route pipelined after it: aiohttp takes the connection
+        # over once the stream has ended, and answers from there on.
+        s.sendall(post(chat_body(3, stream=True)) + b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+        status, head, body = r.response()
+        assert status == 200 and b"text/event-stream" in head and body.endswith(b"0\r\n\r\n")
+        assert b"data: [DONE]" in body
+        status, head, body = r.response()
+        assert status == 200 and AIOHTTP_MARK in head and json.loads(body)["status"] == "ok"
+        s.sendall(post(chat_body(4)))
+        status, head, _ = r.response()
+        assert status == 200 and AIOHTTP_MARK in head
+
+
+def test_a_body_sent_after_its_head_is_still_served_here(gw: Proc) -> None:
+    """SDKs send the head and the body in two writes; both are waited for."""
+    with connect(gw) as s:
+        r = Reader(s)
+        body = chat_body(5)
+        whole = post(body)
+        s.sendall(whole[: -len(body)])
+        time.sleep(0.1)
+        s.sendall(body)
+        status, head, _ = r.response()
+        assert status == 200 and AIOHTTP_MARK not in head
+
+
+def test_requests_the_fast_door_does_not_take_are_answered_by_aiohttp(gw: Proc) -> None:
+    # a body still missing after half a second: aiohttp waits for it (and its 408 rules)
+    with connect(gw) as s:
+        r = Reader(s)
+        body = chat_body(6)
+        whole = post(body)
+        s.sendall(whole[:-5])
+        time.sleep(0.8)
+        s.sendall(whole[-5:])
+        status, head, _ = r.response()
+        assert status == 200 and AIOHTTP_MARK in head
+    # a chunked body
+    with connect(gw) as s:
+        body = chat_body(7)
+        s.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n"
+            b"Content-Type: application/json\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+        )
+        status, head, _ = Reader(s).response()
+        assert status == 200 and AIOHTTP_MARK in head
+    # a query string, another method, HTTP/1.0: the same answers as before
+    for raw, want in (
+        (post(chat_body(8), path=b"/v1/chat/completions?x=1"), 200),
+        (b"GET /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n\r\n", 405),
+        (post(chat_body(9)).replace(b"HTTP/1.1", b"HTTP/1.0", 1), 200),
+    ):
+        with connect(gw) as s:
+            s.sendall(raw)
+            status, head, _ = Reader(s).response()
+            assert status == want and AIOHTTP_MARK in head, (raw[:40], status)
+
+
+def test_errors_from_the_fast_door_are_openai_errors(gw: Proc) -> None:
+    with connect(gw) as s:
+        r = Reader(s)
+        for body, want in ((b"{not json", 400), (b'{"model":"nope","messages":[]}', 400)):
+            s.sendall(post(body))
+            status, head, raw = r.response()
+            assert status == want and AIOHTTP_MARK not in head
+            assert json.loads(raw)["error"]["type"] == "invalid_request_error"
+        s.sendall(
+            post(json.dumps({"model": "nope", "prompt": "x"}).encode(), path=b"/v1/completions")
+        )
+        status, _, raw = r.response()
+        assert status == 404 and json.loads(raw)["error"]["code"] == "model_not_found"
+
+
+def test_connection_close_and_the_keepalive_timeout_are_kept(gw: Proc) -> None:
+    with connect(gw) as s:
+        r = Reader(s)
+        s.sendall(post(chat_body(10), b"Connection: close\r\n"))
+        status, head, _ = r.response()
+        assert status == 200 and b"Connection: close" in head
+        assert r.closed(10)
+    with connect(gw) as s:
+        r = Reader(s)
+        s.sendall(post(chat_body(11)))
+        assert r.response()[0] == 200
+        t = time.monotonic()
+        assert r.closed(15)  # --keepalive-timeout 1
+        assert time.monotonic() - t < 10
+
+
+def test_aiohttp_alone_when_asked() -> None:
+    worker = start_sim_worker()
+    gw = start_gateway("--worker", worker.ready["grpc"], "--http-server", "aiohttp")
+    try:
+        with connect(gw) as s:
+            s.sendall(post(chat_body(12)))
+            status, head, _ = Reader(s).response()
+            assert status == 200 and AIOHTTP_MARK in head
+    finally:
+        gw.stop()
+        worker.stop()
