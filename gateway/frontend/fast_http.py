@@ -95,7 +95,15 @@ class _WholeBody:
 class FastRequest:
     """What the OpenAI routes read of an aiohttp request, for a request parsed here."""
 
-    __slots__ = ("content", "content_length", "headers", "path", "protocol", "transport")
+    __slots__ = (
+        "content",
+        "content_length",
+        "headers",
+        "keep_alive",
+        "path",
+        "protocol",
+        "transport",
+    )
 
     def __init__(
         self, protocol: FastProtocol, path: str, headers: CIMultiDictProxy[str], body: bytes
@@ -106,8 +114,11 @@ class FastRequest:
         self.headers = headers
         self.content_length: int | None = len(body)
         self.content = _WholeBody(body)
+        self.keep_alive = True
 
     def stream_response(self, headers: dict[str, str]) -> FastStreamResponse:
+        if not self.keep_alive:
+            headers = {**headers, "Connection": "close"}
         return FastStreamResponse(self.protocol, headers)
 
 
@@ -120,6 +131,7 @@ class FastStreamResponse:
     def __init__(self, protocol: FastProtocol, headers: dict[str, str]) -> None:
         self.protocol = protocol
         self.headers = headers
+        self.finished = False
         self._head: bytes | None = None
 
     async def prepare(self, request: Any) -> None:
@@ -135,10 +147,13 @@ class FastStreamResponse:
 
     async def write_eof(self, data: bytes = b"") -> None:
         chunk = b"%x\r\n%s\r\n" % (len(data), data) if data else b""
+        self.finished = True
         await self.protocol.send(self._take_head() + chunk + b"0\r\n\r\n")
 
     def _take_head(self) -> bytes:
         head, self._head = self._head or b"", b""
+        if head:
+            self.protocol.streaming = self
         return head
 
 
@@ -160,25 +175,53 @@ def serialize(resp: web.StreamResponse, keep_alive: bool) -> bytes:
     return b"".join(lines)
 
 
-class _Head:
-    """httptools callbacks for one request head."""
+SINGLETONS = frozenset(
+    (
+        "content-length",
+        "content-location",
+        "content-range",
+        "content-type",
+        "etag",
+        "host",
+        "max-forwards",
+        "server",
+        "transfer-encoding",
+        "user-agent",
+    )
+)
+"""Headers aiohttp refuses twice (400), so a proxy in front and we cannot disagree."""
+MAX_HEADERS = 128
+"""aiohttp's max_headers: more is its 400."""
+_ITS_OWN = frozenset(("expect", "content-encoding", "upgrade"))
+"""Headers whose request aiohttp serves (100-continue, decompression, upgrades)."""
 
-    __slots__ = ("expect", "headers", "upgrade", "url")
+
+class _Head:
+    """httptools callbacks for one request head; `ours` is False for a request aiohttp
+    must answer (its rules on hosts, repeats, encodings), as it would have."""
+
+    __slots__ = ("has_host", "headers", "names", "ours", "url")
 
     def __init__(self) -> None:
         self.url = b""
         self.headers: list[tuple[str, str]] = []
-        self.expect = False
-        self.upgrade = False
+        self.names: set[str] = set()
+        self.ours = True
+        self.has_host = False
 
     def on_url(self, url: bytes) -> None:
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
         n = name.decode("latin-1")
-        if n.lower() == "expect":
-            self.expect = True
-        self.headers.append((n, value.decode("latin-1")))
+        lower = n.lower()
+        if lower in _ITS_OWN or (lower in SINGLETONS and lower in self.names):
+            self.ours = False
+        self.names.add(lower)
+        self.has_host = self.has_host or lower == "host"
+        # As aiohttp reads a value: trailing blanks dropped, UTF-8 (a session key or a
+        # request id must be the same whichever server parsed it).
+        self.headers.append((n, value.rstrip(b" \t").decode("utf-8", "surrogateescape")))
 
 
 class FastFront:
@@ -231,7 +274,9 @@ class FastFront:
             self._sweeper.cancel()
         for c in list(self.connections):
             c.closing = True
-            if c.task is None:
+            if c.waiting_for_body:
+                c._hand_over()  # its head is in: aiohttp's shutdown waits for it
+            elif c.task is None:
                 c.close()
         busy = [c.task for c in self.connections if c.task is not None]
         if busy:
@@ -260,6 +305,9 @@ class FastProtocol(asyncio.Protocol):
         self._lost = False
         self._waiting: asyncio.TimerHandle | None = None
         self._reading_paused = False
+        self.streaming: FastStreamResponse | None = None
+        """The stream whose head has gone out for the request being served."""
+        self._after_drain = False
 
     # -- asyncio.Protocol --------------------------------------------------------------
 
@@ -298,6 +346,9 @@ class FastProtocol(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.writing_paused = False
         self._wake(None)
+        if self._after_drain and self.task is None and not self._lost:
+            self._after_drain = False
+            self._next()
 
     # -- writing -----------------------------------------------------------------------
 
@@ -317,6 +368,10 @@ class FastProtocol(asyncio.Protocol):
             else:
                 d.set_exception(exc)
 
+    @property
+    def waiting_for_body(self) -> bool:
+        return self._waiting is not None
+
     def close(self) -> None:
         if self.transport is not None and not self._lost:
             self.transport.close()
@@ -326,6 +381,9 @@ class FastProtocol(asyncio.Protocol):
     def _next(self) -> None:
         """Serve the request at the head of the buffer if it is whole and ours; wait for
         more of it; or hand the connection to aiohttp."""
+        if self.writing_paused:  # the client has not read our last answer yet: wait
+            self._after_drain = True
+            return
         buf = self.buf
         if not buf:
             self.idle_since = time.monotonic()
@@ -352,11 +410,13 @@ class FastProtocol(asyncio.Protocol):
         length = _content_length(parser_head.headers)
         if (
             route is None
+            or not parser_head.ours
+            or not parser_head.has_host
+            or len(parser_head.headers) > MAX_HEADERS
             or parser.get_method() != b"POST"
             or parser.get_http_version() != "1.1"
             or length is None
             or length > self.front.max_body_bytes
-            or parser_head.expect
         ):
             self._hand_over()
             return
@@ -373,20 +433,29 @@ class FastProtocol(asyncio.Protocol):
         keep_alive = parser.should_keep_alive()
         headers = CIMultiDictProxy(CIMultiDict(parser_head.headers))
         request = FastRequest(self, parser_head.url.decode("latin-1"), headers, body)
+        request.keep_alive = keep_alive
         self.task = asyncio.get_running_loop().create_task(self._serve(route, request, keep_alive))
 
     async def _serve(self, route: Handler, request: FastRequest, keep_alive: bool) -> None:
+        self.streaming = None
         try:
             resp = await route(request)
-            if not isinstance(resp, FastStreamResponse) and not self._lost:
-                assert self.transport is not None
-                self.transport.write(serialize(resp, keep_alive and not self.closing))
+            if self.streaming is not None:  # a stream's head went out: no other answer
+                if resp is not self.streaming or not self.streaming.finished:
+                    self.close()  # an unfinished stream: its client sees it end
+                    return
+            elif isinstance(resp, FastStreamResponse):  # prepared, never written
+                await self.send(serialize(web.Response(status=500), False))
+                self.close()
+                return
+            else:  # a whole answer waits for the client like a stream's writes do
+                await self.send(serialize(resp, keep_alive and not self.closing))
         except (ConnectionError, asyncio.CancelledError):
             self.close()
             return
         except Exception:
             log.exception("unhandled error serving %s", request.path)
-            if not self._lost and self.transport is not None:
+            if self.streaming is None and not self._lost and self.transport is not None:
                 self.transport.write(_INTERNAL_ERROR)
             self.close()
             return

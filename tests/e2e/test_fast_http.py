@@ -201,3 +201,42 @@ def test_aiohttp_alone_when_asked() -> None:
     finally:
         gw.stop()
         worker.stop()
+
+
+def test_requests_aiohttp_refuses_or_decodes_are_left_to_it(gw: Proc) -> None:
+    """Whatever aiohttp would refuse or transform, it still does (found in review: the
+    fast door served these as 200, or could not read them)."""
+    import gzip
+
+    body = chat_body(13)
+    no_host = b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(body),
+        body,
+    )
+    for raw, want in (
+        (no_host, 400),
+        (post(body, b"Host: other\r\n"), 400),  # two Hosts
+        (post(body, b"Content-Type: text/plain\r\n"), 400),  # two Content-Types
+        (post(body, *[b"X-%d: a\r\n" % i for i in range(200)]), 400),
+    ):
+        with connect(gw) as s:
+            s.sendall(raw)
+            status, head, _ = Reader(s).response()
+            assert status == want and AIOHTTP_MARK in head, (raw[:60], status)
+    packed = gzip.compress(body)
+    with connect(gw) as s:
+        s.sendall(post(packed, b"Content-Encoding: gzip\r\n"))
+        status, head, _ = Reader(s).response()
+        assert status == 200 and AIOHTTP_MARK in head
+    # a value read as aiohttp reads it: trailing blanks dropped
+    with connect(gw) as s:
+        s.sendall(post(chat_body(14), b"X-Request-Id: abc\t\r\n"))
+        status, head, _ = Reader(s).response()
+        assert status == 200 and b"X-Request-Id: abc\r\n" in head and AIOHTTP_MARK not in head
+    # a stream that closes the connection says so
+    with connect(gw) as s:
+        r = Reader(s)
+        s.sendall(post(chat_body(15, stream=True), b"Connection: close\r\n"))
+        status, head, body = r.response()
+        assert status == 200 and b"Connection: close" in head and b"[DONE]" in body
+        assert r.closed(10)
