@@ -235,6 +235,7 @@ class GatewayMetrics:
             {
                 "request_id": done.request_id,
                 "tenant": done.tenant,
+                "key_id": done.key_id,
                 "model": done.model,
                 "replica": info.worker_id,
                 "status": done.status,

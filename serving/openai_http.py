@@ -211,6 +211,8 @@ class Finished:
     stream: bool
     info: CallInfo
     error_type: str | None = None
+    key_id: str | None = None
+    """The id of the API key it came with, where the gateway knows it (never the key)."""
 
 
 class OpenAIRoutes:
@@ -349,6 +351,7 @@ class OpenAIRoutes:
                 tenant = getattr(ticket, "tenant", None)
                 done = Finished(request_id, model, tenant, status, started, ended, stream, info)
                 done.error_type = error_type
+                done.key_id = getattr(ticket, "key_id", None)
                 self.on_finished(done)
 
     def _judge_retry(self, e: OpenAIError) -> None:

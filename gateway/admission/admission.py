@@ -75,11 +75,28 @@ def estimate_request_tokens(request: pb.GenerateRequest) -> int:
 class Ticket:
     """An admitted request's slot: ``async with ticket:`` or call :meth:`release` once done."""
 
-    __slots__ = ("_admission", "_granted", "_released", "priority", "queued_s", "tenant")
+    __slots__ = (
+        "_admission",
+        "_granted",
+        "_released",
+        "key_id",
+        "priority",
+        "queued_s",
+        "tenant",
+    )
 
-    def __init__(self, admission: Admission, tenant: str, priority: int, queued_s: float) -> None:
+    def __init__(
+        self,
+        admission: Admission,
+        tenant: str,
+        priority: int,
+        queued_s: float,
+        key_id: str | None = None,
+    ) -> None:
         self._admission = admission
         self.tenant = tenant
+        self.key_id = key_id
+        """The id of the API key the request came with (None: no key, or a digest-only one)."""
         self.priority = priority
         self.queued_s = queued_s
         """Seconds spent waiting in the admission queue."""
@@ -210,7 +227,7 @@ class Admission:
         still queued then is dropped with 504.
         """
         try:
-            tenant = self.tenants.authenticate(authorization)
+            tenant, key_id = self.tenants.identify(authorization)
         except OpenAIError:
             self.counts["unauthorized"] += 1
             raise
@@ -255,7 +272,7 @@ class Admission:
                 self.counts["overloaded" if exc.status == 503 else "deadline"] += 1
             raise
         self.counts["admitted"] += 1
-        return Ticket(self, tenant.name, prio, queued_s)
+        return Ticket(self, tenant.name, prio, queued_s, key_id)
 
     def _specs(self, name: str, quota: Quota, tokens: int) -> list[BucketSpec]:
         specs: list[BucketSpec] = []

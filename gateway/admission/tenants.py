@@ -340,17 +340,25 @@ class TenantDirectory:
 
     def authenticate(self, authorization: str | None) -> Tenant:
         """The caller's tenant; raises a 401 ``OpenAIError`` for a missing or bad key."""
+        return self.identify(authorization)[0]
+
+    def identify(self, authorization: str | None) -> tuple[Tenant, str | None]:
+        """The caller's tenant and the id of the key that proved it (None for a key known
+        only by its digest, or when no key is asked for): the request log names the key,
+        so an operator can tell which of a tenant's keys to revoke."""
         if not self._closed:
-            return self._default
+            return self._default, None
         key = bearer_token(authorization)
         if key is None:
             raise _no_key()
         known, found = self._by_id(key)
+        if known and found is not None:
+            return found, key[len(KEY_PREFIX) :].partition(".")[0]
         if not known and self._digests:
             found = self._by_digest(key)
         if found is None:
             raise _bad_key()
-        return found
+        return found, None
 
     def _by_id(self, key: str) -> tuple[bool, Tenant | None]:
         """(whether the key's id is one of ours, its tenant if the key is good)."""

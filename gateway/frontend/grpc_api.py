@@ -80,7 +80,8 @@ class GatewayInference(pb_grpc.InferenceServicer):
         try:
             check_generate(request, self.limits)
             ticket = await self._admit(request, metadata, deadline)
-            done.tenant = ticket.tenant if ticket is not None else None
+            if ticket is not None:
+                done.tenant, done.key_id = ticket.tenant, ticket.key_id
             stream = self.dispatcher.generate(
                 request, max(0.001, deadline - time.monotonic()), info
             )

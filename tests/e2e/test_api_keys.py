@@ -156,6 +156,9 @@ def test_no_key_reaches_the_request_log_traces_audit_or_metrics(
             if "breakwater.requests: " in line
         ]
         assert {r["tenant"] for r in records if r["status"] == 200} == {"alice", "bob"}
+        # each line names the key that proved it (by id; a digest-only key has none)
+        assert {r["key_id"] for r in records if r["status"] == 200} == {key_id, None}
+        assert all(r["key_id"] is None for r in records if r["status"] == 401)
         with urllib.request.urlopen(gw.ready["http"] + "/metrics", timeout=10) as r:
             metrics = r.read().decode()
         texts = {
