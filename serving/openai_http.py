@@ -82,13 +82,17 @@ def json_response(
     )
 
 
-def stream_response(request: web.Request, headers: dict[str, str]) -> web.StreamResponse:
-    """A streamed answer's response object: aiohttp's, or the writer of the server that
-    parsed the request (the gateway's fast front door gives its requests one)."""
+def stream_response(
+    request: web.Request,
+    headers: dict[str, str],
+    cls: type[web.StreamResponse] = web.StreamResponse,
+) -> web.StreamResponse:
+    """A streamed answer's response object: `cls` on aiohttp, or the writer of the server
+    that parsed the request (the gateway's fast front door gives its requests one)."""
     make = getattr(request, "stream_response", None)
     if make is not None:
         return make(headers)  # type: ignore[no-any-return]
-    return web.StreamResponse(headers=headers)
+    return cls(headers=headers)
 
 
 def call_headers(request_id: str, info: CallInfo) -> dict[str, str]:

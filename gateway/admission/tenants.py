@@ -351,29 +351,29 @@ class TenantDirectory:
         key = bearer_token(authorization)
         if key is None:
             raise _no_key()
-        known, found = self._by_id(key)
-        if known and found is not None:
-            return found, key[len(KEY_PREFIX) :].partition(".")[0]
-        if not known and self._digests:
+        key_id, found = self._by_id(key)
+        if found is not None:
+            return found, key_id
+        if key_id is None and self._digests:
             found = self._by_digest(key)
         if found is None:
             raise _bad_key()
         return found, None
 
-    def _by_id(self, key: str) -> tuple[bool, Tenant | None]:
-        """(whether the key's id is one of ours, its tenant if the key is good)."""
+    def _by_id(self, key: str) -> tuple[str | None, Tenant | None]:
+        """(the key's id if it is one of ours, its tenant if the key is good)."""
         parts = split_key(key)
         if parts is None:
-            return False, None
+            return None, None
         key_id, part = parts
         stored, record = self._keys.get(key_id, (None, None))
         presented = hmac.new(self._secret, _utf8(part), hashlib.sha256).digest()
         match = hmac.compare_digest(self._dummy if stored is None else stored, presented)
         if record is None:
-            return False, None
+            return None, None
         if match and record.usable(time.time()):
-            return True, self._tenants.get(record.tenant)
-        return True, None
+            return key_id, self._tenants.get(record.tenant)
+        return key_id, None
 
     def _by_digest(self, key: str) -> Tenant | None:
         presented = hmac.new(self._secret, _utf8(key), hashlib.sha256).digest()

@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any
@@ -106,7 +106,12 @@ class FastRequest:
     )
 
     def __init__(
-        self, protocol: FastProtocol, path: str, headers: CIMultiDictProxy[str], body: bytes
+        self,
+        protocol: FastProtocol,
+        path: str,
+        headers: CIMultiDictProxy[str],
+        body: bytes,
+        keep_alive: bool,
     ) -> None:
         self.protocol = protocol
         self.transport = protocol.transport
@@ -114,7 +119,7 @@ class FastRequest:
         self.headers = headers
         self.content_length: int | None = len(body)
         self.content = _WholeBody(body)
-        self.keep_alive = True
+        self.keep_alive = keep_alive
 
     def stream_response(self, headers: dict[str, str]) -> FastStreamResponse:
         if not self.keep_alive:
@@ -135,11 +140,7 @@ class FastStreamResponse:
         self._head: bytes | None = None
 
     async def prepare(self, request: Any) -> None:
-        lines = [b"HTTP/1.1 200 OK\r\n"]
-        for k, v in self.headers.items():
-            lines.append(b"%s: %s\r\n" % (k.encode("latin-1"), v.encode("latin-1")))
-        lines.append(b"Transfer-Encoding: chunked\r\nDate: %s\r\n\r\n" % _date())
-        self._head = b"".join(lines)
+        self._head = _head(200, self.headers.items(), b"Transfer-Encoding: chunked\r\n")
 
     async def write(self, data: bytes) -> None:
         if data:
@@ -163,15 +164,19 @@ def serialize(resp: web.StreamResponse, keep_alive: bool) -> bytes:
     body = resp.body
     if not isinstance(body, (bytes, bytearray)):
         body = b"" if body is None else bytes(body)  # pragma: no cover - not built here
-    status = resp.status
-    lines = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown"))]
-    for k, v in resp.headers.items():
-        if k.lower() not in _HOP_BY_HOP:
-            lines.append(b"%s: %s\r\n" % (k.encode("latin-1"), v.encode("latin-1")))
+    headers = ((k, v) for k, v in resp.headers.items() if k.lower() not in _HOP_BY_HOP)
+    framing = b"Content-Length: %d\r\n" % len(body)
     if not keep_alive:
-        lines.append(b"Connection: close\r\n")
-    lines.append(b"Content-Length: %d\r\nDate: %s\r\n\r\n" % (len(body), _date()))
-    lines.append(body)
+        framing += b"Connection: close\r\n"
+    return _head(resp.status, headers, framing) + body
+
+
+def _head(status: int, headers: Iterable[tuple[str, str]], framing: bytes) -> bytes:
+    """A response head: status line, the given headers, `framing` lines, Date."""
+    lines = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown"))]
+    for k, v in headers:
+        lines.append(b"%s: %s\r\n" % (k.encode("latin-1"), v.encode("latin-1")))
+    lines.append(b"%sDate: %s\r\n\r\n" % (framing, _date()))
     return b"".join(lines)
 
 
@@ -400,11 +405,8 @@ class FastProtocol(asyncio.Protocol):
         parser = httptools.HttpRequestParser(parser_head)
         try:
             parser.feed_data(bytes(buf[:head_len]))
-        except httptools.HttpParserUpgrade:
-            self._hand_over()
-            return
-        except httptools.HttpParserError:
-            self._hand_over()
+        except (httptools.HttpParserUpgrade, httptools.HttpParserError):
+            self._hand_over()  # aiohttp answers what httptools will not parse
             return
         route = self.front.routes.get(parser_head.url)
         length = _content_length(parser_head.headers)
@@ -430,13 +432,13 @@ class FastProtocol(asyncio.Protocol):
             self._waiting = None
         body = bytes(buf[head_len : head_len + length])
         del buf[: head_len + length]
-        keep_alive = parser.should_keep_alive()
         headers = CIMultiDictProxy(CIMultiDict(parser_head.headers))
-        request = FastRequest(self, parser_head.url.decode("latin-1"), headers, body)
-        request.keep_alive = keep_alive
-        self.task = asyncio.get_running_loop().create_task(self._serve(route, request, keep_alive))
+        path = parser_head.url.decode("latin-1")
+        request = FastRequest(self, path, headers, body, parser.should_keep_alive())
+        self.task = asyncio.get_running_loop().create_task(self._serve(route, request))
 
-    async def _serve(self, route: Handler, request: FastRequest, keep_alive: bool) -> None:
+    async def _serve(self, route: Handler, request: FastRequest) -> None:
+        keep_alive = request.keep_alive
         self.streaming = None
         try:
             resp = await route(request)

@@ -21,14 +21,19 @@ from opentelemetry.trace import SpanKind
 
 from gateway.admission.admission import Admission, Ticket, estimate_request_tokens
 from gateway.dispatch import Call, Dispatcher, RawRequest
-from gateway.frontend.fast_http import FastRequest
 from gateway.routing.cache_views import CacheView
 from gateway.routing.decision_share import RedisShare, SiblingShare
 from gateway.shadow import Mirror, Shadows
 from proto import inference_pb2 as pb
 from proto.openai_compat import OpenAIError, ParsedRequest, session_key, sse
 from serving.calls import CallInfo, UpstreamError
-from serving.openai_http import OpenAIRoutes, call_headers, from_upstream, json_response
+from serving.openai_http import (
+    OpenAIRoutes,
+    call_headers,
+    from_upstream,
+    json_response,
+    stream_response,
+)
 from serving.tracing import context_from, request_attributes
 
 _PATHS = {"completion": b"/v1/completions", "chat": b"/v1/chat/completions"}
@@ -219,11 +224,10 @@ class GatewayRoutes(OpenAIRoutes):
         info: CallInfo,
         mirror: Mirror | None = None,
     ) -> web.StreamResponse:
-        h = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers}
-        out = (
-            request.stream_response(h)
-            if isinstance(request, FastRequest)
-            else _CoalescingStreamResponse(headers=h)
+        out = stream_response(
+            request,
+            {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers},
+            _CoalescingStreamResponse,
         )
         sending = self.send_watch.start(request, headers["X-Request-Id"])
         try:

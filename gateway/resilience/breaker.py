@@ -57,8 +57,8 @@ class ReplicaHealth:
     ejected_at: float | None = None
     ttft_ewma: float | None = None
     samples: int = 0
-    recent: deque[float] = field(default_factory=lambda: deque(maxlen=20))
-    """The last TTFTs (maxlen: the config's slow_min_samples)."""
+    recent: deque[float] = field(default_factory=deque)
+    """The last TTFTs (BreakerBoard gives it the config's slow_min_samples as maxlen)."""
     ttft_low: float | None = None
     """The slow_quantile of `recent`: what the detector compares."""
     forced_until: float = 0.0
@@ -83,8 +83,8 @@ class BreakerBoard:
                 name=worker_id,
                 throw_new_error_on_trip=False,
             )
-            r = self._replicas[worker_id] = ReplicaHealth(b)
-            r.recent = deque(maxlen=max(1, self.config.slow_min_samples))
+            window = deque[float](maxlen=max(1, self.config.slow_min_samples))
+            r = self._replicas[worker_id] = ReplicaHealth(b, recent=window)
         return r
 
     def state(self, worker_id: str) -> str:
