@@ -33,8 +33,8 @@ def test_piecewise_tokenization_equals_the_engines_once_learnt() -> None:
         msgs.append(("user", f"question {n}"))
         req = chat_request(msgs)
         whole = tok.prompt_ids(None, [{"role": r, "content": c} for r, c in msgs])
-        got = pieces.prefix_ids(
-            tok.apply_chat_template([{"role": r, "content": c} for r, c in msgs])
+        got = list(
+            pieces.prefix_ids(tok.apply_chat_template([{"role": r, "content": c} for r, c in msgs]))
         )
         assert whole[: len(got)] == got  # a prefix before learning the last new piece
         pieces.learn()
@@ -68,3 +68,5 @@ def test_memoised_chain_equals_the_engines_hashes() -> None:
         ids = base[: rng.randrange(0, 300)] + [rng.randrange(500) for _ in range(rng.randrange(40))]
         for extra in (b"m", b"other"):
             assert memo.keys(ids, 16, extra) == [block_key(h) for h in block_hashes(ids, 16, extra)]
+    odd = [-1, 2**40] * 16  # not a tokenizer's ids (a client's token-id prompt): still equal
+    assert memo.keys(odd, 16, b"m") == [block_key(h) for h in block_hashes(odd, 16, b"m")]
