@@ -259,6 +259,12 @@ class PrefixAware:
                     guessed.add(wid)
                     continue
                 share[wid] = self._leading(tkeys, wid, view, fresh_after) / len(tkeys)
+            if not any(share.values()):
+                # No replica reports a block of it, nor was sent it on token keys: the
+                # text index may still know, from decisions made before the tokenizer was
+                # loaded here or in a sibling process, while their caches' reports are on
+                # the way (two processes split one conversation that way).
+                guessed.update(reported)
         if guessed:
             keys = self._keys(request)
             if keys:

@@ -179,3 +179,24 @@ def test_unreported_workers_are_scored_from_the_index() -> None:
     first = chat(SYSTEM, "one")
     policy.routed(pool[1], first)
     assert policy.choose(pool, chat(SYSTEM, "two"), {}).worker_id == "w1"
+
+
+def test_decisions_made_on_text_still_count_once_the_tokenizer_is_loaded() -> None:
+    """A process that routed a conversation before its tokenizer loaded (or a sibling that
+    did) keeps it there while the replicas' cache reports are on the way."""
+    from gateway.routing.cache_views import CacheView
+    from gateway.routing.token_keys import TokenizerStore
+    from prompts.tokenizer import Tokenizer
+    from worker.engine.demo_model import ensure_demo_model
+
+    pool = workers(2)
+    policy = PrefixAware()
+    tok = Tokenizer(ensure_demo_model())
+    policy.views = {w.worker_id: CacheView(16, "m", tok.source_dir) for w in pool}
+    policy.routed(pool[1], chat(SYSTEM, "one"))  # no tokenizer yet: text keys only
+    policy.tokenizers = TokenizerStore()
+    policy.tokenizers.add("m", tok)
+    for n in range(8):
+        request = chat(SYSTEM, f"turn {n}")
+        assert policy._token_keys(request, policy.views["w0"])  # routed on token keys
+        assert policy.choose(pool, request, {"w1": 1}).worker_id == "w1"  # busier, holds it
