@@ -47,6 +47,7 @@ from gateway.upstream.base import Upstream
 from proto import inference_pb2_grpc as pb_grpc
 from proto.limits import DEFAULT_LIMITS
 from proto.openai_compat import OpenAIError
+from serving.heap import settle
 from serving.logs import configure_logging
 from serving.slow_clients import ConnectionCap, fit_fd_limit
 from serving.tls import ClientTLS, TLSConfigError
@@ -413,6 +414,7 @@ async def _serve(settings: GatewaySettings) -> int:
         gw.tell_siblings = siblings.notify
     grpc_part = f" grpc={settings.host}:{gw.grpc_port}" if gw.grpc_port else ""
     admin_part = f" admin={gw.admin_url}" if gw.admin_url else ""
+    settle()  # the heap startup built is kept out of every collection from now on
     print(
         f"{READY_LINE} http={gw.scheme}://{settings.host}:{gw.http_port}{grpc_part}{admin_part}"
         f" processes={settings.processes}",

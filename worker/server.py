@@ -20,6 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 
 from proto import inference_pb2_grpc as pb_grpc
+from serving.heap import settle
 from serving.logs import configure_logging
 from serving.registry_record import WorkerInfo, WorkerState
 from serving.tls import TLSConfigError
@@ -188,6 +189,7 @@ class Worker:
             if self.server is not None:
                 await self.server.stop(grace=0)
             return 0
+        settle()  # the engine and its libraries are loaded: out of every collection from now on
         await stop
         await self.drain()
         log.info("worker stopped")

@@ -27,6 +27,7 @@ from gateway.shadow import Mirror, Shadows
 from proto import inference_pb2 as pb
 from proto.openai_compat import OpenAIError, ParsedRequest, session_key, sse
 from serving.calls import CallInfo, UpstreamError
+from serving.heap import heap_view
 from serving.openai_http import (
     OpenAIRoutes,
     call_headers,
@@ -99,6 +100,7 @@ class GatewayRoutes(OpenAIRoutes):
 
     def process_view(self) -> dict[str, Any]:
         view: dict[str, Any] = dict(self.process)
+        view["gc"] = heap_view()
         if self.share is not None:
             view["routing_shared"] = {"sent": self.share.sent, "received": self.share.received}
         return view

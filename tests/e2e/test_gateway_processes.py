@@ -70,6 +70,9 @@ def test_two_processes_serve_one_port(worker: Proc) -> None:
         (sibling,) = _children(gw.pid)
         view = admin_json(gw, "/admin/workers")  # the admin listener is process 0's
         assert (view["process"]["pid"], view["process"]["processes"]) == (gw.pid, 2)
+        # Ready to serve, the process froze what startup built (serving/heap.py).
+        assert view["process"]["gc"]["frozen_objects"] > 10_000
+        assert view["process"]["gc"]["thresholds"][0] == 10_000
 
         # A sibling that dies is replaced on the same port.
         os.kill(sibling, signal.SIGKILL)
