@@ -184,14 +184,18 @@ def wait_idle(addrs: Sequence[str], timeout: float = 30.0) -> None:
         wait_for(idle, timeout=timeout, interval=0.1)
 
 
-def start_policy_gateway(policy: str | None, addrs: Sequence[str], *extra: str) -> Proc:
+def start_policy_gateway(
+    policy: str | None, addrs: Sequence[str], *extra: str, health_interval: str | None = "0.25"
+) -> Proc:
     """A one-process gateway with this routing policy (None: the gateway's default), once
     it sees every worker serving. `addrs` are `--worker` specs: gRPC `host:port`, or
-    `http://host:port` for OpenAI HTTP workers. Raises RuntimeError, with the gateway's own
-    complaint, if it will not start."""
+    `http://host:port` for OpenAI HTTP workers. Health probes every 0.25 s unless
+    `health_interval` says otherwise (None: the gateway's default, 1 s). Raises
+    RuntimeError, with the gateway's own complaint, if it will not start."""
     specs = [a for addr in addrs for a in ("--worker", addr)]
     routing = ("--routing", policy) if policy else ()
-    gw = start_gateway(*specs, *routing, "--health-interval", "0.25", *extra, processes=1)
+    probes = ("--health-interval", health_interval) if health_interval else ()
+    gw = start_gateway(*specs, *routing, *probes, *extra, processes=1)
 
     def routable() -> bool:
         ws = admin_json(gw, "/admin/workers")["workers"]
