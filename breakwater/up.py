@@ -18,6 +18,9 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
+
+T = TypeVar("T")
 
 PR_SET_PDEATHSIG = 1
 
@@ -58,11 +61,35 @@ async def _spawn(name: str, args: list[str], ready_prefix: str, timeout: float) 
 
     try:
         ready = await asyncio.wait_for(wait_ready(), timeout)
-    except (TimeoutError, RuntimeError):
+    except BaseException:  # not ready in time, exited, or startup was stopped: none left
         if proc.returncode is None:
             proc.kill()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await proc.wait()
         raise
     return Child(name, proc, ready)
+
+
+class _Stopped(Exception):
+    """Ctrl-C or SIGTERM came while starting."""
+
+
+async def _unless_stopped(aw: Awaitable[T], stop: asyncio.Event) -> T:
+    """`aw`, or _Stopped (and `aw` cancelled) once Ctrl-C or SIGTERM comes: a start that
+    waits for readiness would otherwise sit out its whole timeout (300 s) after the
+    children it waits for have already exited on that same Ctrl-C."""
+    task = asyncio.ensure_future(aw)
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if stop.is_set():  # even if `aw` ended too: a child that died of the same Ctrl-C
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        raise _Stopped
+    return task.result()
 
 
 async def _stop(children: list[Child], timeout: float) -> None:
@@ -117,7 +144,9 @@ async def _up(args: argparse.Namespace) -> int:
                 args.ready_timeout,
             )
 
-        workers = await asyncio.gather(*(spawn_worker(i) for i in range(args.workers)))
+        workers = await _unless_stopped(
+            asyncio.gather(*(spawn_worker(i) for i in range(args.workers))), stop
+        )
         children.extend(workers)
         gw_args = ["gateway", "--host", args.host, "--port", str(args.port)]
         if args.grpc_port is not None:
@@ -132,10 +161,12 @@ async def _up(args: argparse.Namespace) -> int:
         # The admin API's token: the operator's, or one made for this run and shown below.
         admin_token = os.environ.get("BREAKWATER_ADMIN_TOKEN") or secrets.token_urlsafe(18)
         os.environ["BREAKWATER_ADMIN_TOKEN"] = admin_token  # inherited, never on a command line
-        gateway = await _spawn("gateway", gw_args, "BREAKWATER_GATEWAY_READY", args.ready_timeout)
+        gateway = await _unless_stopped(
+            _spawn("gateway", gw_args, "BREAKWATER_GATEWAY_READY", args.ready_timeout), stop
+        )
         children.insert(0, gateway)  # stopped first
         url = gateway.ready["http"]
-        await _wait_ready(url, args.ready_timeout)
+        await _unless_stopped(_wait_ready(url, args.ready_timeout), stop)
         model_name = workers[0].ready.get("model", "")
         print(
             f"\nBreakwater is up in {time.perf_counter() - t0:.1f}s: gateway {url} "
@@ -165,6 +196,9 @@ async def _up(args: argparse.Namespace) -> int:
             dead = [c.name for c in children if c.proc.returncode is not None]
             print(f"breakwater up: {', '.join(dead)} exited; stopping", file=sys.stderr)
             return 1
+        print("\nstopping...", file=sys.stderr, flush=True)
+        return 0
+    except _Stopped:
         print("\nstopping...", file=sys.stderr, flush=True)
         return 0
     except (TimeoutError, RuntimeError) as e:

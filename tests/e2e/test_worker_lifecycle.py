@@ -152,3 +152,41 @@ def test_up_starts_serves_and_stops_cleanly(tiny_llama: Path, tmp_path: Path) ->
         interrupt_and_reap(up, children)
     finally:
         up.stop()
+
+
+def test_up_stops_at_ctrl_c_while_still_starting() -> None:
+    """Ctrl-C before the fleet is ready stops `up` at once, children too, instead of
+    leaving it waiting out its readiness timeout. The gateway here cannot become ready:
+    the workers register in a Redis nobody listens for (port 1)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.procs import wait_for
+
+    up = subprocess.Popen(
+        [sys.executable, "-m", "breakwater.cli", "up", "--engine", "sim", "--port", "0"]
+        + ["--redis-url", "redis://127.0.0.1:1", "--ready-timeout", "240"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+
+    def both_children() -> list[int] | None:
+        kids = [int(p) for p in os.popen(f"pgrep -P {up.pid}").read().split()]
+        return kids if len(kids) == 2 else None
+
+    try:
+        # A worker and the gateway: `up` waits for the gateway's READY line or its /readyz;
+        # either way, without Ctrl-C it would wait out --ready-timeout.
+        started = wait_for(both_children, timeout=120)
+        up.send_signal(signal.SIGINT)
+        assert up.wait(60) == 0
+        assert up.stdout is not None
+        assert "Breakwater is up" not in up.stdout.read()
+        for pid in started:
+            wait_for(lambda pid=pid: not os.path.exists(f"/proc/{pid}"), timeout=30)
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
