@@ -136,6 +136,7 @@ class Gateway:
                 ttft_timeout_s=settings.ttft_timeout_s,
                 idle_timeout_s=settings.idle_timeout_s,
                 retry_budget_ratio=settings.retry_budget,
+                relay_to_workers=settings.relay_to_workers,
             ),
         )
         dispatcher_ref.append(self.dispatcher)

@@ -47,6 +47,8 @@ class GatewaySettings:
     """$ per replica-hour, for the cost metric (0: no cost metric)."""
     watch_caches: bool = True
     """Follow Breakwater workers' prefix caches (WatchCache) for exact prefix-aware scores."""
+    relay_to_workers: bool = True
+    """HTTP clients' OpenAI streams go to a Breakwater worker's own OpenAI port, as is."""
     tokenizers: dict[str, str] = field(default_factory=dict)
     """model -> tokenizer directory, so prefix-aware routing works on the workers' tokens."""
     request_timeout_s: float = 600.0
@@ -202,6 +204,14 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
         default=True,
         help="prefix-aware: follow each Breakwater worker's prefix cache (WatchCache) and "
         "score replicas on what they hold, not only on what was sent to them",
+    )
+    p.add_argument(
+        "--relay-to-workers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="send HTTP clients' OpenAI streams to a Breakwater worker's OpenAI port (its "
+        "--http-port) as they came and pass its SSE bytes back, rather than over gRPC as "
+        "deltas; gRPC still carries health, stats, cache reports and gRPC clients' calls",
     )
     p.add_argument(
         "--tokenizer",
@@ -384,6 +394,7 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         request_log=args.request_log,
         gpu_hour_price=args.gpu_hour_price,
         watch_caches=args.watch_caches,
+        relay_to_workers=args.relay_to_workers,
         tokenizers=_pairs("--tokenizer", args.tokenizers),
         request_timeout_s=args.request_timeout,
         max_request_timeout_s=args.max_request_timeout,

@@ -49,6 +49,10 @@ class WorkerInfo:
     """queue_depth, running, kv_cache_usage, prefix_cache_hit_rate, ... (worker's Stats)."""
     updated_at: float = field(default_factory=time.time)
     """Wall-clock time of the last heartbeat or health check."""
+    openai_url: str = ""
+    """A gRPC worker's own OpenAI-compatible server (empty: none). A gateway relays OpenAI
+    HTTP requests there as they came, and the worker's SSE bytes back, instead of turning
+    each request into gRPC and every streamed delta back into JSON."""
 
     @property
     def ready(self) -> bool:
@@ -66,6 +70,12 @@ class WorkerInfo:
         d["state"] = WorkerState(d.get("state", "STARTING"))
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})  # newer workers' extras
+
+
+def openai_url(grpc_address: str, http_port: int, tls: bool) -> str:
+    """The base URL of the HTTP port a worker serves beside its gRPC `host:port`."""
+    host = grpc_address.rsplit(":", 1)[0]
+    return f"{'https' if tls else 'http'}://{host}:{http_port}"
 
 
 class RegistryKeys:

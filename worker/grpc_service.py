@@ -59,6 +59,9 @@ class InferenceService(pb_grpc.InferenceServicer):
         self.cache_feed: CacheFeed | None = None
         self.tracer: Any | None = None
         """OpenTelemetry tracer when tracing is on (serving.tracing)."""
+        self.http_port = 0
+        """The OpenAI-compatible port once it listens (0: none); Stats tells gateways."""
+        self.http_tls = False
 
     @property
     def model_name(self) -> str:
@@ -196,6 +199,8 @@ class InferenceService(pb_grpc.InferenceServicer):
             in_flight=self.in_flight,
             queue_depth=self.queue_depth(),
             generate_calls=self.generate_calls,
+            http_port=self.http_port,
+            http_tls=self.http_tls,
         )
         if self.engine is not None:
             s = self.engine.stats()

@@ -22,7 +22,7 @@ from grpc_health.v1 import health, health_pb2_grpc
 from proto import inference_pb2_grpc as pb_grpc
 from serving.heap import settle
 from serving.logs import configure_logging
-from serving.registry_record import WorkerInfo, WorkerState
+from serving.registry_record import WorkerInfo, WorkerState, openai_url
 from serving.tls import TLSConfigError
 from serving.tracing import make_tracer
 from worker.cache_feed import CacheFeed
@@ -68,10 +68,12 @@ class Worker:
 
     def info(self) -> WorkerInfo:
         s = self.service.stats()
+        address = self.settings.advertise or f"{self.settings.host}:{self.port}"
         return WorkerInfo(
             worker_id=self.settings.worker_id,
-            address=self.settings.advertise or f"{self.settings.host}:{self.port}",
+            address=address,
             kind="grpc",
+            openai_url=openai_url(address, s.http_port, s.http_tls) if s.http_port else "",
             models=[self.service.model_name] if self.service.model_name else [],
             version=s.version,
             state=WorkerState(s.state),
@@ -129,6 +131,8 @@ class Worker:
                 self.metrics,
                 ssl_context=self.tls.ssl_context() if self.tls is not None else None,
             )
+            self.service.http_port = self.http_runner.addresses[0][1]
+            self.service.http_tls = self.tls is not None
         if s.redis_url:
             from worker.registry_publisher import RedisPublisher
 
@@ -142,8 +146,7 @@ class Worker:
         )
         http = ""
         if self.http_runner is not None:
-            http_port = self.http_runner.addresses[0][1]
-            http = f" http={'https' if self.tls else 'http'}://{s.host}:{http_port}"
+            http = f" http={'https' if self.tls else 'http'}://{s.host}:{self.service.http_port}"
         print(f"{READY_LINE} grpc={s.host}:{self.port}{http} model={engine.model_name}", flush=True)
 
     async def drain(self) -> None:

@@ -12,6 +12,7 @@ from gateway.registry.base import WorkerInfo, WorkerState
 from proto import inference_pb2 as pb
 from proto import inference_pb2_grpc as pb_grpc
 from serving.calls import UNAVAILABLE, UpstreamError
+from serving.registry_record import openai_url
 from serving.tls import ClientTLS, aio_channel
 from serving.tracing import TRACEPARENT
 
@@ -102,6 +103,7 @@ class GrpcUpstream:
             "kv_cache_usage": s.kv_cache_usage,
             "prefix_cache_hit_rate": s.prefix_cache_hit_rate,
         }
+        info.openai_url = openai_url(self.address, s.http_port, s.http_tls) if s.http_port else ""
         info.updated_at = time.time()
         return info
 

@@ -33,6 +33,10 @@ class HTTPError(Exception):
     """The connection failed, closed early, or sent something that is not HTTP."""
 
 
+class ConnectError(HTTPError):
+    """No connection could be made (refused, unreachable, timed out): nothing was sent."""
+
+
 class _Connection(asyncio.Protocol):
     """One TCP connection; parses one response at a time into a `Response`."""
 
@@ -271,7 +275,7 @@ class HTTPPool:
                     _Connection, self.host, self.port, ssl=self.ssl
                 )
         except (OSError, TimeoutError) as e:
-            raise HTTPError(f"cannot connect to {self.host}:{self.port}: {e}") from None
+            raise ConnectError(f"cannot connect to {self.host}:{self.port}: {e}") from None
         return conn
 
     async def request(

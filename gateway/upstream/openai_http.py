@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from gateway.registry.base import WorkerInfo, WorkerState
-from gateway.upstream.http_client import HTTPError, HTTPPool, Response
+from gateway.upstream.http_client import ConnectError, HTTPError, HTTPPool, Response
 from proto import inference_pb2 as pb
 from proto.openai_compat import OpenAIError, from_openai_chunk, to_openai_body
 from serving.calls import (
@@ -87,6 +87,10 @@ def wrong_type(resp: Response, stream: bool) -> str | None:
     return None if media == expected else f"answered {media[:64]!r} where {expected} was asked"
 
 
+class UpstreamUnreachable(UpstreamError):
+    """No connection to the upstream could be made: nothing was sent."""
+
+
 class OpenAIHTTPUpstream:
     def __init__(self, worker_id: str, base_url: str, tls: ClientTLS | None = None) -> None:
         """`tls`: the gateway's --upstream-* files, for https:// (system roots without)."""
@@ -102,17 +106,29 @@ class OpenAIHTTPUpstream:
         self.pool = HTTPPool(url.hostname, url.port or (443 if context else 80), ssl=context)
 
     async def relay(
-        self, path: bytes, body: bytes, request_id: str, deadline: float | None
+        self,
+        path: bytes,
+        body: bytes,
+        request_id: str,
+        deadline: float | None,
+        timeout_ms: int | None = None,
     ) -> Response:
         """POST `body` to `path`; returns the response with status and headers read.
 
-        Raises UpstreamError for a failed connection or a deadline passed before headers.
+        Raises UpstreamError for a failed connection or a deadline passed before headers
+        (UpstreamUnreachable when no connection could be made). `timeout_ms` is the call's
+        remaining time, sent as X-Request-Timeout-Ms (Breakwater workers stop there; other
+        servers ignore it).
         """
         headers = b"Content-Type: application/json\r\nX-Request-Id: %s\r\n" % request_id.encode()
+        if timeout_ms is not None:
+            headers += b"X-Request-Timeout-Ms: %d\r\n" % timeout_ms
         if traceparent := TRACEPARENT.get():
             headers += b"traceparent: %s\r\n" % traceparent.encode()
         try:
             return await self.pool.request(b"POST", self._prefix + path, body, headers, deadline)
+        except ConnectError as e:
+            raise UpstreamUnreachable(UNAVAILABLE, f"{self.base_url}: {e}") from None
         except HTTPError as e:
             raise UpstreamError(UNAVAILABLE, f"{self.base_url}: {e}") from None
         except TimeoutError:
@@ -123,7 +139,10 @@ class OpenAIHTTPUpstream:
     ) -> AsyncIterator[pb.GenerateResponse]:
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         path, body = to_openai_body(request)
-        resp = await self.relay(path.encode(), orjson.dumps(body), request.request_id, deadline)
+        timeout_ms = None if timeout is None else max(1, int(timeout * 1000))
+        resp = await self.relay(
+            path.encode(), orjson.dumps(body), request.request_id, deadline, timeout_ms
+        )
         if resp.status != 200:
             raise await error_from(resp, deadline)
         if (wrong := wrong_type(resp, True)) is not None:

@@ -244,6 +244,41 @@ def test_https_chat_completion_and_plain_http_refused(pki: PKI, gateway: Proc) -
         c.chat.completions.create(**CHAT)
 
 
+def test_streams_relayed_to_the_workers_https_port_over_mtls(
+    pki: PKI, gateway: Proc, worker: Proc
+) -> None:
+    """A stream goes to the worker's own HTTPS port (with the gateway's client certificate),
+    not over gRPC: the worker's gRPC Generate count does not move."""
+
+    def generate_calls() -> int:
+        creds = grpc.ssl_channel_credentials(
+            pki.ca.read_bytes(), pki.client_key.read_bytes(), pki.client_cert.read_bytes()
+        )
+        with grpc.secure_channel(worker.ready["grpc"], creds) as ch:
+            stats = pb_grpc.InferenceStub(ch).Stats(pb.StatsRequest(), timeout=10)
+        return int(stats.generate_calls)
+
+    def listed() -> str:
+        req = urllib.request.Request(
+            gateway.ready["admin"] + "/admin/workers",
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        )
+        with urllib.request.urlopen(req, timeout=10, context=pki.context()) as r:
+            return str(json.loads(r.read())["workers"][0]["openai_url"])
+
+    assert wait_for(listed, timeout=60) == worker.ready["http"]
+    before = generate_calls()
+    req = urllib.request.Request(
+        gateway.ready["http"] + "/v1/chat/completions",
+        data=json.dumps({**CHAT, "stream": True}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    for _ in range(4):  # both gateway processes, most likely
+        with urllib.request.urlopen(req, timeout=30, context=pki.context()) as r:
+            assert r.status == 200 and r.read().endswith(b"data: [DONE]\n\n")
+    assert generate_calls() == before
+
+
 def test_grpc_generate_over_tls(pki: PKI, gateway: Proc) -> None:
     creds = grpc.ssl_channel_credentials(root_certificates=pki.ca.read_bytes())
     with grpc.secure_channel(gateway.ready["grpc"], creds) as ch:
