@@ -34,7 +34,8 @@ histories resent each turn, Poisson arrivals at `--load` of the capacity one clo
 probe measures) through each target in turn, all fronting the same sim workers (`--workers`
 4, each with its gRPC port and its own OpenAI HTTP port, a KV cache that holds a share of
 the system prompts). Targets: `breakwater` (the gateway, one process, default routing, over
-the workers' HTTP ports), `breakwater_grpc` (the same over their gRPC ports),
+the workers' HTTP ports), `breakwater_grpc` (the same given their gRPC ports, as `breakwater
+up` runs it: streams relayed to the OpenAI port each worker reports, the rest over gRPC),
 `vllm_router_cache_aware`, `vllm_router_power_of_two`, `vllm_router_kv_aware`,
 `sglang_router_cache_aware` and `nginx_round_robin`. Every target gets the same arrivals
 and prompts, each run salted so no run hits another's blocks. Per target: hit rate from
@@ -925,7 +926,11 @@ CACHE_AWARE_PEERS = ("vllm_router_cache_aware", "sglang_router_cache_aware")
 """The peers the issue's goal is judged against."""
 CHAT_NOTES = {
     "breakwater": "the gateway, 1 process, default routing, over the workers' OpenAI ports",
-    "breakwater_grpc": "the gateway, 1 process, default routing, over the workers' gRPC ports",
+    "breakwater_grpc": (
+        "the gateway, 1 process, default routing, given the workers' gRPC ports as "
+        "`breakwater up` does: health, stats and cache reports over gRPC, streams relayed "
+        "to the OpenAI port each worker reports"
+    ),
     "vllm_router_cache_aware": (
         "tokenizes each chat on a worker first (POST /v1/chat/completions/render, which the "
         "worker does not serve, then POST /tokenize) and matches token prefixes"
