@@ -208,7 +208,7 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--relay-to-workers",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=_env("RELAY_TO_WORKERS", "1") not in ("0", "false", "no"),
         help="send HTTP clients' OpenAI streams to a Breakwater worker's OpenAI port (its "
         "--http-port) as they came and pass its SSE bytes back, rather than over gRPC as "
         "deltas; gRPC still carries health, stats, cache reports and gRPC clients' calls",

@@ -126,3 +126,20 @@ def test_an_unreachable_openai_port_falls_back_to_grpc_in_the_same_attempt() -> 
         assert _generate_calls(worker) == 2
     finally:
         worker.stop()
+
+
+def test_relaying_is_a_flag_and_an_environment_setting(monkeypatch: Any) -> None:
+    import argparse
+
+    from gateway.settings import add_gateway_args, settings_from_args
+
+    def parsed(*argv: str) -> bool:
+        p = argparse.ArgumentParser()
+        add_gateway_args(p)
+        return settings_from_args(p.parse_args(list(argv))).relay_to_workers
+
+    assert parsed() is True
+    assert parsed("--no-relay-to-workers") is False
+    monkeypatch.setenv("BREAKWATER_GATEWAY_RELAY_TO_WORKERS", "0")
+    assert parsed() is False
+    assert parsed("--relay-to-workers") is True
