@@ -1,9 +1,10 @@
 """Chaos scenarios: the production incident script, step by step, against real processes.
 
-    python -m loadtest.chaos <scenario>|all [--quick] [--json]
+    python -m loadtest.chaos <scenario>|all [--quick] [--json] [--grpc-only]
 
-Each scenario starts its own fleet on 127.0.0.1 (sim workers, a gateway, Redis where it
-needs one), drives bounded open-loop traffic, injects its fault, and prints one JSON object
+Each scenario starts its own fleet on 127.0.0.1 (sim workers, each with its OpenAI port as
+`breakwater up` starts them unless --grpc-only, a gateway, Redis where it needs one),
+drives bounded open-loop traffic, injects its fault, and prints one JSON object
 last: {"scenario": ..., "passed": true|false, "figures": {...}}.
 """
 
@@ -38,6 +39,16 @@ from loadtest.records import RequestRecord
 from loadtest.report import summarize
 
 MODEL = "sim"
+
+
+@dataclass
+class Options:
+    relay: bool = True
+    """Workers serve their own OpenAI port too, as `breakwater up` starts them, so the
+    gateway relays HTTP streams there; False (--grpc-only): every call over gRPC."""
+
+
+OPTIONS = Options()
 
 
 @dataclass
@@ -83,6 +94,8 @@ def fleet(
         for i in range(n):
             port = free_port()
             args = ["--sim-preset", preset, *(worker_extra(i) if worker_extra else [])]
+            if OPTIONS.relay:
+                args += ["--http-port", "0"]
             if redis_url:
                 args += ["--redis-url", redis_url, "--worker-id", f"127.0.0.1:{port}"]
             f.ports.append(port)
@@ -554,7 +567,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("scenario", choices=[*SCENARIOS, "all"])
     ap.add_argument("--quick", action="store_true", help="reduced durations (as in CI)")
     ap.add_argument("--json", action="store_true", help="print one JSON object last")
+    ap.add_argument(
+        "--grpc-only",
+        action="store_true",
+        help="workers without their OpenAI port: every call over gRPC (by default they have "
+        "one, as `breakwater up` starts them, and the gateway relays HTTP streams there)",
+    )
     args = ap.parse_args(argv)
+    OPTIONS.relay = not args.grpc_only
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     results = []
     for name in names:

@@ -47,7 +47,8 @@ class InferenceService(pb_grpc.InferenceServicer):
         self.max_queue = max_queue
         self.fault_fail_rate = fault_fail_rate
         self.fault_code = grpc.StatusCode[fault_code]
-        """Chaos testing: this share of Generate calls fails with UNAVAILABLE on purpose."""
+        """Chaos testing: this share of calls (gRPC Generate, and requests to the OpenAI
+        port) fails with `fault_code` on purpose."""
         self.generate_calls = 0
         self._fault_rng = random.Random(0)
         self.engine: Any = None  # set once warm; the AsyncEngine interface
@@ -76,9 +77,13 @@ class InferenceService(pb_grpc.InferenceServicer):
         """A retry hint that grows with the backlog: roughly the time to drain it."""
         return min(5000, 100 + 10 * self.queue_depth())
 
+    def fault(self) -> bool:
+        """Chaos testing: whether this call fails on purpose (either port)."""
+        return bool(self.fault_fail_rate) and self._fault_rng.random() < self.fault_fail_rate
+
     async def admit(self, context: grpc.aio.ServicerContext) -> None:
         self.generate_calls += 1
-        if self.fault_fail_rate and self._fault_rng.random() < self.fault_fail_rate:
+        if self.fault():
             await context.abort(self.fault_code, "injected fault")
         if self.state != WorkerState.SERVING:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker is {self.state.lower()}")

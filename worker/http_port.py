@@ -70,6 +70,8 @@ class LocalBackend:
         svc = self.service
         if info is not None:
             info.attempts, info.worker_id = 1, svc.worker_id
+        if svc.fault():
+            raise UpstreamError(svc.fault_code.name, "injected fault")
         if svc.state != State.SERVING:
             raise UpstreamError(UNAVAILABLE, f"worker is {svc.state.lower()}", 1000)
         if svc.queue_depth() >= svc.max_queue:

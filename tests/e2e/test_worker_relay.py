@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.error
 import urllib.request
 from typing import Any
 
@@ -143,3 +144,24 @@ def test_relaying_is_a_flag_and_an_environment_setting(monkeypatch: Any) -> None
     monkeypatch.setenv("BREAKWATER_GATEWAY_RELAY_TO_WORKERS", "0")
     assert parsed() is False
     assert parsed("--relay-to-workers") is True
+
+
+def test_injected_faults_hit_the_openai_port_too() -> None:
+    """Chaos runs relay streams to the OpenAI port: --fault-fail-rate must fail calls there
+    as it does gRPC Generate calls, or a relayed fleet would inject nothing."""
+    worker = start_sim_worker("--http-port", "0", "--fault-fail-rate", "1.0")
+    try:
+        body = {"model": "sim", "prompt": "x", "max_tokens": 2, "stream": True}
+        req = urllib.request.Request(
+            worker.ready["http"] + "/v1/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            urllib.request.urlopen(req, timeout=30)
+            raise AssertionError("the call was not failed")
+        except urllib.error.HTTPError as e:
+            assert e.code == 503
+            assert "injected fault" in json.loads(e.read())["error"]["message"]
+    finally:
+        worker.stop()
