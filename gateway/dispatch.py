@@ -339,6 +339,9 @@ class Dispatcher:
         key = (info.worker_id, url, "openai-http")
         relay = self._upstreams.get(key)
         if relay is None:
+            for old in [k for k in self._upstreams if k[0] == info.worker_id and k[1] != url]:
+                if old[2] == "openai-http":  # the port it had before a restart
+                    self._retire(old)
             made = self._make_upstream(WorkerInfo(info.worker_id, url, "openai-http"))
             relay = self._upstreams[key] = made
         assert isinstance(relay, OpenAIHTTPUpstream)
@@ -348,11 +351,14 @@ class Dispatcher:
         """Close the clients of replicas no longer listed (deregistered), once their calls
         have finished: a deregistration never cuts a call short."""
         for key in [k for k in self._upstreams if k[0] not in live]:
-            up = self._upstreams.pop(key)
-            self._retiring.append(up)
-            task = asyncio.get_running_loop().create_task(self._close_when_idle(key[0], up))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            self._retire(key)
+
+    def _retire(self, key: tuple[str, str, str]) -> None:
+        up = self._upstreams.pop(key)
+        self._retiring.append(up)
+        task = asyncio.get_running_loop().create_task(self._close_when_idle(key[0], up))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def _close_when_idle(self, worker_id: str, up: Upstream) -> None:
         deadline = time.monotonic() + 3600.0
@@ -491,6 +497,7 @@ class Dispatcher:
         worker = attempt.worker
         up = self.upstream_for(worker)
         ttft_limit = min(s.ttft_timeout_s, attempt.deadline - attempt.started)
+        refused = ""
         try:
             if raw is not None and (relay := self._relay_for(worker, up, raw.stream)) is not None:
                 try:
@@ -500,8 +507,9 @@ class Dispatcher:
                 except UpstreamUnreachable as e:
                     if relay is up:
                         raise
+                    refused = relay.base_url
                     self._relay_refused[worker.worker_id] = (
-                        worker.openai_url,
+                        refused,
                         time.monotonic() + RELAY_RETRY_S,
                     )
                     self.counters["relay_refused"] += 1
@@ -511,6 +519,10 @@ class Dispatcher:
                         e.message,
                         RELAY_RETRY_S,
                     )
+                    # gRPC gets the time left, and its TTFT is timed from now: the failed
+                    # connect is not the replica's slowness
+                    attempt.started = time.monotonic()
+                    ttft_limit = min(s.ttft_timeout_s, attempt.deadline - attempt.started)
             stream = up.generate(request, max(0.001, attempt.deadline - attempt.started))
             try:
                 async with asyncio.timeout(max(0.0, ttft_limit)):
@@ -528,6 +540,10 @@ class Dispatcher:
             raise UpstreamError(INTERNAL, f"{worker.worker_id} ended without output") from None
         except UpstreamError as e:
             attempt.failed(e)
+            if refused and e.code == UNAVAILABLE:
+                # gRPC is down too: the worker is, not its OpenAI port; when it is back,
+                # its port is tried again at once
+                self._relay_refused.pop(worker.worker_id, None)
             raise
         attempt.first_output()
         return Call(attempt, first, s.idle_timeout_s, deltas=stream)
@@ -553,7 +569,7 @@ class Dispatcher:
             loop.call_later(min(typical, limit), attempt.prefilled)
         first_by = now + max(0.0, limit)
         timeout_ms = max(1, int((attempt.deadline - attempt.started) * 1000))
-        resp = await up.relay(raw.path, raw.body, request_id, first_by, timeout_ms)
+        resp = await up.relay(raw.path, raw.body, request_id, first_by, timeout_ms, raw.stream)
         try:
             if resp.status != 200:
                 raise await error_from(resp, first_by)

@@ -42,6 +42,7 @@ from serving.calls import (
 )
 from serving.openapi import build_openapi
 from serving.slow_clients import BODY_TIMEOUT_S, Sending, SendWatch
+from serving.usage_comment import USAGE_HEADER, usage_comment
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +245,9 @@ class OpenAIRoutes:
         """Closes streams whose client has stopped reading (and so their upstream calls)."""
         self._openapi: dict[bool, bytes] = {}
         """GET /openapi.json, encoded once (with and without `/metrics`)."""
+        self.usage_comments = False
+        """End a stream with its usage as an SSE comment when the caller asks (a worker's
+        port, for the gateway that relays it: serving/usage_comment.py)."""
 
     def _timeout(self, request: web.Request) -> float:
         raw = request.headers.get(TIMEOUT_HEADER)
@@ -448,7 +452,10 @@ class OpenAIRoutes:
                 await self._pump(out, stream, first, builder, info, sending)
             finally:
                 await stream.aclose()  # cancels the upstream call if it is still running
-            await out.write(sse("[DONE]"))
+            end = sse("[DONE]")
+            if self.usage_comments and info.usage and request.headers.get(USAGE_HEADER):
+                end = usage_comment(info.usage) + end
+            await out.write(end)
             await out.write_eof()
         except ConnectionError:
             self._client_left(headers["X-Request-Id"], "mid-stream")
@@ -477,8 +484,9 @@ class OpenAIRoutes:
                     await out.write(sse(chunk))
                 sending.writes += 1
                 info.output_chunks += len(resp.token_ids)
-                if resp.finish_reason:
-                    _note_usage(info, builder.usage)
+                if resp.finish_reason:  # the last delta carries the usage (chunks() reads
+                    # it only for a client that asked; builder.usage is whole answers')
+                    _note_usage(info, resp.usage if resp.HasField("usage") else None)
                     return
                 resp = await anext(stream)
         except UpstreamError as e:

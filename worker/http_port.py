@@ -105,6 +105,7 @@ class WorkerRoutes(OpenAIRoutes):
     def __init__(self, service: InferenceService) -> None:
         super().__init__(LocalBackend(service))
         self.service = service
+        self.usage_comments = True
 
     async def _dispatch(
         self,

@@ -36,6 +36,7 @@ from serving.openai_http import (
     stream_response,
 )
 from serving.tracing import context_from, request_attributes
+from serving.usage_comment import take_usage_comment
 
 _PATHS = {"completion": b"/v1/completions", "chat": b"/v1/chat/completions"}
 _DONE = sse("[DONE]")
@@ -239,6 +240,9 @@ class GatewayRoutes(OpenAIRoutes):
             try:
                 while data is not None:
                     assert isinstance(data, bytes)
+                    if b": usage " in data:  # the worker's, at the end (serving/usage_comment)
+                        usage, data = take_usage_comment(data)
+                        info.usage = usage or info.usage
                     info.output_chunks += data.count(b"data: ")
                     if mirror is not None:
                         mirror.keep(data)

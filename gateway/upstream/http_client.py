@@ -267,14 +267,25 @@ class HTTPPool:
             conn.close()
         return None
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self, deadline: float | None) -> _Connection:
+        """A new connection, within the connect timeout and the caller's deadline (a
+        TimeoutError when the deadline is what ran out: the upstream is not to blame)."""
         loop = asyncio.get_running_loop()
+        limit, ours = self.connect_timeout, True
+        if deadline is not None and deadline - loop.time() < limit:
+            limit, ours = max(0.0, deadline - loop.time()), False
         try:
-            async with asyncio.timeout(self.connect_timeout):
+            async with asyncio.timeout(limit):
                 _, conn = await loop.create_connection(
                     _Connection, self.host, self.port, ssl=self.ssl
                 )
-        except (OSError, TimeoutError) as e:
+        except TimeoutError:
+            if not ours:
+                raise
+            raise ConnectError(
+                f"cannot connect to {self.host}:{self.port}: timed out after {limit:g} s"
+            ) from None
+        except OSError as e:
             raise ConnectError(f"cannot connect to {self.host}:{self.port}: {e}") from None
         return conn
 
@@ -298,11 +309,16 @@ class HTTPPool:
             len(body),
             headers,
         )
-        for _ in range(2):
+        for retry in (False, True):
             conn = self._take()
             reused = conn is not None
             if conn is None:
-                conn = await self._connect()
+                try:
+                    conn = await self._connect(deadline)
+                except ConnectError as e:
+                    if retry:  # the request went out once, on the stale connection
+                        raise HTTPError(str(e)) from None
+                    raise
             resp = Response(conn, self)
             conn.response = resp
             assert conn.transport is not None

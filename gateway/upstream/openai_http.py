@@ -30,6 +30,7 @@ from serving.calls import (
 )
 from serving.tls import ClientTLS
 from serving.tracing import TRACEPARENT
+from serving.usage_comment import USAGE_HEADER
 
 _STATUS = {
     400: INVALID_ARGUMENT,
@@ -47,6 +48,7 @@ MAX_EVENT_BYTES = 1 << 20
 """The largest SSE event parsed into deltas (one token's chunk, even with 20 logprobs, is
 a few KiB): what one stream may hold in memory for an event not yet complete."""
 _MEDIA_TYPES = {True: "text/event-stream", False: "application/json"}
+_USAGE_LINE = b"%s: 1\r\n" % USAGE_HEADER.encode()
 
 
 def retry_after_ms(headers: dict[str, str]) -> int | None:
@@ -69,11 +71,17 @@ async def error_from(resp: Response, deadline: float | None) -> UpstreamError:
         text = b""
     finally:
         resp.release()
+    code = _STATUS.get(resp.status, INTERNAL)
     try:
-        message = str(orjson.loads(text)["error"]["message"])
-    except (orjson.JSONDecodeError, KeyError, TypeError):
+        error = orjson.loads(text)["error"]
+        message = str(error["message"])
+        if code == UNAVAILABLE and error.get("code") == "overloaded":
+            # a full queue (a Breakwater worker's 503): busy, not sick; no breaker failure,
+            # and the client is told "overloaded", as over gRPC
+            code = RESOURCE_EXHAUSTED
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
         message = text[:500].decode("utf-8", "replace") or f"HTTP {resp.status}"
-    return UpstreamError(_STATUS.get(resp.status, INTERNAL), message, retry_after_ms(resp.headers))
+    return UpstreamError(code, message, retry_after_ms(resp.headers))
 
 
 def wrong_type(resp: Response, stream: bool) -> str | None:
@@ -112,17 +120,21 @@ class OpenAIHTTPUpstream:
         request_id: str,
         deadline: float | None,
         timeout_ms: int | None = None,
+        usage: bool = False,
     ) -> Response:
         """POST `body` to `path`; returns the response with status and headers read.
 
         Raises UpstreamError for a failed connection or a deadline passed before headers
         (UpstreamUnreachable when no connection could be made). `timeout_ms` is the call's
         remaining time, sent as X-Request-Timeout-Ms (Breakwater workers stop there; other
-        servers ignore it).
+        servers ignore it). `usage`: ask a Breakwater worker to end a stream with its usage
+        as a comment (serving/usage_comment.py; others ignore the header).
         """
         headers = b"Content-Type: application/json\r\nX-Request-Id: %s\r\n" % request_id.encode()
         if timeout_ms is not None:
             headers += b"X-Request-Timeout-Ms: %d\r\n" % timeout_ms
+        if usage:
+            headers += _USAGE_LINE
         if traceparent := TRACEPARENT.get():
             headers += b"traceparent: %s\r\n" % traceparent.encode()
         try:

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import urllib.error
 import urllib.request
 from typing import Any
 
 import grpc
+import pytest
 
-from loadtest.fleet import admin_json, free_port
+from loadtest.fleet import admin_json
 from proto import inference_pb2 as pb
 from proto import inference_pb2_grpc as pb_grpc
 from tests.procs import Proc, start_gateway, start_sim_worker, wait_for
@@ -96,7 +98,10 @@ def test_an_unreachable_openai_port_falls_back_to_grpc_in_the_same_attempt() -> 
     from gateway.routing.policy import Router
 
     worker = start_sim_worker("--http-port", "0")
-    closed = f"http://127.0.0.1:{free_port()}"
+    # bound and never listening: connections are refused, and no other test can take it
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    closed = f"http://127.0.0.1:{held.getsockname()[1]}"
     info = WorkerInfo("w0", worker.ready["grpc"], state=WorkerState.SERVING, openai_url=closed)
 
     class Fixed:
@@ -126,6 +131,7 @@ def test_an_unreachable_openai_port_falls_back_to_grpc_in_the_same_attempt() -> 
         asyncio.run(main())
         assert _generate_calls(worker) == 2
     finally:
+        held.close()
         worker.stop()
 
 
@@ -164,4 +170,78 @@ def test_injected_faults_hit_the_openai_port_too() -> None:
             assert e.code == 503
             assert "injected fault" in json.loads(e.read())["error"]["message"]
     finally:
+        worker.stop()
+
+
+def _stream_request(gw: Proc, max_tokens: int) -> urllib.request.Request:
+    """A streamed chat that asks for no usage."""
+    body = {"model": "sim", "messages": PROMPT, "max_tokens": max_tokens, "stream": True}
+    return urllib.request.Request(
+        gw.ready["http"] + "/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+
+
+def _tokens(gw: Proc) -> dict[str, float]:
+    """The gateway's breakwater_tokens_total by kind."""
+    with urllib.request.urlopen(gw.ready["http"] + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("breakwater_tokens_total{"):
+            kind = line.split('kind="')[1].split('"')[0]
+            out[kind] = out.get(kind, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+@pytest.mark.parametrize("relay", [True, False], ids=["relayed", "over-grpc"])
+def test_a_stream_counts_its_tokens_without_showing_the_client_anything_new(relay: bool) -> None:
+    """Relayed, the worker ends the stream with its usage as an SSE comment, which the
+    gateway reads (token metrics, request log) and takes out; over gRPC the last delta has
+    it. A client that asked for no usage gets none, one that asked gets OpenAI's chunk."""
+    worker = start_sim_worker("--http-port", "0")
+    flags = () if relay else ("--no-relay-to-workers",)
+    gw = start_gateway("--worker", worker.ready["grpc"], *flags)
+    try:
+        wait_for(lambda: _listed(gw), timeout=30)
+        req = _stream_request(gw, max_tokens=5)
+        with urllib.request.urlopen(req, timeout=30) as r:
+            raw = r.read().decode()
+        assert _generate_calls(worker) == (0 if relay else 1)
+        assert raw.endswith("data: [DONE]\n\n") and ": usage" not in raw
+        assert '"usage"' not in raw  # not asked for
+        tokens = wait_for(lambda: _tokens(gw).get("completion") and _tokens(gw), timeout=30)
+        assert tokens["completion"] == 5 and tokens["prompt"] > 0
+        _, usage = _chat(gw, stream=True)  # asked for: the usage chunk, counted once more
+        assert usage["completion_tokens"] == 8
+        assert wait_for(lambda: _tokens(gw)["completion"] == 13, timeout=30)
+        assert _generate_calls(worker) == (0 if relay else 2)
+    finally:
+        gw.stop()
+        worker.stop()
+
+
+def test_a_worker_with_a_full_queue_is_busy_not_sick_on_a_relayed_stream() -> None:
+    """Its 503 "overloaded" is RESOURCE_EXHAUSTED, as over gRPC: the client is told the
+    service is overloaded, and the replica stays in the pool with its breaker closed."""
+    worker = start_sim_worker("--http-port", "0", "--fault-fail-rate", "1",
+                              "--fault-code", "RESOURCE_EXHAUSTED")  # fmt: skip
+    gw = start_gateway("--worker", worker.ready["grpc"], "--max-attempts", "1")
+    try:
+        wait_for(lambda: _listed(gw), timeout=30)
+        req = _stream_request(gw, max_tokens=4)
+        for _ in range(8):
+            try:
+                urllib.request.urlopen(req, timeout=30)
+                raise AssertionError("an injected overload answered 200")
+            except urllib.error.HTTPError as e:
+                assert e.code == 503
+                assert json.loads(e.read())["error"]["code"] == "overloaded"
+        assert _generate_calls(worker) == 0  # every try was on the OpenAI port
+        listed = admin_json(gw, "/admin/workers")["workers"][0]
+        assert listed["state"] == "SERVING", listed
+        assert listed["breaker"]["state"] == "closed", listed
+    finally:
+        gw.stop()
         worker.stop()
