@@ -119,9 +119,9 @@ class Worker:
         if CacheFeed.supported(engine):
             self.service.cache_feed = CacheFeed(engine)
             self.service.cache_feed.start()
-        self.service.state = State.SERVING
-        await self._set_health(SERVING)
         if s.http_port is not None:
+            # before SERVING, so the first Stats a gateway reads names the port (it answers
+            # 503 "starting" until then, as gRPC does)
             from worker.http_port import start_http
 
             self.http_runner = await start_http(
@@ -133,6 +133,8 @@ class Worker:
             )
             self.service.http_port = self.http_runner.addresses[0][1]
             self.service.http_tls = self.tls is not None
+        self.service.state = State.SERVING
+        await self._set_health(SERVING)
         if s.redis_url:
             from worker.registry_publisher import RedisPublisher
 
