@@ -221,6 +221,10 @@ class Finished:
 
 
 class OpenAIRoutes:
+    usage_comments = False
+    """End a stream with its usage as an SSE comment when the caller asks (a worker's
+    port, for the gateway that relays it: serving/usage_comment.py)."""
+
     def __init__(
         self,
         backend: Backend,
@@ -245,9 +249,6 @@ class OpenAIRoutes:
         """Closes streams whose client has stopped reading (and so their upstream calls)."""
         self._openapi: dict[bool, bytes] = {}
         """GET /openapi.json, encoded once (with and without `/metrics`)."""
-        self.usage_comments = False
-        """End a stream with its usage as an SSE comment when the caller asks (a worker's
-        port, for the gateway that relays it: serving/usage_comment.py)."""
 
     def _timeout(self, request: web.Request) -> float:
         raw = request.headers.get(TIMEOUT_HEADER)

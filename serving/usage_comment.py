@@ -16,7 +16,7 @@ _MARK = b": usage "
 
 
 def usage_comment(usage: tuple[int, int, int]) -> bytes:
-    return b": usage %d %d %d\n\n" % usage
+    return _MARK + b"%d %d %d\n\n" % usage
 
 
 def take_usage_comment(data: bytes) -> tuple[tuple[int, int, int] | None, bytes]:

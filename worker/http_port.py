@@ -102,10 +102,11 @@ class WorkerRoutes(OpenAIRoutes):
     """The shared routes, in a server span per request when the worker traces, continuing
     a caller's `traceparent` header as the worker's gRPC service does its metadata."""
 
+    usage_comments = True
+
     def __init__(self, service: InferenceService) -> None:
         super().__init__(LocalBackend(service))
         self.service = service
-        self.usage_comments = True
 
     async def _dispatch(
         self,

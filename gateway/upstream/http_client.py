@@ -272,8 +272,8 @@ class HTTPPool:
         TimeoutError when the deadline is what ran out: the upstream is not to blame)."""
         loop = asyncio.get_running_loop()
         limit, ours = self.connect_timeout, True
-        if deadline is not None and deadline - loop.time() < limit:
-            limit, ours = max(0.0, deadline - loop.time()), False
+        if deadline is not None and (left := deadline - loop.time()) < limit:
+            limit, ours = max(0.0, left), False
         try:
             async with asyncio.timeout(limit):
                 _, conn = await loop.create_connection(
