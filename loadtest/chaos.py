@@ -300,7 +300,7 @@ def retry_storm(quick: bool) -> dict[str, Any]:
             await asyncio.gather(*(user(i) for i in range(clients_n)))
 
         asyncio.run(main())
-        attempts = sum(worker_stat(f, i, "generate_calls") for i in range(len(f.workers)))
+        attempts = sum(worker_attempts(f, i) for i in range(len(f.workers)))
     figures = {
         "client_requests": calls,
         "upstream_attempts": attempts,
@@ -421,7 +421,7 @@ def overload_retry_storm(quick: bool) -> dict[str, Any]:
         service = statistics.median([r.e2e_s or 0.0 for r in probe if r.ok])
         capacity = workers * slots / service
         before = _gateway_counts(f)
-        attempts0 = sum(worker_stat(f, i, "generate_calls") for i in range(workers))
+        attempts0 = sum(worker_attempts(f, i) for i in range(workers))
         outcomes: collections.Counter[str] = collections.Counter()
 
         async def main() -> int:
@@ -462,7 +462,7 @@ def overload_retry_storm(quick: bool) -> dict[str, Any]:
 
         logical_n = asyncio.run(main())
         after = wait_for(lambda: _settled(f, before), timeout=30)
-        attempts = sum(worker_stat(f, i, "generate_calls") for i in range(workers)) - attempts0
+        attempts = sum(worker_attempts(f, i) for i in range(workers)) - attempts0
     received = after["received"] - before["received"]
     admitted = after["admitted"] - before["admitted"]
     figures = {
@@ -548,6 +548,12 @@ def worker_stat(f: Fleet, i: int, name: str) -> int:
 
     with grpc.insecure_channel(f.worker_id(i)) as ch:
         return int(getattr(pb_grpc.InferenceStub(ch).Stats(pb.StatsRequest(), timeout=10), name))
+
+
+def worker_attempts(f: Fleet, i: int) -> int:
+    """Calls to generate worker `i` received, on its gRPC port and its OpenAI port (where
+    the gateway relays streams)."""
+    return worker_stat(f, i, "generate_calls") + worker_stat(f, i, "http_generate_calls")
 
 
 SCENARIOS: dict[str, Callable[[bool], dict[str, Any]]] = {

@@ -180,7 +180,7 @@ class CacheUpdate(_message.Message):
     def __init__(self, snapshot: _Optional[bool] = ..., stored: _Optional[_Iterable[int]] = ..., removed: _Optional[_Iterable[int]] = ..., block_size: _Optional[int] = ..., model_id: _Optional[str] = ..., tokenizer: _Optional[str] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("model_id", "version", "state", "queue_depth", "running", "kv_cache_usage", "prefix_cache_hit_rate", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions", "prompt_tokens_total", "generation_tokens_total", "max_queue", "worker_id", "in_flight", "generate_calls", "max_running", "http_port", "http_tls")
+    __slots__ = ("model_id", "version", "state", "queue_depth", "running", "kv_cache_usage", "prefix_cache_hit_rate", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions", "prompt_tokens_total", "generation_tokens_total", "max_queue", "worker_id", "in_flight", "generate_calls", "max_running", "http_port", "http_tls", "http_generate_calls")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -200,6 +200,7 @@ class StatsResponse(_message.Message):
     MAX_RUNNING_FIELD_NUMBER: _ClassVar[int]
     HTTP_PORT_FIELD_NUMBER: _ClassVar[int]
     HTTP_TLS_FIELD_NUMBER: _ClassVar[int]
+    HTTP_GENERATE_CALLS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     version: str
     state: str
@@ -219,4 +220,5 @@ class StatsResponse(_message.Message):
     max_running: int
     http_port: int
     http_tls: bool
-    def __init__(self, model_id: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[str] = ..., queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., prefix_cache_hit_rate: _Optional[float] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., max_queue: _Optional[int] = ..., worker_id: _Optional[str] = ..., in_flight: _Optional[int] = ..., generate_calls: _Optional[int] = ..., max_running: _Optional[int] = ..., http_port: _Optional[int] = ..., http_tls: _Optional[bool] = ...) -> None: ...
+    http_generate_calls: int
+    def __init__(self, model_id: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[str] = ..., queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., prefix_cache_hit_rate: _Optional[float] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., max_queue: _Optional[int] = ..., worker_id: _Optional[str] = ..., in_flight: _Optional[int] = ..., generate_calls: _Optional[int] = ..., max_running: _Optional[int] = ..., http_port: _Optional[int] = ..., http_tls: _Optional[bool] = ..., http_generate_calls: _Optional[int] = ...) -> None: ...

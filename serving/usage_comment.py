@@ -7,12 +7,18 @@ its pass-through. Instead the gateway sends `X-Breakwater-Usage: 1`, and the wor
 the stream with one comment line, `: usage PROMPT COMPLETION CACHED`, just before
 `data: [DONE]`. The gateway reads it (request logs, token metrics, trace spans) and takes
 it out; an SSE comment that did reach a client is ignored by every SSE parser.
+
+The worker writes the comment and [DONE] in one write, but TCP may still hand them over in
+two reads, cut anywhere: `UsageReader` holds back a last event that is, or may grow into,
+the comment until the next read says which.
 """
 
 from __future__ import annotations
 
 USAGE_HEADER = "X-Breakwater-Usage"
 _MARK = b": usage "
+_LONGEST = len(_MARK) + 3 * 20 + 4
+"""Bytes of the longest comment: three 64-bit counts, their spaces and the blank line."""
 
 
 def usage_comment(usage: tuple[int, int, int]) -> bytes:
@@ -22,8 +28,7 @@ def usage_comment(usage: tuple[int, int, int]) -> bytes:
 def take_usage_comment(data: bytes) -> tuple[tuple[int, int, int] | None, bytes]:
     """The usage in a piece of a relayed stream, and the piece without its comment.
 
-    Only a comment whole within the piece counts (the worker writes it with [DONE] in one
-    write); anything else is left as it came.
+    Only a comment whole within the piece counts; anything else is left as it came.
     """
     start = data.find(_MARK)
     if start < 0 or (start > 0 and data[start - 1] != 0x0A):  # a comment starts a line
@@ -36,3 +41,49 @@ def take_usage_comment(data: bytes) -> tuple[tuple[int, int, int] | None, bytes]
         return None, data
     prompt, completion, cached = (int(f) for f in fields)
     return (prompt, completion, cached), data[:start] + data[end + 2 :]
+
+
+class UsageReader:
+    """Takes the usage comment out of a relayed stream, read by read.
+
+    Costs three byte checks on a read that ends an event and holds no comment (every read
+    but the last, in practice).
+    """
+
+    __slots__ = ("_at_event_start", "_held", "usage")
+
+    def __init__(self) -> None:
+        self.usage: tuple[int, int, int] | None = None
+        self._held = b""
+        self._at_event_start = True
+        """The bytes passed on so far end an event (or there are none yet)."""
+
+    def feed(self, data: bytes) -> bytes:
+        """What of the stream so far can be passed on (the comment removed, a possible
+        start of it held back)."""
+        if self._held:
+            data = self._held + data
+            self._held = b""
+        if _MARK in data:
+            usage, data = take_usage_comment(data)
+            self.usage = usage or self.usage
+        if not data or data.endswith(b"\n\n"):
+            self._at_event_start = True
+            return data
+        cut = data.rfind(b"\n\n") + 2
+        if cut < 2:  # no event ends in this read: its start is where the last one ended
+            if not self._at_event_start:
+                return data
+            cut = 0
+        last = data[cut:]
+        if len(last) <= _LONGEST and (last.startswith(_MARK) or _MARK.startswith(last)):
+            self._held = last
+            self._at_event_start = True
+            return data[:cut]
+        self._at_event_start = False
+        return data
+
+    def flush(self) -> bytes:
+        """The stream ended: whatever was held back, as it came (it was not the comment)."""
+        held, self._held = self._held, b""
+        return held

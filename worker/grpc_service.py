@@ -50,6 +50,8 @@ class InferenceService(pb_grpc.InferenceServicer):
         """Chaos testing: this share of calls (gRPC Generate, and requests to the OpenAI
         port) fails with `fault_code` on purpose."""
         self.generate_calls = 0
+        self.http_generate_calls = 0
+        """Requests to generate on the OpenAI port (relayed streams among them)."""
         self._fault_rng = random.Random(0)
         self.engine: Any = None  # set once warm; the AsyncEngine interface
         self.state = WorkerState.STARTING
@@ -204,6 +206,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             in_flight=self.in_flight,
             queue_depth=self.queue_depth(),
             generate_calls=self.generate_calls,
+            http_generate_calls=self.http_generate_calls,
             http_port=self.http_port,
             http_tls=self.http_tls,
         )

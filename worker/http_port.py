@@ -70,6 +70,7 @@ class LocalBackend:
         svc = self.service
         if info is not None:
             info.attempts, info.worker_id = 1, svc.worker_id
+        svc.http_generate_calls += 1
         if svc.fault():
             raise UpstreamError(svc.fault_code.name, "injected fault")
         if svc.state != State.SERVING:

@@ -36,7 +36,7 @@ from serving.openai_http import (
     stream_response,
 )
 from serving.tracing import context_from, request_attributes
-from serving.usage_comment import take_usage_comment
+from serving.usage_comment import UsageReader
 
 _PATHS = {"completion": b"/v1/completions", "chat": b"/v1/chat/completions"}
 _DONE = sse("[DONE]")
@@ -237,12 +237,13 @@ class GatewayRoutes(OpenAIRoutes):
             await out.prepare(request)  # headers go out with the first bytes
             data: bytes | pb.GenerateResponse | None = call.first
             tail = last = b""
+            usage = UsageReader()  # the worker's comment, at the end (serving/usage_comment)
             try:
                 while data is not None:
                     assert isinstance(data, bytes)
-                    if b": usage " in data:  # the worker's, at the end (serving/usage_comment)
-                        usage, data = take_usage_comment(data)
-                        info.usage = usage or info.usage
+                    data = usage.feed(data)
+                    if call.finished:
+                        data += usage.flush()
                     info.output_chunks += data.count(b"data: ")
                     if mirror is not None:
                         mirror.keep(data)
@@ -250,9 +251,13 @@ class GatewayRoutes(OpenAIRoutes):
                     if call.finished:  # nothing more will come: send it with the end
                         last = data
                         break
-                    await out.write(data)
-                    sending.writes += 1
+                    if data:
+                        await out.write(data)
+                        sending.writes += 1
                     data = await call.next()
+                else:
+                    last = usage.flush()
+                    tail = (tail + last)[-32:]
                 if b"[DONE]" not in tail:
                     last += _ended_early(tail)
             except UpstreamError as e:
@@ -261,6 +266,7 @@ class GatewayRoutes(OpenAIRoutes):
                     mirror.raw.clear()  # a broken answer is not one to compare
             finally:
                 await call.close()
+            info.usage = usage.usage or info.usage
             await out.write_eof(last)
         except ConnectionError:
             self._client_left(headers["X-Request-Id"], "mid-stream")

@@ -248,15 +248,15 @@ def test_streams_relayed_to_the_workers_https_port_over_mtls(
     pki: PKI, gateway: Proc, worker: Proc
 ) -> None:
     """A stream goes to the worker's own HTTPS port (with the gateway's client certificate),
-    not over gRPC: the worker's gRPC Generate count does not move."""
+    not over gRPC: the worker's gRPC Generate count does not move, its OpenAI port's does."""
 
-    def generate_calls() -> int:
+    def generate_calls() -> tuple[int, int]:
         creds = grpc.ssl_channel_credentials(
             pki.ca.read_bytes(), pki.client_key.read_bytes(), pki.client_cert.read_bytes()
         )
         with grpc.secure_channel(worker.ready["grpc"], creds) as ch:
             stats = pb_grpc.InferenceStub(ch).Stats(pb.StatsRequest(), timeout=10)
-        return int(stats.generate_calls)
+        return int(stats.generate_calls), int(stats.http_generate_calls)
 
     def listed() -> str:
         req = urllib.request.Request(
@@ -276,7 +276,7 @@ def test_streams_relayed_to_the_workers_https_port_over_mtls(
     for _ in range(4):  # both gateway processes, most likely
         with urllib.request.urlopen(req, timeout=30, context=pki.context()) as r:
             assert r.status == 200 and r.read().endswith(b"data: [DONE]\n\n")
-    assert generate_calls() == before
+    assert generate_calls() == (before[0], before[1] + 4)
 
 
 def test_grpc_generate_over_tls(pki: PKI, gateway: Proc) -> None:
