@@ -44,6 +44,8 @@ from gateway.routing.token_keys import TokenizerStore
 from gateway.settings import GatewaySettings
 from gateway.shadow import Shadows
 from gateway.upstream.base import Upstream
+from gateway.upstream.grpc_upstream import GrpcUpstream
+from gateway.upstream.openai_http import RELAY_KIND, OpenAIHTTPUpstream
 from proto import inference_pb2_grpc as pb_grpc
 from proto.limits import DEFAULT_LIMITS
 from proto.openai_compat import OpenAIError
@@ -58,11 +60,9 @@ log = logging.getLogger("breakwater.gateway")
 
 def make_upstream(info: WorkerInfo, tls: ClientTLS | None = None) -> Upstream:
     if info.kind == "openai-http":
-        from gateway.upstream.openai_http import OpenAIHTTPUpstream
-
         return OpenAIHTTPUpstream(info.worker_id, info.address, tls)
-    from gateway.upstream.grpc_upstream import GrpcUpstream
-
+    if info.kind == RELAY_KIND:
+        return OpenAIHTTPUpstream(info.worker_id, info.address, tls, system_roots=False)
     return GrpcUpstream(info.worker_id, info.address, tls)
 
 

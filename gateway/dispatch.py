@@ -35,6 +35,7 @@ from gateway.routing.policy import RoutingPolicy, WeightedLoads
 from gateway.upstream.base import Upstream
 from gateway.upstream.http_client import HTTPError, Response
 from gateway.upstream.openai_http import (
+    RELAY_KIND,
     OpenAIHTTPUpstream,
     UpstreamUnreachable,
     error_from,
@@ -336,13 +337,13 @@ class Dispatcher:
             if refused[0] == url and time.monotonic() < refused[1]:
                 return None
             del self._relay_refused[info.worker_id]
-        key = (info.worker_id, url, "openai-http")
+        key = (info.worker_id, url, RELAY_KIND)
         relay = self._upstreams.get(key)
         if relay is None:
             for old in [k for k in self._upstreams if k[0] == info.worker_id and k[1] != url]:
-                if old[2] == "openai-http":  # the port it had before a restart
+                if old[2] == RELAY_KIND:  # the port it had before a restart
                     self._retire(old)
-            made = self._make_upstream(WorkerInfo(info.worker_id, url, "openai-http"))
+            made = self._make_upstream(WorkerInfo(info.worker_id, url, RELAY_KIND))
             relay = self._upstreams[key] = made
         assert isinstance(relay, OpenAIHTTPUpstream)
         return relay

@@ -116,9 +116,13 @@ class ClientTLS:
         tls.ssl_context()  # validates every file now
         return tls
 
-    def ssl_context(self) -> ssl.SSLContext:
-        """For https:// (OpenAI-compatible) upstreams."""
-        ctx = ssl.create_default_context(cafile=None)
+    def ssl_context(self, system_roots: bool = True) -> ssl.SSLContext:
+        """For https:// upstreams: the system's roots and the CA, or the CA alone when not
+        `system_roots` (a worker's own OpenAI port, trusted as its gRPC port is)."""
+        if self.ca and not system_roots:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies peer and host name
+        else:
+            ctx = ssl.create_default_context(cafile=None)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         if self.ca:
             _load_ca(ctx, self.ca, "upstream CA")

@@ -99,9 +99,22 @@ class UpstreamUnreachable(UpstreamError):
     """No connection to the upstream could be made: nothing was sent."""
 
 
+RELAY_KIND = "worker-openai"
+"""WorkerInfo.kind of a Breakwater worker's own OpenAI port, where the gateway relays."""
+
+
 class OpenAIHTTPUpstream:
-    def __init__(self, worker_id: str, base_url: str, tls: ClientTLS | None = None) -> None:
-        """`tls`: the gateway's --upstream-* files, for https:// (system roots without)."""
+    def __init__(
+        self,
+        worker_id: str,
+        base_url: str,
+        tls: ClientTLS | None = None,
+        system_roots: bool = True,
+    ) -> None:
+        """`tls`: the gateway's --upstream-* files, for https:// (system roots without).
+        `system_roots`: trust them besides --upstream-ca; not for a worker's own port,
+        which is trusted as its gRPC port is (the CA alone), so a certificate some public
+        CA issued for the host cannot stand in for the worker's."""
         self.worker_id = worker_id
         self.base_url = base_url.rstrip("/")
         url = urlsplit(self.base_url)
@@ -110,7 +123,7 @@ class OpenAIHTTPUpstream:
         self._prefix = url.path.encode()
         context = None
         if url.scheme == "https":
-            context = (tls or ClientTLS()).ssl_context()
+            context = (tls or ClientTLS()).ssl_context(system_roots)
         self.pool = HTTPPool(url.hostname, url.port or (443 if context else 80), ssl=context)
 
     async def relay(

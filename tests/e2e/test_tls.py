@@ -114,20 +114,29 @@ def _issue(
     return b.sign(signer, hashes.SHA256())
 
 
+Issued = tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
+
+
+def _ca_and_server(ca_name: str) -> tuple[Issued, Issued]:
+    """A new CA and a server certificate it signed for localhost and 127.0.0.1."""
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _issue(ca_name, ca_key, None)
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server = _issue(
+        "localhost",
+        server_key,
+        (ca, ca_key),
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+    )
+    return (ca, ca_key), (server, server_key)
+
+
 @pytest.fixture(scope="module")
 def pki() -> Iterator[PKI]:
     d = Path(tempfile.mkdtemp(prefix="bw-tls-"))
     try:
-        ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca = _issue("breakwater test CA", ca_key, None)
-        server_key = ec.generate_private_key(ec.SECP256R1())
-        server = _issue(
-            "localhost",
-            server_key,
-            (ca, ca_key),
-            ExtendedKeyUsageOID.SERVER_AUTH,
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
-        )
+        (ca, ca_key), (server, server_key) = _ca_and_server("breakwater test CA")
         client_key = ec.generate_private_key(ec.SECP256R1())
         client = _issue(
             "breakwater-gateway", client_key, (ca, ca_key), ExtendedKeyUsageOID.CLIENT_AUTH
@@ -396,3 +405,61 @@ def test_bad_tls_files_stop_the_gateway_with_one_line(pki: PKI) -> None:
 
     r = _gateway_exit("--upstream-ca", missing)
     assert r.returncode != 0 and missing in r.stderr and "Traceback" not in r.stderr
+
+
+def _handshake(client: ssl.SSLContext, server: ssl.SSLContext) -> bool:
+    """Whether `client` accepts `server`'s certificate for localhost (a real handshake, in
+    memory)."""
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    c = client.wrap_bio(c_in, c_out, server_hostname="localhost")
+    s = server.wrap_bio(s_in, s_out, server_side=True)
+    done = {c: False, s: False}
+    for _ in range(20):
+        for side in (c, s):
+            if done[side]:
+                continue
+            try:
+                side.do_handshake()
+                done[side] = True
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLCertVerificationError:
+                return False
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+        if all(done.values()):
+            return True
+    raise AssertionError("the handshake did not finish")
+
+
+def test_a_workers_own_port_is_trusted_by_the_upstream_ca_alone(
+    pki: PKI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With --upstream-ca, a certificate from a CA the system trusts still passes for a
+    plain https:// upstream, but not for the OpenAI port a worker reports, which is trusted
+    as the worker's gRPC port is: by that CA alone."""
+    from gateway.app import make_upstream
+    from gateway.registry.base import WorkerInfo
+    from gateway.upstream.openai_http import RELAY_KIND
+    from serving.tls import ClientTLS
+
+    (public, _), (host, host_key) = _ca_and_server("a public CA")
+    (tmp_path / "system.pem").write_bytes(public.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "host.pem").write_bytes(host.public_bytes(serialization.Encoding.PEM))
+    _write_key(tmp_path / "host.key", host_key)
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "system.pem"))  # the system's roots
+
+    def server(cert: Path, key: Path) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(cert), str(key))
+        return ctx
+
+    tls = ClientTLS(str(pki.ca))
+    plain = make_upstream(WorkerInfo("w", "https://localhost:1", "openai-http"), tls)
+    relay = make_upstream(WorkerInfo("w", "https://localhost:1", RELAY_KIND), tls)
+    by_public_ca = server(tmp_path / "host.pem", tmp_path / "host.key")
+    by_upstream_ca = server(pki.server_cert, pki.server_key)
+    assert _handshake(plain.pool.ssl, by_public_ca)  # type: ignore[attr-defined]
+    assert not _handshake(relay.pool.ssl, by_public_ca)  # type: ignore[attr-defined]
+    assert _handshake(plain.pool.ssl, by_upstream_ca)  # type: ignore[attr-defined]
+    assert _handshake(relay.pool.ssl, by_upstream_ca)  # type: ignore[attr-defined]
