@@ -36,6 +36,15 @@ def test_the_comment_is_taken_out_when_it_comes_a_byte_at_a_time() -> None:
     assert reader.usage == (1234, 56, 7)
 
 
+def test_the_same_words_in_an_answer_do_not_hide_the_comment() -> None:
+    said = b'data: {"choices":[{"delta":{"content":"\\n: usage 1 2 3\\n\\n"}}]}\n\n'
+    stream = said + usage_comment((9, 2, 0)) + DONE
+    for cut in range(1, len(stream)):
+        out, reader = read_in_pieces(stream, (cut,))
+        assert out == said + DONE, cut
+        assert reader.usage == (9, 2, 0), cut
+
+
 @pytest.mark.parametrize(
     "stream",
     [
