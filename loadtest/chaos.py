@@ -540,20 +540,17 @@ def redis_down(quick: bool) -> dict[str, Any]:
     return result("redis-down", lost(records) == 0 and p50_after - p50_before < 5.0, figures)
 
 
-def worker_stat(f: Fleet, i: int, name: str) -> int:
+def worker_attempts(f: Fleet, i: int) -> int:
+    """Calls to generate worker `i` received, on its gRPC port and its OpenAI port (where
+    the gateway relays streams)."""
     import grpc
 
     from proto import inference_pb2 as pb
     from proto import inference_pb2_grpc as pb_grpc
 
     with grpc.insecure_channel(f.worker_id(i)) as ch:
-        return int(getattr(pb_grpc.InferenceStub(ch).Stats(pb.StatsRequest(), timeout=10), name))
-
-
-def worker_attempts(f: Fleet, i: int) -> int:
-    """Calls to generate worker `i` received, on its gRPC port and its OpenAI port (where
-    the gateway relays streams)."""
-    return worker_stat(f, i, "generate_calls") + worker_stat(f, i, "http_generate_calls")
+        stats = pb_grpc.InferenceStub(ch).Stats(pb.StatsRequest(), timeout=10)
+    return int(stats.generate_calls + stats.http_generate_calls)
 
 
 SCENARIOS: dict[str, Callable[[bool], dict[str, Any]]] = {
