@@ -24,6 +24,11 @@ from array import array
 from proto import inference_pb2 as pb
 
 BLOCK_BYTES = 64
+NEVER = float("-inf")
+"""The time of what never happened. Not 0.0: `time.monotonic()` counts from boot, so for
+the first `ttl_s` after a machine starts a cut-off `now - ttl_s` is negative and 0.0 is
+"fresh": every worker then looked as if it held every prompt (a fresh CI machine's first
+ten minutes)."""
 
 
 def prompt_bytes(request: pb.GenerateRequest) -> bytes:
@@ -71,7 +76,7 @@ class PrefixIndex:
             holders = holders_of.get(key)
             if not holders:
                 break
-            still = {w for w in alive if holders.get(w, 0.0) > fresh_after}
+            still = {w for w in alive if holders.get(w, NEVER) > fresh_after}
             for w in alive - still:
                 matched[w] = n
             alive = still
@@ -86,9 +91,9 @@ class PrefixIndex:
         return matched
 
     def routed_at(self, key: int, worker: str) -> float:
-        """When a request with block `key` was last sent to `worker` (0.0 if never known)."""
+        """When a request with block `key` was last sent to `worker` (NEVER if not known)."""
         holders = self._holders.get(key)
-        return holders.get(worker, 0.0) if holders else 0.0
+        return holders.get(worker, NEVER) if holders else NEVER
 
     def insert(self, keys: list[int], worker: str, now: float | None = None) -> None:
         """`worker` now holds these blocks (it will once it has prefilled the prompt)."""

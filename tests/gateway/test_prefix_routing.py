@@ -62,6 +62,19 @@ def test_stale_entries_do_not_count_and_the_index_stays_bounded() -> None:
     assert all("w1" not in h for h in index._holders.values())
 
 
+def test_a_machine_just_booted_does_not_credit_every_worker(monkeypatch) -> None:
+    """time.monotonic() counts from boot: in a machine's first ten minutes "now - TTL" is
+    negative, and a worker never sent a prefix must still not count as holding it."""
+    import gateway.routing.prefix_index as prefix_index
+
+    monkeypatch.setattr(prefix_index.time, "monotonic", lambda: 5.0)
+    index = PrefixIndex(ttl_s=600.0)
+    keys = block_keys(b"a" * BLOCK_BYTES * 4)
+    index.insert(keys, "w0")
+    assert index.match(keys, {"w0", "w1"}) == {"w0": 4, "w1": 0}
+    assert index.routed_at(keys[0], "w1") < 5.0 - 600.0
+
+
 def test_a_shared_prefix_returns_to_the_replica_that_holds_it() -> None:
     policy = make_policy("prefix-aware")
     pool = workers(4)
