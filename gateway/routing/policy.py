@@ -20,6 +20,10 @@ from gateway.routing.prefix_index import BLOCK_BYTES, PrefixIndex, block_keys, p
 from gateway.routing.token_keys import TokenizerStore, token_block_keys
 from proto import inference_pb2 as pb
 
+FOOTPRINT_HALF_LIFE_S = 60.0
+"""How fast what a replica was sent stops counting against its cache room: its LRU turns
+over in about (KV tokens) / (uncached tokens sent per second), 30 s in routing_bench's
+fleet and longer on real GPUs."""
 TEXT_BLOCK_TOKENS = BLOCK_BYTES // 4
 """Tokens in a text block, about (English averages ~4 bytes a token)."""
 
@@ -150,10 +154,12 @@ class PrefixAware:
     breaking ties. With nothing queued this is "the most of the prompt held" (as SGLang's
     and llm-d's prefix scorers); the queue term is Dynamo's KV router's (overlap weight x
     new prefill blocks + active blocks), in tokens. A missed token weighs `miss_weight`
-    (it is prefilled now, and a second copy takes cache room). routing_bench, one run each
-    (hit rate, TTFT p50 / p99 ms, load imbalance): no queue term 0.824, 175 / 625, 1.19;
+    (it is prefilled now, its step delays the replica's whole batch, and a second copy
+    takes cache room). routing_bench, one run each (hit rate, TTFT p50 / p99 ms, load
+    imbalance), before placement by room (below): no queue term 0.824, 175 / 625, 1.19;
     weight 1: 0.816, 166 / 381, 1.10; 1.5: 0.828, 170 / 366, 1.12; 2: 0.832, 166 / 390,
-    1.30 (past the 1.25 held to). A weighted sum
+    1.30 (past the 1.25 held to). With it: 2: 0.828, 171 / 393, 1.22; 3: 0.829, 170 / 381,
+    1.31. A weighted sum
     (llm-d's prefix 3, queue 2, KV usage 2, used here before) moved 4-6% of a chat's
     follow-up turns and spread a system prompt over 1.2-1.65 replicas in peer_bench's chat
     run, where SGLang's and vLLM's cache-aware routers moved none: a holder busy with the
@@ -164,8 +170,22 @@ class PrefixAware:
     The bound's default, + 8 calls, was measured (routing_bench, 4 sim workers, this
     scoring): + 4 gave hit rate 0.96x the oracle's and load imbalance 1.15; + 8, 0.98x and
     1.21; + 16, 0.99x but 1.36, over the 1.25 this project holds to.
-    A request that matches nothing goes to the least loaded replica, which also spreads
-    new prefixes.
+    A request no replica holds `min_share` of (SGLang's cache threshold, 0.3: a chat
+    template's head, common to every prompt, is no reason to go anywhere) goes where the
+    least new content went lately (`footprint`: uncached prompt tokens sent there,
+    half-life 60 s), the replica whose cache has the most room, as SGLang's router picks
+    its smallest tree; queued prefill and load break the ties left. Conversations stay
+    where their system prompt landed, so where prefixes land decides whose cache
+    overflows: placed by load alone, one replica got more system prompts than it could
+    hold with its conversations, and their histories were evicted. peer_bench's chat
+    workload (`--targets breakwater --rate 8.68 --duration 60`, one machine), hit rate by
+    run: by load, weight 1.5: 0.8239, 0.8286 (one with 0.0036 of prompt tokens missed in
+    histories); weight 3: 0.8105 (0.0149). By room: 1.5: 0.8252, 0.8251, 0.8239; 2:
+    0.8286, 0.8285, 0.8290; 3: 0.8310, 0.8284, 0.8293, 0.8276, but load imbalance 1.31 in
+    routing_bench. With the 0.3 threshold and weight 2: 0.8296, 0.8284. Then six runs
+    each, alternating with the policy before (by load, 1.5), on one machine: by room
+    0.8279-0.8305 (mean 0.8295), load imbalance 1.03-1.07; by load 0.8045-0.8293 (mean
+    0.8228), 1.10-1.28; TTFT p50 166 ms both.
 
     Two sources say what a replica holds. Where the replica reports its cache (`views`,
     from WatchCache) and the model's tokenizer is at hand, the prompt is cut into the
@@ -183,10 +203,13 @@ class PrefixAware:
         rel: float = 1.5,
         abs_: float = 8.0,
         recent_s: float = 10.0,
-        miss_weight: float = 1.5,
+        miss_weight: float = 2.0,
+        min_share: float = 0.3,
     ) -> None:
         self.index = index or PrefixIndex()
         self.miss_weight = miss_weight
+        self.min_share = min_share
+        """A prompt no replica holds this share of is placed as one nobody holds."""
         self.rel = rel
         self.abs = abs_
         self.recent_s = recent_s
@@ -208,6 +231,17 @@ class PrefixAware:
         """Prompt blocks routed, and how many of them the chosen replica held (hit rate)."""
         self.share: Callable[[str, list[int]], None] | None = None
         """Tells sibling processes or other gateways of each decision (see decision_share)."""
+        self.footprint: dict[str, tuple[float, float]] = {}
+        """Uncached prompt tokens sent to each replica (new cache content), decayed with a
+        half-life of FOOTPRINT_HALF_LIFE_S: (tokens, as of this monotonic time)."""
+
+    def _footprints(self, eligible: Sequence[WorkerInfo]) -> dict[str, float]:
+        now = time.monotonic()
+        out = {}
+        for w in eligible:
+            tokens, at = self.footprint.get(w.worker_id, (0.0, now))
+            out[w.worker_id] = tokens * 0.5 ** ((now - at) / FOOTPRINT_HALF_LIFE_S)
+        return out
 
     def _keys(self, request: pb.GenerateRequest) -> list[int]:
         """Block keys, computed once per request even when it is retried.
@@ -305,10 +339,13 @@ class PrefixAware:
         turn = next(self._tiebreak)
         pending, miss = self.prefilling, self.miss_weight
         unit = max(16.0, tokens / 16)  # costs within 1/16 of the prompt count as equal
-        if not any(held.values()):  # nothing to gain from a cache: least prefill, then load
+        whole = max(16.0, tokens)  # new content within one such prompt counts as equal
+        room = self._footprints(eligible)
+        if max(held.values(), default=0.0) < self.min_share:  # most room, least prefill
             return min(
                 eligible,
                 key=lambda w: (
+                    round(room[w.worker_id] / whole),
                     round(pending.get(w.worker_id, 0.0) / unit),
                     loads[w.worker_id],
                     w.stats.get("queue_depth", 0),
@@ -316,12 +353,12 @@ class PrefixAware:
                 ),
             )
 
-        def cost(w: WorkerInfo) -> tuple[int, float, int]:
+        def cost(w: WorkerInfo) -> tuple[int, int, float, int]:
             # Prompt tokens the replica must prefill before this request's first token:
             # what is already queued there, plus the part of this prompt it lacks.
             wid = w.worker_id
             c = pending.get(wid, 0.0) + (1.0 - held.get(wid, 0.0)) * tokens * miss
-            return round(c / unit), loads[wid], (hash(wid) + turn) % 997
+            return round(c / unit), round(room[wid] / whole), loads[wid], (hash(wid) + turn) % 997
 
         return min(eligible, key=cost)
 
@@ -349,6 +386,10 @@ class PrefixAware:
             prefill = (1.0 - share) * self._last[2]
             if prefill:
                 self.prefilling[worker.worker_id] += prefill
+                now = time.monotonic()
+                sent, at = self.footprint.get(worker.worker_id, (0.0, now))
+                sent *= 0.5 ** ((now - at) / FOOTPRINT_HALF_LIFE_S)
+                self.footprint[worker.worker_id] = (sent + prefill, now)
         # Text keys only serve replicas scored from the index; where every replica
         # reported its cache for this request they would be unused work (~30 us).
         keys = [] if tkeys and worker.worker_id in self.views else self._keys(request)

@@ -213,3 +213,41 @@ def test_decisions_made_on_text_still_count_once_the_tokenizer_is_loaded() -> No
         request = chat(SYSTEM, f"turn {n}")
         assert policy._token_keys(request, policy.views["w0"])  # routed on token keys
         assert policy.choose(pool, request, {"w1": 1}).worker_id == "w1"  # busier, holds it
+
+
+def test_a_new_prefix_goes_where_the_least_new_content_went() -> None:
+    """A prompt no replica holds goes to the replica sent the fewest uncached tokens lately
+    (its cache has the most room), as SGLang's router sends it to the smallest tree; its
+    load and queued prefill only break near-ties."""
+    policy = PrefixAware()
+    pool = workers(2)
+    first = chat(SYSTEM, "question one")
+    policy.routed(policy.choose(pool, first, {"w1": 1}), first)  # to w0, the idler
+    policy.prefilled("w0", policy.prefilling["w0"])  # prefilled already, and idle again
+    fresh = chat("An unrelated system prompt nobody has sent yet. " * 10, "hello")
+    assert policy.choose(pool, fresh, {"w0": 0, "w1": 1}).worker_id == "w1"
+
+
+def test_prompts_that_share_only_a_first_block_spread_by_new_content() -> None:
+    """Two system prompts alike in their first block: the replica holding one gains next to
+    nothing from the other, which goes where less new content went."""
+    policy = PrefixAware()
+    pool = workers(2)
+    head = "x" * BLOCK_BYTES
+    first = chat(head + SYSTEM, "one")
+    policy.routed(policy.choose(pool, first, {"w1": 1}), first)  # to w0, the idler
+    policy.prefilled("w0", policy.prefilling["w0"])
+    other = chat(head + "A quite different system prompt, for billing. " * 20, "one")
+    assert policy.choose(pool, other, {"w0": 0, "w1": 1}).worker_id == "w1"
+
+
+def test_new_content_is_forgotten_with_a_half_life() -> None:
+    import time
+
+    from gateway.routing.policy import FOOTPRINT_HALF_LIFE_S
+
+    policy = PrefixAware()
+    pool = workers(2)
+    policy.footprint = {"w0": (1000.0, time.monotonic() - FOOTPRINT_HALF_LIFE_S)}
+    fps = policy._footprints(pool)
+    assert 490 < fps["w0"] < 510 and fps["w1"] == 0.0
