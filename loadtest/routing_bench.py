@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any, TypeVar
 
@@ -272,7 +272,7 @@ class _TappedResponse:
 
 @contextlib.asynccontextmanager
 async def chat_sender(
-    urls: Sequence[str], cfg: BenchConfig
+    urls: Sequence[str], cfg: BenchConfig, headers: Mapping[str, str] | None = None
 ) -> AsyncIterator[Callable[[Sent, float], Coroutine[Any, Any, None]]]:
     """`send(turn, t0)` over one connection pool per gateway: a streamed chat completion
     through the loadgen's HTTP transport, timed by it, usage kept. With several gateways a
@@ -281,7 +281,8 @@ async def chat_sender(
     async with contextlib.AsyncExitStack() as stack:
         senders = []
         for url in urls:
-            target = Target(url=url, model=MODEL, chat=True, timeout_s=cfg.timeout_s)
+            extra = dict(headers or {})
+            target = Target(url=url, model=MODEL, chat=True, timeout_s=cfg.timeout_s, headers=extra)
             transport = await stack.enter_async_context(open_transport(target))
             assert isinstance(transport, HttpTransport)
             senders.append((transport.session, target))
@@ -347,6 +348,10 @@ async def chat_open_loop(
     return sent
 
 
+REFUSED_WAIT_S = 1.0
+"""The longest a closed-loop user waits after a refused turn."""
+
+
 async def chat_closed_loop(
     urls: Sequence[str],
     workload: ChatWorkload,
@@ -354,13 +359,19 @@ async def chat_closed_loop(
     duration_s: float,
     cfg: BenchConfig,
     salt: str,
+    headers: Mapping[str, str] | None = None,
 ) -> list[Sent]:
     """`users` conversations at once, each turn sent as soon as the last answer came; a
     finished conversation is replaced by a new user. For the capacity probe: at the end the
-    requests still in flight are cancelled (status 'cancelled'), not waited for."""
+    requests still in flight are cancelled (status 'cancelled'), not waited for.
+
+    A refused turn is followed by the user's next one only after the server's Retry-After
+    (at most `REFUSED_WAIT_S`; 0.1 s without one), as a client that honours it would wait.
+    Sent at once, the probe's 64 users got a gateway's 503s in a loop: 16,566 refusals
+    against 232 answers in one 20 s probe, on the cores whose capacity it measures."""
     sent: list[Sent] = []
     uids = iter(range(10**9))
-    async with chat_sender(urls, cfg) as send:
+    async with chat_sender(urls, cfg, headers) as send:
         t0 = time.monotonic()
 
         async def conversations() -> None:
@@ -371,6 +382,8 @@ async def chat_closed_loop(
                     s = Sent(uid, k, workload.messages(uid, k, salt), rec)
                     sent.append(s)
                     await send(s, t0)
+                    if not rec.ok:
+                        await asyncio.sleep(min(rec.retry_after_s or 0.1, REFUSED_WAIT_S))
 
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(duration_s), asyncio.TaskGroup() as tg:

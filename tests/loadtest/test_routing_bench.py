@@ -89,3 +89,22 @@ def test_tiny_bench_json(capsys: pytest.CaptureFixture[str]) -> None:
         # The worker tokenised exactly what the bench counted for the oracle.
         assert p["prompt_tokens"] == p["prompt_tokens_sent"]
     assert out["timings"]["total_s"] > 0
+
+
+def test_refused_turns_wait_for_retry_after(workload: ChatWorkload) -> None:
+    """The capacity probe's users honour Retry-After: a refused turn is not resent at once
+    (that made a storm of 503s, thousands a second, on the cores being measured)."""
+    import asyncio
+
+    from loadtest.routing_bench import BenchConfig, chat_closed_loop
+    from loadtest.trivial_server import start_trivial_server
+
+    refuse = {"x-trivial": json.dumps({"status": 503, "retry_after_s": 0.5})}
+    with start_trivial_server(grpc=False) as server:
+        sent = asyncio.run(
+            chat_closed_loop([server.url], workload, 4, 2.0, BenchConfig(), "t", refuse)
+        )
+    refused = [s for s in sent if s.record.status == "503"]
+    assert refused and all(s.record.retry_after_s == 0.5 for s in refused)
+    # 4 users for 2 s, each waiting 0.5 s after a refusal: at most 5 turns each.
+    assert len(sent) <= 4 * 5
