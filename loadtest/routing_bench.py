@@ -280,8 +280,8 @@ async def chat_sender(
     replica that holds it."""
     async with contextlib.AsyncExitStack() as stack:
         senders = []
+        extra = dict(headers or {})
         for url in urls:
-            extra = dict(headers or {})
             target = Target(url=url, model=MODEL, chat=True, timeout_s=cfg.timeout_s, headers=extra)
             transport = await stack.enter_async_context(open_transport(target))
             assert isinstance(transport, HttpTransport)

@@ -239,13 +239,13 @@ class PrefixAware:
         """Uncached prompt tokens sent to each replica (new cache content), decayed with a
         half-life of FOOTPRINT_HALF_LIFE_S: (tokens, as of this monotonic time)."""
 
+    def _footprint(self, worker_id: str, now: float) -> float:
+        tokens, at = self.footprint.get(worker_id, (0.0, now))
+        return tokens * 0.5 ** ((now - at) / FOOTPRINT_HALF_LIFE_S)
+
     def _footprints(self, eligible: Sequence[WorkerInfo]) -> dict[str, float]:
         now = time.monotonic()
-        out = {}
-        for w in eligible:
-            tokens, at = self.footprint.get(w.worker_id, (0.0, now))
-            out[w.worker_id] = tokens * 0.5 ** ((now - at) / FOOTPRINT_HALF_LIFE_S)
-        return out
+        return {w.worker_id: self._footprint(w.worker_id, now) for w in eligible}
 
     def _keys(self, request: pb.GenerateRequest) -> list[int]:
         """Block keys, computed once per request even when it is retried.
@@ -391,9 +391,8 @@ class PrefixAware:
             if prefill:
                 self.prefilling[worker.worker_id] += prefill
                 now = time.monotonic()
-                sent, at = self.footprint.get(worker.worker_id, (0.0, now))
-                sent *= 0.5 ** ((now - at) / FOOTPRINT_HALF_LIFE_S)
-                self.footprint[worker.worker_id] = (sent + prefill, now)
+                sent = self._footprint(worker.worker_id, now) + prefill
+                self.footprint[worker.worker_id] = (sent, now)
         # Text keys only serve replicas scored from the index; where every replica
         # reported its cache for this request they would be unused work (~30 us).
         keys = [] if tkeys and worker.worker_id in self.views else self._keys(request)
