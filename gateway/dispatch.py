@@ -216,6 +216,7 @@ class _Attempt:
 
     __slots__ = (
         "board",
+        "calm",
         "deadline",
         "dispatcher",
         "outcome",
@@ -237,7 +238,11 @@ class _Attempt:
         self.started = time.monotonic()
         self.prefill = 0.0
         """Prompt tokens routing expects the replica to prefill for this attempt."""
-        dispatcher.outstanding[worker.worker_id] += 1
+        out = dispatcher.outstanding
+        self.calm = all(out[worker.worker_id] <= out[w] for w in pool)
+        """No busier than any peer, from this gateway's view, when it started: only such an
+        attempt's TTFT judges the replica's health (a burst routing sent it is no sickness)."""
+        out[worker.worker_id] += 1
 
     def prefilled(self) -> None:
         """Hand routing's prefill estimate back (once): the first output came, the attempt
@@ -250,7 +255,7 @@ class _Attempt:
         ttft = time.monotonic() - self.started
         d = self.dispatcher
         self.prefilled()
-        d.breakers.observe_ttft(self.worker.worker_id, ttft, self.pool)
+        d.breakers.observe_ttft(self.worker.worker_id, ttft, self.pool, judged=self.calm)
         if d.concurrency is not None:
             d.concurrency.observe(self.worker.worker_id, ttft)
 

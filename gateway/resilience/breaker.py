@@ -170,7 +170,9 @@ class BreakerBoard:
         r = self._get(worker_id)
         r.forced_until = max(r.forced_until, time.monotonic() + seconds)
 
-    def observe_ttft(self, worker_id: str, ttft_s: float, pool: Iterable[str]) -> None:
+    def observe_ttft(
+        self, worker_id: str, ttft_s: float, pool: Iterable[str], judged: bool = True
+    ) -> None:
         """Feed the slow-replica detector; ejects a replica far slower than its peers.
 
         It compares replicas' *fast* answers (a low quantile of recent TTFTs), not their
@@ -179,10 +181,18 @@ class BreakerBoard:
         bursts), so averages ejected healthy replicas (one of two in every run of
         peer_bench's chat test, at 5x). A sick replica (slow steps) is slow even when its
         queue is empty, so its fast answers show it; a busy one still has some.
+
+        Even the fast quantile ejected a healthy replica once (peer_bench's chat test,
+        one fresh-clone CI run under the parallel suite; 0 of 40 reruns alone), when its
+        bursts lasted the whole window. So the caller passes `judged=False` for an answer
+        that started with the replica busier than a peer (from this gateway's view): it
+        still moves the EWMA, but does not judge.
         """
         r = self._get(worker_id)
         a = self.config.ewma_alpha
         r.ttft_ewma = ttft_s if r.ttft_ewma is None else (1 - a) * r.ttft_ewma + a * ttft_s
+        if not judged:
+            return
         r.samples += 1
         r.recent.append(ttft_s)
         ordered = sorted(r.recent)  # <= slow_min_samples values: ~1 us

@@ -138,3 +138,18 @@ def test_a_replica_at_its_limit_still_beats_an_ejected_one_with_room() -> None:
     d.outstanding["busy"] = 1  # with room again: still the only one allowed
     picked = d._pick("sim", pb.GenerateRequest(model="sim"), set())
     assert picked is not None and picked[0].worker_id == "busy"
+
+
+def test_answers_that_started_behind_a_burst_do_not_judge() -> None:
+    """A burst that outlasts the detector's window (a hot prefix's holder, every answer
+    queued) must not eject it: the dispatcher marks such answers unjudged. They still
+    move the EWMA operators see."""
+    b = BreakerBoard(BreakerConfig())
+    for _ in range(40):
+        b.observe_ttft("a", 0.02, POOL)
+        b.observe_ttft("b", 0.5, POOL, judged=False)
+    assert b.state("b") == CLOSED and b.ejections == 0
+    assert b.replicas()["b"].ttft_ewma > 0.4 and b.replicas()["b"].samples == 0
+    for _ in range(20):
+        b.observe_ttft("b", 0.5, POOL)  # slow with no queue ahead: sick
+    assert b.state("b") == OPEN
