@@ -7,12 +7,14 @@ every process it started (by PID) before it returns, even when it fails.
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
 
 from loadtest.chat_workload import BLOCK_SIZE, ChatWorkload, oracle_hits
-from loadtest.routing_bench import main
+from loadtest.routing_bench import BenchConfig, chat_closed_loop, main
+from loadtest.trivial_server import start_trivial_server
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -94,11 +96,6 @@ def test_tiny_bench_json(capsys: pytest.CaptureFixture[str]) -> None:
 def test_refused_turns_wait_for_retry_after(workload: ChatWorkload) -> None:
     """The capacity probe's users honour Retry-After: a refused turn is not resent at once
     (that made a storm of 503s, thousands a second, on the cores being measured)."""
-    import asyncio
-
-    from loadtest.routing_bench import BenchConfig, chat_closed_loop
-    from loadtest.trivial_server import start_trivial_server
-
     refuse = {"x-trivial": json.dumps({"status": 503, "retry_after_s": 0.5})}
     with start_trivial_server(grpc=False) as server:
         sent = asyncio.run(
