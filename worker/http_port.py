@@ -3,7 +3,9 @@
 It serves the shared OpenAI routes (the gateway serves the same) over a backend that calls
 this worker's engine directly, so a single worker and a gateway answer exactly alike. Two
 routes more, as `vllm serve` has them, for routers that probe their workers: GET /health,
-and POST /tokenize (vLLM's cache-aware router asks it for a prompt's token ids).
+and POST /tokenize (vLLM's cache-aware router asks it for a prompt's token ids). And GET
+/cache/watch, the WatchCache stream as JSON lines, so a gateway that fronts this port as a
+plain OpenAI upstream still scores it on what its cache holds.
 """
 
 from __future__ import annotations
@@ -189,6 +191,38 @@ async def tokenize(service: InferenceService, request: web.Request) -> web.Respo
     )
 
 
+CACHE_WATCH_PATH = "/cache/watch"
+
+
+async def cache_watch(service: InferenceService, request: web.Request) -> web.StreamResponse:
+    """The prefix cache's block keys as WatchCache streams them, one JSON object a line
+    (`application/x-ndjson`): a snapshot (`"snapshot": true`, every held key, the block
+    size, model and tokenizer directory), then each batch of `stored` and `removed` keys.
+    501 where the engine cannot report (vLLM), as WatchCache answers UNIMPLEMENTED; 503
+    while the worker starts or drains. The stream ends when the worker drains."""
+    feed = service.cache_feed
+    if service.state != State.SERVING:
+        err = OpenAIError(503, f"worker is {service.state.lower()}", "service_unavailable")
+        return error_response(err)
+    if feed is None:
+        err = OpenAIError(501, "this worker's engine does not report its cache", "not_implemented")
+        return error_response(err)
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    async for update in feed.watch():
+        line: dict[str, Any] = {"stored": list(update.stored), "removed": list(update.removed)}
+        if update.snapshot:
+            line |= {
+                "snapshot": True,
+                "block_size": update.block_size,
+                "model_id": update.model_id,
+                "tokenizer": update.tokenizer,
+            }
+        await response.write(orjson.dumps(line) + b"\n")
+    await response.write_eof()
+    return response
+
+
 async def metrics_response(metrics: WorkerMetrics) -> web.Response:
     return web.Response(body=metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
@@ -204,6 +238,7 @@ async def start_http(
     WorkerRoutes(service).add_to(app)
     app.router.add_get("/health", lambda _request: health(service))
     app.router.add_post("/tokenize", lambda request: tokenize(service, request))
+    app.router.add_get(CACHE_WATCH_PATH, lambda request: cache_watch(service, request))
     if metrics is not None:
         app.router.add_get("/metrics", lambda _request: metrics_response(metrics))
     # aiohttp's keep-alive timer also bounds how long a request head may take (slowloris)

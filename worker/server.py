@@ -165,10 +165,10 @@ class Worker:
             await asyncio.wait_for(self.service.idle.wait(), s.drain_timeout_s)
         except TimeoutError:
             log.warning("drain timeout: %d request(s) cut off", self.service.in_flight)
+        if self.service.cache_feed is not None:
+            await self.service.cache_feed.close()  # ends the HTTP port's watch streams too
         if self.http_runner is not None:
             await self.http_runner.cleanup()
-        if self.service.cache_feed is not None:
-            await self.service.cache_feed.close()
         assert self.server is not None
         await self.server.stop(grace=1.0)
         if self.publisher is not None:

@@ -1,10 +1,12 @@
 """What each Breakwater worker holds in its prefix cache, followed live over WatchCache.
 
-Each gRPC worker in the registry gets one stream: a snapshot of its block keys, then every
-change as its engine caches or evicts a block. With these views the prefix-aware policy
-scores those workers on what they hold, evictions included, instead of on what it has
-sent them. A worker whose engine cannot report (UNIMPLEMENTED), or an OpenAI upstream, has
-no view and is scored from the approximate index as before.
+Each worker in the registry gets one stream: a snapshot of its block keys, then every
+change as its engine caches or evicts a block. gRPC workers send it over WatchCache; an
+OpenAI upstream is asked for the same stream as JSON lines (GET /cache/watch, which a
+Breakwater worker's own HTTP port serves). With these views the prefix-aware policy scores
+those workers on what they hold, evictions included, instead of on what it has sent them.
+A worker whose engine cannot report (UNIMPLEMENTED, 501), or an OpenAI server that is not
+a Breakwater worker (404), has no view and is scored from the approximate index as before.
 """
 
 from __future__ import annotations
@@ -14,10 +16,14 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
+import orjson
 
 from gateway.registry.base import Registry
+from gateway.upstream.http_client import HTTPError, HTTPPool, Response
 from proto import inference_pb2 as pb
 from proto import inference_pb2_grpc as pb_grpc
 from serving.tls import ClientTLS, aio_channel
@@ -58,10 +64,14 @@ class CacheView:
 
 EVICTION_MEMORY_S = 60.0
 """How long an eviction is remembered; longer than any 'recently routed' window."""
+WATCH_PATH = b"/cache/watch"
+"""An OpenAI upstream's cache stream (worker/http_port.py serves it)."""
+MAX_LINE_BYTES = 64 << 20
+"""A snapshot line: 100k held keys are about 2 MB."""
 
 
 class CacheWatcher:
-    """Keeps one WatchCache stream per gRPC worker of the registry; `views` is the result."""
+    """Keeps one cache stream per worker of the registry; `views` is the result."""
 
     def __init__(
         self,
@@ -77,7 +87,7 @@ class CacheWatcher:
         self.max_backoff_s = max_backoff_s
         self.views: dict[str, CacheView] = {}
         self.updates = 0
-        self._follows: dict[str, tuple[str, asyncio.Task[None]]] = {}
+        self._follows: dict[str, tuple[tuple[str, str], asyncio.Task[None]]] = {}
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -96,15 +106,17 @@ class CacheWatcher:
 
     def sync(self) -> None:
         """Follow new gRPC workers, stop following departed (or moved) ones."""
-        wanted = {w.worker_id: w.address for w in self.registry.workers() if w.kind == "grpc"}
-        for wid, (address, task) in list(self._follows.items()):
-            if wanted.get(wid) != address:
+        wanted = {w.worker_id: (w.kind, w.address) for w in self.registry.workers()}
+        for wid, (where, task) in list(self._follows.items()):
+            if wanted.get(wid) != where:
                 task.cancel()
                 del self._follows[wid]
                 self.views.pop(wid, None)
-        for wid, address in wanted.items():
+        for wid, (kind, address) in wanted.items():
             if wid not in self._follows:
-                self._follows[wid] = (address, asyncio.create_task(self._follow(wid, address)))
+                follow = self._follow if kind == "grpc" else self._follow_http
+                task = asyncio.create_task(follow(wid, address))
+                self._follows[wid] = ((kind, address), task)
 
     async def _sync_loop(self) -> None:
         while True:
@@ -132,6 +144,72 @@ class CacheWatcher:
                 self.views.pop(worker_id, None)  # whatever it held is unknown until resynced
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.max_backoff_s)
+
+    async def _follow_http(self, worker_id: str, base_url: str) -> None:
+        url = urlsplit(base_url.rstrip("/"))
+        context = None
+        if url.scheme == "https":  # trusted as the relay to it is (OpenAIHTTPUpstream)
+            context = (self.tls or ClientTLS()).ssl_context(True)
+        if not url.hostname:
+            return
+        pool = HTTPPool(url.hostname, url.port or (443 if context else 80), ssl=context)
+        path = url.path.encode() + WATCH_PATH
+        backoff = 0.5
+        try:
+            while True:
+                try:
+                    deadline = asyncio.get_running_loop().time() + 10.0  # for the headers
+                    resp = await pool.request(b"GET", path, b"", b"", deadline)
+                    try:
+                        media = resp.headers.get("content-type", "")
+                        if resp.status in (404, 405, 501) or (
+                            resp.status == 200 and not media.startswith("application/x-ndjson")
+                        ):
+                            log.info(
+                                "worker %s does not report its cache (GET %s: %d)",
+                                worker_id,
+                                path.decode(),
+                                resp.status,
+                            )
+                            return
+                        if resp.status == 200:
+                            await self._read_lines(worker_id, resp)
+                            backoff = 0.5
+                    finally:
+                        resp.release()
+                except (HTTPError, TimeoutError, ValueError, TypeError, KeyError) as e:
+                    log.debug("cache stream of %s broke: %s", worker_id, e)
+                finally:
+                    self.views.pop(worker_id, None)  # unknown until resynced
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.max_backoff_s)
+        finally:
+            await pool.close()
+
+    async def _read_lines(self, worker_id: str, resp: Response) -> None:
+        """Apply each JSON line of a /cache/watch body until it ends."""
+        rest = b""
+        while chunk := await resp.read_some():
+            lines = (rest + chunk).split(b"\n")
+            rest = lines.pop()
+            if len(rest) > MAX_LINE_BYTES:
+                raise HTTPError(f"a cache stream line over {MAX_LINE_BYTES} bytes")
+            for line in lines:
+                if line:
+                    self._apply_json(worker_id, orjson.loads(line))
+
+    def _apply_json(self, worker_id: str, line: dict[str, Any]) -> None:
+        if line.get("snapshot"):
+            update = pb.CacheUpdate(
+                snapshot=True,
+                stored=line["stored"],
+                block_size=line["block_size"],
+                model_id=line["model_id"],
+                tokenizer=line.get("tokenizer", ""),
+            )
+        else:
+            update = pb.CacheUpdate(stored=line["stored"], removed=line["removed"])
+        self._apply(worker_id, update)
 
     def _apply(self, worker_id: str, update: pb.CacheUpdate) -> None:
         self.updates += 1

@@ -1,4 +1,5 @@
-"""Prefix-aware routing on what workers report they hold (WatchCache), checked end to end.
+"""Prefix-aware routing on what workers report they hold, checked end to end: over
+WatchCache (gRPC workers) and over GET /cache/watch (workers fronted as OpenAI upstreams).
 
 Prompts are sent straight to a worker, behind the gateway's back, so only the worker's own
 cache report can tell the gateway where a prefix lives, or that it was evicted.
@@ -59,13 +60,14 @@ def admin(gw: Proc) -> dict[str, Any]:
     return admin_json(gw, "/admin/workers")
 
 
-@pytest.fixture(scope="module")
-def fleet() -> Iterator[tuple[Proc, dict[str, Proc]]]:
+@pytest.fixture(scope="module", params=["grpc", "http"])
+def fleet(request: pytest.FixtureRequest) -> Iterator[tuple[Proc, dict[str, Proc]]]:
     procs = [
         start_sim_worker("--http-port", "0", "--sim-kv-tokens", str(KV_TOKENS)) for _ in range(2)
     ]
-    workers = {w.ready["grpc"]: w for w in procs}  # the gateway names static workers so
-    gw = start_gateway(*[x for w in procs for x in ("--worker", w.ready["grpc"])])
+    # the gateway names static workers by their address: host:port, or the base URL
+    workers = {w.ready[request.param]: w for w in procs}
+    gw = start_gateway(*[x for wid in workers for x in ("--worker", wid)])
     try:
         wait_for(
             lambda: (
@@ -152,3 +154,29 @@ def test_queued_prefill_is_counted_until_the_first_token(
     with pytest.raises(urllib.error.HTTPError):
         urllib.request.urlopen(bad, timeout=60)
     assert admin(gw)["routing"]["prefilling"] == {}
+
+
+def test_an_openai_server_that_does_not_report_is_asked_once() -> None:
+    """A third-party OpenAI server answers GET /cache/watch with a 404: the gateway stops
+    asking and routes it from its own index, as before."""
+    from loadtest.mock_openai import start_mock_backends
+
+    def calls(url: str, path: str) -> int:
+        with urllib.request.urlopen(url + "/stats", timeout=10) as r:
+            return int(json.loads(r.read())["paths"].get(path, 0))
+
+    with start_mock_backends(2, model="sim") as backends:
+        gw = start_gateway(*[x for b in backends for x in ("--worker", b.url)])
+        try:
+            wait_for(lambda: all(calls(b.url, "/cache/watch") == 1 for b in backends), 30)
+            chat(gw.ready["http"], messages("third-party"))
+            views = admin(gw)["workers"]
+            assert len(views) == 2 and not any(w["cache"]["reported"] for w in views)
+            # three health probes later (1 s apart), so as many of the watcher's sync rounds
+            probes = {b.url: calls(b.url, "/v1/models") for b in backends}
+            wait_for(
+                lambda: all(calls(b.url, "/v1/models") >= probes[b.url] + 3 for b in backends), 30
+            )
+            assert all(calls(b.url, "/cache/watch") == 1 for b in backends)
+        finally:
+            gw.stop()
