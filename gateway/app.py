@@ -230,6 +230,7 @@ class Gateway:
             "admission": self.admission.counts,
             "upstream": upstream,
             "routing": policy.stats if policy is not None else {},
+            "routing_decisions": policy.decisions if policy is not None else {},
             "client_disconnects": {"": self.routes.client_disconnects},
             "shadow": self.shadows.counts,
         }

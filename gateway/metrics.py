@@ -145,6 +145,12 @@ class GatewayMetrics:
             "replica held (their ratio is the routing hit rate).", ["kind"],
             registry=r,
         )  # fmt: skip
+        self.routing_decisions = Counter(
+            "breakwater_routing_decisions", "Prefix-aware decisions by reason: held, "
+            "new_prefix, queued_prefill, load_bound, only (gateway.routing.policy.DECISIONS).",
+            ["reason"],
+            registry=r,
+        )  # fmt: skip
         self.shadow = Counter(
             "breakwater_shadow", "Shadow traffic: requests mirrored to another version, and "
             "how their answers compared (matched, mismatched, failed, skipped, dropped).",
@@ -311,6 +317,7 @@ class GatewayMetrics:
             "admission": (self.admission, "outcome"),
             "upstream": (self.upstream, "event"),
             "routing": (self.routing, "kind"),
+            "routing_decisions": (self.routing_decisions, "reason"),
             "shadow": (self.shadow, "outcome"),
         }
         for name, tally in self._sources().items():

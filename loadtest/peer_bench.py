@@ -69,7 +69,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from loadtest.fleet import Proc, free_port, terminate
+from loadtest.fleet import Proc, admin_json, free_port, terminate
 from loadtest.mock_openai import (
     JSON_TOKENS,
     SSE_CHUNKS,
@@ -436,6 +436,8 @@ class Running:
     info: dict[str, Any] = field(default_factory=dict)
     ejections: Callable[[], int] | None = None
     """Breakwater's: times it ejected a replica so far (none should, on a healthy fleet)."""
+    decisions: Callable[[], dict[str, int]] | None = None
+    """Breakwater's: its prefix-aware decisions so far, by reason (routing.policy.DECISIONS)."""
 
 
 class Skip(Exception):
@@ -983,7 +985,11 @@ def start_chat_target(name: str, fleet: ChatFleet, install_peers: bool) -> Itera
             raise RuntimeError(f"the gateway did not start: {refusal(e)}") from None
         try:
             yield Running(
-                gw.ready["http"], [gw.pid], info | {"processes": 1}, lambda: ejections(gw)
+                gw.ready["http"],
+                [gw.pid],
+                info | {"processes": 1},
+                lambda: ejections(gw),
+                lambda: admin_json(gw, "/admin/workers")["routing"].get("decisions", {}),
             )
         finally:
             gw.stop()
@@ -1168,6 +1174,8 @@ def run_chat(
                     results[name] = m = chat_figures(figs, cpu_s, cfg.max_tokens, deltas)
                     if running.ejections is not None:
                         m["replica_ejections"] = running.ejections()
+                    if running.decisions is not None:
+                        m["routing_decisions"] = running.decisions()
                     info[name] = running.info
                     log(
                         f"{name}: hit rate {m['hit_rate']}, TTFT p50 {m['ttft_p50_ms']} ms, "

@@ -20,6 +20,14 @@ from gateway.routing.prefix_index import BLOCK_BYTES, PrefixIndex, block_keys, p
 from gateway.routing.token_keys import TokenizerStore, token_block_keys
 from proto import inference_pb2 as pb
 
+DECISIONS = {
+    "held": "to a replica that holds the most of the prompt (of those within the load bound)",
+    "new_prefix": "no replica holds min_share of the prompt: to the one with the most room",
+    "queued_prefill": "past a replica that holds more, whose queued prefill costs more",
+    "load_bound": "past a replica that holds more but is over the load bound",
+    "only": "one replica could take it",
+}
+"""Why prefix-aware chose a replica: PrefixAware.decisions counts each reason."""
 FOOTPRINT_HALF_LIFE_S = 60.0
 """How fast what a replica was sent stops counting against its cache room: its LRU turns
 over in about (KV tokens) / (uncached tokens sent per second), 30 s in routing_bench's
@@ -233,6 +241,10 @@ class PrefixAware:
         the part of each prompt it did not hold), until the first output or the end."""
         self.stats: Counter[str] = Counter()
         """Prompt blocks routed, and how many of them the chosen replica held (hit rate)."""
+        self.decisions: Counter[str] = Counter()
+        """Decisions by why the replica was chosen (see DECISIONS): where prompts leave
+        the replica that holds the most of them, and whether load or queued prefill made
+        them."""
         self.share: Callable[[str, list[int]], None] | None = None
         """Tells sibling processes or other gateways of each decision (see decision_share)."""
         self.footprint: dict[str, tuple[float, float]] = {}
@@ -330,6 +342,7 @@ class PrefixAware:
         outstanding: Mapping[str, float],
     ) -> WorkerInfo:
         if len(candidates) == 1:
+            self.decisions["only"] += 1
             return candidates[0]
         # This gateway's own in-flight count: exact now, where the workers' reports are up to
         # a probe interval old (routing on those piled requests onto a worker that had
@@ -340,6 +353,41 @@ class PrefixAware:
         held = self._holdings(request, eligible)
         tokens = self._prompt_tokens(request)
         self._last = (request, held, tokens)
+        pick = self._pick(eligible, held, tokens, loads)
+        self._count(pick.worker_id, held, candidates, eligible, request)
+        return pick
+
+    def _count(
+        self,
+        wid: str,
+        held: dict[str, float],
+        candidates: Sequence[WorkerInfo],
+        eligible: Sequence[WorkerInfo],
+        request: pb.GenerateRequest,
+    ) -> None:
+        """Count the decision by its reason (DECISIONS)."""
+        best = max(held.values(), default=0.0)
+        mine = held.get(wid, 0.0)
+        if len(eligible) < len(candidates):  # rare: only then are the others' shares needed
+            skipped = [w for w in candidates if w not in eligible]
+            theirs = max(self._holdings(request, skipped).values(), default=0.0)
+            if theirs >= self.min_share and theirs > mine:
+                self.decisions["load_bound"] += 1
+                return
+        if best < self.min_share:
+            self.decisions["new_prefix"] += 1
+        elif mine >= best:
+            self.decisions["held"] += 1
+        else:
+            self.decisions["queued_prefill"] += 1
+
+    def _pick(
+        self,
+        eligible: Sequence[WorkerInfo],
+        held: dict[str, float],
+        tokens: float,
+        loads: dict[str, float],
+    ) -> WorkerInfo:
         turn = next(self._tiebreak)
         pending, miss = self.prefilling, self.miss_weight
         unit = max(16.0, tokens / 16)  # costs within 1/16 of the prompt count as equal
@@ -521,4 +569,5 @@ class Router:
         if pa is not None:
             out["tokenizers"] = pa.tokenizers.loaded() if pa.tokenizers else []
             out["prefilling"] = {w: round(t) for w, t in sorted(pa.prefilling.items())}
+            out["decisions"] = dict(sorted(pa.decisions.items()))
         return out

@@ -44,6 +44,7 @@ GATEWAY_NAMES = {
     "breakwater_upstream",
     "breakwater_breaker_state",
     "breakwater_routing_prefix_blocks",
+    "breakwater_routing_decisions",
     "breakwater_tokens",
 }
 
@@ -118,6 +119,7 @@ def test_up_exposes_vllm_names_on_workers_and_the_gateways_families() -> None:
         assert value(fams, "breakwater_time_to_first_token_seconds_count", model=model) == 6
         assert value(fams, "breakwater_breaker_state") == 0  # both closed
         assert value(fams, "breakwater_routing_prefix_blocks_total", kind="routed") > 0
+        assert value(fams, "breakwater_routing_decisions_total") == 6  # one per request routed
 
         served = 0.0
         for url in workers:

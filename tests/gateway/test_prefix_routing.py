@@ -96,6 +96,11 @@ def test_a_hot_prefix_does_not_collapse_onto_one_replica() -> None:
         outstanding[w.worker_id] += 1  # none finish: the worst case for collapse
     loads = sorted(outstanding.values())
     assert loads[-1] <= loads[0] * 1.5 + 4 + 1, loads
+    # Each decision counted once, by why: the first went where nothing was held, most
+    # later ones to a holder, and the spread came from the load bound.
+    d = policy.decisions
+    assert sum(d.values()) == 200 and d["new_prefix"] >= 1
+    assert d["held"] > 0 and d["load_bound"] > 0 and d["queued_prefill"] == 0, d
 
 
 def test_queued_prefill_sends_a_request_where_its_first_token_comes_sooner() -> None:
@@ -114,6 +119,7 @@ def test_queued_prefill_sends_a_request_where_its_first_token_comes_sooner() -> 
     # A long prefill queued on the holder outweighs what the prefix saves...
     policy.prefilling[holder.worker_id] = 4 * queued
     assert policy.choose(pool, chat(SYSTEM, "three"), {holder.worker_id: 2}) is other
+    assert policy.decisions == {"new_prefix": 1, "held": 1, "queued_prefill": 1}
     # ...and the tokens are handed back when the first output comes (or the attempt ends).
     policy.prefilled(holder.worker_id, 4 * queued)
     assert policy.prefilling == {}

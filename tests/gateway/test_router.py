@@ -78,6 +78,7 @@ def test_policies_per_model_and_one_prefix_index_for_all() -> None:
         "sticky_sessions": False,
         "tokenizers": [],
         "prefilling": {},
+        "decisions": {},
     }
     workers = pool(3)
     picks = [router.choose(workers, req("batch"), {"w0": 9}).worker_id for _ in range(3)]
