@@ -111,6 +111,8 @@ class Gateway:
             settings.sticky_sessions,
             settings.balance_rel,
             settings.balance_abs,
+            settings.cache_threshold,
+            settings.miss_weight,
         )
         policy = router.prefix_aware()
         self.share: SiblingShare | RedisShare | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -30,6 +31,10 @@ class GatewaySettings:
     balance_abs: float = 8.0
     """prefix-aware and sticky sessions pass over a replica busier than rel x the least
     loaded + abs requests (this gateway's calls in flight)."""
+    cache_threshold: float = 0.3
+    """prefix-aware: a prompt no replica holds this share of is placed as a new one."""
+    miss_weight: float = 3.0
+    """prefix-aware: a missing prompt token's cost against a queued one's."""
     sticky_sessions: bool = False
     """Keep a session's requests on one replica (key: `session_header`, or OpenAI `user`)."""
     session_header: str = "X-Session-Id"
@@ -140,16 +145,30 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--balance-rel",
-        type=float,
-        default=float(_env("BALANCE_REL", "1.5") or 1.5),
+        type=_number(1.0),
+        default=_env("BALANCE_REL", "1.5"),
         help="prefix-aware/sticky: skip a replica with more than REL x the least loaded's "
-        "calls in flight + --balance-abs",
+        "calls in flight + --balance-abs (>= 1)",
     )
     p.add_argument(
         "--balance-abs",
-        type=float,
-        default=float(_env("BALANCE_ABS", "8") or 8),
-        help="see --balance-rel",
+        type=_number(0.0),
+        default=_env("BALANCE_ABS", "8"),
+        help="see --balance-rel (>= 0)",
+    )
+    p.add_argument(
+        "--cache-threshold",
+        type=_number(0.0, 1.0),
+        default=_env("CACHE_THRESHOLD", "0.3"),
+        help="prefix-aware: a prompt no replica holds this share of is placed as new, on the "
+        "replica with the most cache room (SGLang's --cache-threshold; 0..1)",
+    )
+    p.add_argument(
+        "--miss-weight",
+        type=_number(0.0, low_open=True),
+        default=_env("MISS_WEIGHT", "3"),
+        help="prefix-aware: what a prompt token the replica lacks costs against one already "
+        "queued there (> 0; higher keeps prompts with their prefix longer)",
     )
     p.add_argument(
         "--sticky-sessions",
@@ -349,6 +368,26 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _number(
+    low: float, high: float = float("inf"), low_open: bool = False
+) -> Callable[[str], float]:
+    """An argparse type: a float in [low, high] ((low, high] when `low_open`), or a clear
+    usage error (also for a bad BREAKWATER_* value, which argparse parses the same way)."""
+
+    def parse(text: str) -> float:
+        try:
+            x = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (low < x if low_open else low <= x) or not x <= high or x != x:
+            side = ">" if low_open else ">="
+            limit = f"{side} {low:g}" + (f" and <= {high:g}" if high != float("inf") else "")
+            raise argparse.ArgumentTypeError(f"{text} must be {limit}")
+        return x
+
+    return parse
+
+
 def _model_routing(items: list[str]) -> dict[str, str]:
     from gateway.routing.policy import POLICIES
 
@@ -385,6 +424,8 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         model_routing=_model_routing(args.model_routing),
         balance_rel=args.balance_rel,
         balance_abs=args.balance_abs,
+        cache_threshold=args.cache_threshold,
+        miss_weight=args.miss_weight,
         sticky_sessions=args.sticky_sessions,
         session_header=args.session_header,
         admin_host=args.admin_host,

@@ -468,7 +468,7 @@ POLICIES: dict[str, type[RoutingPolicy]] = {
 
 
 def make_policy(name: str, **options: float) -> RoutingPolicy:
-    """A policy by name; `options` (rel, abs_) tune prefix-aware's load bound."""
+    """A policy by name; `options` tune prefix-aware (rel, abs_, miss_weight, min_share)."""
     try:
         cls = POLICIES[name]
     except KeyError:
@@ -520,11 +520,18 @@ class Router:
         sticky: bool = False,
         balance_rel: float = 1.5,
         balance_abs: float = 8.0,
+        cache_threshold: float = 0.3,
+        miss_weight: float = 3.0,
     ) -> None:
         names = {default, *(per_model or {}).values()}
-        bound = {"rel": balance_rel, "abs_": balance_abs}
+        tuning = {
+            "rel": balance_rel,
+            "abs_": balance_abs,
+            "min_share": cache_threshold,
+            "miss_weight": miss_weight,
+        }
         self.policies: dict[str, RoutingPolicy] = {
-            n: make_policy(n, **bound) for n in sorted(names)
+            n: make_policy(n, **tuning) for n in sorted(names)
         }
         self.default = self.policies[default]
         self.per_model = {m: self.policies[n] for m, n in (per_model or {}).items()}

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 from collections import Counter
 
 import pytest
 
 from gateway.registry.base import WorkerInfo
-from gateway.routing.policy import Router, sticky_choice
+from gateway.routing.policy import PrefixAware, Router, sticky_choice
+from gateway.settings import add_gateway_args, settings_from_args
 from proto import inference_pb2 as pb
 from serving.registry_record import WorkerState
 
@@ -114,3 +116,29 @@ def test_weights_scale_load_for_balancing_policies_and_round_robin_interleaves()
     rr = RoundRobin()
     picks = [rr.choose([a, b], req, WeightedLoads({}, {"a": 2.0})).worker_id for _ in range(6)]
     assert picks == ["a", "b", "a", "a", "b", "a"]
+
+
+def test_prefix_aware_tuning_comes_from_flags_and_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+
+    def parsed(*argv: str) -> PrefixAware:
+        p = argparse.ArgumentParser()
+        add_gateway_args(p)
+        s = settings_from_args(p.parse_args(list(argv)))
+        r = Router(
+            s.routing, None, False, s.balance_rel, s.balance_abs, s.cache_threshold, s.miss_weight
+        )
+        pa = r.prefix_aware()
+        assert pa is not None
+        return pa
+
+    pa = parsed()
+    assert (pa.rel, pa.abs, pa.min_share, pa.miss_weight) == (1.5, 8.0, 0.3, 3.0)
+    pa = parsed("--cache-threshold", "0.5", "--miss-weight", "2", "--balance-abs", "16")
+    assert (pa.abs, pa.min_share, pa.miss_weight) == (16.0, 0.5, 2.0)
+    monkeypatch.setenv("BREAKWATER_GATEWAY_CACHE_THRESHOLD", "0.1")
+    assert parsed().min_share == 0.1
+    for bad in (["--cache-threshold", "2"], ["--miss-weight", "0"], ["--balance-rel", "0.5"]):
+        with pytest.raises(SystemExit):
+            parsed(*bad)
