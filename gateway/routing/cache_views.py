@@ -6,7 +6,8 @@ OpenAI upstream is asked for the same stream as JSON lines (GET /cache/watch, wh
 Breakwater worker's own HTTP port serves). With these views the prefix-aware policy scores
 those workers on what they hold, evictions included, instead of on what it has sent them.
 A worker whose engine cannot report (UNIMPLEMENTED, 501), or an OpenAI server that is not
-a Breakwater worker (404), has no view and is scored from the approximate index as before.
+a Breakwater worker (404, or any other 4xx), has no view and is scored from the approximate
+index as before.
 """
 
 from __future__ import annotations
@@ -162,8 +163,12 @@ class CacheWatcher:
                     resp = await pool.request(b"GET", path, b"", b"", deadline)
                     try:
                         media = resp.headers.get("content-type", "")
-                        if resp.status in (404, 405, 501) or (
-                            resp.status == 200 and not media.startswith("application/x-ndjson")
+                        # 4xx (no such route, or one this gateway may not use) and 501
+                        # will not change; a 503 (starting, draining) or a broken stream may
+                        if (
+                            400 <= resp.status < 500
+                            or resp.status == 501
+                            or (resp.status == 200 and not media.startswith("application/x-ndjson"))
                         ):
                             log.info(
                                 "worker %s does not report its cache (GET %s: %d)",
@@ -198,7 +203,11 @@ class CacheWatcher:
                 if line:
                     self._apply_json(worker_id, orjson.loads(line))
 
-    def _apply_json(self, worker_id: str, line: dict[str, Any]) -> None:
+    def _apply_json(self, worker_id: str, line: Any) -> None:
+        """One line of the stream; ValueError (TypeError, KeyError) for a malformed one, which
+        drops the connection: the next one starts from a fresh snapshot."""
+        if not isinstance(line, dict):
+            raise ValueError(f"a cache stream line is a JSON object, not {type(line).__name__}")
         if line.get("snapshot"):
             update = pb.CacheUpdate(
                 snapshot=True,
@@ -214,6 +223,9 @@ class CacheWatcher:
     def _apply(self, worker_id: str, update: pb.CacheUpdate) -> None:
         self.updates += 1
         if update.snapshot:
+            if update.block_size <= 0:  # nothing could be matched against it
+                self.views.pop(worker_id, None)
+                return
             self.views[worker_id] = CacheView(
                 update.block_size, update.model_id, update.tokenizer, set(update.stored)
             )

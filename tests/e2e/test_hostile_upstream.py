@@ -42,6 +42,15 @@ SSE_HEAD = (
     b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 )
 TTFT_S = 3.0
+CACHE_LINES = [
+    b'{"snapshot": true, "stored": [1, 2], "block_size": 0, "model_id": "m"}\n',
+    b'{"snapshot": true, "stored": ["x"], "block_size": 16, "model_id": "m"}\n',
+    b'{"snapshot": true, "stored": [1], "block_size": 16, "model_id": "m"}\n{"stored": [-1]',
+    b'{"stored": [1e400], "removed": [18446744073709551616]}\n',
+    b"[1, 2, 3]\n{not json at all\n",
+    b"x" * (1 << 20),  # a line that never ends (the connection closes after it)
+]
+"""What the hostile upstream streams on GET /cache/watch, one per reconnect."""
 
 
 def _chunk(data: bytes) -> bytes:
@@ -64,6 +73,7 @@ class Upstream(FakeHTTPServer):
     def __init__(self, model: str, hostile: bool) -> None:
         self.model = model
         self.hostile = hostile
+        self.cache_watches = 0
         super().__init__()
 
     async def respond(self, head: bytes, body: bytes, w: asyncio.StreamWriter) -> bool:
@@ -71,6 +81,20 @@ class Upstream(FakeHTTPServer):
             w.write(_whole(b'{"object":"list","data":[{"id":"%s"}]}' % self.model.encode()))
             await w.drain()
             return True
+        if head.startswith(b"GET /cache/watch"):
+            if not self.hostile:
+                w.write(_whole(b'{"error":{"message":"not found"}}', status=b"404 Not Found"))
+                await w.drain()
+                return True
+            # A cache stream that is wrong in another way at each reconnect.
+            line = CACHE_LINES[self.cache_watches % len(CACHE_LINES)]
+            self.cache_watches += 1
+            w.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n" + _chunk(line)
+            )
+            await w.drain()
+            return False
         req = json.loads(body)
         prompt = req.get("prompt", "") if self.hostile else "ok"
         return await self._answer(prompt, bool(req.get("stream")), w)
@@ -143,7 +167,9 @@ def fleet() -> Iterator[tuple[Proc, Upstream]]:
     gw = start_gateway(
         *("--worker", hostile.url, "--worker", good.url, "--grpc-port", "0"),
         *("--ttft-timeout", str(TTFT_S), "--idle-timeout", str(TTFT_S)),
-        *("--health-interval", "0.2", "--routing", "round-robin"),
+        # prefix-aware (one replica per model either way): it follows upstreams' caches,
+        # so the hostile one's GET /cache/watch answers are exercised too
+        *("--health-interval", "0.2", "--routing", "prefix-aware"),
     )
     yield gw, hostile
     gw.stop()
@@ -237,7 +263,7 @@ GRPC_CASES = ["bad-json", "huge-line", "comments", "wrong-type", "short", "garba
 def test_hostile_upstream_answers_end_cleanly_and_service_goes_on(
     fleet: tuple[Proc, Upstream],
 ) -> None:
-    gw, _ = fleet
+    gw, hostile = fleet
     wait_for(lambda: _post(gw, "m", "ok", False)[0] == 200, timeout=30, interval=0.2)
     rss_before = vm_kb(gw.pid, "VmRSS")
     traffic = Traffic(gw)
@@ -279,6 +305,7 @@ def test_hostile_upstream_answers_end_cleanly_and_service_goes_on(
     print(f"gateway RSS before {rss_before} kB, peak {peak} kB, +{(peak - rss_before) // 1024} MB")
     print(f"other model: {len(traffic.latencies)} requests, max {max(traffic.latencies):.2f}s")
     assert gw.alive()
+    assert hostile.cache_watches >= 2  # it went on asking, backing off, and survived each
     assert not traffic.failures, traffic.failures[:5]
     assert max(traffic.latencies) < 10
     assert peak - rss_before < 100 * 1024, (rss_before, peak)
