@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -146,27 +147,27 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--balance-rel",
         type=_number(1.0),
-        default=_env("BALANCE_REL", "1.5"),
+        default=_env("BALANCE_REL") or "1.5",
         help="prefix-aware/sticky: skip a replica with more than REL x the least loaded's "
         "calls in flight + --balance-abs (>= 1)",
     )
     p.add_argument(
         "--balance-abs",
         type=_number(0.0),
-        default=_env("BALANCE_ABS", "8"),
+        default=_env("BALANCE_ABS") or "8",
         help="see --balance-rel (>= 0)",
     )
     p.add_argument(
         "--cache-threshold",
         type=_number(0.0, 1.0),
-        default=_env("CACHE_THRESHOLD", "0.3"),
+        default=_env("CACHE_THRESHOLD") or "0.3",
         help="prefix-aware: a prompt no replica holds this share of is placed as new, on the "
         "replica with the most cache room (SGLang's --cache-threshold; 0..1)",
     )
     p.add_argument(
         "--miss-weight",
         type=_number(0.0, low_open=True),
-        default=_env("MISS_WEIGHT", "3"),
+        default=_env("MISS_WEIGHT") or "3",
         help="prefix-aware: what a prompt token the replica lacks costs against one already "
         "queued there (> 0; higher keeps prompts with their prefix longer)",
     )
@@ -379,9 +380,10 @@ def _number(
             x = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not (low < x if low_open else low <= x) or not x <= high or x != x:
+        if not (low < x if low_open else low <= x) or not x <= high or not math.isfinite(x):
             side = ">" if low_open else ">="
-            limit = f"{side} {low:g}" + (f" and <= {high:g}" if high != float("inf") else "")
+            limit = f"{side} {low:g}" + (f" and <= {high:g}" if math.isfinite(high) else "")
+            limit += "" if math.isfinite(high) else " and finite"
             raise argparse.ArgumentTypeError(f"{text} must be {limit}")
         return x
 

@@ -45,6 +45,8 @@ class CacheFeed:
         self._dropped = 0
         self._watchers: set[_Watcher] = set()
         self._task: asyncio.Task[None] | None = None
+        self.closed = False
+        """Closed feeds end their streams, and a watch started after that ends at once."""
         tokenizer = getattr(engine, "tokenizer", None)
         self._about = {
             "block_size": int(engine.block_size),
@@ -64,6 +66,7 @@ class CacheFeed:
         self._task = asyncio.create_task(self._run())
 
     async def close(self) -> None:
+        self.closed = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -113,6 +116,8 @@ class CacheFeed:
 
     async def watch(self) -> AsyncIterator[pb.CacheUpdate]:
         """A snapshot, then each change batch, until the feed closes."""
+        if self.closed:
+            return
         w = _Watcher()
         self._watchers.add(w)
         try:

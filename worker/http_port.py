@@ -10,6 +10,8 @@ plain OpenAI upstream still scores it on what its cache holds.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import ssl
 from collections.abc import AsyncIterator
@@ -22,6 +24,7 @@ from opentelemetry.trace import SpanKind
 from prompts.errors import PromptError
 from proto import inference_pb2 as pb
 from proto.openai_compat import OpenAIError, ParsedRequest, parse_chat, parse_completion
+from serving import cache_watch as watch_wire
 from serving.calls import (
     INVALID_ARGUMENT,
     NOT_FOUND,
@@ -191,36 +194,60 @@ async def tokenize(service: InferenceService, request: web.Request) -> web.Respo
     )
 
 
-CACHE_WATCH_PATH = "/cache/watch"
-
-
 async def cache_watch(service: InferenceService, request: web.Request) -> web.StreamResponse:
-    """The prefix cache's block keys as WatchCache streams them, one JSON object a line
-    (`application/x-ndjson`): a snapshot (`"snapshot": true`, every held key, the block
-    size, model and tokenizer directory), then each batch of `stored` and `removed` keys.
-    501 where the engine cannot report (vLLM), as WatchCache answers UNIMPLEMENTED; 503
-    while the worker starts or drains. The stream ends when the worker drains."""
+    """The prefix cache's block keys as WatchCache streams them, as JSON lines
+    (serving.cache_watch). 501 where the engine cannot report (vLLM), as WatchCache answers
+    UNIMPLEMENTED; 503 while the worker starts or drains. The stream ends when it drains."""
     feed = service.cache_feed
-    if service.state != State.SERVING:
+    if service.state != State.SERVING or (feed is not None and feed.closed):
         err = OpenAIError(503, f"worker is {service.state.lower()}", "service_unavailable")
         return error_response(err)
     if feed is None:
         err = OpenAIError(501, "this worker's engine does not report its cache", "not_implemented")
         return error_response(err)
-    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-    await response.prepare(request)
-    async for update in feed.watch():
-        line: dict[str, Any] = {"stored": list(update.stored), "removed": list(update.removed)}
-        if update.snapshot:
-            line |= {
-                "snapshot": True,
-                "block_size": update.block_size,
-                "model_id": update.model_id,
-                "tokenizer": update.tokenizer,
-            }
-        await response.write(orjson.dumps(line) + b"\n")
-    await response.write_eof()
-    return response
+    watches: set[asyncio.Task[Any]] = request.app[CACHE_WATCHES]
+    me = asyncio.current_task()
+    assert me is not None
+    watches.add(me)  # a drain cancels any still open (one whose reader stopped reading)
+    try:
+        response = web.StreamResponse(headers={"Content-Type": watch_wire.MEDIA_TYPE})
+        await response.prepare(request)
+        updates = feed.watch()
+        nxt: asyncio.Future[Any] = asyncio.ensure_future(anext(updates))
+        try:
+            while True:
+                # not wait_for: cancelling anext would end the generator, and the watch
+                done, _ = await asyncio.wait({nxt}, timeout=watch_wire.HEARTBEAT_S)
+                if not done:
+                    await response.write(watch_wire.HEARTBEAT)
+                    continue
+                try:
+                    update = nxt.result()
+                except StopAsyncIteration:
+                    break
+                await response.write(watch_wire.encode(update))
+                nxt = asyncio.ensure_future(anext(updates))
+        finally:
+            if not nxt.done():
+                nxt.cancel()  # ends the generator inside (its watcher leaves the feed)
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await nxt
+            await updates.aclose()
+        await response.write_eof()
+        return response
+    finally:
+        watches.discard(me)
+
+
+CACHE_WATCHES = web.AppKey("cache_watches", set)
+"""The app's open /cache/watch handlers."""
+
+
+def end_cache_watches(runner: web.AppRunner) -> None:
+    """Cancel the open cache streams, before a drain's cleanup would wait on them."""
+    app = runner.app
+    for task in list(app[CACHE_WATCHES]) if app is not None else ():
+        task.cancel()
 
 
 async def metrics_response(metrics: WorkerMetrics) -> web.Response:
@@ -238,7 +265,8 @@ async def start_http(
     WorkerRoutes(service).add_to(app)
     app.router.add_get("/health", lambda _request: health(service))
     app.router.add_post("/tokenize", lambda request: tokenize(service, request))
-    app.router.add_get(CACHE_WATCH_PATH, lambda request: cache_watch(service, request))
+    app[CACHE_WATCHES] = set()
+    app.router.add_get(watch_wire.PATH, lambda request: cache_watch(service, request))
     if metrics is not None:
         app.router.add_get("/metrics", lambda _request: metrics_response(metrics))
     # aiohttp's keep-alive timer also bounds how long a request head may take (slowloris)

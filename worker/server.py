@@ -168,6 +168,9 @@ class Worker:
         if self.service.cache_feed is not None:
             await self.service.cache_feed.close()  # ends the HTTP port's watch streams too
         if self.http_runner is not None:
+            from worker.http_port import end_cache_watches
+
+            end_cache_watches(self.http_runner)  # and any whose reader stopped reading
             await self.http_runner.cleanup()
         assert self.server is not None
         await self.server.stop(grace=1.0)

@@ -17,16 +17,15 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
-import orjson
 
 from gateway.registry.base import Registry
 from gateway.upstream.http_client import HTTPError, HTTPPool, Response
 from proto import inference_pb2 as pb
 from proto import inference_pb2_grpc as pb_grpc
+from serving import cache_watch
 from serving.tls import ClientTLS, aio_channel
 
 log = logging.getLogger(__name__)
@@ -65,10 +64,12 @@ class CacheView:
 
 EVICTION_MEMORY_S = 60.0
 """How long an eviction is remembered; longer than any 'recently routed' window."""
-WATCH_PATH = b"/cache/watch"
-"""An OpenAI upstream's cache stream (worker/http_port.py serves it)."""
 MAX_LINE_BYTES = 64 << 20
 """A snapshot line: 100k held keys are about 2 MB."""
+MAX_HELD_KEYS = 2_000_000
+"""Blocks a view may hold: 32M tokens of KV cache in 16-token blocks, past any one replica
+(an H100 running an 8B model holds about 440k tokens); beyond it, an upstream is not
+followed."""
 
 
 class CacheWatcher:
@@ -147,14 +148,19 @@ class CacheWatcher:
             backoff = min(backoff * 2, self.max_backoff_s)
 
     async def _follow_http(self, worker_id: str, base_url: str) -> None:
-        url = urlsplit(base_url.rstrip("/"))
+        try:
+            url = urlsplit(base_url.rstrip("/"))
+            host, port = url.hostname, url.port
+        except ValueError as e:  # a port out of range, say: nothing to follow
+            log.info("worker %s: cannot follow its cache at %s: %s", worker_id, base_url, e)
+            return
+        if not host:
+            return
         context = None
         if url.scheme == "https":  # trusted as the relay to it is (OpenAIHTTPUpstream)
             context = (self.tls or ClientTLS()).ssl_context(True)
-        if not url.hostname:
-            return
-        pool = HTTPPool(url.hostname, url.port or (443 if context else 80), ssl=context)
-        path = url.path.encode() + WATCH_PATH
+        pool = HTTPPool(host, port or (443 if context else 80), ssl=context)
+        path = url.path.encode() + cache_watch.PATH.encode()
         backoff = 0.5
         try:
             while True:
@@ -163,13 +169,7 @@ class CacheWatcher:
                     resp = await pool.request(b"GET", path, b"", b"", deadline)
                     try:
                         media = resp.headers.get("content-type", "")
-                        # 4xx (no such route, or one this gateway may not use) and 501
-                        # will not change; a 503 (starting, draining) or a broken stream may
-                        if (
-                            400 <= resp.status < 500
-                            or resp.status == 501
-                            or (resp.status == 200 and not media.startswith("application/x-ndjson"))
-                        ):
+                        if _never_reports(resp.status, media):
                             log.info(
                                 "worker %s does not report its cache (GET %s: %d)",
                                 worker_id,
@@ -182,6 +182,9 @@ class CacheWatcher:
                             backoff = 0.5
                     finally:
                         resp.release()
+                except _TooBig as e:
+                    log.warning("worker %s: not following its cache: %s", worker_id, e)
+                    return
                 except (HTTPError, TimeoutError, ValueError, TypeError, KeyError) as e:
                     log.debug("cache stream of %s broke: %s", worker_id, e)
                 finally:
@@ -192,33 +195,24 @@ class CacheWatcher:
             await pool.close()
 
     async def _read_lines(self, worker_id: str, resp: Response) -> None:
-        """Apply each JSON line of a /cache/watch body until it ends."""
-        rest = b""
-        while chunk := await resp.read_some():
-            lines = (rest + chunk).split(b"\n")
-            rest = lines.pop()
-            if len(rest) > MAX_LINE_BYTES:
-                raise HTTPError(f"a cache stream line over {MAX_LINE_BYTES} bytes")
+        """Apply each line of a /cache/watch body until it ends. A worker writes an empty
+        line every cache_watch.HEARTBEAT_S while its cache is still: silence for three of
+        them means a peer gone without a word (a host lost), and the stream is dropped."""
+        loop = asyncio.get_running_loop()
+        buf = bytearray()
+        while chunk := await resp.read_some(loop.time() + 3 * cache_watch.HEARTBEAT_S):
+            start = len(buf)
+            buf += chunk
+            end = buf.rfind(b"\n", start)  # only the new bytes can end a line
+            if end < 0:
+                if len(buf) > MAX_LINE_BYTES:
+                    raise _TooBig(f"a line over {MAX_LINE_BYTES} bytes")
+                continue
+            lines = bytes(buf[:end]).split(b"\n")
+            del buf[: end + 1]
             for line in lines:
                 if line:
-                    self._apply_json(worker_id, orjson.loads(line))
-
-    def _apply_json(self, worker_id: str, line: Any) -> None:
-        """One line of the stream; ValueError (TypeError, KeyError) for a malformed one, which
-        drops the connection: the next one starts from a fresh snapshot."""
-        if not isinstance(line, dict):
-            raise ValueError(f"a cache stream line is a JSON object, not {type(line).__name__}")
-        if line.get("snapshot"):
-            update = pb.CacheUpdate(
-                snapshot=True,
-                stored=line["stored"],
-                block_size=line["block_size"],
-                model_id=line["model_id"],
-                tokenizer=line.get("tokenizer", ""),
-            )
-        else:
-            update = pb.CacheUpdate(stored=line["stored"], removed=line["removed"])
-        self._apply(worker_id, update)
+                    self._apply(worker_id, cache_watch.decode(line))
 
     def _apply(self, worker_id: str, update: pb.CacheUpdate) -> None:
         self.updates += 1
@@ -226,6 +220,8 @@ class CacheWatcher:
             if update.block_size <= 0:  # nothing could be matched against it
                 self.views.pop(worker_id, None)
                 return
+            if len(update.stored) > MAX_HELD_KEYS:
+                raise _TooBig(f"a snapshot of {len(update.stored)} blocks")
             self.views[worker_id] = CacheView(
                 update.block_size, update.model_id, update.tokenizer, set(update.stored)
             )
@@ -233,3 +229,18 @@ class CacheWatcher:
         view = self.views.get(worker_id)
         if view is not None:
             view.apply(list(update.stored), list(update.removed), time.monotonic())
+            if len(view.held) > MAX_HELD_KEYS:
+                raise _TooBig(f"{len(view.held)} blocks held")
+
+
+class _TooBig(ValueError):
+    """A cache report past any real KV cache's size: not followed (it will not shrink)."""
+
+
+def _never_reports(status: int, media: str) -> bool:
+    """A /cache/watch answer that will not change by asking again: no such route (404), a
+    worker whose engine cannot report (501), a refusal (401, 403, 405), or a 200 that is
+    not a cache stream. 408, 429 and 5xx (a proxy, a worker starting or draining) may."""
+    if status == 200:
+        return not media.startswith(cache_watch.MEDIA_TYPE)
+    return status == 501 or (400 <= status < 500 and status not in (408, 429))

@@ -354,23 +354,18 @@ class PrefixAware:
         tokens = self._prompt_tokens(request)
         self._last = (request, held, tokens)
         pick = self._pick(eligible, held, tokens, loads)
-        self._count(pick.worker_id, held, candidates, eligible, request)
+        skipped = [w.worker_id for w in candidates if loads[w.worker_id] > bound]
+        self._count(pick.worker_id, held, skipped, request)
         return pick
 
     def _count(
-        self,
-        wid: str,
-        held: dict[str, float],
-        candidates: Sequence[WorkerInfo],
-        eligible: Sequence[WorkerInfo],
-        request: pb.GenerateRequest,
+        self, wid: str, held: dict[str, float], skipped: list[str], request: pb.GenerateRequest
     ) -> None:
         """Count the decision by its reason (DECISIONS)."""
         best = max(held.values(), default=0.0)
         mine = held.get(wid, 0.0)
-        if len(eligible) < len(candidates):  # rare: only then are the others' shares needed
-            skipped = [w for w in candidates if w not in eligible]
-            theirs = max(self._holdings(request, skipped).values(), default=0.0)
+        if skipped:  # rare but for overload: only then are other replicas' shares needed
+            theirs = max(self._known_share(request, w) for w in skipped)
             if theirs >= self.min_share and theirs > mine:
                 self.decisions["load_bound"] += 1
                 return
@@ -380,6 +375,18 @@ class PrefixAware:
             self.decisions["held"] += 1
         else:
             self.decisions["queued_prefill"] += 1
+
+    def _known_share(self, request: pb.GenerateRequest, wid: str) -> float:
+        """The share of the prompt a replica holds, from the keys this decision already
+        computed (no tokenizing or hashing, and no memo changed: routed() uses them)."""
+        tmemo, memo, view = self._token_memo, self._memo, self.views.get(wid)
+        tkeys = tmemo[2] if tmemo[0] is request else None
+        if tkeys and view is not None and (view.block_size, view.model_id) == tmemo[1]:
+            fresh_after = time.monotonic() - self.recent_s
+            return self._leading(tkeys, wid, view, fresh_after) / len(tkeys)
+        if memo[0] is request and memo[1]:
+            return self.index.match(memo[1], {wid}).get(wid, 0) / len(memo[1])
+        return 0.0
 
     def _pick(
         self,

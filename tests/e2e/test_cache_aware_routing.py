@@ -7,7 +7,10 @@ cache report can tell the gateway where a prefix lives, or that it was evicted.
 
 from __future__ import annotations
 
+import http.client
 import json
+import signal
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Iterator
@@ -180,3 +183,35 @@ def test_an_openai_server_that_does_not_report_is_asked_once() -> None:
             assert all(calls(b.url, "/cache/watch") == 1 for b in backends)
         finally:
             gw.stop()
+
+
+def _open_watch(worker: Proc) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    host, port = worker.ready["http"].removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("GET", "/cache/watch")
+    resp = conn.getresponse()
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("application/x-ndjson")
+    return conn, resp
+
+
+def test_the_http_cache_stream_beats_and_ends_with_a_drain() -> None:
+    """A still cache's stream carries an empty line every few seconds (so a gateway can
+    tell a quiet worker from a lost one), and a drain ends it, even one nobody reads."""
+    worker = start_sim_worker("--http-port", "0", "--sim-kv-tokens", str(KV_TOKENS))
+    try:
+        conn, resp = _open_watch(worker)
+        snap = json.loads(resp.readline())
+        assert snap["snapshot"] is True and snap["block_size"] == 16 and "stored" in snap
+        deadline = time.monotonic() + 30
+        while (line := resp.readline()) != b"\n":  # updates may come first; a beat comes
+            assert line and time.monotonic() < deadline, line
+        conn.close()
+        _, unread = _open_watch(worker)  # left unread: the drain must not wait on it
+        t = time.monotonic()
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(timeout=30) == 0
+        assert time.monotonic() - t < 20  # aiohttp alone would wait 60 s for the handler
+        unread.close()
+    finally:
+        worker.stop()

@@ -1,0 +1,52 @@
+"""GET /cache/watch: a worker's prefix-cache stream over its OpenAI port, as JSON lines.
+
+The same updates as gRPC WatchCache, for gateways that front a worker as a plain OpenAI
+upstream. One JSON object a line (`application/x-ndjson`): first a snapshot, `{"snapshot":
+true, "stored": [keys], "block_size", "model_id", "tokenizer"}`, then each batch of
+changes, `{"stored": [...], "removed": [...]}`; an empty line every HEARTBEAT_S while the
+cache is still, so a reader can tell a quiet cache from a peer that is gone. Keys are the
+engine's block keys (unsigned 64-bit integers). Shared by the worker that writes it and
+the gateway that reads it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from proto import inference_pb2 as pb
+
+PATH = "/cache/watch"
+MEDIA_TYPE = "application/x-ndjson"
+HEARTBEAT_S = 5.0
+HEARTBEAT = b"\n"
+
+
+def encode(update: pb.CacheUpdate) -> bytes:
+    line: dict[str, Any] = {"stored": list(update.stored), "removed": list(update.removed)}
+    if update.snapshot:
+        line = {
+            "snapshot": True,
+            "stored": line["stored"],
+            "block_size": update.block_size,
+            "model_id": update.model_id,
+            "tokenizer": update.tokenizer,
+        }
+    return orjson.dumps(line) + b"\n"
+
+
+def decode(line: bytes) -> pb.CacheUpdate:
+    """One non-empty line; ValueError (or TypeError, KeyError) for a malformed one."""
+    d = orjson.loads(line)
+    if not isinstance(d, dict):
+        raise ValueError(f"a cache stream line is a JSON object, not {type(d).__name__}")
+    if d.get("snapshot"):
+        return pb.CacheUpdate(
+            snapshot=True,
+            stored=d["stored"],
+            block_size=d["block_size"],
+            model_id=d["model_id"],
+            tokenizer=d.get("tokenizer", ""),
+        )
+    return pb.CacheUpdate(stored=d["stored"], removed=d["removed"])
