@@ -100,6 +100,7 @@ def test_grpc_metadata_session_key_sticks(fleet: tuple[Proc, list[Proc]]) -> Non
         "sticky_sessions": True,
         "tokenizers": [],
         "prefilling": {},
+        "decisions": {},  # every call went by session or by round-robin, none prefix-aware
     }
 
 
