@@ -129,6 +129,12 @@ class Gateway:
         if policy is not None and settings.watch_caches:
             self.cache_watcher = CacheWatcher(self.registry, tls=self.upstream_tls)
             policy.views = self.cache_watcher.views
+            tokenizers = policy.tokenizers
+            if tokenizers is not None:
+                # Load a reporting worker's tokenizer now, not at the first request: until
+                # it is loaded this gateway routes on text keys, which cannot match the
+                # token keys that other gateways (or sibling processes) share.
+                self.cache_watcher.on_snapshot = lambda v: tokenizers.get(v.model_id, v.tokenizer)
         self.dispatcher = Dispatcher(
             self.registry,
             router,

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -89,6 +90,9 @@ class CacheWatcher:
         self.max_backoff_s = max_backoff_s
         self.views: dict[str, CacheView] = {}
         self.updates = 0
+        self.on_snapshot: Callable[[CacheView], object] | None = None
+        """Called with each worker's view as its snapshot arrives (the gateway loads the
+        tokenizer it names)."""
         self._follows: dict[str, tuple[tuple[str, str], asyncio.Task[None]]] = {}
         self._task: asyncio.Task[None] | None = None
 
@@ -222,9 +226,11 @@ class CacheWatcher:
                 return
             if len(update.stored) > MAX_HELD_KEYS:
                 raise _TooBig(f"a snapshot of {len(update.stored)} blocks")
-            self.views[worker_id] = CacheView(
+            self.views[worker_id] = view = CacheView(
                 update.block_size, update.model_id, update.tokenizer, set(update.stored)
             )
+            if self.on_snapshot is not None:
+                self.on_snapshot(view)
             return
         view = self.views.get(worker_id)
         if view is not None:

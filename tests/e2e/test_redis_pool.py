@@ -95,6 +95,11 @@ def test_prefix_aware_gateways_share_routing_through_redis(redis: RedisServer) -
     try:
         for gw in gws:
             wait_for(lambda gw=gw: {"p-a", "p-b"} <= set(workers(gw)), timeout=20)
+        # Each gateway loads the tokenizer the workers' cache reports name as they arrive,
+        # before any request: without it, it could not read the token-block decisions the
+        # other one shares (a flake in CI, where one gateway had it and the other not yet).
+        for gw in gws:
+            wait_for(lambda gw=gw: admin_json(gw, "/admin/workers")["routing"]["tokenizers"], 60)
 
         def routing_shared(gw: Proc) -> dict[str, int]:
             return admin_json(gw, "/admin/workers")["process"]["routing_shared"]
