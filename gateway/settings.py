@@ -381,10 +381,10 @@ def _number(
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
         if not (low < x if low_open else low <= x) or not x <= high or not math.isfinite(x):
-            side = ">" if low_open else ">="
-            limit = f"{side} {low:g}" + (f" and <= {high:g}" if math.isfinite(high) else "")
-            limit += "" if math.isfinite(high) else " and finite"
-            raise argparse.ArgumentTypeError(f"{text} must be {limit}")
+            upper = f"<= {high:g}" if math.isfinite(high) else "finite"
+            raise argparse.ArgumentTypeError(
+                f"{text} must be {'>' if low_open else '>='} {low:g} and {upper}"
+            )
         return x
 
     return parse

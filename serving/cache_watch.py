@@ -24,15 +24,16 @@ HEARTBEAT = b"\n"
 
 
 def encode(update: pb.CacheUpdate) -> bytes:
-    line: dict[str, Any] = {"stored": list(update.stored), "removed": list(update.removed)}
+    line: dict[str, Any] = {"stored": list(update.stored)}
     if update.snapshot:
-        line = {
+        line |= {
             "snapshot": True,
-            "stored": line["stored"],
             "block_size": update.block_size,
             "model_id": update.model_id,
             "tokenizer": update.tokenizer,
         }
+    else:
+        line["removed"] = list(update.removed)
     return orjson.dumps(line) + b"\n"
 
 

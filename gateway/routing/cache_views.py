@@ -111,7 +111,7 @@ class CacheWatcher:
         self._follows.clear()
 
     def sync(self) -> None:
-        """Follow new gRPC workers, stop following departed (or moved) ones."""
+        """Follow new workers, stop following departed (or moved) ones."""
         wanted = {w.worker_id: (w.kind, w.address) for w in self.registry.workers()}
         for wid, (where, task) in list(self._follows.items()):
             if wanted.get(wid) != where:

@@ -354,7 +354,11 @@ class PrefixAware:
         tokens = self._prompt_tokens(request)
         self._last = (request, held, tokens)
         pick = self._pick(eligible, held, tokens, loads)
-        skipped = [w.worker_id for w in candidates if loads[w.worker_id] > bound]
+        skipped = (  # over the load bound: rare, so the list is built only then
+            [w.worker_id for w in candidates if loads[w.worker_id] > bound]
+            if len(eligible) < len(candidates)
+            else []
+        )
         self._count(pick.worker_id, held, skipped, request)
         return pick
 
