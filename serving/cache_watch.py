@@ -20,6 +20,7 @@ from proto import inference_pb2 as pb
 PATH = "/cache/watch"
 MEDIA_TYPE = "application/x-ndjson"
 HEARTBEAT_S = 5.0
+"""Both wires beat: WatchCache with an empty CacheUpdate, this one with an empty line."""
 HEARTBEAT = b"\n"
 
 

@@ -26,6 +26,10 @@ MAX_BACKLOG = 64
 _RESYNC = pb.CacheUpdate(snapshot=True)
 """Queued for a watcher whose backlog was dropped: it sends a fresh snapshot next."""
 
+HEARTBEAT = pb.CacheUpdate()
+"""An update with nothing in it, sent while the cache is still: the reader can tell a quiet
+worker from one gone without a word (a lost host), and drop that one's view."""
+
 
 class _Watcher:
     def __init__(self) -> None:
@@ -114,15 +118,23 @@ class CacheFeed:
         self.poll()  # current to the engine's last step, not to the last tick
         return pb.CacheUpdate(snapshot=True, stored=sorted(self.held), **self._about)
 
-    async def watch(self) -> AsyncIterator[pb.CacheUpdate]:
-        """A snapshot, then each change batch, until the feed closes."""
+    async def watch(self, heartbeat_s: float | None = None) -> AsyncIterator[pb.CacheUpdate]:
+        """A snapshot, then each change batch, until the feed closes; HEARTBEAT after each
+        `heartbeat_s` without a change, where given."""
         if self.closed:
             return
         w = _Watcher()
         self._watchers.add(w)
         try:
             yield self.snapshot()
-            while (update := await w.queue.get()) is not None:
+            while True:
+                try:
+                    update = await asyncio.wait_for(w.queue.get(), heartbeat_s)
+                except TimeoutError:
+                    yield HEARTBEAT
+                    continue
+                if update is None:
+                    return
                 yield self.snapshot() if update is _RESYNC else update
         finally:
             self._watchers.discard(w)

@@ -16,6 +16,7 @@ from opentelemetry.trace import SpanKind
 from proto import inference_pb2 as pb
 from proto import inference_pb2_grpc as pb_grpc
 from proto.openai_compat import OpenAIError, check_generate
+from serving import cache_watch
 from serving.tracing import context_from, request_attributes
 from worker.cache_feed import CacheFeed
 from worker.engine.errors import EngineError, InvalidRequestError
@@ -193,7 +194,7 @@ class InferenceService(pb_grpc.InferenceServicer):
                 grpc.StatusCode.UNIMPLEMENTED, "this worker's engine does not report its cache"
             )
         assert self.cache_feed is not None
-        async for update in self.cache_feed.watch():
+        async for update in self.cache_feed.watch(cache_watch.HEARTBEAT_S):
             yield update
 
     def stats(self) -> pb.StatsResponse:

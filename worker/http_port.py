@@ -11,7 +11,6 @@ plain OpenAI upstream still scores it on what its cache holds.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import ssl
 from collections.abc import AsyncIterator
@@ -36,6 +35,7 @@ from serving.calls import (
 from serving.openai_http import OpenAIRoutes, error_response, json_response
 from serving.slow_clients import KEEPALIVE_TIMEOUT_S
 from serving.tracing import context_from, request_attributes
+from worker.cache_feed import HEARTBEAT
 from worker.engine.errors import EngineError, InvalidRequestError
 from worker.grpc_service import InferenceService
 from worker.grpc_service import WorkerState as State
@@ -212,27 +212,14 @@ async def cache_watch(service: InferenceService, request: web.Request) -> web.St
     try:
         response = web.StreamResponse(headers={"Content-Type": watch_wire.MEDIA_TYPE})
         await response.prepare(request)
-        updates = feed.watch()
-        nxt: asyncio.Future[Any] = asyncio.ensure_future(anext(updates))
+        updates = feed.watch(watch_wire.HEARTBEAT_S)
         try:
-            while True:
-                # not wait_for: cancelling anext would end the generator, and the watch
-                done, _ = await asyncio.wait({nxt}, timeout=watch_wire.HEARTBEAT_S)
-                if not done:
-                    await response.write(watch_wire.HEARTBEAT)
-                    continue
-                try:
-                    update = nxt.result()
-                except StopAsyncIteration:
-                    break
-                await response.write(watch_wire.encode(update))
-                nxt = asyncio.ensure_future(anext(updates))
+            async for update in updates:
+                await response.write(
+                    watch_wire.HEARTBEAT if update is HEARTBEAT else watch_wire.encode(update)
+                )
         finally:
-            if not nxt.done():
-                nxt.cancel()  # ends the generator inside (its watcher leaves the feed)
-                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                    await nxt
-            await updates.aclose()
+            await updates.aclose()  # its watcher leaves the feed now, not at collection
         await response.write_eof()
         return response
     finally:

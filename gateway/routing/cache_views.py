@@ -134,11 +134,15 @@ class CacheWatcher:
 
     async def _follow(self, worker_id: str, address: str) -> None:
         backoff = 0.5
+        silence_s = 3 * cache_watch.HEARTBEAT_S  # a worker beats while its cache is still
         while True:
             try:
                 async with aio_channel(address, self.tls) as channel:
                     stream = pb_grpc.InferenceStub(channel).WatchCache(pb.WatchCacheRequest())
-                    async for update in stream:
+                    while True:
+                        update = await asyncio.wait_for(stream.read(), silence_s)
+                        if update is grpc.aio.EOF:
+                            break
                         self._apply(worker_id, update)
                         backoff = 0.5
             except grpc.aio.AioRpcError as e:
@@ -146,6 +150,11 @@ class CacheWatcher:
                     log.info("worker %s does not report its cache: %s", worker_id, e.details())
                     self.views.pop(worker_id, None)
                     return
+            except TimeoutError:
+                log.info("worker %s: cache stream silent for %.0f s", worker_id, silence_s)
+            except _TooBig as e:
+                log.warning("worker %s: not following its cache: %s", worker_id, e)
+                return
             finally:
                 self.views.pop(worker_id, None)  # whatever it held is unknown until resynced
             await asyncio.sleep(backoff)
@@ -219,6 +228,8 @@ class CacheWatcher:
                     self._apply(worker_id, cache_watch.decode(line))
 
     def _apply(self, worker_id: str, update: pb.CacheUpdate) -> None:
+        if not (update.snapshot or update.stored or update.removed):
+            return  # a heartbeat
         self.updates += 1
         if update.snapshot:
             if update.block_size <= 0:  # nothing could be matched against it

@@ -159,6 +159,29 @@ def test_queued_prefill_is_counted_until_the_first_token(
     assert admin(gw)["routing"]["prefilling"] == {}
 
 
+def test_a_lost_worker_is_forgotten_and_a_quiet_one_kept(
+    fleet: tuple[Proc, dict[str, Proc]],
+) -> None:
+    """A paused worker (a host lost without a word: no FIN, no RST) stops beating, and the
+    gateway drops its view after 15 s of silence; the other worker's cache is just as still
+    but beats, and keeps its view. Both wires. Resumed, the paused one is followed again."""
+    gw, workers = fleet
+    wait_in_sync(gw, workers)
+    lost, quiet = sorted(workers)
+
+    def reporting() -> dict[str, bool]:
+        return {w["worker_id"]: w["cache"]["reported"] for w in admin(gw)["workers"]}
+
+    workers[lost].signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: not reporting()[lost], timeout=90)
+        assert reporting()[quiet]  # no change for as long, but it beat
+    finally:
+        workers[lost].signal(signal.SIGCONT)
+    wait_for(lambda: reporting()[lost], timeout=90)
+    wait_in_sync(gw, workers)
+
+
 def test_an_openai_server_that_does_not_report_is_asked_once() -> None:
     """A third-party OpenAI server answers GET /cache/watch with a 404: the gateway stops
     asking and routes it from its own index, as before."""
