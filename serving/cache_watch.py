@@ -21,10 +21,19 @@ PATH = "/cache/watch"
 MEDIA_TYPE = "application/x-ndjson"
 HEARTBEAT_S = 5.0
 """Both wires beat: WatchCache with an empty CacheUpdate, this one with an empty line."""
+SILENCE_S = 3 * HEARTBEAT_S
+"""A reader that hears nothing for this long takes the worker for lost."""
 HEARTBEAT = b"\n"
 
 
+def is_heartbeat(update: pb.CacheUpdate) -> bool:
+    """An update with nothing in it: sent only to say the worker is there."""
+    return not (update.snapshot or update.stored or update.removed)
+
+
 def encode(update: pb.CacheUpdate) -> bytes:
+    if is_heartbeat(update):
+        return HEARTBEAT
     line: dict[str, Any] = {"stored": list(update.stored)}
     if update.snapshot:
         line |= {

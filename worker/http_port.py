@@ -35,7 +35,6 @@ from serving.calls import (
 from serving.openai_http import OpenAIRoutes, error_response, json_response
 from serving.slow_clients import KEEPALIVE_TIMEOUT_S
 from serving.tracing import context_from, request_attributes
-from worker.cache_feed import HEARTBEAT
 from worker.engine.errors import EngineError, InvalidRequestError
 from worker.grpc_service import InferenceService
 from worker.grpc_service import WorkerState as State
@@ -215,9 +214,7 @@ async def cache_watch(service: InferenceService, request: web.Request) -> web.St
         updates = feed.watch(watch_wire.HEARTBEAT_S)
         try:
             async for update in updates:
-                await response.write(
-                    watch_wire.HEARTBEAT if update is HEARTBEAT else watch_wire.encode(update)
-                )
+                await response.write(watch_wire.encode(update))
         finally:
             await updates.aclose()  # its watcher leaves the feed now, not at collection
         await response.write_eof()

@@ -134,13 +134,12 @@ class CacheWatcher:
 
     async def _follow(self, worker_id: str, address: str) -> None:
         backoff = 0.5
-        silence_s = 3 * cache_watch.HEARTBEAT_S  # a worker beats while its cache is still
         while True:
             try:
                 async with aio_channel(address, self.tls) as channel:
                     stream = pb_grpc.InferenceStub(channel).WatchCache(pb.WatchCacheRequest())
                     while True:
-                        update = await asyncio.wait_for(stream.read(), silence_s)
+                        update = await asyncio.wait_for(stream.read(), cache_watch.SILENCE_S)
                         if update is grpc.aio.EOF:
                             break
                         self._apply(worker_id, update)
@@ -151,7 +150,9 @@ class CacheWatcher:
                     self.views.pop(worker_id, None)
                     return
             except TimeoutError:
-                log.info("worker %s: cache stream silent for %.0f s", worker_id, silence_s)
+                log.info(
+                    "worker %s: cache stream silent for %.0f s", worker_id, cache_watch.SILENCE_S
+                )
             except _TooBig as e:
                 log.warning("worker %s: not following its cache: %s", worker_id, e)
                 return
@@ -209,11 +210,12 @@ class CacheWatcher:
 
     async def _read_lines(self, worker_id: str, resp: Response) -> None:
         """Apply each line of a /cache/watch body until it ends. A worker writes an empty
-        line every cache_watch.HEARTBEAT_S while its cache is still: silence for three of
-        them means a peer gone without a word (a host lost), and the stream is dropped."""
+        line every cache_watch.HEARTBEAT_S while its cache is still: cache_watch.SILENCE_S
+        without a byte means a peer gone without a word (a host lost), and the stream is
+        dropped."""
         loop = asyncio.get_running_loop()
         buf = bytearray()
-        while chunk := await resp.read_some(loop.time() + 3 * cache_watch.HEARTBEAT_S):
+        while chunk := await resp.read_some(loop.time() + cache_watch.SILENCE_S):
             start = len(buf)
             buf += chunk
             end = buf.rfind(b"\n", start)  # only the new bytes can end a line
@@ -228,8 +230,8 @@ class CacheWatcher:
                     self._apply(worker_id, cache_watch.decode(line))
 
     def _apply(self, worker_id: str, update: pb.CacheUpdate) -> None:
-        if not (update.snapshot or update.stored or update.removed):
-            return  # a heartbeat
+        if cache_watch.is_heartbeat(update):
+            return
         self.updates += 1
         if update.snapshot:
             if update.block_size <= 0:  # nothing could be matched against it
