@@ -145,6 +145,7 @@ class Gateway:
                 idle_timeout_s=settings.idle_timeout_s,
                 retry_budget_ratio=settings.retry_budget,
                 relay_to_workers=settings.relay_to_workers,
+                forward_token_ids=settings.forward_token_ids,
             ),
         )
         dispatcher_ref.append(self.dispatcher)

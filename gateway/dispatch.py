@@ -20,7 +20,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -42,6 +42,7 @@ from gateway.upstream.openai_http import (
     wrong_type,
 )
 from proto import inference_pb2 as pb
+from proto.prompt_ids import with_body_field
 from serving.calls import (
     DEADLINE_EXCEEDED,
     INTERNAL,
@@ -77,6 +78,8 @@ class DispatchSettings:
     """An HTTP client's OpenAI stream to a Breakwater worker that serves an OpenAI port too
     goes there as is, and its SSE bytes come back untouched: 2.4x less gateway CPU than the
     gRPC round trip's JSON -> protobuf -> JSON per delta (peer_bench --workload chat)."""
+    forward_token_ids: bool = True
+    """Requests carry the token ids routing computed to workers with the same tokenizer."""
 
 
 RELAY_RETRY_S = 60.0
@@ -454,6 +457,11 @@ class Dispatcher:
             attempt = _Attempt(self, worker, pool, deadline)
             info.concurrency = self.outstanding[worker.worker_id]
             attempt.prefill = self.policy.routed(worker, request)
+            hint = self._prompt_ids(worker, request)
+            if hint is not None:
+                request.prompt_ids.CopyFrom(hint)
+            elif request.HasField("prompt_ids"):  # made for another replica's tokenizer
+                request.ClearField("prompt_ids")
             span = traced = None
             if self.tracer is not None:
                 span = self.tracer.start_span(
@@ -495,6 +503,12 @@ class Dispatcher:
             raise UpstreamError(NOT_FOUND, f"the model `{model}` does not exist")
         raise UpstreamError(UNAVAILABLE, f"no healthy replica for model `{model}`", 1000)
 
+    def _prompt_ids(self, worker: WorkerInfo, request: pb.GenerateRequest) -> pb.PromptIds | None:
+        if not self.settings.forward_token_ids:
+            return None
+        get = getattr(self.policy, "prompt_ids", None)
+        return get(worker, request) if get is not None else None
+
     async def _start(
         self, attempt: _Attempt, request: pb.GenerateRequest, raw: RawRequest | None
     ) -> Call:
@@ -507,6 +521,8 @@ class Dispatcher:
         try:
             if raw is not None and (relay := self._relay_for(worker, up, raw.stream)) is not None:
                 try:
+                    if request.HasField("prompt_ids"):
+                        raw = replace(raw, body=with_body_field(raw.body, request.prompt_ids))
                     return await self._start_relay(
                         attempt, relay, request.request_id, raw, ttft_limit
                     )

@@ -55,6 +55,8 @@ class GatewaySettings:
     """Follow Breakwater workers' prefix caches (WatchCache) for exact prefix-aware scores."""
     relay_to_workers: bool = True
     """HTTP clients' OpenAI streams go to a Breakwater worker's own OpenAI port, as is."""
+    forward_token_ids: bool = True
+    """Send the prompt's token ids routing computed to workers with the same tokenizer."""
     tokenizers: dict[str, str] = field(default_factory=dict)
     """model -> tokenizer directory, so prefix-aware routing works on the workers' tokens."""
     request_timeout_s: float = 600.0
@@ -232,6 +234,14 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
         help="send HTTP clients' OpenAI streams to a Breakwater worker's OpenAI port (its "
         "--http-port) as they came and pass its SSE bytes back, rather than over gRPC as "
         "deltas; gRPC still carries health, stats, cache reports and gRPC clients' calls",
+    )
+    p.add_argument(
+        "--forward-token-ids",
+        action=argparse.BooleanOptionalAction,
+        default=_env("FORWARD_TOKEN_IDS", "1") not in ("0", "false", "no"),
+        help="send a prompt's token ids, as prefix-aware routing computed them, with the "
+        "request to a Breakwater worker that reports the same tokenizer (fingerprint), so "
+        "it does not render and tokenize the prompt again",
     )
     p.add_argument(
         "--tokenizer",
@@ -438,6 +448,7 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         gpu_hour_price=args.gpu_hour_price,
         watch_caches=args.watch_caches,
         relay_to_workers=args.relay_to_workers,
+        forward_token_ids=args.forward_token_ids,
         tokenizers=_pairs("--tokenizer", args.tokenizers),
         request_timeout_s=args.request_timeout,
         max_request_timeout_s=args.max_request_timeout,

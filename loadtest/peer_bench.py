@@ -41,7 +41,8 @@ up` runs it: streams relayed to the OpenAI port each worker reports, the rest ov
 and prompts, each run salted so no run hits another's blocks. Per target: hit rate from
 the workers' own counters (gRPC Stats, differenced around the run), TTFT p50/p99,
 throughput, errors (must be 0), the router's CPU microseconds per request (its process
-tree, /proc), and load imbalance (requests per worker, from the tokens each generated);
+tree, /proc), the workers' (all four trees: what routing spares or costs them, such as
+tokenizing), and load imbalance (requests per worker, from the tokens each generated);
 `ratios` puts every target against `breakwater` (> 1 where Breakwater is better) and
 `goal` judges the issue's target (hit rate and TTFT p50 better than both Rust routers'
 cache-aware policies). A router that cannot start is in `skipped` with its reason.
@@ -1158,6 +1159,7 @@ def run_chat(
                         continue
                     log(f"{name}: {len(offsets)} turns at {rate:.2f} req/s")
                     cpu0 = tree_cpu_s(running.pids)
+                    workers_cpu0 = tree_cpu_s(fleet.pids)
                     sent, deltas = counted(
                         fleet.grpc,
                         lambda n=n, url=running.url: asyncio.run(
@@ -1165,6 +1167,7 @@ def run_chat(
                         ),
                     )
                     cpu_s = tree_cpu_s(running.pids) - cpu0
+                    workers_cpu_s = tree_cpu_s(fleet.pids) - workers_cpu0
                     per_worker = [
                         round(d["generation_tokens_total"] / cfg.max_tokens) for d in deltas
                     ]
@@ -1172,6 +1175,10 @@ def run_chat(
                         sent, workload, fleet.grpc, deltas, cfg.duration_s, per_worker
                     )
                     results[name] = m = chat_figures(figs, cpu_s, cfg.max_tokens, deltas)
+                    ok = figs["ok"]
+                    m["workers_cpu_us_per_request"] = (
+                        round(workers_cpu_s * 1e6 / ok, 1) if ok else None
+                    )
                     if running.ejections is not None:
                         m["replica_ejections"] = running.ejections()
                     if running.decisions is not None:

@@ -565,7 +565,13 @@ def decision_micro_bench(
     `entries` block keys by chat requests over 40 system prompts, then `decisions` new
     requests timed one by one (~3 KB prompts: about 45 text blocks each). With `reported`,
     every worker also reports its cache (as over WatchCache) and the decision includes
-    rendering the chat template, tokenizing and hashing the engine's token blocks.
+    rendering the chat template, tokenizing and hashing the engine's token blocks, and
+    times what forwarding the prompt's token ids costs the gateway after the decision
+    (every other request forwards: `after_decision_us` is tokenizing the last new piece
+    and packing the ids, or for the others only tokenizing that piece, as the gateway does
+    after every decision) against what it spares the worker (`worker_tokenize_us`:
+    rendering and tokenizing the prompt, against `worker_take_ids_us`: unpacking and
+    checking the ids; timed after the decisions, not to disturb them).
     """
     from gateway.registry.base import WorkerInfo, WorkerState
     from gateway.routing.cache_views import CacheView
@@ -586,7 +592,10 @@ def decision_micro_bench(
         tok = Tokenizer(ensure_demo_model())
         policy.tokenizers = TokenizerStore()
         policy.tokenizers.add("m", tok)
-        policy.views = {w.worker_id: CacheView(BLOCK_SIZE, "m", tok.source_dir) for w in pool}
+        policy.views = {
+            w.worker_id: CacheView(BLOCK_SIZE, "m", tok.source_dir, fingerprint=tok.fingerprint)
+            for w in pool
+        }
     systems = [f"You are assistant number {i}. " * 80 for i in range(40)]
 
     def request(i: int) -> pb.GenerateRequest:
@@ -612,25 +621,60 @@ def decision_micro_bench(
     times = []
     reqs = [request(i + j) for j in range(decisions)]
     pieces = policy.tokenizers.pieces(tok) if reported and policy.tokenizers else None
-    for r in reqs:
+    after: tuple[list[float], list[float]] = ([], [])  # forwarding, not
+    hints = []
+    for i, r in enumerate(reqs):
         t = time.perf_counter()
         w = policy.choose(pool, r, outstanding)
         policy.prefilled(w.worker_id, policy.routed(w, r))
         times.append((time.perf_counter() - t) * 1e6)
-        if pieces is not None:  # the gateway does this after the decision, on its loop
-            pieces.learn()
-    times.sort()
+        if pieces is not None:
+            t = time.perf_counter()
+            if i % 2 == 0 and (hint := policy.prompt_ids(w, r)) is not None:
+                hints.append((r, hint))
+            pieces.learn()  # the gateway does this after the decision, on its loop
+            after[i % 2].append((time.perf_counter() - t) * 1e6)
+    worker: dict[str, list[float]] = {"tokenize": [], "take": []}
+    for r, hint in hints:
+        _time_worker(tok, r, hint, worker)
     out = {
         "index_entries": len(policy.index),
         "blocks_per_request": len(block_keys(prompt_bytes(reqs[0]))),
-        "decision_us_p50": round(times[len(times) // 2], 1),
-        "decision_us_p99": round(times[int(len(times) * 0.99)], 1),
-        "ok": times[len(times) // 2] < 200,
+        "decision_us_p50": _pct(times, 0.5),
+        "decision_us_p99": _pct(times, 0.99),
+        "ok": _pct(times, 0.5) < 200,
     }
     if reported:
         out["reported_blocks"] = held()
         out["token_blocks_per_request"] = len(token_block_keys(reqs[0], tok, BLOCK_SIZE, "m"))
+        out["after_decision_us_p50_forwarding"] = _pct(after[0], 0.5)
+        out["after_decision_us_p50_not"] = _pct(after[1], 0.5)
+        out["forwarded"] = len(hints)
+        out["worker_tokenize_us_p50"] = _pct(worker["tokenize"], 0.5)
+        out["worker_take_ids_us_p50"] = _pct(worker["take"], 0.5)
     return out
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(len(ordered) * q))], 1) if ordered else None
+
+
+def _time_worker(tok: Any, r: Any, hint: Any, into: dict[str, list[float]]) -> None:
+    """What a worker spends on the prompt: tokenizing it itself, or taking the ids (the
+    conversion and the engine's vocabulary check), each checked equal to the other."""
+    from proto.prompt_ids import prompt_ids_from
+
+    messages = [{"role": m.role, "content": m.content} for m in r.chat.messages]
+    t = time.perf_counter()
+    own = tok.prompt_ids(None, messages, r.chat.add_generation_prompt)
+    into["tokenize"].append((time.perf_counter() - t) * 1e6)
+    t = time.perf_counter()
+    ids = prompt_ids_from(hint.ids)
+    ok = ids is not None and (not ids or max(ids) < tok.vocab_size)
+    into["take"].append((time.perf_counter() - t) * 1e6)
+    if not ok or ids != own:
+        raise AssertionError("the forwarded ids are not the worker's own")
 
 
 # -- the bench -------------------------------------------------------------------------------
@@ -875,6 +919,14 @@ def format_table(res: dict[str, Any]) -> str:
             f"{d['token_blocks_per_request']} token blocks): p50 {d['decision_us_p50']} us, "
             f"p99 {d['decision_us_p99']} us (< 200)"
         )
+        if d.get("forwarded"):
+            lines.append(
+                "forwarding the token ids: gateway after the decision p50 "
+                f"{d['after_decision_us_p50_forwarding']} us (not forwarding: "
+                f"{d['after_decision_us_p50_not']} us); worker p50 "
+                f"{d['worker_take_ids_us_p50']} us to take them instead of "
+                f"{d['worker_tokenize_us_p50']} us to tokenize"
+            )
     return "\n".join(lines)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import datetime
 from pathlib import Path
@@ -19,6 +20,15 @@ def _special_token(value: Any) -> str | None:
     if isinstance(value, dict):
         return value.get("content")
     return value
+
+
+def fingerprint(tokenizer_json: bytes, config: dict[str, Any], template: str | None) -> str:
+    """A digest of everything `prompt_ids` depends on: the vocabulary and its rules, the
+    chat template, and the special tokens the template and `encode` add."""
+    h = hashlib.sha256(tokenizer_json)
+    shared = {k: config.get(k) for k in ("bos_token", "eos_token", "add_bos_token")}
+    h.update(json.dumps([template, shared], sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
 
 
 class Tokenizer:
@@ -45,6 +55,9 @@ class Tokenizer:
         self.eos_token_id = self.hf.token_to_id(self.eos_token) if self.eos_token else None
         self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
         self._compiled = None
+        self.fingerprint = fingerprint(path.read_bytes(), cfg, template)
+        """Equal on two hosts only when text and chat prompts tokenize the same on both: a
+        worker takes a router's token ids only with its own fingerprint on them."""
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = self.hf.encode(text, add_special_tokens=add_special_tokens).ids

@@ -24,45 +24,47 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15proto/inference.proto\x12\rbreakwater.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"[\n\x0c\x43hatMessages\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.breakwater.v1.ChatMessage\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08\"\xf6\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x03\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\"\n\x1ainclude_stop_str_in_output\x18\t \x01(\x08\x12\x15\n\x08logprobs\x18\n \x01(\x05H\x05\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x0b \x01(\x08H\x06\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokens\"&\n\rStreamOptions\x12\x15\n\rinclude_usage\x18\x01 \x01(\x08\"\xd0\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x17.breakwater.v1.TokenIdsH\x00\x12+\n\x04\x63hat\x18\x05 \x01(\x0b\x32\x1b.breakwater.v1.ChatMessagesH\x00\x12/\n\x08sampling\x18\x06 \x01(\x0b\x32\x1d.breakwater.v1.SamplingParams\x12)\n\x08priority\x18\x07 \x01(\x0e\x32\x17.breakwater.v1.Priority\x12\x34\n\x0estream_options\x18\x08 \x01(\x0b\x32\x1c.breakwater.v1.StreamOptions\x12\x13\n\x0bsession_key\x18\t \x01(\tB\x08\n\x06prompt\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x05\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\"h\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\x12&\n\x03top\x18\x04 \x03(\x0b\x32\x19.breakwater.v1.TopLogprob\"\xf3\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.breakwater.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x05 \x01(\t\x12#\n\x05usage\x18\x06 \x01(\x0b\x32\x14.breakwater.v1.Usage\x12-\n\x08logprobs\x18\x07 \x03(\x0b\x32\x1b.breakwater.v1.TokenLogprob\x12\r\n\x05\x65rror\x18\x08 \x01(\t\"\x0e\n\x0cStatsRequest\"\x13\n\x11WatchCacheRequest\"y\n\x0b\x43\x61\x63heUpdate\x12\x10\n\x08snapshot\x18\x01 \x01(\x08\x12\x0e\n\x06stored\x18\x02 \x03(\x06\x12\x0f\n\x07removed\x18\x03 \x03(\x06\x12\x12\n\nblock_size\x18\x04 \x01(\x05\x12\x10\n\x08model_id\x18\x05 \x01(\t\x12\x11\n\ttokenizer\x18\x06 \x01(\t\"\xd6\x03\n\rStatsResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x13\n\x0bqueue_depth\x18\x04 \x01(\x05\x12\x0f\n\x07running\x18\x05 \x01(\x05\x12\x16\n\x0ekv_cache_usage\x18\x06 \x01(\x02\x12\x1d\n\x15prefix_cache_hit_rate\x18\x07 \x01(\x02\x12\x1c\n\x14prefix_cache_queries\x18\x08 \x01(\x03\x12\x19\n\x11prefix_cache_hits\x18\t \x01(\x03\x12\x17\n\x0fnum_preemptions\x18\n \x01(\x03\x12\x1b\n\x13prompt_tokens_total\x18\x0b \x01(\x03\x12\x1f\n\x17generation_tokens_total\x18\x0c \x01(\x03\x12\x11\n\tmax_queue\x18\r \x01(\x05\x12\x11\n\tworker_id\x18\x0e \x01(\t\x12\x11\n\tin_flight\x18\x0f \x01(\x05\x12\x16\n\x0egenerate_calls\x18\x10 \x01(\x03\x12\x13\n\x0bmax_running\x18\x11 \x01(\x05\x12\x11\n\thttp_port\x18\x12 \x01(\x05\x12\x10\n\x08http_tls\x18\x13 \x01(\x08\x12\x1b\n\x13http_generate_calls\x18\x14 \x01(\x03*8\n\x08Priority\x12\x18\n\x14PRIORITY_INTERACTIVE\x10\x00\x12\x12\n\x0ePRIORITY_BATCH\x10\x01*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xec\x01\n\tInference\x12M\n\x08Generate\x12\x1e.breakwater.v1.GenerateRequest\x1a\x1f.breakwater.v1.GenerateResponse0\x01\x12\x42\n\x05Stats\x12\x1b.breakwater.v1.StatsRequest\x1a\x1c.breakwater.v1.StatsResponse\x12L\n\nWatchCache\x12 .breakwater.v1.WatchCacheRequest\x1a\x1a.breakwater.v1.CacheUpdate0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15proto/inference.proto\x12\rbreakwater.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"+\n\tPromptIds\x12\x0b\n\x03ids\x18\x01 \x01(\x0c\x12\x11\n\ttokenizer\x18\x02 \x01(\t\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"[\n\x0c\x43hatMessages\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.breakwater.v1.ChatMessage\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08\"\xf6\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x03\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\"\n\x1ainclude_stop_str_in_output\x18\t \x01(\x08\x12\x15\n\x08logprobs\x18\n \x01(\x05H\x05\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x0b \x01(\x08H\x06\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokens\"&\n\rStreamOptions\x12\x15\n\rinclude_usage\x18\x01 \x01(\x08\"\xfe\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x17.breakwater.v1.TokenIdsH\x00\x12+\n\x04\x63hat\x18\x05 \x01(\x0b\x32\x1b.breakwater.v1.ChatMessagesH\x00\x12/\n\x08sampling\x18\x06 \x01(\x0b\x32\x1d.breakwater.v1.SamplingParams\x12)\n\x08priority\x18\x07 \x01(\x0e\x32\x17.breakwater.v1.Priority\x12\x34\n\x0estream_options\x18\x08 \x01(\x0b\x32\x1c.breakwater.v1.StreamOptions\x12\x13\n\x0bsession_key\x18\t \x01(\t\x12,\n\nprompt_ids\x18\n \x01(\x0b\x32\x18.breakwater.v1.PromptIdsB\x08\n\x06prompt\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x05\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\"h\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\x12&\n\x03top\x18\x04 \x03(\x0b\x32\x19.breakwater.v1.TopLogprob\"\xf3\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.breakwater.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x05 \x01(\t\x12#\n\x05usage\x18\x06 \x01(\x0b\x32\x14.breakwater.v1.Usage\x12-\n\x08logprobs\x18\x07 \x03(\x0b\x32\x1b.breakwater.v1.TokenLogprob\x12\r\n\x05\x65rror\x18\x08 \x01(\t\"\x0e\n\x0cStatsRequest\"\x13\n\x11WatchCacheRequest\"\x98\x01\n\x0b\x43\x61\x63heUpdate\x12\x10\n\x08snapshot\x18\x01 \x01(\x08\x12\x0e\n\x06stored\x18\x02 \x03(\x06\x12\x0f\n\x07removed\x18\x03 \x03(\x06\x12\x12\n\nblock_size\x18\x04 \x01(\x05\x12\x10\n\x08model_id\x18\x05 \x01(\t\x12\x11\n\ttokenizer\x18\x06 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x07 \x01(\t\"\xd6\x03\n\rStatsResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x13\n\x0bqueue_depth\x18\x04 \x01(\x05\x12\x0f\n\x07running\x18\x05 \x01(\x05\x12\x16\n\x0ekv_cache_usage\x18\x06 \x01(\x02\x12\x1d\n\x15prefix_cache_hit_rate\x18\x07 \x01(\x02\x12\x1c\n\x14prefix_cache_queries\x18\x08 \x01(\x03\x12\x19\n\x11prefix_cache_hits\x18\t \x01(\x03\x12\x17\n\x0fnum_preemptions\x18\n \x01(\x03\x12\x1b\n\x13prompt_tokens_total\x18\x0b \x01(\x03\x12\x1f\n\x17generation_tokens_total\x18\x0c \x01(\x03\x12\x11\n\tmax_queue\x18\r \x01(\x05\x12\x11\n\tworker_id\x18\x0e \x01(\t\x12\x11\n\tin_flight\x18\x0f \x01(\x05\x12\x16\n\x0egenerate_calls\x18\x10 \x01(\x03\x12\x13\n\x0bmax_running\x18\x11 \x01(\x05\x12\x11\n\thttp_port\x18\x12 \x01(\x05\x12\x10\n\x08http_tls\x18\x13 \x01(\x08\x12\x1b\n\x13http_generate_calls\x18\x14 \x01(\x03*8\n\x08Priority\x12\x18\n\x14PRIORITY_INTERACTIVE\x10\x00\x12\x12\n\x0ePRIORITY_BATCH\x10\x01*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xec\x01\n\tInference\x12M\n\x08Generate\x12\x1e.breakwater.v1.GenerateRequest\x1a\x1f.breakwater.v1.GenerateResponse0\x01\x12\x42\n\x05Stats\x12\x1b.breakwater.v1.StatsRequest\x1a\x1c.breakwater.v1.StatsResponse\x12L\n\nWatchCache\x12 .breakwater.v1.WatchCacheRequest\x1a\x1a.breakwater.v1.CacheUpdate0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PRIORITY']._serialized_start=2098
-  _globals['_PRIORITY']._serialized_end=2154
-  _globals['_FINISHREASON']._serialized_start=2157
-  _globals['_FINISHREASON']._serialized_end=2302
+  _globals['_PRIORITY']._serialized_start=2221
+  _globals['_PRIORITY']._serialized_end=2277
+  _globals['_FINISHREASON']._serialized_start=2280
+  _globals['_FINISHREASON']._serialized_end=2425
   _globals['_TOKENIDS']._serialized_start=40
   _globals['_TOKENIDS']._serialized_end=63
-  _globals['_CHATMESSAGE']._serialized_start=65
-  _globals['_CHATMESSAGE']._serialized_end=109
-  _globals['_CHATMESSAGES']._serialized_start=111
-  _globals['_CHATMESSAGES']._serialized_end=202
-  _globals['_SAMPLINGPARAMS']._serialized_start=205
-  _globals['_SAMPLINGPARAMS']._serialized_end=579
-  _globals['_STREAMOPTIONS']._serialized_start=581
-  _globals['_STREAMOPTIONS']._serialized_end=619
-  _globals['_GENERATEREQUEST']._serialized_start=622
-  _globals['_GENERATEREQUEST']._serialized_end=958
-  _globals['_USAGE']._serialized_start=960
-  _globals['_USAGE']._serialized_end=1047
-  _globals['_TOPLOGPROB']._serialized_start=1049
-  _globals['_TOPLOGPROB']._serialized_end=1111
-  _globals['_TOKENLOGPROB']._serialized_start=1113
-  _globals['_TOKENLOGPROB']._serialized_end=1217
-  _globals['_GENERATERESPONSE']._serialized_start=1220
-  _globals['_GENERATERESPONSE']._serialized_end=1463
-  _globals['_STATSREQUEST']._serialized_start=1465
-  _globals['_STATSREQUEST']._serialized_end=1479
-  _globals['_WATCHCACHEREQUEST']._serialized_start=1481
-  _globals['_WATCHCACHEREQUEST']._serialized_end=1500
-  _globals['_CACHEUPDATE']._serialized_start=1502
-  _globals['_CACHEUPDATE']._serialized_end=1623
-  _globals['_STATSRESPONSE']._serialized_start=1626
-  _globals['_STATSRESPONSE']._serialized_end=2096
-  _globals['_INFERENCE']._serialized_start=2305
-  _globals['_INFERENCE']._serialized_end=2541
+  _globals['_PROMPTIDS']._serialized_start=65
+  _globals['_PROMPTIDS']._serialized_end=108
+  _globals['_CHATMESSAGE']._serialized_start=110
+  _globals['_CHATMESSAGE']._serialized_end=154
+  _globals['_CHATMESSAGES']._serialized_start=156
+  _globals['_CHATMESSAGES']._serialized_end=247
+  _globals['_SAMPLINGPARAMS']._serialized_start=250
+  _globals['_SAMPLINGPARAMS']._serialized_end=624
+  _globals['_STREAMOPTIONS']._serialized_start=626
+  _globals['_STREAMOPTIONS']._serialized_end=664
+  _globals['_GENERATEREQUEST']._serialized_start=667
+  _globals['_GENERATEREQUEST']._serialized_end=1049
+  _globals['_USAGE']._serialized_start=1051
+  _globals['_USAGE']._serialized_end=1138
+  _globals['_TOPLOGPROB']._serialized_start=1140
+  _globals['_TOPLOGPROB']._serialized_end=1202
+  _globals['_TOKENLOGPROB']._serialized_start=1204
+  _globals['_TOKENLOGPROB']._serialized_end=1308
+  _globals['_GENERATERESPONSE']._serialized_start=1311
+  _globals['_GENERATERESPONSE']._serialized_end=1554
+  _globals['_STATSREQUEST']._serialized_start=1556
+  _globals['_STATSREQUEST']._serialized_end=1570
+  _globals['_WATCHCACHEREQUEST']._serialized_start=1572
+  _globals['_WATCHCACHEREQUEST']._serialized_end=1591
+  _globals['_CACHEUPDATE']._serialized_start=1594
+  _globals['_CACHEUPDATE']._serialized_end=1746
+  _globals['_STATSRESPONSE']._serialized_start=1749
+  _globals['_STATSRESPONSE']._serialized_end=2219
+  _globals['_INFERENCE']._serialized_start=2428
+  _globals['_INFERENCE']._serialized_end=2664
 # @@protoc_insertion_point(module_scope)

@@ -33,6 +33,14 @@ class TokenIds(_message.Message):
     ids: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class PromptIds(_message.Message):
+    __slots__ = ("ids", "tokenizer")
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FIELD_NUMBER: _ClassVar[int]
+    ids: bytes
+    tokenizer: str
+    def __init__(self, ids: _Optional[bytes] = ..., tokenizer: _Optional[str] = ...) -> None: ...
+
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -82,7 +90,7 @@ class StreamOptions(_message.Message):
     def __init__(self, include_usage: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "model", "text", "token_ids", "chat", "sampling", "priority", "stream_options", "session_key")
+    __slots__ = ("request_id", "model", "text", "token_ids", "chat", "sampling", "priority", "stream_options", "session_key", "prompt_ids")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +100,7 @@ class GenerateRequest(_message.Message):
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     STREAM_OPTIONS_FIELD_NUMBER: _ClassVar[int]
     SESSION_KEY_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     text: str
@@ -101,7 +110,8 @@ class GenerateRequest(_message.Message):
     priority: Priority
     stream_options: StreamOptions
     session_key: str
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., priority: _Optional[_Union[Priority, str]] = ..., stream_options: _Optional[_Union[StreamOptions, _Mapping]] = ..., session_key: _Optional[str] = ...) -> None: ...
+    prompt_ids: PromptIds
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., priority: _Optional[_Union[Priority, str]] = ..., stream_options: _Optional[_Union[StreamOptions, _Mapping]] = ..., session_key: _Optional[str] = ..., prompt_ids: _Optional[_Union[PromptIds, _Mapping]] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "cached_prompt_tokens")
@@ -164,20 +174,22 @@ class WatchCacheRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class CacheUpdate(_message.Message):
-    __slots__ = ("snapshot", "stored", "removed", "block_size", "model_id", "tokenizer")
+    __slots__ = ("snapshot", "stored", "removed", "block_size", "model_id", "tokenizer", "tokenizer_fingerprint")
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     STORED_FIELD_NUMBER: _ClassVar[int]
     REMOVED_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     snapshot: bool
     stored: _containers.RepeatedScalarFieldContainer[int]
     removed: _containers.RepeatedScalarFieldContainer[int]
     block_size: int
     model_id: str
     tokenizer: str
-    def __init__(self, snapshot: _Optional[bool] = ..., stored: _Optional[_Iterable[int]] = ..., removed: _Optional[_Iterable[int]] = ..., block_size: _Optional[int] = ..., model_id: _Optional[str] = ..., tokenizer: _Optional[str] = ...) -> None: ...
+    tokenizer_fingerprint: str
+    def __init__(self, snapshot: _Optional[bool] = ..., stored: _Optional[_Iterable[int]] = ..., removed: _Optional[_Iterable[int]] = ..., block_size: _Optional[int] = ..., model_id: _Optional[str] = ..., tokenizer: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("model_id", "version", "state", "queue_depth", "running", "kv_cache_usage", "prefix_cache_hit_rate", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions", "prompt_tokens_total", "generation_tokens_total", "max_queue", "worker_id", "in_flight", "generate_calls", "max_running", "http_port", "http_tls", "http_generate_calls")

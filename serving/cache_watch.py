@@ -2,11 +2,11 @@
 
 The same updates as gRPC WatchCache, for gateways that front a worker as a plain OpenAI
 upstream. One JSON object a line (`application/x-ndjson`): first a snapshot, `{"snapshot":
-true, "stored": [keys], "block_size", "model_id", "tokenizer"}`, then each batch of
-changes, `{"stored": [...], "removed": [...]}`; an empty line every HEARTBEAT_S while the
-cache is still, so a reader can tell a quiet cache from a peer that is gone. Keys are the
-engine's block keys (unsigned 64-bit integers). Shared by the worker that writes it and
-the gateway that reads it.
+true, "stored": [keys], "block_size", "model_id", "tokenizer", "tokenizer_fingerprint"}`,
+then each batch of changes, `{"stored": [...], "removed": [...]}`; an empty line every
+HEARTBEAT_S while the cache is still, so a reader can tell a quiet cache from a peer that
+is gone. Keys are the engine's block keys (unsigned 64-bit integers). Shared by the worker
+that writes it and the gateway that reads it.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ def encode(update: pb.CacheUpdate) -> bytes:
             "block_size": update.block_size,
             "model_id": update.model_id,
             "tokenizer": update.tokenizer,
+            "tokenizer_fingerprint": update.tokenizer_fingerprint,
         }
     else:
         line["removed"] = list(update.removed)
@@ -59,5 +60,6 @@ def decode(line: bytes) -> pb.CacheUpdate:
             block_size=d["block_size"],
             model_id=d["model_id"],
             tokenizer=d.get("tokenizer", ""),
+            tokenizer_fingerprint=d.get("tokenizer_fingerprint", ""),
         )
     return pb.CacheUpdate(stored=d["stored"], removed=d["removed"])

@@ -31,6 +31,7 @@ from proto.openai_compat import (
     parse_completion,
     sse,
 )
+from proto.prompt_ids import BODY_FIELD, parse_body_field
 from serving.calls import (
     DEADLINE_EXCEEDED,
     INVALID_ARGUMENT,
@@ -224,6 +225,9 @@ class OpenAIRoutes:
     usage_comments = False
     """End a stream with its usage as an SSE comment when the caller asks (a worker's
     port, for the gateway that relays it: serving/usage_comment.py)."""
+    takes_prompt_ids = False
+    """Take a gateway's token ids from the body's `breakwater_prompt` (a worker's port);
+    elsewhere that field is refused (proto/prompt_ids.py)."""
 
     def __init__(
         self,
@@ -327,6 +331,15 @@ class OpenAIRoutes:
                 raise OpenAIError(400, "the request body is not valid JSON") from None
             parsed: ParsedRequest = parse(body, self.limits)
             parsed.request.request_id = request_id
+            if BODY_FIELD in body:
+                if not self.takes_prompt_ids:
+                    raise OpenAIError(
+                        400,
+                        f"'{BODY_FIELD}' is set by a Breakwater gateway for its workers, "
+                        "not by clients",
+                        param=BODY_FIELD,
+                    )
+                parsed.request.prompt_ids.CopyFrom(parse_body_field(body[BODY_FIELD]))
             model, stream = parsed.request.model, parsed.stream
             if not self.backend.has_model(model):
                 raise OpenAIError(

@@ -16,6 +16,7 @@ from typing import Any
 
 from prompts.block_keys import block_key
 from proto import inference_pb2 as pb
+from worker.proto_convert import fingerprint_of
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class CacheFeed:
             "block_size": int(engine.block_size),
             "model_id": str(engine.model_name),
             "tokenizer": str(getattr(tokenizer, "source_dir", "") or ""),
+            "tokenizer_fingerprint": fingerprint_of(engine),
         }
 
     @staticmethod

@@ -20,7 +20,7 @@ from serving import cache_watch
 from serving.tracing import context_from, request_attributes
 from worker.cache_feed import CacheFeed
 from worker.engine.errors import EngineError, InvalidRequestError
-from worker.proto_convert import to_engine_request, to_response
+from worker.proto_convert import fingerprint_of, to_engine_request, to_response
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,9 @@ class InferenceService(pb_grpc.InferenceServicer):
         self.idle.clear()
         try:
             try:
-                stream = self.engine.generate(to_engine_request(request, engine_id))
+                stream = self.engine.generate(
+                    to_engine_request(request, engine_id, fingerprint_of(self.engine))
+                )
             except InvalidRequestError as e:
                 if e.param:
                     context.set_trailing_metadata((("param", e.param),))

@@ -40,7 +40,7 @@ from worker.grpc_service import InferenceService
 from worker.grpc_service import WorkerState as State
 from worker.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from worker.metrics import WorkerMetrics
-from worker.proto_convert import to_engine_request, to_response
+from worker.proto_convert import fingerprint_of, to_engine_request, to_response
 
 
 class LocalBackend:
@@ -85,7 +85,9 @@ class LocalBackend:
             raise UpstreamError(NOT_FOUND, f"the model `{request.model}` does not exist")
         engine_id = f"http-{request.request_id}#{next(self._ids)}"
         try:
-            stream = svc.engine.generate(to_engine_request(request, engine_id))
+            stream = svc.engine.generate(
+                to_engine_request(request, engine_id, fingerprint_of(svc.engine))
+            )
         except InvalidRequestError as e:
             raise UpstreamError(INVALID_ARGUMENT, e.message, param=e.param) from None
         except EngineError as e:
@@ -108,6 +110,7 @@ class WorkerRoutes(OpenAIRoutes):
     a caller's `traceparent` header as the worker's gRPC service does its metadata."""
 
     usage_comments = True
+    takes_prompt_ids = True
 
     def __init__(self, service: InferenceService) -> None:
         super().__init__(LocalBackend(service))

@@ -97,6 +97,12 @@ class _EngineCollector(Collector):
             "Number of generation tokens processed.",
             s.generation_tokens_total if s else 0,
         )
+        yield counter(
+            "breakwater_worker_prompts_pretokenized",
+            "Prompts taken as the token ids a gateway computed to route them, not tokenized "
+            "again here (the gateway's tokenizer had this worker's fingerprint).",
+            getattr(s, "prompts_pretokenized", 0) if s else 0,
+        )
         yield gauge(
             "breakwater_worker_in_flight",
             "Generate calls accepted and not finished (gRPC and HTTP).",

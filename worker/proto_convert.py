@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prompts.tokenizer import Tokenizer
 from proto import inference_pb2 as pb
+from proto.prompt_ids import prompt_ids_from
 from worker.engine.outputs import Delta
 from worker.engine.request import GenerateRequest, Priority, SamplingParams
 
@@ -15,7 +16,17 @@ _FINISH = {
 }
 
 
-def to_engine_request(req: pb.GenerateRequest, engine_request_id: str) -> GenerateRequest:
+def fingerprint_of(engine: object) -> str:
+    """The fingerprint an engine takes router-made token ids with ("": none, as vLLM's,
+    which tokenizes with its own tokenizer)."""
+    return getattr(engine, "prompt_fingerprint", "")
+
+
+def to_engine_request(
+    req: pb.GenerateRequest, engine_request_id: str, fingerprint: str = ""
+) -> GenerateRequest:
+    """`fingerprint` is the engine's tokenizer's: a router's `prompt_ids` made with the same
+    tokenizer are taken; others (or none given) leave the engine to tokenize."""
     sp = req.sampling
     sampling = SamplingParams(
         temperature=sp.temperature if sp.HasField("temperature") else 1.0,
@@ -43,6 +54,8 @@ def to_engine_request(req: pb.GenerateRequest, engine_request_id: str) -> Genera
     elif which == "chat":
         out.messages = [{"role": m.role, "content": m.content} for m in req.chat.messages]
         out.add_generation_prompt = req.chat.add_generation_prompt
+    if fingerprint and which != "token_ids" and req.prompt_ids.tokenizer == fingerprint:
+        out.pretokenized = prompt_ids_from(req.prompt_ids.ids)
     return out
 
 

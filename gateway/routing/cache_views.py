@@ -39,6 +39,9 @@ class CacheView:
     tokenizer: str
     """The worker's tokenizer directory: this gateway may load it when it is local."""
     held: set[int] = field(default_factory=set)
+    fingerprint: str = ""
+    """The worker's tokenizer fingerprint: token ids the gateway made with a tokenizer of
+    this fingerprint are forwarded to it, to be taken instead of tokenizing again."""
     evicted: dict[int, float] = field(default_factory=dict)
     """Key -> when (monotonic) the worker reported evicting it, while that is recent: a
     request routed here before that moment no longer vouches for the block."""
@@ -240,7 +243,11 @@ class CacheWatcher:
             if len(update.stored) > MAX_HELD_KEYS:
                 raise _TooBig(f"a snapshot of {len(update.stored)} blocks")
             self.views[worker_id] = view = CacheView(
-                update.block_size, update.model_id, update.tokenizer, set(update.stored)
+                update.block_size,
+                update.model_id,
+                update.tokenizer,
+                set(update.stored),
+                update.tokenizer_fingerprint,
             )
             if self.on_snapshot is not None:
                 self.on_snapshot(view)

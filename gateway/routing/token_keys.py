@@ -16,6 +16,7 @@ import re
 from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -149,6 +150,8 @@ class PieceCache:
         self.verify = verify
         self.queued: list[str] = []
         """Rendered prompts with pieces not tokenized yet, for `learn`."""
+        self.whole = False
+        """Whether the last `prefix_ids` answered all of its text."""
 
     def prefix_ids(self, text: str) -> Sequence[int]:
         """`text`'s token ids up to its last piece not seen before (all of it once learnt).
@@ -158,6 +161,7 @@ class PieceCache:
         the new user message, waits for `learn`.
         """
         if self.split is None:
+            self.whole = True
             return self.tokenizer.encode(text, add_special_tokens=False)
         parts = self.split.split(text)
         pieces, special = self.pieces, self.special
@@ -167,6 +171,7 @@ class PieceCache:
         for i in unknown[:-1]:
             self._add(parts[i])
         stop = unknown[-1] if unknown else len(parts)
+        self.whole = not unknown
         if (unknown or self.verify > 0) and len(self.queued) < 1024:
             self.queued.append(text)
         ids = array("I")  # extended piece by piece in C, and hashed as it is (ChainMemo)
@@ -181,16 +186,33 @@ class PieceCache:
                 ids.extend(pieces[part])
         return ids
 
-    def _add(self, part: str) -> None:
+    @property
+    def verified(self) -> bool:
+        """Its ids are checked equal to whole encodes (or it encodes whole)."""
+        return self.split is None or self.verify <= 0
+
+    def whole_ids(self, text: str) -> Sequence[int] | None:
+        """All of `text`'s ids, its new pieces tokenized now, to be forwarded to a worker as
+        its prompt: None until the first prompts have checked the pieces against whole
+        encodes (ids good enough to route on may not be good enough to generate from)."""
+        if self.split is None:
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        if not self.verified:
+            return None
+        return self._join(text, learn=True)[0]  # packed for the wire as it is
+
+    def _add(self, part: str) -> array[int]:
         got = self.pieces[part] = array(
             "I", self.tokenizer.hf.encode(part, add_special_tokens=False).ids
         )
         self.tokens += len(got)
+        return got
 
-    def _known(self, text: str) -> tuple[list[int], bool]:
-        """Ids of the known leading pieces, and whether that is the whole text."""
+    def _join(self, text: str, learn: bool = False) -> tuple[array[int], bool]:
+        """Ids of the known leading pieces, and whether that is the whole text (with
+        `learn`, pieces not known yet are tokenized, so it always is)."""
         assert self.split is not None
-        ids: list[int] = []
+        ids = array("I")
         pieces, special = self.pieces, self.special
         for part in self.split.split(text):
             if not part:
@@ -201,8 +223,11 @@ class PieceCache:
                 continue
             got = pieces.get(part)
             if got is None:
-                return ids, False
-            pieces.move_to_end(part)
+                if not learn:
+                    return ids, False
+                got = self._add(part)
+            else:
+                pieces.move_to_end(part)
             ids.extend(got)
         return ids, True
 
@@ -220,30 +245,49 @@ class PieceCache:
                 self.tokens -= len(pieces.popitem(last=False)[1])
             if self.verify > 0:
                 self.verify -= 1
-                ids, whole = self._known(text)
-                if not whole or ids != self.tokenizer.encode(text, add_special_tokens=False):
+                ids, whole = self._join(text)
+                expected = self.tokenizer.encode(text, add_special_tokens=False)
+                if not whole or ids.tolist() != expected:
                     log.warning("piecewise tokenization differs for this tokenizer: encoding whole")
                     self.split = None
 
 
-def prompt_token_ids(
+@dataclass(slots=True)
+class PromptTokens:
+    """A prompt's token ids as routing computed them: all of them (`whole`), or up to the
+    chat's last new piece, which `PieceCache.whole_ids(rendered)` adds."""
+
+    ids: Sequence[int]
+    whole: bool
+    rendered: str | None = None
+    """The rendered chat, where the ids came from pieces."""
+
+
+def prompt_tokens(
     request: pb.GenerateRequest, tokenizer: Tokenizer | None, pieces: PieceCache | None = None
-) -> Sequence[int]:
+) -> PromptTokens:
     """The prompt's token ids exactly as the worker's engine will compute them (a tokenizer
     is needed unless the prompt is token ids already)."""
     which = request.WhichOneof("prompt")
     if which == "token_ids":
-        return list(request.token_ids.ids)
+        return PromptTokens(list(request.token_ids.ids), True)
     if tokenizer is None:
         raise ValueError("a text prompt needs the model's tokenizer")
     if which == "chat":
         messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
         if pieces is None:
-            return tokenizer.prompt_ids(None, messages, request.chat.add_generation_prompt)
-        return pieces.prefix_ids(
-            tokenizer.apply_chat_template(messages, request.chat.add_generation_prompt)
-        )
-    return tokenizer.prompt_ids(request.text)
+            ids = tokenizer.prompt_ids(None, messages, request.chat.add_generation_prompt)
+            return PromptTokens(ids, True)
+        text = tokenizer.apply_chat_template(messages, request.chat.add_generation_prompt)
+        ids = pieces.prefix_ids(text)
+        return PromptTokens(ids, pieces.whole, text)
+    return PromptTokens(tokenizer.prompt_ids(request.text), True)
+
+
+def prompt_token_ids(
+    request: pb.GenerateRequest, tokenizer: Tokenizer | None, pieces: PieceCache | None = None
+) -> Sequence[int]:
+    return prompt_tokens(request, tokenizer, pieces).ids
 
 
 class ChainMemo:
@@ -308,4 +352,11 @@ def token_block_keys(
     memo: ChainMemo = _DEFAULT_MEMO,
 ) -> list[int]:
     ids = prompt_token_ids(request, tokenizer, pieces)
+    return memo.keys(ids, block_size, model_id.encode())
+
+
+def chain_keys(
+    ids: Sequence[int], block_size: int, model_id: str, memo: ChainMemo = _DEFAULT_MEMO
+) -> list[int]:
+    """Token ids' block keys, as the engine with this block size and model id hashes them."""
     return memo.keys(ids, block_size, model_id.encode())

@@ -159,6 +159,77 @@ def test_queued_prefill_is_counted_until_the_first_token(
     assert admin(gw)["routing"]["prefilling"] == {}
 
 
+def pretokenized(worker: Proc) -> float:
+    """Prompts the worker took as the gateway's token ids (its /metrics)."""
+    with urllib.request.urlopen(worker.ready["http"] + "/metrics", timeout=30) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("breakwater_worker_prompts_pretokenized_total{"):
+                return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("no breakwater_worker_prompts_pretokenized_total in /metrics")
+
+
+def answer(base: str, msgs: list[dict[str, str]], stream: bool) -> tuple[str, int]:
+    """A greedy chat's text and prompt tokens, streamed or whole."""
+    body = {"model": "sim", "messages": msgs, "max_tokens": 6, "temperature": 0}
+    if stream:
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+    req = urllib.request.Request(
+        base + "/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=60) as r:
+        raw = r.read().decode()
+    if not stream:
+        doc = json.loads(raw)
+        return doc["choices"][0]["message"]["content"], doc["usage"]["prompt_tokens"]
+    text, prompt_tokens = "", 0
+    for line in raw.splitlines():
+        if line.startswith("data: {"):
+            event = json.loads(line[6:])
+            for c in event.get("choices") or []:
+                text += c["delta"].get("content") or ""
+            prompt_tokens = (event.get("usage") or {}).get("prompt_tokens", prompt_tokens)
+    return text, prompt_tokens
+
+
+def test_the_prompts_token_ids_go_with_it_and_change_nothing(
+    fleet: tuple[Proc, dict[str, Proc]],
+) -> None:
+    """Once the gateway's piecewise tokenizing has been checked (its first 32 prompts), a
+    request carries the token ids routing computed, on both wires (gRPC `prompt_ids`, the
+    relayed body's `breakwater_prompt`), streamed or not; the worker takes them instead of
+    tokenizing, and answers exactly as when it tokenizes itself. A client may not send
+    them."""
+    gw, workers = fleet
+    for i in range(40):  # the gateway checks its first 32 prompts' pieces
+        chat(gw.ready["http"], messages(f"learn-{i % 4}", f"warm-up {i}"))
+    before = sum(pretokenized(w) for w in workers.values())
+    for i in range(6):
+        msgs = messages(f"ids-{i % 2}", f"question number {i}, in full?")
+        for stream in (False, True):
+            direct = answer(workers[sorted(workers)[i % 2]].ready["http"], msgs, stream)
+            assert answer(gw.ready["http"], msgs, stream) == direct
+    # every request through the gateway came with its ids (the direct ones did not)
+    assert sum(pretokenized(w) for w in workers.values()) - before == 12
+
+    refused = urllib.request.Request(
+        gw.ready["http"] + "/v1/chat/completions",
+        data=json.dumps(
+            {
+                "model": "sim",
+                "messages": messages("ids-0"),
+                "breakwater_prompt": {"token_ids": "AAAAAA==", "tokenizer": "x"},
+            }
+        ).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(refused, timeout=60)
+    assert err.value.code == 400
+    assert json.load(err.value)["error"]["param"] == "breakwater_prompt"
+
+
 def test_a_lost_worker_is_forgotten_and_a_quiet_one_kept(
     fleet: tuple[Proc, dict[str, Proc]],
 ) -> None:

@@ -308,6 +308,28 @@ def test_chat_template_and_eos(engine_config: EngineConfig) -> None:
     run(body, engine_config)
 
 
+def test_a_routers_token_ids_are_taken_for_the_prompt(engine_config: EngineConfig) -> None:
+    """A chat with the router's ids beside it generates exactly what the chat alone does,
+    without tokenizing; ids past the vocabulary are refused, naming the router."""
+
+    async def body(engine: AsyncEngine) -> None:
+        msgs = [{"role": "user", "content": "hi there, how are you?"}]
+        ids = engine.tokenizer.prompt_ids(None, msgs)
+        greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+        alone = await collect(engine, GenerateRequest("alone", messages=msgs, sampling=greedy))
+        before = engine.stats().prompts_pretokenized
+        given = await collect(
+            engine, GenerateRequest("given", messages=msgs, sampling=greedy, pretokenized=ids)
+        )
+        assert tokens_of(given) == tokens_of(alone)
+        assert engine.stats().prompts_pretokenized == before + 1
+        with pytest.raises(InvalidRequestError, match="router's prompt token ids") as e:
+            engine.generate(GenerateRequest("bad", messages=msgs, pretokenized=[10**6]))
+        assert e.value.param == "prompt"
+
+    run(body, engine_config)
+
+
 def test_memory_budget_refused_with_clear_message(tiny_llama: Path) -> None:
     from worker.engine.errors import ConfigError
 

@@ -70,3 +70,41 @@ def test_memoised_chain_equals_the_engines_hashes() -> None:
             assert memo.keys(ids, 16, extra) == [block_key(h) for h in block_hashes(ids, 16, extra)]
     odd = [-1, 2**40] * 16  # not a tokenizer's ids (a client's token-id prompt): still equal
     assert memo.keys(odd, 16, b"m") == [block_key(h) for h in block_hashes(odd, 16, b"m")]
+
+
+def test_whole_ids_are_the_engines_once_the_pieces_are_checked() -> None:
+    """What the gateway forwards as a prompt's ids: all of them, equal to the engine's own
+    tokenizing, and nothing while the first prompts are still checking the pieces."""
+    tok = Tokenizer(ensure_demo_model())
+    pieces = PieceCache(tok, verify=2)
+    for n in range(6):
+        msgs = [
+            {"role": "system", "content": f"system prompt {n % 2} " * 20},
+            {"role": "user", "content": f"question {n}, with émigré 数据 🙂"},
+        ]
+        text = tok.apply_chat_template(msgs)
+        pieces.prefix_ids(text)
+        got = pieces.whole_ids(text)
+        if n < 2:
+            assert got is None  # not checked yet
+        else:
+            assert got is not None and list(got) == tok.prompt_ids(None, msgs)
+        pieces.learn()
+    assert pieces.verified and pieces.split is not None
+
+
+def test_the_fingerprint_follows_what_tokenizing_depends_on(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+    import shutil
+
+    src = ensure_demo_model()
+    same = tmp_path / "same"
+    other = tmp_path / "other"
+    shutil.copytree(src, same)
+    shutil.copytree(src, other)
+    cfg = json.loads((other / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    (other / "tokenizer_config.json").write_text(json.dumps(cfg))
+    base = Tokenizer(src).fingerprint
+    assert Tokenizer(same).fingerprint == base  # another directory, the same files
+    assert Tokenizer(other).fingerprint != base  # another chat template

@@ -46,6 +46,11 @@ class AsyncEngine:
         return self.core.config.model_name
 
     @property
+    def prompt_fingerprint(self) -> str:
+        """Token ids a router made with this fingerprint are taken as the prompt's."""
+        return self.core.tokenizer.fingerprint
+
+    @property
     def tokenizer(self) -> Tokenizer:
         return self.core.tokenizer
 

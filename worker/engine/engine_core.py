@@ -50,6 +50,7 @@ class EngineCore:
         self.live: dict[str, _Live] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.prompts_pretokenized = 0
         self.num_steps = 0
         self.kv_peak_slots = 0
         self.kv_peak_tokens = 0
@@ -65,14 +66,21 @@ class EngineCore:
             raise InvalidRequestError(
                 "give exactly one of prompt, prompt_token_ids or messages", "prompt"
             )
-        if req.messages is not None or req.prompt is not None:
+        vocab = self.executor.vocab_size
+        if req.pretokenized is not None and req.prompt_token_ids is None:
+            ids = req.pretokenized
+            if ids and max(ids) >= vocab:  # not this model's tokenizer after all
+                raise InvalidRequestError(
+                    f"the router's prompt token ids must be integers in [0, {vocab})", "prompt"
+                )
+            self.prompts_pretokenized += 1
+        elif req.messages is not None or req.prompt is not None:
             try:
                 ids = self.tokenizer.prompt_ids(req.prompt, req.messages, req.add_generation_prompt)
             except PromptError as e:
                 raise InvalidRequestError(e.message, e.param) from e
         else:
             ids = list(req.prompt_token_ids or [])
-            vocab = self.executor.vocab_size
             if any(not isinstance(t, int) or t < 0 or t >= vocab for t in ids):
                 raise InvalidRequestError(
                     f"prompt token ids must be integers in [0, {vocab})", "prompt"
@@ -191,6 +199,7 @@ class EngineCore:
             num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
+            prompts_pretokenized=self.prompts_pretokenized,
             num_steps=self.num_steps,
             kv_peak_slots=self.kv_peak_slots,
             kv_peak_tokens=self.kv_peak_tokens,

@@ -64,6 +64,8 @@ class EngineStats:
     num_preemptions: int = 0
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
+    prompts_pretokenized: int = 0
+    """Prompts taken as token ids a router computed rather than tokenized here."""
     num_steps: int = 0
     kv_peak_slots: int = 0
     kv_peak_tokens: int = 0

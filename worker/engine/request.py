@@ -96,6 +96,9 @@ class GenerateRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     priority: int | str = Priority.INTERACTIVE
     add_generation_prompt: bool = True
+    pretokenized: list[int] | None = None
+    """The prompt or messages' token ids as a router already computed them with this
+    engine's tokenizer (the server checked its fingerprint): taken instead of tokenizing."""
 
 
 class RequestStatus(enum.Enum):

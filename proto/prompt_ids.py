@@ -1,0 +1,76 @@
+"""PromptIds.ids on the wire: token ids as unsigned 32-bit little-endian, on both wires
+(gRPC `prompt_ids`, and the OpenAI body's `breakwater_prompt` in base64), so a 2k-token
+prompt is one 8 KB copy each way instead of 2k varints or JSON numbers."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import sys
+from array import array
+from collections.abc import Sequence
+from typing import Any
+
+from proto import inference_pb2 as pb
+from proto.openai_compat import OpenAIError
+
+BODY_FIELD = "breakwater_prompt"
+"""The OpenAI body's field for a gateway's PromptIds: `{"token_ids": base64, "tokenizer"}`.
+Only a gateway sets it, on the way to a worker; a gateway refuses it from clients."""
+
+
+def prompt_ids_bytes(ids: Sequence[int]) -> bytes:
+    out = ids if isinstance(ids, array) and ids.typecode == "I" else array("I", ids)
+    if sys.byteorder == "big":
+        out = array("I", out)
+        out.byteswap()
+    return out.tobytes()
+
+
+def prompt_ids_from(data: bytes) -> list[int] | None:
+    """The ids as a list; None when `data` is not whole 32-bit ids."""
+    if len(data) % 4:
+        return None
+    ids = array("I", data)
+    if sys.byteorder == "big":
+        ids.byteswap()
+    return ids.tolist()
+
+
+def body_field(hint: pb.PromptIds) -> bytes:
+    """`,"breakwater_prompt":{...}` to splice before a JSON body's closing brace."""
+    b64 = base64.b64encode(hint.ids).decode()
+    return (
+        b',"'
+        + BODY_FIELD.encode()
+        + b'":{"token_ids":"'
+        + b64.encode()
+        + b'","tokenizer":"'
+        + hint.tokenizer.encode("ascii", "replace")
+        + b'"}'
+    )
+
+
+def with_body_field(body: bytes, hint: pb.PromptIds) -> bytes:
+    """A JSON object's bytes with the field added last (so it wins over any earlier one)."""
+    end = body.rindex(b"}")
+    head = body[:end].rstrip()
+    field = body_field(hint)
+    if head.endswith(b"{"):
+        field = field[1:]
+    return head + field + body[end:]
+
+
+def parse_body_field(value: Any) -> pb.PromptIds:
+    """The body field as a worker reads it; OpenAIError (400) when malformed."""
+    try:
+        ids, tokenizer = value["token_ids"], value["tokenizer"]
+        if not (isinstance(ids, str) and isinstance(tokenizer, str)):
+            raise TypeError
+        return pb.PromptIds(ids=base64.b64decode(ids, validate=True), tokenizer=tokenizer)
+    except (TypeError, KeyError, binascii.Error):
+        raise OpenAIError(
+            400,
+            f'\'{BODY_FIELD}\' must be {{"token_ids": base64, "tokenizer": str}}',
+            param=BODY_FIELD,
+        ) from None
