@@ -230,6 +230,28 @@ def test_the_prompts_token_ids_go_with_it_and_change_nothing(
     assert json.load(err.value)["error"]["param"] == "breakwater_prompt"
 
 
+def test_an_operator_can_keep_the_ids_at_the_gateway() -> None:
+    """`--no-forward-token-ids`: routing still tokenizes, the workers tokenize again."""
+    workers = [start_sim_worker("--http-port", "0") for _ in range(2)]
+    gw = start_gateway(
+        *[x for w in workers for x in ("--worker", w.ready["grpc"])], "--no-forward-token-ids"
+    )
+    try:
+        wait_for(
+            lambda: [w["cache"]["reported"] for w in admin(gw)["workers"]] == [True, True],
+            timeout=60,
+        )
+        for i in range(40):
+            for stream in (False, True):
+                answer(gw.ready["http"], messages(f"kept-{i % 2}", f"question {i}"), stream)
+        assert admin(gw)["routing"]["decisions"].get("held", 0) > 0  # it tokenized to route
+        assert sum(pretokenized(w) for w in workers) == 0
+    finally:
+        gw.stop()
+        for w in workers:
+            w.stop()
+
+
 def test_a_lost_worker_is_forgotten_and_a_quiet_one_kept(
     fleet: tuple[Proc, dict[str, Proc]],
 ) -> None:
