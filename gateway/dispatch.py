@@ -42,7 +42,7 @@ from gateway.upstream.openai_http import (
     wrong_type,
 )
 from proto import inference_pb2 as pb
-from proto.prompt_ids import with_body_field
+from proto.prompt_ids import fits_with_ids, with_body_field
 from serving.calls import (
     DEADLINE_EXCEEDED,
     INTERNAL,
@@ -521,7 +521,9 @@ class Dispatcher:
         try:
             if raw is not None and (relay := self._relay_for(worker, up, raw.stream)) is not None:
                 try:
-                    if request.HasField("prompt_ids"):
+                    if request.HasField("prompt_ids") and fits_with_ids(
+                        raw.body, request.prompt_ids
+                    ):
                         raw = replace(raw, body=with_body_field(raw.body, request.prompt_ids))
                     return await self._start_relay(
                         attempt, relay, request.request_id, raw, ttft_limit

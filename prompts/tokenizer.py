@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,22 @@ def _special_token(value: Any) -> str | None:
     return value
 
 
+RENDERING = 1
+"""Bump when `prompt_ids` changes what it makes of the same files (the template's
+environment, `encode`): a gateway and a worker on either side of the change then differ
+in fingerprint, and the worker tokenizes for itself."""
+
+
 def fingerprint(tokenizer_json: bytes, config: dict[str, Any], template: str | None) -> str:
     """A digest of everything `prompt_ids` depends on: the vocabulary and its rules, the
-    chat template, and the special tokens the template and `encode` add."""
+    chat template, the special tokens the template and `encode` add, and the code that
+    renders and tokenizes (this module's RENDERING, the tokenizers and jinja2 releases).
+    Not the clock: a template that prints today's date (`strftime_now`) renders it where
+    the request is tokenized, the gateway's clock where it forwards the ids."""
     h = hashlib.sha256(tokenizer_json)
     shared = {k: config.get(k) for k in ("bos_token", "eos_token", "add_bos_token")}
-    h.update(json.dumps([template, shared], sort_keys=True, default=str).encode())
+    code = [RENDERING, version("tokenizers"), version("jinja2")]
+    h.update(json.dumps([template, shared, code], sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
 
 

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from proto import inference_pb2 as pb
+from proto.limits import DEFAULT_LIMITS
 from proto.openai_compat import OpenAIError
 
 BODY_FIELD = "breakwater_prompt"
@@ -49,6 +50,14 @@ def body_field(hint: pb.PromptIds) -> bytes:
         + hint.tokenizer.encode("ascii", "replace")
         + b'"}'
     )
+
+
+def fits_with_ids(
+    body: bytes, hint: pb.PromptIds, limit: int = DEFAULT_LIMITS.max_body_bytes
+) -> bool:
+    """Whether the body stays within a worker's body limit with the ids added (base64:
+    ~5.3 bytes a token); a body that would not goes without them, as a client's would."""
+    return len(body) + (len(hint.ids) + 2) // 3 * 4 + len(hint.tokenizer) + 64 <= limit
 
 
 def with_body_field(body: bytes, hint: pb.PromptIds) -> bytes:

@@ -55,8 +55,20 @@ def to_engine_request(
         out.messages = [{"role": m.role, "content": m.content} for m in req.chat.messages]
         out.add_generation_prompt = req.chat.add_generation_prompt
     if fingerprint and which != "token_ids" and req.prompt_ids.tokenizer == fingerprint:
-        out.pretokenized = prompt_ids_from(req.prompt_ids.ids)
+        ids = prompt_ids_from(req.prompt_ids.ids)
+        if ids is not None and len(ids) <= _most_tokens(req):
+            out.pretokenized = ids
     return out
+
+
+def _most_tokens(req: pb.GenerateRequest) -> int:
+    """More ids than a prompt's bytes (every token spells at least one), plus a template's
+    own text, are not its ids: a sender that could pass off a long prompt as a short text
+    (admission counts text) gets the text tokenized instead."""
+    if req.WhichOneof("prompt") == "text":
+        return len(req.text.encode()) + 8
+    messages = req.chat.messages
+    return sum(len(m.content.encode()) + len(m.role) + 32 for m in messages) + 256
 
 
 def to_response(

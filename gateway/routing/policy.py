@@ -322,15 +322,15 @@ class PrefixAware:
             return None
         if request.WhichOneof("prompt") == "token_ids":
             return None
-        if tokens.rendered is not None and not tokens.whole:
-            assert pieces is not None
+        if tokens.rendered is not None and pieces is not None:
+            # Ids joined from pieces are made again from them here, complete and only once
+            # the pieces are checked: a check that failed since the decision (the pieces
+            # then give way to whole encodes) must not let its ids through on a retry.
             ids = pieces.whole_ids(tokens.rendered)
             if ids is None:
                 return None
             tokens = PromptTokens(ids, True)
             self._prompt = (request, tokens, tok, pieces)  # a retry forwards the same
-        elif pieces is not None and tokens.rendered is not None and not pieces.verified:
-            return None
         return pb.PromptIds(ids=prompt_ids_bytes(tokens.ids), tokenizer=tok.fingerprint)
 
     def _holdings(

@@ -108,3 +108,41 @@ def test_the_fingerprint_follows_what_tokenizing_depends_on(tmp_path) -> None:  
     base = Tokenizer(src).fingerprint
     assert Tokenizer(same).fingerprint == base  # another directory, the same files
     assert Tokenizer(other).fingerprint != base  # another chat template
+
+
+def test_ids_a_failed_check_condemned_are_not_forwarded_on_a_retry() -> None:
+    """A request decided before the piecewise check failed (its pieces were joined then)
+    and retried after it gets whole-encoded ids, never the joined ones."""
+    from gateway.registry.base import WorkerInfo, WorkerState
+    from gateway.routing.cache_views import CacheView
+    from gateway.routing.policy import PrefixAware
+    from gateway.routing.token_keys import TokenizerStore
+    from proto.prompt_ids import prompt_ids_from
+
+    tok = Tokenizer(ensure_demo_model())
+    pool = [
+        WorkerInfo(worker_id=f"w{i}", address=f"a{i}", state=WorkerState.SERVING) for i in (0, 1)
+    ]
+    policy = PrefixAware()
+    policy.views = {w.worker_id: CacheView(16, "m", "", fingerprint=tok.fingerprint) for w in pool}
+    policy.tokenizers = TokenizerStore()
+    policy.tokenizers.add("m", tok)
+    msgs = [("system", "You are a helpful assistant. " * 10), ("user", "hello there")]
+    first = chat_request(msgs)
+    policy.prompt_ids(policy.choose(pool, first, {}), first)
+    pieces = policy.tokenizers.pieces(tok)
+    pieces.learn()  # every piece known; 31 prompts left to check
+    from array import array
+
+    part = next(k for k in pieces.pieces if "hello there" in k)
+    pieces.pieces[part] = array("I", [*pieces.pieces[part], 5])  # as a tokenizer that merges across
+    again = chat_request(msgs)
+    picked = policy.choose(pool, again, {})
+    assert policy.prompt_ids(picked, again) is None  # not checked yet
+    pieces.learn()  # during the retry's backoff: this prompt's check fails
+    assert pieces.split is None
+    other = next(w for w in pool if w is not picked)
+    hint = policy.prompt_ids(other, again)
+    assert hint is not None
+    truth = tok.prompt_ids(None, [{"role": r, "content": c} for r, c in msgs])
+    assert prompt_ids_from(hint.ids) == truth

@@ -10,6 +10,7 @@ from proto import inference_pb2 as pb
 from proto.openai_compat import OpenAIError
 from proto.prompt_ids import (
     BODY_FIELD,
+    fits_with_ids,
     parse_body_field,
     prompt_ids_bytes,
     prompt_ids_from,
@@ -55,3 +56,21 @@ def test_a_worker_takes_ids_only_with_its_fingerprint() -> None:
     assert to_engine_request(req, "d").pretokenized is None  # an engine without one (vLLM)
     req.prompt_ids.ids = b"\x01\x02\x03"  # not whole ids: tokenized as always
     assert to_engine_request(req, "e", "fp").pretokenized is None
+
+
+def test_ids_that_would_push_a_body_past_the_workers_limit_stay_behind() -> None:
+    hint = pb.PromptIds(ids=prompt_ids_bytes(range(3000)), tokenizer="abcdef0123456789")
+    body = b'{"model":"m","prompt":"' + b"x" * 1000 + b'"}'
+    spliced = with_body_field(body, hint)
+    for limit in range(len(spliced) - 8, len(spliced) + 80):  # never an underestimate
+        assert not fits_with_ids(body, hint, limit) or len(spliced) <= limit
+    assert fits_with_ids(body, hint, len(spliced) + 64)
+    assert not fits_with_ids(b"{" + b" " * (4 << 20) + b"}", hint)  # the default: 4 MiB
+
+
+def test_more_ids_than_the_text_could_make_are_not_taken() -> None:
+    req = pb.GenerateRequest(model="m", text="hi")
+    req.prompt_ids.CopyFrom(pb.PromptIds(ids=prompt_ids_bytes([1] * 10), tokenizer="fp"))
+    assert to_engine_request(req, "a", "fp").pretokenized == [1] * 10
+    req.prompt_ids.ids = prompt_ids_bytes([1] * 5000)  # a long prompt passed off as "hi"
+    assert to_engine_request(req, "b", "fp").pretokenized is None
