@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import math
 import random
@@ -54,6 +55,7 @@ from loadtest.loadgen import HttpTransport, RequestSpec, Schedule, Target, open_
 from loadtest.records import RequestRecord
 from loadtest.redis_server import RedisServer
 from loadtest.report import summarize
+from serving.heap import settle
 
 T = TypeVar("T")
 MODEL = "sim"
@@ -571,8 +573,20 @@ def decision_micro_bench(
     and packing the ids, or for the others only tokenizing that piece, as the gateway does
     after every decision) against what it spares the worker (`worker_tokenize_us`:
     rendering and tokenizing the prompt, against `worker_take_ids_us`: unpacking and
-    checking the ids; timed after the decisions, not to disturb them).
+    checking the ids; timed after the decisions, not to disturb them). Run with the
+    cyclic collector set as a started gateway sets it (`serving.heap.settle`: what the
+    process holds by then frozen), so the bench's own records do not slow its collections.
     """
+    saved = gc.get_threshold()
+    settle()  # the collector as a gateway runs it, once started (serving/heap.py)
+    try:
+        return _decisions(entries, decisions, reported)
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*saved)
+
+
+def _decisions(entries: int, decisions: int, reported: bool) -> dict[str, Any]:
     from gateway.registry.base import WorkerInfo, WorkerState
     from gateway.routing.cache_views import CacheView
     from gateway.routing.policy import PrefixAware
