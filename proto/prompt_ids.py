@@ -39,16 +39,11 @@ def prompt_ids_from(data: bytes) -> list[int] | None:
 
 
 def body_field(hint: pb.PromptIds) -> bytes:
-    """`,"breakwater_prompt":{...}` to splice before a JSON body's closing brace."""
-    b64 = base64.b64encode(hint.ids).decode()
-    return (
-        b',"'
-        + BODY_FIELD.encode()
-        + b'":{"token_ids":"'
-        + b64.encode()
-        + b'","tokenizer":"'
-        + hint.tokenizer.encode("ascii", "replace")
-        + b'"}'
+    """`"breakwater_prompt":{...}`, to add to a JSON object's members."""
+    return b'"%s":{"token_ids":"%s","tokenizer":"%s"}' % (
+        BODY_FIELD.encode(),
+        base64.b64encode(hint.ids),
+        hint.tokenizer.encode("ascii", "replace"),
     )
 
 
@@ -64,10 +59,8 @@ def with_body_field(body: bytes, hint: pb.PromptIds) -> bytes:
     """A JSON object's bytes with the field added last (so it wins over any earlier one)."""
     end = body.rindex(b"}")
     head = body[:end].rstrip()
-    field = body_field(hint)
-    if head.endswith(b"{"):
-        field = field[1:]
-    return head + field + body[end:]
+    sep = b"" if head.endswith(b"{") else b","
+    return head + sep + body_field(hint) + body[end:]
 
 
 def parse_body_field(value: Any) -> pb.PromptIds:

@@ -329,7 +329,7 @@ class PrefixAware:
             ids = pieces.whole_ids(tokens.rendered)
             if ids is None:
                 return None
-            tokens = PromptTokens(ids, True)
+            tokens = PromptTokens(ids)
             self._prompt = (request, tokens, tok, pieces)  # a retry forwards the same
         return pb.PromptIds(ids=prompt_ids_bytes(tokens.ids), tokenizer=tok.fingerprint)
 

@@ -150,8 +150,6 @@ class PieceCache:
         self.verify = verify
         self.queued: list[str] = []
         """Rendered prompts with pieces not tokenized yet, for `learn`."""
-        self.whole = False
-        """Whether the last `prefix_ids` answered all of its text."""
 
     def prefix_ids(self, text: str) -> Sequence[int]:
         """`text`'s token ids up to its last piece not seen before (all of it once learnt).
@@ -161,7 +159,6 @@ class PieceCache:
         the new user message, waits for `learn`.
         """
         if self.split is None:
-            self.whole = True
             return self.tokenizer.encode(text, add_special_tokens=False)
         parts = self.split.split(text)
         pieces, special = self.pieces, self.special
@@ -171,7 +168,6 @@ class PieceCache:
         for i in unknown[:-1]:
             self._add(parts[i])
         stop = unknown[-1] if unknown else len(parts)
-        self.whole = not unknown
         if (unknown or self.verify > 0) and len(self.queued) < 1024:
             self.queued.append(text)
         ids = array("I")  # extended piece by piece in C, and hashed as it is (ChainMemo)
@@ -254,11 +250,11 @@ class PieceCache:
 
 @dataclass(slots=True)
 class PromptTokens:
-    """A prompt's token ids as routing computed them: all of them (`whole`), or up to the
-    chat's last new piece, which `PieceCache.whole_ids(rendered)` adds."""
+    """A prompt's token ids as routing computed them: all of them, or where they came from
+    pieces (`rendered` set), possibly only up to the chat's last new piece, which
+    `PieceCache.whole_ids(rendered)` adds."""
 
     ids: Sequence[int]
-    whole: bool
     rendered: str | None = None
     """The rendered chat, where the ids came from pieces."""
 
@@ -270,18 +266,18 @@ def prompt_tokens(
     is needed unless the prompt is token ids already)."""
     which = request.WhichOneof("prompt")
     if which == "token_ids":
-        return PromptTokens(list(request.token_ids.ids), True)
+        return PromptTokens(list(request.token_ids.ids))
     if tokenizer is None:
         raise ValueError("a text prompt needs the model's tokenizer")
     if which == "chat":
         messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
         if pieces is None:
             ids = tokenizer.prompt_ids(None, messages, request.chat.add_generation_prompt)
-            return PromptTokens(ids, True)
+            return PromptTokens(ids)
         text = tokenizer.apply_chat_template(messages, request.chat.add_generation_prompt)
         ids = pieces.prefix_ids(text)
-        return PromptTokens(ids, pieces.whole, text)
-    return PromptTokens(tokenizer.prompt_ids(request.text), True)
+        return PromptTokens(ids, text)
+    return PromptTokens(tokenizer.prompt_ids(request.text))
 
 
 def prompt_token_ids(
@@ -351,8 +347,7 @@ def token_block_keys(
     pieces: PieceCache | None = None,
     memo: ChainMemo = _DEFAULT_MEMO,
 ) -> list[int]:
-    ids = prompt_token_ids(request, tokenizer, pieces)
-    return memo.keys(ids, block_size, model_id.encode())
+    return chain_keys(prompt_token_ids(request, tokenizer, pieces), block_size, model_id, memo)
 
 
 def chain_keys(
