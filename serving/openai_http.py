@@ -84,10 +84,17 @@ def json_response(
     )
 
 
+class CoalescingStreamResponse(web.StreamResponse):
+    """Holds the headers back until the first body bytes, so both leave in one send (the
+    class attribute aiohttp's own `Response` sets; one syscall fewer per stream)."""
+
+    _send_headers_immediately = False
+
+
 def stream_response(
     request: web.Request,
     headers: dict[str, str],
-    cls: type[web.StreamResponse] = web.StreamResponse,
+    cls: type[web.StreamResponse] = CoalescingStreamResponse,
 ) -> web.StreamResponse:
     """A streamed answer's response object: `cls` on aiohttp, or the writer of the server
     that parsed the request (the gateway's fast front door gives its requests one)."""
@@ -461,16 +468,15 @@ class OpenAIRoutes:
         )
         sending = self.send_watch.start(request, headers["X-Request-Id"])
         try:
-            await out.prepare(request)
+            await out.prepare(request)  # the headers leave with the first event
             try:
-                await self._pump(out, stream, first, builder, info, sending)
+                last = await self._pump(out, stream, first, builder, info, sending)
+                end = sse("[DONE]")
+                if self.usage_comments and info.usage and request.headers.get(USAGE_HEADER):
+                    end = usage_comment(info.usage) + end
+                await out.write_eof(last + end)
             finally:
                 await stream.aclose()  # cancels the upstream call if it is still running
-            end = sse("[DONE]")
-            if self.usage_comments and info.usage and request.headers.get(USAGE_HEADER):
-                end = usage_comment(info.usage) + end
-            await out.write(end)
-            await out.write_eof()
         except ConnectionError:
             self._client_left(headers["X-Request-Id"], "mid-stream")
         finally:
@@ -485,28 +491,35 @@ class OpenAIRoutes:
         builder: ResponseBuilder,
         info: CallInfo,
         sending: Sending,
-    ) -> None:
-        """Write deltas as SSE events until the last; an upstream failure ends the stream."""
+    ) -> bytes:
+        """Write each delta's SSE events in one write, until the last delta (or an upstream
+        failure), whose events are returned to go out with `[DONE]` and the end of the body.
+
+        One send per delta and one for the end: a stream of n tokens costs the worker n
+        sends, where one per event (role, content, finish, usage, [DONE], the chunked
+        terminator) cost n + 4, and each of those a read and a send again in a relaying
+        gateway.
+        """
         try:
             resp = first
             while True:
                 if resp.finish_reason == pb.FINISH_REASON_ERROR:
                     err = OpenAIError(500, resp.error or "generation failed", "server_error")
-                    await out.write(sse(err.body()))
-                    return
-                for chunk in builder.chunks(resp):
-                    await out.write(sse(chunk))
-                sending.writes += 1
+                    return sse(err.body())
+                data = b"".join([sse(chunk) for chunk in builder.chunks(resp)])
                 info.output_chunks += len(resp.token_ids)
                 if resp.finish_reason:  # the last delta carries the usage (chunks() reads
                     # it only for a client that asked; builder.usage is whole answers')
                     _note_usage(info, resp.usage if resp.HasField("usage") else None)
-                    return
+                    return data
+                if data:
+                    await out.write(data)
+                sending.writes += 1
                 resp = await anext(stream)
         except UpstreamError as e:
-            await out.write(sse(from_upstream(e).body()))
+            return sse(from_upstream(e).body())
         except StopAsyncIteration:
-            await out.write(sse(OpenAIError(502, "upstream ended early", "upstream_error").body()))
+            return sse(OpenAIError(502, "upstream ended early", "upstream_error").body())
 
     def _client_left(self, request_id: str, when: str) -> None:
         self.client_disconnects += 1

@@ -129,7 +129,7 @@ class FastRequest:
 
 class FastStreamResponse:
     """A chunked 200 response written straight to the transport; its head leaves with the
-    first bytes (one send fewer per stream, as `_CoalescingStreamResponse` does)."""
+    first bytes (one send fewer per stream, as serving.openai_http's aiohttp one does)."""
 
     status = 200
 

@@ -230,7 +230,6 @@ class GatewayRoutes(OpenAIRoutes):
         out = stream_response(
             request,
             {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers},
-            _CoalescingStreamResponse,
         )
         sending = self.send_watch.start(request, headers["X-Request-Id"])
         try:
@@ -273,13 +272,6 @@ class GatewayRoutes(OpenAIRoutes):
         finally:
             self.send_watch.stop(sending)
         return out
-
-
-class _CoalescingStreamResponse(web.StreamResponse):
-    """Holds the headers back until the first body bytes, so both leave in one send (the
-    class attribute aiohttp's own `Response` sets; one syscall fewer per stream)."""
-
-    _send_headers_immediately = False
 
 
 def _usage_of(body: bytes) -> tuple[int, int, int] | None:

@@ -245,3 +245,53 @@ def test_a_worker_with_a_full_queue_is_busy_not_sick_on_a_relayed_stream() -> No
     finally:
         gw.stop()
         worker.stop()
+
+
+def _reads_of_a_stream(url: str, max_tokens: int) -> list[bytes]:
+    """The socket reads that brought one streamed chat of `max_tokens` tokens, whole."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    body = json.dumps(
+        {"model": "sim", "messages": PROMPT, "max_tokens": max_tokens, "stream": True}
+        | {"stream_options": {"include_usage": True}}
+    ).encode()
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s\r\n" % host.encode()
+    head += b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+    reads: list[bytes] = []
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(head + body)
+        while not b"".join(reads).endswith(b"\r\n0\r\n\r\n"):
+            data = s.recv(65536)
+            assert data, b"".join(reads)[-300:]
+            reads.append(data)
+    return reads
+
+
+@pytest.mark.parametrize("path", ["worker", "relayed", "over-grpc"])
+def test_a_stream_leaves_in_one_send_per_token(path: str) -> None:
+    """The head goes with the first token's events, each later token's events in one send,
+    and the last token's with the usage, [DONE] and the chunked terminator: n sends for n
+    tokens, where one send per event cost the worker n + 4 and a relaying gateway as many
+    reads and sends again. The reader may get fewer reads than sends (a slow reader finds
+    two in its buffer), never more: the bound holds on a loaded machine too."""
+    # 20 ms steps (the tiny preset at 0.01x), so each token is a send of its own
+    worker = start_sim_worker("--http-port", "0", "--sim-speed", "0.01")
+    gw = None
+    try:
+        url = worker.ready["http"]
+        if path != "worker":
+            flags = () if path == "relayed" else ("--no-relay-to-workers",)
+            gw = start_gateway("--worker", worker.ready["grpc"], *flags)
+            wait_for(lambda: _listed(gw), timeout=30)
+            url = gw.ready["http"]
+        reads = _reads_of_a_stream(url, max_tokens=6)
+        raw = b"".join(reads)
+        assert raw.startswith(b"HTTP/1.1 200 ") and b'"completion_tokens":6' in raw
+        assert raw.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+        assert b'"content":"' in reads[0].replace(b'"content":""', b""), reads[0]
+        assert len(reads) <= 6, [r[-60:] for r in reads]
+        if gw is not None:
+            assert _generate_calls(worker) == (0 if path == "relayed" else 1)
+    finally:
+        if gw is not None:
+            gw.stop()
+        worker.stop()
