@@ -378,7 +378,32 @@ def _response_schemas() -> dict[str, Schema]:
         "Health": {
             "type": "object",
             "required": ["status"],
-            "properties": {"status": {"const": "ok"}},
+            "properties": {
+                "status": {"const": "ok"},
+                "process": {
+                    "type": "integer",
+                    "description": "Gateway: which of its processes answered (--processes).",
+                },
+                "routing_shared": {
+                    "type": "object",
+                    "description": "Gateway: prefix-aware decisions sent to and received "
+                    "from its sibling processes and other gateways.",
+                    "properties": {
+                        "sent": {"type": "integer"},
+                        "received": {"type": "integer"},
+                    },
+                },
+                "routing_tokenizers": {
+                    "type": "integer",
+                    "description": "Gateway: tokenizers this process has loaded (0: it "
+                    "routes on text blocks until the workers' tokenizer is loaded).",
+                },
+                "cache_reports": {
+                    "type": "integer",
+                    "description": "Gateway: replicas whose prefix-cache reports this "
+                    "process follows.",
+                },
+            },
         },
         "Readiness": {
             "type": "object",

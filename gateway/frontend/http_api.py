@@ -94,9 +94,17 @@ class GatewayRoutes(OpenAIRoutes):
     async def healthz(self, request: web.Request) -> web.Response:
         # Which of the gateway's processes answered (one port, several processes), and
         # its routing-decision exchange with the others.
+        # What this process routes on: tokenizers loaded (token blocks, else text) and the
+        # replicas whose cache reports it follows; its siblings may differ while starting.
         body: dict[str, Any] = {"status": "ok", "process": self.process["index"]}
         if self.share is not None:
             body["routing_shared"] = {"sent": self.share.sent, "received": self.share.received}
+        prefix_aware = getattr(self.dispatcher.policy, "prefix_aware", None)
+        pa = prefix_aware() if prefix_aware is not None else None
+        if pa is not None and pa.tokenizers is not None:
+            body["routing_tokenizers"] = len(pa.tokenizers.loaded())
+        if self.cache_views is not None:
+            body["cache_reports"] = len(self.cache_views)
         return json_response(body)
 
     def process_view(self) -> dict[str, Any]:

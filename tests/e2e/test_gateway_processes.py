@@ -126,6 +126,21 @@ def test_prefix_aware_processes_share_their_routing(worker: Proc) -> None:
             counts = shared().values()
             return sum(c["sent"] for c in counts) == sum(c["received"] for c in counts)
 
+        def routes_on_tokens() -> dict[int, bool]:
+            """Per process: it has loaded the workers' tokenizer and follows both caches."""
+            seen: dict[int, bool] = {}
+            while len(seen) < 2:
+                req = urllib.request.Request(url + "/healthz", headers={"Connection": "close"})
+                with urllib.request.urlopen(req, timeout=10) as r:
+                    h = json.loads(r.read())
+                seen[h["process"]] = h["routing_tokenizers"] > 0 and h["cache_reports"] == 2
+            return seen
+
+        # Both processes route on the engine's token blocks before the first decision: a
+        # decision made on token keys is shared as those keys only (text keys too would
+        # cost every request ~30 us), so a sibling still loading the tokenizer, seconds
+        # on a loaded machine, could not match it and placed the next turn elsewhere.
+        wait_for(lambda: all(routes_on_tokens().values()), timeout=60)
         for n in range(4):
             prompt = f"conversation {n}: " + "a long shared system prompt. " * 20
             first = where(prompt)
