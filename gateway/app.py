@@ -43,6 +43,7 @@ from gateway.routing.policy import Router
 from gateway.routing.token_keys import TokenizerStore
 from gateway.settings import GatewaySettings
 from gateway.shadow import Shadows
+from gateway.shutdown import Step, run_steps
 from gateway.upstream.base import Upstream
 from gateway.upstream.grpc_upstream import GrpcUpstream
 from gateway.upstream.openai_http import RELAY_KIND, OpenAIHTTPUpstream
@@ -380,32 +381,44 @@ class Gateway:
             await self.grpc_server.start()
         await self._start_admin()
 
-    async def stop(self) -> None:
+    async def stop(self) -> list[str]:
+        """Stop serving, let requests in flight finish (up to DRAIN_S), release the rest.
+        Returns the steps that did not finish in their time (gateway/shutdown.py)."""
         if self._fleet_task is not None:
             self._fleet_task.cancel()
+        steps: list[Step] = []
         if self.grpc_server is not None:
-            await self.grpc_server.stop(grace=2.0)
+            steps.append(("grpc server", functools.partial(self.grpc_server.stop, 2.0), 10))
         if self.fast_front is not None:
-            await self.fast_front.shutdown()
+            steps.append(("http front door", self.fast_front.shutdown, DRAIN_S + 10))
         if self.runner is not None:
-            await self.runner.cleanup()
+            steps.append(("http server", self.runner.cleanup, DRAIN_S + 10))
         if self.breaker_sync is not None:
-            await self.breaker_sync.close()
+            steps.append(("breaker sync", self.breaker_sync.close, STEP_S))
         if self.cache_watcher is not None:
-            await self.cache_watcher.close()
-        await self.metrics.close()
+            steps.append(("cache watcher", self.cache_watcher.close, STEP_S))
+        steps.append(("metrics", self.metrics.close, STEP_S))
         if self.admin_runner is not None:
-            await self.admin_runner.cleanup()
-        await self.overrides.close()
-        await self.shadows.close()
-        await self.registry.close()
-        await self.dispatcher.close()
-        await self.admission.close()
+            steps.append(("admin listener", self.admin_runner.cleanup, STEP_S))
+        steps += [
+            ("overrides", self.overrides.close, STEP_S),
+            ("shadows", self.shadows.close, STEP_S),
+            ("registry", self.registry.close, STEP_S),
+            ("dispatcher", self.dispatcher.close, STEP_S),
+            ("admission", self.admission.close, STEP_S),
+        ]
         if self.share is not None:
-            await self.share.close()
+            steps.append(("routing share", self.share.close, STEP_S))
+        return await run_steps(steps)
 
 
-async def _serve(settings: GatewaySettings) -> int:
+DRAIN_S = 60.0
+"""How long a stopping gateway lets requests in flight finish (the front door's own)."""
+STEP_S = 10.0
+"""Any other shutdown step gets this long before it is passed over."""
+
+
+async def _serve(settings: GatewaySettings, metrics_dir: str | None) -> int:
     share_socks = None
     group = settings.processes > 1 and settings.process_index == 0
     prefix_aware = "prefix-aware" in {settings.routing, *settings.model_routing.values()}
@@ -415,6 +428,8 @@ async def _serve(settings: GatewaySettings) -> int:
     gw = Gateway(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # Not a forced exit on a second signal: a terminal's Ctrl-C reaches every process of
+    # `breakwater up` and of a gateway's process group, and their parents' SIGTERM follows.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await gw.start()
@@ -433,9 +448,14 @@ async def _serve(settings: GatewaySettings) -> int:
     )
     await stop.wait()
     if siblings is not None:
-        await asyncio.gather(siblings.stop(), gw.stop())
+        _, left = await asyncio.gather(siblings.stop(), gw.stop())
     else:
-        await gw.stop()
+        left = await gw.stop()
+    if left:  # the loop's own cleanup would wait for them too: leave without it
+        log.error("exiting with %s unfinished", ", ".join(left))
+        remove_multiprocess_dir(metrics_dir)
+        logging.shutdown()
+        os._exit(1)
     return 0
 
 
@@ -451,16 +471,16 @@ def run_gateway(settings: GatewaySettings) -> int:
         return 2
     metrics_dir = ensure_multiprocess_dir()
     try:
-        return _run(settings)
+        return _run(settings, metrics_dir)
     finally:
         remove_multiprocess_dir(metrics_dir)
 
 
-def _run(settings: GatewaySettings) -> int:
+def _run(settings: GatewaySettings, metrics_dir: str | None) -> int:
     configure_logging()
     # uvloop: about twice the request rate of asyncio's own loop on this path (peer_bench).
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(_serve(settings))
+        return runner.run(_serve(settings, metrics_dir))
 
 
 if __name__ == "__main__":  # a sibling process started by process 0 (see process_group)

@@ -1,0 +1,36 @@
+"""Shutdown in bounded steps: a SIGTERM ends the process, whatever a step does.
+
+A close that waits on a peer gone for good (a library's channel close, say) must not keep
+a stopping gateway alive: once, one kept serving its admin port for minutes after SIGTERM
+and a SIGINT. Each step runs as a task of its own and is waited on for its limit only,
+however it treats cancellation (a step that swallows CancelledError would defeat
+`asyncio.timeout`); one that does not finish is named in the log and left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+
+log = logging.getLogger("breakwater.gateway")
+
+Step = tuple[str, Callable[[], Awaitable[object]], float]
+"""(name for the log, the close to call, seconds it may take)."""
+
+
+async def run_steps(steps: Sequence[Step]) -> list[str]:
+    """Run each step in turn; returns the names of those left unfinished (cancelled, but
+    not awaited: they may never end, and the caller should not wait for the loop's own
+    cleanup either). A step that fails is logged and the rest still run."""
+    left: list[str] = []
+    for name, step, limit in steps:
+        task = asyncio.ensure_future(step())
+        done, _ = await asyncio.wait({task}, timeout=limit)
+        if not done:
+            task.cancel()
+            left.append(name)
+            log.error("shutdown: %s did not stop within %g s; going on without it", name, limit)
+        elif not task.cancelled() and (exc := task.exception()) is not None:
+            log.warning("shutdown: %s failed: %r", name, exc)
+    return left
