@@ -17,6 +17,11 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"BREAKWATER_GATEWAY_{name}", default)
 
 
+def _env_on(name: str) -> bool:
+    """An on-by-default switch: off only for 0, false or no."""
+    return _env(name, "1") not in ("0", "false", "no")
+
+
 @dataclass
 class GatewaySettings:
     host: str = "127.0.0.1"
@@ -230,7 +235,7 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--relay-to-workers",
         action=argparse.BooleanOptionalAction,
-        default=_env("RELAY_TO_WORKERS", "1") not in ("0", "false", "no"),
+        default=_env_on("RELAY_TO_WORKERS"),
         help="send HTTP clients' OpenAI streams to a Breakwater worker's OpenAI port (its "
         "--http-port) as they came and pass its SSE bytes back, rather than over gRPC as "
         "deltas; gRPC still carries health, stats, cache reports and gRPC clients' calls",
@@ -238,7 +243,7 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--forward-token-ids",
         action=argparse.BooleanOptionalAction,
-        default=_env("FORWARD_TOKEN_IDS", "1") not in ("0", "false", "no"),
+        default=_env_on("FORWARD_TOKEN_IDS"),
         help="send a prompt's token ids, as prefix-aware routing computed them, with the "
         "request to a Breakwater worker that reports the same tokenizer (fingerprint), so "
         "it does not render and tokenize the prompt again",

@@ -54,7 +54,7 @@ from loadtest.fleet import Proc, admin_json, start_gateway, start_sim_worker, wa
 from loadtest.loadgen import HttpTransport, RequestSpec, Schedule, Target, open_transport
 from loadtest.records import RequestRecord
 from loadtest.redis_server import RedisServer
-from loadtest.report import summarize
+from loadtest.report import percentile, summarize
 from serving.heap import settle
 
 T = TypeVar("T")
@@ -670,8 +670,9 @@ def _decisions(entries: int, decisions: int, reported: bool) -> dict[str, Any]:
 
 
 def _pct(values: list[float], q: float) -> float | None:
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(len(ordered) * q))], 1) if ordered else None
+    """The q-quantile (0..1) as the rest of the bench reports it (report.percentile)."""
+    p = percentile(values, q * 100)
+    return round(p, 1) if p is not None else None
 
 
 def _time_worker(tok: Any, r: Any, hint: Any, into: dict[str, list[float]]) -> None:
