@@ -172,6 +172,26 @@ def test_vllms_own_rejection_ends_the_stream_with_an_error(vllm: ModuleType) -> 
     assert engine.stats().num_requests_waiting == 0
 
 
+def test_an_idle_engine_reports_no_queue_whatever_its_last_step_saw(vllm: ModuleType) -> None:
+    """vLLM's scheduler stats are its last step's; with nothing in flight there is no queue
+    (CI once read vllm:num_requests_waiting 1 from an idle real vLLM)."""
+    engine = make()
+    engine.counters.record(
+        SimpleNamespace(num_running_reqs=2, num_waiting_reqs=1, kv_cache_usage=0.5), None
+    )
+    stats = engine.stats()
+    assert (stats.num_requests_running, stats.num_requests_waiting) == (0, 0)
+
+    engine._live.update({"a", "b"})  # two requests handed to vLLM, neither answered yet
+    stats = engine.stats()
+    assert (stats.num_requests_running, stats.num_requests_waiting) == (2, 0)
+    engine.counters.record(
+        SimpleNamespace(num_running_reqs=1, num_waiting_reqs=1, kv_cache_usage=0.5), None
+    )
+    stats = engine.stats()
+    assert (stats.num_requests_running, stats.num_requests_waiting) == (1, 1)
+
+
 def test_engine_args_follow_the_config(vllm: ModuleType) -> None:
     engine = make(
         "/models/llama",

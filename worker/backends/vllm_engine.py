@@ -138,13 +138,20 @@ class VLLMEngine:
     def stats(self) -> EngineStats:
         """vLLM's own counters (its scheduler's, through a stat logger) where this vLLM has
         them; otherwise what the adapter sees, counting a request as waiting until its first
-        output arrives."""
+        output arrives.
+
+        vLLM's counts are a snapshot of its last step, and an idle engine takes no more steps,
+        so they are capped by the requests this adapter (vLLM's only client) has in flight:
+        an idle worker reports an empty queue to the router and the autoscaler, whatever its
+        last step saw."""
         c = self.counters
-        running = c.running if c.seen else len(self._started)
+        live = len(self._live)
+        running = min(c.running, live) if c.seen else len(self._started)
+        waiting = min(c.waiting, live - running) if c.seen else live - running
         return EngineStats(
             model=self.model_name,
             num_requests_running=running,
-            num_requests_waiting=c.waiting if c.seen else len(self._live) - running,
+            num_requests_waiting=waiting,
             max_num_seqs=self.config.max_num_seqs,
             kv_cache_usage=c.kv_cache_usage,
             block_size=self.block_size,
