@@ -91,17 +91,14 @@ class CoalescingStreamResponse(web.StreamResponse):
     _send_headers_immediately = False
 
 
-def stream_response(
-    request: web.Request,
-    headers: dict[str, str],
-    cls: type[web.StreamResponse] = CoalescingStreamResponse,
-) -> web.StreamResponse:
-    """A streamed answer's response object: `cls` on aiohttp, or the writer of the server
-    that parsed the request (the gateway's fast front door gives its requests one)."""
+def stream_response(request: web.Request, headers: dict[str, str]) -> web.StreamResponse:
+    """A streamed answer's response object: a CoalescingStreamResponse on aiohttp, or the
+    writer of the server that parsed the request (the gateway's fast front door gives its
+    requests one)."""
     make = getattr(request, "stream_response", None)
     if make is not None:
         return make(headers)  # type: ignore[no-any-return]
-    return cls(headers=headers)
+    return CoalescingStreamResponse(headers=headers)
 
 
 def call_headers(request_id: str, info: CallInfo) -> dict[str, str]:

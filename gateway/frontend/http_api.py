@@ -92,10 +92,10 @@ class GatewayRoutes(OpenAIRoutes):
         self.admission.judge_retry(e)
 
     async def healthz(self, request: web.Request) -> web.Response:
-        # Which of the gateway's processes answered (one port, several processes), and
-        # its routing-decision exchange with the others.
-        # What this process routes on: tokenizers loaded (token blocks, else text) and the
-        # replicas whose cache reports it follows; its siblings may differ while starting.
+        # Which of the gateway's processes answered (one port, several processes), its
+        # routing-decision exchange with the others, and what it routes on: tokenizers
+        # loaded (token blocks, else text) and the replicas whose cache reports it follows
+        # (its siblings may differ while they start).
         body: dict[str, Any] = {"status": "ok", "process": self.process["index"]}
         if self.share is not None:
             body["routing_shared"] = {"sent": self.share.sent, "received": self.share.received}
