@@ -93,9 +93,14 @@ class CacheFeed:
             return
         if not events:
             return
-        update = pb.CacheUpdate()
+        # A key changed twice in one batch (evicted, then cached again by the next request)
+        # is sent once, as it stands now: a reader applies `stored` and `removed` as sets,
+        # so one in both lists would be read as gone while the engine holds it.
+        last: dict[int, bool] = {}
         for stored, h in events:
-            key = block_key(h)
+            last[block_key(h)] = stored
+        update = pb.CacheUpdate()
+        for key, stored in last.items():
             if stored:
                 self.held.add(key)
                 update.stored.append(key)

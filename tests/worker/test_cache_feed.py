@@ -71,3 +71,38 @@ def test_a_watcher_that_stops_reading_is_resynced_not_waited_for() -> None:
             engine.shutdown()
 
     asyncio.run(main())
+
+
+def test_a_block_evicted_and_cached_again_between_polls_is_sent_as_held() -> None:
+    """The engine's change log can evict a key and cache it again before the feed reads it
+    (a prompt pushed out, then sent again): the update says the key is held, once, so a
+    gateway applying it as sets (add `stored`, drop `removed`) still matches the engine."""
+
+    async def main() -> None:
+        engine = build_sim_engine(CONFIG, "tiny", 1.0, 1024)
+        feed = CacheFeed(engine, interval_s=3600)  # polled by hand
+        feed.start()
+        try:
+            stream = feed.watch()
+            mine = set((await anext(stream)).stored)
+            await generate(engine, "again")
+            feed.poll()
+            first = await anext(stream)
+            mine = (mine | set(first.stored)) - set(first.removed)
+            again = set(first.stored)
+            for i in range(8):  # evicts every block of "again" from 1,024 tokens ...
+                await generate(engine, f"r{i}")
+            await generate(engine, "again")  # ... and caches them again, all in one batch
+            assert again <= truth(engine)
+            feed.poll()
+            update = await anext(stream)
+            assert again <= set(update.stored) and not again & set(update.removed)
+            assert not set(update.stored) & set(update.removed)
+            mine = (mine | set(update.stored)) - set(update.removed)
+            assert mine == truth(engine) == feed.held
+            await stream.aclose()
+        finally:
+            await feed.close()
+            engine.shutdown()
+
+    asyncio.run(main())
