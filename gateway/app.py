@@ -18,6 +18,7 @@ import grpc
 import uvloop
 from aiohttp import web
 
+from gateway import shared_dir
 from gateway.admin.api import AdminAPI
 from gateway.admin.overrides import FileStore, Overrides, RedisStore
 from gateway.admission.adaptive import AdaptiveConcurrency
@@ -28,12 +29,7 @@ from gateway.frontend.fast_http import FastFront
 from gateway.frontend.grpc_api import GatewayInference
 from gateway.frontend.http_api import GatewayRoutes
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from gateway.metrics import (
-    MULTIPROC_ENV,
-    GatewayMetrics,
-    ensure_multiprocess_dir,
-    remove_multiprocess_dir,
-)
+from gateway.metrics import GatewayMetrics
 from gateway.process_group import READY_LINE, Siblings, die_with_parent, sibling_settings
 from gateway.registry.base import Registry, WorkerInfo
 from gateway.registry.dynamic import DynamicRegistry
@@ -180,7 +176,7 @@ class Gateway:
             if settings.redis_url
             # run_gateway always sets the shared directory; a private one otherwise, never a
             # common /tmp file that unrelated gateways on the host would share
-            else FileStore(os.environ.get(MULTIPROC_ENV) or tempfile.mkdtemp(prefix="bw-admin-"))
+            else FileStore(os.environ.get(shared_dir.ENV) or tempfile.mkdtemp(prefix="bw-admin-"))
         )
         self.shadows = Shadows(self.dispatcher)
         routes.shadows = self.shadows
@@ -418,7 +414,7 @@ STEP_S = 10.0
 """Any other shutdown step gets this long before it is passed over."""
 
 
-async def _serve(settings: GatewaySettings, metrics_dir: str | None) -> int:
+async def _serve(settings: GatewaySettings, own_dir: str | None) -> int:
     share_socks = None
     group = settings.processes > 1 and settings.process_index == 0
     prefix_aware = "prefix-aware" in {settings.routing, *settings.model_routing.values()}
@@ -453,7 +449,7 @@ async def _serve(settings: GatewaySettings, metrics_dir: str | None) -> int:
         left = await gw.stop()
     if left:  # the loop's own cleanup would wait for them too: leave without it
         log.error("exiting with %s unfinished", ", ".join(left))
-        remove_multiprocess_dir(metrics_dir)
+        shared_dir.remove(own_dir)
         logging.shutdown()
         os._exit(1)
     return 0
@@ -469,18 +465,18 @@ def run_gateway(settings: GatewaySettings) -> int:
     except TLSConfigError as e:
         print(f"breakwater gateway: {e}", file=sys.stderr, flush=True)
         return 2
-    metrics_dir = ensure_multiprocess_dir()
+    own_dir = shared_dir.ensure()
     try:
-        return _run(settings, metrics_dir)
+        return _run(settings, own_dir)
     finally:
-        remove_multiprocess_dir(metrics_dir)
+        shared_dir.remove(own_dir)
 
 
-def _run(settings: GatewaySettings, metrics_dir: str | None) -> int:
+def _run(settings: GatewaySettings, own_dir: str | None) -> int:
     configure_logging()
     # uvloop: about twice the request rate of asyncio's own loop on this path (peer_bench).
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(_serve(settings, metrics_dir))
+        return runner.run(_serve(settings, own_dir))
 
 
 if __name__ == "__main__":  # a sibling process started by process 0 (see process_group)

@@ -23,8 +23,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import shutil
-import tempfile
 from collections import Counter as Tally
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -32,10 +30,9 @@ from typing import Any
 
 import orjson
 
+from gateway import shared_dir
 from serving.openai_http import Finished
 
-MULTIPROC_ENV = "BREAKWATER_GATEWAY_SHARED_DIR"
-"""The directory a gateway's processes share: metric snapshots, operator overrides."""
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 request_log = logging.getLogger("breakwater.requests")
 
@@ -43,21 +40,6 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 64
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 10, 20, 40, 80)
 TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
 BREAKER_VALUES = {"closed": 0.0, "half-open": 1.0, "open": 2.0}
-
-
-def ensure_multiprocess_dir() -> str | None:
-    """Process 0: a fresh directory shared with its siblings through the environment;
-    returns the path to remove at exit (None when inherited or set by the operator)."""
-    if os.environ.get(MULTIPROC_ENV):
-        return None
-    path = tempfile.mkdtemp(prefix="breakwater-gateway-")
-    os.environ[MULTIPROC_ENV] = path
-    return path
-
-
-def remove_multiprocess_dir(path: str | None) -> None:
-    if path:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 UNCHECKED_MODEL = frozenset({400, 404, 408, 413})
@@ -87,7 +69,7 @@ class GatewayMetrics:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = r = CollectorRegistry(auto_describe=True)
-        self.directory = os.environ.get(MULTIPROC_ENV)
+        self.directory = os.environ.get(shared_dir.ENV)
         self.index = 0
         """This process's index in its gateway (--processes): names its snapshot file."""
         self._sources = sources

@@ -150,13 +150,15 @@ ADMIN_TOKEN = "fleet-admin-token"
 """The admin token gateways started here are given (their admin listener: ready["admin"])."""
 
 
-def start_gateway(*extra: str, timeout: float = 60.0, processes: int = 1) -> Proc:
+def start_gateway(
+    *extra: str, timeout: float = 60.0, processes: int = 1, env: dict[str, str] | None = None
+) -> Proc:
     """One event-loop process unless asked: a scenario's figures (ejections seen, limits
     hit) then belong to one gateway view, not to siblings that each learn on their own."""
     args = ["gateway", "--port", "0", "--processes", str(processes)]
     if "--admin-token" not in extra:
         args += ["--admin-token", ADMIN_TOKEN]
-    return Proc([*args, *extra], "BREAKWATER_GATEWAY_READY", timeout)
+    return Proc([*args, *extra], "BREAKWATER_GATEWAY_READY", timeout, env=env)
 
 
 def admin_call(gw: Proc, method: str, path: str, body: Any = None) -> tuple[int, Any]:

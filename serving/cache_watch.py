@@ -5,8 +5,9 @@ upstream. One JSON object a line (`application/x-ndjson`): first a snapshot, `{"
 true, "stored": [keys], "block_size", "model_id", "tokenizer", "tokenizer_fingerprint"}`,
 then each batch of changes, `{"stored": [...], "removed": [...]}` (a key in one list only, as
 it stands after the batch); an empty line every HEARTBEAT_S while the cache is still, so a
-reader can tell a quiet cache from a peer that is gone. Keys are the engine's block keys (unsigned 64-bit integers). Shared by the worker
-that writes it and the gateway that reads it.
+reader can tell a quiet cache from a peer that is gone. Keys are the engine's block keys
+(unsigned 64-bit integers). Shared by the worker that writes it and the gateway that reads
+it.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import os
 import signal
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -152,3 +153,31 @@ def test_prefix_aware_processes_share_their_routing(worker: Proc) -> None:
     finally:
         gw.stop()
         other.stop()
+
+
+def test_a_killed_gateways_shared_directory_goes_with_the_next_start(
+    worker: Proc, tmp_path: Path
+) -> None:
+    """A gateway killed outright leaves its processes' shared directory behind; the next
+    gateway to start on the host removes it, and its own goes when it stops."""
+
+    def dirs() -> set[str]:
+        return {p.name for p in tmp_path.glob("breakwater-gateway-*")}
+
+    env = {"TMPDIR": str(tmp_path)}
+    killed = start_gateway("--worker", worker.ready["grpc"], processes=2, env=env)
+    try:
+        (left,) = dirs()
+        (sibling,) = wait_for(lambda: _children(killed.pid), timeout=60)
+        killed.kill()
+        wait_for(lambda: not _alive(sibling), timeout=30)  # it dies with its parent
+    finally:
+        killed.stop()
+    assert dirs() == {left}
+    gw = start_gateway("--worker", worker.ready["grpc"], processes=2, env=env)
+    try:
+        (own,) = dirs()
+        assert own != left
+    finally:
+        assert gw.stop() == 0
+    assert dirs() == set()
