@@ -38,9 +38,8 @@ def ensure() -> str | None:
     path = tempfile.mkdtemp(prefix=PREFIX)
     staged = os.path.join(path, LOCK + ".new")
     fd = os.open(staged, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_SH)
+    _lock(fd)
     os.rename(staged, os.path.join(path, LOCK))  # appears locked: no sweep finds it free
-    _held.append(fd)
     os.environ[ENV] = path
     return path
 
@@ -88,5 +87,15 @@ def _hold(lock: str) -> None:
         fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return  # an operator's directory: nothing to hold, nothing will sweep it
-    fcntl.flock(fd, fcntl.LOCK_SH)
+    _lock(fd)
+
+
+def _lock(fd: int) -> None:
+    """A shared lock, kept. Where the file system has no flock, none: no sweep can take the
+    directory either, as its exclusive lock fails the same way."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # only a sweep's brief hold could block
+    except OSError:
+        os.close(fd)
+        return
     _held.append(fd)
