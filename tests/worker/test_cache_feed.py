@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
 
 from prompts.block_keys import block_key
 from worker.backends.sim import build_sim_engine
@@ -17,6 +20,19 @@ def truth(engine) -> set[int]:  # type: ignore[no-untyped-def]
     return {block_key(h) for h in engine.cached_hashes()}
 
 
+@contextlib.asynccontextmanager
+async def running(interval_s: float) -> AsyncIterator[tuple[Any, CacheFeed]]:
+    """A sim engine with 1,024 KV tokens and its feed, polled every interval_s."""
+    engine = build_sim_engine(CONFIG, "tiny", 1.0, 1024)
+    feed = CacheFeed(engine, interval_s=interval_s)
+    feed.start()
+    try:
+        yield engine, feed
+    finally:
+        await feed.close()
+        engine.shutdown()
+
+
 async def generate(engine, tag: str) -> None:  # type: ignore[no-untyped-def]
     prompt = f"[{tag}] a long enough prompt to fill several blocks of sixteen tokens " * 6
     req = GenerateRequest(tag, prompt=prompt, sampling=SamplingParams(max_tokens=2))
@@ -26,10 +42,7 @@ async def generate(engine, tag: str) -> None:  # type: ignore[no-untyped-def]
 
 def test_a_watcher_follows_the_engine_exactly() -> None:
     async def main() -> None:
-        engine = build_sim_engine(CONFIG, "tiny", 1.0, 1024)
-        feed = CacheFeed(engine, interval_s=0.01)
-        feed.start()
-        try:
+        async with running(0.01) as (engine, feed):
             stream = feed.watch()
             first = await anext(stream)
             assert first.snapshot and first.block_size == 16 and first.model_id == "sim"
@@ -45,19 +58,13 @@ def test_a_watcher_follows_the_engine_exactly() -> None:
             assert mine == feed.held and mine
             await stream.aclose()
             assert not feed._watchers
-        finally:
-            await feed.close()
-            engine.shutdown()
 
     asyncio.run(main())
 
 
 def test_a_watcher_that_stops_reading_is_resynced_not_waited_for() -> None:
     async def main() -> None:
-        engine = build_sim_engine(CONFIG, "tiny", 1.0, 1024)
-        feed = CacheFeed(engine, interval_s=3600)  # polled by hand
-        feed.start()
-        try:
+        async with running(3600) as (engine, feed):  # polled by hand
             stream = feed.watch()
             await anext(stream)
             for i in range(MAX_BACKLOG + 5):  # more batches than the watcher may queue
@@ -66,9 +73,6 @@ def test_a_watcher_that_stops_reading_is_resynced_not_waited_for() -> None:
             update = await anext(stream)
             assert update.snapshot and set(update.stored) == truth(engine)
             await stream.aclose()
-        finally:
-            await feed.close()
-            engine.shutdown()
 
     asyncio.run(main())
 
@@ -79,10 +83,7 @@ def test_a_block_evicted_and_cached_again_between_polls_is_sent_as_held() -> Non
     gateway applying it as sets (add `stored`, drop `removed`) still matches the engine."""
 
     async def main() -> None:
-        engine = build_sim_engine(CONFIG, "tiny", 1.0, 1024)
-        feed = CacheFeed(engine, interval_s=3600)  # polled by hand
-        feed.start()
-        try:
+        async with running(3600) as (engine, feed):  # polled by hand
             stream = feed.watch()
             mine = set((await anext(stream)).stored)
             await generate(engine, "again")
@@ -101,8 +102,5 @@ def test_a_block_evicted_and_cached_again_between_polls_is_sent_as_held() -> Non
             mine = (mine | set(update.stored)) - set(update.removed)
             assert mine == truth(engine) == feed.held
             await stream.aclose()
-        finally:
-            await feed.close()
-            engine.shutdown()
 
     asyncio.run(main())
