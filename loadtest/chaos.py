@@ -360,8 +360,9 @@ def overload(quick: bool) -> dict[str, Any]:
             for lv in levels
         }
         rss1 = _rss_mb(f.gateway.pid)
-    base_p99 = summarize(runs[0.5])["ttft_ms"]["p99"] or 1.0
-    goodput, ttft_ratio, rejects = {}, {}, []
+    base = summarize(runs[0.5])["ttft_ms"]
+    base_p99, base_p90 = base["p99"] or 1.0, base["p90"] or 1.0
+    goodput, ttft_ratio, ttft_p90_ratio, rejects = {}, {}, {}, []
     for lv, recs in runs.items():
         # one service time left out at the start (at most half the run: a gateway that
         # queues makes the service time itself grow)
@@ -370,7 +371,9 @@ def overload(quick: bool) -> dict[str, Any]:
         served = completion_rate(recs, service, step)
         # against the best saturated run: what the fleet did, not an average of it
         goodput[f"{lv}x"] = round(served / min(offered, max(caps)), 3)
-        ttft_ratio[f"{lv}x"] = round(summarize(recs)["ttft_ms"]["p99"] / base_p99, 2)
+        ttft = summarize(recs)["ttft_ms"]
+        ttft_ratio[f"{lv}x"] = round(ttft["p99"] / base_p99, 2)
+        ttft_p90_ratio[f"{lv}x"] = round(ttft["p90"] / base_p90, 2)
         rejects += [r for r in recs if r.rejected]
     reject_p50 = statistics.median([r.e2e_s * 1000 for r in rejects]) if rejects else 0.0
     with_retry_after = all(r.retry_after_s is not None for r in rejects)
@@ -380,20 +383,27 @@ def overload(quick: bool) -> dict[str, Any]:
         "capacity_spread": round((max(caps) - min(caps)) / capacity, 3),
         "goodput_ratio": goodput,
         "admitted_ttft_p99_ratio": ttft_ratio,
+        "admitted_ttft_p90_ratio": ttft_p90_ratio,
         "unloaded_ttft_p99_ms": round(base_p99, 1),
         "reject_p50_ms": round(reject_p50, 2),
         "rejects": len(rejects),
         "rejects_with_retry_after": with_retry_after,
         "gateway_rss_mb": [round(rss0, 1), round(rss1, 1)],
     }
-    passed = (
-        min(goodput[f"{lv}x"] for lv in (2.0, 5.0, 10.0)) >= 0.9
-        and max(ttft_ratio.values()) <= 2.0
-        and reject_p50 < 5.0
-        and with_retry_after
-        and rss1 - rss0 < 200
-    )
-    return result("overload", passed, figures)
+    # A queue shifts every admitted request's TTFT, so the check is on the p90: each level
+    # admits 60-250 requests in a quick run, where the p99 is the slowest one or two, and
+    # one stall of a loaded 2-core machine moved it from 1.1x to 1.6x here (a queueing
+    # gateway reads hundreds of times, 881x before the adaptive limits). The p99 is kept
+    # as a figure.
+    checks = {
+        "goodput": min(goodput[f"{lv}x"] for lv in (2.0, 5.0, 10.0)) >= 0.9,
+        "admitted_ttft": max(ttft_p90_ratio.values()) <= 2.0,
+        "reject_p50": reject_p50 < 5.0,
+        "retry_after": with_retry_after,
+        "gateway_rss": rss1 - rss0 < 200,
+    }
+    figures["failed_checks"] = [name for name, ok in checks.items() if not ok]
+    return result("overload", all(checks.values()), figures)
 
 
 def overload_retry_storm(quick: bool) -> dict[str, Any]:
