@@ -15,7 +15,7 @@ import pytest
 from gateway import shared_dir
 
 HOLD = (
-    "import sys, time; from gateway import shared_dir; "
+    "import sys; from gateway import shared_dir; "
     "print(shared_dir.ensure(), flush=True); sys.stdin.read()"
 )
 
