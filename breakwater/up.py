@@ -52,8 +52,9 @@ async def _spawn(name: str, args: list[str], ready_prefix: str, timeout: float) 
         assert proc.stdout is not None
         while True:
             line = await proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"{name} exited before it was ready (code {proc.returncode})")
+            if not line:  # its stdout closed: it has exited, or is about to
+                code = await proc.wait()
+                raise RuntimeError(f"{name} exited before it was ready (exit code {code})")
             text = line.decode().strip()
             if text.startswith(ready_prefix):
                 return dict(kv.split("=", 1) for kv in text.split()[1:])

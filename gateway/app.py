@@ -28,6 +28,7 @@ from gateway.dispatch import Dispatcher, DispatchSettings
 from gateway.frontend.fast_http import FastFront
 from gateway.frontend.grpc_api import GatewayInference
 from gateway.frontend.http_api import GatewayRoutes
+from gateway.listen import ListenError, refuse_taken
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import GatewayMetrics
 from gateway.process_group import READY_LINE, Siblings, die_with_parent, sibling_settings
@@ -327,6 +328,27 @@ class Gateway:
             self.runner.server, fit_fd_limit(self.settings.max_connections)
         )
         shared = self.settings.processes > 1  # SO_REUSEPORT: siblings serve the same port
+        first = self.settings.process_index == 0  # siblings join the ports it checked
+        try:
+            if first:
+                refuse_taken(self.settings.host, self.settings.port)
+            await self._listen_http(shared)
+        except OSError as e:
+            raise ListenError("HTTP", self.settings.host, self.settings.port, e) from None
+        if self.settings.grpc_port is not None:
+            try:
+                if first:
+                    refuse_taken(self.settings.host, self.settings.grpc_port)
+                await self._listen_grpc(shared)
+            except (OSError, RuntimeError) as e:  # grpc: RuntimeError("Failed to bind ...")
+                raise ListenError("gRPC", self.settings.host, self.settings.grpc_port, e) from None
+        try:
+            await self._start_admin()
+        except OSError as e:
+            s = self.settings
+            raise ListenError("admin", s.admin_host or s.host, s.admin_port or 0, e) from None
+
+    async def _listen_http(self, shared: bool) -> None:
         ssl_context = self._ssl_context()
         if self.settings.http_server == "fast" and ssl_context is None:
             hot = {
@@ -353,29 +375,28 @@ class Gateway:
             )
             await site.start()
             self.http_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        if self.settings.grpc_port is not None:
-            self.grpc_server = grpc.aio.server(
-                options=[
-                    ("grpc.so_reuseport", int(shared)),
-                    # a Generate request is bounded like an HTTP body (413 there)
-                    ("grpc.max_receive_message_length", DEFAULT_LIMITS.max_body_bytes),
-                ]
-            )
-            front = GatewayInference(
-                self.dispatcher, self.settings.request_timeout_s, self.admission
-            )
-            front.session_header = self.settings.session_header.lower()
-            front.on_finished = self.metrics.finished
-            front.tracer = self.dispatcher.tracer
-            pb_grpc.add_InferenceServicer_to_server(front, self.grpc_server)
-            address = f"{self.settings.host}:{self.settings.grpc_port}"
-            self.grpc_port = (
-                self.grpc_server.add_secure_port(address, self.front_tls.grpc_credentials())
-                if self.front_tls is not None
-                else self.grpc_server.add_insecure_port(address)
-            )
-            await self.grpc_server.start()
-        await self._start_admin()
+
+    async def _listen_grpc(self, shared: bool) -> None:
+        server = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", int(shared)),
+                # a Generate request is bounded like an HTTP body (413 there)
+                ("grpc.max_receive_message_length", DEFAULT_LIMITS.max_body_bytes),
+            ]
+        )
+        front = GatewayInference(self.dispatcher, self.settings.request_timeout_s, self.admission)
+        front.session_header = self.settings.session_header.lower()
+        front.on_finished = self.metrics.finished
+        front.tracer = self.dispatcher.tracer
+        pb_grpc.add_InferenceServicer_to_server(front, server)
+        address = f"{self.settings.host}:{self.settings.grpc_port}"
+        self.grpc_port = (
+            server.add_secure_port(address, self.front_tls.grpc_credentials())
+            if self.front_tls is not None
+            else server.add_insecure_port(address)
+        )
+        await server.start()
+        self.grpc_server = server  # stop() stops only a started server
 
     async def stop(self) -> list[str]:
         """Stop serving, let requests in flight finish (up to DRAIN_S), release the rest.
@@ -428,7 +449,12 @@ async def _serve(settings: GatewaySettings, own_dir: str | None) -> int:
     # `breakwater up` and of a gateway's process group, and their parents' SIGTERM follows.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await gw.start()
+    try:
+        await gw.start()
+    except ListenError as e:  # a taken port: one line, not a traceback
+        print(f"breakwater gateway: {e}", file=sys.stderr, flush=True)
+        await gw.stop()
+        return 1
     siblings = None
     if group:
         siblings = Siblings(settings, gw.http_port, gw.grpc_port, share_socks)

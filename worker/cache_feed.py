@@ -135,8 +135,9 @@ class CacheFeed:
         try:
             yield self.snapshot()
             while True:
-                try:
-                    update = await asyncio.wait_for(w.queue.get(), heartbeat_s)
+                try:  # not wait_for, which can drop a cancel (see gateway cache_views)
+                    async with asyncio.timeout(heartbeat_s):
+                        update = await w.queue.get()
                 except TimeoutError:
                     yield HEARTBEAT
                     continue

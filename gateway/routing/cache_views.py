@@ -76,6 +76,14 @@ MAX_HELD_KEYS = 2_000_000
 followed."""
 
 
+def _stop_if_cancelled() -> None:
+    """Raise CancelledError if this task was cancelled and the cancel was swallowed below
+    (by a library's read or close): a follow must not outlive its cancel."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class CacheWatcher:
     """Keeps one cache stream per worker of the registry; `views` is the result."""
 
@@ -142,7 +150,11 @@ class CacheWatcher:
                 async with aio_channel(address, self.tls) as channel:
                     stream = pb_grpc.InferenceStub(channel).WatchCache(pb.WatchCacheRequest())
                     while True:
-                        update = await asyncio.wait_for(stream.read(), cache_watch.SILENCE_S)
+                        # Not asyncio.wait_for (3.11), which dropped this task's cancel here:
+                        # a gateway stopped just after starting waited 10 s for the follow,
+                        # still looping on its backoff (and sync() can cancel one too).
+                        async with asyncio.timeout(cache_watch.SILENCE_S):
+                            update = await stream.read()
                         if update is grpc.aio.EOF:
                             break
                         self._apply(worker_id, update)
@@ -161,6 +173,7 @@ class CacheWatcher:
                 return
             finally:
                 self.views.pop(worker_id, None)  # whatever it held is unknown until resynced
+            _stop_if_cancelled()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.max_backoff_s)
 
@@ -206,6 +219,7 @@ class CacheWatcher:
                     log.debug("cache stream of %s broke: %s", worker_id, e)
                 finally:
                     self.views.pop(worker_id, None)  # unknown until resynced
+                _stop_if_cancelled()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.max_backoff_s)
         finally:

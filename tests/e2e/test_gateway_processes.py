@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
-from loadtest.fleet import admin_json
+from loadtest.fleet import admin_json, free_port
 from tests.procs import Proc, start_gateway, start_sim_worker, wait_for
 
 
@@ -181,3 +185,47 @@ def test_a_killed_gateways_shared_directory_goes_with_the_next_start(
     finally:
         assert gw.stop() == 0
     assert dirs() == set()
+
+
+def _gateway_run(*args: str) -> subprocess.CompletedProcess[str]:
+    """A gateway expected to exit by itself: its exit code and what it wrote."""
+    argv = [sys.executable, "-m", "breakwater.cli", "gateway", *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120)
+
+
+def test_a_port_another_gateway_serves_is_refused(worker: Proc) -> None:
+    """Siblings share their ports through SO_REUSEPORT, which lets any process of the same
+    user join them: a second gateway started on a port the first serves must fail in one
+    line, not silently take a share of its connections."""
+    first = start_gateway("--worker", worker.ready["grpc"], processes=2)
+    try:
+        port = urlsplit(first.ready["http"]).port
+        assert port is not None
+        second = _gateway_run(
+            "--port", str(port), "--processes", "2", "--worker", worker.ready["grpc"]
+        )
+        assert second.returncode == 1, second.stderr[-2000:]
+        assert f"cannot listen on 127.0.0.1:{port} for HTTP: Address already in use" in (
+            second.stderr
+        )
+        assert "Traceback" not in second.stderr
+        assert _complete(first.ready["http"])["choices"][0]["finish_reason"] == "length"
+    finally:
+        assert first.stop() == 0
+
+
+def test_a_taken_grpc_port_is_named_and_the_gateway_exits_cleanly() -> None:
+    """The gateway stops what it started and exits 1. Its workers cannot be reached here,
+    so the cache watcher is retrying when it stops: its follow once lost that cancel (to
+    asyncio.wait_for) and held the shutdown for the step's 10 s limit."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        out = _gateway_run(
+            "--port", "0", "--grpc-port", str(port), "--worker", f"127.0.0.1:{free_port()}"
+        )
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert f"cannot listen on 127.0.0.1:{port} for gRPC: Address already in use" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert "did not stop" not in out.stderr  # every shutdown step ended in its time

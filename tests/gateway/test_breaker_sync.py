@@ -20,7 +20,9 @@ async def until(cond: Callable[[], bool], timeout: float = 20.0) -> None:
 
 def test_ejection_on_one_gateway_is_honoured_by_another() -> None:
     async def main(url: str) -> None:
-        a, b = BreakerBoard(BreakerConfig(base_ejection_s=5.0)), BreakerBoard()
+        # An ejection long enough to outlast any stall of a loaded machine: one of 5 s
+        # expired in Redis before the other board read it, once, beside a busy suite.
+        a, b = BreakerBoard(BreakerConfig(base_ejection_s=60.0)), BreakerBoard()
         sa, sb = BreakerSync(url, a, interval_s=0.1), BreakerSync(url, b, interval_s=0.1)
         await sa.start()
         await sb.start()
