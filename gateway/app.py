@@ -321,6 +321,7 @@ class Gateway:
             handler_cancellation=True,
             access_log=None,
             keepalive_timeout=self.settings.keepalive_timeout_s,
+            auto_decompress=False,  # read_body decompresses, bounded (serving/openai_http.py)
         )
         await self.runner.setup()
         assert self.runner.server is not None

@@ -258,7 +258,11 @@ async def start_http(
         app.router.add_get("/metrics", lambda _request: metrics_response(metrics))
     # aiohttp's keep-alive timer also bounds how long a request head may take (slowloris)
     runner = web.AppRunner(
-        app, handler_cancellation=True, access_log=None, keepalive_timeout=KEEPALIVE_TIMEOUT_S
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        keepalive_timeout=KEEPALIVE_TIMEOUT_S,
+        auto_decompress=False,  # read_body decompresses, bounded (serving/openai_http.py)
     )
     await runner.setup()
     await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()

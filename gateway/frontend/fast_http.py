@@ -205,7 +205,7 @@ class _Head:
     """httptools callbacks for one request head; `ours` is False for a request aiohttp
     must answer (its rules on hosts, repeats, encodings), as it would have."""
 
-    __slots__ = ("has_host", "headers", "names", "ours", "url")
+    __slots__ = ("has_host", "headers", "keep_alive", "names", "ours", "parser", "url")
 
     def __init__(self) -> None:
         self.url = b""
@@ -213,6 +213,15 @@ class _Head:
         self.names: set[str] = set()
         self.ours = True
         self.has_host = False
+        self.parser: httptools.HttpRequestParser | None = None
+        self.keep_alive = True
+
+    def on_headers_complete(self) -> None:
+        # Read here, not after feed_data: a head with no body (Content-Length: 0) completes
+        # its message in that call, and the parser, reset, then says keep-alive whatever
+        # the request's Connection header said.
+        if self.parser is not None:
+            self.keep_alive = self.parser.should_keep_alive()
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -313,6 +322,8 @@ class FastProtocol(asyncio.Protocol):
         self.streaming: FastStreamResponse | None = None
         """The stream whose head has gone out for the request being served."""
         self._after_drain = False
+        self._most = MAX_HEAD + front.max_body_bytes
+        """Bytes buffered before reading pauses: one whole request of the largest kind."""
 
     # -- asyncio.Protocol --------------------------------------------------------------
 
@@ -329,11 +340,14 @@ class FastProtocol(asyncio.Protocol):
         if self._lost:
             return
         self.buf += data
+        if len(self.buf) > self._most and self.transport and not self._reading_paused:
+            # Pipelined past one whole request: read on once the buffer is back under it.
+            # Also while nothing is served because the client reads nothing (writing
+            # paused): a client that only sends would otherwise grow it without end.
+            self.transport.pause_reading()
+            self._reading_paused = True
         if self.task is None:
             self._next()
-        elif len(self.buf) > MAX_HEAD + self.front.max_body_bytes and self.transport:
-            self.transport.pause_reading()  # pipelined past one whole request: wait
-            self._reading_paused = True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
@@ -403,11 +417,14 @@ class FastProtocol(asyncio.Protocol):
         head_len = end + 4
         parser_head = _Head()
         parser = httptools.HttpRequestParser(parser_head)
+        parser_head.parser = parser
         try:
             parser.feed_data(bytes(buf[:head_len]))
         except (httptools.HttpParserUpgrade, httptools.HttpParserError):
             self._hand_over()  # aiohttp answers what httptools will not parse
             return
+        finally:
+            parser_head.parser = None  # no cycle for the collector
         route = self.front.routes.get(parser_head.url)
         length = _content_length(parser_head.headers)
         if (
@@ -434,7 +451,7 @@ class FastProtocol(asyncio.Protocol):
         del buf[: head_len + length]
         headers = CIMultiDictProxy(CIMultiDict(parser_head.headers))
         path = parser_head.url.decode("latin-1")
-        request = FastRequest(self, path, headers, body, parser.should_keep_alive())
+        request = FastRequest(self, path, headers, body, parser_head.keep_alive)
         self.task = asyncio.get_running_loop().create_task(self._serve(route, request))
 
     async def _serve(self, route: Handler, request: FastRequest) -> None:
@@ -463,13 +480,24 @@ class FastProtocol(asyncio.Protocol):
             return
         finally:
             self.task = None
-            if self._reading_paused and not self._lost and self.transport is not None:
-                self._reading_paused = False
-                self.transport.resume_reading()
+            self._resume_reading()
         if not keep_alive or self.closing:
             self.close()
         elif not self._lost:
             self._next()
+
+    def _resume_reading(self) -> None:
+        """Read again once what is buffered is under the bound (not after each answer: a
+        read per request served let a client that sends faster than it is answered grow
+        the buffer by a socket read each time, 360 MB in 8 s)."""
+        if (
+            self._reading_paused
+            and len(self.buf) <= self._most
+            and not self._lost
+            and self.transport is not None
+        ):
+            self._reading_paused = False
+            self.transport.resume_reading()
 
     def _hand_over(self) -> None:
         """aiohttp takes this connection over, starting with the buffered request."""
@@ -485,6 +513,9 @@ class FastProtocol(asyncio.Protocol):
         handler = self.front.aiohttp_server()
         self.transport.set_protocol(handler)
         handler.connection_made(self.transport)
+        if self._reading_paused:  # aiohttp pauses and resumes reading by its own measure
+            self._reading_paused = False
+            self.transport.resume_reading()
         if self.buf:
             data, self.buf = bytes(self.buf), bytearray()
             handler.data_received(data)
