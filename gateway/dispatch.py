@@ -501,7 +501,8 @@ class Dispatcher:
             raise last
         if model is not None and not self.has_model(model):
             raise UpstreamError(NOT_FOUND, f"the model `{model}` does not exist")
-        raise UpstreamError(UNAVAILABLE, f"no healthy replica for model `{model}`", 1000)
+        what = f" for model `{model}`" if model else ""  # a gRPC request may name none
+        raise UpstreamError(UNAVAILABLE, f"no healthy replica{what}", 1000)
 
     def _prompt_ids(self, worker: WorkerInfo, request: pb.GenerateRequest) -> pb.PromptIds | None:
         if not self.settings.forward_token_ids:

@@ -119,8 +119,13 @@ class GatewayInference(pb_grpc.InferenceServicer):
             done.status = CLIENT_LEFT if e.code == "CANCELLED" else as_http.status
             done.error_type = as_http.type
             code = grpc.StatusCode[e.code]
+            trailing = []
+            if e.param is not None:  # the worker's (its check of the request), passed on
+                trailing.append(("param", e.param))
             if e.retry_after_ms is not None:
-                context.set_trailing_metadata((("grpc-retry-pushback-ms", str(e.retry_after_ms)),))
+                trailing.append(("grpc-retry-pushback-ms", str(e.retry_after_ms)))
+            if trailing:
+                context.set_trailing_metadata(tuple(trailing))
             await context.abort(code, e.message)
         except Exception:
             done.status, code = 500, grpc.StatusCode.UNKNOWN
@@ -172,6 +177,17 @@ class GatewayInference(pb_grpc.InferenceServicer):
             deadline,
             retry=retries is not None and str(retries) != "0",
         )
+
+    async def WatchCache(
+        self, request: pb.WatchCacheRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.CacheUpdate]:
+        """A worker's RPC; the generated base raised NotImplementedError, which grpc logged
+        with a traceback and answered with the exception's class name."""
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "a Breakwater gateway does not report a prefix cache: ask its workers (WatchCache)",
+        )
+        yield pb.CacheUpdate()  # pragma: no cover - abort raises; this makes a generator
 
     async def Stats(
         self, request: pb.StatsRequest, context: grpc.aio.ServicerContext

@@ -240,3 +240,23 @@ def test_grpc_front_end_refuses_out_of_bounds_requests(sim_gateway: Proc) -> Non
     # every refusal ended as a request answered 400, like the HTTP front end counts it
     wait_for(lambda: _requests_400(sim_gateway) - before >= len(GRPC_HOSTILE), timeout=10)
     assert _requests_400(sim_gateway) - before == len(GRPC_HOSTILE)
+
+
+def test_grpc_refusals_from_the_worker_and_the_gateway_say_why(sim_gateway: Proc) -> None:
+    """A worker's refusal keeps its field (`param`) through the gateway, and the gateway
+    answers WatchCache (a worker's RPC) as unimplemented in words (found in review: the
+    gateway dropped the field, and its WatchCache told the caller the class name of a
+    NotImplementedError and logged a traceback)."""
+    with grpc.insecure_channel(sim_gateway.ready["grpc"]) as ch:
+        stub = pb_grpc.InferenceStub(ch)
+        # within the gateway's bounds, past the sim worker's 1,024-token context
+        call = stub.Generate(_gen(sampling=pb.SamplingParams(max_tokens=5000)), timeout=60)
+        with pytest.raises(grpc.RpcError) as e:
+            list(call)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "maximum context length" in e.value.details()
+        assert ("param", "max_tokens") in (call.trailing_metadata() or ())
+        with pytest.raises(grpc.RpcError) as e:
+            next(iter(stub.WatchCache(pb.WatchCacheRequest(), timeout=30)))
+        assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert "does not report a prefix cache" in e.value.details()
