@@ -22,6 +22,14 @@ from worker.cache_feed import CacheFeed
 from worker.engine.errors import EngineError, InvalidRequestError
 from worker.proto_convert import fingerprint_of, to_engine_request, to_response
 
+
+async def open_stream(engine: Any, request: Any) -> AsyncIterator[Any]:
+    """The engine's delta stream: `generate_async` where the engine has one (a long prompt
+    tokenized off the event loop, see AsyncEngine), else `generate`."""
+    start = getattr(engine, "generate_async", None)
+    return await start(request) if start is not None else engine.generate(request)
+
+
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "breakwater.v1.Inference"
@@ -166,8 +174,8 @@ class InferenceService(pb_grpc.InferenceServicer):
         self.idle.clear()
         try:
             try:
-                stream = self.engine.generate(
-                    to_engine_request(request, engine_id, fingerprint_of(self.engine))
+                stream = await open_stream(
+                    self.engine, to_engine_request(request, engine_id, fingerprint_of(self.engine))
                 )
             except InvalidRequestError as e:
                 if e.param:

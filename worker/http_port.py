@@ -36,7 +36,7 @@ from serving.openai_http import OpenAIRoutes, error_response, json_response
 from serving.slow_clients import KEEPALIVE_TIMEOUT_S
 from serving.tracing import context_from, request_attributes
 from worker.engine.errors import EngineError, InvalidRequestError
-from worker.grpc_service import InferenceService
+from worker.grpc_service import InferenceService, open_stream
 from worker.grpc_service import WorkerState as State
 from worker.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from worker.metrics import WorkerMetrics
@@ -85,8 +85,8 @@ class LocalBackend:
             raise UpstreamError(NOT_FOUND, f"the model `{request.model}` does not exist")
         engine_id = f"http-{request.request_id}#{next(self._ids)}"
         try:
-            stream = svc.engine.generate(
-                to_engine_request(request, engine_id, fingerprint_of(svc.engine))
+            stream = await open_stream(
+                svc.engine, to_engine_request(request, engine_id, fingerprint_of(svc.engine))
             )
         except InvalidRequestError as e:
             raise UpstreamError(INVALID_ARGUMENT, e.message, param=e.param) from None

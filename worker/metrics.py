@@ -197,3 +197,8 @@ class MeteredEngine:
 
     def generate(self, request: Any) -> AsyncIterator[Any]:
         return self._metrics.observe(self._engine.generate(request))
+
+    async def generate_async(self, request: Any) -> AsyncIterator[Any]:
+        start = getattr(self._engine, "generate_async", None)
+        stream = await start(request) if start is not None else self._engine.generate(request)
+        return self._metrics.observe(stream)

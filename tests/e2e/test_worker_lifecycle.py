@@ -190,3 +190,36 @@ def test_up_stops_at_ctrl_c_while_still_starting() -> None:
         if up.poll() is None:
             up.kill()
             up.wait()
+
+
+def test_a_long_prompt_is_tokenized_while_the_worker_goes_on_serving(tiny_llama: Path) -> None:
+    """Found in review: tokenizing a 2 MB prompt (within the limits; refused afterwards as
+    past the context) held the worker's event loop for 2.7 s, stalling every stream and
+    the health checks, and a gateway took the worker for dead. Now Stats answers while the
+    long prompt is still being tokenized."""
+    w = start_worker(tiny_llama)
+    address = w.ready["grpc"]
+    outcome: list[grpc.StatusCode] = []
+    big = pb.GenerateRequest(model="tiny", text="é" * (2 * 1024 * 1024 - 16))
+
+    def send_big() -> None:
+        with grpc.insecure_channel(address, options=[("grpc.max_send_message_length", -1)]) as ch:
+            try:
+                list(pb_grpc.InferenceStub(ch).Generate(big, timeout=120))
+            except grpc.RpcError as e:
+                outcome.append(e.code())
+
+    sender = threading.Thread(target=send_big)
+    try:
+        with grpc.insecure_channel(address) as ch:
+            stub = pb_grpc.InferenceStub(ch)
+            sender.start()
+            wait_for(lambda: stub.Stats(pb.StatsRequest(), timeout=10).in_flight == 1, timeout=60)
+            # answered while the long prompt is still in the tokenizer
+            answered = stub.Stats(pb.StatsRequest(), timeout=30)
+            assert answered.in_flight == 1 and sender.is_alive()
+        sender.join(120)
+        assert outcome == [grpc.StatusCode.INVALID_ARGUMENT]  # past the 1,024-token context
+    finally:
+        sender.join(120)
+        w.stop()
