@@ -49,6 +49,7 @@ from proto.limits import DEFAULT_LIMITS
 from proto.openai_compat import OpenAIError
 from serving.heap import settle
 from serving.logs import configure_logging
+from serving.openai_http import json_errors
 from serving.slow_clients import ConnectionCap, fit_fd_limit
 from serving.tls import ClientTLS, TLSConfigError
 from serving.tracing import make_tracer
@@ -150,7 +151,7 @@ class Gateway:
         self.admission = build_admission(settings)
         self.concurrency = self.dispatcher.concurrency = AdaptiveConcurrency()
         self._fleet_task: asyncio.Task[None] | None = None
-        self.app = web.Application()
+        self.app = web.Application(middlewares=[json_errors])
         routes = GatewayRoutes(
             self.dispatcher,
             settings.request_timeout_s,

@@ -127,6 +127,30 @@ def error_response(err: OpenAIError, request_id: str | None = None) -> web.Respo
     return json_response(err.body(), err.status, headers)
 
 
+@web.middleware
+async def json_errors(
+    request: web.Request, handler: Callable[[web.Request], Any]
+) -> web.StreamResponse:
+    """aiohttp's own refusals of a request no route takes (404: no such path; 405: not
+    that method) as OpenAI errors, like every other refusal of these servers: they were
+    aiohttp's plain text, the only error bodies an OpenAI client could not parse."""
+    try:
+        return await handler(request)
+    except web.HTTPMethodNotAllowed as e:
+        err = OpenAIError(
+            405,
+            f"{request.method} is not allowed on {request.path}; allowed: "
+            + ", ".join(sorted(e.allowed_methods)),
+            "invalid_request_error",
+        )
+        response = error_response(err)
+        response.headers["Allow"] = ",".join(sorted(e.allowed_methods))
+        return response
+    except web.HTTPNotFound:
+        where = f"{request.method} {request.path}"
+        return error_response(OpenAIError(404, f"Invalid URL ({where})", "invalid_request_error"))
+
+
 def from_upstream(e: UpstreamError) -> OpenAIError:
     if e.code == INVALID_ARGUMENT:
         return OpenAIError(400, e.message, "invalid_request_error", e.param)

@@ -32,7 +32,7 @@ from serving.calls import (
     CallInfo,
     UpstreamError,
 )
-from serving.openai_http import OpenAIRoutes, error_response, json_response
+from serving.openai_http import OpenAIRoutes, error_response, json_errors, json_response
 from serving.slow_clients import KEEPALIVE_TIMEOUT_S
 from serving.tracing import context_from, request_attributes
 from worker.engine.errors import EngineError, InvalidRequestError
@@ -248,7 +248,7 @@ async def start_http(
     metrics: WorkerMetrics | None = None,
     ssl_context: ssl.SSLContext | None = None,
 ) -> web.AppRunner:
-    app = web.Application()
+    app = web.Application(middlewares=[json_errors])
     WorkerRoutes(service).add_to(app)
     app.router.add_get("/health", lambda _request: health(service))
     app.router.add_post("/tokenize", lambda request: tokenize(service, request))

@@ -260,3 +260,24 @@ def test_grpc_refusals_from_the_worker_and_the_gateway_say_why(sim_gateway: Proc
             next(iter(stub.WatchCache(pb.WatchCacheRequest(), timeout=30)))
         assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
         assert "does not report a prefix cache" in e.value.details()
+
+
+@pytest.mark.parametrize("port", ["gateway", "worker"])
+def test_no_such_route_is_an_openai_error_too(
+    port: str, sim_gateway: Proc, sim_worker: Proc
+) -> None:
+    """An unknown path (404) or method (405) was aiohttp's plain text (found in review)."""
+    base = (sim_gateway if port == "gateway" else sim_worker).ready["http"]
+    for method, path, status in (
+        ("GET", "/nope", 404),
+        ("GET", "/v1/completions", 405),
+        ("PATCH", "/v1/chat/completions", 405),
+    ):
+        req = urllib.request.Request(base + path, method=method)
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=30)
+        assert (e.value.code, e.value.headers["Content-Type"]) == (status, "application/json")
+        err = json.loads(e.value.read())["error"]
+        assert err["type"] == "invalid_request_error" and path in err["message"]
+        if status == 405:
+            assert e.value.headers["Allow"] == "POST"
