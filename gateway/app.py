@@ -44,9 +44,9 @@ from gateway.shutdown import Step, run_steps
 from gateway.upstream.base import Upstream
 from gateway.upstream.grpc_upstream import GrpcUpstream
 from gateway.upstream.openai_http import RELAY_KIND, OpenAIHTTPUpstream
-from proto import inference_pb2_grpc as pb_grpc
 from proto.limits import DEFAULT_LIMITS
 from proto.openai_compat import OpenAIError
+from serving.grpc_requests import add_inference_servicer
 from serving.heap import settle
 from serving.logs import configure_logging
 from serving.openai_http import json_errors
@@ -390,7 +390,7 @@ class Gateway:
         front.session_header = self.settings.session_header.lower()
         front.on_finished = self.metrics.finished
         front.tracer = self.dispatcher.tracer
-        pb_grpc.add_InferenceServicer_to_server(front, server)
+        add_inference_servicer(front, server)
         address = f"{self.settings.host}:{self.settings.grpc_port}"
         self.grpc_port = (
             server.add_secure_port(address, self.front_tls.grpc_credentials())

@@ -17,6 +17,7 @@ from proto import inference_pb2 as pb
 from proto import inference_pb2_grpc as pb_grpc
 from proto.openai_compat import OpenAIError, check_generate
 from serving import cache_watch
+from serving.grpc_requests import refuse_undecodable
 from serving.tracing import context_from, request_attributes
 from worker.cache_feed import CacheFeed
 from worker.engine.errors import EngineError, InvalidRequestError
@@ -108,6 +109,7 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
+        await refuse_undecodable(request, context)
         try:  # the gateway's bounds, for callers that reach this port without a gateway
             check_generate(request)
         except OpenAIError as e:
@@ -194,11 +196,13 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def Stats(
         self, request: pb.StatsRequest, context: grpc.aio.ServicerContext
     ) -> pb.StatsResponse:
+        await refuse_undecodable(request, context)
         return self.stats()
 
     async def WatchCache(
         self, request: pb.WatchCacheRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.CacheUpdate]:
+        await refuse_undecodable(request, context)
         if self.cache_feed is None:
             await context.abort(
                 grpc.StatusCode.UNIMPLEMENTED, "this worker's engine does not report its cache"

@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 
-from proto import inference_pb2_grpc as pb_grpc
+from serving.grpc_requests import add_inference_servicer
 from serving.heap import settle
 from serving.logs import configure_logging
 from serving.registry_record import WorkerInfo, WorkerState, openai_url
@@ -100,7 +100,7 @@ class Worker:
         self.server = grpc.aio.server(
             options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 << 20)]
         )
-        pb_grpc.add_InferenceServicer_to_server(self.service, self.server)
+        add_inference_servicer(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         address = f"{s.host}:{s.grpc_port}"
         self.port = (

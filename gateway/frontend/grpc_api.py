@@ -23,6 +23,7 @@ from proto import inference_pb2_grpc as pb_grpc
 from proto.limits import DEFAULT_LIMITS, RequestLimits
 from proto.openai_compat import MAX_SESSION_KEY, OpenAIError, check_generate
 from serving.calls import CallInfo, UpstreamError
+from serving.grpc_requests import refuse_undecodable
 from serving.openai_http import Finished, from_upstream
 from serving.tracing import context_from, request_attributes
 
@@ -57,6 +58,7 @@ class GatewayInference(pb_grpc.InferenceServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
+        await refuse_undecodable(request, context)
         started = time.monotonic()
         metadata = context.invocation_metadata() or ()
         if not request.request_id:
@@ -192,6 +194,7 @@ class GatewayInference(pb_grpc.InferenceServicer):
     async def Stats(
         self, request: pb.StatsRequest, context: grpc.aio.ServicerContext
     ) -> pb.StatsResponse:
+        await refuse_undecodable(request, context)
         workers = self.dispatcher.registry.workers()
         ready = [w for w in workers if w.ready]
         return pb.StatsResponse(

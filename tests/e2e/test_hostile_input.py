@@ -281,3 +281,30 @@ def test_no_such_route_is_an_openai_error_too(
         assert err["type"] == "invalid_request_error" and path in err["message"]
         if status == 405:
             assert e.value.headers["Allow"] == "POST"
+
+
+@pytest.mark.parametrize("port", ["gateway", "worker"])
+def test_undecodable_grpc_requests_are_invalid_arguments(
+    port: str, sim_gateway: Proc, sim_worker: Proc
+) -> None:
+    """Bytes that are no request (found in review: UNKNOWN, naming protobuf's DecodeError
+    class, with a traceback in the log for every call)."""
+    proc = sim_gateway if port == "gateway" else sim_worker
+    bad_text = b"\x1a\x02\xff\xfe"  # GenerateRequest.text of bad UTF-8
+    with grpc.insecure_channel(proc.ready["grpc"]) as ch:
+        methods = [("Generate", True), ("Stats", False), ("WatchCache", True)]
+        # the gateway answers WatchCache UNIMPLEMENTED, whatever it is sent
+        for method, streams in methods[:2] if port == "gateway" else methods:
+            path = f"/breakwater.v1.Inference/{method}"
+            call = ch.unary_stream(path) if streams else ch.unary_unary(path)
+            for raw in (bad_text, b"\xff" * 5) if method == "Generate" else (b"\xff" * 5,):
+                with pytest.raises(grpc.RpcError) as e:
+                    out = call(raw, timeout=30)
+                    if streams:
+                        list(out)
+                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, raw)
+                assert "is not a valid" in e.value.details(), e.value.details()
+        # and it goes on serving
+        out = list(pb_grpc.InferenceStub(ch).Generate(_gen(), timeout=60))
+        assert out[-1].finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
+    assert "Traceback" not in proc.log_text()
