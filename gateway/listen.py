@@ -21,7 +21,12 @@ class ListenError(Exception):
 
     def __init__(self, what: str, host: str, port: int, cause: BaseException) -> None:
         code = getattr(cause, "errno", None)
-        reason = os.strerror(code) if isinstance(code, int) else str(cause)
+        if isinstance(cause, socket.gaierror):  # its errno is an EAI_* code, not errno's
+            reason = f"cannot resolve {host!r}: {cause.strerror}"
+        elif isinstance(code, int):
+            reason = os.strerror(code)
+        else:
+            reason = str(cause)
         hint = ""
         if code == errno.EADDRINUSE:
             hint = " (another process listens there: stop it or choose another port)"
@@ -37,7 +42,11 @@ def refuse_taken(host: str, port: int) -> None:
         return
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     for family, kind, proto, _, address in dict.fromkeys(infos):
-        with socket.socket(family, kind, proto) as probe:
+        try:
+            probe = socket.socket(family, kind, proto)
+        except OSError:  # a family this host lacks (IPv6 turned off): the server skips it too
+            continue
+        with probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:  # as asyncio binds it: IPv6 only
                 probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)

@@ -227,22 +227,31 @@ def decoded(body: bytes, encoding: str, limit: int) -> bytes:
     past them: the work is bounded by the limit, whatever the body expands to)."""
     if encoding in ("", "identity"):
         return body
-    d = _DECOMPRESSORS[encoding]()
-    try:
-        out = d.decompress(body, limit + 1)
-    except zlib.error:
-        if encoding != "deflate":
-            raise OpenAIError(400, f"the request body is not valid {encoding}") from None
-        d = zlib.decompressobj(-zlib.MAX_WBITS)  # deflate without its zlib wrapper, as sent
+    parts: list[bytes] = []
+    size, rest = 0, body
+    while True:  # gzip may hold several members, one after another
+        d = _DECOMPRESSORS[encoding]()
         try:
-            out = d.decompress(body, limit + 1)
+            out = d.decompress(rest, limit + 1 - size)
         except zlib.error:
-            raise OpenAIError(400, "the request body is not valid deflate") from None
-    if len(out) > limit:
-        raise too_large(limit)
-    if not d.eof:
-        raise OpenAIError(400, f"the request body ends within its {encoding} stream")
-    return out
+            if encoding != "deflate" or parts:
+                raise OpenAIError(400, f"the request body is not valid {encoding}") from None
+            d = zlib.decompressobj(-zlib.MAX_WBITS)  # deflate without its zlib wrapper
+            try:
+                out = d.decompress(rest, limit + 1)
+            except zlib.error:
+                raise OpenAIError(400, "the request body is not valid deflate") from None
+        size += len(out)
+        if size > limit:
+            raise too_large(limit)
+        if not d.eof:
+            raise OpenAIError(400, f"the request body ends within its {encoding} stream")
+        parts.append(out)
+        rest = d.unused_data
+        if not rest:
+            return b"".join(parts)
+        if encoding == "deflate":
+            raise OpenAIError(400, "the request body has data after its deflate stream")
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:

@@ -22,6 +22,7 @@ from opentelemetry.trace import SpanKind
 
 from prompts.errors import PromptError
 from proto import inference_pb2 as pb
+from proto.limits import DEFAULT_LIMITS
 from proto.openai_compat import OpenAIError, ParsedRequest, parse_chat, parse_completion
 from serving import cache_watch as watch_wire
 from serving.calls import (
@@ -32,7 +33,13 @@ from serving.calls import (
     CallInfo,
     UpstreamError,
 )
-from serving.openai_http import OpenAIRoutes, error_response, json_errors, json_response
+from serving.openai_http import (
+    OpenAIRoutes,
+    error_response,
+    json_errors,
+    json_response,
+    read_body,
+)
 from serving.slow_clients import KEEPALIVE_TIMEOUT_S
 from serving.tracing import context_from, request_attributes
 from worker.engine.errors import EngineError, InvalidRequestError
@@ -84,22 +91,27 @@ class LocalBackend:
         if request.model and request.model != svc.model_name:
             raise UpstreamError(NOT_FOUND, f"the model `{request.model}` does not exist")
         engine_id = f"http-{request.request_id}#{next(self._ids)}"
-        try:
-            stream = await open_stream(
-                svc.engine, to_engine_request(request, engine_id, fingerprint_of(svc.engine))
-            )
-        except InvalidRequestError as e:
-            raise UpstreamError(INVALID_ARGUMENT, e.message, param=e.param) from None
-        except EngineError as e:
-            raise UpstreamError(UNAVAILABLE, str(e)) from None
+        # Counted from here, as the gRPC service counts it: a long prompt is tokenized in a
+        # thread (seconds for megabytes), and meanwhile it is in the queue, the stats and
+        # what a drain waits for.
         svc.in_flight += 1
         svc.idle.clear()
-        tokenizer = svc.engine.tokenizer if request.sampling.HasField("logprobs") else None
+        stream = None
         try:
+            try:
+                stream = await open_stream(
+                    svc.engine, to_engine_request(request, engine_id, fingerprint_of(svc.engine))
+                )
+            except InvalidRequestError as e:
+                raise UpstreamError(INVALID_ARGUMENT, e.message, param=e.param) from None
+            except EngineError as e:
+                raise UpstreamError(UNAVAILABLE, str(e)) from None
+            tokenizer = svc.engine.tokenizer if request.sampling.HasField("logprobs") else None
             async for delta in stream:
                 yield to_response(delta, request.request_id, True, tokenizer)
         finally:
-            await stream.aclose()
+            if stream is not None:
+                await stream.aclose()
             svc.in_flight -= 1
             if svc.in_flight == 0:
                 svc.idle.set()
@@ -162,8 +174,8 @@ async def tokenize(service: InferenceService, request: web.Request) -> web.Respo
     try:
         if service.state != State.SERVING or engine is None:
             raise OpenAIError(503, f"worker is {service.state.lower()}", "service_unavailable")
-        try:
-            body = orjson.loads(await request.read())
+        try:  # as the generate routes read it: bounded, decompressed
+            body = orjson.loads(await read_body(request, DEFAULT_LIMITS.max_body_bytes))
         except orjson.JSONDecodeError:
             raise OpenAIError(400, "the request body is not valid JSON") from None
         if not isinstance(body, dict):
@@ -179,8 +191,10 @@ async def tokenize(service: InferenceService, request: web.Request) -> web.Respo
             add_generation_prompt = body.get("add_generation_prompt", True)
             if not isinstance(add_generation_prompt, bool):
                 raise OpenAIError(400, "'add_generation_prompt' must be a boolean")
-            try:
-                ids = engine.tokenizer.prompt_ids(req.prompt, req.messages, add_generation_prompt)
+            try:  # a long prompt off the event loop, as generate tokenizes it
+                ids = await asyncio.to_thread(
+                    engine.tokenizer.prompt_ids, req.prompt, req.messages, add_generation_prompt
+                )
             except PromptError as e:
                 raise OpenAIError(400, e.message, "invalid_request_error", e.param) from None
     except OpenAIError as e:

@@ -308,3 +308,25 @@ def test_undecodable_grpc_requests_are_invalid_arguments(
         out = list(pb_grpc.InferenceStub(ch).Generate(_gen(), timeout=60))
         assert out[-1].finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
     assert "Traceback" not in proc.log_text()
+
+
+def test_a_workers_tokenize_reads_bodies_as_its_generate_routes_do(sim_worker: Proc) -> None:
+    """POST /tokenize (vLLM's, which routers call) takes a gzip body too, and the limit."""
+    import gzip
+
+    url = sim_worker.ready["http"] + "/tokenize"
+    for body, headers in (
+        (json.dumps({"prompt": "hello there"}).encode(), {}),
+        (
+            gzip.compress(json.dumps({"prompt": "hello there"}).encode()),
+            {"Content-Encoding": "gzip"},
+        ),
+    ):
+        req = urllib.request.Request(url, body, {"Content-Type": "application/json", **headers})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert json.loads(r.read())["count"] > 0
+    huge = gzip.compress(json.dumps({"prompt": "a" * (8 << 20)}).encode())
+    req = urllib.request.Request(url, huge, {"Content-Encoding": "gzip"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert e.value.code == 413

@@ -192,20 +192,39 @@ def test_up_stops_at_ctrl_c_while_still_starting() -> None:
             up.wait()
 
 
-def test_a_long_prompt_is_tokenized_while_the_worker_goes_on_serving(tiny_llama: Path) -> None:
+@pytest.mark.parametrize("port", ["grpc", "http"])
+def test_a_long_prompt_is_tokenized_while_the_worker_goes_on_serving(
+    port: str, tiny_llama: Path
+) -> None:
     """Found in review: tokenizing a 2 MB prompt (within the limits; refused afterwards as
     past the context) held the worker's event loop for 2.7 s, stalling every stream and
     the health checks, and a gateway took the worker for dead. Now Stats answers while the
-    long prompt is still being tokenized."""
-    w = start_worker(tiny_llama)
+    long prompt is still being tokenized, and counts it in flight (the HTTP port counted it
+    only once tokenized, so long prompts passed its queue bound)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    w = start_worker(tiny_llama, "--http-port", "0")
     address = w.ready["grpc"]
-    outcome: list[grpc.StatusCode] = []
-    big = pb.GenerateRequest(model="tiny", text="é" * (2 * 1024 * 1024 - 16))
+    outcome: list[object] = []
+    text = "é" * (2 * 1024 * 1024 - 64)  # under the 4 MiB body limit as UTF-8 JSON
 
     def send_big() -> None:
-        with grpc.insecure_channel(address, options=[("grpc.max_send_message_length", -1)]) as ch:
+        if port == "http":
+            body = json.dumps({"model": "tiny", "prompt": text}, ensure_ascii=False).encode()
+            req = urllib.request.Request(
+                w.ready["http"] + "/v1/completions", body, {"Content-Type": "application/json"}
+            )
             try:
-                list(pb_grpc.InferenceStub(ch).Generate(big, timeout=120))
+                urllib.request.urlopen(req, timeout=120)
+            except urllib.error.HTTPError as e:
+                outcome.append(e.code)
+            return
+        options = [("grpc.max_send_message_length", -1)]
+        with grpc.insecure_channel(address, options=options) as ch:
+            try:
+                list(pb_grpc.InferenceStub(ch).Generate(pb.GenerateRequest(text=text), timeout=120))
             except grpc.RpcError as e:
                 outcome.append(e.code())
 
@@ -219,7 +238,8 @@ def test_a_long_prompt_is_tokenized_while_the_worker_goes_on_serving(tiny_llama:
             answered = stub.Stats(pb.StatsRequest(), timeout=30)
             assert answered.in_flight == 1 and sender.is_alive()
         sender.join(120)
-        assert outcome == [grpc.StatusCode.INVALID_ARGUMENT]  # past the 1,024-token context
+        # past the 1,024-token context
+        assert outcome == [400 if port == "http" else grpc.StatusCode.INVALID_ARGUMENT]
     finally:
         sender.join(120)
         w.stop()

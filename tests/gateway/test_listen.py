@@ -47,3 +47,9 @@ def test_the_error_is_one_line_for_the_operator() -> None:
     )
     other = ListenError("gRPC", "10.9.9.9", 50051, RuntimeError("Failed to bind"))
     assert str(other) == "cannot listen on 10.9.9.9:50051 for gRPC: Failed to bind"
+
+    unresolved = ListenError("HTTP", "nowhere.invalid", 80, socket.gaierror(-2, "Name unknown"))
+    assert str(unresolved) == (
+        "cannot listen on nowhere.invalid:80 for HTTP: cannot resolve 'nowhere.invalid': "
+        "Name unknown"
+    )

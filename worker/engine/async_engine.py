@@ -99,6 +99,8 @@ class AsyncEngine:
             raise InvalidRequestError(f"duplicate request id {request.request_id!r}", "request_id")
 
     def _submit(self, prepared: Request) -> AsyncIterator[Delta]:
+        if self._dead is not None:  # the step thread died while a thread prepared it
+            raise EngineDeadError(f"engine stopped: {self._dead}")
         if prepared.request_id in self._streams:  # the same id, prepared meanwhile
             raise InvalidRequestError(f"duplicate request id {prepared.request_id!r}", "request_id")
         loop = asyncio.get_running_loop()
