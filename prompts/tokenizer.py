@@ -32,6 +32,18 @@ LONG_TEXT_CHARS = 16 * 1024
 """Texts longer than this are tokenized with the GIL released (see Tokenizer.encode)."""
 
 
+def prompt_chars(prompt: str | None, messages: list[dict[str, Any]] | None) -> int:
+    """Characters of a text or chat prompt: what tokenizing it costs, about."""
+    n = len(prompt or "")
+    for m in messages or ():
+        content = m.get("content")
+        if isinstance(content, str):
+            n += len(content)
+        elif isinstance(content, list):  # parts: their texts
+            n += sum(len(str(p.get("text", ""))) for p in content if isinstance(p, dict))
+    return n
+
+
 def fingerprint(tokenizer_json: bytes, config: dict[str, Any], template: str | None) -> str:
     """A digest of everything `prompt_ids` depends on: the vocabulary and its rules, the
     chat template, the special tokens the template and `encode` add, and the code that

@@ -21,6 +21,7 @@ from aiohttp import web
 from opentelemetry.trace import SpanKind
 
 from prompts.errors import PromptError
+from prompts.tokenizer import LONG_TEXT_CHARS, prompt_chars
 from proto import inference_pb2 as pb
 from proto.limits import DEFAULT_LIMITS
 from proto.openai_compat import OpenAIError, ParsedRequest, parse_chat, parse_completion
@@ -191,10 +192,12 @@ async def tokenize(service: InferenceService, request: web.Request) -> web.Respo
             add_generation_prompt = body.get("add_generation_prompt", True)
             if not isinstance(add_generation_prompt, bool):
                 raise OpenAIError(400, "'add_generation_prompt' must be a boolean")
+            args = (req.prompt, req.messages, add_generation_prompt)
             try:  # a long prompt off the event loop, as generate tokenizes it
-                ids = await asyncio.to_thread(
-                    engine.tokenizer.prompt_ids, req.prompt, req.messages, add_generation_prompt
-                )
+                if prompt_chars(req.prompt, req.messages) > LONG_TEXT_CHARS:
+                    ids = await asyncio.to_thread(engine.tokenizer.prompt_ids, *args)
+                else:
+                    ids = engine.tokenizer.prompt_ids(*args)
             except PromptError as e:
                 raise OpenAIError(400, e.message, "invalid_request_error", e.param) from None
     except OpenAIError as e:

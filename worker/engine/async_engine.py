@@ -15,7 +15,7 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
-from prompts.tokenizer import LONG_TEXT_CHARS, Tokenizer
+from prompts.tokenizer import LONG_TEXT_CHARS, Tokenizer, prompt_chars
 from worker.engine.config import EngineConfig
 from worker.engine.engine_core import EngineCore
 from worker.engine.errors import EngineDeadError, InvalidRequestError
@@ -87,7 +87,7 @@ class AsyncEngine:
         request's stream and the health checks, and a gateway took the worker for dead.
         A short one costs less than the thread hop, and stays on the loop.
         """
-        if prompt_chars(request) <= LONG_TEXT_CHARS:
+        if prompt_chars(request.prompt, request.messages) <= LONG_TEXT_CHARS:
             return self.generate(request)
         self._admissible(request)
         return self._submit(await asyncio.to_thread(self.core.prepare, request))
@@ -193,15 +193,3 @@ class AsyncEngine:
 def _put_all(items: list[tuple[asyncio.Queue[Delta], Delta]]) -> None:
     for q, d in items:
         q.put_nowait(d)
-
-
-def prompt_chars(request: GenerateRequest) -> int:
-    """Characters of a request's text or chat prompt (what tokenizing it costs)."""
-    n = len(request.prompt or "")
-    for m in request.messages or ():
-        content = m.get("content")
-        if isinstance(content, str):
-            n += len(content)
-        elif isinstance(content, list):  # parts: their texts
-            n += sum(len(str(p.get("text", ""))) for p in content if isinstance(p, dict))
-    return n
