@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 from worker.settings import WorkerSettings
 
 
 def build_engine(settings: WorkerSettings) -> Any:
-    """An object with the AsyncEngine interface: generate(), stats(), tokenizer, shutdown()."""
+    """An object with the AsyncEngine interface: generate() (generate_async() optional, see
+    open_stream), stats(), tokenizer, shutdown()."""
     if settings.engine == "torch":
         from worker.engine import AsyncEngine
 
@@ -24,3 +26,10 @@ def build_engine(settings: WorkerSettings) -> Any:
 
         return VLLMEngine(settings.engine_config)
     raise ValueError(f"unknown engine {settings.engine!r} (torch, sim or vllm)")
+
+
+async def open_stream(engine: Any, request: Any) -> AsyncIterator[Any]:
+    """The engine's delta stream: `generate_async` where the engine has one (a long prompt
+    tokenized off the event loop, see AsyncEngine), else `generate`."""
+    start = getattr(engine, "generate_async", None)
+    return await start(request) if start is not None else engine.generate(request)

@@ -21,15 +21,8 @@ from serving.grpc_requests import refuse_undecodable
 from serving.tracing import context_from, request_attributes
 from worker.cache_feed import CacheFeed
 from worker.engine.errors import EngineError, InvalidRequestError
+from worker.engine_factory import open_stream
 from worker.proto_convert import fingerprint_of, to_engine_request, to_response
-
-
-async def open_stream(engine: Any, request: Any) -> AsyncIterator[Any]:
-    """The engine's delta stream: `generate_async` where the engine has one (a long prompt
-    tokenized off the event loop, see AsyncEngine), else `generate`."""
-    start = getattr(engine, "generate_async", None)
-    return await start(request) if start is not None else engine.generate(request)
-
 
 log = logging.getLogger(__name__)
 

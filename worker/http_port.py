@@ -44,7 +44,8 @@ from serving.openai_http import (
 from serving.slow_clients import KEEPALIVE_TIMEOUT_S
 from serving.tracing import context_from, request_attributes
 from worker.engine.errors import EngineError, InvalidRequestError
-from worker.grpc_service import InferenceService, open_stream
+from worker.engine_factory import open_stream
+from worker.grpc_service import InferenceService
 from worker.grpc_service import WorkerState as State
 from worker.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from worker.metrics import WorkerMetrics

@@ -17,6 +17,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from worker.engine_factory import open_stream
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # vLLM's buckets for these histograms (seconds).
@@ -199,6 +201,4 @@ class MeteredEngine:
         return self._metrics.observe(self._engine.generate(request))
 
     async def generate_async(self, request: Any) -> AsyncIterator[Any]:
-        start = getattr(self._engine, "generate_async", None)
-        stream = await start(request) if start is not None else self._engine.generate(request)
-        return self._metrics.observe(stream)
+        return self._metrics.observe(await open_stream(self._engine, request))
