@@ -42,10 +42,12 @@ from gateway.upstream.openai_http import (
     wrong_type,
 )
 from proto import inference_pb2 as pb
+from proto.openai_compat import OpenAIError
 from proto.prompt_ids import fits_with_ids, with_body_field
 from serving.calls import (
     DEADLINE_EXCEEDED,
     INTERNAL,
+    INVALID_ARGUMENT,
     NOT_FOUND,
     RESOURCE_EXHAUSTED,
     UNAVAILABLE,
@@ -106,6 +108,9 @@ class RawRequest:
     path: bytes
     body: bytes
     stream: bool
+    unsupported: OpenAIError | None = None
+    """What the body asks that the Generate contract cannot carry (ParsedRequest's): it
+    may go as is to an OpenAI-compatible upstream, never over Generate."""
 
 
 class Call:
@@ -548,6 +553,9 @@ class Dispatcher:
                     # connect is not the replica's slowness
                     attempt.started = time.monotonic()
                     ttft_limit = min(s.ttft_timeout_s, attempt.deadline - attempt.started)
+            if raw is not None and raw.unsupported is not None:
+                e = raw.unsupported  # a worker's OpenAI port would have said the same
+                raise UpstreamError(INVALID_ARGUMENT, e.message, param=e.param)
             stream = up.generate(request, max(0.001, attempt.deadline - attempt.started))
             try:
                 async with asyncio.timeout(max(0.0, ttft_limit)):

@@ -73,6 +73,11 @@ class ParsedRequest:
     stream: bool
     include_usage: bool
     logprobs: int | None
+    unsupported: OpenAIError | None = None
+    """A feature asked for that the Generate contract cannot carry (tool calls, structured
+    output): the refusal a Breakwater engine answers with. Not raised by the parser, since
+    the gateway relays such a body untouched to an OpenAI-compatible upstream that may
+    serve it; it refuses only a request bound for the Generate contract."""
 
 
 def _number(body: dict[str, Any], name: str, lo: float, hi: float) -> float | None:
@@ -275,6 +280,53 @@ def _prompt(body: dict[str, Any], req: pb.GenerateRequest, limits: RequestLimits
         raise bad("'prompt' must be a string or a list of token ids", "prompt")
 
 
+_TOOL_CHOICES = frozenset(("none", "auto", "required"))
+
+
+def _engine_features(body: dict[str, Any], chat: bool) -> OpenAIError | None:
+    """Checks the shape of the fields that ask for tool calls or structured output (a 400
+    now, on every path) and says which one asks for what a Breakwater engine cannot do.
+
+    Ignoring them would answer an agent's tool call, or a request for JSON, with free text
+    that looks like success. vLLM refuses automatic tool choice without a tool parser the
+    same way. `tool_choice: "none"` (tools listed but not to be called) is served.
+    """
+    found: OpenAIError | None = None
+    if chat:
+        for name, choice_name in (("tools", "tool_choice"), ("functions", "function_call")):
+            items, choice = body.get(name), body.get(choice_name)
+            if items is not None and (
+                not isinstance(items, list) or not all(isinstance(t, dict) for t in items)
+            ):
+                raise bad(f"'{name}' must be a list of objects", name)
+            if choice is not None and not (
+                isinstance(choice, dict) or (isinstance(choice, str) and choice in _TOOL_CHOICES)
+            ):
+                raise bad(
+                    f"'{choice_name}' must be 'none', 'auto', 'required' or an object", choice_name
+                )
+            if found is None and items and choice != "none":
+                how = choice if isinstance(choice, str | None) else "a named function"
+                found = bad(
+                    f"tool calling ('{name}' with '{choice_name}' {how or 'auto'}) is not "
+                    f"supported by Breakwater's engine; send '{choice_name}': 'none' to have "
+                    "the model answer in text",
+                    name,
+                )
+    fmt = body.get("response_format")
+    if fmt is not None:
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if not isinstance(kind, str):
+            raise bad("'response_format' must be an object with a string 'type'", "response_format")
+        if found is None and kind != "text":
+            found = bad(
+                f"'response_format' of type '{kind[:40]}' (structured output) is not supported by "
+                "Breakwater's engine",
+                "response_format",
+            )
+    return found
+
+
 def parse_completion(body: Any, limits: RequestLimits = DEFAULT_LIMITS) -> ParsedRequest:
     """A /v1/completions body as a Generate request; OpenAIError (400) when invalid."""
     if not isinstance(body, dict):
@@ -295,7 +347,8 @@ def parse_completion(body: Any, limits: RequestLimits = DEFAULT_LIMITS) -> Parse
         req.sampling.logprobs = logprobs
     _common(body, req, limits)
     stream, include_usage = _stream_flags(body, req)
-    return ParsedRequest(req, "completion", stream, include_usage, logprobs)
+    unsupported = _engine_features(body, chat=False)
+    return ParsedRequest(req, "completion", stream, include_usage, logprobs, unsupported)
 
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
@@ -377,7 +430,8 @@ def parse_chat(body: Any, limits: RequestLimits = DEFAULT_LIMITS) -> ParsedReque
         req.sampling.logprobs = logprobs
     _common(body, req, limits)
     stream, include_usage = _stream_flags(body, req)
-    return ParsedRequest(req, "chat", stream, include_usage, logprobs)
+    unsupported = _engine_features(body, chat=True)
+    return ParsedRequest(req, "chat", stream, include_usage, logprobs, unsupported)
 
 
 def check_generate(req: pb.GenerateRequest, limits: RequestLimits = DEFAULT_LIMITS) -> None:

@@ -308,6 +308,10 @@ class OpenAIRoutes:
     takes_prompt_ids = False
     """Take a gateway's token ids from the body's `breakwater_prompt` (a worker's port);
     elsewhere that field is refused (proto/prompt_ids.py)."""
+    relays_bodies = False
+    """Bodies may go as is to OpenAI-compatible upstreams (the gateway): a feature the
+    Generate contract cannot carry (ParsedRequest.unsupported) is refused only on the way
+    to Generate. Elsewhere (a worker's port) it is refused at once."""
 
     def __init__(
         self,
@@ -410,6 +414,8 @@ class OpenAIRoutes:
             except orjson.JSONDecodeError:  # also invalid UTF-8 and nesting past 1024
                 raise OpenAIError(400, "the request body is not valid JSON") from None
             parsed: ParsedRequest = parse(body, self.limits)
+            if parsed.unsupported is not None and not self.relays_bodies:
+                raise parsed.unsupported
             parsed.request.request_id = request_id
             if BODY_FIELD in body:
                 if not self.takes_prompt_ids:

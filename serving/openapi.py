@@ -36,6 +36,12 @@ def _ref(name: str) -> Schema:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
+_UPSTREAM_ONLY = (
+    "served where the model server behind the gateway serves it (an OpenAI-compatible one gets "
+    "the body as is); Breakwater's engine answers 400."
+)
+
+
 def _or_null(schema: Schema) -> Schema:
     """`schema` or JSON null: the parsers treat a null field as one left out."""
     return {"anyOf": [schema, {"type": "null"}]}
@@ -141,6 +147,14 @@ def _request_schemas(limits: RequestLimits) -> dict[str, Schema]:
         "user": _or_null(
             {"type": "string", "description": "Also the sticky-routing key (first 256 chars)."}
         ),
+        "response_format": _or_null(
+            {
+                "type": "object",
+                "required": ["type"],
+                "properties": {"type": {"type": "string"}},
+                "description": f"Other than `text`: {_UPSTREAM_ONLY}",
+            }
+        ),
     }
     # `stream_options` needs `stream: true` (the parser's rule, as a schema).
     stream_rule = {
@@ -158,6 +172,16 @@ def _request_schemas(limits: RequestLimits) -> dict[str, Schema]:
         "items": token_id,
     }
     prompt_text = {"type": "string", "minLength": 1, "maxLength": limits.max_prompt_chars}
+    tools = _or_null(
+        {"type": "array", "items": {"type": "object"}, "description": f"Called: {_UPSTREAM_ONLY}"}
+    )
+    choice = _or_null({"anyOf": [{"enum": ["none", "auto", "required"]}, {"type": "object"}]})
+    tool_fields = {
+        "tools": tools,
+        "tool_choice": choice,
+        "functions": tools,
+        "function_call": choice,
+    }
     text_part = {
         "type": "object",
         "required": ["type"],
@@ -231,6 +255,7 @@ def _request_schemas(limits: RequestLimits) -> dict[str, Schema]:
                 "max_completion_tokens": max_tokens,
                 "logprobs": _flag("Return the sampled tokens' log probabilities."),
                 "top_logprobs": _int(0, limits.max_logprobs, "Alternatives per token."),
+                **tool_fields,
             },
             **stream_rule,
         },

@@ -64,6 +64,8 @@ class HTTPAdmission:
 
 
 class GatewayRoutes(OpenAIRoutes):
+    relays_bodies = True
+
     def __init__(
         self,
         dispatcher: Dispatcher,
@@ -204,7 +206,7 @@ class GatewayRoutes(OpenAIRoutes):
         info: CallInfo,
         mirror: Mirror | None,
     ) -> web.StreamResponse:
-        relay = RawRequest(_PATHS[parsed.kind], raw, parsed.stream)
+        relay = RawRequest(_PATHS[parsed.kind], raw, parsed.stream, parsed.unsupported)
         try:
             call = await self.dispatcher.open(
                 parsed.request, max(0.001, deadline - time.monotonic()), info, relay

@@ -72,16 +72,19 @@ async def error_from(resp: Response, deadline: float | None) -> UpstreamError:
     finally:
         resp.release()
     code = _STATUS.get(resp.status, INTERNAL)
+    param = None
     try:
         error = orjson.loads(text)["error"]
         message = str(error["message"])
+        if code == INVALID_ARGUMENT and isinstance(error.get("param"), str):
+            param = error["param"][:200]  # the field a 400 names goes on to the client
         if code == UNAVAILABLE and error.get("code") == "overloaded":
             # a full queue (a Breakwater worker's 503): busy, not sick; no breaker failure,
             # and the client is told "overloaded", as over gRPC
             code = RESOURCE_EXHAUSTED
     except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
         message = text[:500].decode("utf-8", "replace") or f"HTTP {resp.status}"
-    return UpstreamError(code, message, retry_after_ms(resp.headers))
+    return UpstreamError(code, message, retry_after_ms(resp.headers), param)
 
 
 def wrong_type(resp: Response, stream: bool) -> str | None:

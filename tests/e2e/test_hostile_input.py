@@ -23,6 +23,7 @@ from tests.procs import Proc, metric_total, start_gateway, start_sim_worker, wai
 
 MODEL = "sim"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +79,14 @@ HOSTILE: list[tuple[str, bytes, int, str | None]] = [
     ("max_tokens over the ceiling", chat(max_tokens=10**9), 400, "max_tokens"),
     ("five stop strings", chat(stop=list("abcde")), 400, "stop"),
     ("n above 1", chat(n=4), 400, "n"),
+    ("tools a string", chat(tools="x"), 400, "tools"),
+    ("tool_choice unknown", chat(tools=[], tool_choice="sometimes"), 400, "tool_choice"),
+    ("response_format a string", chat(response_format="json"), 400, "response_format"),
+    # what the engine cannot do is refused, not answered with text that looks like success
+    ("tools to call", chat(tools=[TOOL]), 400, "tools"),
+    ("tools to call, streamed", chat(tools=[TOOL], stream=True), 400, "tools"),
+    ("a function to call", chat(functions=[TOOL["function"]]), 400, "functions"),
+    ("JSON output", chat(response_format={"type": "json_object"}), 400, "response_format"),
 ]
 
 
@@ -96,8 +105,18 @@ def test_hostile_bodies_are_json_errors_and_service_goes_on(
         if status == 413:
             assert err["code"] == "request_too_large"
             assert str(DEFAULT_LIMITS.max_body_bytes) in err["message"]
-    # Unknown fields are tolerated, and the port still answers a normal request.
-    got, _, answer = post(url, chat(tools=[], metadata={"k": "v"}, some_extension={"a": [1]}))
+    # Unknown fields are tolerated, tools not to be called too, and the port still
+    # answers a normal request.
+    got, _, answer = post(
+        url,
+        chat(
+            tools=[TOOL],
+            tool_choice="none",
+            response_format={"type": "text"},
+            metadata={"k": "v"},
+            some_extension={"a": [1]},
+        ),
+    )
     assert got == 200, answer
     assert answer["choices"][0]["message"]["role"] == "assistant"
     got, _, answer = post(

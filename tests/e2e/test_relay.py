@@ -34,6 +34,8 @@ class Upstream(FakeHTTPServer):
     def __init__(self, busy: bool = False) -> None:
         self.busy = busy
         self.requests = 0
+        self.last: dict = {}
+        """The last request body it was sent."""
         super().__init__()
 
     async def respond(self, head: bytes, body: bytes, w: asyncio.StreamWriter) -> bool:
@@ -43,7 +45,8 @@ class Upstream(FakeHTTPServer):
             w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
             await w.drain()
             return True
-        return await self._answer(json.loads(body), w)
+        self.last = json.loads(body)
+        return await self._answer(self.last, w)
 
     async def _answer(self, req: dict, w: asyncio.StreamWriter) -> bool:
         """Write one answer; False closes the connection."""
@@ -94,9 +97,11 @@ def gateway(upstream: Upstream) -> Iterator[Proc]:
     g.stop()
 
 
-def _post(gateway: Proc, body: dict) -> tuple[int, dict[str, str], bytes]:
+def _post(
+    gateway: Proc, body: dict, path: str = "/v1/completions"
+) -> tuple[int, dict[str, str], bytes]:
     req = urllib.request.Request(
-        gateway.ready["http"] + "/v1/completions",
+        gateway.ready["http"] + path,
         json.dumps({"model": "m", "max_tokens": 4, **body}).encode(),
         {"Content-Type": "application/json"},
     )
@@ -112,6 +117,26 @@ def test_stream_passes_through_untouched(gateway: Proc) -> None:
     assert status == 200
     assert body == EVENT + EVENT + b"data: [DONE]\n\n"
     assert headers["x-breakwater-attempts"] == "1"
+
+
+def test_tools_and_structured_output_reach_an_upstream_that_may_serve_them(
+    gateway: Proc, upstream: Upstream
+) -> None:
+    """What Breakwater's engine refuses (tool calls, JSON output) is the upstream's to
+    serve: its body goes as is, whole or streamed, chat or completion."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}
+    for path, body in (
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "ok"}]}),
+        ("/v1/completions", {"prompt": "ok"}),
+    ):
+        for stream in (False, True):
+            extra = {"response_format": fmt, "stream": stream}
+            if path == "/v1/chat/completions":
+                extra |= {"tools": tools, "tool_choice": "required"}
+            status, _, _ = _post(gateway, {**body, **extra}, path)
+            assert status == 200
+            assert {k: upstream.last.get(k) for k in extra} == extra
 
 
 def test_whole_answer_passes_through(gateway: Proc) -> None:

@@ -206,6 +206,17 @@ HOSTILE: list[tuple[str, Any, str | None]] = [
     ("completion", comp(suffix=0), "suffix"),
     ("chat", chat(logit_bias=""), "logit_bias"),
     ("chat", chat(logit_bias=[1]), "logit_bias"),
+    # tools and structured output: shapes (what they ask is ParsedRequest.unsupported)
+    ("chat", chat(tools="x"), "tools"),
+    ("chat", chat(tools=[1]), "tools"),
+    ("chat", chat(tools={"type": "function"}), "tools"),
+    ("chat", chat(tool_choice="sometimes"), "tool_choice"),
+    ("chat", chat(tool_choice=1), "tool_choice"),
+    ("chat", chat(functions="f"), "functions"),
+    ("chat", chat(function_call=["f"]), "function_call"),
+    ("chat", chat(response_format="json_object"), "response_format"),
+    ("chat", chat(response_format={"type": 1}), "response_format"),
+    ("completion", comp(response_format={}), "response_format"),
 ]
 
 
@@ -284,6 +295,39 @@ def test_parsed_values() -> None:
     assert p.logprobs == 0 and p.request.sampling.logprobs == 0
     p = parse_chat(chat(top_logprobs=3))
     assert p.logprobs is None and not p.request.sampling.HasField("logprobs")
+
+
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {}}}
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "param"),
+    [
+        ("chat", chat(tools=[TOOL]), "tools"),
+        ("chat", chat(tools=[TOOL], tool_choice="auto"), "tools"),
+        ("chat", chat(tools=[TOOL], tool_choice="required"), "tools"),
+        ("chat", chat(tools=[TOOL], tool_choice={"type": "function"}), "tools"),
+        ("chat", chat(functions=[TOOL["function"]]), "functions"),
+        ("chat", chat(response_format={"type": "json_object"}), "response_format"),
+        ("completion", comp(response_format={"type": "json_schema"}), "response_format"),
+        ("chat", chat(tools=[], response_format={"type": "json_object"}), "response_format"),
+        ("chat", chat(tools=[TOOL], tool_choice="none"), None),
+        ("chat", chat(tools=[], functions=None, response_format={"type": "text"}), None),
+        ("completion", comp(tools=[TOOL]), None),  # not a completions field: ignored
+    ],
+)
+def test_what_the_engine_cannot_do_is_named_for_it(
+    kind: str, body: dict[str, Any], param: str | None
+) -> None:
+    """Parsed (the gateway relays such a body to an OpenAI upstream as is), with the refusal
+    a Breakwater engine answers with."""
+    parsed = PARSERS[kind](body)
+    if param is None:
+        assert parsed.unsupported is None
+    else:
+        assert parsed.unsupported is not None
+        assert (parsed.unsupported.status, parsed.unsupported.param) == (400, param)
+        assert "not supported by Breakwater's engine" in parsed.unsupported.message
 
 
 def test_limits_are_configurable() -> None:
