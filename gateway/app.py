@@ -148,6 +148,10 @@ class Gateway:
             ),
         )
         dispatcher_ref.append(self.dispatcher)
+        if self.share is not None:  # every decision bounded by the whole fleet's load
+            self.share.local_loads = self.dispatcher.outstanding
+            self.dispatcher.loads_changed = self.share.loads_changed
+            self.dispatcher.remote_loads = self.share.remote.totals
         self.admission = build_admission(settings)
         self.concurrency = self.dispatcher.concurrency = AdaptiveConcurrency()
         self._fleet_task: asyncio.Task[None] | None = None

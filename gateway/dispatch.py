@@ -31,7 +31,7 @@ from gateway.admission.adaptive import DEFAULT_BASELINE_S, AdaptiveConcurrency
 from gateway.registry.base import Registry, WorkerInfo, WorkerState, ready_workers
 from gateway.resilience.breaker import BreakerBoard, BreakerConfig
 from gateway.resilience.retry_budget import RetryBudget
-from gateway.routing.policy import RoutingPolicy, WeightedLoads
+from gateway.routing.policy import CombinedLoads, RoutingPolicy, WeightedLoads
 from gateway.upstream.base import Upstream
 from gateway.upstream.http_client import HTTPError, Response
 from gateway.upstream.openai_http import (
@@ -251,6 +251,8 @@ class _Attempt:
         """No busier than any peer, from this gateway's view, when it started: only such an
         attempt's TTFT judges the replica's health (a burst routing sent it is no sickness)."""
         out[worker.worker_id] += 1
+        if dispatcher.loads_changed is not None:
+            dispatcher.loads_changed()
 
     def prefilled(self) -> None:
         """Hand routing's prefill estimate back (once): the first output came, the attempt
@@ -286,6 +288,8 @@ class _Attempt:
         wid = self.worker.worker_id
         self.prefilled()
         d.outstanding[wid] -= 1
+        if d.loads_changed is not None:
+            d.loads_changed()
         d.breakers.release_probe(wid)
         if self.outcome is not None:
             d.breakers.record(wid, self.outcome, self.pool)
@@ -328,6 +332,11 @@ class Dispatcher:
         """Model names that exist only as splits over versions."""
         self.tracer: Any | None = None
         """OpenTelemetry tracer when tracing is on (serving.tracing): a span per attempt."""
+        self.loads_changed: Callable[[], None] | None = None
+        """Told of every change of `outstanding` (the routing share tells the others)."""
+        self.remote_loads: Callable[[], Mapping[str, int]] | None = None
+        """Calls in flight per replica from the fleet's other gateway processes: routing
+        balances on the sum (decision_share.RemoteLoads)."""
 
     def upstream_for(self, info: WorkerInfo) -> Upstream:
         key = (info.worker_id, info.address, info.kind)
@@ -397,6 +406,8 @@ class Dispatcher:
             d = asdict(w)
             d["state"] = str(w.state)
             d["outstanding"] = self.outstanding.get(w.worker_id, 0)
+            if self.remote_loads is not None:
+                d["outstanding_elsewhere"] = self.remote_loads().get(w.worker_id, 0)
             d["breaker"] = breakers.get(w.worker_id, {"state": "closed"})
             if w.worker_id in self._relay_refused:  # its OpenAI port refused: streams on gRPC
                 d["openai_url_refused"] = True
@@ -651,6 +662,8 @@ class Dispatcher:
         blocked = self.blocked
         ready = [w for w in ready_workers(self.registry, model) if not blocked(w.worker_id)]
         loads: Mapping[str, float] = self.outstanding
+        if self.remote_loads is not None and (others := self.remote_loads()):
+            loads = CombinedLoads(loads, others)
         if weights := self.weights():
             ready = [w for w in ready if weights.get(w.worker_id, 1.0) > 0]
             loads = WeightedLoads(self.outstanding, weights)

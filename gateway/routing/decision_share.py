@@ -11,8 +11,17 @@ So each tells the others which block keys it just sent to which worker:
 - `RedisShare`: a Redis pub/sub channel between every process of every gateway that
   shares the Redis (it then also covers siblings).
 
-Loss is harmless (the index is a hint), so there is no acknowledgement; decisions are
-batched for up to `FLUSH_S` to keep this off the request path's cost.
+Each also tells the others how many calls it has in flight on each worker, so that the
+load bound of every decision counts the whole fleet's calls, not one process's share of
+them: with two gateways (or `--processes 2`) each saw about half of every replica's load,
+and routing_bench's two gateways reached a load imbalance of 1.26-1.30 where one gateway
+held 1.20. A sender's counts are trusted for `LOAD_TTL_S` after its last message (it
+repeats them every `LOAD_REFRESH_S` while any is non-zero), so a process that died
+stops counting.
+
+Loss is harmless (the index is a hint, and counts are repeated), so there is no
+acknowledgement; messages are batched for up to `FLUSH_S` to keep this off the request
+path's cost.
 """
 
 from __future__ import annotations
@@ -23,12 +32,17 @@ import logging
 import os
 import socket
 import struct
+import time
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+
+import orjson
 
 from serving.redis_client import OP_TIMEOUT, REDIS_ERRORS, OutageLog, make_client
 
 FLUSH_S = 0.01
+LOAD_REFRESH_S = 0.5
+LOAD_TTL_S = 2.0
 MAX_DATAGRAM = 60_000
 FDS_ENV = "BREAKWATER_GATEWAY_SHARE_FD"
 PORTS_ENV = "BREAKWATER_GATEWAY_SHARE_PORTS"
@@ -36,6 +50,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CHANNEL = "breakwater:routing"
 _HEAD = struct.Struct("!BH")  # worker id length, key count
+"""An entry's head. A worker id of length 0 marks an entry of loads instead of keys: its
+"keys" are 8-byte words of (sender id, JSON of calls in flight per worker id, padded with
+blanks). A gateway of an earlier version, mid-rollout, reads it as keys sent to a worker
+named "" that does not exist, which routes nothing."""
 
 
 def bind_sockets(n: int) -> list[socket.socket]:
@@ -65,25 +83,95 @@ def encode(worker: str, keys: list[int]) -> bytes:
     return _HEAD.pack(len(wid), len(keys)) + wid + array("Q", keys).tobytes()
 
 
-def decode(data: bytes) -> list[tuple[str, list[int]]]:
-    """Entries of one datagram; a malformed tail is dropped."""
-    out = []
+def encode_loads(sender: bytes, loads: Mapping[str, int]) -> bytes:
+    """A sender's calls in flight per worker (the non-zero ones) as one entry."""
+    payload = sender + orjson.dumps(loads)
+    payload += b" " * (-len(payload) % 8)
+    return _HEAD.pack(0, len(payload) // 8) + payload
+
+
+Loads = tuple[bytes, dict[str, int]]
+"""A sender's id and its calls in flight per worker id."""
+
+
+def decode_all(data: bytes) -> tuple[list[tuple[str, list[int]]], list[Loads]]:
+    """The decisions and the loads in one message; a malformed entry ends the message."""
+    decisions: list[tuple[str, list[int]]] = []
+    loads: list[Loads] = []
     view = memoryview(data)
     while len(view) >= _HEAD.size:
         n_id, n_keys = _HEAD.unpack_from(view)
         end = _HEAD.size + n_id + 8 * n_keys
         if end > len(view):
             break
-        wid = bytes(view[_HEAD.size : _HEAD.size + n_id]).decode(errors="replace")
-        keys = array("Q")
-        keys.frombytes(view[_HEAD.size + n_id : end])
-        out.append((wid, keys.tolist()))
+        body = view[_HEAD.size + n_id : end]
+        if n_id == 0:
+            counts = _counts(bytes(body[8:]))
+            if counts is None:
+                break
+            loads.append((bytes(body[:8]), counts))
+        else:
+            wid = bytes(view[_HEAD.size : _HEAD.size + n_id]).decode(errors="replace")
+            keys = array("Q")
+            keys.frombytes(body)
+            decisions.append((wid, keys.tolist()))
         view = view[end:]
-    return out
+    return decisions, loads
+
+
+def _counts(data: bytes) -> dict[str, int] | None:
+    try:
+        counts = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(counts, dict) or not all(
+        type(n) is int and 0 <= n < 1 << 31 for n in counts.values()
+    ):
+        return None
+    return counts
+
+
+def decode(data: bytes) -> list[tuple[str, list[int]]]:
+    """The decisions in one message."""
+    return decode_all(data)[0]
+
+
+class RemoteLoads:
+    """Calls in flight per worker from every other process or gateway that said so lately."""
+
+    def __init__(self, ttl_s: float = LOAD_TTL_S) -> None:
+        self.ttl_s = ttl_s
+        self._senders: dict[bytes, tuple[float, dict[str, int]]] = {}
+        self._totals: dict[str, int] = {}
+        self._until = float("inf")
+        """When the oldest sender's counts go stale: the totals are summed again then."""
+
+    def update(self, sender: bytes, counts: dict[str, int]) -> None:
+        self._senders[sender] = (time.monotonic(), counts)
+        self._sum(time.monotonic())
+
+    def totals(self) -> Mapping[str, int]:
+        """Worker id -> calls in flight elsewhere (absent: none)."""
+        if self._until < float("inf") and time.monotonic() > self._until:
+            self._sum(time.monotonic())
+        return self._totals
+
+    def _sum(self, now: float) -> None:
+        cutoff = now - self.ttl_s
+        for sender in [s for s, (at, _) in self._senders.items() if at <= cutoff]:
+            del self._senders[sender]
+        totals: dict[str, int] = {}
+        for _, counts in self._senders.values():
+            for wid, n in counts.items():
+                totals[wid] = totals.get(wid, 0) + n
+        self._totals = totals
+        at = min((at for at, _ in self._senders.values()), default=None)
+        self._until = float("inf") if at is None else at + self.ttl_s
 
 
 class _Batcher:
-    """Collects decisions and sends them as one message every `FLUSH_S` at most."""
+    """Collects decisions and sends them, with this process's loads when they changed, as
+    one message every `FLUSH_S` at most."""
 
     apply: Callable[[str, list[int]], None]
 
@@ -94,6 +182,13 @@ class _Batcher:
         self.received = 0
         self.sent = 0
         """Decisions received from the others and sent to them, for /admin/workers."""
+        self.sender = os.urandom(8)
+        self.local_loads: Mapping[str, int] | None = None
+        """This process's calls in flight per worker (the dispatcher's), told to the others."""
+        self.remote = RemoteLoads()
+        """The others' calls in flight."""
+        self._loads_changed = False
+        self._refresh: asyncio.TimerHandle | None = None
 
     def _send(self, data: bytes) -> None:
         raise NotImplementedError
@@ -101,11 +196,46 @@ class _Batcher:
     def _apply_all(self, data: bytes) -> None:
         """Learn what a message says; a bad message is dropped, never fatal."""
         try:
-            for worker, keys in decode(data):
+            decisions, loads = decode_all(data)
+            for worker, keys in decisions:
                 self.apply(worker, keys)
                 self.received += 1
+            for sender, counts in loads:
+                if sender != self.sender:
+                    self.remote.update(sender, counts)
         except Exception as e:
             log.debug("routing share: dropped a message: %s", e)
+
+    def loads_changed(self) -> None:
+        """A call started or ended here: the others hear of it with the next message."""
+        if self.local_loads is None or not self._ready():
+            return
+        self._loads_changed = True
+        if self._flush is None:
+            self._flush = asyncio.get_running_loop().call_later(FLUSH_S, self.flush)
+
+    def _add_loads(self) -> None:
+        assert self.local_loads is not None
+        self._loads_changed = False
+        counts = {w: n for w, n in self.local_loads.items() if n > 0}
+        entry = encode_loads(self.sender, counts)
+        if len(entry) > MAX_DATAGRAM:
+            return  # thousands of workers: their keys still go
+        if self._size + len(entry) > MAX_DATAGRAM:
+            self.flush()
+        self._batch.append(entry)
+        self._size += len(entry)
+        if counts and self._refresh is None:  # said again while any is non-zero
+            self._refresh = asyncio.get_running_loop().call_later(LOAD_REFRESH_S, self._refreshed)
+
+    def _refreshed(self) -> None:
+        self._refresh = None
+        self.loads_changed()
+
+    def _stop_refresh(self) -> None:
+        if self._refresh is not None:
+            self._refresh.cancel()
+            self._refresh = None
 
     def _ready(self) -> bool:
         return True
@@ -126,6 +256,8 @@ class _Batcher:
         if self._flush is not None:
             self._flush.cancel()
             self._flush = None
+        if self._loads_changed and self.local_loads is not None:
+            self._add_loads()
         if not self._batch:
             return
         data = b"".join(self._batch)
@@ -180,6 +312,7 @@ class SiblingShare(_Batcher, asyncio.DatagramProtocol):
 
     async def close(self) -> None:
         self.flush()
+        self._stop_refresh()
         if self.transport is not None:
             self.transport.close()
 
@@ -202,7 +335,7 @@ class RedisShare(_Batcher):
         self.url = url
         self.apply = apply
         self.channel = channel
-        self._id = os.urandom(8)
+        self._id = self.sender
         self._client = make_client(url, decode_responses=False)
         self._outage = OutageLog("routing share")
         self._tasks: set[asyncio.Task[None]] = set()
@@ -249,6 +382,7 @@ class RedisShare(_Batcher):
 
     async def close(self) -> None:
         self.flush()
+        self._stop_refresh()
         if self._listener is not None:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):

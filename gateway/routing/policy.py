@@ -95,6 +95,30 @@ class WeightedLoads(Mapping[str, float]):
         return len(self.outstanding)
 
 
+class CombinedLoads(Mapping[str, float]):
+    """This process's calls in flight per replica plus those the fleet's other gateway
+    processes last reported (decision_share.RemoteLoads), so a load bound holds for the
+    whole fleet's calls, not one process's share of them."""
+
+    __slots__ = ("others", "own")
+
+    def __init__(self, own: Mapping[str, float], others: Mapping[str, float]) -> None:
+        self.own = own
+        self.others = others
+
+    def __getitem__(self, worker_id: str) -> float:
+        return self.own.get(worker_id, 0) + self.others.get(worker_id, 0)
+
+    def get(self, worker_id: str, default: float = 0) -> float:  # type: ignore[override]
+        return self[worker_id]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter({*self.own, *self.others})
+
+    def __len__(self) -> int:
+        return len({*self.own, *self.others})
+
+
 class RoundRobin:
     """In turn; with weights (see WeightedLoads), nginx's smooth weighted round-robin, which
     interleaves (a, a, b -> a b a) where plain weighting would send bursts."""

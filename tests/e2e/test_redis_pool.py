@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -121,4 +122,57 @@ def test_prefix_aware_gateways_share_routing_through_redis(redis: RedisServer) -
             assert [where(gws[1], prompt) for _ in range(4)] == [first] * 4
     finally:
         for p in (*gws, a, b):
+            p.stop()
+
+
+def test_gateways_balance_on_each_others_calls_in_flight(redis: RedisServer) -> None:
+    """Each gateway tells the others its calls in flight per worker (through Redis), and
+    routing bounds load on the sum; they stop counting once the calls end."""
+    slow = [
+        start_worker(
+            None,
+            *("--redis-url", redis.url, "--worker-id", wid, "--sim-preset", "tiny"),
+            *("--sim-speed", "0.004"),  # 50 ms a step: 100 tokens take 5 s
+            engine="sim",
+            name="sim",
+        )
+        for wid in ("l-a", "l-b")
+    ]
+    gws = [start_gateway("--redis-url", redis.url) for _ in range(2)]
+    try:
+        for gw in gws:
+            wait_for(lambda gw=gw: {"l-a", "l-b"} <= set(workers(gw)), timeout=20)
+
+        def elsewhere(gw: Proc) -> dict[str, int]:
+            return {
+                wid: w.get("outstanding_elsewhere", -1)
+                for wid, w in workers(gw).items()
+                if wid.startswith("l-")
+            }
+
+        def stream() -> None:
+            req = urllib.request.Request(
+                gws[0].ready["http"] + "/v1/completions",
+                data=json.dumps(
+                    {"model": "sim", "prompt": "load", "max_tokens": 100, "stream": True}
+                ).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(req, timeout=120) as r:
+                r.read()
+
+        calls = [threading.Thread(target=stream) for _ in range(6)]
+        for t in calls:
+            t.start()
+        try:
+            wait_for(lambda: sum(elsewhere(gws[1]).values()) == 6, timeout=30)
+            own = {w: workers(gws[0])[w]["outstanding"] for w in ("l-a", "l-b")}
+            assert elsewhere(gws[1]) == own  # what the first gateway has on each
+            assert elsewhere(gws[0]) == {"l-a": 0, "l-b": 0}  # not its own calls again
+        finally:
+            for t in calls:
+                t.join(120)
+        wait_for(lambda: elsewhere(gws[1]) == {"l-a": 0, "l-b": 0}, timeout=30)
+    finally:
+        for p in (*gws, *slow):
             p.stop()

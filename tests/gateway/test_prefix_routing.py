@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import collections
+import time
 
 from gateway.registry.base import WorkerInfo, WorkerState
-from gateway.routing.decision_share import decode, encode
-from gateway.routing.policy import PrefixAware, make_policy
+from gateway.routing.decision_share import RemoteLoads, decode, decode_all, encode, encode_loads
+from gateway.routing.policy import CombinedLoads, PrefixAware, make_policy
 from gateway.routing.prefix_index import BLOCK_BYTES, PrefixIndex, block_keys, prompt_bytes
 from proto import inference_pb2 as pb
 
@@ -257,3 +258,39 @@ def test_new_content_is_forgotten_with_a_half_life() -> None:
     policy.footprint = {"w0": (1000.0, time.monotonic() - FOOTPRINT_HALF_LIFE_S)}
     fps = policy._footprints(pool)
     assert 490 < fps["w0"] < 510 and fps["w1"] == 0.0
+
+
+def test_loads_travel_with_decisions_and_old_readers_skip_them() -> None:
+    sender = b"\x01" * 8
+    data = encode("w0", [7]) + encode_loads(sender, {"w0": 3, "wörker": 1}) + encode("w1", [8])
+    decisions, loads = decode_all(data)
+    assert decisions == [("w0", [7]), ("w1", [8])]
+    assert loads == [(sender, {"w0": 3, "wörker": 1})]
+    assert decode(data) == decisions
+    bad = encode_loads(sender, {"w0": -1})  # not a count: the message ends there
+    assert decode_all(encode("w0", [7]) + bad + encode("w1", [8])) == ([("w0", [7])], [])
+
+
+def test_remote_loads_sum_senders_and_forget_the_silent() -> None:
+    remote = RemoteLoads(ttl_s=0.2)
+    remote.update(b"a" * 8, {"w0": 2, "w1": 1})
+    remote.update(b"b" * 8, {"w0": 3})
+    assert remote.totals() == {"w0": 5, "w1": 1}
+    remote.update(b"a" * 8, {})  # its calls ended
+    assert remote.totals() == {"w0": 3}
+    time.sleep(0.25)
+    assert remote.totals() == {}
+
+
+def test_load_bound_counts_other_gateways_calls() -> None:
+    """A replica this gateway sends little to but others load is no longer the idle one."""
+    pool = workers(2)
+    prompt = chat(SYSTEM, "q")
+    policy = PrefixAware()
+    w = policy.choose(pool, prompt, {"w0": 0, "w1": 0})
+    policy.routed(w, prompt)
+    holder, other = w.worker_id, ("w1" if w.worker_id == "w0" else "w0")
+    own = {"w0": 0, "w1": 0}
+    assert policy.choose(pool, prompt, own).worker_id == holder
+    busy = CombinedLoads(own, {holder: 20})  # over 1.5 x 0 + 8
+    assert policy.choose(pool, prompt, busy).worker_id == other
