@@ -123,6 +123,9 @@ class Gateway:
                 else SiblingShare.from_env(policy.learn)
             )
             policy.share = self.share.publish if self.share else None
+            if self.share is not None:
+                self.share.content = policy.learn_content
+                self.share.new_content = policy.take_content
             policy.tokenizers = TokenizerStore(settings.tokenizers)
         self.cache_watcher: CacheWatcher | None = None
         if policy is not None and settings.watch_caches:

@@ -13,11 +13,11 @@ So each tells the others which block keys it just sent to which worker:
 
 Each also tells the others how many calls it has in flight on each worker, so that the
 load bound of every decision counts the whole fleet's calls, not one process's share of
-them: with two gateways (or `--processes 2`) each saw about half of every replica's load,
-and routing_bench's two gateways reached a load imbalance of 1.26-1.30 where one gateway
-held 1.20. A sender's counts are trusted for `LOAD_TTL_S` after its last message (it
-repeats them every `LOAD_REFRESH_S` while any is non-zero), so a process that died
-stops counting.
+them, and the new cache content it sent each worker (uncached prompt tokens), by which
+prefix-aware places new prefixes (the most cache room): each would otherwise judge room
+by its own share of what went where. A sender's counts are trusted for `LOAD_TTL_S`
+after its last message (it repeats them every `LOAD_REFRESH_S` while any is non-zero),
+so a process that died stops counting.
 
 Loss is harmless (the index is a hint, and counts are repeated), so there is no
 acknowledgement; messages are batched for up to `FLUSH_S` to keep this off the request
@@ -83,15 +83,18 @@ def encode(worker: str, keys: list[int]) -> bytes:
     return _HEAD.pack(len(wid), len(keys)) + wid + array("Q", keys).tobytes()
 
 
-def encode_loads(sender: bytes, loads: Mapping[str, int]) -> bytes:
-    """A sender's calls in flight per worker (the non-zero ones) as one entry."""
-    payload = sender + orjson.dumps(loads)
+def encode_loads(
+    sender: bytes, loads: Mapping[str, int], content: Mapping[str, float] | None = None
+) -> bytes:
+    """A sender's calls in flight per worker (the non-zero ones), and the uncached prompt
+    tokens it sent each since its last message (new cache content), as one entry."""
+    payload = sender + orjson.dumps({"l": loads, "c": content or {}})
     payload += b" " * (-len(payload) % 8)
     return _HEAD.pack(0, len(payload) // 8) + payload
 
 
-Loads = tuple[bytes, dict[str, int]]
-"""A sender's id and its calls in flight per worker id."""
+Loads = tuple[bytes, dict[str, int], dict[str, float]]
+"""A sender's id, its calls in flight per worker id, and the new content it sent each."""
 
 
 def decode_all(data: bytes) -> tuple[list[tuple[str, list[int]]], list[Loads]]:
@@ -106,10 +109,10 @@ def decode_all(data: bytes) -> tuple[list[tuple[str, list[int]]], list[Loads]]:
             break
         body = view[_HEAD.size + n_id : end]
         if n_id == 0:
-            counts = _counts(bytes(body[8:]))
-            if counts is None:
+            got = _counts(bytes(body[8:]))
+            if got is None:
                 break
-            loads.append((bytes(body[:8]), counts))
+            loads.append((bytes(body[:8]), *got))
         else:
             wid = bytes(view[_HEAD.size : _HEAD.size + n_id]).decode(errors="replace")
             keys = array("Q")
@@ -119,16 +122,23 @@ def decode_all(data: bytes) -> tuple[list[tuple[str, list[int]]], list[Loads]]:
     return decisions, loads
 
 
-def _counts(data: bytes) -> dict[str, int] | None:
+def _counts(data: bytes) -> tuple[dict[str, int], dict[str, float]] | None:
     try:
-        counts = orjson.loads(data)
+        doc = orjson.loads(data)
     except orjson.JSONDecodeError:
         return None
+    if not isinstance(doc, dict):
+        return None
+    counts, content = doc.get("l"), doc.get("c")
     if not isinstance(counts, dict) or not all(
         type(n) is int and 0 <= n < 1 << 31 for n in counts.values()
     ):
         return None
-    return counts
+    if not isinstance(content, dict) or not all(
+        type(t) in (int, float) and 0 <= t < 1e12 for t in content.values()
+    ):
+        return None
+    return counts, {w: float(t) for w, t in content.items()}
 
 
 def decode(data: bytes) -> list[tuple[str, list[int]]]:
@@ -174,6 +184,10 @@ class _Batcher:
     one message every `FLUSH_S` at most."""
 
     apply: Callable[[str, list[int]], None]
+    content: Callable[[str, float], None] | None = None
+    """Learns new cache content another process sent a worker (PrefixAware.learn_content)."""
+    new_content: Callable[[], dict[str, float]] | None = None
+    """This process's new content per worker since it last asked (PrefixAware.take_content)."""
 
     def __init__(self) -> None:
         self._batch: list[bytes] = []
@@ -200,9 +214,12 @@ class _Batcher:
             for worker, keys in decisions:
                 self.apply(worker, keys)
                 self.received += 1
-            for sender, counts in loads:
+            for sender, counts, content in loads:
                 if sender != self.sender:
                     self.remote.update(sender, counts)
+                    if self.content is not None:
+                        for worker, tokens in content.items():
+                            self.content(worker, tokens)
         except Exception as e:
             log.debug("routing share: dropped a message: %s", e)
 
@@ -218,7 +235,8 @@ class _Batcher:
         assert self.local_loads is not None
         self._loads_changed = False
         counts = {w: n for w, n in self.local_loads.items() if n > 0}
-        entry = encode_loads(self.sender, counts)
+        content = self.new_content() if self.new_content is not None else None
+        entry = encode_loads(self.sender, counts, content)
         if len(entry) > MAX_DATAGRAM:
             return  # thousands of workers: their keys still go
         if self._size + len(entry) > MAX_DATAGRAM:

@@ -287,7 +287,10 @@ class PrefixAware:
         """Tells sibling processes or other gateways of each decision (see decision_share)."""
         self.footprint: dict[str, tuple[float, float]] = {}
         """Uncached prompt tokens sent to each replica (new cache content), decayed with a
-        half-life of FOOTPRINT_HALF_LIFE_S: (tokens, as of this monotonic time)."""
+        half-life of FOOTPRINT_HALF_LIFE_S: (tokens, as of this monotonic time); other
+        gateway processes' too, when they tell (learn_content)."""
+        self._new_content: Counter[str] = Counter()
+        """What this process added to `footprint` since the share last took it."""
 
     def _footprint(self, worker_id: str, now: float) -> float:
         tokens, at = self.footprint.get(worker_id, (0.0, now))
@@ -501,6 +504,18 @@ class PrefixAware:
             return float(len(memo[2]) * memo[1][0])
         return float(len(self._keys(request)) * TEXT_BLOCK_TOKENS)
 
+    def learn_content(self, worker_id: str, tokens: float) -> None:
+        """Another process or gateway sent `worker_id` this many uncached prompt tokens."""
+        now = time.monotonic()
+        self.footprint[worker_id] = (self._footprint(worker_id, now) + tokens, now)
+
+    def take_content(self) -> dict[str, float]:
+        """The new content this process sent each replica since the last call (for the
+        share, which tells the others)."""
+        taken = {w: round(t, 1) for w, t in self._new_content.items()}
+        self._new_content.clear()
+        return taken
+
     def learn(self, worker_id: str, keys: list[int]) -> None:
         """Another process or gateway sent a request with these block keys to `worker_id`."""
         self.index.insert(keys, worker_id)
@@ -520,6 +535,8 @@ class PrefixAware:
                 now = time.monotonic()
                 sent = self._footprint(worker.worker_id, now) + prefill
                 self.footprint[worker.worker_id] = (sent, now)
+                if self.share is not None:
+                    self._new_content[worker.worker_id] += prefill
         # Text keys only serve replicas scored from the index; where every replica
         # reported its cache for this request they would be unused work (~30 us).
         keys = [] if tkeys and worker.worker_id in self.views else self._keys(request)

@@ -262,10 +262,11 @@ def test_new_content_is_forgotten_with_a_half_life() -> None:
 
 def test_loads_travel_with_decisions_and_old_readers_skip_them() -> None:
     sender = b"\x01" * 8
-    data = encode("w0", [7]) + encode_loads(sender, {"w0": 3, "wörker": 1}) + encode("w1", [8])
+    entry = encode_loads(sender, {"w0": 3, "wörker": 1}, {"w0": 96.5})
+    data = encode("w0", [7]) + entry + encode("w1", [8])
     decisions, loads = decode_all(data)
     assert decisions == [("w0", [7]), ("w1", [8])]
-    assert loads == [(sender, {"w0": 3, "wörker": 1})]
+    assert loads == [(sender, {"w0": 3, "wörker": 1}, {"w0": 96.5})]
     assert decode(data) == decisions
     bad = encode_loads(sender, {"w0": -1})  # not a count: the message ends there
     assert decode_all(encode("w0", [7]) + bad + encode("w1", [8])) == ([("w0", [7])], [])
@@ -294,3 +295,20 @@ def test_load_bound_counts_other_gateways_calls() -> None:
     assert policy.choose(pool, prompt, own).worker_id == holder
     busy = CombinedLoads(own, {holder: 20})  # over 1.5 x 0 + 8
     assert policy.choose(pool, prompt, busy).worker_id == other
+
+
+def test_new_content_sent_elsewhere_counts_against_cache_room() -> None:
+    """A new prefix goes where the least new content went, whichever gateway sent it."""
+    pool = workers(2)
+    sender, receiver = PrefixAware(), PrefixAware()
+    sender.share = lambda worker, keys: None
+    prompt = chat(SYSTEM, "q")
+    w = sender.choose(pool, prompt, {"w0": 0, "w1": 0})
+    sender.routed(w, prompt)
+    content = sender.take_content()
+    assert content[w.worker_id] > 0 and sender.take_content() == {}
+    for worker, tokens in content.items():
+        receiver.learn_content(worker, tokens)
+    fresh = chat("another system prompt nobody has sent yet " * 20, "q")
+    picks = {receiver.choose(pool, fresh, {"w0": 0, "w1": 0}).worker_id for _ in range(4)}
+    assert picks == {"w1" if w.worker_id == "w0" else "w0"}  # ties would take turns
