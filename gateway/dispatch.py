@@ -288,11 +288,11 @@ class _Attempt:
         wid = self.worker.worker_id
         self.prefilled()
         d.outstanding[wid] -= 1
-        if d.loads_changed is not None:
-            d.loads_changed()
         d.breakers.release_probe(wid)
         if self.outcome is not None:
             d.breakers.record(wid, self.outcome, self.pool)
+        if d.loads_changed is not None:
+            d.loads_changed()
 
 
 class Dispatcher:
@@ -447,8 +447,15 @@ class Dispatcher:
         if request.model and (target := self.resolve_model(request.model)) != request.model:
             request.model = target
             if raw is not None:  # the upstream must see the version, not the alias
-                raw = RawRequest(raw.path, _with_model(raw.body, target), raw.stream)
+                raw = replace(raw, body=_with_model(raw.body, target))
         model = request.model or None
+        as_is = raw is not None and raw.unsupported is not None
+        if as_is:
+            assert raw is not None and raw.unsupported is not None
+            ready = ready_workers(self.registry, model)
+            if ready and not any(self._takes_body(w, raw.stream) for w in ready):
+                e = raw.unsupported  # no replica of this model gets the body as is
+                raise UpstreamError(INVALID_ARGUMENT, e.message, param=e.param)
         tried: set[str] = set()
         last: UpstreamError | None = None
         self.retry_budget.on_request()
@@ -462,7 +469,7 @@ class Dispatcher:
                 if time.monotonic() + pause >= deadline:
                     break
                 await asyncio.sleep(pause)
-            picked = self._pick(model, request, tried)
+            picked = self._pick(model, request, tried, raw.stream if as_is and raw else None)
             if picked is None:
                 break
             worker, pool = picked
@@ -535,8 +542,12 @@ class Dispatcher:
         up = self.upstream_for(worker)
         ttft_limit = min(s.ttft_timeout_s, attempt.deadline - attempt.started)
         refused = ""
+        relay = self._relay_for(worker, up, raw.stream) if raw is not None else None
+        if raw is not None and raw.unsupported is not None and relay is None:
+            e = raw.unsupported  # _pick keeps such replicas away: a race with a relay refusal
+            raise UpstreamError(INVALID_ARGUMENT, e.message, param=e.param)
         try:
-            if raw is not None and (relay := self._relay_for(worker, up, raw.stream)) is not None:
+            if raw is not None and relay is not None:
                 try:
                     if request.HasField("prompt_ids") and fits_with_ids(
                         raw.body, request.prompt_ids
@@ -548,12 +559,14 @@ class Dispatcher:
                 except UpstreamUnreachable as e:
                     if relay is up:
                         raise
-                    refused = relay.base_url
                     self._relay_refused[worker.worker_id] = (
-                        refused,
+                        relay.base_url,
                         time.monotonic() + RELAY_RETRY_S,
                     )
                     self.counters["relay_refused"] += 1
+                    if raw.unsupported is not None:  # not for Generate: another replica
+                        raise
+                    refused = relay.base_url
                     log.warning(
                         "%s: cannot reach its OpenAI port (%s); over gRPC for %.0f s",
                         worker.worker_id,
@@ -564,9 +577,6 @@ class Dispatcher:
                     # connect is not the replica's slowness
                     attempt.started = time.monotonic()
                     ttft_limit = min(s.ttft_timeout_s, attempt.deadline - attempt.started)
-            if raw is not None and raw.unsupported is not None:
-                e = raw.unsupported  # a worker's OpenAI port would have said the same
-                raise UpstreamError(INVALID_ARGUMENT, e.message, param=e.param)
             stream = up.generate(request, max(0.001, attempt.deadline - attempt.started))
             try:
                 async with asyncio.timeout(max(0.0, ttft_limit)):
@@ -655,10 +665,20 @@ class Dispatcher:
         finally:
             await call.close()
 
+    def _takes_body(self, worker: WorkerInfo, stream: bool) -> bool:
+        """The replica gets an HTTP client's OpenAI body as is (not over Generate)."""
+        return self._relay_for(worker, self.upstream_for(worker), stream) is not None
+
     def _pick(
-        self, model: str | None, request: pb.GenerateRequest, tried: set[str]
+        self,
+        model: str | None,
+        request: pb.GenerateRequest,
+        tried: set[str],
+        as_is: bool | None = None,
     ) -> tuple[WorkerInfo, list[str]] | None:
-        """A worker not yet tried whose breaker lets a call through, and the ready pool."""
+        """A worker not yet tried whose breaker lets a call through, and the ready pool;
+        with `as_is` (the stream flag of a body Generate cannot carry), only a worker that
+        gets the body as is."""
         blocked = self.blocked
         ready = [w for w in ready_workers(self.registry, model) if not blocked(w.worker_id)]
         loads: Mapping[str, float] = self.outstanding
@@ -666,8 +686,10 @@ class Dispatcher:
             loads = CombinedLoads(loads, others)
         if weights := self.weights():
             ready = [w for w in ready if weights.get(w.worker_id, 1.0) > 0]
-            loads = WeightedLoads(self.outstanding, weights)
+            loads = WeightedLoads(loads, weights)
         candidates = [w for w in ready if w.worker_id not in tried]
+        if as_is is not None:
+            candidates = [w for w in candidates if self._takes_body(w, as_is)]
         tiers = [candidates]
         if (c := self.concurrency) is not None and len(candidates) > 1:
             # a replica at its limit would queue the request in its engine: others first,

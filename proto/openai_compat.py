@@ -281,6 +281,8 @@ def _prompt(body: dict[str, Any], req: pb.GenerateRequest, limits: RequestLimits
 
 
 _TOOL_CHOICES = frozenset(("none", "auto", "required"))
+_GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
+"""vLLM's own structured-output fields."""
 
 
 def _engine_features(body: dict[str, Any], chat: bool) -> OpenAIError | None:
@@ -313,6 +315,11 @@ def _engine_features(body: dict[str, Any], chat: bool) -> OpenAIError | None:
                     "the model answer in text",
                     name,
                 )
+    for name in _GUIDED:
+        if found is None and body.get(name) is not None:
+            found = bad(
+                f"'{name}' (structured output) is not supported by Breakwater's engine", name
+            )
     fmt = body.get("response_format")
     if fmt is not None:
         kind = fmt.get("type") if isinstance(fmt, dict) else None

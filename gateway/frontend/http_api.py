@@ -188,7 +188,9 @@ class GatewayRoutes(OpenAIRoutes):
         info: CallInfo,
     ) -> web.StreamResponse:
         mirror = None
-        if self.shadows is not None and self.shadows.config:
+        # A mirror goes over Generate, which cannot carry what `unsupported` names: its
+        # answer would be compared with one that could (a tool call, JSON output).
+        if self.shadows is not None and self.shadows.config and parsed.unsupported is None:
             mirror = self.shadows.mirror(parsed.request, max(0.001, deadline - time.monotonic()))
         if mirror is None:
             return await self._call(request, parsed, raw, deadline, info, None)

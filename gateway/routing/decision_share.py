@@ -50,10 +50,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CHANNEL = "breakwater:routing"
 _HEAD = struct.Struct("!BH")  # worker id length, key count
-"""An entry's head. A worker id of length 0 marks an entry of loads instead of keys: its
-"keys" are 8-byte words of (sender id, JSON of calls in flight per worker id, padded with
-blanks). A gateway of an earlier version, mid-rollout, reads it as keys sent to a worker
-named "" that does not exist, which routes nothing."""
+_LOADS_MARK = _HEAD.pack(0, 0xFFFF)
+"""Heads an entry of loads (then a 4-byte length, the sender id and JSON), always a
+message's last. It claims 512 KB of keys, more than any message holds, so a gateway of an
+earlier version (mid-rollout) stops reading there, after the decisions, as at a torn tail."""
+_LEN = struct.Struct("!I")
 
 
 def bind_sockets(n: int) -> list[socket.socket]:
@@ -87,58 +88,57 @@ def encode_loads(
     sender: bytes, loads: Mapping[str, int], content: Mapping[str, float] | None = None
 ) -> bytes:
     """A sender's calls in flight per worker (the non-zero ones), and the uncached prompt
-    tokens it sent each since its last message (new cache content), as one entry."""
+    tokens it sent each since its last message (new cache content): a message's last entry."""
     payload = sender + orjson.dumps({"l": loads, "c": content or {}})
-    payload += b" " * (-len(payload) % 8)
-    return _HEAD.pack(0, len(payload) // 8) + payload
+    return _LOADS_MARK + _LEN.pack(len(payload)) + payload
 
 
 Loads = tuple[bytes, dict[str, int], dict[str, float]]
 """A sender's id, its calls in flight per worker id, and the new content it sent each."""
 
 
-def decode_all(data: bytes) -> tuple[list[tuple[str, list[int]]], list[Loads]]:
+def decode_all(data: bytes) -> tuple[list[tuple[str, list[int]]], Loads | None]:
     """The decisions and the loads in one message; a malformed entry ends the message."""
     decisions: list[tuple[str, list[int]]] = []
-    loads: list[Loads] = []
     view = memoryview(data)
     while len(view) >= _HEAD.size:
+        if view[: _HEAD.size] == _LOADS_MARK:
+            return decisions, _loads(view[_HEAD.size :])
         n_id, n_keys = _HEAD.unpack_from(view)
         end = _HEAD.size + n_id + 8 * n_keys
-        if end > len(view):
+        if n_id == 0 or end > len(view):
             break
-        body = view[_HEAD.size + n_id : end]
-        if n_id == 0:
-            got = _counts(bytes(body[8:]))
-            if got is None:
-                break
-            loads.append((bytes(body[:8]), *got))
-        else:
-            wid = bytes(view[_HEAD.size : _HEAD.size + n_id]).decode(errors="replace")
-            keys = array("Q")
-            keys.frombytes(body)
-            decisions.append((wid, keys.tolist()))
+        wid = bytes(view[_HEAD.size : _HEAD.size + n_id]).decode(errors="replace")
+        keys = array("Q")
+        keys.frombytes(view[_HEAD.size + n_id : end])
+        decisions.append((wid, keys.tolist()))
         view = view[end:]
-    return decisions, loads
+    return decisions, None
 
 
-def _counts(data: bytes) -> tuple[dict[str, int], dict[str, float]] | None:
+def _loads(view: memoryview) -> Loads | None:
+    if len(view) < _LEN.size + 8:
+        return None
+    (n,) = _LEN.unpack_from(view)
+    payload = bytes(view[_LEN.size : _LEN.size + n])
+    if n < 8 or len(payload) != n:
+        return None
     try:
-        doc = orjson.loads(data)
+        doc = orjson.loads(payload[8:])
     except orjson.JSONDecodeError:
         return None
     if not isinstance(doc, dict):
         return None
     counts, content = doc.get("l"), doc.get("c")
     if not isinstance(counts, dict) or not all(
-        type(n) is int and 0 <= n < 1 << 31 for n in counts.values()
+        type(c) is int and 0 <= c < 1 << 31 for c in counts.values()
     ):
         return None
     if not isinstance(content, dict) or not all(
         type(t) in (int, float) and 0 <= t < 1e12 for t in content.values()
     ):
         return None
-    return counts, {w: float(t) for w, t in content.items()}
+    return payload[:8], counts, {w: float(t) for w, t in content.items()}
 
 
 def decode(data: bytes) -> list[tuple[str, list[int]]]:
@@ -147,36 +147,50 @@ def decode(data: bytes) -> list[tuple[str, list[int]]]:
 
 
 class RemoteLoads:
-    """Calls in flight per worker from every other process or gateway that said so lately."""
+    """Calls in flight per worker from every other process or gateway that said so lately.
+
+    Totals move by each message's difference from its sender's last (a full pass only when
+    a sender falls silent), so a message costs its own size, not the fleet's."""
 
     def __init__(self, ttl_s: float = LOAD_TTL_S) -> None:
         self.ttl_s = ttl_s
         self._senders: dict[bytes, tuple[float, dict[str, int]]] = {}
         self._totals: dict[str, int] = {}
-        self._until = float("inf")
-        """When the oldest sender's counts go stale: the totals are summed again then."""
+        self._oldest = float("inf")
+        """The earliest last-message time of a sender (a bound: a sender heard since may
+        be counted as older, which only brings the next check forward)."""
 
     def update(self, sender: bytes, counts: dict[str, int]) -> None:
-        self._senders[sender] = (time.monotonic(), counts)
-        self._sum(time.monotonic())
+        now = time.monotonic()
+        old = self._senders.get(sender)
+        self._add(old[1] if old is not None else {}, -1)
+        self._add(counts, 1)
+        self._senders[sender] = (now, counts)
+        self._oldest = min(self._oldest, now)
+        self._expire(now)
 
     def totals(self) -> Mapping[str, int]:
         """Worker id -> calls in flight elsewhere (absent: none)."""
-        if self._until < float("inf") and time.monotonic() > self._until:
-            self._sum(time.monotonic())
+        if self._senders:
+            self._expire(time.monotonic())
         return self._totals
 
-    def _sum(self, now: float) -> None:
+    def _add(self, counts: dict[str, int], sign: int) -> None:
+        totals = self._totals
+        for wid, n in counts.items():
+            left = totals.get(wid, 0) + sign * n
+            if left > 0:
+                totals[wid] = left
+            else:
+                totals.pop(wid, None)
+
+    def _expire(self, now: float) -> None:
         cutoff = now - self.ttl_s
+        if self._oldest > cutoff:
+            return
         for sender in [s for s, (at, _) in self._senders.items() if at <= cutoff]:
-            del self._senders[sender]
-        totals: dict[str, int] = {}
-        for _, counts in self._senders.values():
-            for wid, n in counts.items():
-                totals[wid] = totals.get(wid, 0) + n
-        self._totals = totals
-        at = min((at for at, _ in self._senders.values()), default=None)
-        self._until = float("inf") if at is None else at + self.ttl_s
+            self._add(self._senders.pop(sender)[1], -1)
+        self._oldest = min((at for at, _ in self._senders.values()), default=float("inf"))
 
 
 class _Batcher:
@@ -203,6 +217,7 @@ class _Batcher:
         """The others' calls in flight."""
         self._loads_changed = False
         self._refresh: asyncio.TimerHandle | None = None
+        self.closed = False
 
     def _send(self, data: bytes) -> None:
         raise NotImplementedError
@@ -214,52 +229,43 @@ class _Batcher:
             for worker, keys in decisions:
                 self.apply(worker, keys)
                 self.received += 1
-            for sender, counts, content in loads:
-                if sender != self.sender:
-                    self.remote.update(sender, counts)
-                    if self.content is not None:
-                        for worker, tokens in content.items():
-                            self.content(worker, tokens)
+            if loads is not None and loads[0] != self.sender:
+                sender, counts, content = loads
+                self.remote.update(sender, counts)
+                if self.content is not None:
+                    for worker, tokens in content.items():
+                        self.content(worker, tokens)
         except Exception as e:
             log.debug("routing share: dropped a message: %s", e)
 
     def loads_changed(self) -> None:
         """A call started or ended here: the others hear of it with the next message."""
-        if self.local_loads is None or not self._ready():
+        if self.local_loads is None or self.closed or not self._ready():
             return
         self._loads_changed = True
         if self._flush is None:
             self._flush = asyncio.get_running_loop().call_later(FLUSH_S, self.flush)
 
-    def _add_loads(self) -> None:
+    def _loads_entry(self) -> bytes:
+        """This process's loads (and new content) as a message's last entry, or b""."""
         assert self.local_loads is not None
         self._loads_changed = False
         counts = {w: n for w, n in self.local_loads.items() if n > 0}
         content = self.new_content() if self.new_content is not None else None
-        entry = encode_loads(self.sender, counts, content)
-        if len(entry) > MAX_DATAGRAM:
-            return  # thousands of workers: their keys still go
-        if self._size + len(entry) > MAX_DATAGRAM:
-            self.flush()
-        self._batch.append(entry)
-        self._size += len(entry)
-        if counts and self._refresh is None:  # said again while any is non-zero
+        if counts and self._refresh is None and not self.closed:  # again while non-zero
             self._refresh = asyncio.get_running_loop().call_later(LOAD_REFRESH_S, self._refreshed)
+        entry = encode_loads(self.sender, counts, content)
+        return entry if len(entry) <= MAX_DATAGRAM else b""  # thousands of workers: keys go
 
     def _refreshed(self) -> None:
         self._refresh = None
         self.loads_changed()
 
-    def _stop_refresh(self) -> None:
-        if self._refresh is not None:
-            self._refresh.cancel()
-            self._refresh = None
-
     def _ready(self) -> bool:
         return True
 
     def publish(self, worker: str, keys: list[int]) -> None:
-        if not self._ready():
+        if self.closed or not self._ready():
             return
         entry = encode(worker, keys)
         if self._size + len(entry) > MAX_DATAGRAM:
@@ -274,14 +280,27 @@ class _Batcher:
         if self._flush is not None:
             self._flush.cancel()
             self._flush = None
+        loads = b""
         if self._loads_changed and self.local_loads is not None:
-            self._add_loads()
-        if not self._batch:
+            loads = self._loads_entry()
+        if self._batch and self._size + len(loads) > MAX_DATAGRAM:
+            self._send(b"".join(self._batch))
+            self._batch.clear()
+        if not self._batch and not loads:
             return
-        data = b"".join(self._batch)
+        data = b"".join(self._batch) + loads
         self._batch.clear()
         self._size = 0
         self._send(data)
+
+    def _close(self) -> None:
+        """Last message out (calls still finishing are no longer told: their counts expire
+        at the others within LOAD_TTL_S), then nothing more is sent."""
+        self.flush()
+        self.closed = True
+        if self._refresh is not None:
+            self._refresh.cancel()
+            self._refresh = None
 
 
 class SiblingShare(_Batcher, asyncio.DatagramProtocol):
@@ -329,8 +348,7 @@ class SiblingShare(_Batcher, asyncio.DatagramProtocol):
                 self.transport.sendto(data, peer)
 
     async def close(self) -> None:
-        self.flush()
-        self._stop_refresh()
+        self._close()
         if self.transport is not None:
             self.transport.close()
 
@@ -399,8 +417,7 @@ class RedisShare(_Batcher):
             self._outage.failed(exc)
 
     async def close(self) -> None:
-        self.flush()
-        self._stop_refresh()
+        self._close()
         if self._listener is not None:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):

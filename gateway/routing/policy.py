@@ -42,6 +42,8 @@ FOOTPRINT_HALF_LIFE_S = 60.0
 """How fast what a replica was sent stops counting against its cache room: its LRU turns
 over in about (KV tokens) / (uncached tokens sent per second), 30 s in routing_bench's
 fleet and longer on real GPUs."""
+MAX_FOOTPRINTS = 4096
+"""Replicas whose new content is kept (what other processes tell is bounded too)."""
 TEXT_BLOCK_TOKENS = BLOCK_BYTES // 4
 """Tokens in a text block, about (English averages ~4 bytes a token)."""
 
@@ -506,6 +508,8 @@ class PrefixAware:
 
     def learn_content(self, worker_id: str, tokens: float) -> None:
         """Another process or gateway sent `worker_id` this many uncached prompt tokens."""
+        if worker_id not in self.footprint and len(self.footprint) >= MAX_FOOTPRINTS:
+            return  # ids from a message, not all of them ours to keep
         now = time.monotonic()
         self.footprint[worker_id] = (self._footprint(worker_id, now) + tokens, now)
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import collections
+import struct
 import time
+from array import array
 
 from gateway.registry.base import WorkerInfo, WorkerState
 from gateway.routing.decision_share import RemoteLoads, decode, decode_all, encode, encode_loads
@@ -263,13 +265,30 @@ def test_new_content_is_forgotten_with_a_half_life() -> None:
 def test_loads_travel_with_decisions_and_old_readers_skip_them() -> None:
     sender = b"\x01" * 8
     entry = encode_loads(sender, {"w0": 3, "wörker": 1}, {"w0": 96.5})
-    data = encode("w0", [7]) + entry + encode("w1", [8])
+    data = encode("w0", [7]) + encode("w1", [8]) + entry
     decisions, loads = decode_all(data)
     assert decisions == [("w0", [7]), ("w1", [8])]
-    assert loads == [(sender, {"w0": 3, "wörker": 1}, {"w0": 96.5})]
+    assert loads == (sender, {"w0": 3, "wörker": 1}, {"w0": 96.5})
     assert decode(data) == decisions
-    bad = encode_loads(sender, {"w0": -1})  # not a count: the message ends there
-    assert decode_all(encode("w0", [7]) + bad + encode("w1", [8])) == ([("w0", [7])], [])
+    bad = encode_loads(sender, {"w0": -1})  # not a count: no loads, the decisions stand
+    assert decode_all(encode("w0", [7]) + bad) == ([("w0", [7])], None)
+    assert decode_all(entry[:-1]) == ([], None)  # torn
+
+    def old_decode(data: bytes) -> list[tuple[str, list[int]]]:
+        """What a gateway of the version before loads were shared reads (mid-rollout)."""
+        out, view = [], memoryview(data)
+        while len(view) >= 3:
+            n_id, n_keys = struct.unpack_from("!BH", view)
+            end = 3 + n_id + 8 * n_keys
+            if end > len(view):
+                break
+            keys = array("Q")
+            keys.frombytes(view[3 + n_id : end])
+            out.append((bytes(view[3 : 3 + n_id]).decode(), keys.tolist()))
+            view = view[end:]
+        return out
+
+    assert old_decode(data) == decisions
 
 
 def test_remote_loads_sum_senders_and_forget_the_silent() -> None:

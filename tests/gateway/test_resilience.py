@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 
+import pytest
+
+from gateway.dispatch import Dispatcher
+from gateway.registry.base import WorkerInfo, WorkerState
 from gateway.resilience.breaker import CLOSED, HALF_OPEN, OPEN, BreakerBoard, BreakerConfig
 from gateway.resilience.retry_budget import RetryBudget
+from gateway.routing.policy import Router
+from proto import inference_pb2 as pb
+from serving.calls import UpstreamError
 
 POOL = ["a", "b", "c", "d"]
 
@@ -114,10 +123,6 @@ def test_a_replica_at_its_limit_still_beats_an_ejected_one_with_room() -> None:
     has room because nothing is sent to it, and must not leave the request with nowhere
     to go (it did: "no healthy replica" with a healthy one in the pool)."""
     from gateway.admission.adaptive import AdaptiveConcurrency
-    from gateway.dispatch import Dispatcher
-    from gateway.registry.base import WorkerInfo, WorkerState
-    from gateway.routing.policy import Router
-    from proto import inference_pb2 as pb
 
     pool = [
         WorkerInfo(worker_id=w, address=w, state=WorkerState.SERVING, stats={"max_running": 4})
@@ -153,3 +158,83 @@ def test_answers_that_started_behind_a_burst_do_not_judge() -> None:
     for _ in range(20):
         b.observe_ttft("b", 0.5, POOL)  # slow with no queue ahead: sick
     assert b.state("b") == OPEN
+
+
+def test_a_body_generate_cannot_carry_goes_only_where_it_is_relayed() -> None:
+    """Tools (or JSON output) in a mixed fleet: only to replicas that get the body as is
+    (OpenAI-compatible upstreams; Breakwater workers' own ports for streams), a 400 up
+    front where the model has none, and an alias's version keeps the refusal."""
+    from gateway.app import make_upstream
+    from gateway.dispatch import RawRequest
+    from proto.openai_compat import parse_chat
+
+    pool = [
+        WorkerInfo("openai", "http://127.0.0.1:9", "openai-http", ["m"], state=WorkerState.SERVING),
+        WorkerInfo("grpc", "127.0.0.1:9", models=["m"], state=WorkerState.SERVING),
+        WorkerInfo(
+            "port",
+            "127.0.0.1:9",
+            models=["m"],
+            state=WorkerState.SERVING,
+            openai_url="http://127.0.0.1:9",
+        ),
+    ]
+
+    class Fixed:
+        def __init__(self, workers: list[WorkerInfo]) -> None:
+            self.pool = workers
+
+        def workers(self) -> list[WorkerInfo]:
+            return self.pool
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{}]}
+    unsupported = parse_chat(body).unsupported
+    assert unsupported is not None
+
+    def picks(d: Dispatcher, stream: bool) -> set[str]:
+        out = set()
+        for _ in range(12):
+            picked = d._pick("m", pb.GenerateRequest(model="m"), set(), stream)
+            assert picked is not None
+            out.add(picked[0].worker_id)
+        return out
+
+    async def main() -> None:
+        d = Dispatcher(Fixed(pool), Router("round-robin"), make_upstream)  # type: ignore[arg-type]
+        try:
+            assert picks(d, False) == {"openai"}
+            assert picks(d, True) == {"openai", "port"}
+            only_grpc = Dispatcher(Fixed(pool[1:2]), Router("round-robin"), make_upstream)  # type: ignore[arg-type]
+            raw = RawRequest(b"/v1/chat/completions", json.dumps(body).encode(), False, unsupported)
+            with pytest.raises(UpstreamError) as e:
+                await only_grpc.open(pb.GenerateRequest(model="m"), 5.0, None, raw)
+            assert (e.value.code, e.value.param) == ("INVALID_ARGUMENT", "tools")
+            assert only_grpc.outstanding.total() == 0  # refused before any attempt
+            only_grpc.resolve_model = lambda model: "m" if model == "alias" else model
+            aliased = RawRequest(
+                raw.path, json.dumps({**body, "model": "alias"}).encode(), False, unsupported
+            )
+            with pytest.raises(UpstreamError) as e:
+                await only_grpc.open(pb.GenerateRequest(model="alias"), 5.0, None, aliased)
+            assert e.value.code == "INVALID_ARGUMENT"
+            await only_grpc.close()
+        finally:
+            await d.close()
+
+    asyncio.run(main())
+
+
+def test_weights_apply_to_the_fleets_calls_in_flight() -> None:
+    pool = [
+        WorkerInfo(w, "127.0.0.1:9", models=["m"], state=WorkerState.SERVING) for w in ("a", "b")
+    ]
+
+    class Fixed:
+        def workers(self) -> list[WorkerInfo]:
+            return pool
+
+    d = Dispatcher(Fixed(), Router("least-outstanding"), lambda w: None)  # type: ignore[arg-type, return-value]
+    d.weights = lambda: {"a": 2.0}
+    d.remote_loads = lambda: {"a": 10}  # another gateway's: 10 / 2 > b's 0
+    picked = d._pick("m", pb.GenerateRequest(model="m"), set())
+    assert picked is not None and picked[0].worker_id == "b"
