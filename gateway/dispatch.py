@@ -449,9 +449,7 @@ class Dispatcher:
             if raw is not None:  # the upstream must see the version, not the alias
                 raw = replace(raw, body=_with_model(raw.body, target))
         model = request.model or None
-        as_is = raw is not None and raw.unsupported is not None
-        if as_is:
-            assert raw is not None and raw.unsupported is not None
+        if raw is not None and raw.unsupported is not None:
             ready = ready_workers(self.registry, model)
             if ready and not any(self._takes_body(w, raw.stream) for w in ready):
                 e = raw.unsupported  # no replica of this model gets the body as is
@@ -469,7 +467,7 @@ class Dispatcher:
                 if time.monotonic() + pause >= deadline:
                     break
                 await asyncio.sleep(pause)
-            picked = self._pick(model, request, tried, raw.stream if as_is and raw else None)
+            picked = self._pick(model, request, tried, raw)
             if picked is None:
                 break
             worker, pool = picked
@@ -674,11 +672,10 @@ class Dispatcher:
         model: str | None,
         request: pb.GenerateRequest,
         tried: set[str],
-        as_is: bool | None = None,
+        raw: RawRequest | None = None,
     ) -> tuple[WorkerInfo, list[str]] | None:
         """A worker not yet tried whose breaker lets a call through, and the ready pool;
-        with `as_is` (the stream flag of a body Generate cannot carry), only a worker that
-        gets the body as is."""
+        for a body Generate cannot carry (`raw.unsupported`), a worker that gets it as is."""
         blocked = self.blocked
         ready = [w for w in ready_workers(self.registry, model) if not blocked(w.worker_id)]
         loads: Mapping[str, float] = self.outstanding
@@ -688,8 +685,8 @@ class Dispatcher:
             ready = [w for w in ready if weights.get(w.worker_id, 1.0) > 0]
             loads = WeightedLoads(loads, weights)
         candidates = [w for w in ready if w.worker_id not in tried]
-        if as_is is not None:
-            candidates = [w for w in candidates if self._takes_body(w, as_is)]
+        if raw is not None and raw.unsupported is not None:
+            candidates = [w for w in candidates if self._takes_body(w, raw.stream)]
         tiers = [candidates]
         if (c := self.concurrency) is not None and len(candidates) > 1:
             # a replica at its limit would queue the request in its engine: others first,

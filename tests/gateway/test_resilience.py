@@ -193,8 +193,9 @@ def test_a_body_generate_cannot_carry_goes_only_where_it_is_relayed() -> None:
 
     def picks(d: Dispatcher, stream: bool) -> set[str]:
         out = set()
+        raw = RawRequest(b"/v1/chat/completions", b"{}", stream, unsupported)
         for _ in range(12):
-            picked = d._pick("m", pb.GenerateRequest(model="m"), set(), stream)
+            picked = d._pick("m", pb.GenerateRequest(model="m"), set(), raw)
             assert picked is not None
             out.add(picked[0].worker_id)
         return out
