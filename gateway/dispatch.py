@@ -450,8 +450,10 @@ class Dispatcher:
                 raw = replace(raw, body=_with_model(raw.body, target))
         model = request.model or None
         if raw is not None and raw.unsupported is not None:
-            ready = ready_workers(self.registry, model)
-            if ready and not any(self._takes_body(w, raw.stream) for w in ready):
+            # judged on every replica of the model, ready or not: one that is down for a
+            # moment makes this a 503, not a 400 that says no replica could ever serve it
+            serving = [w for w in self.registry.workers() if w.serves(model)]
+            if serving and not any(self._takes_body(w) for w in serving):
                 e = raw.unsupported  # no replica of this model gets the body as is
                 raise UpstreamError(INVALID_ARGUMENT, e.message, param=e.param)
         tried: set[str] = set()
@@ -541,8 +543,8 @@ class Dispatcher:
         ttft_limit = min(s.ttft_timeout_s, attempt.deadline - attempt.started)
         refused = ""
         relay = self._relay_for(worker, up, raw.stream) if raw is not None else None
-        if raw is not None and raw.unsupported is not None and relay is None:
-            e = raw.unsupported  # _pick keeps such replicas away: a race with a relay refusal
+        if raw is not None and raw.unsupported is not None and relay is not up:
+            e = raw.unsupported  # never over Generate (_pick keeps such replicas away)
             raise UpstreamError(INVALID_ARGUMENT, e.message, param=e.param)
         try:
             if raw is not None and relay is not None:
@@ -562,8 +564,6 @@ class Dispatcher:
                         time.monotonic() + RELAY_RETRY_S,
                     )
                     self.counters["relay_refused"] += 1
-                    if raw.unsupported is not None:  # not for Generate: another replica
-                        raise
                     refused = relay.base_url
                     log.warning(
                         "%s: cannot reach its OpenAI port (%s); over gRPC for %.0f s",
@@ -663,9 +663,11 @@ class Dispatcher:
         finally:
             await call.close()
 
-    def _takes_body(self, worker: WorkerInfo, stream: bool) -> bool:
-        """The replica gets an HTTP client's OpenAI body as is (not over Generate)."""
-        return self._relay_for(worker, self.upstream_for(worker), stream) is not None
+    def _takes_body(self, worker: WorkerInfo) -> bool:
+        """The replica is an OpenAI-compatible server, which gets an HTTP client's body as
+        is and may serve what Generate cannot carry. A Breakwater worker's own port (where
+        streams are relayed) would refuse it, as its engine cannot serve it either."""
+        return isinstance(self.upstream_for(worker), OpenAIHTTPUpstream)
 
     def _pick(
         self,
@@ -686,7 +688,7 @@ class Dispatcher:
             loads = WeightedLoads(loads, weights)
         candidates = [w for w in ready if w.worker_id not in tried]
         if raw is not None and raw.unsupported is not None:
-            candidates = [w for w in candidates if self._takes_body(w, raw.stream)]
+            candidates = [w for w in candidates if self._takes_body(w)]
         tiers = [candidates]
         if (c := self.concurrency) is not None and len(candidates) > 1:
             # a replica at its limit would queue the request in its engine: others first,
