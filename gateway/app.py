@@ -123,9 +123,6 @@ class Gateway:
                 else SiblingShare.from_env(policy.learn)
             )
             policy.share = self.share.publish if self.share else None
-            if self.share is not None:
-                self.share.content = policy.learn_content
-                self.share.new_content = policy.take_content
             policy.tokenizers = TokenizerStore(settings.tokenizers)
         self.cache_watcher: CacheWatcher | None = None
         if policy is not None and settings.watch_caches:
@@ -151,10 +148,14 @@ class Gateway:
             ),
         )
         dispatcher_ref.append(self.dispatcher)
-        if self.share is not None:  # every decision bounded by the whole fleet's load
+        if self.share is not None and policy is not None:
+            # every decision bounded by the whole fleet's load, new prefixes placed by the
+            # whole fleet's new cache content
             self.share.local_loads = self.dispatcher.outstanding
             self.dispatcher.loads_changed = self.share.loads_changed
             self.dispatcher.remote_loads = self.share.remote.totals
+            self.share.content = policy.learn_content
+            self.share.new_content = policy.take_content
         self.admission = build_admission(settings)
         self.concurrency = self.dispatcher.concurrency = AdaptiveConcurrency()
         self._fleet_task: asyncio.Task[None] | None = None

@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError
 
 from proto import inference_pb2 as pb
 
-SERVICE = "breakwater.v1.Inference"
+SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 
 
 class Undecodable:

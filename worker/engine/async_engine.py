@@ -92,17 +92,15 @@ class AsyncEngine:
         self._admissible(request)
         return self._submit(await asyncio.to_thread(self.core.prepare, request))
 
-    def _admissible(self, request: GenerateRequest) -> None:
+    def _admissible(self, request: GenerateRequest | Request) -> None:
         if self._dead is not None:
             raise EngineDeadError(f"engine stopped: {self._dead}")
         if request.request_id in self._streams:
             raise InvalidRequestError(f"duplicate request id {request.request_id!r}", "request_id")
 
     def _submit(self, prepared: Request) -> AsyncIterator[Delta]:
-        if self._dead is not None:  # the step thread died while a thread prepared it
-            raise EngineDeadError(f"engine stopped: {self._dead}")
-        if prepared.request_id in self._streams:  # the same id, prepared meanwhile
-            raise InvalidRequestError(f"duplicate request id {prepared.request_id!r}", "request_id")
+        # again: the step thread may have died, or the same id come, while a thread prepared it
+        self._admissible(prepared)
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[Delta] = asyncio.Queue()
         self._streams[prepared.request_id] = (loop, q)
