@@ -9,7 +9,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from jinja2 import TemplateError
+from jinja2 import Template, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.decoders import DecodeStream
@@ -80,7 +80,8 @@ class Tokenizer:
         self.add_bos = bool(cfg.get("add_bos_token", False))
         self.eos_token_id = self.hf.token_to_id(self.eos_token) if self.eos_token else None
         self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
-        self._compiled = None
+        self._compiled: Template | None = None
+        self._globals: dict[str, Any] = {}
         self.fingerprint = fingerprint(path.read_bytes(), cfg, template)
         """Equal on two hosts only when text and chat prompts tokenize the same on both: a
         worker takes a router's token ids only with its own fingerprint on them."""
@@ -135,12 +136,22 @@ class Tokenizer:
                 x, indent=indent, ensure_ascii=False
             )
             self._compiled = env.from_string(self.chat_template)
+            self._globals = dict(self._compiled.globals)
+        # Template.render merges the environment's globals into a new dict on every call
+        # (a ChainMap walked: half of a render's ~14 us for a 3 KB chat, timeit); here
+        # they are merged once and the context shares the dict built for the call.
+        template = self._compiled
+        context = template.new_context(
+            {
+                **self._globals,
+                "messages": messages,
+                "add_generation_prompt": add_generation_prompt,
+                "bos_token": self.bos_token or "",
+                "eos_token": self.eos_token or "",
+            },
+            shared=True,
+        )
         try:
-            return self._compiled.render(
-                messages=messages,
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "",
-                eos_token=self.eos_token or "",
-            )
+            return template.environment.concat(template.root_render_func(context))  # type: ignore[attr-defined]
         except TemplateError as e:
             raise PromptError(f"chat template rejected the messages: {e}", "messages") from e

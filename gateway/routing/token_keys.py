@@ -299,12 +299,20 @@ class ChainMemo:
     trie of dict nodes was as fast but made a full collection take 80 ms at 400k blocks,
     a stall of the event loop. A block's whole digest, needed only to hash the next block
     on a miss, is kept beside. Bounded: cleared past `max_entries`.
+
+    The walk goes a span of SPAN blocks at a time while spans are known (one look-up for
+    eight blocks), then block by block: a system prompt's ~100 blocks cost ~13 look-ups
+    (timeit, the 108-block prompt above: 42 us block by block, 9 us by spans).
     """
+
+    SPAN = 8
 
     def __init__(self, max_entries: int = 400_000) -> None:
         self.max_entries = max_entries
         self._keys: dict[bytes, dict[bytes, int]] = {}
         self._digests: dict[bytes, dict[int, bytes]] = {}
+        self._spans: dict[bytes, dict[bytes, array[int]]] = {}
+        """Per extra key: (parent's key + a span's tokens) -> the span's keys (uint64)."""
 
     def keys(self, ids: Sequence[int], block_size: int, extra_key: bytes) -> list[int]:
         try:
@@ -314,15 +322,28 @@ class ChainMemo:
             return [block_key(h) for h in block_hashes(ids, block_size, extra_key)]
         memo = self._keys.get(extra_key)
         if memo is None or len(memo) > self.max_entries:
+            # The spans go with the digests: walking on from a span's last key needs its.
             memo = self._keys[extra_key] = {}
             self._digests[extra_key] = {}
-        digests = self._digests[extra_key]
-        data = ids.tobytes()
+            self._spans[extra_key] = {}
+        digests, spans = self._digests[extra_key], self._spans[extra_key]
         step = block_size * 4
-        parent = b"\x00" * 8
+        span = step * self.SPAN
+        data = ids.tobytes()
+        whole = len(data) - len(data) % step
         out: list[int] = []
+        parent = b"\x00" * 8
+        start = 0
+        while start + span <= whole:
+            got = spans.get(parent + data[start : start + span])
+            if got is None:
+                break
+            out.extend(got)
+            parent = got[-1].to_bytes(8, "big")
+            start += span
+        known = len(out)
         append, get = out.append, memo.get
-        for end in range(step, len(data) + 1, step):
+        for end in range(start + step, whole + 1, step):
             link = parent + data[end - step : end]
             key = get(link)
             if key is None:
@@ -333,6 +354,10 @@ class ChainMemo:
                 digests[key] = digest
             append(key)
             parent = key.to_bytes(8, "big")
+        n = self.SPAN
+        for i in range(known, len(out) - n + 1, n):  # the whole spans walked block by block
+            head = out[i - 1].to_bytes(8, "big") if i else b"\x00" * 8
+            spans[head + data[i * step : i * step + span]] = array("Q", out[i : i + n])
         return out
 
 

@@ -68,6 +68,14 @@ def test_memoised_chain_equals_the_engines_hashes() -> None:
         ids = base[: rng.randrange(0, 300)] + [rng.randrange(500) for _ in range(rng.randrange(40))]
         for extra in (b"m", b"other"):
             assert memo.keys(ids, 16, extra) == [block_key(h) for h in block_hashes(ids, 16, extra)]
+    # Prompts that share whole spans, parts of spans and none, with a bound so low that
+    # the memo is dropped as the test goes.
+    memo = ChainMemo(max_entries=400)
+    for _ in range(60):
+        head = base[: rng.choice((0, 16, 17, 100, 300))]
+        ids = head + [rng.randrange(3) for _ in range(rng.randrange(60))]
+        assert memo.keys(ids, 16, b"m") == [block_key(h) for h in block_hashes(ids, 16, b"m")]
+        assert memo.keys(ids, 8, b"m") == [block_key(h) for h in block_hashes(ids, 8, b"m")]
     odd = [-1, 2**40] * 16  # not a tokenizer's ids (a client's token-id prompt): still equal
     assert memo.keys(odd, 16, b"m") == [block_key(h) for h in block_hashes(odd, 16, b"m")]
 
