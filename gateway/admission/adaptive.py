@@ -10,8 +10,9 @@ Netflix's gradient limiter and Envoy's adaptive-concurrency filter learn theirs:
   at once; past that a request waits in the engine) and never exceeds them; a replica that
   does not say (a plain OpenAI server) starts at `UNKNOWN_START` and may grow to
   `UNKNOWN_CEILING`.
-- Each first token updates it: gradient = clamp(tolerance x long-term TTFT / short-term
-  TTFT, 0.5, 1); new = limit x gradient + sqrt(limit) (room to probe upward), smoothed. When
+- Each first token updates it: gradient = clamp((tolerance x long-term TTFT + slack) /
+  short-term TTFT, 0.5, 1); new = limit x gradient + sqrt(limit) (room to probe upward),
+  smoothed. When
   TTFT rises (a queue forming in the engine, KV pressure, a slower replica, another gateway
   sending to it too), the limit falls; while it holds, the limit climbs back to the slots.
 - The gateway admits at most the sum of its ready replicas' limits, and queues a request
@@ -23,7 +24,9 @@ Netflix's gradient limiter and Envoy's adaptive-concurrency filter learn theirs:
 
 Gradient2's constants (tolerance 1.5, smoothing 0.2, the sqrt queue allowance, the 0.5
 floor) are Netflix concurrency-limits' defaults; the long/short windows are EWMAs of
-about 200 and 5 samples.
+about 200 and 5 samples. The slack (`TTFT_SLACK_S`) is ours: TTFT as a gateway measures
+it carries the gateway's own scheduling, and against fast replicas that was all the rise
+there was (Envoy's filter adds a buffer to its minimum RTT for the same reason).
 """
 
 from __future__ import annotations
@@ -42,8 +45,16 @@ TOLERANCE = 1.5
 SMOOTHING = 0.2
 LONG_ALPHA = 0.005
 SHORT_ALPHA = 0.2
-MIN_WAIT_S = 0.005
-"""The shortest wait budget: below this, queueing buys nothing over a retry."""
+TTFT_SLACK_S = 0.05
+"""A TTFT rise this small is no queue in the replica: a saturated gateway's own event
+loop adds that much. Without it, a one-process gateway at 100% CPU in front of three
+zero-latency mocks (`loadtest.peer_bench`, 64 SSE connections) saw TTFT go from ~1 ms to
+~15 ms, cut the limits of 3 x 32 to 26 in all and shed 2-3% of the streams with 503,
+where the replicas were idle; a user does not feel 50 ms of TTFT, and a real queue (the
+failure this guards against) adds seconds."""
+MIN_WAIT_S = 0.05
+"""The shortest wait budget: a request refused sooner is told to retry in 50 ms anyway
+(queue.MIN_RETRY_AFTER_S), so waiting that long costs it nothing a retry would not."""
 DEFAULT_BASELINE_S = 0.5
 """Baseline TTFT assumed before any has been measured."""
 INTERACTIVE_WAIT = 0.5
@@ -70,7 +81,8 @@ class ReplicaLimit:
         self.samples += 1
         if self.short_ttft <= 0:
             return
-        gradient = max(0.5, min(1.0, TOLERANCE * self.long_ttft / self.short_ttft))
+        allowed = TOLERANCE * self.long_ttft + TTFT_SLACK_S
+        gradient = max(0.5, min(1.0, allowed / self.short_ttft))
         proposed = self.limit * gradient + math.sqrt(self.limit)
         limit = (1 - SMOOTHING) * self.limit + SMOOTHING * proposed
         self.limit = max(1.0, min(self.ceiling, limit))

@@ -8,9 +8,15 @@ import math
 
 import pytest
 
-from gateway.admission.adaptive import UNKNOWN_START, AdaptiveConcurrency, ReplicaLimit
+from gateway.admission.adaptive import (
+    MIN_WAIT_S,
+    TTFT_SLACK_S,
+    UNKNOWN_START,
+    AdaptiveConcurrency,
+    ReplicaLimit,
+)
 from gateway.admission.admission import Admission
-from gateway.admission.queue import PriorityLimiter
+from gateway.admission.queue import MIN_RETRY_AFTER_S, PriorityLimiter
 from gateway.admission.tenants import AdmissionSettings
 from gateway.registry.base import WorkerInfo
 from proto.openai_compat import OpenAIError
@@ -54,10 +60,29 @@ def test_wait_budgets_follow_the_measured_ttft_and_batch_waits_longer() -> None:
     a = AdaptiveConcurrency()
     a.sync([worker("a", 4)])
     for _ in range(30):
-        a.observe("a", 0.08)
+        a.observe("a", 0.3)
     budgets = a.wait_budgets()
-    assert math.isclose(budgets[0], 0.04, rel_tol=0.05)
+    assert math.isclose(budgets[0], 0.15, rel_tol=0.05)
     assert budgets[1] == pytest.approx(10 * budgets[0])
+    b = AdaptiveConcurrency()
+    b.sync([worker("b", 4)])
+    for _ in range(30):
+        b.observe("b", 0.002)  # a fast replica: never less than the Retry-After it would hear
+    assert b.wait_budgets()[0] == MIN_WAIT_S == MIN_RETRY_AFTER_S
+
+
+def test_a_rise_of_a_few_milliseconds_is_no_queue() -> None:
+    """Against a fast replica, TTFT from ~1 ms to ~20 ms is the gateway's own event loop
+    (a saturated gateway's), not a queue: the limit holds; a rise past the slack lowers it."""
+    r = ReplicaLimit(limit=32, ceiling=32)
+    for _ in range(200):
+        r.observe(0.001)
+    for _ in range(100):
+        r.observe(0.001 + TTFT_SLACK_S * 0.8)
+    assert r.limit == 32
+    for _ in range(20):
+        r.observe(0.3)
+    assert r.limit < 20
 
 
 def test_the_time_bounded_queue_takes_only_what_will_start_within_its_budget() -> None:
