@@ -317,6 +317,7 @@ class Gateway:
         await self.registry.start()
         self._follow_fleet()
         self._fleet_task = asyncio.create_task(self._fleet_loop())
+        self.concurrency.loop_lag.start()
         if self.breaker_sync is not None:
             await self.breaker_sync.start()
         if self.cache_watcher is not None:
@@ -413,6 +414,7 @@ class Gateway:
         Returns the steps that did not finish in their time (gateway/shutdown.py)."""
         if self._fleet_task is not None:
             self._fleet_task.cancel()
+        self.concurrency.loop_lag.stop()
         steps: list[Step] = []
         if self.grpc_server is not None:
             steps.append(("grpc server", functools.partial(self.grpc_server.stop, 2.0), 10))

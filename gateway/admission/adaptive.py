@@ -12,7 +12,8 @@ Netflix's gradient limiter and Envoy's adaptive-concurrency filter learn theirs:
   `UNKNOWN_CEILING`.
 - Each first token updates it: gradient = clamp((tolerance x long-term TTFT + slack) /
   short-term TTFT, 0.5, 1); new = limit x gradient + sqrt(limit) (room to probe upward),
-  smoothed. When
+  smoothed; the slack is the gateway's own event-loop lag (`LoopLag`), the part of a
+  measured TTFT no replica caused. When
   TTFT rises (a queue forming in the engine, KV pressure, a slower replica, another gateway
   sending to it too), the limit falls; while it holds, the limit climbs back to the slots.
 - The gateway admits at most the sum of its ready replicas' limits, and queues a request
@@ -24,14 +25,22 @@ Netflix's gradient limiter and Envoy's adaptive-concurrency filter learn theirs:
 
 Gradient2's constants (tolerance 1.5, smoothing 0.2, the sqrt queue allowance, the 0.5
 floor) are Netflix concurrency-limits' defaults; the long/short windows are EWMAs of
-about 200 and 5 samples. The slack (`TTFT_SLACK_S`) is ours: TTFT as a gateway measures
-it carries the gateway's own scheduling, and against fast replicas that was all the rise
-there was (Envoy's filter adds a buffer to its minimum RTT for the same reason).
+about 200 and 5 samples.
+
+The slack is ours. A gateway process at 100% CPU reads every answer late: in front of
+three zero-latency mocks (`loadtest.peer_bench`, 64 SSE connections, one process) TTFT
+went from ~1 ms to ~15 ms, which the limiter took for queues in the replicas; it cut
+their limits (3 x 32) to 26 in all and shed 2-3% of the streams with 503 in 2 runs of 8,
+with the replicas idle. A fixed slack (50 ms) stopped that but let a real queue grow
+(chaos overload scenario: admitted TTFT p90 1.3-1.9x unloaded, against 1.05-1.14x), so
+the slack is what the loop is measured to add, and nothing while it keeps up.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -45,21 +54,18 @@ TOLERANCE = 1.5
 SMOOTHING = 0.2
 LONG_ALPHA = 0.005
 SHORT_ALPHA = 0.2
-TTFT_SLACK_S = 0.05
-"""A TTFT rise this small is no queue in the replica: a saturated gateway's own event
-loop adds that much. Without it, a one-process gateway at 100% CPU in front of three
-zero-latency mocks (`loadtest.peer_bench`, 64 SSE connections) saw TTFT go from ~1 ms to
-~15 ms, cut the limits of 3 x 32 to 26 in all and shed 2-3% of the streams with 503,
-where the replicas were idle; a user does not feel 50 ms of TTFT, and a real queue (the
-failure this guards against) adds seconds."""
-MIN_WAIT_S = 0.05
-"""The shortest wait budget: a request refused sooner is told to retry in 50 ms anyway
-(queue.MIN_RETRY_AFTER_S), so waiting that long costs it nothing a retry would not."""
+MIN_WAIT_S = 0.005
+"""The shortest wait budget: below this, queueing buys nothing over a retry."""
 DEFAULT_BASELINE_S = 0.5
 """Baseline TTFT assumed before any has been measured."""
 INTERACTIVE_WAIT = 0.5
 """An interactive request's wait budget, in baseline TTFTs (shed at twice this)."""
 BATCH_FACTOR = 10.0
+LAG_PROBE_S = 0.05
+"""How often the event loop's lag is sampled (a timer's lateness)."""
+LAG_FACTOR = 3.0
+"""Slack per second of loop lag: an answer waits for the iteration running when it
+arrives, then its own handling, and a stream's first chunk crosses the loop twice."""
 
 
 @dataclass
@@ -70,7 +76,7 @@ class ReplicaLimit:
     short_ttft: float = 0.0
     samples: int = 0
 
-    def observe(self, ttft_s: float) -> None:
+    def observe(self, ttft_s: float, slack_s: float = 0.0) -> None:
         if self.samples == 0:
             self.long_ttft = self.short_ttft = ttft_s
         else:
@@ -81,11 +87,38 @@ class ReplicaLimit:
         self.samples += 1
         if self.short_ttft <= 0:
             return
-        allowed = TOLERANCE * self.long_ttft + TTFT_SLACK_S
+        allowed = TOLERANCE * self.long_ttft + slack_s
         gradient = max(0.5, min(1.0, allowed / self.short_ttft))
         proposed = self.limit * gradient + math.sqrt(self.limit)
         limit = (1 - SMOOTHING) * self.limit + SMOOTHING * proposed
         self.limit = max(1.0, min(self.ceiling, limit))
+
+
+class LoopLag:
+    """How late this process's event loop runs a timer: what a busy gateway adds to every
+    latency it measures. Rises at once with a late sample and decays over ~10 samples, so
+    a saturated spell is covered from its first probe and a quiet one ends it slowly."""
+
+    def __init__(self) -> None:
+        self.lag_s = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    def sample(self, late_s: float) -> None:
+        late_s = max(0.0, late_s)
+        self.lag_s = max(late_s, 0.9 * self.lag_s + 0.1 * late_s)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._probe())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _probe(self) -> None:
+        while True:
+            due = time.monotonic() + LAG_PROBE_S
+            await asyncio.sleep(LAG_PROBE_S)
+            self.sample(time.monotonic() - due)
 
 
 class AdaptiveConcurrency:
@@ -93,6 +126,8 @@ class AdaptiveConcurrency:
 
     def __init__(self) -> None:
         self.replicas: dict[str, ReplicaLimit] = {}
+        self.loop_lag = LoopLag()
+        """Started with the gateway (app.py); left at 0 it adds no slack."""
 
     def sync(self, workers: Iterable[WorkerInfo]) -> None:
         """Follow the pool: new replicas, reported batch slots, replicas gone."""
@@ -113,7 +148,7 @@ class AdaptiveConcurrency:
     def observe(self, worker_id: str, ttft_s: float) -> None:
         r = self.replicas.get(worker_id)
         if r is not None:
-            r.observe(ttft_s)
+            r.observe(ttft_s, LAG_FACTOR * self.loop_lag.lag_s)
 
     def limit(self, worker_id: str) -> int:
         r = self.replicas.get(worker_id)
