@@ -135,8 +135,11 @@ class Tokenizer:
             env.filters["tojson"] = lambda x, indent=None: json.dumps(
                 x, indent=indent, ensure_ascii=False
             )
-            self._compiled = env.from_string(self.chat_template)
-            self._globals = dict(self._compiled.globals)
+            compiled = env.from_string(self.chat_template)
+            # globals first: the worker renders from threads too, and one that saw the
+            # template before its globals would render without namespace() or range()
+            self._globals = dict(compiled.globals)
+            self._compiled = compiled
         # Template.render merges the environment's globals into a new dict on every call
         # (a ChainMap walked: half of a render's ~14 us for a 3 KB chat, timeit); here
         # they are merged once and the context shares the dict built for the call.

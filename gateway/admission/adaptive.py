@@ -12,8 +12,8 @@ Netflix's gradient limiter and Envoy's adaptive-concurrency filter learn theirs:
   `UNKNOWN_CEILING`.
 - Each first token updates it: gradient = clamp((tolerance x long-term TTFT + slack) /
   short-term TTFT, 0.5, 1); new = limit x gradient + sqrt(limit) (room to probe upward),
-  smoothed; the slack is the gateway's own event-loop lag (`LoopLag`), the part of a
-  measured TTFT no replica caused. When
+  smoothed; the slack is the gateway's own event-loop lag (`LoopLag`, x 3, at most
+  50 ms), the part of a measured TTFT no replica caused. When
   TTFT rises (a queue forming in the engine, KV pressure, a slower replica, another gateway
   sending to it too), the limit falls; while it holds, the limit climbs back to the slots.
 - The gateway admits at most the sum of its ready replicas' limits, and queues a request
@@ -66,6 +66,10 @@ LAG_PROBE_S = 0.05
 LAG_FACTOR = 3.0
 """Slack per second of loop lag: an answer waits for the iteration running when it
 arrives, then its own handling, and a stream's first chunk crosses the loop twice."""
+MAX_SLACK_S = 0.05
+"""The most the loop lag excuses: a user does not feel 50 ms of TTFT, and a queue in a
+replica (what the limits are for) adds far more, busy gateway or not."""
+LAG_ALPHA = 0.2
 
 
 @dataclass
@@ -96,23 +100,30 @@ class ReplicaLimit:
 
 class LoopLag:
     """How late this process's event loop runs a timer: what a busy gateway adds to every
-    latency it measures. Rises at once with a late sample and decays over ~10 samples, so
-    a saturated spell is covered from its first probe and a quiet one ends it slowly."""
+    latency it measures. An EWMA of ~5 probes (a quarter second): a saturated spell shows
+    within it, and one stall (a collection, a long tokenize) adds a fifth of itself and is
+    gone within a second."""
 
     def __init__(self) -> None:
         self.lag_s = 0.0
         self._task: asyncio.Task[None] | None = None
 
     def sample(self, late_s: float) -> None:
-        late_s = max(0.0, late_s)
-        self.lag_s = max(late_s, 0.9 * self.lag_s + 0.1 * late_s)
+        self.lag_s += LAG_ALPHA * (max(0.0, late_s) - self.lag_s)
+
+    def slack_s(self) -> float:
+        return min(MAX_SLACK_S, LAG_FACTOR * self.lag_s)
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._probe())
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._probe())
 
     def stop(self) -> None:
+        """No more probes, and no slack from the last ones (the drain still observes)."""
         if self._task is not None:
             self._task.cancel()
+            self._task = None
+        self.lag_s = 0.0
 
     async def _probe(self) -> None:
         while True:
@@ -127,7 +138,7 @@ class AdaptiveConcurrency:
     def __init__(self) -> None:
         self.replicas: dict[str, ReplicaLimit] = {}
         self.loop_lag = LoopLag()
-        """Started with the gateway (app.py); left at 0 it adds no slack."""
+        """Started with the gateway (app.py); never started, it adds no slack."""
 
     def sync(self, workers: Iterable[WorkerInfo]) -> None:
         """Follow the pool: new replicas, reported batch slots, replicas gone."""
@@ -148,7 +159,7 @@ class AdaptiveConcurrency:
     def observe(self, worker_id: str, ttft_s: float) -> None:
         r = self.replicas.get(worker_id)
         if r is not None:
-            r.observe(ttft_s, LAG_FACTOR * self.loop_lag.lag_s)
+            r.observe(ttft_s, self.loop_lag.slack_s())
 
     def limit(self, worker_id: str) -> int:
         r = self.replicas.get(worker_id)

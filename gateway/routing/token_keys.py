@@ -321,7 +321,9 @@ class ChainMemo:
         except OverflowError:  # not token ids a tokenizer makes: hash them, keep nothing
             return [block_key(h) for h in block_hashes(ids, block_size, extra_key)]
         memo = self._keys.get(extra_key)
-        if memo is None or len(memo) > self.max_entries:
+        spans = self._spans.get(extra_key)
+        if memo is None or len(memo) > self.max_entries or len(spans or ()) > self.max_entries // 8:
+            # (a span is ~700 bytes: bounded apart, for prompts that differ in every span)
             # The spans go with the digests: walking on from a span's last key needs its.
             memo = self._keys[extra_key] = {}
             self._digests[extra_key] = {}

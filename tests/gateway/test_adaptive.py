@@ -10,7 +10,9 @@ import time
 import pytest
 
 from gateway.admission.adaptive import (
+    LAG_ALPHA,
     LAG_FACTOR,
+    MAX_SLACK_S,
     UNKNOWN_START,
     AdaptiveConcurrency,
     LoopLag,
@@ -130,14 +132,22 @@ def test_the_loop_lag_probe_sees_a_blocked_loop_and_decays_once_it_keeps_up() ->
         lag.start()
         try:
             await asyncio.sleep(0.2)
-            assert lag.lag_s < 0.1
-            time.sleep(0.3)  # the loop blocked: the probe's timer fires late
-            await asyncio.sleep(0.1)
-            assert lag.lag_s >= 0.2
-            high = lag.lag_s
-            await asyncio.sleep(0.5)
-            assert lag.lag_s < high
+            time.sleep(0.5)  # the loop blocked: the probe's timer fires late
+            await asyncio.sleep(0.02)
+            assert lag.lag_s > 0.02  # a fifth of the stall, less a probe's decay or two
         finally:
             lag.stop()
+        assert lag.lag_s == 0.0 and lag.slack_s() == 0.0  # a stopped probe excuses nothing
 
     asyncio.run(main())
+    # The average itself: one stall counts a fifth and fades; a sustained lag shows whole.
+    lag = LoopLag()
+    lag.sample(0.3)
+    assert lag.lag_s == pytest.approx(0.3 * LAG_ALPHA)
+    assert lag.slack_s() == MAX_SLACK_S  # 3 x 60 ms, capped
+    for _ in range(30):  # 1.5 s of probes on time
+        lag.sample(0.0)
+    assert lag.slack_s() < 0.001
+    for _ in range(40):
+        lag.sample(0.004)  # saturated: every timer 4 ms late
+    assert lag.slack_s() == pytest.approx(LAG_FACTOR * 0.004, rel=0.01)
