@@ -112,6 +112,10 @@ class GatewayRoutes(OpenAIRoutes):
     def process_view(self) -> dict[str, Any]:
         view: dict[str, Any] = dict(self.process)
         view["gc"] = heap_view()
+        if (concurrency := self.dispatcher.concurrency) is not None:
+            # what this process's own event loop adds to the latencies it measures (the
+            # adaptive limits excuse 3x it in TTFT, at most 50 ms: admission/adaptive.py)
+            view["loop_lag_ms"] = round(concurrency.loop_lag.lag_s * 1000, 2)
         if self.share is not None:
             view["routing_shared"] = {"sent": self.share.sent, "received": self.share.received}
         return view
@@ -132,6 +136,10 @@ class GatewayRoutes(OpenAIRoutes):
             "process": self.process_view(),
             "admission": self.admission.stats(),
         }
+        if (concurrency := self.dispatcher.concurrency) is not None:
+            view["admission"]["replica_limits"] = {
+                wid: concurrency.limit(wid) for wid in sorted(concurrency.replicas)
+            }
         describe = getattr(self.dispatcher.policy, "describe", None)
         if describe is not None:
             view["routing"] = describe()

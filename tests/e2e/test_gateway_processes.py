@@ -78,6 +78,10 @@ def test_two_processes_serve_one_port(worker: Proc) -> None:
         # Ready to serve, the process froze what startup built (serving/heap.py).
         assert view["process"]["gc"]["frozen_objects"] > 10_000
         assert view["process"]["gc"]["thresholds"][0] == 10_000
+        # What explains a 503 from the learnt limits: each replica's, and the loop's lag.
+        assert 0 <= view["process"]["loop_lag_ms"] < 10_000
+        limits = view["admission"]["replica_limits"]
+        assert set(limits) == {w["worker_id"] for w in view["workers"]}
 
         # A sibling that dies is replaced on the same port.
         os.kill(sibling, signal.SIGKILL)
