@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import ssl
 from collections.abc import AsyncIterator
 from typing import Any
@@ -27,6 +28,7 @@ from proto.limits import DEFAULT_LIMITS
 from proto.openai_compat import OpenAIError, ParsedRequest, parse_chat, parse_completion
 from serving import cache_watch as watch_wire
 from serving.calls import (
+    DEADLINE_EXCEEDED,
     INVALID_ARGUMENT,
     NOT_FOUND,
     RESOURCE_EXHAUSTED,
@@ -35,6 +37,7 @@ from serving.calls import (
     UpstreamError,
 )
 from serving.openai_http import (
+    TIMEOUT_HEADER,
     OpenAIRoutes,
     error_response,
     json_errors,
@@ -109,7 +112,26 @@ class LocalBackend:
             except EngineError as e:
                 raise UpstreamError(UNAVAILABLE, str(e)) from None
             tokenizer = svc.engine.tokenizer if request.sampling.HasField("logprobs") else None
-            async for delta in stream:
+            loop = asyncio.get_running_loop()
+            expires = None if timeout is None or math.isinf(timeout) else loop.time() + timeout
+            while True:
+                # The caller's deadline (X-Request-Timeout-Ms), as the gRPC service has its
+                # call's: past it, the engine request is aborted (cancelling the stream's
+                # read ends it) and the caller hears 504, or an error event mid-stream.
+                # A timer per read, not per request: one outlives no read that it bounds.
+                limit = asyncio.timeout_at(expires)
+                try:
+                    async with limit:
+                        delta = await anext(stream)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    if not limit.expired():
+                        raise
+                    raise UpstreamError(
+                        DEADLINE_EXCEEDED,
+                        f"the request's deadline ({TIMEOUT_HEADER}) passed on the worker",
+                    ) from None
                 yield to_response(delta, request.request_id, True, tokenizer)
         finally:
             if stream is not None:
@@ -127,7 +149,8 @@ class WorkerRoutes(OpenAIRoutes):
     takes_prompt_ids = True
 
     def __init__(self, service: InferenceService) -> None:
-        super().__init__(LocalBackend(service))
+        # No deadline of the worker's own (as vLLM's server has none): only a caller's.
+        super().__init__(LocalBackend(service), default_timeout_s=math.inf)
         self.service = service
 
     async def _dispatch(

@@ -295,3 +295,53 @@ def test_a_stream_leaves_in_one_send_per_token(path: str) -> None:
         if gw is not None:
             gw.stop()
         worker.stop()
+
+
+def _running(worker: Proc) -> float:
+    with urllib.request.urlopen(worker.ready["http"] + "/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("vllm:num_requests_running"):
+                return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("no vllm:num_requests_running in the worker's metrics")
+
+
+def test_a_workers_openai_port_keeps_the_callers_deadline() -> None:
+    """X-Request-Timeout-Ms on a worker's own port (what a relaying gateway sends, with the
+    call's remaining time) ends the request there: 504 for a whole answer, an error event
+    mid-stream, and the engine's slot freed; without the header there is no deadline."""
+    worker = start_sim_worker("--http-port", "0", "--sim-speed", "0.01")  # 20 ms steps
+    try:
+        url = worker.ready["http"] + "/v1/chat/completions"
+        body = {
+            "model": "sim",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 300,  # ~6 s
+            "ignore_eos": True,
+        }
+
+        def post(payload: dict[str, Any], timeout_ms: int | None) -> tuple[int, bytes]:
+            headers = {"Content-Type": "application/json"}
+            if timeout_ms is not None:
+                headers["X-Request-Timeout-Ms"] = str(timeout_ms)
+            req = urllib.request.Request(url, json.dumps(payload).encode(), headers)
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    return r.status, r.read()
+            except urllib.error.HTTPError as e:
+                return e.code, e.read()
+
+        status, raw = post(body, 400)
+        assert status == 504, raw
+        assert json.loads(raw)["error"]["code"] == "deadline_exceeded"
+        status, raw = post(body | {"stream": True}, 400)
+        assert status == 200  # the head went with the first token
+        events = [ln[6:] for ln in raw.decode().splitlines() if ln.startswith("data: ")]
+        assert (
+            "deadline"
+            in json.loads(events[-2] if events[-1] == "[DONE]" else events[-1])["error"]["message"]
+        )
+        assert wait_for(lambda: _running(worker) == 0, timeout=30)  # both aborted
+        status, raw = post(body | {"max_tokens": 3}, None)
+        assert status == 200 and json.loads(raw)["usage"]["completion_tokens"] == 3
+    finally:
+        worker.stop()
