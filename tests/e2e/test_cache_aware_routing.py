@@ -24,6 +24,7 @@ from prompts.block_keys import block_hashes, block_key
 from prompts.tokenizer import Tokenizer
 from proto import inference_pb2 as pb
 from proto import inference_pb2_grpc as pb_grpc
+from tests.procs import metric_total
 
 KV_TOKENS = 1024  # 64 blocks of 16: a few long prompts evict the oldest
 
@@ -161,11 +162,7 @@ def test_queued_prefill_is_counted_until_the_first_token(
 
 def pretokenized(worker: Proc) -> float:
     """Prompts the worker took as the gateway's token ids (its /metrics)."""
-    with urllib.request.urlopen(worker.ready["http"] + "/metrics", timeout=30) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith("breakwater_worker_prompts_pretokenized_total{"):
-                return float(line.rsplit(" ", 1)[1])
-    raise AssertionError("no breakwater_worker_prompts_pretokenized_total in /metrics")
+    return metric_total(worker, "breakwater_worker_prompts_pretokenized_total", "")
 
 
 def answer(base: str, msgs: list[dict[str, str]], stream: bool) -> tuple[str, int]:

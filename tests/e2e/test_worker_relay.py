@@ -20,7 +20,7 @@ import pytest
 from loadtest.fleet import admin_json
 from proto import inference_pb2 as pb
 from proto import inference_pb2_grpc as pb_grpc
-from tests.procs import Proc, start_gateway, start_sim_worker, wait_for
+from tests.procs import Proc, metric_total, start_gateway, start_sim_worker, wait_for
 
 PROMPT = [{"role": "user", "content": "say something deterministic"}]
 
@@ -297,14 +297,6 @@ def test_a_stream_leaves_in_one_send_per_token(path: str) -> None:
         worker.stop()
 
 
-def _running(worker: Proc) -> float:
-    with urllib.request.urlopen(worker.ready["http"] + "/metrics", timeout=10) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith("vllm:num_requests_running"):
-                return float(line.rsplit(" ", 1)[1])
-    raise AssertionError("no vllm:num_requests_running in the worker's metrics")
-
-
 def test_a_workers_openai_port_keeps_the_callers_deadline() -> None:
     """X-Request-Timeout-Ms on a worker's own port (what a relaying gateway sends, with the
     call's remaining time) ends the request there: 504 for a whole answer, an error event
@@ -340,7 +332,8 @@ def test_a_workers_openai_port_keeps_the_callers_deadline() -> None:
             "deadline"
             in json.loads(events[-2] if events[-1] == "[DONE]" else events[-1])["error"]["message"]
         )
-        assert wait_for(lambda: _running(worker) == 0, timeout=30)  # both aborted
+        running = "vllm:num_requests_running"  # labelled by model, as vLLM's
+        assert wait_for(lambda: metric_total(worker, running, "") == 0, timeout=30)  # aborted
         status, raw = post(body | {"max_tokens": 3}, None)
         assert status == 200 and json.loads(raw)["usage"]["completion_tokens"] == 3
     finally:
