@@ -116,9 +116,9 @@ class LocalBackend:
             expires = None if timeout is None or math.isinf(timeout) else loop.time() + timeout
             while True:
                 # The caller's deadline (X-Request-Timeout-Ms), as the gRPC service has its
-                # call's: past it, the engine request is aborted (cancelling the stream's
-                # read ends it) and the caller hears 504, or an error event mid-stream.
-                # A timer per read, not per request: one outlives no read that it bounds.
+                # call's: past it, the read is cancelled, which aborts the engine request,
+                # and the caller hears 504, or an error event mid-stream. The timeout is
+                # entered per read: one held across a yield would cancel the consumer.
                 limit = asyncio.timeout_at(expires)
                 try:
                     async with limit:

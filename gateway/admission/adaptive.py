@@ -70,6 +70,7 @@ MAX_SLACK_S = 0.05
 """The most the loop lag excuses: a user does not feel 50 ms of TTFT, and a queue in a
 replica (what the limits are for) adds far more, busy gateway or not."""
 LAG_ALPHA = 0.2
+"""The loop lag's EWMA weight per probe (~5 probes, a quarter second)."""
 
 
 @dataclass
