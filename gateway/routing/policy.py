@@ -276,6 +276,8 @@ class PrefixAware:
         """The last decision's prompt tokens, for `prompt_ids`."""
         self._tiebreak = itertools.count()
         self._last: tuple[pb.GenerateRequest | None, dict[str, float], float] = (None, {}, 0.0)
+        self._reported_run: dict[str, int] = {}
+        """Leading token blocks each replica reported holding, as the last decision found."""
         self.prefilling: Counter[str] = Counter()
         """Prompt tokens sent to each replica that it has not prefilled yet (estimated:
         the part of each prompt it did not hold), until the first output or the end."""
@@ -397,10 +399,17 @@ class PrefixAware:
 
     def _leading(self, keys: list[int], wid: str, view: CacheView, fresh_after: float) -> int:
         """Leading blocks the replica holds, or will once it prefills a request sent to it
-        recently (unless it has reported evicting the block since)."""
+        recently (unless it has reported evicting the block since). How many of them it
+        reported holding is kept in `_reported_run`, for `routed`."""
         held, evicted, routed_at = view.held, view.evicted, self.index.routed_at
-        n = 0
+        run = 0
         for key in keys:
+            if key not in held:
+                break
+            run += 1
+        self._reported_run[wid] = run
+        n = run
+        for key in keys[run:]:
             if key not in held:
                 sent = routed_at(key, wid)
                 if sent <= fresh_after or sent <= evicted.get(key, 0.0):
@@ -423,6 +432,7 @@ class PrefixAware:
         loads = {w.worker_id: outstanding.get(w.worker_id, 0) for w in candidates}
         bound = min(loads.values()) * self.rel + self.abs
         eligible = [w for w in candidates if loads[w.worker_id] <= bound]
+        self._reported_run.clear()
         held = self._holdings(request, eligible)
         tokens = self._prompt_tokens(request)
         self._last = (request, held, tokens)
@@ -545,7 +555,12 @@ class PrefixAware:
         # reported its cache for this request they would be unused work (~30 us).
         keys = [] if tkeys and worker.worker_id in self.views else self._keys(request)
         if tkeys:
-            keys = keys + tkeys  # both kinds: the index keeps them apart by value
+            # Token keys serve only `_leading`, which asks when a block was sent only past
+            # the replica's reported run: the run's blocks are left out (a follow-up turn
+            # sends a dozen keys where it sent a hundred, to the index and to the siblings;
+            # a block evicted since is evicted after its sending either way).
+            run = self._reported_run.get(worker.worker_id, 0) if self._last[0] is request else 0
+            keys = keys + tkeys[run:]  # both kinds: the index keeps them apart by value
         if keys:
             self.index.insert(keys, worker.worker_id)
             if self.share is not None:

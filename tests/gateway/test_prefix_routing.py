@@ -53,6 +53,32 @@ def test_match_counts_leading_blocks_per_worker() -> None:
     assert index.match([], {"w0"}) == {"w0": 0}
 
 
+def test_bisected_match_equals_a_walk_of_whole_chains() -> None:
+    import random
+
+    rng = random.Random(3)
+    index = PrefixIndex(ttl_s=100.0)
+    chains = [block_keys(b"head" * 48 + bytes([c]) * BLOCK_BYTES * 4) for c in range(4)]
+    now = time.monotonic()
+    events = [  # whole chains' prefixes sent to various workers, in time order
+        (now - rng.choice((0.0, 50.0, 150.0)), rng.choice(chains), rng.choice("abc"))
+        for _ in range(300)
+    ]
+    for at, chain, w in sorted(events, key=lambda e: e[0]):
+        index.insert(chain[: rng.randrange(len(chain) + 1)], w, now=at)
+
+    def walk(keys: list[int], w: str) -> int:
+        n = 0
+        while n < len(keys) and index.routed_at(keys[n], w) > time.monotonic() - 100.0:
+            n += 1
+        return n
+
+    for chain in chains:
+        for cut in range(len(chain) + 1):
+            got = index.match(chain[:cut], {"a", "b", "c", "d"})
+            assert got == {w: walk(chain[:cut], w) for w in "abcd"}
+
+
 def test_stale_entries_do_not_count_and_the_index_stays_bounded() -> None:
     index = PrefixIndex(capacity=100, ttl_s=10.0)
     keys = block_keys(b"a" * BLOCK_BYTES * 4)
@@ -190,6 +216,31 @@ def test_reported_caches_beat_the_learnt_index_and_evictions_count() -> None:
     views["w2"].apply([], engine_keys(ids)[5:], now=time.monotonic())
     views["w1"].apply(engine_keys(ids), [], now=time.monotonic())
     assert policy.choose(pool, token_prompt(ids), {}).worker_id == "w1"
+
+
+def test_only_blocks_past_the_reported_ones_are_recorded_as_sent() -> None:
+    from gateway.routing.cache_views import CacheView
+
+    pool = workers(2)
+    policy = PrefixAware()
+    policy.views = views = {w.worker_id: CacheView(16, "m", "") for w in pool}
+    shared: list[tuple[str, list[int]]] = []
+    policy.share = lambda wid, keys: shared.append((wid, keys))
+    ids = list(range(1, 161))  # 10 blocks
+    keys = engine_keys(ids)
+    views["w1"].apply(keys[:6], [], now=time.monotonic())
+    request = token_prompt(ids)
+    assert policy.choose(pool, request, {}).worker_id == "w1"
+    policy.routed(pool[1], request)
+    # The 6 blocks w1 reported are not recorded or told to siblings; the other 4 are.
+    assert shared == [("w1", keys[6:])]
+    assert policy.index.routed_at(keys[0], "w1") == float("-inf")
+    assert policy.index.routed_at(keys[6], "w1") > time.monotonic() - 1
+    # So w1 still counts as holding all 10 while it prefills them, and an eviction of a
+    # reported block since still breaks its run.
+    assert policy._holdings(token_prompt(ids), pool) == {"w0": 0.0, "w1": 1.0}
+    views["w1"].apply([], keys[2:3], now=time.monotonic() + 1)
+    assert policy._holdings(token_prompt(ids), pool) == {"w0": 0.0, "w1": 0.2}
 
 
 def test_unreported_workers_are_scored_from_the_index() -> None:

@@ -76,6 +76,16 @@ def test_memoised_chain_equals_the_engines_hashes() -> None:
         ids = head + [rng.randrange(3) for _ in range(rng.randrange(60))]
         assert memo.keys(ids, 16, b"m") == [block_key(h) for h in block_hashes(ids, 16, b"m")]
         assert memo.keys(ids, 8, b"m") == [block_key(h) for h in block_hashes(ids, 8, b"m")]
+    # Long prompts walk spans of 64 blocks, then of 8, then blocks: heads that end on each
+    # kind of boundary, and past them.
+    long = [rng.randrange(500) for _ in range(2600)]
+    memo = ChainMemo()
+    for _ in range(3):
+        for cut in (0, 1024, 1040, 1152, 2048, 2600):
+            ids = long[:cut] + [rng.randrange(9) for _ in range(rng.randrange(1200))]
+            for size in (16, 8):
+                expected = [block_key(h) for h in block_hashes(ids, size, b"m")]
+                assert memo.keys(ids, size, b"m") == expected
     odd = [-1, 2**40] * 16  # not a tokenizer's ids (a client's token-id prompt): still equal
     assert memo.keys(odd, 16, b"m") == [block_key(h) for h in block_hashes(odd, 16, b"m")]
 
