@@ -46,6 +46,7 @@ from gateway.upstream.grpc_upstream import GrpcUpstream
 from gateway.upstream.openai_http import RELAY_KIND, OpenAIHTTPUpstream
 from proto.limits import DEFAULT_LIMITS
 from proto.openai_compat import OpenAIError
+from serving.framing_errors import answer_errors_in_json
 from serving.grpc_requests import add_inference_servicer
 from serving.heap import settle
 from serving.logs import configure_logging
@@ -298,6 +299,7 @@ class Gateway:
             api.app(), access_log=None, keepalive_timeout=s.keepalive_timeout_s
         )
         await self.admin_runner.setup()
+        answer_errors_in_json(self.admin_runner)
         host = s.admin_host or s.host
         site = web.TCPSite(self.admin_runner, host, s.admin_port, ssl_context=self._ssl_context())
         await site.start()
@@ -334,6 +336,7 @@ class Gateway:
             auto_decompress=False,  # read_body decompresses, bounded (serving/openai_http.py)
         )
         await self.runner.setup()
+        answer_errors_in_json(self.runner)
         assert self.runner.server is not None
         self.connections = ConnectionCap(
             self.runner.server, fit_fd_limit(self.settings.max_connections)

@@ -36,6 +36,7 @@ from serving.calls import (
     CallInfo,
     UpstreamError,
 )
+from serving.framing_errors import answer_errors_in_json
 from serving.openai_http import (
     TIMEOUT_HEADER,
     OpenAIRoutes,
@@ -306,5 +307,6 @@ async def start_http(
         auto_decompress=False,  # read_body decompresses, bounded (serving/openai_http.py)
     )
     await runner.setup()
+    answer_errors_in_json(runner)
     await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
     return runner

@@ -221,8 +221,9 @@ def test_requests_aiohttp_refuses_or_decodes_are_left_to_it(gw: Proc) -> None:
     ):
         with connect(gw) as s:
             s.sendall(raw)
-            status, head, _ = Reader(s).response()
+            status, head, answer = Reader(s).response()
             assert status == want and AIOHTTP_MARK in head, (raw[:60], status)
+            assert json.loads(answer)["error"]["type"] == "invalid_request_error"
     packed = gzip.compress(body)
     with connect(gw) as s:
         s.sendall(post(packed, b"Content-Encoding: gzip\r\n"))
@@ -240,6 +241,39 @@ def test_requests_aiohttp_refuses_or_decodes_are_left_to_it(gw: Proc) -> None:
         status, head, body = r.response()
         assert status == 200 and b"Connection: close" in head and b"[DONE]" in body
         assert r.closed(10)
+
+
+def test_requests_aiohttp_cannot_parse_get_openai_errors_on_every_port(gw: Proc) -> None:
+    """A request that cannot be framed was answered in aiohttp's plain text, the one error
+    body an OpenAI client could not read: now JSON on the model port, the admin port and a
+    worker's OpenAI port, with aiohttp's status and reason, and the connection closed."""
+    worker = start_sim_worker("--http-port", "0")
+    try:
+        for url in (gw.ready["http"], gw.ready["admin"], worker.ready["http"]):
+            host, port = url.split("://", 1)[1].rsplit(":", 1)
+            for raw, reason in (
+                (b"GARBAGE\r\n\r\n", b"Invalid method"),
+                (
+                    b"GET / HTTP/1.1\r\nHost: gw\r\nX: " + b"a" * 9000 + b"\r\n\r\n",
+                    b"Got more than 8190 bytes",
+                ),
+                (b"GET / HTTP/1.1\r\nHost: gw\r\nContent-Length: x\r\n\r\n", b"Content-Length"),
+                (b"GET / HTTP/1.1\r\nHost: gw\r\nBad\x01Name: 1\r\n\r\n", b"Invalid header"),
+            ):
+                with socket.create_connection((host, int(port)), timeout=30) as s:
+                    s.sendall(raw)
+                    r = Reader(s)
+                    status, head, body = r.response()
+                    assert status == 400, (url, raw[:40], status, body)
+                    assert b"Content-Type: application/json" in head, (url, head)
+                    error = json.loads(body)["error"]
+                    assert error["type"] == "invalid_request_error", (url, error)
+                    assert error["message"].startswith("malformed HTTP request: "), error
+                    assert reason.decode() in error["message"], (url, raw[:40], error)
+                    assert "aaaa" not in error["message"]  # the client's bytes not echoed
+                    assert r.closed(10)
+    finally:
+        worker.stop()
 
 
 def _socket_buffers_max() -> int:
@@ -330,3 +364,12 @@ def test_a_bodiless_request_asking_to_close_is_closed(gw: Proc) -> None:
         status, head, _ = r.response()
         assert status == 400 and b"Connection: close" in head
         assert r.closed(10)
+
+
+def test_an_error_aiohttp_answers_500_says_no_more_than_that() -> None:
+    from serving.framing_errors import error_body
+
+    error = json.loads(error_body(500, "Traceback (most recent call last): secret"))["error"]
+    assert error["message"] == "internal server error" and error["type"] == "server_error"
+    error = json.loads(error_body(413, None))["error"]
+    assert error["message"] == "malformed HTTP request: Request Entity Too Large"
