@@ -8,12 +8,14 @@ its 404 and 405, which do reach the middleware); an OpenAI SDK then reports the 
 unreadable instead of the reason. aiohttp offers no hook for this, so the
 server's handler class is replaced by a subclass that keeps aiohttp's status, message,
 logging and connection close and changes only the body. Parsing errors are the client's
-(4xx, `invalid_request_error`, aiohttp's reason as the message); a 500 says nothing more
-than that, as aiohttp's own does without debug.
+(4xx, `invalid_request_error`, aiohttp's reason as the message, without the bytes it
+quotes); a 500 says nothing more than that, as aiohttp's own does without debug, and a
+504 (a handler's TimeoutError) says it timed out, as the gateway's own 504s do.
 """
 
 from __future__ import annotations
 
+import re
 from http import HTTPStatus
 
 import orjson
@@ -26,16 +28,25 @@ from proto.openai_compat import OpenAIError
 
 def error_body(status: int, message: str | None) -> bytes:
     """The OpenAI error body for one of aiohttp's error answers."""
-    if status >= 500:
+    if status == 504:  # a handler that raised TimeoutError
+        error = OpenAIError(status, "the request timed out", "timeout", None, "deadline_exceeded")
+    elif status >= 500:
         error = OpenAIError(status, "internal server error", "server_error")
     else:
-        # aiohttp's parser adds the offending bytes, on lines of their own or after ": b'":
-        # the reason is enough, and the client's bytes are not echoed.
-        first = (message or "").strip().split("\n", 1)[0].split(": b'", 1)[0]
-        first = first.strip().rstrip(":")
-        reason = first or HTTPStatus(status).phrase
-        error = OpenAIError(status, f"malformed HTTP request: {reason}")
+        error = OpenAIError(status, f"malformed HTTP request: {_reason(status, message)}")
     return orjson.dumps(error.body())
+
+
+_ECHO = re.compile(r"(?::|\s)\s*(?:b'|b\"|bytearray\(|'|\").*", re.DOTALL)
+"""Where aiohttp's parsers start quoting the client's bytes (b'...', bytearray(b'...'),
+'GARBAGE'), on the message's first line; a caret diagram follows on lines of its own."""
+
+
+def _reason(status: int, message: str | None) -> str:
+    """aiohttp's reason without the client's bytes it quotes (never echoed back)."""
+    first = (message or "").strip().split("\n", 1)[0]
+    reason = _ECHO.sub("", first).strip().rstrip(":").strip()[:200]
+    return reason or HTTPStatus(status).phrase
 
 
 class _JSONErrorHandler(RequestHandler):
@@ -48,9 +59,7 @@ class _JSONErrorHandler(RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
-        plain = super().handle_error(request, status, exc, message)  # logs; may raise
-        if status < 500 and not message and isinstance(plain, web.Response) and plain.text:
-            message = plain.text
+        super().handle_error(request, status, exc, message)  # logs; raises if output began
         resp = web.Response(
             status=status, body=error_body(status, message), content_type="application/json"
         )

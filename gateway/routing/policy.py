@@ -423,6 +423,7 @@ class PrefixAware:
         request: pb.GenerateRequest,
         outstanding: Mapping[str, float],
     ) -> WorkerInfo:
+        self._reported_run.clear()  # a retry's routed() must not use an earlier attempt's
         if len(candidates) == 1:
             self.decisions["only"] += 1
             return candidates[0]
@@ -432,7 +433,6 @@ class PrefixAware:
         loads = {w.worker_id: outstanding.get(w.worker_id, 0) for w in candidates}
         bound = min(loads.values()) * self.rel + self.abs
         eligible = [w for w in candidates if loads[w.worker_id] <= bound]
-        self._reported_run.clear()
         held = self._holdings(request, eligible)
         tokens = self._prompt_tokens(request)
         self._last = (request, held, tokens)
@@ -465,7 +465,8 @@ class PrefixAware:
 
     def _known_share(self, request: pb.GenerateRequest, wid: str) -> float:
         """The share of the prompt a replica holds, from the keys this decision already
-        computed (no tokenizing or hashing, and no memo changed: routed() uses them)."""
+        computed (no tokenizing or hashing, and no memo changed: routed() uses them; the
+        skipped replica's `_reported_run` is set, which routed() never reads for it)."""
         tmemo, memo, view = self._token_memo, self._memo, self.views.get(wid)
         tkeys = tmemo[2] if tmemo[0] is request else None
         if tkeys and view is not None and (view.block_size, view.model_id) == tmemo[1]:

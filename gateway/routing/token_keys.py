@@ -303,8 +303,9 @@ class ChainMemo:
     The walk goes a span of 64 blocks at a time while such spans are known, then of 8, then
     block by block: a system prompt's ~100 blocks cost ~10 look-ups (timeit, the 108-block
     prompt above: 42 us block by block, 13 us by spans of 8; a 101-block prompt, 22 -> 18
-    us with spans of 64 too, in one run). A span of 64 is a 4 KB key, at most one for eight
-    spans of 8: the bound below keeps the spans within ~50 MB.
+    us with spans of 64 too, in one run). Spans of each length are bounded apart, at
+    `max_entries` blocks' worth: ~35 MB of spans of 8 (0.7 KB each) and ~30 MB of spans of 64
+    (4.7 KB each; prompts that share less than 64 blocks each add one), at 16-token blocks.
     """
 
     SPANS = (64, 8)
@@ -316,8 +317,9 @@ class ChainMemo:
         self.max_entries = max_entries
         self._keys: dict[bytes, dict[bytes, int]] = {}
         self._digests: dict[bytes, dict[int, bytes]] = {}
-        self._spans: dict[bytes, dict[bytes, array[int]]] = {}
-        """Per extra key: (parent's key + a span's tokens) -> the span's keys (uint64)."""
+        self._spans: dict[bytes, list[dict[bytes, array[int]]]] = {}
+        """Per extra key, per span length (SPANS): (parent's key + a span's tokens) -> the
+        span's keys (uint64)."""
 
     def keys(self, ids: Sequence[int], block_size: int, extra_key: bytes) -> list[int]:
         try:
@@ -327,12 +329,14 @@ class ChainMemo:
             return [block_key(h) for h in block_hashes(ids, block_size, extra_key)]
         memo = self._keys.get(extra_key)
         spans = self._spans.get(extra_key)
-        too_many_spans = len(spans or ()) > self.max_entries // self.SPAN  # ~1 KB each
+        too_many_spans = spans is not None and any(
+            len(kept) > self.max_entries // n for kept, n in zip(spans, self.SPANS, strict=True)
+        )
         if memo is None or len(memo) > self.max_entries or too_many_spans:
             # The spans go with the digests: walking on from a span's last key needs its.
             memo = self._keys[extra_key] = {}
             self._digests[extra_key] = {}
-            self._spans[extra_key] = {}
+            self._spans[extra_key] = [{} for _ in self.SPANS]
         digests, spans = self._digests[extra_key], self._spans[extra_key]
         step = block_size * 4
         spans_bytes = [step * n for n in self.SPANS]
@@ -342,9 +346,9 @@ class ChainMemo:
         parent = b"\x00" * 8
         start = 0
         reached = []  # blocks walked at each span length, longest first
-        for span in spans_bytes:
+        for span, kept in zip(spans_bytes, spans, strict=True):
             while start + span <= whole:
-                got = spans.get(parent + data[start : start + span])
+                got = kept.get(parent + data[start : start + span])
                 if got is None:
                     break
                 out.extend(got)
@@ -364,10 +368,10 @@ class ChainMemo:
             append(key)
             parent = key.to_bytes(8, "big")
         # Whole spans of each length not walked at that length are remembered.
-        for n, known in zip(self.SPANS, reached, strict=True):
+        for n, known, kept in zip(self.SPANS, reached, spans, strict=True):
             for i in range(known, len(out) - n + 1, n):
                 head = out[i - 1].to_bytes(8, "big") if i else b"\x00" * 8
-                spans[head + data[i * step : (i + n) * step]] = array("Q", out[i : i + n])
+                kept[head + data[i * step : (i + n) * step]] = array("Q", out[i : i + n])
         return out
 
 

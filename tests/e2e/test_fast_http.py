@@ -251,12 +251,13 @@ def test_requests_aiohttp_cannot_parse_get_openai_errors_on_every_port(gw: Proc)
     try:
         for url in (gw.ready["http"], gw.ready["admin"], worker.ready["http"]):
             host, port = url.split("://", 1)[1].rsplit(":", 1)
-            for raw, reason in (
+            for raw, reason in (  # reasons as aiohttp's C parser gives them
                 (b"GARBAGE\r\n\r\n", b"Invalid method"),
                 (
                     b"GET / HTTP/1.1\r\nHost: gw\r\nX: " + b"a" * 9000 + b"\r\n\r\n",
                     b"Got more than 8190 bytes",
                 ),
+                (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: gw\r\n\r\n", b"8190"),
                 (b"GET / HTTP/1.1\r\nHost: gw\r\nContent-Length: x\r\n\r\n", b"Content-Length"),
                 (b"GET / HTTP/1.1\r\nHost: gw\r\nBad\x01Name: 1\r\n\r\n", b"Invalid header"),
             ):
@@ -373,3 +374,14 @@ def test_an_error_aiohttp_answers_500_says_no_more_than_that() -> None:
     assert error["message"] == "internal server error" and error["type"] == "server_error"
     error = json.loads(error_body(413, None))["error"]
     assert error["message"] == "malformed HTTP request: Request Entity Too Large"
+    error = json.loads(error_body(504, None))["error"]
+    assert (error["type"], error["code"]) == ("timeout", "deadline_exceeded")
+    # The client's bytes that aiohttp's parsers quote are not echoed back.
+    for quoted in (
+        "Got more than 8190 bytes when reading: bytearray(b'/aaaa...')",
+        "Bad HTTP method in status line 'GARBAGE'",
+        'Invalid header value char:\n\n  b"X: \\x01"\n     ^',
+    ):
+        message = json.loads(error_body(400, quoted))["error"]["message"]
+        assert message.startswith("malformed HTTP request: ") and "'" not in message, message
+        assert "GARBAGE" not in message and "aaaa" not in message and '"' not in message

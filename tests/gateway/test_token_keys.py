@@ -86,6 +86,13 @@ def test_memoised_chain_equals_the_engines_hashes() -> None:
             for size in (16, 8):
                 expected = [block_key(h) for h in block_hashes(ids, size, b"m")]
                 assert memo.keys(ids, size, b"m") == expected
+    # A prompt of two whole spans of 64 is walked by them alone: with the blocks and the
+    # spans of 8 forgotten, its keys still come, and no block is hashed or looked up.
+    ids = long[: 128 * 16]
+    expected = memo.keys(ids, 16, b"m")
+    memo._keys[b"m"].clear()
+    memo._spans[b"m"][1].clear()
+    assert memo.keys(ids, 16, b"m") == expected and not memo._keys[b"m"]
     odd = [-1, 2**40] * 16  # not a tokenizer's ids (a client's token-id prompt): still equal
     assert memo.keys(odd, 16, b"m") == [block_key(h) for h in block_hashes(odd, 16, b"m")]
 
