@@ -5,9 +5,10 @@ aiohttp answers a request it cannot frame (a bad request line, an invalid header
 past its size limits, a malformed Content-Length) from its `RequestHandler.handle_error`,
 in plain text, before any route or middleware runs (`openai_http.json_errors` rewrites
 its 404 and 405, which do reach the middleware); an OpenAI SDK then reports the body as
-unreadable instead of the reason. aiohttp offers no hook for this, so the
-server's handler class is replaced by a subclass that keeps aiohttp's status, message,
-logging and connection close and changes only the body. Parsing errors are the client's
+unreadable instead of the reason. aiohttp offers no hook for this, so a set-up runner's
+server becomes a `web.Server` subclass (its class swapped in place) whose connections get
+a `RequestHandler` subclass: aiohttp's status, logging and connection close are kept, and
+only the body changes. Parsing errors are the client's
 (4xx, `invalid_request_error`, aiohttp's reason as the message, without the bytes it
 quotes); a 500 says nothing more than that, as aiohttp's own does without debug, and a
 504 (a handler's TimeoutError) says it timed out, as the gateway's own 504s do.
