@@ -21,8 +21,7 @@ from gateway.routing.token_keys import (
     PieceCache,
     PromptTokens,
     TokenizerStore,
-    chain_keys,
-    prompt_tokens,
+    prompt_keys,
 )
 from proto import inference_pb2 as pb
 from proto.prompt_ids import prompt_ids_bytes
@@ -326,8 +325,7 @@ class PrefixAware:
         if tok is not None or request.WhichOneof("prompt") == "token_ids":
             try:
                 pieces = self.tokenizers.pieces(tok) if tok and self.tokenizers else None
-                tokens = prompt_tokens(request, tok, pieces)
-                keys = chain_keys(tokens.ids, view.block_size, view.model_id)
+                tokens, keys = prompt_keys(request, tok, pieces, view.block_size, view.model_id)
                 if tok is not None:
                     self._prompt = (request, tokens, tok, pieces)
                 if pieces is not None and pieces.queued and self.tokenizers:

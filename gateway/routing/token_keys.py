@@ -115,6 +115,14 @@ class TokenizerStore:
         return path in self._loaded
 
 
+_Step = tuple[tuple[int, ...], int | None, bytes]
+"""A piece's step along a chain: its whole blocks' keys, the last block's key, the tokens
+after that block (uint32 bytes)."""
+MAX_STEP_CHARS = 16_000_000
+"""The steps' pieces and tails, in characters and bytes, before they are dropped (the
+pieces themselves are bounded at 2M tokens, ~8 MB of text)."""
+
+
 class PieceCache:
     """Tokenizes rendered chat prompts piece by piece between their special tokens, and
     keeps the pieces: a system prompt or an earlier turn is tokenized once, then reused.
@@ -131,7 +139,10 @@ class PieceCache:
     Measured (routing_bench decision micro-benchmark, 3 KB chats, demo tokenizer at ~1.7
     characters a token), whole decision p50: encoding the whole prompt 1,160 us; every
     piece encoded in the decision 455 us; the last new piece deferred 245 us; with
-    ChainMemo and no text keys where all replicas report, 150 us.
+    ChainMemo and no text keys where all replicas report, 150 us. Block keys walked a piece
+    at a time (`prefix_keys`) instead of joining the ids and walking the chain: 38-41 ->
+    12-13 us for a 3 KB chat (timeit); whole decision 148-228 -> 126-189 us (four
+    alternating pairs, mean 186 -> 150).
     """
 
     def __init__(self, tokenizer: Tokenizer, max_tokens: int = 2_000_000, verify: int = 32) -> None:
@@ -150,6 +161,11 @@ class PieceCache:
         self.verify = verify
         self.queued: list[str] = []
         """Rendered prompts with pieces not tokenized yet, for `learn`."""
+        self._steps: dict[tuple[int, bytes], dict[tuple[int | None, bytes, str], _Step]] = {}
+        """Per (block size, extra key): (the block key before a piece, the tokens after that
+        block, the piece) -> the keys of the blocks the piece completes, and the same two
+        after it (see prefix_keys)."""
+        self._step_chars = 0
 
     def prefix_ids(self, text: str) -> Sequence[int]:
         """`text`'s token ids up to its last piece not seen before (all of it once learnt).
@@ -160,6 +176,74 @@ class PieceCache:
         """
         if self.split is None:
             return self.tokenizer.encode(text, add_special_tokens=False)
+        return self._ids_of(self._parts(text))
+
+    def _ids_of(self, parts: list[str]) -> array[int]:
+        """The ids of known parts, joined."""
+        pieces, special = self.pieces, self.special
+        ids = array("I")  # extended piece by piece in C, and hashed as it is (ChainMemo)
+        for part in parts:
+            if not part:
+                continue
+            sid = special.get(part)
+            if sid is not None:
+                ids.append(sid)
+            else:
+                pieces.move_to_end(part)
+                ids.extend(pieces[part])
+        return ids
+
+    def prefix_keys(
+        self, text: str, block_size: int, extra_key: bytes, memo: ChainMemo
+    ) -> list[int] | None:
+        """`chain_keys(prefix_ids(text))`, walked a piece at a time: a piece seen before at
+        the same place in a chain (the same block before it, the same tokens since) gives
+        its blocks' keys in one look-up, where joining the ids and walking the chain took
+        a look-up per 8 or 64 blocks and one per block past the last span. None where the
+        tokenizer is not split into pieces (`prefix_ids` encodes whole then)."""
+        if self.split is None:
+            return None
+        parts = self._parts(text)
+        steps = self._steps.get((block_size, extra_key))
+        if steps is None or self._step_chars > MAX_STEP_CHARS:
+            if steps is None and len(self._steps) >= 8:  # a handful of (block size, model)
+                self._steps.clear()
+            if self._step_chars > MAX_STEP_CHARS:
+                self._steps.clear()
+                self._step_chars = 0
+            steps = self._steps[(block_size, extra_key)] = {}
+        pieces, special = self.pieces, self.special
+        out: list[int] = []
+        parent: int | None = None
+        tail = b""
+        for part in parts:
+            if not part:
+                continue
+            got = steps.get((parent, tail, part))
+            sid = special.get(part)
+            if sid is None:
+                pieces.move_to_end(part)
+            if got is None:
+                ids = array("I", (sid,)) if sid is not None else pieces[part]
+                data = tail + ids.tobytes()
+                keys = memo.extend(parent, data, block_size, extra_key)
+                if keys is None:  # the memo was cleared since: join and hash from the start
+                    return memo.keys(self._ids_of(parts), block_size, extra_key)
+                whole = len(keys) * block_size * 4
+                got = steps[(parent, tail, part)] = (
+                    tuple(keys),
+                    keys[-1] if keys else parent,
+                    data[whole:],
+                )
+                self._step_chars += len(part) + len(data) - whole
+            out.extend(got[0])
+            parent, tail = got[1], got[2]
+        return out
+
+    def _parts(self, text: str) -> list[str]:
+        """`text`'s parts up to its last piece never seen (the ones before it are tokenized
+        now), the prompt queued for `learn` as `prefix_ids` does."""
+        assert self.split is not None
         parts = self.split.split(text)
         pieces, special = self.pieces, self.special
         unknown = [
@@ -170,17 +254,7 @@ class PieceCache:
         stop = unknown[-1] if unknown else len(parts)
         if (unknown or self.verify > 0) and len(self.queued) < 1024:
             self.queued.append(text)
-        ids = array("I")  # extended piece by piece in C, and hashed as it is (ChainMemo)
-        for part in parts[:stop]:
-            if not part:
-                continue
-            sid = special.get(part)
-            if sid is not None:
-                ids.append(sid)
-            else:
-                pieces.move_to_end(part)
-                ids.extend(pieces[part])
-        return ids
+        return parts[:stop]
 
     @property
     def verified(self) -> bool:
@@ -255,6 +329,8 @@ class PromptTokens:
     `PieceCache.whole_ids(rendered)` adds."""
 
     ids: Sequence[int]
+    """Empty where the block keys were walked piece by piece (`prompt_keys`): `rendered`
+    is set then, and `PieceCache.whole_ids(rendered)` gives them."""
     rendered: str | None = None
     """The rendered chat, where the ids came from pieces."""
 
@@ -327,17 +403,7 @@ class ChainMemo:
                 ids = array("I", ids)
         except OverflowError:  # not token ids a tokenizer makes: hash them, keep nothing
             return [block_key(h) for h in block_hashes(ids, block_size, extra_key)]
-        memo = self._keys.get(extra_key)
-        spans = self._spans.get(extra_key)
-        too_many_spans = spans is not None and any(
-            len(kept) > self.max_entries // n for kept, n in zip(spans, self.SPANS, strict=True)
-        )
-        if memo is None or len(memo) > self.max_entries or too_many_spans:
-            # The spans go with the digests: walking on from a span's last key needs its.
-            memo = self._keys[extra_key] = {}
-            self._digests[extra_key] = {}
-            self._spans[extra_key] = [{} for _ in self.SPANS]
-        digests, spans = self._digests[extra_key], self._spans[extra_key]
+        memo, digests, spans = self._tables(extra_key)
         step = block_size * 4
         spans_bytes = [step * n for n in self.SPANS]
         data = ids.tobytes()
@@ -374,6 +440,52 @@ class ChainMemo:
                 kept[head + data[i * step : (i + n) * step]] = array("Q", out[i : i + n])
         return out
 
+    def _tables(
+        self, extra_key: bytes
+    ) -> tuple[dict[bytes, int], dict[int, bytes], list[dict[bytes, array[int]]]]:
+        """The extra key's block memo, digests and spans, cleared first when past bounds."""
+        memo = self._keys.get(extra_key)
+        spans = self._spans.get(extra_key)
+        too_many_spans = spans is not None and any(
+            len(kept) > self.max_entries // n for kept, n in zip(spans, self.SPANS, strict=True)
+        )
+        if memo is None or len(memo) > self.max_entries or too_many_spans:
+            # The spans go with the digests: walking on from a span's last key needs its.
+            memo = self._keys[extra_key] = {}
+            self._digests[extra_key] = {}
+            self._spans[extra_key] = [{} for _ in self.SPANS]
+        return memo, self._digests[extra_key], self._spans[extra_key]
+
+    def extend(
+        self, parent: int | None, data: bytes, block_size: int, extra_key: bytes
+    ) -> list[int] | None:
+        """Keys of the whole blocks of `data` (uint32 token ids) chained on from the block
+        keyed `parent` (None: from the prompt's start); None if that block's digest is no
+        longer remembered (the memo was cleared since)."""
+        memo, digests, _ = self._tables(extra_key)
+        if parent is None:
+            prev, head = b"\x00" * 32, b"\x00" * 8
+        else:
+            known = digests.get(parent)
+            if known is None:
+                return None
+            prev, head = known, parent.to_bytes(8, "big")
+        step = block_size * 4
+        out: list[int] = []
+        for end in range(step, len(data) - len(data) % step + 1, step):
+            link = head + data[end - step : end]
+            key = memo.get(link)
+            if key is None:
+                tokens = array("q", array("I", data[end - step : end])).tobytes()
+                digest = hashlib.sha256(prev + tokens + extra_key).digest()
+                key = memo[link] = int.from_bytes(digest[:8], "big")
+                digests[key] = digest
+            else:
+                digest = digests[key]
+            out.append(key)
+            prev, head = digest, key.to_bytes(8, "big")
+        return out
+
 
 _DEFAULT_MEMO = ChainMemo()
 
@@ -394,3 +506,25 @@ def chain_keys(
 ) -> list[int]:
     """Token ids' block keys, as the engine with this block size and model id hashes them."""
     return memo.keys(ids, block_size, model_id.encode())
+
+
+def prompt_keys(
+    request: pb.GenerateRequest,
+    tokenizer: Tokenizer | None,
+    pieces: PieceCache | None,
+    block_size: int,
+    model_id: str,
+    memo: ChainMemo = _DEFAULT_MEMO,
+) -> tuple[PromptTokens, list[int]]:
+    """The prompt's tokens and the engine's block keys for them (see `prompt_tokens`); a
+    chat's keys walked piece by piece where the tokenizer splits into pieces."""
+    if pieces is not None and tokenizer is not None and request.WhichOneof("prompt") == "chat":
+        messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+        text = tokenizer.apply_chat_template(messages, request.chat.add_generation_prompt)
+        keys = pieces.prefix_keys(text, block_size, model_id.encode(), memo)
+        if keys is not None:
+            return PromptTokens((), text), keys
+        tokens = PromptTokens(pieces.prefix_ids(text), text)
+    else:
+        tokens = prompt_tokens(request, tokenizer, pieces)
+    return tokens, chain_keys(tokens.ids, block_size, model_id, memo)

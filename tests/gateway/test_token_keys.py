@@ -44,6 +44,37 @@ def test_piecewise_tokenization_equals_the_engines_once_learnt() -> None:
     assert pieces.split is not None  # never had to fall back
 
 
+def test_keys_walked_piece_by_piece_equal_the_joined_ids_keys(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """prompt_keys' walk by pieces gives chain_keys(prefix_ids) exactly: before and after the
+    last piece is learnt, at two block sizes and two models, with the chain memo and the
+    steps dropped as the test goes (their bounds set low)."""
+    from gateway.routing import token_keys
+
+    tok = Tokenizer(ensure_demo_model())
+    pieces = PieceCache(tok, verify=0)
+    walked, joined = ChainMemo(max_entries=300), ChainMemo()
+    monkeypatch.setattr(token_keys, "MAX_STEP_CHARS", 20_000)
+    rng = random.Random(11)
+    words = ["hello", "  spaced", "\nnew line", "émigré", "数据", "x" * 40, "🙂", ""]
+    history: list[tuple[str, str]] = []
+    for n in range(80):
+        if n % 7 == 0:  # a new conversation
+            history = [("system", f"system prompt {n % 3} " * rng.choice((5, 60, 200)))]
+        history.append(("user", " ".join(rng.choice(words) for _ in range(rng.randint(1, 40)))))
+        req = chat_request(history)
+        for _ in range(2):  # before the new piece is learnt, and after
+            for size, model in ((16, "m"), (8, "other")):
+                tokens, keys = token_keys.prompt_keys(req, tok, pieces, size, model, walked)
+                assert tokens.rendered is not None and not tokens.ids
+                ids = pieces.prefix_ids(tokens.rendered)
+                assert keys == token_keys.chain_keys(ids, size, model, joined)
+            pieces.learn()
+        history.append(("assistant", " ".join(rng.choice(words) for _ in range(5))))
+    whole = tok.prompt_ids(None, [{"role": r, "content": c} for r, c in history[:-1]])
+    _, keys = token_keys.prompt_keys(chat_request(history[:-1]), tok, pieces, 16, "m", walked)
+    assert keys == [block_key(h) for h in block_hashes(whole, 16, b"m")]
+
+
 def test_the_self_check_falls_back_on_a_difference() -> None:
     tok = Tokenizer(ensure_demo_model())
     pieces = PieceCache(tok, verify=4)
