@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import logging
 import re
+import sys
 from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -118,9 +119,9 @@ class TokenizerStore:
 _Step = tuple[tuple[int, ...], int | None, bytes]
 """A piece's step along a chain: its whole blocks' keys, the last block's key, the tokens
 after that block (uint32 bytes)."""
-MAX_STEP_CHARS = 16_000_000
-"""The steps' pieces and tails, in characters and bytes, before they are dropped (the
-pieces themselves are bounded at 2M tokens, ~8 MB of text)."""
+MAX_STEP_BYTES = 64_000_000
+"""What a piece cache's steps may hold before they are dropped, counted per entry (a 3 KB
+system prompt's step is ~8 KB, a special token's ~0.3 KB)."""
 
 
 class PieceCache:
@@ -165,7 +166,8 @@ class PieceCache:
         """Per (block size, extra key): (the block key before a piece, the tokens after that
         block, the piece) -> the keys of the blocks the piece completes, and the same two
         after it (see prefix_keys)."""
-        self._step_chars = 0
+        self._step_bytes = 0
+        """What `_steps` holds, roughly (see prefix_keys), against MAX_STEP_BYTES."""
 
     def prefix_ids(self, text: str) -> Sequence[int]:
         """`text`'s token ids up to its last piece not seen before (all of it once learnt).
@@ -205,12 +207,11 @@ class PieceCache:
             return None
         parts = self._parts(text)
         steps = self._steps.get((block_size, extra_key))
-        if steps is None or self._step_chars > MAX_STEP_CHARS:
-            if steps is None and len(self._steps) >= 8:  # a handful of (block size, model)
-                self._steps.clear()
-            if self._step_chars > MAX_STEP_CHARS:
-                self._steps.clear()
-                self._step_chars = 0
+        if self._step_bytes > MAX_STEP_BYTES or (steps is None and len(self._steps) >= 8):
+            self._steps.clear()  # past the bound, or more shapes than a fleet has models
+            self._step_bytes = 0
+            steps = None
+        if steps is None:
             steps = self._steps[(block_size, extra_key)] = {}
         pieces, special = self.pieces, self.special
         out: list[int] = []
@@ -235,7 +236,8 @@ class PieceCache:
                     keys[-1] if keys else parent,
                     data[whole:],
                 )
-                self._step_chars += len(part) + len(data) - whole
+                # The entry, the key's copy of the part, the tail, ~44 bytes a key.
+                self._step_bytes += 250 + sys.getsizeof(part) + len(data) - whole + 44 * len(keys)
             out.extend(got[0])
             parent, tail = got[1], got[2]
         return out

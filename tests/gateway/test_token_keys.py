@@ -53,23 +53,32 @@ def test_keys_walked_piece_by_piece_equal_the_joined_ids_keys(monkeypatch) -> No
     tok = Tokenizer(ensure_demo_model())
     pieces = PieceCache(tok, verify=0)
     walked, joined = ChainMemo(max_entries=300), ChainMemo()
-    monkeypatch.setattr(token_keys, "MAX_STEP_CHARS", 20_000)
+    monkeypatch.setattr(token_keys, "MAX_STEP_BYTES", 100_000)
+    forgotten = []  # the chain memo cleared under a walk: it joins and hashes instead
+    extend = walked.extend
+    walked.extend = lambda *a: forgotten.append(1) if (k := extend(*a)) is None else k  # type: ignore[method-assign]
+    cleared = 0
     rng = random.Random(11)
     words = ["hello", "  spaced", "\nnew line", "émigré", "数据", "x" * 40, "🙂", ""]
     history: list[tuple[str, str]] = []
     for n in range(80):
         if n % 7 == 0:  # a new conversation
             history = [("system", f"system prompt {n % 3} " * rng.choice((5, 60, 200)))]
-        history.append(("user", " ".join(rng.choice(words) for _ in range(rng.randint(1, 40)))))
+        # (numbered: a message repeated in one chat would be known once the first is seen)
+        words_of = " ".join(rng.choice(words) for _ in range(rng.randint(1, 40)))
+        history.append(("user", f"{n}: {words_of}"))
         req = chat_request(history)
         for _ in range(2):  # before the new piece is learnt, and after
             for size, model in ((16, "m"), (8, "other")):
+                held = pieces._step_bytes
                 tokens, keys = token_keys.prompt_keys(req, tok, pieces, size, model, walked)
+                cleared += pieces._step_bytes < held
                 assert tokens.rendered is not None and not tokens.ids
                 ids = pieces.prefix_ids(tokens.rendered)
                 assert keys == token_keys.chain_keys(ids, size, model, joined)
             pieces.learn()
         history.append(("assistant", " ".join(rng.choice(words) for _ in range(5))))
+    assert forgotten and cleared  # both fallbacks were walked through
     whole = tok.prompt_ids(None, [{"role": r, "content": c} for r, c in history[:-1]])
     _, keys = token_keys.prompt_keys(chat_request(history[:-1]), tok, pieces, 16, "m", walked)
     assert keys == [block_key(h) for h in block_hashes(whole, 16, b"m")]
