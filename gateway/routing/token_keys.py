@@ -197,14 +197,12 @@ class PieceCache:
 
     def prefix_keys(
         self, text: str, block_size: int, extra_key: bytes, memo: ChainMemo
-    ) -> list[int] | None:
+    ) -> list[int]:
         """`chain_keys(prefix_ids(text))`, walked a piece at a time: a piece seen before at
         the same place in a chain (the same block before it, the same tokens since) gives
         its blocks' keys in one look-up, where joining the ids and walking the chain took
-        a look-up per 8 or 64 blocks and one per block past the last span. None where the
-        tokenizer is not split into pieces (`prefix_ids` encodes whole then)."""
-        if self.split is None:
-            return None
+        a look-up per 8 or 64 blocks and one per block past the last span. Only for a
+        tokenizer split into pieces (`split`; else `prefix_ids` encodes whole)."""
         parts = self._parts(text)
         steps = self._steps.get((block_size, extra_key))
         if self._step_bytes > MAX_STEP_BYTES or (steps is None and len(self._steps) >= 8):
@@ -348,14 +346,23 @@ def prompt_tokens(
     if tokenizer is None:
         raise ValueError("a text prompt needs the model's tokenizer")
     if which == "chat":
-        messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
         if pieces is None:
-            ids = tokenizer.prompt_ids(None, messages, request.chat.add_generation_prompt)
-            return PromptTokens(ids)
-        text = tokenizer.apply_chat_template(messages, request.chat.add_generation_prompt)
-        ids = pieces.prefix_ids(text)
-        return PromptTokens(ids, text)
+            chat = request.chat
+            return PromptTokens(
+                tokenizer.prompt_ids(None, _messages(request), chat.add_generation_prompt)
+            )
+        text = _rendered(request, tokenizer)
+        return PromptTokens(pieces.prefix_ids(text), text)
     return PromptTokens(tokenizer.prompt_ids(request.text))
+
+
+def _messages(request: pb.GenerateRequest) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in request.chat.messages]
+
+
+def _rendered(request: pb.GenerateRequest, tokenizer: Tokenizer) -> str:
+    """A chat request rendered by the model's chat template."""
+    return tokenizer.apply_chat_template(_messages(request), request.chat.add_generation_prompt)
 
 
 def prompt_token_ids(
@@ -389,7 +396,6 @@ class ChainMemo:
     SPANS = (64, 8)
     """Span lengths in blocks, longest first; each divides the one before, so a walk
     stopped at a longer span's boundary goes on at a shorter one's."""
-    SPAN = SPANS[-1]
 
     def __init__(self, max_entries: int = 400_000) -> None:
         self.max_entries = max_entries
@@ -411,7 +417,7 @@ class ChainMemo:
         data = ids.tobytes()
         whole = len(data) - len(data) % step
         out: list[int] = []
-        parent = b"\x00" * 8
+        parent = b"\x00" * 8  # the last key walked, as bytes
         start = 0
         reached = []  # blocks walked at each span length, longest first
         for span, kept in zip(spans_bytes, spans, strict=True):
@@ -423,18 +429,9 @@ class ChainMemo:
                 parent = got[-1].to_bytes(8, "big")
                 start += span
             reached.append(len(out))
-        append, get = out.append, memo.get
-        for end in range(start + step, whole + 1, step):
-            link = parent + data[end - step : end]
-            key = get(link)
-            if key is None:
-                prev = digests[out[-1]] if out else b"\x00" * 32
-                tokens = array("q", array("I", data[end - step : end])).tobytes()
-                digest = hashlib.sha256(prev + tokens + extra_key).digest()
-                key = memo[link] = int.from_bytes(digest[:8], "big")
-                digests[key] = digest
-            append(key)
-            parent = key.to_bytes(8, "big")
+        rest = _chain(memo, digests, out[-1] if out else None, data[start:whole], step, extra_key)
+        assert rest is not None  # the spans' digests are kept with them
+        out.extend(rest)
         # Whole spans of each length not walked at that length are remembered.
         for n, known, kept in zip(self.SPANS, reached, spans, strict=True):
             for i in range(known, len(out) - n + 1, n):
@@ -465,28 +462,37 @@ class ChainMemo:
         keyed `parent` (None: from the prompt's start); None if that block's digest is no
         longer remembered (the memo was cleared since)."""
         memo, digests, _ = self._tables(extra_key)
-        if parent is None:
-            prev, head = b"\x00" * 32, b"\x00" * 8
-        else:
-            known = digests.get(parent)
-            if known is None:
+        return _chain(memo, digests, parent, data, block_size * 4, extra_key)
+
+
+def _chain(
+    memo: dict[bytes, int],
+    digests: dict[int, bytes],
+    parent: int | None,
+    data: bytes,
+    step: int,
+    extra_key: bytes,
+) -> list[int] | None:
+    """Keys of `data`'s whole blocks (`step` bytes each) chained on from `parent`, looked
+    up block by block in `memo` or hashed and remembered; None if a block must be hashed
+    and `parent`'s digest is gone."""
+    head = parent.to_bytes(8, "big") if parent is not None else b"\x00" * 8
+    out: list[int] = []
+    append, get = out.append, memo.get
+    for end in range(step, len(data) - len(data) % step + 1, step):
+        link = head + data[end - step : end]
+        key = get(link)
+        if key is None:
+            prev = digests.get(parent) if parent is not None else b"\x00" * 32
+            if prev is None:
                 return None
-            prev, head = known, parent.to_bytes(8, "big")
-        step = block_size * 4
-        out: list[int] = []
-        for end in range(step, len(data) - len(data) % step + 1, step):
-            link = head + data[end - step : end]
-            key = memo.get(link)
-            if key is None:
-                tokens = array("q", array("I", data[end - step : end])).tobytes()
-                digest = hashlib.sha256(prev + tokens + extra_key).digest()
-                key = memo[link] = int.from_bytes(digest[:8], "big")
-                digests[key] = digest
-            else:
-                digest = digests[key]
-            out.append(key)
-            prev, head = digest, key.to_bytes(8, "big")
-        return out
+            tokens = array("q", array("I", data[end - step : end])).tobytes()
+            digest = hashlib.sha256(prev + tokens + extra_key).digest()
+            key = memo[link] = int.from_bytes(digest[:8], "big")
+            digests[key] = digest
+        append(key)
+        parent, head = key, key.to_bytes(8, "big")
+    return out
 
 
 _DEFAULT_MEMO = ChainMemo()
@@ -520,13 +526,13 @@ def prompt_keys(
 ) -> tuple[PromptTokens, list[int]]:
     """The prompt's tokens and the engine's block keys for them (see `prompt_tokens`); a
     chat's keys walked piece by piece where the tokenizer splits into pieces."""
-    if pieces is not None and tokenizer is not None and request.WhichOneof("prompt") == "chat":
-        messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
-        text = tokenizer.apply_chat_template(messages, request.chat.add_generation_prompt)
-        keys = pieces.prefix_keys(text, block_size, model_id.encode(), memo)
-        if keys is not None:
-            return PromptTokens((), text), keys
-        tokens = PromptTokens(pieces.prefix_ids(text), text)
-    else:
-        tokens = prompt_tokens(request, tokenizer, pieces)
+    if (
+        pieces is not None
+        and pieces.split is not None
+        and tokenizer is not None
+        and request.WhichOneof("prompt") == "chat"
+    ):
+        text = _rendered(request, tokenizer)
+        return PromptTokens((), text), pieces.prefix_keys(text, block_size, model_id.encode(), memo)
+    tokens = prompt_tokens(request, tokenizer, pieces)
     return tokens, chain_keys(tokens.ids, block_size, model_id, memo)
