@@ -227,12 +227,29 @@ class Gateway:
             self._follow_fleet()
 
     def _apply_overrides(self) -> None:
-        """An operator changed something: follow it (registered upstreams, ...)."""
-        self.registry.apply(self.overrides.upstreams)
-        self.shadows.configure(self.overrides.shadows)
-        self.admission.set_quotas(self.overrides.quotas)
-        self.admission.tenants.set_runtime_keys(self.overrides.keys)
-        self.dispatcher.prune_upstreams({w.worker_id for w in self.registry.workers()})
+        """An operator changed something: follow it (registered upstreams, ...).
+
+        Each consumer on its own: one that raises is logged and the others still follow, so
+        a bad entry (a quota that overflowed once) cannot keep a revoked key working or a
+        deregistered upstream in use for every later change."""
+        o = self.overrides
+        steps: tuple[tuple[str, Callable[[], None]], ...] = (
+            ("API keys", lambda: self.admission.tenants.set_runtime_keys(o.keys)),
+            ("upstreams", lambda: self.registry.apply(o.upstreams)),
+            ("shadows", lambda: self.shadows.configure(o.shadows)),
+            ("quotas", lambda: self.admission.set_quotas(o.quotas)),
+            (
+                "upstream pruning",
+                lambda: self.dispatcher.prune_upstreams(
+                    {w.worker_id for w in self.registry.workers()}
+                ),
+            ),
+        )
+        for what, step in steps:
+            try:
+                step()
+            except Exception:
+                log.exception("applying the admin overrides' %s failed", what)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         body = await asyncio.to_thread(self.metrics.render)  # reads siblings' files

@@ -2,14 +2,15 @@
 
 Served on its own port (`--admin-port`), never on the public one, and only to a caller
 holding the admin token (`--admin-token`): no token, or a wrong one, is 401; a tenant's API
-key is 403, so a tenant cannot reach it even by accident. Errors have OpenAI's JSON shape.
+key is 403, so a tenant cannot reach it even by accident. Errors have OpenAI's JSON shape,
+hostile input included: a body is a JSON object of at most 1 MiB (413 past it, 400 when it
+is not JSON), and every number is checked for type and range before use (400 naming it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import math
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -17,6 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from gateway.admin.overrides import (
@@ -34,12 +36,19 @@ from gateway.admission.tenants import TenantDirectory, quota_from_fields
 from gateway.registry.dynamic import check_address
 from gateway.shadow import Shadows
 from proto.openai_compat import OpenAIError
-from serving.openai_http import error_response, json_response
+from serving.openai_http import error_response, json_errors, json_response, too_large
+from serving.slow_clients import BODY_TIMEOUT_S
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 DASHBOARD = Path(__file__).with_name("dashboard.html")
 CSP = "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'"
 """The page loads nothing from elsewhere: its script and style are inline."""
+MAX_BODY_BYTES = 1 << 20
+"""An admin call's body at most (aiohttp's own default, now refused as a JSON 413)."""
+MAX_WEIGHT = 1000
+"""A replica's routing weight, or a model version's in a split, at most."""
+MAX_KEY_LIFETIME_S = 10 * 365 * 86400
+"""`expires_in_s` at most (ten years): a longer-lived key is better made without expiry."""
 
 
 def _bearer(header: str | None) -> str | None:
@@ -51,17 +60,70 @@ def _bearer(header: str | None) -> str | None:
 _ID = re.compile(r"[\x21-\x7e]{1,200}")
 
 
+def _utf8(text: str) -> bytes:
+    # aiohttp hands undecodable header bytes over as surrogates: a wrong token, not a crash
+    return text.encode("utf-8", "surrogateescape")
+
+
 def _who(request: web.Request) -> str:
-    """The operator, for the audit log: their X-Operator header, else their address."""
-    return (request.headers.get("X-Operator") or request.remote or "unknown")[:200]
+    """The operator, for the audit log: their X-Operator header, else their address (bytes
+    that are not UTF-8 replaced: a surrogate would make the answer and the audit log, once
+    read back, unencodable as JSON)."""
+    who = request.headers.get("X-Operator") or request.remote or "unknown"
+    return _utf8(who).decode("utf-8", "replace")[:200]
+
+
+def _number(value: object, low: float, high: float) -> bool:
+    """A JSON number (not a bool) in [low, high]: compared before any float conversion, so
+    a huge integer is out of range rather than an OverflowError, and NaN is never in it."""
+    return not isinstance(value, bool) and isinstance(value, int | float) and low <= value <= high
+
+
+async def _read_body(request: web.Request) -> bytes:
+    """The body, refused with a JSON 413 past MAX_BODY_BYTES before more is held (read
+    from the stream: `request.json()` bounds it with aiohttp's plain-text 413)."""
+    if (request.content_length or 0) > MAX_BODY_BYTES:
+        raise too_large(MAX_BODY_BYTES)
+    parts: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            async for part in request.content.iter_chunked(64 * 1024):
+                size += len(part)
+                if size > MAX_BODY_BYTES:
+                    raise too_large(MAX_BODY_BYTES)
+                parts.append(part)
+    except TimeoutError:
+        raise OpenAIError(
+            408,
+            f"the request body did not arrive within {BODY_TIMEOUT_S:g} s",
+            code="request_timeout",
+        ) from None
+    return b"".join(parts)
 
 
 async def _json_object(request: web.Request) -> dict[str, Any] | None:
-    try:
-        body = await request.json()
-    except ValueError:
+    """The body's JSON object, None for other JSON or none; raises OpenAIError (400) for a
+    body that is not JSON. orjson refuses what the standard parser crashed on, or let through
+    to fail later: nesting past 1024 (a RecursionError), numbers beyond a double, lone
+    surrogates (which no JSON answer can carry back)."""
+    raw = await _read_body(request)
+    if not raw:  # the handler's own 400 says what it expected
         return None
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise OpenAIError(400, f"the request body is not valid JSON: {e}") from None
     return body if isinstance(body, dict) else None
+
+
+@web.middleware
+async def _refusals(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A handler's OpenAIError (a body too large or not JSON) as its JSON answer."""
+    try:
+        return await handler(request)
+    except OpenAIError as e:
+        return error_response(e)
 
 
 class AdminAPI:
@@ -79,7 +141,7 @@ class AdminAPI:
         admission: Admission | None = None,
         shadows: Shadows | None = None,
     ) -> None:
-        self._token = token.encode() if token else None
+        self._token = _utf8(token) if token else None
         self.overrides = overrides
         self._view = view
         self._known = known_workers
@@ -92,7 +154,7 @@ class AdminAPI:
         self._shadows = shadows
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._auth])
+        app = web.Application(middlewares=[json_errors, self._auth, _refusals])
         app.router.add_get("/admin/dashboard", self.dashboard)
         app.router.add_get("/admin/metrics", self.metrics)
         app.router.add_get("/admin/workers", self.workers)
@@ -125,7 +187,7 @@ class AdminAPI:
             return error_response(
                 OpenAIError(401, "no admin token is configured on this gateway (--admin-token)")
             )
-        if presented is not None and hmac.compare_digest(presented.encode(), self._token):
+        if presented is not None and hmac.compare_digest(_utf8(presented), self._token):
             return await handler(request)
         if presented is not None and self._is_tenant_key(header):
             return error_response(
@@ -181,13 +243,11 @@ class AdminAPI:
         default, 0 for none, like a drain; up to 1000)."""
         body = await _json_object(request)
         weight = body.get("weight") if body is not None else None
-        if (
-            isinstance(weight, bool)
-            or not isinstance(weight, int | float)
-            or not 0 <= weight <= 1000
-        ):
+        if not _number(weight, 0, MAX_WEIGHT):
             return error_response(
-                OpenAIError(400, 'expected {"weight": <number from 0 to 1000>}', param="weight")
+                OpenAIError(
+                    400, f'expected {{"weight": <number from 0 to {MAX_WEIGHT}>}}', param="weight"
+                )
             )
         audit = {"action": "weight", "worker": worker_id, "weight": weight, "by": _who(request)}
         value = None if weight == 1 else float(weight)
@@ -277,11 +337,7 @@ class AdminAPI:
             return error_response(
                 OpenAIError(400, "'target' must differ from the model it shadows", param="target")
             )
-        if (
-            isinstance(percent, bool)
-            or not isinstance(percent, int | float)
-            or not (0 < percent <= 100)
-        ):
+        if not _number(percent, 0, 100) or percent == 0:
             return error_response(
                 OpenAIError(400, "'percent' must be a number in (0, 100]", param="percent")
             )
@@ -379,12 +435,15 @@ class AdminAPI:
             return error_response(OpenAIError(400, 'expected {} or {"expires_in_s": <seconds>}'))
         expires_in = body.get("expires_in_s")
         if expires_in is not None and (
-            isinstance(expires_in, bool)
-            or not isinstance(expires_in, int | float)
-            or not (math.isfinite(expires_in) and expires_in > 0)
+            not _number(expires_in, 0, MAX_KEY_LIFETIME_S) or expires_in == 0
         ):
             return error_response(
-                OpenAIError(400, "'expires_in_s' must be a positive number", param="expires_in_s")
+                OpenAIError(
+                    400,
+                    f"'expires_in_s' must be a positive number of seconds, at most "
+                    f"{MAX_KEY_LIFETIME_S} (ten years; omit it for a key that never expires)",
+                    param="expires_in_s",
+                )
             )
         if not directory.can_make_keys:
             return error_response(
@@ -442,23 +501,28 @@ class AdminAPI:
     async def put_split(self, request: web.Request) -> web.Response:
         """Canary (`{"weights": {"m-v1": 90, "m-v2": 10}}`), blue-green (one version at 100)."""
         model = request.match_info["model"]
-        try:
-            body = await request.json()
-            weights = body["weights"]
-            assert isinstance(weights, dict) and weights
-            weights = {str(m): float(w) for m, w in weights.items()}
-        except Exception:
+        body = await _json_object(request)
+        raw = body.get("weights") if body is not None else None
+        if not isinstance(raw, dict) or not raw:
             return error_response(
                 OpenAIError(
                     400, 'expected {"weights": {"<model version>": <weight>, ...}}', param="weights"
                 )
             )
-        if any(not (w >= 0) or w == float("inf") for w in weights.values()) or not any(
-            w > 0 for w in weights.values()
-        ):
+        # numbers only (not true, not "1e3"), each bounded so that their sum stays finite:
+        # an infinite total made the round-robin go 999 to 1 instead of half and half
+        bad = next((m for m, w in raw.items() if not _number(w, 0, MAX_WEIGHT)), None)
+        if bad is not None:
             return error_response(
-                OpenAIError(400, "weights must be finite, >= 0, and not all 0", param="weights")
+                OpenAIError(
+                    400,
+                    f"the weight of {bad[:100]!r} must be a number from 0 to {MAX_WEIGHT}",
+                    param="weights",
+                )
             )
+        if not any(w > 0 for w in raw.values()):
+            return error_response(OpenAIError(400, "every weight is 0", param="weights"))
+        weights = {m: float(w) for m, w in raw.items()}
         unknown = sorted(set(weights) - self._served())
         if unknown:
             return error_response(

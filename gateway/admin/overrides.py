@@ -17,8 +17,9 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -145,18 +146,32 @@ def _section(raw: dict[str, str], prefix: str) -> dict[str, Any]:
     }
 
 
+def _real(value: object) -> bool:
+    """A stored JSON number that converts to a finite float: compared first, since a huge
+    integer's float() raises OverflowError (the store is read with Python's json)."""
+    top = sys.float_info.max
+    return not isinstance(value, bool) and isinstance(value, int | float) and -top <= value <= top
+
+
 class Split:
     """Smooth weighted round-robin (nginx's) over a model's versions: the shares hold to
     within one request at any point, where a random draw would wander by sqrt(n)."""
 
-    def __init__(self, weights: dict[str, float]) -> None:
-        self.weights = {m: float(w) for m, w in weights.items() if float(w) > 0}
-        self.total = sum(self.weights.values())
+    def __init__(self, weights: Mapping[str, Any]) -> None:
+        # a stored entry is taken as it is found: only finite positive numbers count
+        self.weights = {m: float(w) for m, w in weights.items() if _real(w) and w > 0}
+        top = max(self.weights.values(), default=1.0)
+        # steps scaled so that their sum is finite: an infinite total made the counters
+        # inf - inf = NaN, and the shares 999 to 1 instead of half and half
+        total = sum(self.weights.values())
+        scale = 1.0 if total <= sys.float_info.max else 1.0 / top
+        self._steps = {m: w * scale for m, w in self.weights.items()}
+        self.total = sum(self._steps.values())
         self._current = dict.fromkeys(self.weights, 0.0)
 
     def pick(self) -> str:
         current = self._current
-        for model, weight in self.weights.items():
+        for model, weight in self._steps.items():
             current[model] += weight
         best = max(current, key=current.__getitem__)
         current[best] -= self.total
@@ -214,13 +229,15 @@ class Overrides:
         self.states = {k[len(WORKER) :]: v for k, v in raw.items() if k.startswith(WORKER)}
         splits: dict[str, Split] = {}
         for model, weights in _section(raw, SPLIT).items():
+            if not isinstance(weights, dict):  # a hand-edited or foreign entry: ignored
+                continue
             old = self.splits.get(model)
             # an unchanged split keeps its round-robin position
-            splits[model] = old if old and old.weights == weights else Split(weights)
+            split = old if old and old.weights == weights else Split(weights)
+            if split.weights:  # one with no usable weight would have nothing to pick
+                splits[model] = split
         self.splits = splits
-        self.weights = {
-            k: float(v) for k, v in _section(raw, WEIGHT).items() if isinstance(v, int | float)
-        }
+        self.weights = {k: float(v) for k, v in _section(raw, WEIGHT).items() if _real(v)}
         self.upstreams = _section(raw, UPSTREAM)
         self.shadows = _section(raw, SHADOW)
         self.quotas = _section(raw, QUOTA)

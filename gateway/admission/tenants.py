@@ -97,6 +97,13 @@ KEY_ID_LENGTH = 12
 KEY_SECRET_BYTES = 32
 _ID_ALPHABET = string.ascii_letters + string.digits
 _KEY_ID = re.compile(f"[A-Za-z0-9]{{{KEY_ID_LENGTH}}}")
+MIN_RATE, MAX_RATE = 1e-6, 1e15
+"""Any rate, burst or duration in the config or set at run time, at least and at most: far
+past any real one either way, and its arithmetic stays finite (a rate of 5e-324 became 0 in
+a process's share, and a wait divided by a tiny rate an infinite Retry-After)."""
+MAX_COUNT = 1_000_000
+"""max_concurrent, max_in_flight and max_queue at most (a huge integer overflowed dividing
+it among processes, and broke every later admin change in them)."""
 
 
 @dataclass(frozen=True)
@@ -396,9 +403,19 @@ def _unhex(digest: str | None) -> bytes | None:
 def _time(value: object) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"expected Unix seconds, got {value!r}")
+    # compared before converting: a huge integer raised OverflowError, not a ValueError
+    if isinstance(value, bool) or not isinstance(value, int | float) or not abs(value) <= 1e15:
+        raise ValueError(f"expected Unix seconds, got {_short(value)}")
     return float(value)
+
+
+def _short(value: object) -> str:
+    """`value` for an error message, cut short (a huge integer's repr is a wall of digits,
+    and past 4300 of them raises)."""
+    if isinstance(value, int) and not -(10**40) < value < 10**40:
+        return "an integer of over 40 digits"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _runtime_key(key_id: str, entry: object, base: ApiKey | None) -> ApiKey | None:
@@ -564,8 +581,12 @@ def _num(data: Mapping[str, Any], name: str, where: str) -> float | None:
     v = data.get(name)
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{where}.{name} must be a positive number, got {v!r}")
+    # a range check, not math.isfinite: that raised OverflowError for a huge integer (a 500)
+    if isinstance(v, bool) or not isinstance(v, int | float) or not MIN_RATE <= v <= MAX_RATE:
+        raise ValueError(
+            f"{where}.{name} must be a positive number ({MIN_RATE:g} to {MAX_RATE:g}), "
+            f"got {_short(v)}"
+        )
     return float(v)
 
 
@@ -573,8 +594,10 @@ def _int(data: Mapping[str, Any], name: str, where: str, lo: int, default: int =
     v = data.get(name)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ValueError(f"{where}.{name} must be an integer >= {lo}, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= MAX_COUNT:
+        raise ValueError(
+            f"{where}.{name} must be an integer from {lo} to {MAX_COUNT}, got {_short(v)}"
+        )
     return v
 
 
@@ -676,7 +699,7 @@ def parse_priority(value: object, where: str = "priority") -> int:
         return PRIORITIES[value]
     if value in (PRIORITY_INTERACTIVE, PRIORITY_BATCH) and not isinstance(value, bool):
         return int(value)  # type: ignore[call-overload]
-    raise ValueError(f"{where} must be 'interactive' (0) or 'batch' (1), got {value!r}")
+    raise ValueError(f"{where} must be 'interactive' (0) or 'batch' (1), got {_short(value)}")
 
 
 # --- CLI -----------------------------------------------------------------------------------
