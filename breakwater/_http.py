@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any, Generic, TypeVar
 
@@ -43,9 +44,12 @@ def retry_after_seconds(headers: Headers) -> float | None:
             seconds = float(value) * scale
         except ValueError:
             try:
-                seconds = parsedate_to_datetime(value).timestamp() - time.time()
+                when = parsedate_to_datetime(value)
             except (TypeError, ValueError):
                 continue
+            if when.tzinfo is None:  # asctime or a "-0000" zone: HTTP dates are all GMT
+                when = when.replace(tzinfo=UTC)
+            seconds = when.timestamp() - time.time()
         if math.isfinite(seconds):
             return max(seconds, 0.0)
     return None
@@ -115,6 +119,8 @@ class Call(Generic[T]):
     stream: bool = False
     timeout: float | None = None
     extra_headers: Headers | None = None
+    query: Mapping[str, Any] | None = None
+    """URL query parameters (`extra_query`)."""
 
     @classmethod
     def post(
@@ -126,16 +132,26 @@ class Call(Generic[T]):
         params: dict[str, Any],
         **fields: Any,
     ) -> Call[T]:
-        """A completion call; `params` are `timeout`, `extra_headers` and the OpenAI body
-        fields, of which None-valued ones are left out so the server applies its defaults."""
+        """A completion call; `params` are `timeout`, `extra_headers`, `extra_query`,
+        `extra_body` and the OpenAI body fields, of which None-valued ones are left out so
+        the server applies its defaults. `extra_body`'s fields are merged into the body over
+        all others, as the openai SDK does (e.g. `extra_body={"ignore_eos": True}`)."""
         timeout, headers = params.pop("timeout", None), params.pop("extra_headers", None)
+        query, extra = params.pop("extra_query", None), params.pop("extra_body", None)
         body = {"model": model, **fields, **{k: v for k, v in params.items() if v is not None}}
         if stream:
             body["stream"] = True
-        return cls("POST", path, parse, body, stream, timeout, headers)
+        body.update(extra or {})
+        return cls("POST", path, parse, body, stream, timeout, headers, query)
 
 
 RETRY_COUNT_HEADER = "X-Retry-Count"
+SSE = "text/event-stream"
+
+
+def _content_type(response: httpx.Response) -> str:
+    """The media type alone, lower-cased ("" if none)."""
+    return response.headers.get("content-type", "").partition(";")[0].strip().lower()
 
 
 @dataclass(frozen=True)
@@ -162,12 +178,19 @@ class Exchange(Generic[T]):
     ) -> httpx.Request:
         """One attempt's request; `http` adds its own defaults (auth, cookies, ...)."""
         return http.build_request(
-            self.call.method, self.url, json=self.call.body, headers=self.headers, timeout=timeout
+            self.call.method,
+            self.url,
+            params=self.call.query,
+            json=self.call.body,
+            headers=self.headers,
+            timeout=timeout,
         )
 
     def streams(self, response: httpx.Response) -> bool:
-        """Whether to read `response` as a stream of chunks rather than read it whole."""
-        return self.call.stream and response.is_success
+        """Whether to read `response` as a stream of chunks rather than read it whole: only
+        a streamed call's 2xx event stream. Anything else is read whole (which frees the
+        connection) and `result` says what it amounts to."""
+        return self.call.stream and response.is_success and _content_type(response) == SSE
 
     def result(self, response: httpx.Response) -> T:
         """The typed result of a response read whole, or the APIError it amounts to."""
@@ -177,10 +200,26 @@ class Exchange(Generic[T]):
         try:
             data = response.json()
         except ValueError as exc:
+            if self.call.stream:
+                raise self._not_a_stream(response, request_id, None) from exc
             raise APIError(
                 "response is not JSON", status=response.status_code, request_id=request_id
             ) from exc
+        if self.call.stream:
+            raise self._not_a_stream(response, request_id, data)
         return self.call.parse(data, request_id)
+
+    def _not_a_stream(self, response: httpx.Response, request_id: str, body: Any) -> APIError:
+        """A streamed call answered 2xx without an event stream (a server or proxy that
+        ignored `"stream": true`). Read as a stream it would look empty, i.e. cut short,
+        and be retried, regenerating the whole answer each time: it is not retryable."""
+        kind = _content_type(response) or "no content type"
+        return APIError(
+            f"expected {SSE} in answer to a stream request, got {kind}",
+            status=response.status_code,
+            request_id=request_id,
+            body=body,
+        )
 
     def decoder(self, response: httpx.Response) -> ChunkDecoder[T]:
         request_id = response.headers.get("x-request-id", self.request_id)

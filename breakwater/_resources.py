@@ -44,7 +44,9 @@ class Completions(_Resource, Generic[One, Many]):
         self, *, model: str, prompt: Prompt, stream: bool = False, **params: Any
     ) -> One | Many:
         """`params`: `timeout` (this call's deadline, instead of the client's),
-        `extra_headers`, and the OpenAI body fields (max_tokens, temperature, stop, ...)."""
+        `extra_headers`, `extra_query` (URL query parameters), `extra_body` (fields merged
+        into the JSON body over all others, as in the openai SDK: `{"ignore_eos": True}`),
+        and the OpenAI body fields (max_tokens, temperature, stop, ...)."""
         parse = Completion.from_dict
         return self._client._call(
             Call.post("/v1/completions", parse, model, stream, params, prompt=prompt)

@@ -34,6 +34,9 @@ DEFAULT_MAX_RETRIES = 2
 # Cap on connecting, whatever the deadline: a black-holed host should fail fast enough to
 # leave time for a retry.
 CONNECT_TIMEOUT = 5.0
+# Seconds: a retry that would start with less of the deadline left could only time out, and
+# its bare "deadline exceeded" would hide the 429/503 that caused it.
+MIN_ATTEMPT_TIME = 0.05
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,10 @@ class RetryPolicy:
     so clients sharing a policy never share a budget. `budget_ratio=None` turns the retry
     budget off (only `max_retries` caps retries); `throttle_k=None` turns adaptive
     throttling off. `seed` makes jitter and throttling draws reproducible (tests).
+
+    A Retry-After longer than `max_retry_after` seconds gives up at once, raising the error
+    (its `retry_after` says when the server wants us back): without a deadline nothing else
+    would stop a server's "come back tomorrow" from holding the call that long.
     """
 
     max_retries: int = DEFAULT_MAX_RETRIES
@@ -60,6 +67,8 @@ class RetryPolicy:
     """The SRE book's K: local rejection starts once fewer than 1/K of requests are accepted."""
     throttle_window: float = 120.0
     """Seconds: how long the memory of a refusing backend lasts."""
+    max_retry_after: float = 60.0
+    """Seconds: the longest Retry-After we wait out (see above)."""
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -69,12 +78,16 @@ class RetryPolicy:
             raise ValueError("budget_ratio and budget_floor must not be negative")
         if self.throttle_k is not None and self.throttle_k <= 0:
             raise ValueError("throttle_k must be positive")
+        if not self.max_retry_after > 0:  # also refuses NaN
+            raise ValueError("max_retry_after must be positive")
 
     def retryable(self, error: APIError) -> bool:
         if isinstance(error, StreamError | ClientThrottledError):
             return False
         if error.should_retry is False:  # the server's retry budget is spent: obey it
             return False
+        if error.should_retry is True:  # the server vouches a retry is safe (e.g. a 502)
+            return True
         if isinstance(error, APIConnectionError):
             return True
         return error.status in self.retry_statuses
@@ -96,14 +109,17 @@ class RetryPolicy:
     ) -> float | None:
         """Seconds to wait before retry number `retry` (0-based), or None to give up.
 
-        The server's Retry-After wins over our own backoff; a wait that would end past the
-        deadline gives up now rather than fail later with less information. The client's
-        budget and throttle have the last word (`RetryState.plan`).
+        The server's Retry-After wins over our own backoff, up to `max_retry_after`; a wait
+        that would end past the deadline, or too near it for an attempt
+        (`MIN_ATTEMPT_TIME`), gives up now rather than fail later with less information.
+        The client's budget and throttle have the last word (`RetryState.plan`).
         """
         if retry >= self.max_retries or not self.retryable(error):
             return None
+        if error.retry_after is not None and error.retry_after > self.max_retry_after:
+            return None
         delay = error.retry_after if error.retry_after is not None else self.backoff(retry, rng)
-        return delay if delay < remaining else None
+        return delay if remaining - delay >= MIN_ATTEMPT_TIME else None
 
 
 class Deadline:
@@ -116,9 +132,13 @@ class Deadline:
     def remaining(self) -> float:
         return self._at - time.monotonic()
 
-    def check(self) -> None:
+    def exceeded(self, request_id: str | None = None) -> APITimeoutError:
+        """The error a call past its deadline fails with (`request_id`: the server's)."""
+        return APITimeoutError("deadline exceeded", request_id=request_id or self.request_id)
+
+    def check(self, request_id: str | None = None) -> None:
         if self.remaining() <= 0:
-            raise APITimeoutError("deadline exceeded", request_id=self.request_id)
+            raise self.exceeded(request_id)
 
     def http_timeout(self) -> httpx.Timeout:
         """The timeout for the next attempt: whatever is left of the deadline."""

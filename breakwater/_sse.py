@@ -34,7 +34,7 @@ class ChunkDecoder(Generic[T]):
 
     def feed(self, line: str) -> T | None:
         """The chunk of the event this line completes, if any; StreamError on an error event."""
-        self._deadline.check()
+        self._deadline.check(self.request_id)
         if self._done or line.startswith(":"):  # ":" starts a comment / keep-alive
             return None
         if not line:  # a blank line ends an event

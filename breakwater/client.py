@@ -12,10 +12,11 @@ Shaped like the OpenAI SDK, so switching is mostly a change of import::
             print(chunk.text, end="")
 
 Resilience: a call has one deadline (`timeout` seconds, overall: attempts, backoff sleeps
-and a stream's whole body). 429, 503 and connection failures are retried under a
-`RetryPolicy` (full-jitter exponential backoff that honours Retry-After, at most
-`max_retries` times, never past the deadline), every attempt under the same X-Request-Id
-so the gateway can recognise a retry. A stream is retried only until its first chunk
+and reading a body or a stream's whole body). 429, 503, connection failures and any answer
+with `x-should-retry: true` are retried under a `RetryPolicy` (full-jitter exponential
+backoff that honours Retry-After up to `max_retry_after`, at most `max_retries` times, never
+past the deadline; `x-should-retry: false` is never retried), every attempt under the same
+X-Request-Id so the gateway can recognise a retry. A stream is retried only until its first chunk
 arrives: after that the caller has seen output and a retry would duplicate it. A cancelled
 call is never retried.
 
@@ -35,12 +36,22 @@ Both clients are thin faces over one IO-free implementation (`_resources`, `_htt
 from __future__ import annotations
 
 import asyncio
+import math
+import socket
 import ssl
 import threading
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Generator, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Generator,
+    Iterator,
+)
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from typing import Any, Generic, Self, TypeVar
 
 import httpx
@@ -219,18 +230,98 @@ class AsyncStream(_BaseStream[T, AsyncGenerator[T, None]]):
         await self.close()
 
 
+class _Watchdog:
+    """Ends a body's reads at the call's deadline (sync client).
+
+    httpx applies its read timeout to each read, fixed when the attempt began, so a body
+    that trickles, or a stream that falls silent after a late chunk, would hold the call
+    past its deadline (up to twice it, or without end), and httpx cannot shorten it
+    mid-body. At the deadline this shuts the response's socket down, which wakes a blocked
+    recv (closing it would not, on Linux), and `reading` turns the read's failure into
+    "deadline exceeded". A threading.Timer per response read under a deadline: simpler
+    than one shared thread keeping a heap of deadlines, and its thread, gone with the body,
+    costs little next to an inference call.
+    """
+
+    def __init__(self, response: httpx.Response, deadline: Deadline) -> None:
+        self._response = response
+        self._deadline = deadline
+        self.fired = False
+        left = deadline.remaining()
+        self._timer: threading.Timer | None = None
+        if left != math.inf:  # no deadline, no watchdog
+            self._timer = threading.Timer(max(left, 0.0), self._fire)
+            self._timer.name = "breakwater-deadline"
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _fire(self) -> None:
+        if self._response.is_closed:  # read whole, its connection perhaps already reused
+            return
+        stream = self._response.extensions.get("network_stream")
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        # No socket (a mock transport), or one that HTTP/2 shares with other calls: httpx's
+        # timeouts only.
+        if sock is None or not self._response.http_version.startswith("HTTP/1"):
+            return
+        self.fired = True
+        with suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    @contextmanager
+    def reading(self, request_id: str) -> Iterator[None]:
+        """Reading the body: its transport failures as the SDK's own, and any end of it
+        (failed or seemingly complete) after the watchdog fired as the deadline's."""
+        try:
+            yield
+        except httpx.RequestError as exc:
+            raise (
+                self._deadline.exceeded(request_id) if self.fired else failure(exc, request_id)
+            ) from exc
+        if self.fired:
+            raise self._deadline.exceeded(request_id)
+
+
 # The decoder does all the work; these only read the lines, each its own way.
-def _chunks(lines: Iterator[str], decoder: ChunkDecoder[T]) -> Generator[T, None, None]:
-    with transport_errors(decoder.request_id):
-        for line in lines:
-            if (chunk := decoder.feed(line)) is not None:
-                yield chunk
-    decoder.end()
+def _chunks(
+    lines: Iterator[str], decoder: ChunkDecoder[T], watchdog: _Watchdog
+) -> Generator[T, None, None]:
+    try:
+        with watchdog.reading(decoder.request_id):
+            for line in lines:
+                if (chunk := decoder.feed(line)) is not None:
+                    yield chunk
+        decoder.end()
+    finally:  # read to the end, failed, or closed early
+        watchdog.cancel()
 
 
-async def _achunks(lines: AsyncIterator[str], decoder: ChunkDecoder[T]) -> AsyncGenerator[T, None]:
+async def _within(aw: Awaitable[T], deadline: Deadline, request_id: str) -> T:
+    """`aw`, bounded by what is left of the deadline: httpx's read timeout applies to each
+    read and was fixed when the attempt began. Never wraps a yield (it would time out the
+    caller's code)."""
+    left = deadline.remaining()
+    if left == math.inf:
+        return await aw
+    scope = asyncio.timeout(left)
+    try:
+        async with scope:
+            return await aw
+    except TimeoutError as exc:
+        if not scope.expired():
+            raise
+        raise deadline.exceeded(request_id) from exc
+
+
+async def _achunks(
+    lines: AsyncIterator[str], decoder: ChunkDecoder[T], deadline: Deadline
+) -> AsyncGenerator[T, None]:
     with transport_errors(decoder.request_id):
-        async for line in lines:
+        while (line := await _within(anext(lines, None), deadline, decoder.request_id)) is not None:
             if (chunk := decoder.feed(line)) is not None:
                 yield chunk
     decoder.end()
@@ -261,15 +352,21 @@ class Client(_BaseClient[httpx.Client]):
 
     def _attempt(self, exchange: Exchange[T], timeout: httpx.Timeout) -> T | Stream[T] | APIError:
         """One attempt: its result, or the APIError it failed with, for the plan to judge."""
-        response = None
+        response: httpx.Response | None = None
+        watchdog: _Watchdog | None = None
         try:
             response = self._http.send(exchange.request(self._http, timeout), stream=True)
+            watchdog = _Watchdog(response, exchange.deadline)
             if not exchange.streams(response):
-                response.read()
+                with watchdog.reading(exchange.request_id):
+                    response.read()
+                watchdog.cancel()
                 return exchange.result(response)
-            chunks = _chunks(response.iter_lines(), exchange.decoder(response))
+            chunks = _chunks(response.iter_lines(), exchange.decoder(response), watchdog)
             return Stream(response, next(chunks, None), chunks)
         except BaseException as exc:
+            if watchdog is not None:
+                watchdog.cancel()
             if response is not None:
                 response.close()
             return failure(exc, exchange.request_id)
@@ -317,9 +414,9 @@ class AsyncClient(_BaseClient[httpx.AsyncClient]):
         try:
             response = await self._http.send(exchange.request(self._http, timeout), stream=True)
             if not exchange.streams(response):
-                await response.aread()
+                await _within(response.aread(), exchange.deadline, exchange.request_id)
                 return exchange.result(response)
-            chunks = _achunks(response.aiter_lines(), exchange.decoder(response))
+            chunks = _achunks(response.aiter_lines(), exchange.decoder(response), exchange.deadline)
             return AsyncStream(response, await anext(chunks, None), chunks)
         except BaseException as exc:
             if response is not None:

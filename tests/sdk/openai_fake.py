@@ -3,7 +3,8 @@
 It stands in for the real gateway until that lands: a small aiohttp server on 127.0.0.1 (a
 free port, its own thread and event loop) that speaks the OpenAI-compatible HTTP API with
 canned answers. Tests script it per request (`fake.script(Reply(...), ...)`: statuses,
-Retry-After headers, delays, streams that fail or drop after N chunks), or set the answer
+Retry-After headers, delays, streams that fail, drop or stall after N chunks, bodies that
+trickle), or set the answer
 to every unscripted request (`fake.default = error_reply(503)`: an outage), and read back
 every request it saw (`fake.seen`), e.g. to check the X-Request-Id kept across retries.
 """
@@ -42,6 +43,11 @@ class Reply:
     then: Literal["done", "error", "drop", "eof"] = "done"  # eof: end without [DONE]
     gap: float = 0.0  # stream: seconds before each chunk
     drop: bool = False  # close the connection without answering at all
+    stall: float = 0.0  # stream: seconds after the chunks, before `then` (silent, or trickle)
+    # Seconds between the pieces of a JSON body sent a few bytes at a time, or, in a stream's
+    # stall, between the bytes of a line that never ends: a server slow enough to hold the
+    # call, never so slow that a read times out.
+    trickle: float = 0.0
 
 
 def error_reply(
@@ -70,6 +76,7 @@ class Seen:
     path: str
     headers: dict[str, str]  # lower-cased names
     body: Any
+    query: dict[str, str] = field(default_factory=dict)
 
 
 class FakeGateway:
@@ -126,17 +133,30 @@ class FakeGateway:
         body = await request.json() if request.can_read_body else None
         headers = {k.lower(): v for k, v in request.headers.items()}
         with self._lock:
-            self.seen.append(Seen(request.method, request.path, headers, body))
+            self.seen.append(Seen(request.method, request.path, headers, body, dict(request.query)))
             reply = self._replies.popleft() if self._replies else self.default
         if reply.delay:
             await asyncio.sleep(reply.delay)
         return reply, body, headers.get("x-request-id") or uuid.uuid4().hex
 
-    def _json(self, reply: Reply, canned: dict[str, Any], request_id: str) -> web.Response:
+    async def _json(
+        self, request: web.Request, reply: Reply, canned: dict[str, Any], request_id: str
+    ) -> web.StreamResponse:
         headers = {"X-Request-Id": request_id, **reply.headers}
-        return web.json_response(
-            reply.body if reply.body is not None else canned, status=reply.status, headers=headers
+        body = reply.body if reply.body is not None else canned
+        if not reply.trickle:
+            return web.json_response(body, status=reply.status, headers=headers)
+        response = web.StreamResponse(
+            status=reply.status, headers={"Content-Type": "application/json", **headers}
         )
+        await response.prepare(request)
+        data = json.dumps(body).encode()
+        for i in range(0, len(data), 8):
+            if i:
+                await asyncio.sleep(reply.trickle)
+            await response.write(data[i : i + 8])
+        await response.write_eof()
+        return response
 
     async def _drop(self, request: web.Request) -> web.StreamResponse:
         assert request.transport is not None
@@ -171,7 +191,7 @@ class FakeGateway:
             [{"index": 0, "text": "".join(PIECES), "logprobs": None, "finish_reason": "stop"}],
             usage=USAGE,
         )
-        return self._json(reply, canned, rid)
+        return await self._json(request, reply, canned, rid)
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         reply, body, rid = await self._begin(request)
@@ -203,14 +223,14 @@ class FakeGateway:
             [{"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
             usage=USAGE,
         )
-        return self._json(reply, canned, rid)
+        return await self._json(request, reply, canned, rid)
 
     async def _models(self, request: web.Request) -> web.StreamResponse:
         reply, _, rid = await self._begin(request)
         if reply.drop:
             return await self._drop(request)
         model = {"id": MODEL, "object": "model", "created": 0, "owned_by": "breakwater"}
-        return self._json(reply, {"object": "list", "data": [model]}, rid)
+        return await self._json(request, reply, {"object": "list", "data": [model]}, rid)
 
     async def _stream(
         self,
@@ -236,6 +256,14 @@ class FakeGateway:
             if reply.gap:
                 await asyncio.sleep(reply.gap)
             await response.write(_frame(chunk))
+        if reply.stall and reply.trickle:
+            await response.write(b":")  # a comment line that goes on and on
+            for _ in range(int(reply.stall / reply.trickle)):
+                await asyncio.sleep(reply.trickle)
+                await response.write(b" ")
+            await response.write(b"\n\n")
+        elif reply.stall:
+            await asyncio.sleep(reply.stall)
         if reply.then == "drop":
             return await self._drop(request)
         if reply.then == "error":

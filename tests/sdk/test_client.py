@@ -6,8 +6,10 @@ not taken), so a loaded machine slows the tests down without failing them.
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -54,6 +56,13 @@ def client(fake: FakeGateway) -> Iterator[Client]:
 async def aclient(fake: FakeGateway) -> AsyncIterator[AsyncClient]:
     async with AsyncClient(fake.url, timeout=30, retry_policy=fast_policy()) as c:
         yield c
+
+
+def vouched(status: int) -> Reply:
+    """An error the server says is safe to retry (`x-should-retry: true`)."""
+    reply = error_reply(status)
+    reply.headers["x-should-retry"] = "true"
+    return reply
 
 
 def assert_usage(usage: Usage | None) -> None:
@@ -131,6 +140,23 @@ def test_openai_style_base_url_and_caller_request_id(fake: FakeGateway) -> None:
     assert "authorization" not in fake.seen[0].headers
 
 
+def test_extra_body_and_extra_query_are_merged_not_sent_as_fields(
+    client: Client, fake: FakeGateway
+) -> None:
+    """As in the openai SDK: `extra_body` goes into the JSON body over the other fields (a
+    server drops an unknown `extra_body` field silently), `extra_query` into the URL."""
+    client.completions.create(
+        model=MODEL,
+        prompt="Hi",
+        max_tokens=8,
+        extra_body={"ignore_eos": True, "max_tokens": 3},
+        extra_query={"api-version": "1"},
+    )
+    (seen,) = fake.seen
+    assert seen.body == {"model": MODEL, "prompt": "Hi", "max_tokens": 3, "ignore_eos": True}
+    assert seen.query == {"api-version": "1"}
+
+
 def test_closing_a_stream_early_frees_the_connection(client: Client) -> None:
     with client.completions.create(model=MODEL, prompt="Hi", stream=True) as stream:
         assert next(stream).text == "Hello"
@@ -183,6 +209,26 @@ def test_error_without_openai_body(client: Client, fake: FakeGateway) -> None:
     assert info.value.status == 418 and "teapot" in info.value.message
 
 
+@pytest.fixture
+def east_of_utc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Local time 5 hours east of UTC: a date read as local time is 5 hours early."""
+    monkeypatch.setenv("TZ", "BWT-5")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.mark.usefixtures("east_of_utc")
+@pytest.mark.parametrize(
+    "form", ["%a %b %d %H:%M:%S %Y", "%a, %d %b %Y %H:%M:%S -0000"], ids=["asctime", "-0000"]
+)
+def test_retry_after_dates_without_a_zone_are_gmt(form: str) -> None:
+    when = time.strftime(form, time.gmtime(time.time() + 100))
+    seconds = retry_after_seconds({"retry-after": when})
+    assert seconds is not None and 90 < seconds <= 100
+
+
 def test_retry_after_headers() -> None:
     assert retry_after_seconds({"retry-after-ms": "250", "retry-after": "3"}) == 0.25
     assert retry_after_seconds({"retry-after": "2"}) == 2.0
@@ -204,6 +250,20 @@ def test_stream_error_event_is_raised(client: Client, fake: FakeGateway) -> None
         503,
     )
     assert info.value.request_id == fake.request_ids[0]
+
+
+def test_stream_answered_with_json_is_an_error_never_retried(
+    client: Client, fake: FakeGateway
+) -> None:
+    """Read as a stream, a JSON answer would look cut short and be retried, the whole
+    answer generated again each time."""
+    fake.script(Reply(body={"object": "text_completion", "choices": []}))
+    with pytest.raises(APIError, match="application/json") as info:
+        client.completions.create(model=MODEL, prompt="Hi", stream=True)
+    assert type(info.value) is APIError and info.value.status == 200
+    assert info.value.body == {"object": "text_completion", "choices": []}
+    assert len(fake.seen) == 1
+    assert client.completions.create(model=MODEL, prompt="Hi").text == TEXT  # pool is fine
 
 
 def test_truncated_stream_is_an_error(client: Client, fake: FakeGateway) -> None:
@@ -233,6 +293,42 @@ def test_retries_are_capped_by_max_retries(client: Client, fake: FakeGateway) ->
     with pytest.raises(ServiceUnavailableError):
         client.chat.completions.create(model=MODEL, messages=MESSAGES)
     assert len(fake.seen) == 3  # 1 + max_retries
+
+
+@pytest.mark.parametrize("status", [500, 502, 504])
+def test_errors_the_server_vouches_for_are_retried(
+    client: Client, fake: FakeGateway, status: int
+) -> None:
+    fake.script(vouched(status))
+    assert client.completions.create(model=MODEL, prompt="Hi").text == TEXT
+    assert len(fake.seen) == 2 and len(set(fake.request_ids)) == 1
+    assert fake.seen[1].headers["x-retry-count"] == "1"
+
+
+def test_server_errors_are_retried_only_if_the_server_says_so(
+    client: Client, fake: FakeGateway
+) -> None:
+    refused = error_reply(503, retry_after=0)
+    refused.headers["x-should-retry"] = "false"  # e.g. the gateway's retry budget is spent
+    fake.script(refused, error_reply(500))
+    with pytest.raises(ServiceUnavailableError):
+        client.completions.create(model=MODEL, prompt="Hi")
+    with pytest.raises(InternalServerError):
+        client.completions.create(model=MODEL, prompt="Hi")
+    assert len(fake.seen) == 2
+
+
+def test_a_long_retry_after_gives_up_at_once_without_a_deadline(fake: FakeGateway) -> None:
+    """Past `max_retry_after` (60 s by default) a Retry-After is not waited out, even with
+    no deadline to stop it; the caller can read it off the error."""
+    fake.script(error_reply(503, retry_after=1e300), error_reply(429, retry_after=86400))
+    with Client(fake.url, timeout=None, retry_policy=fast_policy()) as c:
+        for cls, asked in ((ServiceUnavailableError, 1e300), (RateLimitError, 86400)):
+            start = time.monotonic()
+            with pytest.raises(cls) as info:
+                c.completions.create(model=MODEL, prompt="Hi")
+            assert info.value.retry_after == asked and time.monotonic() - start < 10
+    assert len(fake.seen) == 2
 
 
 def test_client_errors_are_not_retried(client: Client, fake: FakeGateway) -> None:
@@ -305,6 +401,60 @@ def test_deadline_covers_the_whole_stream(client: Client, fake: FakeGateway) -> 
     assert len(fake.seen) == 1
 
 
+# Past the deadline mid-body: httpx's read timeout applies to each read, so these would
+# end one timeout after the late chunk (silent) or only when the server stops (trickle).
+STALLS = [Reply(gap=0.5, chunks=1, stall=30), Reply(chunks=1, stall=30, trickle=0.2)]
+STALL_IDS = ["silent-after-a-late-chunk", "unending-line"]
+TRICKLE = Reply(trickle=0.3)  # a JSON body 8 bytes at a time: ~15 s
+
+
+def watchdogs() -> int:
+    return sum(t.name == "breakwater-deadline" for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("stall", STALLS, ids=STALL_IDS)
+def test_deadline_bounds_a_stream_that_stalls(fake: FakeGateway, stall: Reply) -> None:
+    fake.script(stall)
+    with Client(fake.url, timeout=1.0, retry_policy=fast_policy()) as c:
+        start = time.monotonic()
+        with pytest.raises(APITimeoutError, match="deadline exceeded") as info:
+            list(c.completions.create(model=MODEL, prompt="Hi", stream=True))
+        assert time.monotonic() - start < 10
+    assert info.value.request_id == fake.request_ids[0] and len(fake.seen) == 1
+
+
+def test_deadline_bounds_a_trickling_body(fake: FakeGateway) -> None:
+    fake.script(TRICKLE)
+    with Client(fake.url, timeout=1.0, retry_policy=fast_policy()) as c:
+        start = time.monotonic()
+        with pytest.raises(APITimeoutError, match="deadline exceeded") as info:
+            c.completions.create(model=MODEL, prompt="Hi")
+        assert time.monotonic() - start < 10
+        assert c.models.list().data[0].id == MODEL  # the pool lost only the bad connection
+    assert info.value.request_id == fake.request_ids[0] and len(fake.seen) == 2
+
+
+def test_the_deadline_watchdog_ends_with_the_body(client: Client, fake: FakeGateway) -> None:
+    """The sync client's timer thread lives while a body is read and goes once it is read,
+    fails or is closed: left to fire, it would shut down a connection back in the pool."""
+    before = watchdogs()
+    client.completions.create(model=MODEL, prompt="Hi")
+    list(client.completions.create(model=MODEL, prompt="Hi", stream=True))
+    with client.completions.create(model=MODEL, prompt="Hi", stream=True) as stream:
+        next(stream)
+        assert watchdogs() > before
+    deadline = time.monotonic() + 10
+    while watchdogs() > before:
+        assert time.monotonic() < deadline, "a watchdog outlived its body"
+        time.sleep(0.01)
+    with (
+        Client(fake.url, timeout=None) as c,
+        c.completions.create(model=MODEL, prompt="Hi", stream=True) as stream,
+    ):
+        next(stream)
+        assert watchdogs() <= before  # no deadline, no watchdog
+
+
 # ------------------------------------------------------------------------------ async
 
 
@@ -372,6 +522,60 @@ async def test_async_deadline_stops_retries(fake: FakeGateway) -> None:
         with pytest.raises(ServiceUnavailableError):
             await c.completions.create(model=MODEL, prompt="Hi")
     assert 2 <= len(fake.seen) < 100
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("stall", STALLS, ids=STALL_IDS)
+async def test_async_deadline_bounds_a_stream_that_stalls(fake: FakeGateway, stall: Reply) -> None:
+    fake.script(stall)
+    async with AsyncClient(fake.url, timeout=1.0, retry_policy=fast_policy()) as c:
+        start = time.monotonic()
+        with pytest.raises(APITimeoutError, match="deadline exceeded") as info:
+            async with asyncio.timeout(20):  # without the fix, the unending line: 30 s
+                stream = await c.completions.create(model=MODEL, prompt="Hi", stream=True)
+                async for _ in stream:
+                    pass
+        assert time.monotonic() - start < 10
+    assert info.value.request_id == fake.request_ids[0] and len(fake.seen) == 1
+
+
+@pytest.mark.anyio
+async def test_async_deadline_bounds_a_trickling_body(fake: FakeGateway) -> None:
+    fake.script(TRICKLE)
+    async with AsyncClient(fake.url, timeout=1.0, retry_policy=fast_policy()) as c:
+        start = time.monotonic()
+        with pytest.raises(APITimeoutError, match="deadline exceeded") as info:
+            await c.completions.create(model=MODEL, prompt="Hi")
+        assert time.monotonic() - start < 10
+        assert (await c.models.list()).data[0].id == MODEL
+    assert info.value.request_id == fake.request_ids[0] and len(fake.seen) == 2
+
+
+@pytest.mark.anyio
+async def test_async_retry_after_bound_and_vouched_retry(fake: FakeGateway) -> None:
+    fake.script(vouched(502), error_reply(429, retry_after=0.1), error_reply(429, retry_after=100))
+    knobs = RetryPolicy(max_retries=5, max_retry_after=1.0, throttle_k=None)
+    async with AsyncClient(fake.url, timeout=None, retry_policy=knobs) as c:
+        with pytest.raises(RateLimitError) as info:
+            async with asyncio.timeout(20):  # without the bound: a 100 s wait
+                await c.completions.create(model=MODEL, prompt="Hi")
+    assert info.value.retry_after == 100 and len(fake.seen) == 3
+
+
+@pytest.mark.anyio
+async def test_async_stream_extra_body_and_json_answer(
+    aclient: AsyncClient, fake: FakeGateway
+) -> None:
+    fake.script(Reply(body={"error": None, "choices": []}))
+    with pytest.raises(APIError, match="application/json"):
+        await aclient.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True)
+    assert len(fake.seen) == 1
+    stream = await aclient.chat.completions.create(
+        model=MODEL, messages=MESSAGES, stream=True, extra_body={"ignore_eos": True}
+    )
+    assert "".join([c.content async for c in stream]) == TEXT
+    assert fake.seen[1].body["ignore_eos"] is True and "extra_body" not in fake.seen[1].body
+    assert fake.seen[1].body["stream"] is True
 
 
 # ---------------------------------------------------------------------------- weight

@@ -8,6 +8,8 @@ with explicit times, so nothing here depends on how fast the machine is.
 from __future__ import annotations
 
 import asyncio
+import math
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -83,9 +85,26 @@ def test_retry_budget_has_a_floor_and_a_ratio_and_a_window() -> None:
 
 
 def test_policy_rejects_nonsense() -> None:
-    for bad in ({"budget_window": 0}, {"throttle_k": 0}, {"budget_ratio": -1}):
+    bads = [{"budget_window": 0}, {"throttle_k": 0}, {"budget_ratio": -1}]
+    for bad in [*bads, {"max_retry_after": 0}, {"max_retry_after": math.nan}]:
         with pytest.raises(ValueError):
             RetryPolicy(**bad)  # type: ignore[arg-type]
+
+
+def test_a_retry_that_would_start_at_the_deadline_gives_up_with_its_error() -> None:
+    """A retry left a few ms would only fail as "deadline exceeded", hiding the 429."""
+    knobs, rng = policy(), random.Random(0)
+    busy = RateLimitError("busy", status=429, retry_after=1.0)
+    assert knobs.next_delay(0, busy, remaining=1.01, rng=rng) is None
+    assert knobs.next_delay(0, busy, remaining=1.5, rng=rng) == 1.0
+    assert knobs.next_delay(0, busy, remaining=math.inf, rng=rng) == 1.0
+
+
+def test_retry_after_is_waited_out_only_up_to_max_retry_after() -> None:
+    knobs, rng = policy(max_retry_after=5.0), random.Random(0)
+    for asked, delay in ((5.0, 5.0), (5.1, None), (1e300, None)):
+        busy = RateLimitError("busy", status=429, retry_after=asked)
+        assert knobs.next_delay(0, busy, remaining=math.inf, rng=rng) == delay
 
 
 # ------------------------------------------------------------------------ retry budget
