@@ -39,7 +39,11 @@ def _cmd_up(args: argparse.Namespace) -> int:
 def _cmd_demo_model(args: argparse.Namespace) -> int:
     from worker.engine.demo_model import write_demo_model
 
-    path = write_demo_model(args.out, args.preset, args.arch, args.seed)
+    try:
+        path = write_demo_model(args.out, args.preset, args.arch, args.seed)
+    except OSError as e:  # an unwritable --out: one line, not a traceback
+        print(f"breakwater demo-model: --out {args.out}: {e.strerror or e}", file=sys.stderr)
+        return 1
     print(f"wrote a RANDOM-WEIGHT {args.arch} checkpoint ({args.preset}) to {path}")
     return 0
 
@@ -49,12 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="breakwater", description="Resilient inference gateway and worker pool for LLMs."
     )
     sub = ap.add_subparsers(dest="command", required=True)
-    from worker.settings import add_engine_args, add_worker_args
+    from serving.cli_types import integer, number, port
+    from worker.settings import add_engine_args, add_worker_args, byte_size
 
     g = sub.add_parser("generate", help="run the engine in-process on a prompt, streaming text")
     g.add_argument("prompt", nargs="?", default="The gateway keeps the queue")
     g.add_argument("--chat", action="store_true", help="send the prompt as a chat message")
-    g.add_argument("--max-tokens", type=int, default=48)
+    g.add_argument("--max-tokens", type=integer(1), default=48)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
@@ -62,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "-n",
         "--num-requests",
-        type=int,
+        type=integer(1),
         default=1,
         help="submit the prompt this many times at once (shows batching)",
     )
@@ -81,15 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     gw.set_defaults(func=_cmd_gateway)
 
     up = sub.add_parser("up", help="start a gateway and a local worker pool in one command")
-    up.add_argument("--port", type=int, default=8080, help="gateway HTTP port")
-    up.add_argument("--grpc-port", type=int, default=None, help="gateway gRPC port")
+    up.add_argument("--port", type=port(), default=8080, help="gateway HTTP port")
+    up.add_argument("--grpc-port", type=port(), default=None, help="gateway gRPC port")
     up.add_argument(
         "--gateway-processes",
-        type=int,
+        type=integer(0),
         default=None,
         help="gateway event-loop processes (default: the number of cores)",
     )
-    up.add_argument("--workers", type=int, default=1, help="local workers to start")
+    up.add_argument("--workers", type=integer(1), default=1, help="local workers to start")
     up.add_argument(
         "--engine",
         choices=["torch", "sim", "vllm"],
@@ -105,24 +110,24 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--redis-url", default=None, help="use Redis as the registry")
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--model", default=None, help="checkpoint dir (default: the demo model)")
-    up.add_argument("--kv-cache-memory", default=None)
-    up.add_argument("--max-model-len", type=int, default=None)
-    up.add_argument("--ready-timeout", type=float, default=300.0)
-    up.add_argument("--max-num-seqs", type=int, default=None, help="batch slots per worker")
+    up.add_argument("--kv-cache-memory", type=byte_size, default=None)
+    up.add_argument("--max-model-len", type=integer(1), default=None)
+    up.add_argument("--ready-timeout", type=number(0.0, low_open=True), default=300.0)
+    up.add_argument("--max-num-seqs", type=integer(1), default=None, help="batch slots per worker")
     scale = up.add_argument_group("autoscaling (--autoscale)")
     scale.add_argument(
         "--autoscale",
         action="store_true",
         help="start and retire local workers from queue depth (the deploy/ HPA's policy)",
     )
-    scale.add_argument("--min-workers", type=int, default=None, help="default: --workers")
-    scale.add_argument("--max-workers", type=int, default=4)
+    scale.add_argument("--min-workers", type=integer(1), default=None, help="default: --workers")
+    scale.add_argument("--max-workers", type=integer(1), default=4)
     scale.add_argument(
         "--target-queue", type=float, default=4.0, help="requests waiting per worker"
     )
     scale.add_argument(
         "--scale-down-window",
-        type=float,
+        type=number(0.0),
         default=60.0,
         help="seconds the fleet must want fewer workers before one is retired",
     )

@@ -61,7 +61,10 @@ async def _spawn(name: str, args: list[str], ready_prefix: str, timeout: float) 
             print(text, flush=True)
 
     try:
-        ready = await asyncio.wait_for(wait_ready(), timeout)
+        try:
+            ready = await asyncio.wait_for(wait_ready(), timeout)
+        except TimeoutError:  # asyncio's has no text: name what was not ready
+            raise TimeoutError(f"{name} was not ready within {timeout:g}s") from None
     except BaseException:  # not ready in time, exited, or startup was stopped: none left
         if proc.returncode is None:
             proc.kill()
@@ -130,11 +133,11 @@ async def _up(args: argparse.Namespace) -> int:
             common += ["--enforce-eager"]
         if args.kv_cache_memory:
             common += ["--kv-cache-memory", args.kv_cache_memory]
-        if args.max_model_len:
+        if args.max_model_len is not None:
             common += ["--max-model-len", str(args.max_model_len)]
         if args.redis_url:
             common += ["--redis-url", args.redis_url]
-        if args.max_num_seqs:
+        if args.max_num_seqs is not None:  # the parser refuses 0, which must not be dropped
             common += ["--max-num-seqs", str(args.max_num_seqs)]
 
         async def spawn_worker(i: int) -> Child:
@@ -203,7 +206,7 @@ async def _up(args: argparse.Namespace) -> int:
         print("\nstopping...", file=sys.stderr, flush=True)
         return 0
     except (TimeoutError, RuntimeError) as e:
-        print(f"breakwater up: {e or 'timed out waiting for readiness'}", file=sys.stderr)
+        print(f"breakwater up: {str(e) or 'timed out waiting for readiness'}", file=sys.stderr)
         return 1
     finally:
         await _stop(children, timeout=35.0)

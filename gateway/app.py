@@ -68,7 +68,17 @@ def make_upstream(info: WorkerInfo, tls: ClientTLS | None = None) -> Upstream:
 
 def build_admission(settings: GatewaySettings) -> Admission:
     """The config file's limits, with CLI overrides and the gateway's Redis for buckets."""
-    config = load_settings(settings.admission_config)
+    path = settings.admission_config
+    try:
+        config = load_settings(path)
+    except OSError as e:  # a missing or unreadable file: name the flag and the file
+        raise ValueError(f"--admission-config {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        text = str(e)
+        if path is not None:
+            where = "" if text.startswith(str(path)) else f" {path}"
+            raise ValueError(f"--admission-config{where}: {text}") from None
+        raise
     limits = config.global_limits
     if settings.max_in_flight is not None:
         limits = replace(limits, max_in_flight=settings.max_in_flight)
@@ -474,7 +484,11 @@ async def _serve(settings: GatewaySettings, own_dir: str | None) -> int:
     if group and prefix_aware and not settings.redis_url:
         share_socks = bind_sockets(settings.processes)
         os.environ.update(child_env(share_socks, 0, dup=True))  # Gateway reads it back
-    gw = Gateway(settings)
+    try:  # a bad setting or config file (admission, a Redis URL): one line, not a traceback
+        gw = Gateway(settings)
+    except (ValueError, OSError) as e:
+        print(f"breakwater gateway: {e}", file=sys.stderr, flush=True)
+        return 2
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     # Not a forced exit on a second signal: a terminal's Ctrl-C reaches every process of

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from serving.cli_types import choice, env_default, integer, port
+from serving.cli_types import number as _number
 
 if TYPE_CHECKING:  # grpc loads only when a gateway runs, not for `breakwater --help`
     from serving.tls import ClientTLS, ServerTLS
@@ -15,6 +16,15 @@ if TYPE_CHECKING:  # grpc loads only when a gateway runs, not for `breakwater --
 
 def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"BREAKWATER_GATEWAY_{name}", default)
+
+
+def _env_default(name: str, fallback: str | None = None) -> str | None:
+    """BREAKWATER_GATEWAY_<name> as a flag default, left for the flag's type to convert."""
+    return env_default(f"BREAKWATER_GATEWAY_{name}", fallback)
+
+
+ROUTING_POLICIES = ("round-robin", "least-outstanding", "prefix-aware")
+HTTP_SERVERS = ("fast", "aiohttp")
 
 
 def _env_on(name: str) -> bool:
@@ -121,8 +131,8 @@ class GatewaySettings:
 
 def add_gateway_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default=_env("HOST", "127.0.0.1"))
-    p.add_argument("--port", type=int, default=int(_env("PORT", "8080") or 8080))
-    p.add_argument("--grpc-port", type=int, default=None, help="also serve gRPC Generate")
+    p.add_argument("--port", type=port(), default=_env_default("PORT", "8080"))
+    p.add_argument("--grpc-port", type=port(), default=None, help="also serve gRPC Generate")
     p.add_argument(
         "--worker",
         action="append",
@@ -139,8 +149,9 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--routing",
-        default=_env("ROUTING", "prefix-aware"),
-        choices=["round-robin", "least-outstanding", "prefix-aware"],
+        type=choice(ROUTING_POLICIES),
+        default=_env_default("ROUTING", "prefix-aware"),
+        choices=ROUTING_POLICIES,
         help="how a replica is chosen; prefix-aware: the one most likely to hold the prompt's "
         "prefix in its KV cache, among those not much busier than the least loaded",
     )
@@ -154,27 +165,27 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--balance-rel",
         type=_number(1.0),
-        default=_env("BALANCE_REL") or "1.5",
+        default=_env_default("BALANCE_REL", "1.5"),
         help="prefix-aware/sticky: skip a replica with more than REL x the least loaded's "
         "calls in flight + --balance-abs (>= 1)",
     )
     p.add_argument(
         "--balance-abs",
         type=_number(0.0),
-        default=_env("BALANCE_ABS") or "8",
+        default=_env_default("BALANCE_ABS", "8"),
         help="see --balance-rel (>= 0)",
     )
     p.add_argument(
         "--cache-threshold",
         type=_number(0.0, 1.0),
-        default=_env("CACHE_THRESHOLD") or "0.3",
+        default=_env_default("CACHE_THRESHOLD", "0.3"),
         help="prefix-aware: a prompt no replica holds this share of is placed as new, on the "
         "replica with the most cache room (SGLang's --cache-threshold; 0..1)",
     )
     p.add_argument(
         "--miss-weight",
         type=_number(0.0, low_open=True),
-        default=_env("MISS_WEIGHT") or "3",
+        default=_env_default("MISS_WEIGHT", "3"),
         help="prefix-aware: what a prompt token the replica lacks costs against one already "
         "queued there (> 0; higher keeps prompts with their prefix longer)",
     )
@@ -195,8 +206,8 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--admin-port",
-        type=int,
-        default=int(_env("ADMIN_PORT", "0") or 0),
+        type=port(allow_off=True),
+        default=_env_default("ADMIN_PORT", "0"),
         help="admin listener port (operators' API: workers, drain, eject, audit); 0: any "
         "free port, announced at start; -1: no admin listener",
     )
@@ -221,8 +232,8 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--gpu-hour-price",
-        type=float,
-        default=float(_env("GPU_HOUR_PRICE", "0") or 0),
+        type=_number(0.0),
+        default=_env_default("GPU_HOUR_PRICE", "0"),
         help="$ per replica-hour: /metrics then counts breakwater_cost_dollars per tenant",
     )
     p.add_argument(
@@ -259,31 +270,31 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--request-timeout",
-        type=float,
+        type=_number(0.0, low_open=True),
         default=600.0,
         help="default overall deadline per request, seconds",
     )
-    p.add_argument("--max-request-timeout", type=float, default=3600.0)
+    p.add_argument("--max-request-timeout", type=_number(0.0, low_open=True), default=3600.0)
     p.add_argument(
         "--ttft-timeout",
-        type=float,
+        type=_number(0.0, low_open=True),
         default=60.0,
         help="per attempt: seconds to the first token before retrying elsewhere",
     )
     p.add_argument(
         "--idle-timeout",
-        type=float,
+        type=_number(0.0, low_open=True),
         default=60.0,
         help="seconds allowed between tokens once streaming",
     )
-    p.add_argument("--max-attempts", type=int, default=3)
+    p.add_argument("--max-attempts", type=integer(1), default=3)
     p.add_argument(
         "--retry-budget",
-        type=float,
+        type=_number(0.0),
         default=0.2,
         help="retries may add at most this share of extra attempts",
     )
-    p.add_argument("--health-interval", type=float, default=1.0)
+    p.add_argument("--health-interval", type=_number(0.0, low_open=True), default=1.0)
     p.add_argument(
         "--admission-config",
         default=_env("ADMISSION_CONFIG"),
@@ -299,46 +310,47 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--max-in-flight",
-        type=int,
+        type=integer(1),
         default=None,
         help="requests the gateway forwards at once (overrides the config)",
     )
     p.add_argument(
         "--max-queue",
-        type=int,
+        type=integer(0),
         default=None,
         help="requests allowed to wait for a slot; beyond it, 503 at once",
     )
     p.add_argument(
         "--keepalive-timeout",
-        type=float,
+        type=_number(0.0, low_open=True),
         default=75.0,
         help="seconds an idle client connection stays open; also the most a connection may "
         "take to send a complete request head",
     )
     p.add_argument(
         "--client-body-timeout",
-        type=float,
+        type=_number(0.0),
         default=60.0,
         help="seconds a request body has to arrive whole (408 past them)",
     )
     p.add_argument(
         "--send-timeout",
-        type=float,
+        type=_number(0.0),
         default=60.0,
         help="close a response whose client has read nothing for this many seconds, and "
         "cancel its upstream call (0: never)",
     )
     p.add_argument(
         "--max-connections",
-        type=int,
+        type=integer(1),
         default=4096,
         help="client connections per process; one more is answered 503 and closed",
     )
     p.add_argument(
         "--http-server",
-        choices=("fast", "aiohttp"),
-        default=_env("HTTP_SERVER", "fast"),
+        type=choice(HTTP_SERVERS),
+        choices=HTTP_SERVERS,
+        default=_env_default("HTTP_SERVER", "fast"),
         help="fast: the model routes' usual requests on the gateway's own HTTP/1.1 server "
         "(about a third less CPU per stream), everything else on aiohttp; aiohttp: all on "
         "aiohttp (always so with TLS)",
@@ -346,11 +358,11 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument(
         "--processes",
-        type=int,
-        default=int(_env("PROCESSES", "0") or 0) or None,
-        help="event-loop processes on one port (default: the number of cores)",
+        type=integer(0),
+        default=_env_default("PROCESSES"),
+        help="event-loop processes on one port (default, or 0: the number of cores)",
     )
-    p.add_argument("--process-index", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--process-index", type=integer(0), default=0, help=argparse.SUPPRESS)
 
     tls = p.add_argument_group("TLS")
     tls.add_argument(
@@ -382,27 +394,6 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
     tls.add_argument(
         "--upstream-key", default=_env("UPSTREAM_KEY"), metavar="FILE", help="its PEM key"
     )
-
-
-def _number(
-    low: float, high: float = float("inf"), low_open: bool = False
-) -> Callable[[str], float]:
-    """An argparse type: a float in [low, high] ((low, high] when `low_open`), or a clear
-    usage error (also for a bad BREAKWATER_* value, which argparse parses the same way)."""
-
-    def parse(text: str) -> float:
-        try:
-            x = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not (low < x if low_open else low <= x) or not x <= high or not math.isfinite(x):
-            upper = f"<= {high:g}" if math.isfinite(high) else "finite"
-            raise argparse.ArgumentTypeError(
-                f"{text} must be {'>' if low_open else '>='} {low:g} and {upper}"
-            )
-        return x
-
-    return parse
 
 
 def _model_routing(items: list[str]) -> dict[str, str]:

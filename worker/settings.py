@@ -8,6 +8,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from serving.cli_types import choice, env_default, integer, number, port
 from worker.engine.config import EngineConfig, parse_bytes
 
 if TYPE_CHECKING:
@@ -16,6 +17,26 @@ if TYPE_CHECKING:
 
 def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"BREAKWATER_WORKER_{name}", default)
+
+
+def _env_default(name: str, fallback: str | None = None) -> str | None:
+    """BREAKWATER_WORKER_<name> as a flag default, left for the flag's type to convert."""
+    return env_default(f"BREAKWATER_WORKER_{name}", fallback)
+
+
+ENGINES = ("torch", "sim", "vllm")
+
+
+def byte_size(text: str) -> str:
+    """An argparse type: a memory size parse_bytes reads (512MiB, 4GiB, a byte count) and
+    more than zero, kept as text (engine_config_from_args and `up` pass it on as is)."""
+    try:
+        n = parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0 bytes")
+    return text
 
 
 @dataclass
@@ -62,23 +83,30 @@ class WorkerSettings:
 
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--engine", choices=["torch", "sim", "vllm"], default=_env("ENGINE", "torch"))
+    p.add_argument(
+        "--engine", type=choice(ENGINES), choices=ENGINES, default=_env_default("ENGINE", "torch")
+    )
     p.add_argument("--host", default=_env("HOST", "127.0.0.1"))
-    p.add_argument("--grpc-port", type=int, default=int(_env("GRPC_PORT", "50051") or 50051))
+    p.add_argument("--grpc-port", type=port(), default=_env_default("GRPC_PORT", "50051"))
     p.add_argument(
         "--http-port",
-        type=int,
+        type=port(),
         default=None,
         help="also serve the OpenAI-compatible API on this port",
     )
     p.add_argument("--advertise", default=_env("ADVERTISE"), help="host:port gateways dial")
     p.add_argument("--worker-id", default=_env("ID"))
     p.add_argument("--redis-url", default=os.environ.get("BREAKWATER_REDIS_URL"))
-    p.add_argument("--max-queue", type=int, default=int(_env("MAX_QUEUE", "256") or 256))
-    p.add_argument("--drain-timeout", type=float, default=30.0)
+    p.add_argument(
+        "--max-queue",
+        type=integer(1),
+        default=_env_default("MAX_QUEUE", "256"),
+        help="requests allowed to wait in the engine (>= 1); beyond it, RESOURCE_EXHAUSTED",
+    )
+    p.add_argument("--drain-timeout", type=number(0.0), default=30.0)
     p.add_argument(
         "--fault-fail-rate",
-        type=float,
+        type=number(0.0, 1.0),
         default=0.0,
         help="chaos testing: fail this share of Generate calls on purpose",
     )
@@ -96,8 +124,8 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         help="OpenTelemetry traces: none (default), console, otlp, or file:PATH (JSON lines)",
     )
     p.add_argument("--sim-preset", default="llama3-8b-h100")
-    p.add_argument("--sim-speed", type=float, default=1.0)
-    p.add_argument("--sim-kv-tokens", type=int, default=None)
+    p.add_argument("--sim-speed", type=number(0.0, low_open=True), default=1.0)
+    p.add_argument("--sim-kv-tokens", type=integer(1), default=None)
     tls = p.add_argument_group("TLS")
     tls.add_argument(
         "--tls-cert",
@@ -158,18 +186,20 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
     g.add_argument(
         "--kv-cache-memory",
+        type=byte_size,
         default=None,
         help="KV cache size, e.g. 512MiB or 4GiB (default: derived from the budget)",
     )
     g.add_argument(
         "--memory-budget",
+        type=byte_size,
         default=None,
         help="total memory the engine may use (weights + KV + activations)",
     )
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    g.add_argument("--max-num-seqs", type=int, default=128)
-    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--max-model-len", type=integer(1), default=None)
+    g.add_argument("--max-num-batched-tokens", type=integer(1), default=2048)
+    g.add_argument("--max-num-seqs", type=integer(1), default=128)
+    g.add_argument("--block-size", type=integer(1), default=16)
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument(
         "--enforce-eager",

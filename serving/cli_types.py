@@ -1,0 +1,118 @@
+"""argparse types shared by the gateway's and the worker's command lines.
+
+Each one turns a bad value into argparse's usage error (exit 2, one line naming the flag)
+rather than a traceback or a process that starts broken. Defaults read from BREAKWATER_*
+variables are passed as strings (`env_default`), so argparse converts them with the same
+type, and their errors also name the variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+class EnvValue(str):
+    """A flag's default taken from an environment variable (its name in `.env`)."""
+
+    env: str
+
+
+def env_default(var: str, fallback: str | None = None) -> str | None:
+    """The variable's text as a flag default (unset or empty: `fallback`), unconverted."""
+    value = os.environ.get(var)
+    if not value:
+        return fallback
+    out = EnvValue(value)
+    out.env = var
+    return out
+
+
+def _typed(name: str, convert: Callable[[str], T]) -> Callable[[str], T]:
+    """`convert`, with the variable's name added to its error for an env default."""
+
+    def parse(text: str) -> T:
+        try:
+            return convert(text)
+        except argparse.ArgumentTypeError as e:
+            env = getattr(text, "env", None)
+            if env:
+                raise argparse.ArgumentTypeError(f"{e} (from {env})") from None
+            raise
+
+    parse.__name__ = name
+    return parse
+
+
+def number(
+    low: float, high: float = float("inf"), low_open: bool = False
+) -> Callable[[str], float]:
+    """A finite float in [low, high] ((low, high] when `low_open`)."""
+
+    def convert(text: str) -> float:
+        try:
+            x = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (low < x if low_open else low <= x) or not x <= high or not math.isfinite(x):
+            upper = f"<= {high:g}" if math.isfinite(high) else "finite"
+            raise argparse.ArgumentTypeError(
+                f"{text} must be {'>' if low_open else '>='} {low:g} and {upper}"
+            )
+        return x
+
+    return _typed("number", convert)
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def integer(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An integer in [low, high] (no upper bound when `high` is None)."""
+
+    def convert(text: str) -> int:
+        n = _int(text)
+        if n < low or (high is not None and n > high):
+            bound = f"between {low} and {high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"{text} must be an integer {bound}")
+        return n
+
+    return _typed("integer", convert)
+
+
+def port(allow_off: bool = False) -> Callable[[str], int]:
+    """A TCP port, 0..65535 (0: any free one); with `allow_off`, also -1 (no listener)."""
+
+    def convert(text: str) -> int:
+        n = _int(text)
+        if not (-1 if allow_off else 0) <= n <= 65535:
+            extra = ", or -1 for none" if allow_off else ""
+            raise argparse.ArgumentTypeError(
+                f"{text} is not a port number (0..65535, 0: any free port{extra})"
+            )
+        return n
+
+    return _typed("port", convert)
+
+
+def choice(options: Iterable[str]) -> Callable[[str], str]:
+    """One of `options`: checks an env default too, which argparse's `choices` does not."""
+    allowed = tuple(options)
+
+    def convert(text: str) -> str:
+        if text not in allowed:
+            raise argparse.ArgumentTypeError(
+                f"invalid choice: {text!r} (choose from {', '.join(allowed)})"
+            )
+        return str(text)
+
+    return _typed("choice", convert)

@@ -1,0 +1,285 @@
+"""An operator's mistake on the command line is one clear line and a non-zero exit.
+
+The real `breakwater` command runs in a subprocess for each case: a bad flag or
+BREAKWATER_* value is argparse's usage error naming the flag (exit 2), a bad gateway config
+file is one `breakwater gateway: ...` line (exit 2), and none of them is a traceback, a hang
+or a server that starts. Every case fails fast; a regression that starts a server instead
+is killed at the timeout and fails the test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from serving.cli_types import choice, env_default, integer, number, port
+from worker.settings import byte_size
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT_S = 60.0
+# A gateway case that wrongly got past its check must not reach a real worker or fork.
+GATEWAY_BASE = ["--worker", "127.0.0.1:1", "--processes", "1", "--admin-port", "-1"]
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = TIMEOUT_S
+) -> subprocess.CompletedProcess[str]:
+    """`breakwater ARGS` (as the console script runs it), killed with its children if it
+    is still running after `timeout`."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("BREAKWATER_")}
+    full_env.update(env or {})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "breakwater.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=full_env,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"`breakwater {' '.join(args)}` still ran after {timeout:g}s:\n{err[-2000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def assert_usage_error(r: subprocess.CompletedProcess[str], *named: str) -> None:
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert "error: argument" in last, r.stderr
+    for name in named:
+        assert name in last, r.stderr
+    assert "READY" not in r.stdout
+
+
+BAD_FLAGS = [
+    # ports: 0..65535 (admin: -1 is "no listener")
+    ("gateway", "--port", "80808"),
+    ("gateway", "--port", "-5"),
+    ("gateway", "--port", "abc"),
+    ("gateway", "--grpc-port", "65536"),
+    ("gateway", "--admin-port", "-2"),
+    ("gateway", "--admin-port", "70000"),
+    ("worker", "--grpc-port", "70000"),
+    ("worker", "--http-port", "-1"),
+    ("up", "--port", "80808"),
+    ("up", "--grpc-port", "-3"),
+    # limits and timings that would start a broken gateway
+    ("gateway", "--max-connections", "0"),
+    ("gateway", "--max-connections", "-1"),
+    ("gateway", "--health-interval", "0"),
+    ("gateway", "--health-interval", "-1"),
+    ("gateway", "--max-attempts", "0"),
+    ("gateway", "--request-timeout", "-1"),
+    ("gateway", "--request-timeout", "nan"),
+    ("gateway", "--keepalive-timeout", "-5"),
+    ("gateway", "--retry-budget", "-3"),
+    ("gateway", "--gpu-hour-price", "-1"),
+    ("gateway", "--processes", "-1"),
+    ("gateway", "--max-in-flight", "-1"),
+    ("gateway", "--max-queue", "-1"),
+    ("gateway", "--routing", "bogus"),
+    # the engine: a scheduler that admits nothing hangs; a zero block size divides by it
+    ("worker", "--max-num-seqs", "0"),
+    ("worker", "--max-num-seqs", "-1"),
+    ("worker", "--max-num-batched-tokens", "0"),
+    ("worker", "--block-size", "0"),
+    ("worker", "--kv-cache-memory", "lots"),
+    ("worker", "--memory-budget", "lots"),
+    ("worker", "--max-queue", "-1"),
+    ("generate", "--max-num-seqs", "0"),
+    ("generate", "--block-size", "0"),
+    ("up", "--max-num-seqs", "0"),
+    ("up", "--kv-cache-memory", "lots"),
+    ("up", "--workers", "0"),
+    ("up", "--workers", "-1"),
+    ("up", "--ready-timeout", "0"),
+]
+
+
+@pytest.mark.parametrize(("command", "flag", "value"), BAD_FLAGS)
+def test_a_bad_flag_is_a_usage_error(command: str, flag: str, value: str) -> None:
+    base = GATEWAY_BASE if command == "gateway" else []
+    r = run_cli(command, *base, f"{flag}={value}")
+    assert_usage_error(r, flag)
+
+
+BAD_ENV = [
+    ("gateway", "BREAKWATER_GATEWAY_PORT", "abc", "--port"),
+    ("gateway", "BREAKWATER_GATEWAY_PORT", "80808", "--port"),
+    ("gateway", "BREAKWATER_GATEWAY_ADMIN_PORT", "x", "--admin-port"),
+    ("gateway", "BREAKWATER_GATEWAY_GPU_HOUR_PRICE", "cheap", "--gpu-hour-price"),
+    ("gateway", "BREAKWATER_GATEWAY_PROCESSES", "many", "--processes"),
+    ("gateway", "BREAKWATER_GATEWAY_PROCESSES", "-1", "--processes"),
+    ("gateway", "BREAKWATER_GATEWAY_ROUTING", "bogus", "--routing"),
+    ("gateway", "BREAKWATER_GATEWAY_HTTP_SERVER", "bogus", "--http-server"),
+    ("gateway", "BREAKWATER_GATEWAY_BALANCE_REL", "0.5", "--balance-rel"),
+    ("worker", "BREAKWATER_WORKER_GRPC_PORT", "abc", "--grpc-port"),
+    ("worker", "BREAKWATER_WORKER_MAX_QUEUE", "-1", "--max-queue"),
+    ("worker", "BREAKWATER_WORKER_ENGINE", "bogus", "--engine"),
+]
+
+
+@pytest.mark.parametrize(("command", "var", "value", "flag"), BAD_ENV)
+def test_a_bad_environment_value_is_a_usage_error(
+    command: str, var: str, value: str, flag: str
+) -> None:
+    # The variable is only its flag's default: the base arguments leave that flag off.
+    base = GATEWAY_BASE if command == "gateway" else []
+    pairs = zip(base[::2], base[1::2], strict=True)
+    base = [x for name, value in pairs if name != flag for x in (name, value)]
+    r = run_cli(command, *base, env={var: value})
+    assert_usage_error(r, flag, var)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"BREAKWATER_GATEWAY_PORT": "abc"},
+        {"BREAKWATER_GATEWAY_ADMIN_PORT": "x", "BREAKWATER_WORKER_MAX_QUEUE": "lots"},
+        {"BREAKWATER_GATEWAY_ROUTING": "bogus"},
+    ],
+)
+def test_help_works_whatever_the_environment(env: dict[str, str]) -> None:
+    r = run_cli("--help", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    assert "gateway" in r.stdout
+
+
+def test_a_flag_replaces_a_bad_environment_default() -> None:
+    """argparse converts an env default only when its flag is absent: the flag wins."""
+    env = {"BREAKWATER_GATEWAY_PORT": "x"}
+    r = run_cli("gateway", *GATEWAY_BASE, "--port=0", "--max-connections=0", env=env)
+    assert_usage_error(r, "--max-connections")
+    assert "BREAKWATER_GATEWAY_PORT" not in r.stderr
+
+
+@pytest.fixture(scope="module")
+def config_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("configs")
+    (d / "broken.toml").write_text("tenants = [\n")
+    (d / "tenants5.json").write_text('{"tenants": 5}\n')
+    (d / "limits.toml").write_text("[global]\nmax_in_flight = 0\n")
+    return d
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--redis-url", "notaurl"], "Redis URL"),
+        (["--admission-config", "{dir}/missing.toml"], "--admission-config"),
+        (["--admission-config", "{dir}/broken.toml"], "broken.toml"),
+        (["--admission-config", "{dir}/tenants5.json"], "tenants5.json"),
+        (["--admission-config", "{dir}/limits.toml"], "--admission-config"),
+    ],
+)
+def test_a_gateway_config_error_is_one_line(config_files: Path, args: list[str], says: str) -> None:
+    argv = [a.replace("{dir}", str(config_files)) for a in args]
+    r = run_cli("gateway", *GATEWAY_BASE, "--port", "0", *argv)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("breakwater gateway: ") and says in lines[0], r.stderr
+    assert "READY" not in r.stdout
+
+
+def test_up_reports_a_gateway_config_error(tmp_path: Path) -> None:
+    """The gateway child's one line, then `up`'s own; its sim worker is stopped again."""
+    r = run_cli(
+        "up",
+        "--engine",
+        "sim",
+        "--port",
+        "0",
+        env={"BREAKWATER_GATEWAY_ADMISSION_CONFIG": str(tmp_path / "missing.toml")},
+    )
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    assert "breakwater gateway: --admission-config" in r.stderr, r.stderr
+    assert "breakwater up: gateway exited before it was ready (exit code 2)" in r.stderr
+
+
+def test_up_names_the_child_that_timed_out() -> None:
+    r = run_cli("up", "--engine", "sim", "--port", "0", "--ready-timeout", "0.01")
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    assert "breakwater up: worker-0 was not ready within 0.01s" in r.stderr, r.stderr
+
+
+def test_demo_model_to_an_unwritable_place_is_one_line() -> None:
+    r = run_cli("demo-model", "--out", "/proc/nope/model")
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("breakwater demo-model: --out"), r.stderr
+
+
+# ---------------------------------------------------------------------------- the types
+
+
+def refused(parse: Callable[[str], object], text: str) -> str:
+    with pytest.raises(argparse.ArgumentTypeError) as e:
+        parse(text)
+    return str(e.value)
+
+
+def test_number() -> None:
+    positive = number(0.0, low_open=True)
+    assert positive("1.5") == 1.5
+    for bad in ("0", "-1", "nan", "inf", "x"):
+        refused(positive, bad)
+    assert number(0.0)("0") == 0.0
+    assert number(0.0, 1.0)("1") == 1.0
+    assert "<= 1" in refused(number(0.0, 1.0), "1.5")
+
+
+def test_integer() -> None:
+    assert integer(1)("3") == 3
+    assert "is not an integer" in refused(integer(1), "1.5")
+    assert ">= 1" in refused(integer(1), "0")
+    assert integer(0, 2)("2") == 2
+    refused(integer(0, 2), "3")
+
+
+def test_port() -> None:
+    assert port()("0") == 0 and port()("65535") == 65535
+    for bad in ("65536", "80808", "-1", "-5", "http"):
+        refused(port(), bad)
+    assert port(allow_off=True)("-1") == -1
+    refused(port(allow_off=True), "-2")
+
+
+def test_choice() -> None:
+    assert choice(["a", "b"])("b") == "b"
+    assert "choose from a, b" in refused(choice(["a", "b"]), "c")
+
+
+def test_an_environment_default_names_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BREAKWATER_TEST_PORT", "99999")
+    monkeypatch.setenv("BREAKWATER_TEST_EMPTY", "")
+    default = env_default("BREAKWATER_TEST_PORT", "8080")
+    assert default == "99999"
+    assert "(from BREAKWATER_TEST_PORT)" in refused(port(), default)
+    assert "BREAKWATER_TEST" not in refused(port(), "99999")  # typed on the command line
+    assert env_default("BREAKWATER_TEST_EMPTY", "8080") == "8080"
+    assert env_default("BREAKWATER_TEST_UNSET", None) is None
+
+
+def test_byte_size_keeps_the_text() -> None:
+    assert byte_size("512MiB") == "512MiB"
+    assert byte_size("1024") == "1024"
+    assert "cannot parse" in refused(byte_size, "lots")
+    refused(byte_size, "0")
