@@ -185,17 +185,19 @@ def test_split_weights_must_be_bounded_numbers(gateway: Proc, client_key: str) -
     code, _ = admin_call(gateway, "PUT", path, {"weights": {"chat-v1": 1000, "chat-v2": 1000}})
     assert code == 200
     try:
+        # the split reaches the other process within its poll: "chat" is a 404 there until
+        wait_for(
+            lambda: all(complete(gateway, i, "chat", key=client_key)[0] == 200 for i in range(ALL)),
+            timeout=60,
+        )
         served: Counter[str] = Counter()
-
-        def both_served() -> bool:
+        for _ in range(4):
             for i in range(ALL):
                 code, _, raw = complete(gateway, i, "chat", key=client_key)
                 assert code == 200, raw[:300]
                 served[json.loads(raw)["model"]] += 1
-            return set(served) == set(MODELS)
-
-        wait_for(both_served, timeout=60)
         # each process alternates between the versions: within one request each of even
+        assert set(served) == set(MODELS), served
         assert abs(served["chat-v1"] - served["chat-v2"]) <= 2, served
     finally:
         assert admin_call(gateway, "DELETE", path)[0] == 200
