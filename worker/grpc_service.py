@@ -34,6 +34,8 @@ class WorkerState:
     STARTING = "STARTING"
     SERVING = "SERVING"
     DRAINING = "DRAINING"
+    NOT_SERVING = "NOT_SERVING"
+    """Was serving, but the engine's loop died: nothing is served until a restart."""
 
 
 class InferenceService(pb_grpc.InferenceServicer):
@@ -57,7 +59,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         """Requests to generate on the OpenAI port (relayed streams among them)."""
         self._fault_rng = random.Random(0)
         self.engine: Any = None  # set once warm; the AsyncEngine interface
-        self.state = WorkerState.STARTING
+        self._state = WorkerState.STARTING
         self.in_flight = 0
         self.idle = asyncio.Event()
         self.idle.set()
@@ -68,6 +70,22 @@ class InferenceService(pb_grpc.InferenceServicer):
         self.http_port = 0
         """The OpenAI-compatible port once it listens (0: none); Stats tells gateways."""
         self.http_tls = False
+
+    @property
+    def state(self) -> str:
+        """The state set by the worker, but NOT_SERVING once a serving engine's loop has died,
+        so admission, HTTP /health, Stats and the registry heartbeat stop offering it."""
+        if self._state == WorkerState.SERVING and not self.engine_alive():
+            return WorkerState.NOT_SERVING
+        return self._state
+
+    @state.setter
+    def state(self, value: str) -> None:
+        self._state = value
+
+    def engine_alive(self) -> bool:
+        """An engine without an `alive` property (a backend adapter) counts as alive."""
+        return self.engine is not None and bool(getattr(self.engine, "alive", True))
 
     @property
     def model_name(self) -> str:

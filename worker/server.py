@@ -61,6 +61,7 @@ class Worker:
         self.publisher: Any = None
         self.http_runner: Any = None
         self.server: grpc.aio.Server | None = None
+        self._watch: asyncio.Task[None] | None = None
 
     async def _set_health(self, status: int) -> None:
         for name in ("", SERVICE_NAME):
@@ -92,6 +93,17 @@ class Worker:
             with contextlib.suppress(Exception):
                 await self.publisher.publish(self.info())
             await asyncio.sleep(self.settings.heartbeat_s)
+
+    async def _watch_engine(self, interval_s: float = 0.5) -> None:
+        """gRPC health is pushed, not computed per probe: turn it NOT_SERVING once the engine's
+        loop dies (service.state already reports it to admission, HTTP and the heartbeat)."""
+        while self.service.state != State.NOT_SERVING:
+            await asyncio.sleep(interval_s)
+        log.error("the engine's step loop has died: health is NOT_SERVING")
+        await self._set_health(NOT_SERVING)
+        if self.publisher is not None:
+            with contextlib.suppress(Exception):
+                await self.publisher.publish(self.info())
 
     async def start(self) -> None:
         s = self.settings
@@ -135,6 +147,7 @@ class Worker:
             self.service.http_tls = self.tls is not None
         self.service.state = State.SERVING
         await self._set_health(SERVING)
+        self._watch = asyncio.create_task(self._watch_engine())
         if s.redis_url:
             from worker.registry_publisher import RedisPublisher
 
@@ -154,6 +167,8 @@ class Worker:
     async def drain(self) -> None:
         s = self.settings
         self.service.state = State.DRAINING
+        if self._watch is not None:
+            self._watch.cancel()
         await self._set_health(NOT_SERVING)
         log.info("draining: %d request(s) in flight", self.service.in_flight)
         if self.publisher is not None:

@@ -67,6 +67,11 @@ class AsyncEngine:
         """Every block hash in the prefix cache now."""
         return self.core.kv.pool.cached_hashes()
 
+    @property
+    def alive(self) -> bool:
+        """Whether the step loop still runs: health reports NOT_SERVING once it does not."""
+        return self._dead is None and self._thread.is_alive()
+
     def stats(self) -> EngineStats:
         """Latest snapshot, published by the step thread (never stale by more than a step)."""
         return self._stats
@@ -125,6 +130,10 @@ class AsyncEngine:
         self._commands.put(("abort", request_id))
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the step loop; a request submitted afterwards gets EngineDeadError at once
+        instead of queuing to a thread that will never run it."""
+        if self._dead is None:
+            self._dead = EngineDeadError("engine shut down")
         self._commands.put(_STOP)
         self._thread.join(timeout)
 
@@ -161,8 +170,9 @@ class AsyncEngine:
                         break
                 if running and self.core.has_work:
                     try:
-                        out.extend(self.core.step())
+                        self.core.step(out)  # deltas made before a failure still go out
                     except Exception as e:
+                        # step() has taken this step's blocks out of the prefix cache
                         log.exception("engine step failed; failing its requests")
                         for rid in list(self.core.live):
                             d = self.core.abort(rid, reason=f"engine error: {e}")

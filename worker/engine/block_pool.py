@@ -95,6 +95,9 @@ class BlockPool:
         self.events: deque[tuple[bool, bytes]] = deque(maxlen=max_events)
         """(stored?, hash) as the cache changes, for a router to follow (see cache_events)."""
         self.events_dropped = 0
+        self.uncommitted: list[KVBlock] = []
+        """Blocks registered since the last commit(): their KV is not computed until the step
+        that registered them succeeds (see uncache_uncommitted)."""
 
     @property
     def num_free_blocks(self) -> int:
@@ -170,7 +173,28 @@ class BlockPool:
             if h not in self.cached:
                 self.cached[h] = block
                 block.block_hash = h
+                self.uncommitted.append(block)
                 self._event(True, h)
+
+    def commit(self) -> None:
+        """The step that registered the uncommitted blocks computed them: keep them cached."""
+        self.uncommitted.clear()
+
+    def uncache_uncommitted(self) -> int:
+        """Take back the hashes registered since commit() (their step failed, so the blocks
+        hold no valid KV and must not be prefix-cache hits); returns how many were dropped."""
+        n = 0
+        for block in self.uncommitted:
+            h = block.block_hash
+            if h is None:  # evicted and handed out again since
+                continue
+            if self.cached.get(h) is block:
+                del self.cached[h]
+                self._event(False, h)
+                n += 1
+            block.block_hash = None
+        self.uncommitted.clear()
+        return n
 
     def free_blocks(self, blocks: Iterable[KVBlock]) -> None:
         """Drop one reference each; pass blocks tail-first so a prefix's tail is evicted first."""
@@ -186,6 +210,7 @@ class BlockPool:
             return False
         for block in self.blocks:
             block.block_hash = None
+        self.uncommitted.clear()
         for h in self.cached:
             self._event(False, h)
         self.cached.clear()

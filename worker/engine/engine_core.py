@@ -138,38 +138,74 @@ class EngineCore:
     def has_work(self) -> bool:
         return self.scheduler.num_unfinished > 0
 
-    def step(self) -> list[Delta]:
-        batch = self.scheduler.schedule()
-        deltas: list[Delta] = []
-        for request, message in batch.failed:
-            live = self.live.pop(request.request_id)
-            deltas.append(
-                Delta(
-                    request.request_id,
-                    finish_reason="error",
-                    error=message,
-                    usage=self._usage(live.request),
+    def step(self, out: list[Delta] | None = None) -> list[Delta]:
+        """Run one step, appending its deltas to `out` (made here if not given) and returning it.
+
+        Deltas go into the caller's list as they are made, so those already made still reach
+        their streams if the step later raises (a request that finished has left `live`, and
+        the caller's abort-all would miss it). One request's failure while its output is
+        processed (a detokenizer error, say) fails that request alone. If scheduling or the
+        forward raises, the hashes registered for this step's blocks are taken back first:
+        those blocks were never computed; the caller then aborts the live requests.
+        """
+        deltas: list[Delta] = [] if out is None else out
+        try:
+            batch = self.scheduler.schedule()
+            for request, message in batch.failed:
+                live = self.live.pop(request.request_id)
+                deltas.append(
+                    Delta(
+                        request.request_id,
+                        finish_reason="error",
+                        error=message,
+                        usage=self._usage(live.request),
+                    )
                 )
-            )
-        if not batch:
-            return deltas
-        sampling_requests, result = self.executor.execute(batch, self.kv)
+            if not batch:
+                self.kv.commit_cached_blocks()
+                return deltas
+            sampling_requests, result = self.executor.execute(batch, self.kv)
+        except BaseException:
+            self.kv.uncache_uncommitted_blocks()
+            raise
+        self.kv.commit_cached_blocks()
         self.scheduler.on_step_done(batch)
         self.num_steps += 1
         self._track_kv_peak()
         for request, token_id, logprob in zip(
             sampling_requests, result.token_ids, result.logprobs, strict=True
         ):
-            request.append_output_token(token_id)
-            self.generation_tokens_total += 1
-            delta = self.live[request.request_id].output.process(token_id, logprob)
-            if delta.finished:
-                del self.live[request.request_id]
-                self.scheduler.finish(request)
-                self.executor.forget(request.request_id)
-                delta.usage = self._usage(request)
+            try:
+                request.append_output_token(token_id)
+                self.generation_tokens_total += 1
+                delta = self.live[request.request_id].output.process(token_id, logprob)
+                if delta.finished:
+                    del self.live[request.request_id]
+                    self.scheduler.finish(request)
+                    self.executor.forget(request.request_id)
+                    delta.usage = self._usage(request)
+            except Exception as e:
+                delta = self._fail(request, e)
             deltas.append(delta)
         return deltas
+
+    def _fail(self, request: Request, exc: Exception) -> Delta:
+        """End one request whose output processing raised, leaving the rest of the batch be."""
+        log.exception("request %s failed; aborting it alone", request.request_id)
+        reason = f"engine error: {exc}"
+        delta = None
+        try:
+            delta = self.abort(request.request_id, reason=reason)
+        except Exception:  # its stream must still end, below
+            log.exception("aborting request %s failed", request.request_id)
+        if delta is None:  # it had already left `live` when it failed
+            delta = Delta(
+                request.request_id,
+                finish_reason="error",
+                error=reason,
+                usage=self._usage(request),
+            )
+        return delta
 
     def _track_kv_peak(self) -> None:
         slots = self.kv.num_tokens_held()

@@ -98,6 +98,18 @@ class KVCacheManager:
                 self._num_cached_blocks[request.request_id] = end
         return True
 
+    def commit_cached_blocks(self) -> None:
+        """The step just scheduled was computed: the blocks it registered stay in the cache."""
+        self.pool.commit()
+
+    def uncache_uncommitted_blocks(self) -> int:
+        """The step just scheduled failed: blocks registered for it (in allocate_slots, before
+        their KV was computed) leave the prefix cache, so no later prompt hits garbage.
+
+        Their owners keep the blocks but will not register them again; the caller aborts
+        them anyway (their computed-token counts include this step's prefix hits)."""
+        return self.pool.uncache_uncommitted()
+
     def can_ever_fit(self, num_tokens: int) -> bool:
         return cdiv(num_tokens, self.block_size) <= self.num_usable_blocks
 
