@@ -67,9 +67,29 @@ class WorkerInfo:
     @classmethod
     def from_json(cls, data: str | bytes) -> WorkerInfo:
         d: dict[str, Any] = json.loads(data)
+        if not isinstance(d, dict):
+            raise TypeError("a worker record must be a JSON object")
         d["state"] = WorkerState(d.get("state", "STARTING"))
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})  # newer workers' extras
+        info = cls(**{k: v for k, v in d.items() if k in known})  # newer workers' extras
+        info._check()
+        return info
+
+    def _check(self) -> None:
+        """Raise TypeError for a record whose fields have the wrong types: the request path
+        reads them without checking (a null or string `stats` crashed it there)."""
+        strings = (self.worker_id, self.address, self.kind, self.version, self.openai_url)
+        if not all(isinstance(x, str) for x in strings):
+            raise TypeError("worker_id, address, kind, version and openai_url must be strings")
+        if not isinstance(self.models, list) or not all(isinstance(m, str) for m in self.models):
+            raise TypeError("models must be a list of strings")
+        if not isinstance(self.stats, dict) or not all(
+            isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)
+            for k, v in self.stats.items()
+        ):
+            raise TypeError("stats must be an object of numbers")
+        if isinstance(self.updated_at, bool) or not isinstance(self.updated_at, int | float):
+            raise TypeError("updated_at must be a number")
 
 
 def openai_url(grpc_address: str, http_port: int, tls: bool) -> str:

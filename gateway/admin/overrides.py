@@ -87,7 +87,55 @@ class FileStore:
 
 
 class RedisStore:
-    """Overrides in the hash `{prefix}admin:overrides`, audit in the list `{prefix}admin:audit`."""
+    """Overrides in the hash `{prefix}admin:overrides`, audit in the list `{prefix}admin:audit`.
+
+    Every write also sets the field `MARKER` in the hash, so the hash outlives its last
+    override (an operator who deletes every override leaves the marker behind). A hash
+    without the marker was therefore not written by us: Redis restarted without persistence
+    (or was flushed, or the key deleted by hand). Its empty data must not be adopted as if an
+    operator had cleared everything (revoked keys working again, drained replicas taking
+    traffic): the store keeps the last overrides it saw and writes them back, with the
+    marker, in one script, so every gateway and later restarts see them again. Gateways
+    racing to write back are harmless: the first one's script sets the marker, and the
+    others' scripts then find it and change nothing. Fields that were written in the
+    meantime (say, an operator's act on a gateway that knew nothing) are kept over the old
+    copy's. (A gateway started after the restart knows nothing to write back: the overrides
+    survive a Redis restart only while some gateway that read them is running.)
+    """
+
+    MARKER = "~store"
+    """In no section (sections are prefixes such as `worker:`), so never read as an override."""
+
+    _RESTORE = """
+    if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return -1 end
+    local n = 0
+    for i = 3, #ARGV, 2 do n = n + redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
+    redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+    return n
+    """
+    """KEYS: the hash. ARGV: the marker and its value, then the known fields and values.
+    Without the marker: the known fields not set since, then the marker; returns how many
+    fields were put back, or -1 if the marker was there (nothing to do)."""
+
+    _APPLY = """
+    local n = -1
+    if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then
+        n = 0
+        for i = 7, #ARGV, 2 do n = n + redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
+    end
+    redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+    if ARGV[4] == '1' then
+        redis.call('HSET', KEYS[1], ARGV[3], ARGV[5])
+    else
+        redis.call('HDEL', KEYS[1], ARGV[3])
+    end
+    redis.call('RPUSH', KEYS[2], ARGV[6])
+    redis.call('LTRIM', KEYS[2], -10000, -1)
+    return n
+    """
+    """KEYS: the hash, the audit list. ARGV: the marker and its value, the field, '1' to set
+    it (or '0' to delete it), its value, the audit record, then the known fields and values
+    (written back first if the marker is missing, as in _RESTORE)."""
 
     def __init__(self, url: str, prefix: str = "breakwater:") -> None:
         from serving.redis_client import make_client
@@ -95,20 +143,50 @@ class RedisStore:
         self._client = make_client(url, 1.0)
         self.key = f"{prefix}admin:overrides"
         self.audit_key = f"{prefix}admin:audit"
+        self._restore = self._client.register_script(self._RESTORE)
+        self._apply = self._client.register_script(self._APPLY)
+        self._known: dict[str, str] = {}
+        """The overrides last read or written here: what goes back into an emptied Redis."""
 
     async def load(self) -> dict[str, str]:
-        raw = await self._client.hgetall(self.key)
-        return {_s(k): _s(v) for k, v in raw.items()}
+        data, marked = await self._read()
+        if not marked and self._known:  # emptied under us: put back what we last knew
+            restored = int(await self._restore(keys=[self.key], args=self._args(self._known)))
+            if restored >= 0:  # -1: another gateway (or process) wrote them back first
+                self._lost(restored)
+            data, _ = await self._read()
+        # unmarked data with nothing known here (a new deployment, or overrides written
+        # before the marker existed) is taken as it is, and marked by the next write
+        self._known = data
+        return dict(data)
+
+    async def _read(self) -> tuple[dict[str, str], bool]:
+        """The overrides in the hash, and whether it has the marker."""
+        raw = {_s(k): _s(v) for k, v in (await self._client.hgetall(self.key)).items()}
+        return raw, raw.pop(self.MARKER, None) is not None
+
+    def _args(self, known: Mapping[str, str]) -> list[str]:
+        return [self.MARKER, "1", *(x for item in known.items() for x in item)]
+
+    def _lost(self, restored: int) -> None:
+        log.warning(
+            "admin overrides: Redis lost them (restarted or flushed): wrote back the last "
+            "%d known here (%d entries put back)",
+            len(self._known),
+            restored,
+        )
 
     async def apply(self, field: str, value: str | None, audit: dict[str, Any]) -> None:
-        async with self._client.pipeline(transaction=True) as pipe:
-            if value is None:
-                pipe.hdel(self.key, field)
-            else:
-                pipe.hset(self.key, field, value)
-            pipe.rpush(self.audit_key, json.dumps(audit))
-            pipe.ltrim(self.audit_key, -10_000, -1)
-            await pipe.execute()
+        op = "0" if value is None else "1"
+        args = [*self._args({}), field, op, value or "", json.dumps(audit)]
+        known = self._args(self._known)[2:]
+        restored = int(await self._apply(keys=[self.key, self.audit_key], args=args + known))
+        if restored >= 0 and self._known:  # (with nothing known: the very first write)
+            self._lost(restored)
+        if value is None:
+            self._known.pop(field, None)
+        else:
+            self._known[field] = value
 
     async def audit(self, limit: int) -> list[dict[str, Any]]:
         return [json.loads(_s(x)) for x in await self._client.lrange(self.audit_key, -limit, -1)]

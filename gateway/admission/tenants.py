@@ -321,7 +321,9 @@ class TenantDirectory:
             if record is not None and record.tenant in self._tenants:
                 keys[key_id] = (_unhex(record.digest), record)
         self._keys = keys
-        self._closed = self._require or bool(self._digests or self._config_keys or entries)
+        # once closed, closed for good: run-time keys that vanish (a store emptied by a Redis
+        # restart, or unreadable) must not open the gateway any more than revoking them does
+        self._closed = self._closed or bool(self._digests or self._config_keys or entries)
 
     def has_tenant(self, name: str) -> bool:
         return name in self._tenants

@@ -102,7 +102,11 @@ class RedisRegistry:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.poll_interval)
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception:  # a bug or a hostile record must not end the refreshes
+                self.consecutive_failures += 1
+                log.exception("registry: refresh failed")
 
     async def refresh(self) -> None:
         """One refresh; on a Redis error keep the previous view and count the failure.
@@ -146,7 +150,7 @@ class RedisRegistry:
             try:
                 view.append(WorkerInfo.from_json(blob))
                 self._bad.discard(worker_id)
-            except (ValueError, TypeError) as exc:
+            except (ValueError, TypeError, RecursionError) as exc:
                 # A worker on an incompatible version: skip it, and say so once per worker.
                 if worker_id not in self._bad:
                     self._bad.add(worker_id)

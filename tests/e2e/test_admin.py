@@ -4,6 +4,7 @@ process of a gateway and by other gateways sharing a Redis."""
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from gateway.admission.tenants import hash_key
+from gateway.admission.tenants import hash_key, new_api_key
 from loadtest.fleet import (
     ADMIN_TOKEN,
     Proc,
@@ -66,6 +67,15 @@ def served_by(gw: Proc, n: int, key: str | None = None) -> Counter[str]:
         with urllib.request.urlopen(req, timeout=30) as r:
             seen[r.headers["x-breakwater-worker"]] += 1
     return seen
+
+
+def refused(gw: Proc, key: str) -> bool:
+    """A completion with `key` gets a 401."""
+    try:
+        served_by(gw, 1, key)
+    except urllib.error.HTTPError as e:
+        return e.code == 401
+    return False
 
 
 def test_the_admin_api_needs_the_admin_token_and_refuses_tenant_keys(
@@ -152,6 +162,56 @@ def test_a_drain_on_one_gateway_reaches_another_through_redis(workers: list[Proc
         finally:
             a.stop()
             b.stop()
+
+
+def test_a_redis_restart_does_not_undo_drains_or_revocations(
+    workers: list[Proc], tmp_path: Path
+) -> None:
+    """Redis restarts empty (killed and started again on the same port, no persistence): the
+    drained replica stays drained and the revoked config key stays revoked, and the
+    gateway writes them back into Redis."""
+    live, live_id, live_digest = new_api_key(SECRET)
+    gone, gone_id, gone_digest = new_api_key(SECRET)
+    config = tmp_path / "admission.toml"
+    config.write_text(
+        f'key_secret = "{SECRET}"\n[tenants.alice]\n'
+        f'keys = [{{id = "{live_id}", digest = "{live_digest}"}}, '
+        f'{{id = "{gone_id}", digest = "{gone_digest}"}}]\n'
+    )
+    with RedisServer() as redis:
+        specs = [x for w in workers for x in ("--worker", w.ready["grpc"])]
+        gw = start_gateway(*specs, "--redis-url", redis.url, "--admission-config", str(config))
+        try:
+            ids = sorted(w["worker_id"] for w in admin_json(gw, "/admin/workers")["workers"])
+            wait_for(lambda: len(served_by(gw, 8, live)) == 2, timeout=60)
+            admin_json(gw, f"/admin/workers/{ids[0]}/drain", "POST")
+            admin_json(gw, f"/admin/tenants/alice/keys/{gone_id}", "DELETE")
+            wait_for(lambda: set(served_by(gw, 10, live)) == {ids[1]}, timeout=30)
+            assert refused(gw, gone)
+
+            redis.restart()
+            end = time.monotonic() + 3.0  # several polls (0.5 s each)
+            while time.monotonic() < end:
+                assert set(served_by(gw, 4, live)) == {ids[1]}
+                assert refused(gw, gone)
+            view = {w["worker_id"]: w for w in admin_json(gw, "/admin/workers")["workers"]}
+            assert view[ids[0]]["admin"] == "drained"
+
+            def written_back() -> bool:
+                import redis as redis_py
+
+                client = redis_py.Redis.from_url(redis.url, decode_responses=True)
+                try:
+                    data = client.hgetall("breakwater:admin:overrides")
+                finally:
+                    client.close()
+                return data.get(f"worker:{ids[0]}") == "drained" and bool(
+                    json.loads(data.get(f"key:{gone_id}", "{}")).get("revoked")
+                )
+
+            wait_for(written_back, timeout=30)
+        finally:
+            gw.stop()
 
 
 def test_canary_split_holds_and_rollback_is_immediate() -> None:
