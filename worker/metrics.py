@@ -113,7 +113,7 @@ class _EngineCollector(Collector):
         state = GaugeMetricFamily(
             "breakwater_worker_state", "1 for the worker's current state.", labels=["state"]
         )
-        for name in ("STARTING", "SERVING", "DRAINING"):
+        for name in ("STARTING", "SERVING", "NOT_SERVING", "DRAINING"):  # NOT_SERVING: engine dead
             state.add_metric([name], 1.0 if service.state == name else 0.0)
         yield state
 

@@ -176,6 +176,12 @@ def test_a_dead_loop_is_not_alive_and_health_says_so() -> None:
         await _until(lambda: not engine.alive)
         assert worker.service.state == WorkerState.NOT_SERVING
         assert worker.info().state == "NOT_SERVING"
+        from prometheus_client import generate_latest
+
+        from worker.metrics import WorkerMetrics
+
+        text = generate_latest(WorkerMetrics(worker.service).registry).decode()
+        assert 'breakwater_worker_state{state="NOT_SERVING"} 1.0' in text
         await asyncio.wait_for(watch, timeout=30)
         status = worker.health._server_status  # type: ignore[attr-defined]
         assert status[""] == NOT_SERVING
