@@ -96,7 +96,9 @@ class LocalBackend:
             raise UpstreamError(RESOURCE_EXHAUSTED, "worker queue is full", svc.pushback_ms())
         if request.model and request.model != svc.model_name:
             raise UpstreamError(NOT_FOUND, f"the model `{request.model}` does not exist")
-        engine_id = f"http-{request.request_id}#{next(self._ids)}"
+        # The part after the last "#" is "h" and digits here, digits alone on the gRPC port:
+        # no caller's id on one port can make the other's ("http-x#0" could, from gRPC).
+        engine_id = f"{request.request_id}#h{next(self._ids)}"
         # Counted from here, as the gRPC service counts it: a long prompt is tokenized in a
         # thread (seconds for megabytes), and meanwhile it is in the queue, the stats and
         # what a drain waits for.

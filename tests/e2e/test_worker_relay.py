@@ -338,3 +338,32 @@ def test_a_workers_openai_port_keeps_the_callers_deadline() -> None:
         assert status == 200 and json.loads(raw)["usage"]["completion_tokens"] == 3
     finally:
         worker.stop()
+
+
+def test_a_grpc_callers_id_cannot_take_an_http_callers_engine_id() -> None:
+    """Both ports add a counter to the caller's id; the HTTP port's ids were "http-<id>#n",
+    which a gRPC caller sending "http-x" made too: a concurrent HTTP call with X-Request-Id
+    x was refused as a duplicate of an id it never sent (found in review)."""
+    worker = start_sim_worker("--http-port", "0", "--sim-speed", "0.01")  # 20 ms steps
+    try:
+        with grpc.insecure_channel(worker.ready["grpc"]) as ch:
+            req = pb.GenerateRequest(
+                request_id="http-x",
+                model="sim",
+                text="hi",
+                sampling=pb.SamplingParams(max_tokens=300, ignore_eos=True),  # ~6 s
+            )
+            stream = pb_grpc.InferenceStub(ch).Generate(req, timeout=60)
+            next(stream)  # in the engine now, under "http-x#0"
+            body = {"model": "sim", "prompt": "hi", "max_tokens": 2}
+            http = urllib.request.Request(
+                worker.ready["http"] + "/v1/completions",
+                json.dumps(body).encode(),
+                {"Content-Type": "application/json", "X-Request-Id": "x"},
+            )
+            with urllib.request.urlopen(http, timeout=60) as r:
+                assert r.status == 200
+                assert json.loads(r.read())["usage"]["completion_tokens"] == 2
+            stream.cancel()
+    finally:
+        worker.stop()
