@@ -12,13 +12,23 @@ from worker.engine.request import Request
 
 
 def _holdback(text: str, stops: list[str]) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
+    """Length of the longest suffix of `text` that is a proper prefix of some stop string.
+
+    Only prefixes ending in the text's last character can match, so those are the only
+    lengths tried (found by str.rfind): trying every length cost ~113 us a token for four
+    256-character stop strings, on the engine thread every request's step waits for."""
+    if not text:
+        return 0
+    last = text[-1]
     best = 0
     for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), best, -1):
-            if text.endswith(stop[:n]):
-                best = n
+        # i: the index of a candidate prefix's last character (its length is i + 1)
+        i = stop.rfind(last, 0, min(len(stop) - 1, len(text)))
+        while i >= best:
+            if text.endswith(stop[: i + 1]):
+                best = i + 1
                 break
+            i = stop.rfind(last, 0, i)
     return best
 
 
