@@ -7,8 +7,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from serving.cli_types import choice, env_default, integer, port
-from serving.cli_types import number as _number
+from serving.cli_types import choice, env_default, integer, number, port
 
 if TYPE_CHECKING:  # grpc loads only when a gateway runs, not for `breakwater --help`
     from serving.tls import ClientTLS, ServerTLS
@@ -164,27 +163,27 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--balance-rel",
-        type=_number(1.0),
+        type=number(1.0),
         default=_env_default("BALANCE_REL", "1.5"),
         help="prefix-aware/sticky: skip a replica with more than REL x the least loaded's "
         "calls in flight + --balance-abs (>= 1)",
     )
     p.add_argument(
         "--balance-abs",
-        type=_number(0.0),
+        type=number(0.0),
         default=_env_default("BALANCE_ABS", "8"),
         help="see --balance-rel (>= 0)",
     )
     p.add_argument(
         "--cache-threshold",
-        type=_number(0.0, 1.0),
+        type=number(0.0, 1.0),
         default=_env_default("CACHE_THRESHOLD", "0.3"),
         help="prefix-aware: a prompt no replica holds this share of is placed as new, on the "
         "replica with the most cache room (SGLang's --cache-threshold; 0..1)",
     )
     p.add_argument(
         "--miss-weight",
-        type=_number(0.0, low_open=True),
+        type=number(0.0, low_open=True),
         default=_env_default("MISS_WEIGHT", "3"),
         help="prefix-aware: what a prompt token the replica lacks costs against one already "
         "queued there (> 0; higher keeps prompts with their prefix longer)",
@@ -232,7 +231,7 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--gpu-hour-price",
-        type=_number(0.0),
+        type=number(0.0),
         default=_env_default("GPU_HOUR_PRICE", "0"),
         help="$ per replica-hour: /metrics then counts breakwater_cost_dollars per tenant",
     )
@@ -270,31 +269,31 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--request-timeout",
-        type=_number(0.0, low_open=True),
+        type=number(0.0, low_open=True),
         default=600.0,
         help="default overall deadline per request, seconds",
     )
-    p.add_argument("--max-request-timeout", type=_number(0.0, low_open=True), default=3600.0)
+    p.add_argument("--max-request-timeout", type=number(0.0, low_open=True), default=3600.0)
     p.add_argument(
         "--ttft-timeout",
-        type=_number(0.0, low_open=True),
+        type=number(0.0, low_open=True),
         default=60.0,
         help="per attempt: seconds to the first token before retrying elsewhere",
     )
     p.add_argument(
         "--idle-timeout",
-        type=_number(0.0, low_open=True),
+        type=number(0.0, low_open=True),
         default=60.0,
         help="seconds allowed between tokens once streaming",
     )
     p.add_argument("--max-attempts", type=integer(1), default=3)
     p.add_argument(
         "--retry-budget",
-        type=_number(0.0),
+        type=number(0.0),
         default=0.2,
         help="retries may add at most this share of extra attempts",
     )
-    p.add_argument("--health-interval", type=_number(0.0, low_open=True), default=1.0)
+    p.add_argument("--health-interval", type=number(0.0, low_open=True), default=1.0)
     p.add_argument(
         "--admission-config",
         default=_env("ADMISSION_CONFIG"),
@@ -322,20 +321,20 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--keepalive-timeout",
-        type=_number(0.0, low_open=True),
+        type=number(0.0, low_open=True),
         default=75.0,
         help="seconds an idle client connection stays open; also the most a connection may "
         "take to send a complete request head",
     )
     p.add_argument(
         "--client-body-timeout",
-        type=_number(0.0),
+        type=number(0.0),
         default=60.0,
         help="seconds a request body has to arrive whole (408 past them)",
     )
     p.add_argument(
         "--send-timeout",
-        type=_number(0.0),
+        type=number(0.0),
         default=60.0,
         help="close a response whose client has read nothing for this many seconds, and "
         "cancel its upstream call (0: never)",

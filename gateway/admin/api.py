@@ -30,6 +30,7 @@ from gateway.admin.overrides import (
     WEIGHT,
     Action,
     Overrides,
+    json_number,
 )
 from gateway.admission.admission import Admission
 from gateway.admission.tenants import TenantDirectory, quota_from_fields
@@ -71,12 +72,6 @@ def _who(request: web.Request) -> str:
     read back, unencodable as JSON)."""
     who = request.headers.get("X-Operator") or request.remote or "unknown"
     return _utf8(who).decode("utf-8", "replace")[:200]
-
-
-def _number(value: object, low: float, high: float) -> bool:
-    """A JSON number (not a bool) in [low, high]: compared before any float conversion, so
-    a huge integer is out of range rather than an OverflowError, and NaN is never in it."""
-    return not isinstance(value, bool) and isinstance(value, int | float) and low <= value <= high
 
 
 async def _read_body(request: web.Request) -> bytes:
@@ -243,7 +238,7 @@ class AdminAPI:
         default, 0 for none, like a drain; up to 1000)."""
         body = await _json_object(request)
         weight = body.get("weight") if body is not None else None
-        if not _number(weight, 0, MAX_WEIGHT):
+        if not json_number(weight, 0, MAX_WEIGHT):
             return error_response(
                 OpenAIError(
                     400, f'expected {{"weight": <number from 0 to {MAX_WEIGHT}>}}', param="weight"
@@ -337,7 +332,7 @@ class AdminAPI:
             return error_response(
                 OpenAIError(400, "'target' must differ from the model it shadows", param="target")
             )
-        if not _number(percent, 0, 100) or percent == 0:
+        if not json_number(percent, 0, 100) or percent == 0:
             return error_response(
                 OpenAIError(400, "'percent' must be a number in (0, 100]", param="percent")
             )
@@ -435,7 +430,7 @@ class AdminAPI:
             return error_response(OpenAIError(400, 'expected {} or {"expires_in_s": <seconds>}'))
         expires_in = body.get("expires_in_s")
         if expires_in is not None and (
-            not _number(expires_in, 0, MAX_KEY_LIFETIME_S) or expires_in == 0
+            not json_number(expires_in, 0, MAX_KEY_LIFETIME_S) or expires_in == 0
         ):
             return error_response(
                 OpenAIError(
@@ -511,7 +506,7 @@ class AdminAPI:
             )
         # numbers only (not true, not "1e3"), each bounded so that their sum stays finite:
         # an infinite total made the round-robin go 999 to 1 instead of half and half
-        bad = next((m for m, w in raw.items() if not _number(w, 0, MAX_WEIGHT)), None)
+        bad = next((m for m, w in raw.items() if not json_number(w, 0, MAX_WEIGHT)), None)
         if bad is not None:
             return error_response(
                 OpenAIError(

@@ -224,11 +224,14 @@ def _section(raw: dict[str, str], prefix: str) -> dict[str, Any]:
     }
 
 
-def _real(value: object) -> bool:
-    """A stored JSON number that converts to a finite float: compared first, since a huge
-    integer's float() raises OverflowError (the store is read with Python's json)."""
-    top = sys.float_info.max
-    return not isinstance(value, bool) and isinstance(value, int | float) and -top <= value <= top
+def json_number(
+    value: object, low: float = -sys.float_info.max, high: float = sys.float_info.max
+) -> bool:
+    """A JSON number (not a bool) in [low, high], by default any that converts to a finite
+    float: compared before any float conversion, so a huge integer is out of range rather
+    than an OverflowError (from a request body, or the store read with Python's json), and
+    NaN is never in it."""
+    return not isinstance(value, bool) and isinstance(value, int | float) and low <= value <= high
 
 
 class Split:
@@ -237,7 +240,7 @@ class Split:
 
     def __init__(self, weights: Mapping[str, Any]) -> None:
         # a stored entry is taken as it is found: only finite positive numbers count
-        self.weights = {m: float(w) for m, w in weights.items() if _real(w) and w > 0}
+        self.weights = {m: float(w) for m, w in weights.items() if json_number(w) and w > 0}
         top = max(self.weights.values(), default=1.0)
         # steps scaled so that their sum is finite: an infinite total made the counters
         # inf - inf = NaN, and the shares 999 to 1 instead of half and half
@@ -315,7 +318,7 @@ class Overrides:
             if split.weights:  # one with no usable weight would have nothing to pick
                 splits[model] = split
         self.splits = splits
-        self.weights = {k: float(v) for k, v in _section(raw, WEIGHT).items() if _real(v)}
+        self.weights = {k: float(v) for k, v in _section(raw, WEIGHT).items() if json_number(v)}
         self.upstreams = _section(raw, UPSTREAM)
         self.shadows = _section(raw, SHADOW)
         self.quotas = _section(raw, QUOTA)
