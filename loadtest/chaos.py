@@ -216,6 +216,20 @@ def lost(records: list[RequestRecord]) -> int:
     return sum(1 for r in records if not r.ok and not r.aborted_after_first_token)
 
 
+def lost_how(records: list[RequestRecord]) -> list[dict[str, Any]]:
+    """What each lost request ended with, so that a failed run says why."""
+    return [
+        {
+            "at_s": round(r.start_s, 2),
+            "status": r.status,
+            "code": r.error_code,
+            "attempts": r.attempts,
+        }
+        for r in records
+        if not r.ok and not r.aborted_after_first_token
+    ]
+
+
 def result(name: str, passed: bool, figures: dict[str, Any]) -> dict[str, Any]:
     return {"scenario": name, "passed": bool(passed), "figures": figures}
 
@@ -320,6 +334,7 @@ def rolling_restart(quick: bool) -> dict[str, Any]:
     figures = {
         "requests": len(records),
         "lost_requests": lost(records),
+        "lost": lost_how(records),
         "aborted_after_first_token": sum(r.aborted_after_first_token for r in records),
     }
     return result(
