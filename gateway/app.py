@@ -40,7 +40,7 @@ from gateway.routing.policy import Router
 from gateway.routing.token_keys import TokenizerStore
 from gateway.settings import GatewaySettings
 from gateway.shadow import Shadows
-from gateway.shutdown import Step, run_steps
+from gateway.shutdown import DRAIN_S, STEP_S, Step, run_steps
 from gateway.upstream.base import Upstream
 from gateway.upstream.grpc_upstream import GrpcUpstream
 from gateway.upstream.openai_http import RELAY_KIND, OpenAIHTTPUpstream
@@ -216,7 +216,9 @@ class Gateway:
         if settings.redis_url:
             from gateway.resilience.breaker_sync import BreakerSync
 
-            self.breaker_sync = BreakerSync(settings.redis_url, self.dispatcher.breakers)
+            self.breaker_sync = BreakerSync(
+                settings.redis_url, self.dispatcher.breakers, pools=self.dispatcher.pools_of
+            )
         self.runner: web.AppRunner | None = None
         self.connections: ConnectionCap | None = None
         self.fast_front: FastFront | None = None
@@ -425,7 +427,10 @@ class Gateway:
                 ("grpc.max_receive_message_length", DEFAULT_LIMITS.max_body_bytes),
             ]
         )
-        front = GatewayInference(self.dispatcher, self.settings.request_timeout_s, self.admission)
+        s = self.settings
+        front = GatewayInference(
+            self.dispatcher, s.request_timeout_s, self.admission, s.max_request_timeout_s
+        )
         front.session_header = self.settings.session_header.lower()
         front.on_finished = self.metrics.finished
         front.tracer = self.dispatcher.tracer
@@ -445,13 +450,15 @@ class Gateway:
         if self._fleet_task is not None:
             self._fleet_task.cancel()
         self.concurrency.loop_lag.stop()
-        steps: list[Step] = []
+        doors: list[Step] = []  # drain at once: a gRPC stream gets the time an HTTP one does
         if self.grpc_server is not None:
-            steps.append(("grpc server", functools.partial(self.grpc_server.stop, 2.0), 10))
+            stop_grpc = functools.partial(self.grpc_server.stop, DRAIN_S)
+            doors.append(("grpc server", stop_grpc, DRAIN_S + STEP_S))
         if self.fast_front is not None:
-            steps.append(("http front door", self.fast_front.shutdown, DRAIN_S + 10))
+            doors.append(("http front door", self.fast_front.shutdown, DRAIN_S + STEP_S))
         if self.runner is not None:
-            steps.append(("http server", self.runner.cleanup, DRAIN_S + 10))
+            doors.append(("http server", self.runner.cleanup, DRAIN_S + STEP_S))
+        steps: list[Step | list[Step]] = [doors]
         if self.breaker_sync is not None:
             steps.append(("breaker sync", self.breaker_sync.close, STEP_S))
         if self.cache_watcher is not None:
@@ -469,12 +476,6 @@ class Gateway:
         if self.share is not None:
             steps.append(("routing share", self.share.close, STEP_S))
         return await run_steps(steps)
-
-
-DRAIN_S = 60.0
-"""How long a stopping gateway lets requests in flight finish (the front door's own)."""
-STEP_S = 10.0
-"""Any other shutdown step gets this long before it is passed over."""
 
 
 async def _serve(settings: GatewaySettings, own_dir: str | None) -> int:

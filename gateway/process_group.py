@@ -24,6 +24,7 @@ import sys
 
 from gateway.routing.decision_share import child_env
 from gateway.settings import GatewaySettings
+from gateway.shutdown import SIBLING_STOP_S
 
 log = logging.getLogger("breakwater.gateway")
 
@@ -127,7 +128,7 @@ class Siblings:
                     proc.send_signal(signal.SIGTERM)
         for proc in self.procs.values():
             try:
-                await asyncio.wait_for(proc.wait(), 10.0)
+                await asyncio.wait_for(proc.wait(), SIBLING_STOP_S)
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()

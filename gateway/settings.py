@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from gateway.registry.specs import check_address
 from serving.cli_types import choice, env_default, integer, number, port
 
 if TYPE_CHECKING:  # grpc loads only when a gateway runs, not for `breakwater --help`
@@ -128,6 +129,14 @@ class GatewaySettings:
         return ClientTLS.from_files(self.upstream_ca, self.upstream_cert, self.upstream_key)
 
 
+def worker_spec(text: str) -> str:
+    """`--worker`: checked here, so a typo stops the gateway instead of never turning healthy."""
+    try:
+        return check_address(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_gateway_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default=_env("HOST", "127.0.0.1"))
     p.add_argument("--port", type=port(), default=_env_default("PORT", "8080"))
@@ -135,6 +144,7 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--worker",
         action="append",
+        type=worker_spec,
         default=[],
         dest="workers",
         help="upstream: host:port of a Breakwater worker, or http://host:port of an "

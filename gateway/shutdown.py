@@ -15,22 +15,38 @@ from collections.abc import Awaitable, Callable, Sequence
 
 log = logging.getLogger("breakwater.gateway")
 
+DRAIN_S = 60.0
+"""How long a stopping gateway lets requests in flight finish, on every front door."""
+STEP_S = 10.0
+"""Any other shutdown step gets this long before it is passed over."""
+SIBLING_STOP_S = DRAIN_S + 2 * STEP_S
+"""How long process 0 waits for a sibling process's own shutdown (its drain, then its
+other steps) before killing it."""
+
 Step = tuple[str, Callable[[], Awaitable[object]], float]
 """(name for the log, the close to call, seconds it may take)."""
 
 
-async def run_steps(steps: Sequence[Step]) -> list[str]:
-    """Run each step in turn; returns the names of those left unfinished (cancelled, but
-    not awaited: they may never end, and the caller should not wait for the loop's own
+async def run_steps(steps: Sequence[Step | list[Step]]) -> list[str]:
+    """Run each step in turn (the steps of a list at once: the front doors drain together,
+    not one drain after another); returns the names of those left unfinished (cancelled,
+    but not awaited: they may never end, and the caller should not wait for the loop's own
     cleanup either). A step that fails is logged and the rest still run."""
     left: list[str] = []
-    for name, step, limit in steps:
-        task = asyncio.ensure_future(step())
-        done, _ = await asyncio.wait({task}, timeout=limit)
-        if not done:
-            task.cancel()
-            left.append(name)
-            log.error("shutdown: %s did not stop within %g s; going on without it", name, limit)
-        elif not task.cancelled() and (exc := task.exception()) is not None:
-            log.warning("shutdown: %s failed: %r", name, exc)
+    for entry in steps:
+        group = entry if isinstance(entry, list) else [entry]
+        results = await asyncio.gather(*(_run(*step) for step in group))
+        left += [name for name in results if name is not None]
     return left
+
+
+async def _run(name: str, step: Callable[[], Awaitable[object]], limit: float) -> str | None:
+    task = asyncio.ensure_future(step())
+    done, _ = await asyncio.wait({task}, timeout=limit)
+    if not done:
+        task.cancel()
+        log.error("shutdown: %s did not stop within %g s; going on without it", name, limit)
+        return name
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.warning("shutdown: %s failed: %r", name, exc)
+    return None

@@ -37,7 +37,13 @@ class UpstreamError(Exception):
     @property
     def retryable(self) -> bool:
         """Safe to try on another replica (before the first token only)."""
-        return self.code in (UNAVAILABLE, RESOURCE_EXHAUSTED, INTERNAL, DEADLINE_EXCEEDED)
+        return self.code in (
+            UNAVAILABLE,
+            RESOURCE_EXHAUSTED,
+            INTERNAL,
+            DEADLINE_EXCEEDED,
+            CANCELLED,
+        )
 
 
 @dataclass

@@ -103,6 +103,8 @@ class RegistryKeys:
 
     def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
         self.index = f"{prefix}workers"
+        self.epoch = f"{prefix}epoch"
+        """A random value gateways set when absent: when it changes, Redis lost its data."""
         self._worker = f"{prefix}worker:"
 
     def worker(self, worker_id: str) -> str:

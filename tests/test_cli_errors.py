@@ -90,6 +90,13 @@ BAD_FLAGS = [
     ("gateway", "--max-in-flight", "-1"),
     ("gateway", "--max-queue", "-1"),
     ("gateway", "--routing", "bogus"),
+    # a worker address the gateway could never reach: an error now, not a replica that
+    # never turns healthy
+    ("gateway", "--worker", "h:x"),
+    ("gateway", "--worker", "127.0.0.1:0"),
+    ("gateway", "--worker", "h:\u0663"),  # an Arabic-Indic 3: isdigit() and int() take it
+    ("gateway", "--worker", "http://"),
+    ("gateway", "--worker", "http://h:99999"),
     # the engine: a scheduler that admits nothing hangs; a zero block size divides by it
     ("worker", "--max-num-seqs", "0"),
     ("worker", "--max-num-seqs", "-1"),

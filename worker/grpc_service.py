@@ -92,9 +92,16 @@ class InferenceService(pb_grpc.InferenceServicer):
         return self.engine.model_name if self.engine is not None else ""
 
     def queue_depth(self) -> int:
+        """Calls waiting for a batch slot. Calls in flight beyond those running were all
+        counted as waiting, and the engine's running count moves only once a step: a
+        burst into an idle worker (20 calls, --max-queue 8, 128 free slots) had 12
+        refused as "queue full". Free slots now absorb a burst; the engine's own waiting
+        count still shows requests held back for KV room."""
         if self.engine is None:
             return 0
-        return max(0, self.in_flight - self.engine.stats().num_requests_running)
+        s = self.engine.stats()
+        slots = max(s.num_requests_running, s.max_num_seqs)
+        return max(0, s.num_requests_waiting, self.in_flight - slots)
 
     def pushback_ms(self) -> int:
         """A retry hint that grows with the backlog: roughly the time to drain it."""

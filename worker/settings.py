@@ -112,11 +112,11 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--fault-code",
-        choices=["UNAVAILABLE", "INTERNAL", "RESOURCE_EXHAUSTED"],
+        choices=["UNAVAILABLE", "INTERNAL", "RESOURCE_EXHAUSTED", "CANCELLED"],
         default="UNAVAILABLE",
         help="chaos testing: the status of an injected failure (UNAVAILABLE: as if down; "
         "INTERNAL: a replica that is up but failing calls; RESOURCE_EXHAUSTED: as if its "
-        "queue were full)",
+        "queue were full; CANCELLED: as if its server were stopping)",
     )
     p.add_argument(
         "--trace-exporter",

@@ -34,7 +34,7 @@ from gateway.admin.overrides import (
 )
 from gateway.admission.admission import Admission
 from gateway.admission.tenants import TenantDirectory, quota_from_fields
-from gateway.registry.dynamic import check_address
+from gateway.registry.specs import check_address
 from gateway.shadow import Shadows
 from proto.openai_compat import OpenAIError
 from serving.openai_http import error_response, json_errors, json_response, too_large

@@ -41,10 +41,17 @@ CLIENT_LEFT = 499
 
 class GatewayInference(pb_grpc.InferenceServicer):
     def __init__(
-        self, dispatcher: Dispatcher, default_timeout_s: float, admission: Admission | None = None
+        self,
+        dispatcher: Dispatcher,
+        default_timeout_s: float,
+        admission: Admission | None = None,
+        max_timeout_s: float = 3600.0,
     ) -> None:
         self.dispatcher = dispatcher
         self.default_timeout_s = default_timeout_s
+        self.max_timeout_s = max_timeout_s
+        """A client's own deadline is honoured up to this (as X-Request-Timeout-Ms is);
+        without one the call gets `default_timeout_s`."""
         self.admission = admission
         self.session_header = "x-session-id"
         """Metadata key of the sticky-routing key, when the request has no session_key."""
@@ -75,7 +82,11 @@ class GatewayInference(pb_grpc.InferenceServicer):
         code = grpc.StatusCode.CANCELLED
         span = self._start_span(request, metadata) if self.tracer is not None else None
         remaining = context.time_remaining()
-        timeout = min(remaining, self.default_timeout_s) if remaining else self.default_timeout_s
+        timeout = (
+            min(max(remaining, 0.0), self.max_timeout_s)
+            if remaining is not None
+            else self.default_timeout_s
+        )
         deadline = started + timeout
         ticket: Ticket | None = None
         stream: AsyncGenerator[pb.GenerateResponse, None] | None = None

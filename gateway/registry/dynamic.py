@@ -13,20 +13,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from gateway.registry.base import Registry, WorkerInfo
-from gateway.registry.embedded import EmbeddedRegistry, parse_worker_spec
+from gateway.registry.embedded import EmbeddedRegistry
+from gateway.registry.specs import check_address
 from gateway.upstream.base import Upstream
-
-
-def check_address(address: object) -> str:
-    """A worker spec as `--worker` takes it, or ValueError saying what is wrong."""
-    if not isinstance(address, str) or not address or len(address) > 512 or " " in address:
-        raise ValueError("'address' must be host:port, grpc://host:port or http(s)://host:port")
-    kind, rest = parse_worker_spec(address)
-    if kind == "grpc":
-        host, _, port = rest.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"'address' {address!r} is not host:port")
-    return address
 
 
 class DynamicRegistry:

@@ -7,17 +7,11 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from gateway.registry.base import UpstreamKind, WorkerInfo
+from gateway.registry.base import WorkerInfo
+from gateway.registry.specs import parse_worker_spec
 from gateway.upstream.base import Upstream
 
 log = logging.getLogger(__name__)
-
-
-def parse_worker_spec(spec: str) -> tuple[UpstreamKind, str]:
-    """'127.0.0.1:50051' or 'grpc://host:port' is a gRPC worker; http(s)://... an OpenAI server."""
-    if spec.startswith(("http://", "https://")):
-        return "openai-http", spec
-    return "grpc", spec.removeprefix("grpc://")
 
 
 class EmbeddedRegistry:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from typing import Any
 
 from serving.redis_client import OP_TIMEOUT, REDIS_ERRORS, SOCKET_TIMEOUT, OutageLog, make_client
@@ -65,6 +66,8 @@ class RedisRegistry:
         self._bad: set[str] = set()
         self._outage = OutageLog("registry")
         self._grace_until = 0.0
+        self._epoch: str | None = None
+        """The Redis data set the view was read from (see RegistryKeys.epoch)."""
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
@@ -114,32 +117,49 @@ class RedisRegistry:
         For ``recovery_grace`` seconds after an outage, workers of the last view that Redis
         does not list are kept: a restarted Redis comes back empty, and the fleet needs a
         heartbeat to repopulate it, during which the gateway should not route to nobody.
+        A restart between two polls fails none of them, so an empty Redis is also told by
+        its epoch marker having gone (a failover to an empty replica, likewise).
         """
         try:
             async with asyncio.timeout(self.op_timeout):
-                view, gone = await self._read()
-                now = time.monotonic()
-                if self.consecutive_failures:
-                    self._grace_until = now + self.recovery_grace
-                if now < self._grace_until:
-                    fresh = {w.worker_id for w in view}
-                    view += [w for w in self._view if w.worker_id not in fresh]
-                    view.sort(key=lambda w: w.worker_id)
-                self._view = view
-                if gone:
-                    keys = [self._keys.index, *(self._keys.worker(i) for i in gone)]
-                    await self._prune(keys=keys, args=gone)
+                view, gone, lost_data = await self._read()
         except REDIS_ERRORS as exc:
             self.consecutive_failures += 1
             self._outage.failed(exc)
             return
+        now = time.monotonic()
+        if self.consecutive_failures or lost_data:
+            self._grace_until = now + self.recovery_grace
+        if now < self._grace_until:
+            fresh = {w.worker_id for w in view}
+            view += [w for w in self._view if w.worker_id not in fresh]
+            view.sort(key=lambda w: w.worker_id)
+        self._view = view
         self.consecutive_failures = 0
         self._outage.ok()
+        if gone:  # housekeeping: a failure here leaves the view current, so it is no outage
+            keys = [self._keys.index, *(self._keys.worker(i) for i in gone)]
+            try:
+                async with asyncio.timeout(self.op_timeout):
+                    await self._prune(keys=keys, args=gone)
+            except REDIS_ERRORS as exc:
+                log.debug("registry: prune failed: %s", exc)
 
-    async def _read(self) -> tuple[list[WorkerInfo], list[str]]:
-        ids = sorted(await self._client.smembers(self._keys.index))
+    async def _read(self) -> tuple[list[WorkerInfo], list[str], bool]:
+        """The records listed, the ids listed without a record, and whether Redis lost its
+        data since the last read."""
+        pipe = self._client.pipeline(transaction=False)
+        pipe.get(self._keys.epoch)
+        pipe.smembers(self._keys.index)
+        epoch, members = await pipe.execute()
+        if epoch is None:  # a new Redis (or this fleet's first gateway): mark it
+            await self._client.set(self._keys.epoch, uuid.uuid4().hex, nx=True)
+            epoch = await self._client.get(self._keys.epoch)
+        lost_data = self._epoch is not None and epoch != self._epoch
+        self._epoch = epoch
+        ids = sorted(members)
         if not ids:
-            return [], []
+            return [], [], lost_data
         blobs = await self._client.mget([self._keys.worker(i) for i in ids])
         view: list[WorkerInfo] = []
         gone: list[str] = []
@@ -155,4 +175,4 @@ class RedisRegistry:
                 if worker_id not in self._bad:
                     self._bad.add(worker_id)
                     log.warning("registry: ignoring worker %r, bad entry: %s", worker_id, exc)
-        return view, gone
+        return view, gone, lost_data

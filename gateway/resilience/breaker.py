@@ -165,10 +165,19 @@ class BreakerBoard:
         self._on_open(r)
         return True
 
-    def force_open(self, worker_id: str, seconds: float) -> None:
-        """Another gateway ejected this replica: honour it for the time it said."""
+    def force_open(
+        self, worker_id: str, seconds: float, pools: Iterable[Iterable[str]] = ()
+    ) -> bool:
+        """Another gateway ejected this replica: honour it for the time it said, unless
+        that would take any of its pools over the share cap (gateways ejecting different
+        replicas of one pool would together empty it). Refused now, asked again next sync."""
         r = self._get(worker_id)
+        if self.state(worker_id) == CLOSED and any(
+            self._ejected_share(pool) >= self.config.max_ejection_share for pool in pools
+        ):
+            return False
         r.forced_until = max(r.forced_until, time.monotonic() + seconds)
+        return True
 
     def observe_ttft(
         self, worker_id: str, ttft_s: float, pool: Iterable[str], judged: bool = True

@@ -3,59 +3,102 @@
 Each gateway publishes the replicas it has ejected (with the time left) and honours the
 others' ejections, so one gateway's discovery that a replica is sick protects the whole
 fleet. Redis being down only means each gateway decides alone until it is back.
+
+The ejections live in one hash, written and read by one script a sync: a SCAN for
+per-replica keys walked the whole keyspace of a shared Redis twice a second. The script
+times them by the Redis server's clock, so gateways' clocks need not agree.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 import uuid
+from collections.abc import Callable, Iterable
 
 from gateway.resilience.breaker import OPEN, BreakerBoard
 from serving.redis_client import make_client
 
 log = logging.getLogger(__name__)
 
+# KEYS[1]: the hash (replica -> "<gateway> <until ms, server clock>").
+# ARGV: this gateway's id, then (replica, ms left) pairs it has ejected.
+# Returns (replica, ms left) pairs ejected by other gateways; drops expired or unreadable
+# entries. A write never shortens another gateway's longer ejection of the same replica.
+_SYNC = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local me = ARGV[1]
+for i = 2, #ARGV - 1, 2 do
+  local left = tonumber(ARGV[i + 1])
+  if left and left > 0 then
+    local untl = now + math.floor(left)
+    local old = redis.call('HGET', KEYS[1], ARGV[i])
+    local by, u = nil, nil
+    if old then by, u = string.match(old, '^(%S+) (%d+)$') end
+    if not u or by == me or tonumber(u) < untl then
+      redis.call('HSET', KEYS[1], ARGV[i], me .. ' ' .. untl)
+    end
+  end
+end
+local out, last = {}, 0
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  local by, u = string.match(all[i + 1], '^(%S+) (%d+)$')
+  u = tonumber(u)
+  if not u or u <= now then
+    redis.call('HDEL', KEYS[1], all[i])
+  else
+    if u > last then last = u end
+    if by ~= me then
+      out[#out + 1] = all[i]
+      out[#out + 1] = tostring(u - now)
+    end
+  end
+end
+if last > now then redis.call('PEXPIRE', KEYS[1], last - now + 1000) end
+return out
+"""
+
 
 class BreakerSync:
     def __init__(
-        self, url: str, board: BreakerBoard, prefix: str = "breakwater:", interval_s: float = 0.5
+        self,
+        url: str,
+        board: BreakerBoard,
+        prefix: str = "breakwater:",
+        interval_s: float = 0.5,
+        pools: Callable[[str], Iterable[list[str]]] | None = None,
     ) -> None:
+        """`pools(worker_id)`: the pools (ready replicas of each of its models) that an
+        ejection from another gateway must keep within the share cap; none: no cap."""
         self.board = board
         self.redis = make_client(url)
-        self.prefix = f"{prefix}ejected:"
+        self.key = f"{prefix}ejections"
         self.interval_s = interval_s
+        self.pools = pools
         self.gateway_id = uuid.uuid4().hex[:12]
+        self._script = self.redis.register_script(_SYNC)
         self._task: asyncio.Task[None] | None = None
         self._healthy = True
 
     async def sync_once(self) -> None:
         now = time.monotonic()
+        args: list[str] = [self.gateway_id]
+        for worker_id, r in self.board.replicas().items():
+            if r.breaker.current_state == OPEN and r.ejected_at is not None:
+                left = r.ejected_at + r.breaker.reset_timeout - now
+                if left > 0.05:
+                    args += [worker_id, str(int(left * 1000))]
         async with asyncio.timeout(1.0):
-            pipe = self.redis.pipeline(transaction=False)
-            for worker_id, r in self.board.replicas().items():
-                if r.breaker.current_state == OPEN and r.ejected_at is not None:
-                    left = r.ejected_at + r.breaker.reset_timeout - now
-                    if left > 0.05:
-                        key = f"{self.prefix}{worker_id}"
-                        pipe.set(key, json.dumps({"by": self.gateway_id}), px=int(left * 1000))
-            await pipe.execute()
-            keys = [k async for k in self.redis.scan_iter(match=self.prefix + "*", count=200)]
-            if keys:
-                pipe = self.redis.pipeline(transaction=False)
-                for k in keys:
-                    pipe.get(k)
-                    pipe.pttl(k)
-                values = await pipe.execute()
-                for i, key in enumerate(keys):
-                    raw, ttl_ms = values[2 * i], values[2 * i + 1]
-                    if raw is None or ttl_ms is None or ttl_ms <= 0:
-                        continue
-                    if json.loads(raw).get("by") != self.gateway_id:
-                        self.board.force_open(key[len(self.prefix) :], ttl_ms / 1000.0)
+            out = await self._script(keys=[self.key], args=args)
+        for i in range(0, len(out) - 1, 2):
+            worker_id = out[i].decode() if isinstance(out[i], bytes) else str(out[i])
+            left_s = int(out[i + 1]) / 1000.0
+            pools = self.pools(worker_id) if self.pools is not None else ()
+            self.board.force_open(worker_id, left_s, pools)
 
     async def _loop(self) -> None:
         while True:

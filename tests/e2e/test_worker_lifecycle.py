@@ -114,6 +114,25 @@ def test_bounded_queue_pushes_back(tiny_llama: Path) -> None:
         w.stop()
 
 
+def test_a_burst_into_free_batch_slots_is_not_a_full_queue() -> None:
+    """20 calls at once into an idle worker with 128 batch slots and --max-queue 8: the
+    engine has not run a step for them yet, but none is waiting for a slot."""
+    from tests.procs import start_sim_worker
+
+    w = start_sim_worker("--max-queue", "8")
+    try:
+        with grpc.insecure_channel(w.ready["grpc"]) as ch:
+            stub = pb_grpc.InferenceStub(ch)
+            req = pb.GenerateRequest(
+                model="sim", text="burst", sampling=pb.SamplingParams(max_tokens=4)
+            )
+            calls = [stub.Generate(req, timeout=60) for _ in range(20)]
+            for call in calls:
+                assert list(call)[-1].finish_reason
+    finally:
+        w.stop()
+
+
 def test_up_starts_serves_and_stops_cleanly(tiny_llama: Path, tmp_path: Path) -> None:
     import json
     import urllib.request

@@ -37,3 +37,55 @@ def test_ejection_on_one_gateway_is_honoured_by_another() -> None:
 
     with RedisServer() as redis:
         asyncio.run(main(redis.url))
+
+
+def test_another_gateways_ejection_keeps_within_the_share_cap() -> None:
+    """Gateways that each eject a different replica of one pool must not together empty
+    it: another gateway's word is honoured only while the pool stays under the cap."""
+    pool = ["w1", "w2", "w3"]
+
+    async def main(url: str) -> None:
+        a = BreakerBoard(BreakerConfig(base_ejection_s=60.0))
+        b = BreakerBoard(BreakerConfig(base_ejection_s=60.0))
+        sa = BreakerSync(url, a, interval_s=0.1, pools=lambda _w: [pool])
+        sb = BreakerSync(url, b, interval_s=0.1, pools=lambda _w: [pool])
+        await sa.start()
+        await sb.start()
+        try:
+            assert b.eject("w3", pool)  # b's own: 1 of 3
+            assert a.eject("w1", pool) and a.eject("w2", pool)  # a's own: 2 of 3
+            await until(lambda: b.state("w1") == OPEN or b.state("w2") == OPEN)
+            for _ in range(5):  # several syncs later, each still serves from one replica
+                await sa.sync_once()
+                await sb.sync_once()
+                assert sum(b.state(w) == OPEN for w in pool) == 2
+                assert a.state("w3") == CLOSED  # a is at its cap with its own two
+        finally:
+            await sa.close()
+            await sb.close()
+
+    with RedisServer() as redis:
+        asyncio.run(main(redis.url))
+
+
+def test_unreadable_entries_are_dropped_and_block_nothing() -> None:
+    async def main(url: str) -> None:
+        a, b = BreakerBoard(BreakerConfig(base_ejection_s=60.0)), BreakerBoard()
+        sa, sb = BreakerSync(url, a), BreakerSync(url, b)
+        try:
+            await sb.redis.hset(sb.key, mapping={"wx": "not an entry", "wy": "g 12ab"})
+            assert a.eject("w1", ["w1", "w2", "w3"])
+            await sa.sync_once()
+            await sb.sync_once()
+            assert b.state("w1") == OPEN
+            assert sorted(await sb.redis.hkeys(sb.key)) == ["w1"]
+            # no key per replica: a sync reads one hash, not a SCAN of a shared keyspace
+            assert await sb.redis.keys("*") == [sb.key]
+            ttl = await sb.redis.pttl(sb.key)
+            assert 0 < ttl <= 61_000 + 1000
+        finally:
+            await sa.close()
+            await sb.close()
+
+    with RedisServer() as redis:
+        asyncio.run(main(redis.url))

@@ -245,6 +245,38 @@ def test_redis_outage_keeps_view_and_recovers(
     run(main())
 
 
+def test_data_lost_between_two_polls_keeps_the_view_for_the_grace(
+    redis_server: RedisServer,
+) -> None:
+    """A Redis that restarts empty (or fails over to an empty replica) between two polls
+    fails none of them: the epoch marker's change starts the grace all the same."""
+
+    async def main() -> None:
+        registry = RedisRegistry(redis_server.url, poll_interval=0.1, recovery_grace=3.0)
+        publisher = RedisPublisher(redis_server.url, ttl=60.0)
+        admin = aioredis.Redis.from_url(redis_server.url)
+        await registry.start()
+        try:
+            await publisher.publish(worker("w1"))
+            await publisher.publish(worker("w2"))
+            await wait_for(lambda: ids(registry) == {"w1", "w2"}, "both workers")
+            await admin.flushall()
+            # no poll failed, yet the view stays until the fleet could heartbeat again
+            await wait_for(lambda: registry._epoch is not None and registry.healthy, "a poll")
+            await asyncio.sleep(0.5)  # several polls of the empty Redis
+            assert registry.consecutive_failures == 0
+            assert ids(registry) == {"w1", "w2"}
+            await publisher.publish(worker("w1"))
+            await wait_for(lambda: "w2" not in ids(registry), "w2 to leave after the grace")
+            assert ids(registry) == {"w1"}
+        finally:
+            await admin.aclose()
+            await publisher.close()
+            await registry.close()
+
+    run(main())
+
+
 def test_idle_clients_survive_a_restart(
     redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:

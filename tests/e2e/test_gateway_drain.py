@@ -1,0 +1,83 @@
+"""A SIGTERM'd gateway lets every stream in flight finish, on every process and front door.
+
+Each process drains its HTTP front door for up to DRAIN_S (60 s), so process 0 must wait
+that long for its siblings before killing them (it waited 10 s), and the gRPC front door
+must drain for as long (it gave streams 2 s). Streams here outlast both old limits.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+import urllib.request
+
+import grpc
+
+from proto import inference_pb2 as pb
+from proto import inference_pb2_grpc as pb_grpc
+from tests.procs import start_gateway, start_sim_worker, wait_for
+
+TOKENS = 100
+"""~15 s at the sim speed below (0.15 s a token on this preset): past both old limits."""
+HTTP_STREAMS = 8
+"""Each on its own connection: the kernel spreads them over the two processes (all 8 on
+one: 1 in 128)."""
+
+
+def test_sigterm_lets_http_and_grpc_streams_on_every_process_finish() -> None:
+    worker = start_sim_worker("--sim-speed", "0.05", preset="llama3-8b-h100")
+    gw = start_gateway("--worker", worker.ready["grpc"], "--grpc-port", "0", processes=2)
+    results: dict[str, tuple[int, bool]] = {}
+    started: set[str] = set()
+
+    def http_stream(i: int) -> None:
+        body = {"model": "sim", "prompt": f"drain {i}", "max_tokens": TOKENS}
+        body |= {"ignore_eos": True, "stream": True}
+        req = urllib.request.Request(
+            gw.ready["http"] + "/v1/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json", "Connection": "close"},
+        )
+        n, done = 0, False
+        with urllib.request.urlopen(req, timeout=120) as r:
+            for line in r:
+                if line.startswith(b"data: {"):
+                    n += 1
+                    started.add(f"http{i}")
+                done = done or line.strip() == b"data: [DONE]"
+        results[f"http{i}"] = (n, done)
+
+    def grpc_stream(i: int) -> None:
+        with grpc.insecure_channel(gw.ready["grpc"]) as ch:
+            req = pb.GenerateRequest(
+                model="sim",
+                text=f"drain grpc {i}",
+                sampling=pb.SamplingParams(max_tokens=TOKENS, ignore_eos=True),
+            )
+            n, done = 0, False
+            for resp in pb_grpc.InferenceStub(ch).Generate(req, timeout=120):
+                n += len(resp.token_ids) or (1 if resp.text else 0)
+                started.add(f"grpc{i}")
+                done = done or bool(resp.finish_reason)
+            results[f"grpc{i}"] = (n, done)
+
+    threads = [threading.Thread(target=http_stream, args=(i,)) for i in range(HTTP_STREAMS)]
+    threads += [threading.Thread(target=grpc_stream, args=(i,)) for i in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        wait_for(lambda: len(started) == len(threads), timeout=60)
+        t0 = time.monotonic()
+        gw.signal(signal.SIGTERM)
+        for t in threads:
+            t.join(150)
+        assert gw.wait(60) == 0, gw.log_text()[-3000:]
+        assert time.monotonic() - t0 > 10  # the streams did outlast the old limits
+        assert len(results) == len(threads), results
+        for name, (_n, done) in results.items():
+            assert done, (name, results)
+    finally:
+        gw.stop()
+        worker.stop()
