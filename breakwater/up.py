@@ -30,11 +30,30 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+WORKER_STOP_S = 30.0 + 10.0
+"""A worker's drain (--drain-timeout's default) and the rest of its shutdown."""
+KILL_WAIT_S = 5.0
+"""After SIGKILL: the kernel reaps at once, unless this process stopped reading its pipe."""
+
+
 @dataclass
 class Child:
     name: str
     proc: asyncio.subprocess.Process
     ready: dict[str, str]
+    pump: asyncio.Task[None] | None = None
+    """Forwards the child's stdout after READY: a pipe nobody reads fills (64 KiB), and a
+    child writing to it (console traces, vLLM's logs) then blocks: serving stalled and
+    the child could not even exit."""
+
+
+async def _forward(stdout: asyncio.StreamReader) -> None:
+    """Bytes as they come (a line over the reader's 64 KiB limit would end readline())."""
+    out = sys.stdout.buffer
+    while data := await stdout.read(1 << 16):
+        with contextlib.suppress(OSError, ValueError):  # our own stdout closed: drop it
+            out.write(data)
+            out.flush()
 
 
 async def _spawn(name: str, args: list[str], ready_prefix: str, timeout: float) -> Child:
@@ -71,7 +90,7 @@ async def _spawn(name: str, args: list[str], ready_prefix: str, timeout: float) 
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await proc.wait()
         raise
-    return Child(name, proc, ready)
+    return Child(name, proc, ready, asyncio.create_task(_forward(proc.stdout)))
 
 
 class _Stopped(Exception):
@@ -97,29 +116,73 @@ async def _unless_stopped(aw: Awaitable[T], stop: asyncio.Event) -> T:
 
 
 async def _stop(children: list[Child], timeout: float) -> None:
-    for child in children:
+    """SIGTERM all at once (each drains in parallel), SIGKILL any still running after
+    `timeout`; never waits without a bound."""
+
+    async def stop(child: Child) -> None:
         if child.proc.returncode is None:
-            child.proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):
+                child.proc.send_signal(signal.SIGTERM)
         try:
             await asyncio.wait_for(child.proc.wait(), timeout)
         except TimeoutError:
-            child.proc.kill()
-            await child.proc.wait()
+            print(f"breakwater up: {child.name} did not stop in {timeout:g}s; killed",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            with contextlib.suppress(ProcessLookupError):
+                child.proc.kill()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(child.proc.wait(), KILL_WAIT_S)
+        if child.pump is not None:
+            child.pump.cancel()
+
+    await asyncio.gather(*(stop(c) for c in children))
+
+
+async def _stop_all(children: list[Child]) -> None:
+    """The gateway first, for as long as its own drain may take (so that requests in
+    flight finish on live workers), then every worker at once."""
+    from gateway.shutdown import SIBLING_STOP_S
+
+    gateways = [c for c in children if c.name == "gateway"]
+    await _stop(gateways, SIBLING_STOP_S + 10.0)
+    await _stop([c for c in children if c not in gateways], WORKER_STOP_S)
+
+
+async def _gather_children(spawns: list[Awaitable[Child]], children: list[Child]) -> list[Child]:
+    """Start them together; every one that started joins `children` (to be stopped) even
+    when another failed, whose error is raised (the others' are read, not left unhandled)."""
+    results = await asyncio.gather(*spawns, return_exceptions=True)
+    started = [r for r in results if isinstance(r, Child)]
+    children.extend(started)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return started
 
 
 async def _up(args: argparse.Namespace) -> int:
     children: list[Child] = []
     model = args.model
-    if args.engine in ("torch", "vllm") and model is None:
-        from worker.engine.demo_model import ensure_demo_model
-
-        ensure_demo_model("demo")  # once, before the workers race to write it
+    # First of all: a Ctrl-C before these were in place went to asyncio's own handling,
+    # which cancelled half-made child spawns and then hung for good in its shutdown.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():  # a second Ctrl-C: the operator wants out now
+            print("\nbreakwater up: stopped at once", file=sys.stderr, flush=True)
+            os._exit(130)  # the children follow (PR_SET_PDEATHSIG)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     t0 = time.perf_counter()
     try:
+        if args.engine in ("torch", "vllm") and model is None:
+            from worker.engine.demo_model import ensure_demo_model
+
+            # once, before the workers race to write it; in a thread, so Ctrl-C works
+            await _unless_stopped(asyncio.to_thread(ensure_demo_model, "demo"), stop)
         # Each worker also gets an HTTP port of its own: /metrics (vLLM's names) and its
         # OpenAI routes, for scrapes and for debugging one replica directly.
         common = [
@@ -149,9 +212,8 @@ async def _up(args: argparse.Namespace) -> int:
             )
 
         workers = await _unless_stopped(
-            asyncio.gather(*(spawn_worker(i) for i in range(args.workers))), stop
+            _gather_children([spawn_worker(i) for i in range(args.workers)], children), stop
         )
-        children.extend(workers)
         gw_args = ["gateway", "--host", args.host, "--port", str(args.port)]
         if args.grpc_port is not None:
             gw_args += ["--grpc-port", str(args.grpc_port)]
@@ -209,7 +271,7 @@ async def _up(args: argparse.Namespace) -> int:
         print(f"breakwater up: {str(e) or 'timed out waiting for readiness'}", file=sys.stderr)
         return 1
     finally:
-        await _stop(children, timeout=35.0)
+        await _stop_all(children)
 
 
 async def _autoscale(
@@ -236,7 +298,7 @@ async def _autoscale(
         return child, child.ready
 
     async def stop(child: Child) -> None:
-        await _stop([child], timeout=35.0)
+        await _stop([child], WORKER_STOP_S)
         children.remove(child)
 
     scaler = Autoscaler(

@@ -505,7 +505,13 @@ async def _serve(settings: GatewaySettings, own_dir: str | None) -> int:
     siblings = None
     if group:
         siblings = Siblings(settings, gw.http_port, gw.grpc_port, share_socks)
-        await siblings.start()
+        try:
+            await siblings.start()
+        except (RuntimeError, TimeoutError) as e:  # one died or hung while starting
+            print(f"breakwater gateway: {str(e) or 'a process did not start'}", file=sys.stderr,
+                  flush=True)  # fmt: skip
+            await asyncio.gather(siblings.stop(), gw.stop())
+            return 1
         gw.tell_siblings = siblings.notify
     grpc_part = f" grpc={settings.host}:{gw.grpc_port}" if gw.grpc_port else ""
     admin_part = f" admin={gw.admin_url}" if gw.admin_url else ""

@@ -32,6 +32,7 @@ SETTINGS_ENV = "BREAKWATER_GATEWAY_SETTINGS_JSON"
 PARENT_ENV = "BREAKWATER_GATEWAY_PARENT_PID"
 READY_LINE = "BREAKWATER_GATEWAY_READY"
 RESTART_DELAY_S = 1.0
+MAX_RESTART_DELAY_S = 30.0
 
 
 class Siblings:
@@ -104,18 +105,30 @@ class Siblings:
 
     async def _watch(self, index: int, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
-        while await proc.stdout.readline():  # keep the pipe drained
+        while await proc.stdout.read(1 << 16):  # keep the pipe drained
             pass
         code = await proc.wait()
         if self._stopping:
             return
         log.warning("gateway process %d exited with %s; restarting it", index, code)
-        await asyncio.sleep(RESTART_DELAY_S)
-        if not self._stopping:
+        # Until it is back, as a master process does (nginx, gunicorn): a restart that
+        # failed once was the end of it, leaving the gateway a process short for good.
+        delay = RESTART_DELAY_S
+        while not self._stopping:
+            await asyncio.sleep(delay)
+            if self._stopping:
+                return
             try:
                 await self._spawn(index)
+                return
             except Exception as e:
-                log.error("gateway process %d did not restart: %s", index, e)
+                delay = min(delay * 2, MAX_RESTART_DELAY_S)
+                log.error(
+                    "gateway process %d did not restart (%s); trying again in %g s",
+                    index,
+                    e,
+                    delay,
+                )
 
     async def start(self) -> None:
         await asyncio.gather(*(self._spawn(i) for i in range(1, self.settings.processes)))

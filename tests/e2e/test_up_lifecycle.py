@@ -1,0 +1,72 @@
+"""`breakwater up` stops on Ctrl-C at any moment, and children that print never stall it.
+
+A Ctrl-C in its first seconds (the demo model being written, workers half spawned) once
+went to asyncio's own handling and hung `up` for good; a child's stdout, unread after its
+READY line, filled its pipe, which blocked the child (console traces) and then `up`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.procs import Proc, child_pids, interrupt_and_reap
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("delay_s", [0.8, 1.6, 2.4])
+def test_ctrl_c_while_starting_ends_up_promptly(delay_s: float, tmp_path: Path) -> None:
+    env = {**os.environ, "BREAKWATER_CACHE": str(tmp_path / "cache")}  # a model to write
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "breakwater.cli", "up", "--engine", "torch", "--workers", "2",
+         "--gateway-processes", "1", "--port", "0"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        time.sleep(delay_s)
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole group
+        _, err = proc.communicate(timeout=120)
+        assert "Traceback" not in err, err[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            pytest.fail(f"`breakwater up` still ran 120 s after Ctrl-C at {delay_s} s")
+    with pytest.raises(ProcessLookupError):  # nothing of the group is left
+        os.killpg(proc.pid, 0)
+
+
+def test_a_child_that_prints_a_lot_stalls_nothing() -> None:
+    up = Proc(
+        ["up", "--engine", "sim", "--workers", "1", "--gateway-processes", "1", "--port", "0"],
+        "Breakwater is up",
+        timeout=120,
+        env={"BREAKWATER_TRACE_EXPORTER": "console"},  # every call: a span on stdout
+    )
+    try:
+        line = next(x for x in up.stdout_lines if x.startswith("Breakwater is up"))
+        url = line.split("gateway ")[1].split()[0]
+        model = line.split("model ")[1].rstrip(")\n")
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        req = urllib.request.Request(
+            url + "/v1/chat/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        for _ in range(300):  # ~1 MB of spans: many times a pipe's 64 KiB
+            with urllib.request.urlopen(req, timeout=30) as r:
+                assert r.status == 200
+        assert sum(len(x) for x in up.stdout_lines) > 256 * 1024  # forwarded, in order
+        interrupt_and_reap(up, child_pids(up))  # exits 0, no child left
+    finally:
+        up.kill()
