@@ -90,6 +90,18 @@ def build_admission(settings: GatewaySettings) -> Admission:
         redis_url=config.redis_url or settings.redis_url,
         require_keys=config.require_keys or settings.require_api_keys,
     )
+    if settings.processes > 1 and not config.redis_url and settings.process_index == 0:
+        quotas = [config.defaults, *(t.quota for t in config.tenants)]
+        if any(
+            q.requests_per_second or q.tokens_per_second or q.max_concurrent for q in quotas
+        ) or (limits.requests_per_second or limits.tokens_per_second):
+            log.warning(
+                "admission limits are split among %d processes without --redis-url: a "
+                "client on one connection reaches one process and gets 1/%d of its rate; "
+                "give the gateway a Redis for exact limits",
+                settings.processes,
+                settings.processes,
+            )
     return Admission(config, processes=settings.processes)
 
 

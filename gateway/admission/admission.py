@@ -164,6 +164,8 @@ class Admission:
                 backoff_s=settings.redis_probe_interval_s,
             )
         self._fallback_scale = settings.fallback_share if url else 1.0
+        self._burst_share = 1 if url or processes <= 1 else processes
+        """What this process's bucket sizes were divided by (per_process)."""
         self._active: dict[str, int] = {}
         self._quotas: dict[str, Quota] = {}
         self._admin_quotas: dict[str, Quota] = {}
@@ -284,13 +286,17 @@ class Admission:
             if (b := rates.request_bucket()) is not None:
                 specs.append(BucketSpec(f"{scope}:requests", b[0], b[1], 1.0))
             if tokens and (b := rates.token_bucket()) is not None:
-                if tokens > b[1]:
+                # against the burst as configured: a process's share of it (no Redis) pays
+                # a larger cost when full, in debt (LocalBuckets.take); refusing with a 400
+                # made a request's validity depend on the number of cores
+                if tokens > b[1] * self._burst_share:
                     self.counts["too_large"] += 1
                     who = "the gateway" if scope == "global" else f"tenant '{name}'"
                     raise OpenAIError(
                         400,
                         f"Request too large: it needs about {tokens} tokens (prompt + "
-                        f"max_tokens) but the token burst of {who} is {b[1]:g}. "
+                        f"max_tokens) but the token burst of {who} is "
+                        f"{b[1] * self._burst_share:g}. "
                         "Lower max_tokens or shorten the prompt.",
                         type_="invalid_request_error",
                         param="max_tokens",

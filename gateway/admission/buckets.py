@@ -81,17 +81,19 @@ class LocalBuckets:
         """Charge every spec or none. ``scale`` shrinks rate and burst (fallback share)."""
         now = self._clock()
         buckets = [self._bucket(s, scale, now) for s in specs]
-        # A cost above a (scaled-down) burst could never be paid: charge a full bucket instead.
-        costs = [min(s.cost, b.burst) for s, b in zip(specs, buckets, strict=True)]
+        # A cost above a (scaled-down, or per-process) burst could never be paid at once:
+        # it waits for a full bucket and then takes the whole cost, leaving a debt the
+        # rate repays before the next. Charging only the burst instead admitted rate/burst
+        # requests a second (30/s at 1/s with a burst of 0.01; 2/s at 1/s over 2 processes).
         wait, limiting = 0.0, -1
-        for i, (cost, bucket) in enumerate(zip(costs, buckets, strict=True)):
-            w = bucket.wait_s(cost, now)
+        for i, (spec, bucket) in enumerate(zip(specs, buckets, strict=True)):
+            w = bucket.wait_s(min(spec.cost, bucket.burst), now)
             if w > wait:
                 wait, limiting = w, i
         if wait > 0:
             return TakeResult(wait, limiting)
-        for cost, bucket in zip(costs, buckets, strict=True):
-            bucket.level -= cost
+        for spec, bucket in zip(specs, buckets, strict=True):
+            bucket.level -= spec.cost
         return ALLOWED
 
     def _bucket(self, spec: BucketSpec, scale: float, now: float) -> TokenBucket:

@@ -41,7 +41,7 @@ local wait, worst = 0, 0
 for i = 1, #KEYS do
   local rate = tonumber(ARGV[3 * i - 2])
   local burst = tonumber(ARGV[3 * i - 1])
-  local cost = math.min(tonumber(ARGV[3 * i]), burst)
+  local cost = tonumber(ARGV[3 * i])
   local s = redis.call('HMGET', KEYS[i], 'l', 't')
   local level, stamp = tonumber(s[1]), tonumber(s[2])
   if level == nil or stamp == nil then
@@ -53,8 +53,9 @@ for i = 1, #KEYS do
   end
   level = math.min(burst, level)
   levels[i], stamps[i] = level - cost, stamp
-  if level < cost then
-    local w = math.ceil((cost - level) * 1000 / rate)
+  local need = math.min(cost, burst)  -- more than a burst: a full bucket, then a debt
+  if level < need then
+    local w = math.ceil((need - level) * 1000 / rate)
     if w > wait then
       wait, worst = w, i
     end
@@ -64,10 +65,14 @@ if wait > 0 then
   return {0, wait, worst}
 end
 for i = 1, #KEYS do
-  local ttl = math.ceil(tonumber(ARGV[3 * i - 1]) * 1000 / tonumber(ARGV[3 * i - 2])) + 1000
+  -- refill time of the burst plus any debt; whole ms as digits (a huge burst made it
+  -- "1e+18", which PEXPIRE refuses), at most ~30 years
+  local rate = tonumber(ARGV[3 * i - 2])
+  local empty = tonumber(ARGV[3 * i - 1]) - math.min(levels[i], 0)
+  local ttl = math.min(math.ceil(empty * 1000 / rate) + 1000, 1e12)
   redis.call('HSET', KEYS[i], 'l', string.format('%.17g', levels[i]),
     't', string.format('%d', stamps[i]))
-  redis.call('PEXPIRE', KEYS[i], ttl)
+  redis.call('PEXPIRE', KEYS[i], string.format('%d', ttl))
 end
 return {1, 0, 0}
 """

@@ -186,7 +186,7 @@ class GatewayInference(pb_grpc.InferenceServicer):
         return await self.admission.admit(
             str(auth) if auth else None,
             est,
-            int(request.priority),
+            int(request.priority) if request.HasField("priority") else None,  # None: tenant's
             deadline,
             retry=retries is not None and str(retries) != "0",
         )

@@ -288,9 +288,28 @@ def test_local_buckets_charge_all_or_nothing() -> None:
     assert local.level("a") == pytest.approx(9.0)  # not charged for the refused request
     now[0] = 0.2
     assert local.take([a, b]).allowed
-    # A fallback share shrinks rate and burst; a cost above the scaled burst needs a full one.
-    assert local.take([BucketSpec("c", 10.0, 100.0, 80.0)], scale=0.5).allowed
-    assert local.level("c") == pytest.approx(0.0)
+    # A fallback share shrinks rate and burst; a cost above the scaled burst needs a full
+    # one, and pays in full: the debt delays the next (charging only the burst let a
+    # request bucket's rate be exceeded by 1/burst).
+    c = BucketSpec("c", 10.0, 100.0, 80.0)
+    assert local.take([c], scale=0.5).allowed
+    assert local.level("c") == pytest.approx(-30.0)
+    refused_ = local.take([c], scale=0.5)
+    assert not refused_.allowed and refused_.wait_s == pytest.approx(16.0)  # (50 + 30) / 5
+
+
+def test_a_request_bucket_below_one_keeps_its_rate() -> None:
+    """1 request/s with a burst of 0.01 (or 1/s split over two processes, 0.5 each):
+    each request costs 1 whatever the burst."""
+    for burst, per_s in ((0.01, 1.0), (0.5, 0.5)):
+        now = [0.0]
+        local = LocalBuckets(clock=lambda now=now: now[0])
+        spec = BucketSpec("r", rate=per_s, burst=burst, cost=1.0)
+        admitted = 0
+        for step in range(1000):  # 10 s in steps of 10 ms, a request offered each step
+            now[0] = step * 0.01
+            admitted += local.take([spec]).allowed
+        assert admitted <= 10 * per_s + 1, (burst, admitted)
 
 
 def test_retry_after_ms_rounds_up() -> None:

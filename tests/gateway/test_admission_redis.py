@@ -125,6 +125,27 @@ def test_lua_refill_math_and_all_or_nothing(redis_server: RedisServer) -> None:
     run(main())
 
 
+def test_lua_costs_above_the_burst_are_paid_in_full(redis_server: RedisServer) -> None:
+    """As LocalBuckets: a full bucket admits it, the debt delays the next; and a burst as
+    large as the config allows (1e15) is no script error (its TTL was written "1e+18")."""
+
+    async def main() -> None:
+        rb = RedisBuckets(redis_server.url, prefix=PREFIX, socket_timeout=2.0, op_timeout=5.0)
+        try:
+            small = BucketSpec("small", rate=1.0, burst=0.5, cost=1.0)
+            assert (await rb.take([small])).allowed  # type: ignore[union-attr]
+            denied = await rb.take([small])
+            assert denied is not None and not denied.allowed
+            assert 0.9 < denied.wait_s <= 1.0  # from -0.5 back to a full 0.5, at 1/s
+            huge = BucketSpec("huge", rate=1.0, burst=1e15, cost=1.0)
+            assert (await rb.take([huge])).allowed  # type: ignore[union-attr]
+            assert rb.failures == 0
+        finally:
+            await rb.close()
+
+    run(main())
+
+
 def test_redis_killed_falls_back_to_local_fast_and_recovers(
     redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
