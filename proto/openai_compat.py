@@ -676,6 +676,10 @@ def to_openai_body(req: pb.GenerateRequest) -> tuple[str, dict[str, Any]]:
         body["stop_token_ids"] = list(sp.stop_token_ids)
     if sp.ignore_eos:
         body["ignore_eos"] = True
+    if sp.include_stop_str_in_output:  # vLLM's extensions, as its own server takes them
+        body["include_stop_str_in_output"] = True
+    if sp.HasField("skip_special_tokens"):
+        body["skip_special_tokens"] = sp.skip_special_tokens
     which = req.WhichOneof("prompt")
     if which == "chat":
         body["messages"] = [{"role": m.role, "content": m.content} for m in req.chat.messages]
@@ -731,6 +735,9 @@ def from_openai_chunk(chunk: Any, request_id: str) -> pb.GenerateResponse:
             if not isinstance(fr, str):
                 raise _malformed("'finish_reason' is not a string")
             resp.finish_reason = FINISH_FROM_NAME.get(fr, pb.FINISH_REASON_STOP)
+        sr = c.get("stop_reason")  # vLLM's: the stop string (or token id) that ended it
+        if isinstance(sr, str | int) and not isinstance(sr, bool):
+            resp.stop_reason = str(sr)[:1024]
     u = chunk.get("usage")
     if u:
         if not isinstance(u, dict):

@@ -22,7 +22,7 @@ from proto import inference_pb2 as pb
 from proto import inference_pb2_grpc as pb_grpc
 from proto.limits import DEFAULT_LIMITS, RequestLimits
 from proto.openai_compat import MAX_SESSION_KEY, OpenAIError, check_generate
-from serving.calls import CallInfo, UpstreamError
+from serving.calls import UNAVAILABLE, CallInfo, UpstreamError
 from serving.grpc_requests import refuse_undecodable
 from serving.openai_http import Finished, from_upstream
 from serving.tracing import context_from, request_attributes
@@ -105,13 +105,17 @@ class GatewayInference(pb_grpc.InferenceServicer):
                 resp = await anext(stream, None)
             if resp is not None:
                 info.first_output_at = time.monotonic()
+            finished = False
             while resp is not None:
                 info.output_chunks += len(resp.token_ids)
-                if resp.finish_reason and resp.HasField("usage"):
+                finished = bool(resp.finish_reason)
+                if finished and resp.HasField("usage"):
                     u = resp.usage
                     info.usage = (u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens)
                 yield resp
                 resp = await anext(stream, None)
+            if not finished:  # a cut answer must not end as a whole one (status OK)
+                raise UpstreamError(UNAVAILABLE, "the answer ended before it finished")
             done.status, code = 200, grpc.StatusCode.OK
         except OpenAIError as e:  # out of bounds, or refused by admission
             done.status, done.error_type = e.status, e.type

@@ -255,7 +255,7 @@ class GatewayRoutes(OpenAIRoutes):
         try:
             await out.prepare(request)  # headers go out with the first bytes
             data: bytes | pb.GenerateResponse | None = call.first
-            tail = last = b""
+            tail = last = held = b""
             usage = UsageReader()  # the worker's comment, at the end (serving/usage_comment)
             try:
                 while data is not None:
@@ -266,16 +266,22 @@ class GatewayRoutes(OpenAIRoutes):
                     info.output_chunks += data.count(b"data: ")
                     if mirror is not None:
                         mirror.keep(data)
-                    tail = (tail + data)[-32:]
                     if call.finished:  # nothing more will come: send it with the end
-                        last = data
+                        last, rest = _whole_events(held + data)
+                        last, held = last + _last_event(rest), b""
+                        tail = (tail + last)[-32:]
                         break
+                    # Whole events only: the bytes after the last event's end wait for the
+                    # rest, so a stream that breaks mid-event sends no half event (a client
+                    # parsing it failed on broken JSON and never saw the error event).
+                    data, held = _whole_events(held + data)
                     if data:
+                        tail = (tail + data)[-32:]
                         await out.write(data)
                         sending.writes += 1
                     data = await call.next()
-                else:
-                    last = usage.flush()
+                else:  # the body ended: an unfinished event is no event (SSE drops it too)
+                    last, held = _last_event(held) + usage.flush(), b""
                     tail = (tail + last)[-32:]
                 if b"[DONE]" not in tail:
                     last += _ended_early(tail)
@@ -315,6 +321,30 @@ def _usage_of(body: bytes) -> tuple[int, int, int] | None:
         )
     except (AttributeError, KeyError, TypeError, ValueError):
         return None
+
+
+_EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")
+MAX_HELD = 1 << 20
+"""Past this, held bytes go out as they are: an upstream that frames no events at all."""
+
+
+def _whole_events(data: bytes) -> tuple[bytes, bytes]:
+    """(the complete SSE events in `data`, the start of an unfinished one)."""
+    if data.endswith(b"\n\n"):  # nearly always: a read ends where an event does
+        return data, b""
+    cut = 0
+    for end in _EVENT_ENDS:
+        if (i := data.rfind(end)) >= 0:
+            cut = max(cut, i + len(end))
+    if cut == 0 and len(data) > MAX_HELD:
+        return data, b""
+    return data[:cut], data[cut:]
+
+
+def _last_event(rest: bytes) -> bytes:
+    """What a body's unterminated last bytes send: an unfinished event is no event (an SSE
+    client drops it too), but a final [DONE] without its blank line still counts."""
+    return rest.rstrip() + b"\n\n" if rest.strip() == b"data: [DONE]" else b""
 
 
 def _ended_early(tail: bytes, err: OpenAIError | None = None) -> bytes:

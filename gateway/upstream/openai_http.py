@@ -166,6 +166,13 @@ class OpenAIHTTPUpstream:
         self, request: pb.GenerateRequest, timeout: float | None
     ) -> AsyncIterator[pb.GenerateResponse]:
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        if request.sampling.HasField("logprobs"):  # refused, not dropped without a word
+            raise UpstreamError(
+                INVALID_ARGUMENT,
+                "logprobs over gRPC are not served by an OpenAI-compatible upstream "
+                f"({self.base_url}); ask its HTTP API through the gateway's HTTP port",
+                param="sampling.logprobs",
+            )
         path, body = to_openai_body(request)
         timeout_ms = None if timeout is None else max(1, int(timeout * 1000))
         resp = await self.relay(
@@ -225,7 +232,12 @@ async def _deltas(
     final: pb.GenerateResponse | None = None
     tail = b""
     while data := await resp.read_some(deadline):
-        events = (tail + data).split(b"\n\n")
+        buf = tail + data
+        if b"\r" in buf:  # SSE allows CRLF and CR line ends: split on LF alone
+            held = buf.endswith(b"\r")  # its LF may come with the next read
+            buf = buf[:-1] if held else buf
+            buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n") + (b"\r" if held else b"")
+        events = buf.split(b"\n\n")
         tail = events.pop()
         if len(tail) > MAX_EVENT_BYTES:
             raise UpstreamError(INTERNAL, f"an upstream stream event over {MAX_EVENT_BYTES} bytes")
@@ -235,8 +247,9 @@ async def _deltas(
                     continue
                 payload = line[5:].strip()
                 if payload == b"[DONE]":
-                    if final is not None:
-                        yield final
+                    if final is None:
+                        raise UpstreamError(UNAVAILABLE, _CUT)
+                    yield final
                     return
                 chunk = orjson.loads(payload)
                 if "error" in chunk:
@@ -252,5 +265,9 @@ async def _deltas(
                     final = delta
                 elif delta.text or delta.token_ids:
                     yield delta
-    if final is not None:
-        yield final
+    if final is None:  # the body ended mid-answer: not a whole answer (gRPC said OK)
+        raise UpstreamError(UNAVAILABLE, _CUT)
+    yield final
+
+
+_CUT = "the upstream's stream ended before the answer finished"

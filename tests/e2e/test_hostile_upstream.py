@@ -133,6 +133,15 @@ class Upstream(FakeHTTPServer):
                 w.write(_chunk(b": keep-alive\n\n \n\n"))
                 await w.drain()
                 await asyncio.sleep(0.02)
+        elif prompt == "cut-mid-event":  # a whole event, then half of one, then the end
+            w.write(SSE_HEAD + _chunk(EVENT) + _chunk(EVENT[:30]) + b"0\r\n\r\n")
+        elif prompt == "no-finish":  # events, and a body that ends properly without a finish
+            w.write(SSE_HEAD + _chunk(EVENT + EVENT) + b"0\r\n\r\n")
+        elif prompt == "crlf":  # a whole answer, in SSE's CRLF framing (sse-starlette's)
+            crlf = (EVENT + EVENT + FINISH + b"data: [DONE]\n\n").replace(b"\n", b"\r\n")
+            w.write(SSE_HEAD + _chunk(crlf[:50]) + _chunk(crlf[50:]) + b"0\r\n\r\n")
+            await w.drain()
+            return True
         elif prompt == "wrong-type":
             w.write(_whole(b"<html><body>502 Bad Gateway</body></html>", b"text/html"))
         elif prompt == "short":  # Content-Length larger than the body, then close
@@ -235,6 +244,10 @@ def _assert_clean(status: int, headers: dict[str, str], body: bytes, case: str) 
     assert headers["Content-Type"].startswith("text/event-stream"), (case, headers)
     events = _events(body)
     assert events[-1] == b"data: [DONE]", (case, body[-300:])
+    if not case.startswith("bad-json"):  # no half event before the error: all JSON
+        for event in events[:-1]:
+            if event.startswith(b"data: "):
+                json.loads(event[6:])
     error = events[-2].split(b"data: ")[-1]
     return str(json.loads(error)["error"]["type"])
 
@@ -246,6 +259,8 @@ HTTP_CASES = [
     ("huge-line", False, None),
     ("comments", True, None),
     ("comments", False, 4000),
+    ("cut-mid-event", True, None),
+    ("no-finish", True, None),
     ("wrong-type", True, None),
     ("wrong-type", False, None),
     ("short", True, None),
@@ -257,7 +272,10 @@ HTTP_CASES = [
     ("huge-head", True, None),
     ("huge-error", False, None),
 ]
-GRPC_CASES = ["bad-json", "huge-line", "comments", "wrong-type", "short", "garbage", "no-head"]
+GRPC_CASES = [
+    *("bad-json", "huge-line", "comments", "wrong-type", "short", "garbage", "no-head"),
+    *("cut-mid-event", "no-finish"),  # a cut answer is no status OK over gRPC
+]
 
 
 def test_hostile_upstream_answers_end_cleanly_and_service_goes_on(
@@ -324,3 +342,29 @@ def test_invalid_json_in_a_relayed_stream_is_passed_on_as_sent(
     assert status == 200
     assert b"data: {not json\n\n" in body
     assert _events(body)[-1] == b"data: [DONE]"
+
+
+def test_a_crlf_framed_stream_is_read_whole_over_grpc(fleet: tuple[Proc, Upstream]) -> None:
+    """SSE allows CRLF line ends: the gRPC port, which parses events, read only the first
+    event of such a stream and ended it with status OK."""
+    gw, _ = fleet
+    with grpc.insecure_channel(gw.ready["grpc"]) as ch:
+        req = pb.GenerateRequest(model="m", text="crlf", sampling=pb.SamplingParams(max_tokens=4))
+        answers = list(pb_grpc.InferenceStub(ch).Generate(req, timeout=60))
+    assert "".join(a.text for a in answers) == "toktok"
+    assert answers[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    status, _, body = _post(gw, "m", "crlf", stream=True)  # relayed as sent
+    assert status == 200 and body.count(b"tok") == 2
+
+
+def test_grpc_logprobs_from_an_openai_upstream_are_refused_not_dropped(
+    fleet: tuple[Proc, Upstream],
+) -> None:
+    gw, _ = fleet
+    with grpc.insecure_channel(gw.ready["grpc"]) as ch:
+        sampling = pb.SamplingParams(max_tokens=4, logprobs=2)
+        req = pb.GenerateRequest(model="good", text="ok", sampling=sampling)
+        with pytest.raises(grpc.RpcError) as e:
+            list(pb_grpc.InferenceStub(ch).Generate(req, timeout=60))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "logprobs" in (e.value.details() or "")

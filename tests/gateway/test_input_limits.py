@@ -883,3 +883,10 @@ def test_document_request_schemas_agree_with_the_parsers() -> None:
             assert accepted == valid, (kind, body)
 
     agree()
+
+
+def test_an_upstream_chunks_stop_reason_is_kept() -> None:
+    chunk = {"choices": [{"index": 0, "text": "", "finish_reason": "stop", "stop_reason": "END"}]}
+    assert from_openai_chunk(chunk, "r").stop_reason == "END"
+    chunk["choices"][0]["stop_reason"] = 128001  # a stop token id
+    assert from_openai_chunk(chunk, "r").stop_reason == "128001"
