@@ -144,7 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    sys.exit(args.func(args))
+    try:
+        code = args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C before a command's own handlers are in place
+        # (while it imports its libraries): an exit, not a traceback per process
+        code = 130
+    sys.exit(code)
 
 
 if __name__ == "__main__":

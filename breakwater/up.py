@@ -64,6 +64,11 @@ async def _spawn(name: str, args: list[str], ready_prefix: str, timeout: float) 
         *args,
         stdout=asyncio.subprocess.PIPE,
         preexec_fn=_die_with_parent,
+        # A group of its own: a terminal's Ctrl-C reaches `up` alone, which stops the
+        # gateway and then the workers in order. Reaching every child at once, it cut
+        # workers' start-up mid-import (a traceback each, "Fatal Python error" in site)
+        # and drained the workers while the gateway still sent them requests.
+        process_group=0,
     )
     assert proc.stdout is not None
 
@@ -151,13 +156,19 @@ async def _stop_all(children: list[Child]) -> None:
 async def _gather_children(spawns: list[Awaitable[Child]], children: list[Child]) -> list[Child]:
     """Start them together; every one that started joins `children` (to be stopped) even
     when another failed, whose error is raised (the others' are read, not left unhandled)."""
-    results = await asyncio.gather(*spawns, return_exceptions=True)
-    started = [r for r in results if isinstance(r, Child)]
-    children.extend(started)
-    for r in results:
-        if isinstance(r, BaseException):
-            raise r
-    return started
+    tasks = [asyncio.ensure_future(s) for s in spawns]
+    try:
+        await asyncio.wait(tasks)
+    finally:  # also when Ctrl-C cancels this: the ready ones are stopped (drained) too
+        for t in tasks:
+            if not t.done():
+                t.cancel()  # _spawn kills a child it had not finished starting
+        done = [t for t in tasks if t.done() and not t.cancelled() and t.exception() is None]
+        children.extend(t.result() for t in done)
+    for t in tasks:
+        if (exc := t.exception()) is not None:
+            raise exc
+    return [t.result() for t in tasks]
 
 
 async def _up(args: argparse.Namespace) -> int:
@@ -168,14 +179,20 @@ async def _up(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
-    def on_signal() -> None:
-        if stop.is_set():  # a second Ctrl-C: the operator wants out now
+    interrupts = 0
+
+    def on_signal(sig: signal.Signals) -> None:
+        nonlocal interrupts
+        interrupts += sig == signal.SIGINT
+        # a second Ctrl-C: the operator wants out now. Only SIGINT: a process manager
+        # that sends SIGTERM after the terminal's SIGINT means "stop", not "kill"
+        if interrupts >= 2:
             print("\nbreakwater up: stopped at once", file=sys.stderr, flush=True)
             os._exit(130)  # the children follow (PR_SET_PDEATHSIG)
         stop.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
+        loop.add_signal_handler(sig, on_signal, sig)
     t0 = time.perf_counter()
     try:
         if args.engine in ("torch", "vllm") and model is None:

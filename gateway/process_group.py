@@ -139,13 +139,16 @@ class Siblings:
             if proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(signal.SIGTERM)
+        # one deadline for all (they drain at once): N that hang must not take N times it
+        waits = [asyncio.ensure_future(p.wait()) for p in self.procs.values()]
+        if waits:
+            await asyncio.wait(waits, timeout=SIBLING_STOP_S)
         for proc in self.procs.values():
-            try:
-                await asyncio.wait_for(proc.wait(), SIBLING_STOP_S)
-            except TimeoutError:
+            if proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
-                await proc.wait()
+        if waits:
+            await asyncio.wait(waits, timeout=5.0)
         for w in self._watchers:
             w.cancel()
 

@@ -274,7 +274,8 @@ class GatewayRoutes(OpenAIRoutes):
                     # Whole events only: the bytes after the last event's end wait for the
                     # rest, so a stream that breaks mid-event sends no half event (a client
                     # parsing it failed on broken JSON and never saw the error event).
-                    data, held = _whole_events(held + data)
+                    if held or not data.endswith(b"\n\n"):
+                        data, held = _whole_events(held + data)
                     if data:
                         tail = (tail + data)[-32:]
                         await out.write(data)

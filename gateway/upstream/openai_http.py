@@ -234,7 +234,7 @@ async def _deltas(
     while data := await resp.read_some(deadline):
         buf = tail + data
         if b"\r" in buf:  # SSE allows CRLF and CR line ends: split on LF alone
-            held = buf.endswith(b"\r")  # its LF may come with the next read
+            held = buf.endswith(b"\r") and not buf.endswith(b"\r\r")  # its LF may follow
             buf = buf[:-1] if held else buf
             buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n") + (b"\r" if held else b"")
         events = buf.split(b"\n\n")
@@ -248,7 +248,7 @@ async def _deltas(
                 payload = line[5:].strip()
                 if payload == b"[DONE]":
                     if final is None:
-                        raise UpstreamError(UNAVAILABLE, _CUT)
+                        raise UpstreamError(INTERNAL, _CUT)
                     yield final
                     return
                 chunk = orjson.loads(payload)
@@ -266,7 +266,7 @@ async def _deltas(
                 elif delta.text or delta.token_ids:
                     yield delta
     if final is None:  # the body ended mid-answer: not a whole answer (gRPC said OK)
-        raise UpstreamError(UNAVAILABLE, _CUT)
+        raise UpstreamError(INTERNAL, _CUT)
     yield final
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import Proc, child_pids, interrupt_and_reap
+from tests.procs import Proc, child_pids, interrupt_and_reap, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,7 +34,7 @@ def test_ctrl_c_while_starting_ends_up_promptly(delay_s: float, tmp_path: Path) 
     )  # fmt: skip
     try:
         time.sleep(delay_s)
-        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole group
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the foreground group
         _, err = proc.communicate(timeout=120)
         assert "Traceback" not in err, err[-3000:]
     finally:
@@ -44,6 +44,21 @@ def test_ctrl_c_while_starting_ends_up_promptly(delay_s: float, tmp_path: Path) 
             pytest.fail(f"`breakwater up` still ran 120 s after Ctrl-C at {delay_s} s")
     with pytest.raises(ProcessLookupError):  # nothing of the group is left
         os.killpg(proc.pid, 0)
+    # nor any child (each has a group of its own): they have this run's cache in their env
+    mark = f"BREAKWATER_CACHE={tmp_path / 'cache'}".encode()
+    wait_for(lambda: not _with_env(mark), timeout=30)
+
+
+def _with_env(mark: bytes) -> list[int]:
+    found = []
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                if mark in fh.read().split(b"\0"):
+                    found.append(pid)
+        except OSError:
+            pass
+    return found
 
 
 def test_a_child_that_prints_a_lot_stalls_nothing() -> None:
