@@ -682,7 +682,7 @@ class Dispatcher:
     def pools_of(self, worker_id: str) -> list[list[str]]:
         """The pools (ready replicas of each of its models) a replica's ejection counts in,
         as `_pick` hands them to the breakers."""
-        workers = [w for w in self.registry.workers() if w.ready and not self.blocked(w.worker_id)]
+        workers = [w for w in ready_workers(self.registry) if not self.blocked(w.worker_id)]
         me = next((w for w in workers if w.worker_id == worker_id), None)
         if me is None:
             return []

@@ -274,7 +274,7 @@ class GatewayRoutes(OpenAIRoutes):
                     # Whole events only: the bytes after the last event's end wait for the
                     # rest, so a stream that breaks mid-event sends no half event (a client
                     # parsing it failed on broken JSON and never saw the error event).
-                    if held or not data.endswith(b"\n\n"):
+                    if held or not data.endswith(b"\n\n"):  # nearly always ends one
                         data, held = _whole_events(held + data)
                     if data:
                         tail = (tail + data)[-32:]
@@ -331,8 +331,6 @@ MAX_HELD = 1 << 20
 
 def _whole_events(data: bytes) -> tuple[bytes, bytes]:
     """(the complete SSE events in `data`, the start of an unfinished one)."""
-    if data.endswith(b"\n\n"):  # nearly always: a read ends where an event does
-        return data, b""
     cut = 0
     for end in _EVENT_ENDS:
         if (i := data.rfind(end)) >= 0:

@@ -94,11 +94,9 @@ class BreakerSync:
                     args += [worker_id, str(int(left * 1000))]
         async with asyncio.timeout(1.0):
             out = await self._script(keys=[self.key], args=args)
-        for i in range(0, len(out) - 1, 2):
-            worker_id = out[i].decode() if isinstance(out[i], bytes) else str(out[i])
-            left_s = int(out[i + 1]) / 1000.0
+        for worker_id, left_ms in zip(out[::2], out[1::2], strict=True):  # decoded strings
             pools = self.pools(worker_id) if self.pools is not None else ()
-            self.board.force_open(worker_id, left_s, pools)
+            self.board.force_open(worker_id, int(left_ms) / 1000.0, pools)
 
     async def _loop(self) -> None:
         while True:
