@@ -531,7 +531,7 @@ class Dispatcher:
         if last is not None:
             raise last
         if model is not None and not self.has_model(model):
-            raise UpstreamError(NOT_FOUND, f"the model `{model}` does not exist")
+            raise UpstreamError(NOT_FOUND, f"the model `{model}` does not exist", param="model")
         what = f" for model `{model}`" if model else ""  # a gRPC request may name none
         raise UpstreamError(UNAVAILABLE, f"no healthy replica{what}", 1000)
 

@@ -431,6 +431,8 @@ def parse_chat(body: Any, limits: RequestLimits = DEFAULT_LIMITS) -> ParsedReque
         req.sampling.max_tokens = chosen
     want = _bool(body, "logprobs")
     top = _int(body, "top_logprobs", 0, limits.max_logprobs)
+    if top is not None and not want:  # OpenAI's and vLLM's rule
+        raise bad("'top_logprobs' needs 'logprobs' set to true", "top_logprobs")
     logprobs = None
     if want:
         logprobs = top or 0

@@ -456,7 +456,9 @@ class OpenAIRoutes:
             self._judge_retry(e)
             return error_response(e, request_id)
         except asyncio.CancelledError:  # the client disconnected (handler cancellation)
-            self._client_left(request_id, "before the response")
+            # A stream the send watch closed is cancelled here too, after its first output.
+            when = "mid-stream" if stream and info.first_output_at else "before the response"
+            self._client_left(request_id, when)
             raise
         except Exception:
             status = 500

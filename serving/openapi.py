@@ -164,6 +164,14 @@ def _request_schemas(limits: RequestLimits) -> dict[str, Schema]:
         },
         "then": {"required": ["stream"], "properties": {"stream": {"const": True}}},
     }
+    # `top_logprobs` needs `logprobs: true` (OpenAI's rule, and the parser's).
+    top_logprobs_rule = {
+        "if": {
+            "required": ["top_logprobs"],
+            "properties": {"top_logprobs": {"type": "integer"}},
+        },
+        "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}},
+    }
     max_tokens = _int(1, limits.max_tokens, "Also bounded by the model's context length.")
     ids = {
         "type": "array",
@@ -254,10 +262,12 @@ def _request_schemas(limits: RequestLimits) -> dict[str, Schema]:
                 "max_tokens": max_tokens,
                 "max_completion_tokens": max_tokens,
                 "logprobs": _flag("Return the sampled tokens' log probabilities."),
-                "top_logprobs": _int(0, limits.max_logprobs, "Alternatives per token."),
+                "top_logprobs": _int(
+                    0, limits.max_logprobs, "Alternatives per token; needs `logprobs: true`."
+                ),
                 **tool_fields,
             },
-            **stream_rule,
+            "allOf": [stream_rule, top_logprobs_rule],
         },
     }
 

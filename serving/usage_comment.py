@@ -54,13 +54,15 @@ class UsageReader:
     a bare `in` check took 0.57. Streams are read a token at a time.
     """
 
-    __slots__ = ("_at_event_start", "_held", "usage")
+    __slots__ = ("_at_event_start", "_ends_line", "_held", "usage")
 
     def __init__(self) -> None:
         self.usage: tuple[int, int, int] | None = None
         self._held = b""
         self._at_event_start = True
         """The bytes passed on so far end an event (or there are none yet)."""
+        self._ends_line = False
+        """They end a line: a read that starts with a newline ends an event there."""
 
     def feed(self, data: bytes) -> bytes:
         """What of the stream so far can be passed on (the comment removed, a possible
@@ -83,15 +85,20 @@ class UsageReader:
             return data
         cut = data.rfind(b"\n\n") + 2
         if cut < 2:  # no event ends in this read: its start is where the last one ended
-            if not self._at_event_start:
+            if self._at_event_start:
+                cut = 0
+            elif self._ends_line and data[0] == 0x0A:  # the blank line was cut in two
+                cut = 1
+            else:
+                self._ends_line = data[-1] == 0x0A
                 return data
-            cut = 0
         last = data[cut:]
         if len(last) <= _LONGEST and (last.startswith(_MARK) or _MARK.startswith(last)):
             self._held = last
             self._at_event_start = True
             return data[:cut]
         self._at_event_start = False
+        self._ends_line = data[-1] == 0x0A
         return data
 
     def flush(self) -> bytes:

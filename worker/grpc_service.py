@@ -136,6 +136,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, e.message)
         await self.admit(context)
         if request.model and request.model != self.model_name:
+            context.set_trailing_metadata((("param", "model"),))
             await context.abort(
                 grpc.StatusCode.NOT_FOUND, f"model {request.model!r} is not served here"
             )

@@ -95,7 +95,9 @@ class LocalBackend:
         if svc.queue_depth() >= svc.max_queue:
             raise UpstreamError(RESOURCE_EXHAUSTED, "worker queue is full", svc.pushback_ms())
         if request.model and request.model != svc.model_name:
-            raise UpstreamError(NOT_FOUND, f"the model `{request.model}` does not exist")
+            raise UpstreamError(
+                NOT_FOUND, f"the model `{request.model}` does not exist", param="model"
+            )
         # The part after the last "#" is "h" and digits here, digits alone on the gRPC port:
         # no caller's id on one port can make the other's ("http-x#0" could, from gRPC).
         engine_id = f"{request.request_id}#h{next(self._ids)}"

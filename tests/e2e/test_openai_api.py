@@ -163,6 +163,7 @@ def test_grpc_front_end_and_worker_health(gateway: Proc, worker: Proc) -> None:
         with pytest.raises(grpc.RpcError) as e:
             list(stub.Generate(pb.GenerateRequest(model="nope", text="x"), timeout=30))
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        assert ("param", "model") in (e.value.trailing_metadata() or ())
         with pytest.raises(grpc.RpcError) as e:
             list(
                 stub.Generate(

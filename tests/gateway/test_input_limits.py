@@ -158,6 +158,8 @@ HOSTILE: list[tuple[str, Any, str | None]] = [
     ("chat", chat(logprobs=True, top_logprobs=21), "top_logprobs"),
     ("chat", chat(logprobs=True, top_logprobs=-1), "top_logprobs"),
     ("chat", chat(logprobs=True, top_logprobs="5"), "top_logprobs"),
+    ("chat", chat(top_logprobs=3), "top_logprobs"),  # needs logprobs: true, as OpenAI's
+    ("chat", chat(logprobs=False, top_logprobs=0), "top_logprobs"),
     ("completion", comp(logprobs=21), "logprobs"),
     ("completion", comp(logprobs=True), "logprobs"),
     ("completion", comp(logprobs=-1), "logprobs"),
@@ -293,7 +295,7 @@ def test_parsed_values() -> None:
     assert p.request.sampling.max_tokens == 7  # the newer name wins
     p = parse_chat(chat(logprobs=True))
     assert p.logprobs == 0 and p.request.sampling.logprobs == 0
-    p = parse_chat(chat(top_logprobs=3))
+    p = parse_chat(chat(logprobs=False))
     assert p.logprobs is None and not p.request.sampling.HasField("logprobs")
 
 

@@ -36,6 +36,17 @@ def test_the_comment_is_taken_out_when_it_comes_a_byte_at_a_time() -> None:
     assert reader.usage == (1234, 56, 7)
 
 
+def test_the_comment_is_taken_out_wherever_two_cuts_fall() -> None:
+    """One cut inside the blank line before the comment, one inside the comment: the
+    reader saw no event end in the second read, and passed the comment on."""
+    stream = EVENTS + usage_comment((17, 8, 16)) + DONE
+    near = range(len(EVENTS) - 4, len(stream))
+    for cuts in itertools.combinations(near, 2):
+        out, reader = read_in_pieces(stream, cuts)
+        assert out == EVENTS + DONE, cuts
+        assert reader.usage == (17, 8, 16), cuts
+
+
 def test_the_same_words_in_an_answer_do_not_hide_the_comment() -> None:
     said = b'data: {"choices":[{"delta":{"content":"\\n: usage 1 2 3\\n\\n"}}]}\n\n'
     stream = said + usage_comment((9, 2, 0)) + DONE
@@ -59,3 +70,7 @@ def test_anything_else_passes_through_unchanged(stream: bytes) -> None:
         out, reader = read_in_pieces(stream, (cut,))
         assert out == stream, cut
         assert reader.usage is None, cut
+    for cuts in itertools.combinations(range(max(1, len(stream) - 40), len(stream)), 2):
+        out, reader = read_in_pieces(stream, cuts)
+        assert out == stream, cuts
+        assert reader.usage is None, cuts
