@@ -120,7 +120,11 @@ class Gateway:
         if settings.redis_url and not settings.workers:
             from gateway.registry.redis_backend import RedisRegistry
 
-            base = RedisRegistry(settings.redis_url)
+            base = RedisRegistry(
+                settings.redis_url,
+                probe=lambda info: upstream_for(info).probe(info),
+                probe_interval=settings.health_interval_s,
+            )
         else:
             from gateway.registry.embedded import EmbeddedRegistry
 

@@ -12,10 +12,17 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from serving.redis_client import OP_TIMEOUT, REDIS_ERRORS, SOCKET_TIMEOUT, OutageLog, make_client
-from serving.registry_record import DEFAULT_PREFIX, DEFAULT_TTL, RegistryKeys, WorkerInfo
+from serving.registry_record import (
+    DEFAULT_PREFIX,
+    DEFAULT_TTL,
+    RegistryKeys,
+    WorkerInfo,
+    WorkerState,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +58,17 @@ class RedisRegistry:
         socket_timeout: float = SOCKET_TIMEOUT,
         op_timeout: float = OP_TIMEOUT,
         recovery_grace: float = DEFAULT_TTL,
+        probe: Callable[[WorkerInfo], Awaitable[object]] | None = None,
+        probe_interval: float = 2.0,
     ) -> None:
         self.url = url
+        self.probe = probe
+        """Checks a replica's health itself (its upstream's probe), for use while Redis
+        is out: a replica the gateway marked NOT_SERVING on a failed call would stay so
+        until Redis answered again (refreshes replace the marked records), so a rolling
+        restart during an outage took the replicas out one by one."""
+        self.probe_interval = probe_interval
+        self._probed_at = 0.0
         self.poll_interval = poll_interval
         self.op_timeout = op_timeout
         self.recovery_grace = recovery_grace
@@ -126,6 +142,7 @@ class RedisRegistry:
         except REDIS_ERRORS as exc:
             self.consecutive_failures += 1
             self._outage.failed(exc)
+            await self._probe_marked()
             return
         now = time.monotonic()
         if self.consecutive_failures or lost_data:
@@ -144,6 +161,18 @@ class RedisRegistry:
                     await self._prune(keys=keys, args=gone)
             except REDIS_ERRORS as exc:
                 log.debug("registry: prune failed: %s", exc)
+
+    async def _probe_marked(self) -> None:
+        """While Redis is out, ask the replicas marked NOT_SERVING whether they serve again
+        (every `probe_interval`), as the embedded registry does for all of them."""
+        now = time.monotonic()
+        if self.probe is None or now - self._probed_at < self.probe_interval:
+            return
+        self._probed_at = now
+        marked = [w for w in self._view if w.state == WorkerState.NOT_SERVING]
+        for result in await asyncio.gather(*map(self.probe, marked), return_exceptions=True):
+            if isinstance(result, Exception):  # the probe marked it; nothing else to do
+                log.debug("registry: probe during the outage failed: %s", result)
 
     async def _read(self) -> tuple[list[WorkerInfo], list[str], bool]:
         """The records listed, the ids listed without a record, and whether Redis lost its

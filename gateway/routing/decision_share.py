@@ -49,6 +49,10 @@ PORTS_ENV = "BREAKWATER_GATEWAY_SHARE_PORTS"
 log = logging.getLogger(__name__)
 
 DEFAULT_CHANNEL = "breakwater:routing"
+PING_S = 5.0
+"""A subscription silent this long is pinged; silent twice as long, it is made again: a
+half-open connection, or a failover that left it on a server nobody publishes to, sends
+nothing and raises nothing (redis-py's health checks run only on a read that waits)."""
 _HEAD = struct.Struct("!BH")  # worker id length, key count
 _LOADS_MARK = _HEAD.pack(0, 0xFFFF)
 """Heads an entry of loads (then a 4-byte length, the sender id and JSON), always a
@@ -388,10 +392,19 @@ class RedisShare(_Batcher):
                 await pubsub.subscribe(self.channel)
                 self.subscribed.set()
                 self._outage.ok()
+                heard = pinged = time.monotonic()
                 while True:
                     msg = await pubsub.get_message(timeout=1.0)
+                    now = time.monotonic()
                     if msg is not None:
-                        self._on_message(msg["data"])
+                        heard = now
+                        if msg["type"] == "message":
+                            self._on_message(msg["data"])
+                    elif now - heard > 2 * PING_S:
+                        raise ConnectionError(f"no answer to a ping in {PING_S:g} s")
+                    elif now - max(heard, pinged) > PING_S:
+                        pinged = now
+                        await pubsub.ping()
             except REDIS_ERRORS as exc:
                 self.subscribed.clear()
                 self._outage.failed(exc)
@@ -415,6 +428,8 @@ class RedisShare(_Batcher):
                 await self._client.publish(self.channel, data)
         except REDIS_ERRORS as exc:
             self._outage.failed(exc)
+        else:
+            self._outage.ok()  # an outage the subscription outlived ends here (it logs once)
 
     async def close(self) -> None:
         self._close()

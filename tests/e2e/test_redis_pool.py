@@ -6,12 +6,13 @@ import json
 import signal
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 
 import pytest
 
-from loadtest.fleet import admin_json
+from loadtest.fleet import admin_json, free_port, start_sim_worker
 from tests.gateway.redis_server import RedisServer
 from tests.procs import Proc, start_gateway, start_worker, wait_for
 
@@ -176,3 +177,43 @@ def test_gateways_balance_on_each_others_calls_in_flight(redis: RedisServer) -> 
     finally:
         for p in (*gws, *slow):
             p.stop()
+
+
+def post_status(gw: Proc) -> int:
+    req = urllib.request.Request(
+        gw.ready["http"] + "/v1/completions",
+        data=json.dumps({"model": "sim", "prompt": "outage", "max_tokens": 2}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_a_replica_back_during_a_redis_outage_serves_again() -> None:
+    """A failed call marks its replica NOT_SERVING until a probe says otherwise; while Redis
+    is out the gateway probes such replicas itself (before, one stayed out of routing for
+    the whole outage, though it was up again)."""
+    with RedisServer() as redis:  # its own: this test pauses it
+        port = free_port()
+        args = ("--redis-url", redis.url, "--worker-id", "w-back")
+        worker = start_sim_worker(*args, grpc_port=port)
+        gw = start_gateway("--redis-url", redis.url)
+        procs = [worker, gw]
+        try:
+            wait_for(lambda: workers(gw).get("w-back", {}).get("state") == "SERVING", 20)
+            assert post_status(gw) == 200
+            redis.pause()
+            worker.signal(signal.SIGKILL)
+            worker.wait(30)
+            assert post_status(gw) != 200  # the call fails: the replica is marked
+            worker = start_sim_worker(*args, grpc_port=port)
+            procs.append(worker)
+            wait_for(lambda: post_status(gw) == 200, timeout=30, interval=0.5)
+            assert redis.paused  # served again while Redis was still out
+        finally:
+            redis.resume()
+            for p in procs:
+                p.stop()
