@@ -97,6 +97,8 @@ def _int(body: dict[str, Any], name: str, lo: int, hi: int = 2**31 - 1) -> int |
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, int):
+        if isinstance(v, float) and abs(v) >= 2**64:  # orjson reads a longer integer so
+            raise bad(f"'{name}' must be between {lo} and {hi}", name)
         raise bad(f"'{name}' must be an integer", name)
     if not lo <= v <= hi:
         raise bad(f"'{name}' must be between {lo} and {hi}", name)
@@ -283,6 +285,19 @@ def _prompt(body: dict[str, Any], req: pb.GenerateRequest, limits: RequestLimits
 _TOOL_CHOICES = frozenset(("none", "auto", "required"))
 _GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
 """vLLM's own structured-output fields."""
+_VLLM_SAMPLING: dict[str, object] = {
+    "repetition_penalty": 1,
+    "min_p": 0,
+    "min_tokens": 0,
+    "length_penalty": 1,
+    "use_beam_search": False,
+    "allowed_token_ids": None,
+    "bad_words": None,
+    "truncate_prompt_tokens": None,
+    "prompt_logprobs": None,
+}
+"""vLLM's sampling fields Breakwater's engine does not implement, and the value that asks
+for nothing: ignored, they would change nothing where a vLLM user expects them to."""
 
 
 def _engine_features(body: dict[str, Any], chat: bool) -> OpenAIError | None:
@@ -307,6 +322,8 @@ def _engine_features(body: dict[str, Any], chat: bool) -> OpenAIError | None:
                 raise bad(
                     f"'{choice_name}' must be 'none', 'auto', 'required' or an object", choice_name
                 )
+            if choice is not None and choice != "none" and items is None:
+                raise bad(f"'{choice_name}' needs '{name}'", choice_name)  # vLLM's rule
             if found is None and items and choice != "none":
                 how = choice if isinstance(choice, str | None) else "a named function"
                 found = bad(
@@ -319,6 +336,13 @@ def _engine_features(body: dict[str, Any], chat: bool) -> OpenAIError | None:
         if found is None and body.get(name) is not None:
             found = bad(
                 f"'{name}' (structured output) is not supported by Breakwater's engine", name
+            )
+    for name, no_op in _VLLM_SAMPLING.items():
+        value = body.get(name)
+        if found is None and value is not None and value != no_op and value != []:
+            found = bad(
+                f"'{name}' (vLLM's sampling extension) is not supported by Breakwater's engine",
+                name,
             )
     fmt = body.get("response_format")
     if fmt is not None:
@@ -515,12 +539,26 @@ def usage_json(u: pb.Usage) -> dict[str, Any]:
     }
 
 
+LOWEST_LOGPROB = -9999.0
+"""What a -inf log probability is written as (JSON has no -inf: orjson writes null), as
+vLLM does."""
+
+
+def _logprob(x: float) -> float:
+    return x if x >= LOWEST_LOGPROB else LOWEST_LOGPROB
+
+
 def _completion_logprobs(items: list[pb.TokenLogprob], offset: int) -> dict[str, Any]:
     tokens, lps, tops, offsets = [], [], [], []
     for lp in items:
         tokens.append(lp.token)
-        lps.append(lp.logprob)
-        tops.append({t.token: t.logprob for t in lp.top})
+        lps.append(_logprob(lp.logprob))
+        # the sampled token first, then the alternatives (logprobs: N gives up to N + 1),
+        # as OpenAI's legacy completions and vLLM answer
+        top = {lp.token: _logprob(lp.logprob)}
+        for t in lp.top:
+            top.setdefault(t.token, _logprob(t.logprob))
+        tops.append(top)
         offsets.append(offset)
         offset += len(lp.token)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
@@ -528,7 +566,7 @@ def _completion_logprobs(items: list[pb.TokenLogprob], offset: int) -> dict[str,
 
 def _chat_logprobs(items: list[pb.TokenLogprob]) -> dict[str, Any]:
     def entry(token: str, logprob: float) -> dict[str, Any]:
-        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+        return {"token": token, "logprob": _logprob(logprob), "bytes": list(token.encode())}
 
     return {
         "content": [

@@ -43,9 +43,16 @@ _ECHO = re.compile(r"(?::|\s)\s*(?:b'|b\"|bytearray\(|'|\").*", re.DOTALL)
 'GARBAGE'), on the message's first line; a caret diagram follows on lines of its own."""
 
 
+_NAMED = re.compile(r"(?:Duplicate '[A-Za-z-]{1,40}' header found|Missing 'Host' header)")
+"""aiohttp's reasons that quote a header's name (one of its singleton headers), not the
+client's bytes: kept whole (cut at the quote, they said only "Duplicate" or "Missing")."""
+
+
 def _reason(status: int, message: str | None) -> str:
     """aiohttp's reason without the client's bytes it quotes (never echoed back)."""
     first = (message or "").strip().split("\n", 1)[0]
+    if named := _NAMED.match(first):
+        return named.group(0)
     reason = _ECHO.sub("", first).strip().rstrip(":").strip()[:200]
     return reason or HTTPStatus(status).phrase
 

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
+from aiohttp.http import HttpVersion11
 
 from proto import inference_pb2 as pb
 from proto.limits import DEFAULT_LIMITS, RequestLimits
@@ -149,6 +150,19 @@ async def json_errors(
     except web.HTTPNotFound:
         where = f"{request.method} {request.path}"
         return error_response(OpenAIError(404, f"Invalid URL ({where})", "invalid_request_error"))
+
+
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """A POST route's `expect_handler`: aiohttp's, whose refusal of an Expect other than
+    100-continue was a 417 in plain text (it runs before any middleware), as OpenAI JSON."""
+    if request.version != HttpVersion11:
+        return None
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        err = OpenAIError(417, "only 'Expect: 100-continue' is supported", "invalid_request_error")
+        return error_response(err)
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # as aiohttp's: the body's size is counted from here
+    return None
 
 
 def from_upstream(e: UpstreamError) -> OpenAIError:
@@ -361,8 +375,8 @@ class OpenAIRoutes:
         return min(ms / 1000.0, self.max_timeout_s)
 
     def add_to(self, app: web.Application) -> None:
-        app.router.add_post("/v1/completions", self.completions)
-        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/v1/completions", self.completions, expect_handler=expect_continue)
+        app.router.add_post("/v1/chat/completions", self.chat, expect_handler=expect_continue)
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)

@@ -172,6 +172,17 @@ def _request_schemas(limits: RequestLimits) -> dict[str, Schema]:
         },
         "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}},
     }
+    # A tool choice other than "none" needs the tools listed (vLLM's rule, and the parser's).
+    tool_rules = [
+        {
+            "if": {
+                "required": [choice_name],
+                "properties": {choice_name: {"not": {"enum": ["none", None]}}},
+            },
+            "then": {"required": [name], "properties": {name: {"type": "array"}}},
+        }
+        for name, choice_name in (("tools", "tool_choice"), ("functions", "function_call"))
+    ]
     max_tokens = _int(1, limits.max_tokens, "Also bounded by the model's context length.")
     ids = {
         "type": "array",
@@ -267,7 +278,7 @@ def _request_schemas(limits: RequestLimits) -> dict[str, Schema]:
                 ),
                 **tool_fields,
             },
-            "allOf": [stream_rule, top_logprobs_rule],
+            "allOf": [stream_rule, top_logprobs_rule, *tool_rules],
         },
     }
 

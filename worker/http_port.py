@@ -41,6 +41,7 @@ from serving.openai_http import (
     TIMEOUT_HEADER,
     OpenAIRoutes,
     error_response,
+    expect_continue,
     json_errors,
     json_response,
     read_body,
@@ -210,13 +211,28 @@ async def tokenize(service: InferenceService, request: web.Request) -> web.Respo
             raise OpenAIError(400, "the request body is not valid JSON") from None
         if not isinstance(body, dict):
             raise OpenAIError(400, "the request body must be a JSON object")
-        # The generate parsers validate the prompt; the model is optional here, as in vLLM.
-        body = {**body, "model": body.get("model") or service.model_name}
+        # The generate parsers validate the prompt; the model is optional here, as in vLLM,
+        # and another model's name is a 404 as there.
+        model = body.get("model")
+        if model and model != service.model_name:
+            raise OpenAIError(
+                404,
+                f"The model `{str(model)[:200]}` does not exist.",
+                "invalid_request_error",
+                "model",
+                "model_not_found",
+            )
+        body = {**body, "model": service.model_name}
         chat = "messages" in body
         parsed = (parse_chat if chat else parse_completion)(body)
         req = to_engine_request(parsed.request, "tokenize")
         if req.prompt_token_ids is not None:
             ids = list(req.prompt_token_ids)
+            vocab = getattr(engine.tokenizer, "vocab_size", None)  # vLLM's: it checks
+            if vocab and ids and max(ids) >= vocab:  # as generate refuses them
+                raise OpenAIError(
+                    400, f"prompt token ids must be integers in [0, {vocab})", param="prompt"
+                )
         else:
             add_generation_prompt = body.get("add_generation_prompt", True)
             if not isinstance(add_generation_prompt, bool):
@@ -297,7 +313,9 @@ async def start_http(
     app = web.Application(middlewares=[json_errors])
     WorkerRoutes(service).add_to(app)
     app.router.add_get("/health", lambda _request: health(service))
-    app.router.add_post("/tokenize", lambda request: tokenize(service, request))
+    app.router.add_post(
+        "/tokenize", lambda request: tokenize(service, request), expect_handler=expect_continue
+    )
     app[CACHE_WATCHES] = set()
     app.router.add_get(watch_wire.PATH, lambda request: cache_watch(service, request))
     if metrics is not None:

@@ -37,7 +37,13 @@ from gateway.admission.tenants import TenantDirectory, quota_from_fields
 from gateway.registry.specs import check_address
 from gateway.shadow import Shadows
 from proto.openai_compat import OpenAIError
-from serving.openai_http import error_response, json_errors, json_response, too_large
+from serving.openai_http import (
+    error_response,
+    expect_continue,
+    json_errors,
+    json_response,
+    too_large,
+)
 from serving.slow_clients import BODY_TIMEOUT_S
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -153,23 +159,41 @@ class AdminAPI:
         app.router.add_get("/admin/dashboard", self.dashboard)
         app.router.add_get("/admin/metrics", self.metrics)
         app.router.add_get("/admin/workers", self.workers)
-        app.router.add_post("/admin/workers/{worker_id}/{action}", self.act)
+        app.router.add_post(
+            "/admin/workers/{worker_id}/{action}", self.act, expect_handler=expect_continue
+        )
         app.router.add_get("/admin/audit", self.audit)
         app.router.add_get("/admin/splits", self.splits)
-        app.router.add_put("/admin/splits/{model}", self.put_split)
-        app.router.add_delete("/admin/splits/{model}", self.delete_split)
+        app.router.add_put("/admin/splits/{model}", self.put_split, expect_handler=expect_continue)
+        app.router.add_delete(
+            "/admin/splits/{model}", self.delete_split, expect_handler=expect_continue
+        )
         app.router.add_get("/admin/upstreams", self.upstreams)
-        app.router.add_post("/admin/upstreams", self.register)
-        app.router.add_delete("/admin/upstreams/{worker_id:.+}", self.deregister)
+        app.router.add_post("/admin/upstreams", self.register, expect_handler=expect_continue)
+        app.router.add_delete(
+            "/admin/upstreams/{worker_id:.+}", self.deregister, expect_handler=expect_continue
+        )
         app.router.add_get("/admin/shadows", self.shadows)
-        app.router.add_put("/admin/shadows/{model}", self.put_shadow)
-        app.router.add_delete("/admin/shadows/{model}", self.delete_shadow)
+        app.router.add_put(
+            "/admin/shadows/{model}", self.put_shadow, expect_handler=expect_continue
+        )
+        app.router.add_delete(
+            "/admin/shadows/{model}", self.delete_shadow, expect_handler=expect_continue
+        )
         app.router.add_get("/admin/tenants", self.tenants)
-        app.router.add_put("/admin/tenants/{tenant}/quota", self.put_quota)
-        app.router.add_delete("/admin/tenants/{tenant}/quota", self.delete_quota)
+        app.router.add_put(
+            "/admin/tenants/{tenant}/quota", self.put_quota, expect_handler=expect_continue
+        )
+        app.router.add_delete(
+            "/admin/tenants/{tenant}/quota", self.delete_quota, expect_handler=expect_continue
+        )
         app.router.add_get("/admin/tenants/{tenant}/keys", self.list_keys)
-        app.router.add_post("/admin/tenants/{tenant}/keys", self.create_key)
-        app.router.add_delete("/admin/tenants/{tenant}/keys/{key_id}", self.revoke_key)
+        app.router.add_post(
+            "/admin/tenants/{tenant}/keys", self.create_key, expect_handler=expect_continue
+        )
+        app.router.add_delete(
+            "/admin/tenants/{tenant}/keys/{key_id}", self.revoke_key, expect_handler=expect_continue
+        )
         return app
 
     @web.middleware

@@ -260,6 +260,10 @@ def test_requests_aiohttp_cannot_parse_get_openai_errors_on_every_port(gw: Proc)
                 (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: gw\r\n\r\n", b"8190"),
                 (b"GET / HTTP/1.1\r\nHost: gw\r\nContent-Length: x\r\n\r\n", b"Content-Length"),
                 (b"GET / HTTP/1.1\r\nHost: gw\r\nBad\x01Name: 1\r\n\r\n", b"Invalid header"),
+                (  # the header's name is aiohttp's, not the client's: said (before, cut off)
+                    b"GET / HTTP/1.1\r\nHost: gw\r\nHost: gw2\r\n\r\n",
+                    b"Duplicate 'Host' header found",
+                ),
             ):
                 with socket.create_connection((host, int(port)), timeout=30) as s:
                     s.sendall(raw)
@@ -273,6 +277,28 @@ def test_requests_aiohttp_cannot_parse_get_openai_errors_on_every_port(gw: Proc)
                     assert reason.decode() in error["message"], (url, raw[:40], error)
                     assert "aaaa" not in error["message"]  # the client's bytes not echoed
                     assert r.closed(10)
+            # An Expect other than 100-continue: aiohttp's 417 in plain text, before.
+            with socket.create_connection((host, int(port)), timeout=30) as s:
+                path = b"/admin/upstreams" if url == gw.ready["admin"] else b"/v1/completions"
+                s.sendall(
+                    b"POST " + path + b" HTTP/1.1\r\nHost: gw\r\nExpect: foo\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+                )
+                status, head, body = Reader(s).response()
+                assert status == 417 and b"Content-Type: application/json" in head, (url, body)
+                assert "100-continue" in json.loads(body)["error"]["message"]
+            with socket.create_connection((host, int(port)), timeout=30) as s:
+                s.sendall(
+                    b"POST " + path + b" HTTP/1.1\r\nHost: gw\r\nExpect: 100-continue\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n"
+                )
+                got = b""
+                while b"\r\n\r\n" not in got:
+                    got += s.recv(4096)
+                assert got.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"), got
+                s.sendall(b"{}")
+                status, head, body = Reader(s).response()
+                assert status in (400, 401) and b"application/json" in head, (url, body)
     finally:
         worker.stop()
 

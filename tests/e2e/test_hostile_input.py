@@ -349,3 +349,14 @@ def test_a_workers_tokenize_reads_bodies_as_its_generate_routes_do(sim_worker: P
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=30)
     assert e.value.code == 413
+    # Another model's name is a 404, and ids outside the vocabulary a 400, as generate
+    # answers them (both were a 200 that echoed the ids).
+    for body, status, param in (
+        ({"model": "not-this-one", "prompt": "hi"}, 404, "model"),
+        ({"prompt": [1, 2, 99_999_999]}, 400, "prompt"),
+    ):
+        req = urllib.request.Request(url, json.dumps(body).encode())
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=30)
+        assert e.value.code == status, body
+        assert json.loads(e.value.read())["error"]["param"] == param

@@ -24,6 +24,7 @@ from proto.openai_compat import (
     ROLES,
     OpenAIError,
     ParsedRequest,
+    ResponseBuilder,
     check_generate,
     from_openai_chunk,
     parse_chat,
@@ -159,6 +160,9 @@ HOSTILE: list[tuple[str, Any, str | None]] = [
     ("chat", chat(logprobs=True, top_logprobs=-1), "top_logprobs"),
     ("chat", chat(logprobs=True, top_logprobs="5"), "top_logprobs"),
     ("chat", chat(top_logprobs=3), "top_logprobs"),  # needs logprobs: true, as OpenAI's
+    ("chat", chat(tool_choice="auto"), "tool_choice"),  # nothing to choose from (vLLM's rule)
+    ("chat", chat(tool_choice={"type": "function", "function": {"name": "f"}}), "tool_choice"),
+    ("chat", chat(function_call={"name": "f"}), "function_call"),
     ("chat", chat(logprobs=False, top_logprobs=0), "top_logprobs"),
     ("completion", comp(logprobs=21), "logprobs"),
     ("completion", comp(logprobs=True), "logprobs"),
@@ -316,6 +320,16 @@ TOOL = {"type": "function", "function": {"name": "f", "parameters": {}}}
         ("chat", chat(tools=[TOOL], tool_choice="none"), None),
         ("chat", chat(tools=[], functions=None, response_format={"type": "text"}), None),
         ("completion", comp(tools=[TOOL]), None),  # not a completions field: ignored
+        ("chat", chat(tools=[], tool_choice="required"), None),  # nothing to call: text
+        ("chat", chat(repetition_penalty=1.2), "repetition_penalty"),
+        ("completion", comp(min_tokens=4), "min_tokens"),
+        ("completion", comp(min_p=0.1), "min_p"),
+        ("chat", chat(allowed_token_ids=[5]), "allowed_token_ids"),
+        ("chat", chat(prompt_logprobs=1), "prompt_logprobs"),
+        ("chat", chat(use_beam_search=True), "use_beam_search"),
+        # the values that ask for nothing, as a router that re-serializes bodies sends them
+        ("chat", chat(repetition_penalty=1.0, min_p=0.0, min_tokens=0, bad_words=[]), None),
+        ("completion", comp(use_beam_search=False, truncate_prompt_tokens=None), None),
     ],
 )
 def test_what_the_engine_cannot_do_is_named_for_it(
@@ -892,3 +906,32 @@ def test_an_upstream_chunks_stop_reason_is_kept() -> None:
     assert from_openai_chunk(chunk, "r").stop_reason == "END"
     chunk["choices"][0]["stop_reason"] = 128001  # a stop token id
     assert from_openai_chunk(chunk, "r").stop_reason == "128001"
+
+
+def test_completion_logprobs_list_the_sampled_token_with_its_alternatives() -> None:
+    """As OpenAI's legacy completions and vLLM: `logprobs: N` gives the sampled token and N
+    alternatives (before, the sampled one was missing, and `logprobs: 0` gave `{}`); a -inf
+    log probability is written as -9999.0, not null."""
+    top = [pb.TopLogprob(token="b", logprob=-1.0), pb.TopLogprob(token="c", logprob=-3.0)]
+    lps = [
+        pb.TokenLogprob(token="a", logprob=-2.0, top=top),
+        pb.TokenLogprob(token="b", logprob=-1.0, top=top),
+        pb.TokenLogprob(token="d", logprob=float("-inf")),
+    ]
+    built = ResponseBuilder(parse_completion(comp(logprobs=2)), "r", "m")
+    built.add(pb.GenerateResponse(text="abd", logprobs=lps, finish_reason=pb.FINISH_REASON_STOP))
+    out = orjson.loads(orjson.dumps(built.whole()))["choices"][0]["logprobs"]
+    assert out["top_logprobs"] == [
+        {"a": -2.0, "b": -1.0, "c": -3.0},
+        {"b": -1.0, "c": -3.0},
+        {"d": -9999.0},
+    ]
+    assert out["token_logprobs"] == [-2.0, -1.0, -9999.0]
+
+
+def test_an_integer_past_64_bits_is_out_of_range_not_a_float() -> None:
+    """orjson reads such an integer as a float: the message said it was no integer."""
+    body = orjson.loads(b'{"model": "m", "prompt": "x", "seed": 18446744073709551616}')
+    with pytest.raises(OpenAIError) as e:
+        parse_completion(body)
+    assert e.value.param == "seed" and "between" in e.value.message
