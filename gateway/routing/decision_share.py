@@ -394,7 +394,7 @@ class RedisShare(_Batcher):
                 self._outage.ok()
                 heard = pinged = time.monotonic()
                 while True:
-                    msg = await pubsub.get_message(timeout=1.0)
+                    msg = await pubsub.get_message(timeout=min(1.0, PING_S / 2))
                     now = time.monotonic()
                     if msg is not None:
                         heard = now

@@ -7,6 +7,7 @@ publishes to any more, raises nothing: the subscriber must notice the silence it
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 import redis.asyncio as aioredis
@@ -69,10 +70,13 @@ async def subscribers(port: int) -> int:
         await client.aclose()
 
 
-def test_a_silent_subscription_is_made_again(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_silent_subscription_is_made_again(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """Before, the subscriber waited on the silent connection for good, with no log line:
     one gateway's decisions never reached the other again."""
     monkeypatch.setattr(decision_share, "PING_S", 0.3)
+    caplog.set_level(logging.INFO, logger="serving.redis_client")
     with RedisServer() as first, RedisServer() as second:
 
         async def main() -> None:
@@ -87,6 +91,8 @@ def test_a_silent_subscription_is_made_again(monkeypatch: pytest.MonkeyPatch) ->
                 await wait_for(listener.subscribed.is_set, "the subscription")
                 sender.publish("w1", [1, 2, 3])
                 await wait_for(lambda: ("w1", [1, 2, 3]) in got, "the first decision")
+                await asyncio.sleep(6 * 0.3)  # a quiet, healthy subscription is kept
+                assert "unavailable" not in caplog.text
 
                 proxy.switch(second.port)  # as a failover to an empty replica looks
                 # Both subscribe again, through the proxy to the second Redis; a publish on
