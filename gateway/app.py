@@ -439,8 +439,9 @@ class Gateway:
         server = grpc.aio.server(
             options=[
                 ("grpc.so_reuseport", int(shared)),
-                # a Generate request is bounded like an HTTP body (413 there)
-                ("grpc.max_receive_message_length", DEFAULT_LIMITS.max_body_bytes),
+                # a Generate request is bounded like an HTTP body (413 there) by the
+                # servicer's check; grpc's limit, above it, only bounds memory
+                ("grpc.max_receive_message_length", 4 * DEFAULT_LIMITS.max_body_bytes),
             ]
         )
         s = self.settings
@@ -450,7 +451,7 @@ class Gateway:
         front.session_header = self.settings.session_header.lower()
         front.on_finished = self.metrics.finished
         front.tracer = self.dispatcher.tracer
-        add_inference_servicer(front, server)
+        add_inference_servicer(front, server, DEFAULT_LIMITS.max_body_bytes)
         address = f"{self.settings.host}:{self.settings.grpc_port}"
         self.grpc_port = (
             server.add_secure_port(address, self.front_tls.grpc_credentials())

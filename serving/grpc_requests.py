@@ -30,8 +30,10 @@ class Undecodable:
         self.message = message
 
 
-def _lenient(cls: Any) -> Callable[[bytes], Any]:
+def _lenient(cls: Any, most: int | None = None) -> Callable[[bytes], Any]:
     def parse(data: bytes) -> Any:
+        if most is not None and len(data) > most:
+            return Undecodable(f"the request is {len(data)} bytes; at most {most} are allowed")
         try:
             return cls.FromString(data)
         except DecodeError as e:
@@ -43,15 +45,23 @@ def _lenient(cls: Any) -> Callable[[bytes], Any]:
 async def refuse_undecodable(request: Any, context: grpc.aio.ServicerContext) -> None:
     """Abort the call with INVALID_ARGUMENT if its request could not be decoded."""
     if isinstance(request, Undecodable):
+        context.set_trailing_metadata((("grpc-retry-pushback-ms", "-1"),))  # never helps
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
 
 
-def add_inference_servicer(servicer: Any, server: grpc.aio.Server) -> None:
-    """As `inference_pb2_grpc.add_InferenceServicer_to_server`, with lenient decoding."""
+def add_inference_servicer(
+    servicer: Any, server: grpc.aio.Server, max_request_bytes: int | None = None
+) -> None:
+    """As `inference_pb2_grpc.add_InferenceServicer_to_server`, with lenient decoding.
+
+    A Generate request over `max_request_bytes` is refused the same way (INVALID_ARGUMENT,
+    as HTTP's 413), where grpc's own limit answers RESOURCE_EXHAUSTED, the code this
+    service sheds load with, and which clients retry: give the server a receive limit
+    above this one (grpc's then only bounds memory)."""
     handlers = {
         "Generate": grpc.unary_stream_rpc_method_handler(
             servicer.Generate,
-            request_deserializer=_lenient(pb.GenerateRequest),
+            request_deserializer=_lenient(pb.GenerateRequest, max_request_bytes),
             response_serializer=pb.GenerateResponse.SerializeToString,
         ),
         "Stats": grpc.unary_unary_rpc_method_handler(

@@ -248,11 +248,15 @@ def test_grpc_front_end_refuses_out_of_bounds_requests(sim_gateway: Proc) -> Non
     ) as ch:
         stub = pb_grpc.InferenceStub(ch)
         refuses_every_hostile_request(stub)
-        # past the body limit, gRPC itself refuses the message
+        # past the body limit: INVALID_ARGUMENT, not to be retried (it was grpc's own
+        # RESOURCE_EXHAUSTED, the code load shedding uses, which clients retry)
         too_big = _gen(text="x" * L.max_body_bytes)
+        call = stub.Generate(too_big, timeout=60)
         with pytest.raises(grpc.RpcError) as e:
-            list(stub.Generate(too_big, timeout=60))
-        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            list(call)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+        assert f"at most {L.max_body_bytes} are allowed" in (e.value.details() or "")
+        assert ("grpc-retry-pushback-ms", "-1") in (call.trailing_metadata() or ())
         # and a normal request is served
         out = list(stub.Generate(_gen(), timeout=60))
         assert out[-1].finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
