@@ -339,6 +339,7 @@ class Gateway:
             self.metrics.render,
             admission=self.admission,
             shadows=self.shadows,
+            fleet_workers=lambda: {w.worker_id for w in self.registry.base.workers()},
         )
         self.admin_runner = web.AppRunner(
             api.app(), access_log=None, keepalive_timeout=s.keepalive_timeout_s

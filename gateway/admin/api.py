@@ -141,8 +141,11 @@ class AdminAPI:
         *,
         admission: Admission | None = None,
         shadows: Shadows | None = None,
+        fleet_workers: Callable[[], set[str]] = set,
     ) -> None:
         self._token = _utf8(token) if token else None
+        self._fleet = fleet_workers
+        """Ids the configuration or the registry (Redis) lists, removed ones included."""
         self.overrides = overrides
         self._view = view
         self._known = known_workers
@@ -245,7 +248,9 @@ class AdminAPI:
             return error_response(
                 OpenAIError(404, f"unknown action {action!r}; one of {', '.join(STATES)}, weight")
             )
-        if worker_id not in self._known() and worker_id not in self.overrides.states:
+        # a replica away for now may still hold an override: it can be cleared meanwhile
+        held = worker_id in self.overrides.states or worker_id in self.overrides.weights
+        if worker_id not in self._known() and not held:
             return error_response(OpenAIError(404, f"no worker {worker_id!r}", param="worker_id"))
         if action == "weight":
             return await self._weight(request, worker_id)
@@ -330,7 +335,9 @@ class AdminAPI:
         if worker_id not in self._known() and not current:
             return error_response(OpenAIError(404, f"no worker {worker_id!r}", param="worker_id"))
         admin_added = bool(current and "address" in current)
-        value = None if admin_added else {"removed": True}
+        # One the fleet lists too (registered over it) stays out: deleting the entry
+        # brought the fleet's own replica of that id back into routing.
+        value = None if admin_added and worker_id not in self._fleet() else {"removed": True}
         audit = {"action": "deregister", "worker": worker_id, "by": _who(request)}
         return await self._put(UPSTREAM, worker_id, value, audit, worker_id=worker_id)
 

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -30,6 +32,8 @@ STATES: dict[str, str | None] = {
     "eject": "ejected",
     "readmit": None,
 }
+"""What each action leaves the replica as. A drain and an eject are kept apart (an entry
+each): undrain ends the drain alone, readmit the eject alone."""
 log = logging.getLogger("breakwater.admin")
 
 
@@ -58,16 +62,21 @@ class FileStore:
         return await asyncio.to_thread(self._read)
 
     def _write(self, key: str, value: str | None, audit: dict[str, Any]) -> None:
-        current = self._read()
-        if value is None:
-            current.pop(key, None)
-        else:
-            current[key] = value
-        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(current))
-        tmp.replace(self.path)
-        with self.audit_path.open("a") as f:
-            f.write(json.dumps(audit) + "\n")
+        # One read-change-write at a time, across threads and the gateway's processes:
+        # concurrent calls each wrote the file they had read (acknowledged changes lost)
+        # through one temporary file per process (one call failed on another's rename).
+        with self.path.with_suffix(".lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            current = self._read()
+            if value is None:
+                current.pop(key, None)
+            else:
+                current[key] = value
+            tmp = self.path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_text(json.dumps(current))
+            tmp.replace(self.path)
+            with self.audit_path.open("a") as f:
+                f.write(json.dumps(audit) + "\n")
 
     async def apply(self, key: str, value: str | None, audit: dict[str, Any]) -> None:
         await asyncio.to_thread(self._write, key, value, audit)
@@ -201,6 +210,8 @@ def _s(x: Any) -> str:
 
 
 WORKER = "worker:"
+"""A drain (and, as earlier versions stored it, an eject)."""
+EJECT = "eject:"
 SPLIT = "split:"
 WEIGHT = "weight:"
 UPSTREAM = "upstream:"
@@ -307,7 +318,11 @@ class Overrides:
 
     def _apply(self, raw: dict[str, str]) -> None:
         self._raw = raw
-        self.states = {k[len(WORKER) :]: v for k, v in raw.items() if k.startswith(WORKER)}
+        states = {k[len(EJECT) :]: v for k, v in raw.items() if k.startswith(EJECT)}
+        for k, v in raw.items():  # a drain shows over an eject: undrain leaves the eject
+            if k.startswith(WORKER):
+                states[k[len(WORKER) :]] = v
+        self.states = states
         splits: dict[str, Split] = {}
         for model, weights in _section(raw, SPLIT).items():
             if not isinstance(weights, dict):  # a hand-edited or foreign entry: ignored
@@ -351,7 +366,13 @@ class Overrides:
 
     async def act(self, action: Action, worker_id: str, who: str) -> dict[str, Any]:
         audit = {"action": action, "worker": worker_id, "by": who}
-        return await self._save(WORKER + worker_id, STATES[action], audit)
+        if action in ("drain", "undrain"):
+            if action == "undrain" and self._raw.get(WORKER + worker_id) == STATES["eject"]:
+                return audit  # an eject stored the earlier way: readmit ends it, not this
+            return await self._save(WORKER + worker_id, STATES[action], audit)
+        if action == "readmit" and self._raw.get(WORKER + worker_id) == STATES["eject"]:
+            await self._save(WORKER + worker_id, None, audit)  # stored the earlier way
+        return await self._save(EJECT + worker_id, STATES[action], audit)
 
     async def set_split(
         self, model: str, weights: dict[str, float] | None, who: str

@@ -37,10 +37,15 @@ class DynamicRegistry:
     def workers(self) -> list[WorkerInfo]:
         if not self.removed and not self.extra.specs:  # the usual case costs nothing more
             return self.base.workers()
-        removed = self.removed
-        out = [w for w in self.base.workers() if w.worker_id not in removed]
-        taken = {w.worker_id for w in out}
-        out += [w for w in self.extra.workers() if w.worker_id not in taken]
+        # an id an operator registered is at the address given, over the fleet's own (its
+        # record was routed to, and the call answered with the new address)
+        removed, registered = self.removed, self.extra.specs
+        out = [
+            w
+            for w in self.base.workers()
+            if w.worker_id not in removed and w.worker_id not in registered
+        ]
+        out += self.extra.workers()
         return out
 
     def apply(self, upstreams: Mapping[str, Mapping[str, Any]]) -> None:

@@ -23,6 +23,8 @@ def check_address(address: object) -> str:
         raise ValueError(f"a worker address must be {_WHAT}")
     kind, rest = parse_worker_spec(address)
     if kind == "grpc":
+        if "://" in rest:  # another scheme (ftp://, HTTP://): not taken as a gRPC host
+            raise ValueError(f"worker address {address!r} is not {_WHAT}")
         host, _, port = rest.rpartition(":")
         # isascii: str.isdigit() and int() take other scripts' digits, which gRPC does not
         if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:

@@ -95,8 +95,30 @@ def test_upstreams_register_and_deregister_at_run_time_in_every_process(
         # and registered again
         assert admin_call(gw, "POST", "/admin/upstreams", {"address": first})[0] == 200
         wait_for(lambda: set(served_by(gw, 4)) == {first}, timeout=60)
+        # the configured id, deregistered again, stays out (deleting the operator's entry
+        # brought the configured replica back) ...
+        assert admin_call(gw, "DELETE", f"/admin/upstreams/{first}")[0] == 200
+        wait_for(lambda: set(served_by(gw, 4)) == {"404"}, timeout=30)
+        # ... and registered at another address, is there (the configured one lost before)
+        second = workers[1].ready["grpc"]
+        body = {"address": second, "worker_id": first}
+        assert admin_call(gw, "POST", "/admin/upstreams", body)[0] == 200
+
+        def address_of(worker_id: str) -> str | None:
+            view = {w["worker_id"]: w for w in admin_json(gw, "/admin/workers")["workers"]}
+            return view.get(worker_id, {}).get("address")
+
+        wait_for(lambda: address_of(first) == second, timeout=30)
+        wait_for(lambda: set(served_by(gw, 4)) == {first}, timeout=60)
         actions = [e["action"] for e in admin_json(gw, "/admin/audit")["entries"]]
-        assert actions == ["register", "deregister", "deregister", "register"]
+        assert actions == [
+            "register",
+            "deregister",
+            "deregister",
+            "register",
+            "deregister",
+            "register",
+        ]
     finally:
         gw.stop()
 

@@ -142,3 +142,38 @@ def test_prefix_aware_tuning_comes_from_flags_and_environment(
     for bad in (["--cache-threshold", "2"], ["--miss-weight", "0"], ["--balance-rel", "0.5"]):
         with pytest.raises(SystemExit):
             parsed(*bad)
+
+
+def test_round_robin_keeps_a_turn_per_candidate_set() -> None:
+    """A shadow's pool taking every third turn of one shared counter left one of three
+    replicas out; each set keeps its own turn now."""
+    from gateway.routing.policy import RoundRobin
+
+    three = [WorkerInfo(w, f"{w}:1") for w in ("a", "b", "c")]
+    shadow = [WorkerInfo("s", "s:1")]
+    req = pb.GenerateRequest(model="m", text="x")
+    rr = RoundRobin()
+    picks = []
+    for _ in range(30):
+        picks += [rr.choose(three, req, {}).worker_id for _ in range(2)]
+        rr.choose(shadow, req, {})
+    assert {w: picks.count(w) for w in "abc"} == {"a": 20, "b": 20, "c": 20}
+
+
+def test_least_outstanding_shares_a_light_load_by_weight() -> None:
+    """Idle replicas tie: they take turns (weighted), where a hashed tie-break sent one
+    replica nearly everything and weights changed nothing."""
+    from gateway.routing.policy import LeastOutstanding, WeightedLoads
+
+    workers = [WorkerInfo(w, f"{w}:1") for w in ("a", "b", "c")]
+    req = pb.GenerateRequest(model="m", text="x")
+    lo = LeastOutstanding()
+    picks = [lo.choose(workers, req, {}).worker_id for _ in range(90)]
+    assert {w: picks.count(w) for w in "abc"} == {"a": 30, "b": 30, "c": 30}
+    weighted = WeightedLoads({}, {"a": 4.0})
+    picks = [lo.choose(workers, req, weighted).worker_id for _ in range(60)]
+    assert {w: picks.count(w) for w in "abc"} == {"a": 40, "b": 10, "c": 10}
+    # under load, the fewest calls in flight per unit of weight still wins
+    assert (
+        lo.choose(workers, req, WeightedLoads({"a": 9, "b": 1, "c": 2}, {"a": 4.0})) == (workers[1])
+    )

@@ -17,6 +17,8 @@ GOOD = [
 BAD = [
     "",
     "nowhere",
+    "ftp://1.2.3.4:5",  # another scheme is no gRPC host
+    "HTTP://1.2.3.4:5",
     "h:x",
     "h:0",
     "h:65536",
