@@ -116,8 +116,16 @@ class Tokenizer:
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def decode_stream(self, prompt_ids: list[int], skip_special_tokens: bool) -> DecodeStream:
-        """Incremental decoder primed with the prompt so leading spaces come out right."""
-        return DecodeStream(ids=prompt_ids[-8:], skip_special_tokens=skip_special_tokens)
+        """Incremental decoder primed with the prompt so leading spaces come out right.
+
+        Primed by stepping through the prompt's last tokens, as vLLM does: given them as
+        its starting ids instead, a DecodeStream whose window ended inside a character
+        (a prompt of ids cut mid-emoji) handed the whole window's text back with the
+        first output token, and stop strings matched the prompt's own words."""
+        stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        for token in prompt_ids[-8:]:
+            stream.step(self.hf, token)
+        return stream
 
     def apply_chat_template(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True

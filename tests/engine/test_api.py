@@ -339,3 +339,77 @@ def test_memory_budget_refused_with_clear_message(tiny_llama: Path) -> None:
         )
     with pytest.raises(ConfigError, match="fewer than one request"):
         EngineCore(EngineConfig(model=str(tiny_llama), kv_cache_memory=1 << 16, max_model_len=4096))
+
+
+def test_a_prompt_cut_inside_a_character_does_not_leak_into_the_output(
+    engine_config: EngineConfig,
+) -> None:
+    """Token ids that end inside a UTF-8 character (an answer cut mid-emoji, sent back):
+    the decoder, handed the prompt's last ids as its start, gave their whole text back
+    with the first output token, and a stop string found in the prompt's words ended it."""
+    core = EngineCore(engine_config)
+    hf = core.tokenizer.hf
+    frag = next(i for i in range(hf.get_vocab_size()) if hf.decode([i]).endswith("\ufffd"))
+    prompt = [324, 301, 37, 314, 10, 469, 432, frag]
+    assert "Bet" in hf.decode(prompt)
+
+    def answer(stop: list[str]) -> tuple[str, str | None]:
+        core.add(
+            core.prepare(
+                GenerateRequest(
+                    f"r{len(stop)}", prompt_token_ids=prompt, sampling=greedy(5, stop=stop)
+                )
+            )
+        )
+        deltas = []
+        while core.has_work:
+            deltas += core.step()
+        return "".join(d.text or "" for d in deltas), deltas[-1].finish_reason
+
+    text, finish = answer([])
+    assert "Bet" not in text and finish == "length"
+    assert answer(["Bet"]) == (text, "length")  # only the prompt says it
+
+
+def test_end_of_sequence_ids_of_the_generation_config_count(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """config.json names one, generation_config.json more (as Qwen2.5-Instruct ships):
+    the engine stops on all of them, as transformers and vLLM do (it ran past the second)."""
+    import json
+    import shutil
+
+    from worker.engine.model.config import ModelConfig
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_llama, model)
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "eos_token_id": 3}))
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": [3, 1]}))
+    assert ModelConfig.from_dir(model).eos_token_ids == (3, 1)
+    (model / "generation_config.json").write_text("not json")  # a broken one is skipped
+    assert ModelConfig.from_dir(model).eos_token_ids == (3,)
+
+
+def test_an_end_of_sequence_token_as_the_last_allowed_one_ends_by_length(
+    engine_config: EngineConfig,
+) -> None:
+    """vLLM checks the length first: finish_reason "length", where this said "stop"."""
+    core = EngineCore(engine_config)
+    prompt = [257, 452, 179, 377, 233, 151, 315, 505, 41]  # greedy: end of sequence first
+
+    def answer(max_tokens: int) -> tuple[list[int], str | None]:
+        sampling = SamplingParams(temperature=0, max_tokens=max_tokens)
+        core.add(
+            core.prepare(
+                GenerateRequest(f"e{max_tokens}", prompt_token_ids=prompt, sampling=sampling)
+            )
+        )
+        deltas = []
+        while core.has_work:
+            deltas += core.step()
+        return tokens_of(deltas), deltas[-1].finish_reason
+
+    tokens, finish = answer(2)
+    assert finish == "stop" and len(tokens) == 1 and tokens[0] in core.eos_token_ids
+    assert answer(1) == (tokens, "length")

@@ -84,3 +84,30 @@ def test_mistral_and_sharded_checkpoint(tmp_path: Path) -> None:
     model = write_demo_model(tmp_path, "tiny", "mistral", seed=5, max_shard_bytes=100_000)
     assert (model / "model.safetensors.index.json").is_file()
     check_against_hf(model, mixed_prompts(5, n=4))
+
+
+@pytest.mark.parametrize("bias", ["attention_bias", "mlp_bias"])
+def test_llama_checkpoints_with_biases(tiny_llama: Path, tmp_path: Path, bias: str) -> None:
+    """Llama's `attention_bias` biases o_proj too, and `mlp_bias` the MLP: both were
+    dropped without a word (the loader took no tensor it did not look for), and every
+    answer was wrong."""
+    import json
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = json.loads((tiny_llama / "config.json").read_text())
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(
+        LlamaConfig(**{**{k: v for k, v in cfg.items() if not k.startswith("_")}, bias: True})
+    ).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    hf.save_pretrained(tmp_path)
+    for f in tiny_llama.iterdir():
+        if f.name.startswith("tokenizer"):
+            shutil.copy(f, tmp_path)
+    check_against_hf(tmp_path, mixed_prompts(7, n=4))

@@ -55,7 +55,10 @@ class OutputProcessor:
         if logprob is not None:
             delta.logprobs = [TokenLogprob(token_id, logprob[0], logprob[1])]
         finish: FinishReason | None = None
-        if token_id in self.stop_token_ids:
+        # The length comes first, as in vLLM: a stop token sampled as the last one allowed
+        # ends the answer as "length", and is decoded as any other token.
+        at_length = req.num_output_tokens >= req.max_tokens
+        if token_id in self.stop_token_ids and not at_length:
             finish = "stop"
             delta.stop_reason = None if token_id in req.eos_token_ids else token_id
         else:
@@ -65,7 +68,7 @@ class OutputProcessor:
                 self.text += piece
                 if self.stops:
                     finish = self._check_stop_strings(start, delta)
-        if finish is None and req.num_output_tokens >= req.max_tokens:
+        if finish is None and at_length:
             finish = "length"
         delta.finish_reason = finish
         end = len(self.text) if finish else len(self.text) - _holdback(self.text, self.stops)

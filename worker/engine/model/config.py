@@ -30,13 +30,28 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
     torch_dtype: str | None
+    o_proj_bias: bool = False
+    """Llama's `attention_bias` biases o_proj too (Qwen2's q/k/v alone)."""
+    mlp_bias: bool = False
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> ModelConfig:
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: is {model_dir} a Hugging Face checkpoint?")
-        return cls.from_dict(json.loads(path.read_text()))
+        d = json.loads(path.read_text())
+        # generation_config.json may list more end-of-sequence ids (Qwen2.5-Instruct:
+        # <|endoftext|> beside config.json's <|im_end|>); transformers and vLLM stop on all
+        gen = Path(model_dir) / "generation_config.json"
+        if gen.is_file():
+            try:
+                more = json.loads(gen.read_text()).get("eos_token_id")
+            except (ValueError, AttributeError):
+                more = None
+            ids = [*_ids(d.get("eos_token_id")), *_ids(more)]
+            if ids:
+                d = {**d, "eos_token_id": list(dict.fromkeys(ids))}
+        return cls.from_dict(d)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -88,6 +103,8 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             bos_token_id=d.get("bos_token_id"),
             torch_dtype=d.get("torch_dtype") or d.get("dtype"),
+            o_proj_bias=arch != "Qwen2ForCausalLM" and bool(d.get("attention_bias", False)),
+            mlp_bias=bool(d.get("mlp_bias", False)),
         )
 
     def num_params(self) -> int:
@@ -97,8 +114,15 @@ class ModelConfig:
         per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h
         if self.attention_bias:
             per_layer += q + 2 * kv
+        per_layer += h * self.o_proj_bias + (2 * i + h) * self.mlp_bias
         emb = v * h * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * per_layer + emb + h
 
     def kv_bytes_per_token(self, dtype_size: int) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_size
+
+
+def _ids(value: Any) -> list[int]:
+    """An `eos_token_id` as the configs write it: one id, a list, or absent."""
+    values = value if isinstance(value, list) else [value]
+    return [v for v in values if isinstance(v, int) and not isinstance(v, bool)]

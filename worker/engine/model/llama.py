@@ -85,9 +85,9 @@ class DecoderLayer(nn.Module):
         self.input_norm = RMSNorm(h, cfg.rms_norm_eps)
         self.post_attn_norm = RMSNorm(h, cfg.rms_norm_eps)
         self.qkv = nn.Linear(h, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, h, bias=False)
-        self.gate_up = nn.Linear(h, 2 * cfg.intermediate_size, bias=False)
-        self.down = nn.Linear(cfg.intermediate_size, h, bias=False)
+        self.o_proj = nn.Linear(self.q_size, h, bias=cfg.o_proj_bias)
+        self.gate_up = nn.Linear(h, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down = nn.Linear(cfg.intermediate_size, h, bias=cfg.mlp_bias)
 
     def forward(
         self,
@@ -140,12 +140,14 @@ class LlamaModel(nn.Module):
     def load_hf_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy Hugging Face tensors in, fusing q/k/v and gate/up."""
         missing: list[str] = []
+        used: set[str] = set()
 
         def take(name: str) -> torch.Tensor:
             t = tensors.get(name)
             if t is None:
                 missing.append(name)
                 return torch.empty(0)
+            used.add(name)
             return t
 
         def copy(dst: torch.Tensor, *names: str) -> None:
@@ -168,9 +170,14 @@ class LlamaModel(nn.Module):
                 if layer.qkv.bias is not None:
                     copy(layer.qkv.bias, a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias")
                 copy(layer.o_proj.weight, a + "o_proj.weight")
+                if layer.o_proj.bias is not None:
+                    copy(layer.o_proj.bias, a + "o_proj.bias")
                 m = p + "mlp."
                 copy(layer.gate_up.weight, m + "gate_proj.weight", m + "up_proj.weight")
                 copy(layer.down.weight, m + "down_proj.weight")
+                if layer.down.bias is not None and layer.gate_up.bias is not None:
+                    copy(layer.gate_up.bias, m + "gate_proj.bias", m + "up_proj.bias")
+                    copy(layer.down.bias, m + "down_proj.bias")
                 copy(layer.input_norm.weight, p + "input_layernorm.weight")
                 copy(layer.post_attn_norm.weight, p + "post_attention_layernorm.weight")
             copy(self.norm.weight, "model.norm.weight")
@@ -180,3 +187,7 @@ class LlamaModel(nn.Module):
                 copy(self.lm_head.weight, "lm_head.weight")
         if missing:
             raise ValueError(f"checkpoint is missing tensors: {missing[:5]}")
+        # a bias the config does not announce would be dropped, and every answer wrong
+        unused = sorted(n for n in tensors if n.endswith(".bias") and n not in used)
+        if unused:
+            raise ValueError(f"checkpoint has tensors this model does not use: {unused[:5]}")
