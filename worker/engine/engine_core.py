@@ -153,6 +153,7 @@ class EngineCore:
             batch = self.scheduler.schedule()
             for request, message in batch.failed:
                 live = self.live.pop(request.request_id)
+                self.executor.forget(request.request_id)  # its seeded generator, if any
                 deltas.append(
                     Delta(
                         request.request_id,
