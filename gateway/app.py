@@ -51,7 +51,7 @@ from serving.grpc_requests import add_inference_servicer
 from serving.heap import settle
 from serving.logs import configure_logging
 from serving.openai_http import json_errors
-from serving.slow_clients import ConnectionCap, fit_fd_limit
+from serving.slow_clients import LISTEN_BACKLOG, ConnectionCap, fit_fd_limit
 from serving.tls import ClientTLS, TLSConfigError
 from serving.tracing import make_tracer
 
@@ -347,7 +347,13 @@ class Gateway:
         await self.admin_runner.setup()
         answer_errors_in_json(self.admin_runner)
         host = s.admin_host or s.host
-        site = web.TCPSite(self.admin_runner, host, s.admin_port, ssl_context=self._ssl_context())
+        site = web.TCPSite(
+            self.admin_runner,
+            host,
+            s.admin_port,
+            ssl_context=self._ssl_context(),
+            backlog=LISTEN_BACKLOG,
+        )
         await site.start()
         port = self.admin_runner.addresses[0][1]
         self.admin_url = f"{self.scheme}://{host}:{port}"
@@ -432,6 +438,7 @@ class Gateway:
                 self.settings.port,
                 reuse_port=shared or None,
                 ssl_context=ssl_context,
+                backlog=LISTEN_BACKLOG,
             )
             await site.start()
             self.http_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]

@@ -23,6 +23,12 @@ from proto.openai_compat import OpenAIError
 
 log = logging.getLogger(__name__)
 
+LISTEN_BACKLOG = 4096
+"""Connections the kernel queues for a listener not yet accepting them (capped by
+net.core.somaxconn). asyncio's default is 100 and aiohttp's 128: a burst of a few
+thousand clients overflowed it, and the kernel dropped their SYNs, so they waited for
+its 1 s and 3 s retries (one /healthz took 17.5 s) where the gateway answers a refusal
+in milliseconds."""
 KEEPALIVE_TIMEOUT_S = 75.0
 """nginx's keepalive_timeout, longer than the usual load balancer's idle timeout (60 s), so
 a balancer never reuses a connection this side has just closed; aiohttp's own default is an

@@ -46,7 +46,7 @@ from serving.openai_http import (
     json_response,
     read_body,
 )
-from serving.slow_clients import KEEPALIVE_TIMEOUT_S
+from serving.slow_clients import KEEPALIVE_TIMEOUT_S, LISTEN_BACKLOG
 from serving.tracing import context_from, request_attributes
 from worker.engine.errors import EngineError, InvalidRequestError
 from worker.engine_factory import open_stream
@@ -330,5 +330,5 @@ async def start_http(
     )
     await runner.setup()
     answer_errors_in_json(runner)
-    await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
+    await web.TCPSite(runner, host, port, ssl_context=ssl_context, backlog=LISTEN_BACKLOG).start()
     return runner

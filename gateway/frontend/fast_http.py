@@ -36,7 +36,7 @@ import httptools
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from serving.slow_clients import ConnectionCap
+from serving.slow_clients import LISTEN_BACKLOG, ConnectionCap
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +265,9 @@ class FastFront:
 
     async def start(self, host: str, port: int, reuse_port: bool | None) -> int:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self, host, port, reuse_port=reuse_port)
+        self._server = await loop.create_server(
+            self, host, port, reuse_port=reuse_port, backlog=LISTEN_BACKLOG
+        )
         self._sweeper = loop.create_task(self._sweep())
         return int(self._server.sockets[0].getsockname()[1])
 

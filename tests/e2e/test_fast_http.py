@@ -5,9 +5,12 @@ aiohttp on the same connection, and that both answer alike."""
 from __future__ import annotations
 
 import json
+import shutil
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -432,3 +435,18 @@ def test_an_error_aiohttp_answers_500_says_no_more_than_that() -> None:
         message = json.loads(error_body(400, quoted))["error"]["message"]
         assert message.startswith("malformed HTTP request: ") and "'" not in message, message
         assert "GARBAGE" not in message and "aaaa" not in message and '"' not in message
+
+
+def test_listeners_queue_a_burst_of_connections(gw: Proc) -> None:
+    """The listen backlog was asyncio's 100 (aiohttp's 128): a burst of a few thousand
+    clients overflowed it, and the kernel dropped their SYNs (1 s and 3 s waits)."""
+    ss = shutil.which("ss")
+    if ss is None:
+        pytest.skip("needs ss (iproute2)")
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    for url in (gw.ready["http"], gw.ready["admin"]):
+        port = url.rsplit(":", 1)[1]
+        out = subprocess.run(
+            [ss, "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True
+        ).stdout.split()
+        assert int(out[2]) >= min(somaxconn, 4096), (url, out)  # Send-Q: the backlog
