@@ -19,7 +19,14 @@ from typing import Any
 import aiohttp
 import pytest
 
-from loadtest.fleet import ADMIN_TOKEN, admin_json, start_gateway, start_sim_worker, wait_for
+from loadtest.fleet import (
+    ADMIN_TOKEN,
+    admin_call,
+    admin_json,
+    start_gateway,
+    start_sim_worker,
+    wait_for,
+)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(
@@ -150,6 +157,17 @@ def test_dashboard_lists_replicas_drains_by_button_and_draws(tmp_path: Path) -> 
                 row = f"document.querySelector('tr[data-worker=\"{ids[0]}\"]')"
                 await evaluate(ws, n, f"{row}.querySelector('button[data-action=drain]').click()")
                 await until(ws, n, f"{row}.querySelector('.admin').textContent === 'drained'")
+                # names come from replicas and upstreams: shown as text, never as markup
+                # (the page holds the admin token)
+                hostile = '<b/id="injected">x</b>'
+                body = {"address": "127.0.0.1:1", "worker_id": hostile}
+                assert (await asyncio.to_thread(admin_call, gw, "POST", "/admin/upstreams", body))[
+                    0
+                ] == 200
+                assert await until(ws, n, f"{rows} === 3")
+                assert await evaluate(ws, n, "document.getElementById('injected') === null")
+                cells = "[...document.querySelectorAll('#workers td')].map(c => c.textContent)"
+                assert any(hostile in c for c in await evaluate(ws, n, cells))
                 await asyncio.sleep(0.5)
                 shot = await call(ws, n, "Page.captureScreenshot", format="png")
                 import base64
