@@ -205,6 +205,7 @@ class Gateway:
             self._metric_sources, self._metric_gauges, settings.gpu_hour_price, settings.request_log
         )
         self.metrics.index = settings.process_index
+        self.metrics.serves = self.dispatcher.has_model
         tracer = make_tracer(settings.trace_exporter, "breakwater-gateway")
         routes.tracer = self.dispatcher.tracer = tracer
         routes.on_finished = self.metrics.finished

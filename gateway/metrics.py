@@ -76,6 +76,10 @@ class GatewayMetrics:
         self._gauges = gauges
         self.price_per_gpu_hour = price_per_gpu_hour
         self.log_requests = log_requests
+        self.serves: Callable[[str], bool] | None = None
+        """Whether the gateway serves a model now (the dispatcher's has_model): a refused
+        request's model is a label only then (a gRPC call cancelled before its model was
+        checked, say, could name anything)."""
         self._seen: dict[str, Tally[str]] = {}
         self._children: dict[tuple[str, int], _Series] = {}
         self._task: asyncio.Task[None] | None = None
@@ -192,6 +196,8 @@ class GatewayMetrics:
         # 404, 408, 413) is not a label: arbitrary names would grow the series unbounded.
         status = done.status
         model = "unknown" if not done.model or status in UNCHECKED_MODEL else done.model
+        if status >= 400 and self.serves is not None and not self.serves(model):
+            model = "unknown"
         info = done.info
         series = self._series(model, status)
         series.requests.inc()
@@ -319,12 +325,20 @@ class GatewayMetrics:
         g = self._gauges()
         self.in_flight.set(g.get("in_flight", 0))
         self.queued.set(g.get("queued", 0))
-        for worker, n in g.get("outstanding", {}).items():
-            self.outstanding.labels(worker).set(n)
-        for worker, state in g.get("breakers", {}).items():
-            self.breaker.labels(worker).set(BREAKER_VALUES.get(state, 0.0))
-        for worker, ready in g.get("ready", {}).items():
-            self.ready.labels(worker).set(1.0 if ready else 0.0)
+        live = set(g.get("ready", {}))
+        for gauge, key, value in (
+            (self.outstanding, "outstanding", float),
+            (self.breaker, "breakers", lambda state: BREAKER_VALUES.get(state, 0.0)),
+            (self.ready, "ready", lambda ready: 1.0 if ready else 0.0),
+        ):
+            for worker, v in g.get(key, {}).items():
+                if worker in live:
+                    gauge.labels(worker).set(value(v))
+            # a replica that left the registry takes its series along: every pod ever
+            # seen stayed, and sum(breakwater_worker_ready) counted the gone as ready
+            for labels in list(gauge._metrics):  # prometheus-client offers no listing
+                if labels[0] not in live:
+                    gauge.remove(*labels)
 
 
 MAX_GAUGES = {"breakwater_breaker_state", "breakwater_worker_ready"}

@@ -22,7 +22,7 @@ from proto import inference_pb2 as pb
 from proto import inference_pb2_grpc as pb_grpc
 from proto.limits import DEFAULT_LIMITS, RequestLimits
 from proto.openai_compat import MAX_SESSION_KEY, OpenAIError, check_generate
-from serving.calls import UNAVAILABLE, CallInfo, UpstreamError
+from serving.calls import NOT_FOUND, UNAVAILABLE, CallInfo, UpstreamError
 from serving.grpc_requests import refuse_undecodable
 from serving.openai_http import Finished, from_upstream
 from serving.tracing import context_from, request_attributes
@@ -92,6 +92,12 @@ class GatewayInference(pb_grpc.InferenceServicer):
         stream: AsyncGenerator[pb.GenerateResponse, None] | None = None
         try:
             check_generate(request, self.limits)
+            if request.model and not self.dispatcher.has_model(request.model):
+                # before admission, as HTTP's 404: an unknown model was charged to the
+                # tenant's quota, and its refusals (429) labelled metrics with any name
+                raise UpstreamError(
+                    NOT_FOUND, f"the model `{request.model}` does not exist", param="model"
+                )
             ticket = await self._admit(request, metadata, deadline)
             if ticket is not None:
                 done.tenant, done.key_id = ticket.tenant, ticket.key_id

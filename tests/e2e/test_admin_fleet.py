@@ -34,6 +34,11 @@ def workers() -> Iterator[list[Proc]]:
         w.stop()
 
 
+def metrics_text(gw: Proc) -> str:
+    with urllib.request.urlopen(gw.ready["http"] + "/metrics", timeout=10) as r:
+        return r.read().decode()
+
+
 def served_by(gw: Proc, n: int) -> Counter[str]:
     seen: Counter[str] = Counter()
     for i in range(n):
@@ -87,8 +92,11 @@ def test_upstreams_register_and_deregister_at_run_time_in_every_process(
         view = {w["worker_id"]: w for w in admin_json(gw, "/admin/workers")["workers"]}
         assert view["b"]["registered"] == "admin" and view[first]["registered"] == "config"
         # deregistered: the added one, then the configured one (then no one serves: 404)
+        wait_for(lambda: 'worker="b"' in metrics_text(gw), timeout=30)
         assert admin_call(gw, "DELETE", "/admin/upstreams/b")[0] == 200
         wait_for(lambda: set(served_by(gw, 8)) == {first}, timeout=30)
+        # its series go with it (they stayed, the gone replica still counted as ready)
+        wait_for(lambda: 'worker="b"' not in metrics_text(gw), timeout=30)
         assert admin_call(gw, "DELETE", f"/admin/upstreams/{first}")[0] == 200
         wait_for(lambda: set(served_by(gw, 4)) == {"404"}, timeout=30)
         assert admin_call(gw, "DELETE", "/admin/upstreams/b")[0] == 404
