@@ -295,6 +295,7 @@ class Gateway:
             "routing": policy.stats if policy is not None else {},
             "routing_decisions": policy.decisions if policy is not None else {},
             "client_disconnects": {"": self.routes.client_disconnects},
+            "connections_refused": {"": cap.refused if (cap := self.connections) else 0},
             "shadow": self.shadows.counts,
         }
 

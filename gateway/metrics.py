@@ -148,6 +148,12 @@ class GatewayMetrics:
             "Clients that left before their answer ended.",
             registry=r,
         )
+        self.connections_refused = Counter(
+            "breakwater_connections_refused",
+            "Connections answered 503 and closed at --max-connections (shed before any "
+            "request was read, so in no other family).",
+            registry=r,
+        )
         self.in_flight = Gauge(
             "breakwater_in_flight", "Requests admitted and not finished.",
             registry=r,
@@ -308,11 +314,15 @@ class GatewayMetrics:
             "routing_decisions": (self.routing_decisions, "reason"),
             "shadow": (self.shadow, "outcome"),
         }
+        unlabelled = {
+            "client_disconnects": self.client_disconnects,
+            "connections_refused": self.connections_refused,
+        }
         for name, tally in self._sources().items():
-            if name == "client_disconnects":
+            if name in unlabelled:
                 delta = tally.get("", 0) - self._seen.setdefault(name, Tally()).get("", 0)
                 if delta > 0:
-                    self.client_disconnects.inc(delta)
+                    unlabelled[name].inc(delta)
                 self._seen[name][""] = tally.get("", 0)
                 continue
             metric, _ = counters[name]

@@ -525,11 +525,12 @@ def test_the_hpa_also_follows_the_demand_the_gateways_hold_or_shed() -> None:
         assert rule["name"]["as"] == wanted, where
         assert rule["resources"]["overrides"]["namespace"]["resource"] == "namespace", where
         query = rule["metricsQuery"]
-        assert query.count("<<.LabelMatchers>>") == 4, where
+        assert query.count("<<.LabelMatchers>>") == 5, where
         families = set(re.findall(r"\b(breakwater_[a-z_]+?)(?:_total|_sum|_count)?\{", query))
         assert families == {
             "breakwater_queue_depth",
             "breakwater_admission",
+            "breakwater_connections_refused",  # shed at --max-connections, before admission
             "breakwater_request_duration_seconds",
         }, where
         assert all(f'"{f}"' in source for f in families), where

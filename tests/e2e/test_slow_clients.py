@@ -19,6 +19,7 @@ import socket
 import statistics
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 
 import grpc
@@ -345,6 +346,17 @@ def test_connections_past_the_cap_are_refused_and_service_resumes(
         for s in idle:
             s.close()
     wait_for(lambda: _normal_request_ok(gw), timeout=10, interval=0.1)
+
+    # counted: shed before any request was read, they showed in no metric family
+    def counted() -> float:
+        with urllib.request.urlopen(gw.ready["http"] + "/metrics", timeout=10) as r:
+            text = r.read().decode()
+        line = next(
+            x for x in text.splitlines() if x.startswith("breakwater_connections_refused_total ")
+        )
+        return float(line.split()[1])
+
+    wait_for(lambda: counted() >= refused, timeout=30)
 
 
 def _normal_request_ok(gw: Proc) -> bool:
