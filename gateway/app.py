@@ -238,6 +238,7 @@ class Gateway:
             )
         self.runner: web.AppRunner | None = None
         self.connections: ConnectionCap | None = None
+        self.grpc_front: GatewayInference | None = None
         self.fast_front: FastFront | None = None
         self.grpc_server: grpc.aio.Server | None = None
         self.http_port = 0
@@ -294,7 +295,10 @@ class Gateway:
             "upstream": upstream,
             "routing": policy.stats if policy is not None else {},
             "routing_decisions": policy.decisions if policy is not None else {},
-            "client_disconnects": {"": self.routes.client_disconnects},
+            "client_disconnects": {
+                "": self.routes.client_disconnects
+                + (self.grpc_front.client_disconnects if self.grpc_front else 0)
+            },
             "connections_refused": {"": cap.refused if (cap := self.connections) else 0},
             "shadow": self.shadows.counts,
         }
@@ -458,6 +462,7 @@ class Gateway:
         front = GatewayInference(
             self.dispatcher, s.request_timeout_s, self.admission, s.max_request_timeout_s
         )
+        self.grpc_front = front
         front.session_header = self.settings.session_header.lower()
         front.on_finished = self.metrics.finished
         front.tracer = self.dispatcher.tracer

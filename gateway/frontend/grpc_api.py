@@ -61,6 +61,9 @@ class GatewayInference(pb_grpc.InferenceServicer):
         """OpenTelemetry tracer when tracing is on: a server span per Generate call."""
         self.limits: RequestLimits = DEFAULT_LIMITS
         """The HTTP front end's bounds on a request, checked here before admission."""
+        self.client_disconnects = 0
+        """Calls their caller cancelled (or left) before the answer ended, as the HTTP
+        front end counts clients that went away."""
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -159,6 +162,8 @@ class GatewayInference(pb_grpc.InferenceServicer):
             if ticket is not None:
                 ticket.release()
             done.ended = time.monotonic()
+            if done.status == CLIENT_LEFT:
+                self.client_disconnects += 1
             if span is not None:
                 _end_span(span, request, done, code)
             if self.on_finished is not None:

@@ -240,6 +240,21 @@ def test_grpc_requests_show_in_metrics_and_the_request_log(tmp_path: Path) -> No
         no = next(r for r in records if r["status"] == 401)
         assert no["status"] == 401 and no["tenant"] is None and no["attempts"] == 0
         assert "count me over grpc" not in gw.log_text()
+
+        # a caller that cancels is a client that went away, as over HTTP (not counted)
+        with grpc.insecure_channel(gw.ready["grpc"]) as ch:
+            long = pb.GenerateRequest(
+                model="sim", text="cancel me", sampling=pb.SamplingParams(max_tokens=500)
+            )
+            long.sampling.ignore_eos = True
+            call = pb_grpc.InferenceStub(ch).Generate(long, metadata=auth, timeout=60)
+            next(call)
+            call.cancel()
+
+        def disconnects() -> float:
+            return value(scrape(gw.ready["http"]), "breakwater_client_disconnects_total")
+
+        wait_for(lambda: disconnects() == 1, timeout=30)
     finally:
         gw.stop()
         worker.stop()
