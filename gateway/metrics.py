@@ -351,8 +351,11 @@ class GatewayMetrics:
                     gauge.remove(*labels)
 
 
-MAX_GAUGES = {"breakwater_breaker_state", "breakwater_worker_ready"}
+MAX_GAUGES = {"breakwater_breaker_state"}
 """Gauges where processes' values are not added: the worst (highest) one stands."""
+MIN_GAUGES = {"breakwater_worker_ready"}
+"""Gauges where the worst is the lowest: a replica is ready only if every process says
+so (the highest counted it ready while any one did)."""
 
 
 def merge_expositions(texts: list[str]) -> str:
@@ -365,7 +368,7 @@ def merge_expositions(texts: list[str]) -> str:
         for fam in text_string_to_metric_families(text):
             meta.setdefault(fam.name, (fam.type, fam.documentation))
             merged = values.setdefault(fam.name, {})
-            keep_max = fam.name in MAX_GAUGES
+            pick = max if fam.name in MAX_GAUGES else min if fam.name in MIN_GAUGES else None
             for sample in fam.samples:
                 if sample.name.endswith("_created"):
                     continue
@@ -374,7 +377,7 @@ def merge_expositions(texts: list[str]) -> str:
                 if old is None:
                     merged[key] = sample.value
                 else:
-                    merged[key] = max(old, sample.value) if keep_max else old + sample.value
+                    merged[key] = pick(old, sample.value) if pick else old + sample.value
     lines: list[str] = []
     for name, (kind, doc) in meta.items():
         exposed = name + "_total" if kind == "counter" else name

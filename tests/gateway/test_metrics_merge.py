@@ -38,3 +38,19 @@ def test_sums_and_worst_breaker() -> None:
     assert merged[("breakwater_request_duration_seconds_count", ())] == 3
     assert merged[("breakwater_request_duration_seconds_bucket", (("le", "0.1"),))] == 1
     assert merged[("breakwater_request_duration_seconds_bucket", (("le", "1.0"),))] == 2
+
+
+def test_a_replica_is_ready_only_if_every_process_says_so() -> None:
+    def ready(value: float) -> str:
+        r = CollectorRegistry()
+        Gauge("breakwater_worker_ready", "r", ["worker"], registry=r).labels("w0").set(value)
+        return generate_latest(r).decode()
+
+    merged = samples(merge_expositions([ready(1.0), ready(0.0), ready(1.0)]))
+    assert merged[("breakwater_worker_ready", (("worker", "w0"),))] == 0.0
+    assert (
+        samples(merge_expositions([ready(1.0), ready(1.0)]))[
+            ("breakwater_worker_ready", (("worker", "w0"),))
+        ]
+        == 1.0
+    )
