@@ -48,6 +48,9 @@ class OpenAIError(Exception):
         self.should_retry: bool | None = None
         """Said to the client as `x-should-retry` (the openai SDK obeys it): False once
         the gateway's door retry budget is spent, so a refusal is not retried into a storm."""
+        self.tenant: str | None = None
+        self.key_id: str | None = None
+        """Whose request admission refused, once it knew (for the request log)."""
 
     def body(self) -> dict[str, Any]:
         return {

@@ -426,6 +426,7 @@ class OpenAIRoutes:
         asked = request.headers.get("X-Request-Id")
         request_id = os.urandom(16).hex()  # the caller's once it is known to be fit to echo
         ticket: Releasable | None = None
+        refused: OpenAIError | None = None
         info = CallInfo()
         model, stream, status, error_type = "", False, 499, None
         try:
@@ -466,7 +467,7 @@ class OpenAIRoutes:
             status = response.status
             return response
         except OpenAIError as e:
-            status, error_type = e.status, e.type
+            status, error_type, refused = e.status, e.type, e
             self._judge_retry(e)
             return error_response(e, request_id)
         except asyncio.CancelledError:  # the client disconnected (handler cancellation)
@@ -482,10 +483,11 @@ class OpenAIRoutes:
                 ticket.release()
             if self.on_finished is not None:
                 ended = time.monotonic()
-                tenant = getattr(ticket, "tenant", None)
+                who = ticket if ticket is not None else refused  # a refusal knows it too
+                tenant = getattr(who, "tenant", None)
                 done = Finished(request_id, model, tenant, status, started, ended, stream, info)
                 done.error_type = error_type
-                done.key_id = getattr(ticket, "key_id", None)
+                done.key_id = getattr(who, "key_id", None)
                 self.on_finished(done)
 
     def _judge_retry(self, e: OpenAIError) -> None:

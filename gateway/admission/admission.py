@@ -233,6 +233,20 @@ class Admission:
         except OpenAIError:
             self.counts["unauthorized"] += 1
             raise
+        try:
+            return await self._admit_tenant(tenant, key_id, est_tokens, priority, deadline)
+        except OpenAIError as e:  # whose refusal it is, for the request log
+            e.tenant, e.key_id = tenant.name, key_id
+            raise
+
+    async def _admit_tenant(
+        self,
+        tenant: Tenant,
+        key_id: str | None,
+        est_tokens: int,
+        priority: int | None,
+        deadline: float,
+    ) -> Ticket:
         quota = self._quotas.get(tenant.name, tenant.quota)
         prio = quota.priority if priority is None else priority
         if prio not in (PRIORITY_INTERACTIVE, PRIORITY_BATCH):

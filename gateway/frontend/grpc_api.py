@@ -128,6 +128,7 @@ class GatewayInference(pb_grpc.InferenceServicer):
             done.status, code = 200, grpc.StatusCode.OK
         except OpenAIError as e:  # out of bounds, or refused by admission
             done.status, done.error_type = e.status, e.type
+            done.tenant, done.key_id = e.tenant, e.key_id
             code = _GRPC_CODES.get(e.status, grpc.StatusCode.UNKNOWN)
             trailing: list[tuple[str, str]] = []
             if e.param is not None:  # the offending field, as the worker's service says it

@@ -142,10 +142,14 @@ def test_no_key_reaches_the_request_log_traces_audit_or_metrics(
         assert {code for code, _, _ in refusals} == {401}
         assert len({body for _, _, body in refusals}) == 1  # the same answer for each
         assert complete(gw, 4, key=LEGACY_KEY)[0] == 200
+        # a refusal once the tenant is known names it (the log said null)
+        quota = {"requests_per_second": 0.001, "request_burst": 1}
+        assert admin_call(gw, "PUT", "/admin/tenants/alice/quota", quota)[0] == 200
+        assert 429 in [complete(gw, 5 + i, key=key)[0] for i in range(3)]
 
         def logged() -> str:
             text = gw.log_text()
-            return text if text.count("breakwater.requests: ") >= 6 else ""
+            return text if text.count("breakwater.requests: ") >= 9 else ""
 
         log = wait_for(logged, timeout=30)
         spans = wait_for(lambda: trace.exists() and trace.read_text().count("\n") >= 3, 30)
@@ -159,6 +163,8 @@ def test_no_key_reaches_the_request_log_traces_audit_or_metrics(
         # each line names the key that proved it (by id; a digest-only key has none)
         assert {r["key_id"] for r in records if r["status"] == 200} == {key_id, None}
         assert all(r["key_id"] is None for r in records if r["status"] == 401)
+        limited = [r for r in records if r["status"] == 429]
+        assert limited and all((r["tenant"], r["key_id"]) == ("alice", key_id) for r in limited)
         with urllib.request.urlopen(gw.ready["http"] + "/metrics", timeout=10) as r:
             metrics = r.read().decode()
         texts = {
