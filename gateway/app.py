@@ -292,6 +292,7 @@ class Gateway:
         policy = self.router.prefix_aware()
         return {
             "admission": self.admission.counts,
+            "retry_advice": self.admission.retry_advice,
             "upstream": upstream,
             "routing": policy.stats if policy is not None else {},
             "routing_decisions": policy.decisions if policy is not None else {},

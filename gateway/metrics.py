@@ -121,6 +121,12 @@ class GatewayMetrics:
             ["outcome"],
             registry=r,
         )  # fmt: skip
+        self.retry_advice = Counter(
+            "breakwater_retry_advice", "Retries that arrived (retry_arrived), and refusals "
+            "told to retry or not (told_to_retry, told_not_to_retry: x-should-retry).",
+            ["advice"],
+            registry=r,
+        )  # fmt: skip
         self.upstream = Counter(
             "breakwater_upstream", "Upstream calls: requests, attempts, retries and "
             "retry_budget_exhausted.", ["event"],
@@ -309,6 +315,7 @@ class GatewayMetrics:
     def sync(self) -> None:
         counters = {
             "admission": (self.admission, "outcome"),
+            "retry_advice": (self.retry_advice, "advice"),
             "upstream": (self.upstream, "event"),
             "routing": (self.routing, "kind"),
             "routing_decisions": (self.routing_decisions, "reason"),

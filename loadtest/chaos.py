@@ -586,14 +586,17 @@ def _gateway_counts(f: Fleet) -> dict[str, float]:
     with urllib.request.urlopen(f.url + "/metrics", timeout=10) as r:
         text = r.read().decode()
     out = {"received": 0.0, "admitted": 0.0, "told_not_to_retry": 0.0}
+    wanted = {
+        ("breakwater_admission_total", "outcome", "admitted"): "admitted",
+        ("breakwater_retry_advice_total", "advice", "told_not_to_retry"): "told_not_to_retry",
+    }
     for fam in text_string_to_metric_families(text):
         for sample in fam.samples:
             if sample.name == "breakwater_requests_total":
                 out["received"] += sample.value
-            elif sample.name == "breakwater_admission_total":
-                outcome = sample.labels.get("outcome")
-                if outcome in ("admitted", "told_not_to_retry"):
-                    out[outcome] += sample.value
+            for (name, label, value), key in wanted.items():
+                if sample.name == name and sample.labels.get(label) == value:
+                    out[key] += sample.value
     return out
 
 

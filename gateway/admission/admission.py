@@ -174,6 +174,9 @@ class Admission:
         """Retries arriving at the gateway, against new requests (see `admit`)."""
         self.counts: Counter[str] = Counter()
         """Outcomes: ``admitted`` and one key per refusal reason, for metrics."""
+        self.retry_advice: Counter[str] = Counter()
+        """Retries that arrived, and refusals told to retry or not: a family of its own,
+        counted beside (not among) the outcomes, which counted each refusal twice."""
 
     async def start(self) -> None:
         if self.redis is not None:
@@ -200,7 +203,7 @@ class Admission:
         overloaded gateway is not retried into a storm.
         """
         if retry:
-            self.counts["retry_arrived"] += 1
+            self.retry_advice["retry_arrived"] += 1
         else:
             self.door.on_request()
         try:
@@ -215,7 +218,7 @@ class Admission:
         arrive let a burst of refusals all hear yes before the first retry came back)."""
         if e.should_retry is None and e.status in (429, 500, 502, 503, 504):
             e.should_retry = self.door.try_spend()
-            self.counts["told_to_retry" if e.should_retry else "told_not_to_retry"] += 1
+            self.retry_advice["told_to_retry" if e.should_retry else "told_not_to_retry"] += 1
 
     async def _admit(
         self, authorization: str | None, est_tokens: int, priority: int | None, deadline: float

@@ -105,7 +105,7 @@ def test_the_door_tells_clients_to_stop_retrying_once_its_budget_is_spent() -> N
             told.append(refused.value.should_retry)
         # 51 new requests earn max(10, 0.2 x 51 = 10.2) retries: 11 hear "retry", 89 "don't"
         assert told.count(True) == 11 and told.count(False) == 89
-        assert adm.counts["retry_arrived"] == 50
+        assert adm.retry_advice["retry_arrived"] == 50
         ticket.release()
 
     asyncio.run(main())
