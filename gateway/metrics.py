@@ -24,7 +24,7 @@ import contextlib
 import logging
 import os
 from collections import Counter as Tally
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -259,7 +259,28 @@ class GatewayMetrics:
     # -- once a second -------------------------------------------------------------------------
 
     async def start(self, interval_s: float = 1.0) -> None:
+        if self.directory:
+            await asyncio.to_thread(self._retire_previous)
         self._task = asyncio.create_task(self._loop(interval_s))
+
+    def _retire_previous(self) -> None:
+        """Keep the counts of this process's previous life (a sibling restarted after a
+        crash): its last snapshot's counters and histograms go into `retired-{index}.prom`,
+        which every render adds in. Overwritten by the new process's zeros, the merged
+        counters went backwards (12 requests, then 7), and rate() saw a spike."""
+        path = self._snapshot_path(self.index)
+        try:
+            with open(path) as f:
+                texts = [f.read()]
+        except OSError:
+            return
+        retired = os.path.join(self.directory or "", f"retired-{self.index}.prom")
+        with contextlib.suppress(OSError), open(retired) as f:
+            texts.append(f.read())
+        with open(retired + ".tmp", "w") as f:
+            f.write(merge_expositions([], retired=texts))
+        os.replace(retired + ".tmp", retired)
+        os.remove(path)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -301,16 +322,20 @@ class GatewayMetrics:
         own = self._exposition()
         if not self.directory:
             return own
-        texts = [own.decode()]
+        texts, retired = [own.decode()], []
         mine = f"metrics-{self.index}.prom"
         for name in sorted(os.listdir(self.directory)):
-            if name.startswith("metrics-") and name.endswith(".prom") and name != mine:
+            if not name.endswith(".prom") or name == mine:
+                continue
+            if name.startswith(("metrics-", "retired-")):
                 with (
                     contextlib.suppress(OSError),
                     open(os.path.join(self.directory, name)) as f,
                 ):
-                    texts.append(f.read())
-        return merge_expositions(texts).encode() if len(texts) > 1 else own
+                    (texts if name.startswith("metrics-") else retired).append(f.read())
+        if len(texts) == 1 and not retired:
+            return own
+        return merge_expositions(texts, retired=retired).encode()
 
     def sync(self) -> None:
         counters = {
@@ -365,14 +390,20 @@ MIN_GAUGES = {"breakwater_worker_ready"}
 so (the highest counted it ready while any one did)."""
 
 
-def merge_expositions(texts: list[str]) -> str:
-    """Prometheus text expositions of the same families, added sample by sample."""
+def merge_expositions(texts: Sequence[str], retired: Sequence[str] = ()) -> str:
+    """Prometheus text expositions of the same families, added sample by sample; of the
+    `retired` ones (processes gone), only counters and histograms (their gauges were)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     meta: dict[str, tuple[str, str]] = {}
     values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
-    for text in texts:
+    live = len(texts)
+    for i, text in enumerate([*texts, *retired]):
         for fam in text_string_to_metric_families(text):
+            if fam.name.endswith("_created") or (
+                i >= live and fam.type not in ("counter", "histogram")
+            ):
+                continue  # _created: dropped below, its family printed empty
             meta.setdefault(fam.name, (fam.type, fam.documentation))
             merged = values.setdefault(fam.name, {})
             pick = max if fam.name in MAX_GAUGES else min if fam.name in MIN_GAUGES else None

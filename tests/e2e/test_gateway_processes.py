@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from loadtest.fleet import admin_json, free_port
+from loadtest.fleet import ADMIN_TOKEN, admin_json, free_port
 from tests.procs import Proc, start_gateway, start_sim_worker, wait_for
 
 
@@ -40,6 +40,23 @@ def _complete(url: str) -> dict:
     )
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.loads(r.read())
+
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def _served(url: str, headers: dict[str, str] | None = None) -> float:
+    """Requests answered 200, from the merged /metrics (any process may answer it)."""
+    req = urllib.request.Request(
+        url + "/metrics", headers={"Connection": "close", **(headers or {})}
+    )
+    with urllib.request.urlopen(req, timeout=10) as r:
+        text = r.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("breakwater_requests_total{") and 'status="200"' in line
+    )
 
 
 def _children(pid: int) -> set[int]:
@@ -83,12 +100,17 @@ def test_two_processes_serve_one_port(worker: Proc) -> None:
         limits = view["admission"]["replica_limits"]
         assert set(limits) == {w["worker_id"] for w in view["workers"]}
 
-        # A sibling that dies is replaced on the same port.
+        # A sibling that dies is replaced on the same port, and the merged counters keep
+        # what it had counted (they went backwards: its replacement starts from zero).
+        # process 0 (the admin listener's) sees the sibling's 10 only from its snapshot
+        wait_for(lambda: _served(gw.ready["admin"] + "/admin", ADMIN) == 10, timeout=30)
         os.kill(sibling, signal.SIGKILL)
         replaced = wait_for(lambda: (_children(gw.pid) - {sibling}) or None, timeout=60)
         (new_sibling,) = replaced
         assert new_sibling != sibling
         wait_for(lambda: 1 in answering(), timeout=60)
+        _complete(url)
+        assert wait_for(lambda: _served(url) == 11, timeout=30)
     finally:
         children = _children(gw.pid)
         assert gw.stop() == 0

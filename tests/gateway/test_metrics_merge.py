@@ -54,3 +54,15 @@ def test_a_replica_is_ready_only_if_every_process_says_so() -> None:
         ]
         == 1.0
     )
+
+
+def test_a_retired_process_keeps_its_counts_not_its_gauges() -> None:
+    """A sibling that restarted starts from zero: its previous life's counters and
+    histograms are still added in (they went backwards), its gauges are not."""
+    old, new = exposition(5, 2.0, [0.05], 7), exposition(1, 0.0, [0.5], 1)
+    merged = samples(merge_expositions([new], retired=[old]))
+    assert merged[("breakwater_requests_total", (("status", "200"),))] == 6
+    assert merged[("breakwater_request_duration_seconds_count", ())] == 2
+    assert merged[("breakwater_queue_depth", ())] == 1
+    assert merged[("breakwater_breaker_state", (("worker", "w0"),))] == 0.0
+    assert "_created" not in merge_expositions([new, old])  # no empty families
