@@ -105,8 +105,18 @@ class Siblings:
 
     async def _watch(self, index: int, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
-        while await proc.stdout.read(1 << 16):  # keep the pipe drained
-            pass
+        # Passed on, not only drained: what a sibling prints after its ready line (the
+        # console trace exporter's spans) was lost, half of them with two processes.
+        # Whole lines, so they do not cut into process 0's own.
+        pending = b""
+        while data := await proc.stdout.read(1 << 16):
+            pending += data
+            cut = pending.rfind(b"\n") + 1 if len(pending) < 1 << 20 else len(pending)
+            if cut:
+                await asyncio.to_thread(_write_stdout, pending[:cut])
+                pending = pending[cut:]
+        if pending:
+            await asyncio.to_thread(_write_stdout, pending)
         code = await proc.wait()
         if self._stopping:
             return
@@ -164,3 +174,10 @@ def die_with_parent() -> bool:
 def sibling_settings() -> GatewaySettings:
     """A sibling's settings, as process 0 passed them."""
     return GatewaySettings(**json.loads(os.environ.pop(SETTINGS_ENV)))
+
+
+def _write_stdout(data: bytes) -> None:
+    """In a thread: a slow reader of process 0's stdout must not stall its event loop."""
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()

@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from proto import inference_pb2 as pb
 from proto import inference_pb2_grpc as pb_grpc
@@ -163,12 +163,16 @@ class InferenceService(pb_grpc.InferenceServicer):
         attributes = request_attributes(request, request.model or self.model_name)
         attributes["breakwater.request_id"] = request_id
         attributes["breakwater.worker_id"] = self.worker_id
-        with self.tracer.start_as_current_span(
+        # Not made current: held across the yields below, a current span's context was
+        # detached in another context when grpc closed the generator ("Failed to detach
+        # context" in the log); nothing in the worker hangs spans from it.
+        span = self.tracer.start_span(
             f"generate {request.model or self.model_name}",
             context=context_from(carrier),
             kind=SpanKind.SERVER,
             attributes=attributes,
-        ) as span:
+        )
+        try:
             produced = 0
             async for resp in self._generate(request, context, engine_id, request_id):
                 if not produced and resp.token_ids:
@@ -182,6 +186,12 @@ class InferenceService(pb_grpc.InferenceServicer):
                         "breakwater.cached_prompt_tokens", resp.usage.cached_prompt_tokens
                     )
                 yield resp
+        except Exception as e:  # as start_as_current_span records one
+            span.record_exception(e)
+            span.set_status(Status(StatusCode.ERROR, f"{type(e).__name__}: {e}"))
+            raise
+        finally:
+            span.end()
 
     async def _generate(
         self,

@@ -130,6 +130,19 @@ def test_a_grpc_call_continues_the_callers_trace(tmp_path: Path) -> None:
         assert a["breakwater.replica"] == worker.ready["grpc"]
         assert a["gen_ai.usage.output_tokens"] == 3
         assert "trace me" not in gw_file.read_text() + w_file.read_text()
+
+        # calls cut short (a caller's cancel) end their worker span without an error in
+        # the log: the span was the current one across the stream's yields, and its
+        # context failed to detach when grpc closed the generator elsewhere
+        with grpc.insecure_channel(gw.ready["grpc"]) as ch:
+            for i in range(3):
+                long = pb.GenerateRequest(model="sim", text=f"cut {i}")
+                long.sampling.max_tokens, long.sampling.ignore_eos = 500, True
+                call = pb_grpc.InferenceStub(ch).Generate(long, timeout=60)
+                next(call)
+                call.cancel()
+        wait_for(lambda: len(kinds(w_file, "SERVER") and spans(w_file)) >= 4, timeout=30)
+        assert "Failed to detach context" not in worker.log_text()
     finally:
         gw.stop()
         worker.stop()
@@ -148,4 +161,22 @@ def test_the_workers_http_port_continues_a_trace(tmp_path: Path) -> None:
         assert a["gen_ai.usage.output_tokens"] == 3
         assert a["http.response.status_code"] == 200
     finally:
+        worker.stop()
+
+
+def test_console_spans_of_every_gateway_process_reach_stdout() -> None:
+    """Process 0 read its siblings' stdout after their ready line and threw it away: with
+    two processes, about half the console exporter's spans were lost."""
+    worker = start_sim_worker()
+    gw = start_gateway("--worker", worker.ready["grpc"], "--trace-exporter", "console", processes=2)
+    try:
+        for _ in range(12):  # a new connection each: the kernel spreads them over both
+            chat(gw.ready["http"], {"Connection": "close"})
+
+        def server_spans() -> int:
+            return "".join(gw.stdout_lines).count('"kind": "SpanKind.SERVER"')
+
+        wait_for(lambda: server_spans() >= 12, timeout=30)
+    finally:
+        gw.stop()
         worker.stop()
