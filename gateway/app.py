@@ -247,7 +247,7 @@ class Gateway:
     def _follow_fleet(self) -> None:
         """Admission's limits from the replicas now ready (see admission/adaptive.py)."""
         workers = self.registry.workers()
-        self.concurrency.sync(workers)
+        self.concurrency.sync(workers, self.dispatcher.outstanding)
         ready = [w.worker_id for w in self.dispatcher.healthy()]
         self.admission.follow_fleet(self.concurrency.total(ready), self.concurrency.wait_budgets())
 

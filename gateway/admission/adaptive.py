@@ -41,7 +41,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from gateway.registry.base import WorkerInfo
@@ -71,6 +71,12 @@ MAX_SLACK_S = 0.05
 replica (what the limits are for) adds far more, busy gateway or not."""
 LAG_ALPHA = 0.2
 """The loop lag's EWMA weight per probe (~5 probes, a quarter second)."""
+IDLE_RECOVERY_S = 5.0
+"""A replica idle this long (no call in flight from this gateway) gets half its way back
+to its slots, and again each such spell: a limit is learnt only from answers, so one cut
+by a burst stayed cut (4 and 5 of 128 slots, after the burst and the workers' restart),
+and the next burst was shed at a fraction of the fleet's capacity. A replica still slow
+cuts it again within a few answers (the gradient's floor halves it)."""
 
 
 @dataclass
@@ -80,6 +86,7 @@ class ReplicaLimit:
     long_ttft: float = 0.0
     short_ttft: float = 0.0
     samples: int = 0
+    idle_since: float | None = None
 
     def observe(self, ttft_s: float, slack_s: float = 0.0) -> None:
         if self.samples == 0:
@@ -141,8 +148,15 @@ class AdaptiveConcurrency:
         self.loop_lag = LoopLag()
         """Started with the gateway (app.py); never started, it adds no slack."""
 
-    def sync(self, workers: Iterable[WorkerInfo]) -> None:
-        """Follow the pool: new replicas, reported batch slots, replicas gone."""
+    def sync(
+        self,
+        workers: Iterable[WorkerInfo],
+        outstanding: Mapping[str, float] | None = None,
+        now: float | None = None,
+    ) -> None:
+        """Follow the pool: new replicas, reported batch slots, replicas gone, and (given
+        this gateway's calls in flight per replica) idle ones' recovery."""
+        now = time.monotonic() if now is None else now
         seen = set()
         for w in workers:
             seen.add(w.worker_id)
@@ -151,9 +165,17 @@ class AdaptiveConcurrency:
             if r is None:
                 start = slots or UNKNOWN_START
                 self.replicas[w.worker_id] = ReplicaLimit(start, slots or UNKNOWN_CEILING)
-            elif slots and slots != r.ceiling:  # restarted with other settings
+                continue
+            if slots and slots != r.ceiling:  # restarted with other settings
                 r.ceiling = slots
                 r.limit = min(r.limit, slots) if r.samples else slots
+            if outstanding is None or outstanding.get(w.worker_id, 0) > 0:
+                r.idle_since = None
+            elif r.idle_since is None:
+                r.idle_since = now
+            elif now - r.idle_since >= IDLE_RECOVERY_S and r.limit < r.ceiling:
+                r.limit += (r.ceiling - r.limit) / 2
+                r.idle_since = now
         for gone in set(self.replicas) - seen:
             del self.replicas[gone]
 

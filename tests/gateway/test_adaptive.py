@@ -52,6 +52,27 @@ def test_rising_ttft_lowers_the_limit_and_steady_ttft_restores_it_to_the_slots()
     assert r.limit == 16 and low < r.limit
 
 
+def test_an_idle_replicas_limit_recovers_toward_its_slots() -> None:
+    """A limit is learnt from answers only: cut by a burst, it stayed cut while nothing
+    was sent (4 of 128 slots, after a burst and a restart), and the next burst was shed."""
+    a = AdaptiveConcurrency()
+    a.sync([worker("a", 128)], {}, now=0.0)
+    r = a.replicas["a"]
+    r.limit, r.samples = 4.0, 100
+    a.sync([worker("a", 128)], {"a": 2}, now=1.0)  # busy: left as learnt
+    a.sync([worker("a", 128)], {"a": 2}, now=20.0)
+    assert a.limit("a") == 4
+    a.sync([worker("a", 128)], {"a": 0}, now=21.0)  # idle from here
+    a.sync([worker("a", 128)], {}, now=23.0)
+    assert a.limit("a") == 4
+    a.sync([worker("a", 128)], {}, now=26.0)
+    assert a.limit("a") == 66  # half its way back to the slots
+    a.sync([worker("a", 128)], {}, now=31.0)
+    assert a.limit("a") == 97
+    a.sync([worker("a", 128)], now=99.0)  # no loads given: no recovery
+    assert a.limit("a") == 97
+
+
 def test_an_unknown_replica_grows_while_ttft_holds() -> None:
     r = ReplicaLimit(limit=UNKNOWN_START, ceiling=512)
     for _ in range(100):
