@@ -124,7 +124,10 @@ class Tokenizer:
         first output token, and stop strings matched the prompt's own words."""
         stream = DecodeStream(skip_special_tokens=skip_special_tokens)
         for token in prompt_ids[-8:]:
-            stream.step(self.hf, token)
+            try:
+                stream.step(self.hf, token)
+            except Exception:  # tokenizers' "Invalid prefix encountered": start again here
+                stream = DecodeStream(skip_special_tokens=skip_special_tokens)
         return stream
 
     def apply_chat_template(

@@ -202,3 +202,31 @@ def test_a_request_after_shutdown_is_refused_at_once() -> None:
             engine.generate(greedy("late", 2))
 
     asyncio.run(main())
+
+
+def test_a_request_that_fails_to_be_added_fails_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exception other than InvalidRequestError while a request was added (its decoder
+    primed, say) ended the engine loop: every later request got "engine stopped"."""
+    orig = op.OutputProcessor.__init__
+
+    def init(self: op.OutputProcessor, request: Request, tokenizer: object) -> None:
+        if request.request_id == "bad":
+            raise RuntimeError("a fake decoder failure")
+        orig(self, request, tokenizer)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(op.OutputProcessor, "__init__", init)
+    engine = AsyncEngine(EngineCore(CONFIG, executor=SimExecutor(CONFIG, "tiny", speed=1000.0)))
+
+    async def last(rid: str) -> Delta:
+        return [d async for d in engine.generate(greedy(rid, 3))][-1]
+
+    async def main() -> list[Delta]:
+        return [await asyncio.wait_for(last(rid), timeout=30) for rid in ("bad", "good")]
+
+    try:
+        bad, good = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert bad.finish_reason == "error" and "a fake decoder failure" in (bad.error or "")
+    assert good.finish_reason == "length"
+    assert all_free(engine.core)

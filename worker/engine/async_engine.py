@@ -148,6 +148,11 @@ class AsyncEngine:
                 self.core.add(arg)
             except InvalidRequestError as e:
                 out.append(Delta(arg.request_id, finish_reason="error", error=e.message))
+            except Exception as e:  # one request's failure, not the engine loop's end
+                log.exception("adding request %s failed", arg.request_id)
+                with contextlib.suppress(Exception):
+                    self.core.abort(arg.request_id)
+                out.append(Delta(arg.request_id, finish_reason="error", error=f"engine error: {e}"))
         elif kind == "abort":
             delta = self.core.abort(arg)
             if delta is not None:

@@ -6,6 +6,8 @@ become a stop string is held back until it either completes one (and is cut) or 
 
 from __future__ import annotations
 
+from tokenizers.decoders import DecodeStream
+
 from prompts.tokenizer import Tokenizer
 from worker.engine.outputs import Delta, FinishReason, TokenLogprob
 from worker.engine.request import Request
@@ -62,7 +64,13 @@ class OutputProcessor:
             finish = "stop"
             delta.stop_reason = None if token_id in req.eos_token_ids else token_id
         else:
-            piece = self.stream.step(self.tokenizer.hf, token_id)
+            try:
+                piece = self.stream.step(self.tokenizer.hf, token_id)
+            except Exception as e:  # as vLLM: a decoder whose state broke starts again
+                if "Invalid prefix" not in str(e):
+                    raise
+                self.stream = DecodeStream(skip_special_tokens=req.sampling.skip_special_tokens)
+                piece = self.stream.step(self.tokenizer.hf, token_id)
             if piece:
                 start = max(0, len(self.text) - self.max_stop_len + 1)
                 self.text += piece
