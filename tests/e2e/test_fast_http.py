@@ -4,6 +4,7 @@ aiohttp on the same connection, and that both answer alike."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import socket
@@ -295,12 +296,17 @@ def test_requests_aiohttp_cannot_parse_get_openai_errors_on_every_port(gw: Proc)
                     b"POST " + path + b" HTTP/1.1\r\nHost: gw\r\nExpect: 100-continue\r\n"
                     b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n"
                 )
-                got = b""
-                while b"\r\n\r\n" not in got:
-                    got += s.recv(4096)
-                assert got.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"), got
-                s.sendall(b"{}")
-                status, head, body = Reader(s).response()
+                reader = Reader(s)
+                while b"\r\n\r\n" not in reader.buf:
+                    reader._fill()
+                interim = b"HTTP/1.1 100 Continue\r\n\r\n"
+                assert reader.buf.startswith(interim), reader.buf
+                # what follows may already be here: the admin port answers 401 (no token)
+                # at once, without the body
+                reader.buf = reader.buf[len(interim) :]
+                with contextlib.suppress(OSError):  # (and may have closed)
+                    s.sendall(b"{}")
+                status, head, body = reader.response()
                 assert status in (400, 401) and b"application/json" in head, (url, body)
     finally:
         worker.stop()
