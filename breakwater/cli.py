@@ -7,6 +7,7 @@ that `breakwater --help` and the light subcommands start instantly.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -24,6 +25,12 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _cmd_gateway(args: argparse.Namespace) -> int:
+    # Before grpc loads: process 0 forks its siblings (then execs them) while grpc's
+    # threads run, and grpc-core's fork handlers, skipped in the parent ("Other threads
+    # are currently calling into gRPC"), then crashed the child before its exec now and
+    # then (SIGSEGV: "gateway process 1 exited during start-up", once in a full CI run
+    # and three restarts in a row in a review). Nothing here forks without exec.
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     from gateway.app import run_gateway
     from gateway.settings import settings_from_args
 
