@@ -200,9 +200,10 @@ def test_a_replica_back_during_a_redis_outage_serves_again() -> None:
         port = free_port()
         args = ("--redis-url", redis.url, "--worker-id", "w-back")
         worker = start_sim_worker(*args, grpc_port=port)
-        gw = start_gateway("--redis-url", redis.url)
-        procs = [worker, gw]
+        procs = [worker]
         try:
+            gw = start_gateway("--redis-url", redis.url)
+            procs.append(gw)
             wait_for(lambda: workers(gw).get("w-back", {}).get("state") == "SERVING", 20)
             assert post_status(gw) == 200
             redis.pause()

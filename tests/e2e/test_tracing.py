@@ -168,15 +168,19 @@ def test_console_spans_of_every_gateway_process_reach_stdout() -> None:
     """Process 0 read its siblings' stdout after their ready line and threw it away: with
     two processes, about half the console exporter's spans were lost."""
     worker = start_sim_worker()
-    gw = start_gateway("--worker", worker.ready["grpc"], "--trace-exporter", "console", processes=2)
     try:
-        for _ in range(12):  # a new connection each: the kernel spreads them over both
-            chat(gw.ready["http"], {"Connection": "close"})
+        gw = start_gateway(
+            "--worker", worker.ready["grpc"], "--trace-exporter", "console", processes=2
+        )
+        try:
+            for _ in range(12):  # a new connection each: the kernel spreads them over both
+                chat(gw.ready["http"], {"Connection": "close"})
 
-        def server_spans() -> int:
-            return "".join(gw.stdout_lines).count('"kind": "SpanKind.SERVER"')
+            def server_spans() -> int:
+                return "".join(gw.stdout_lines).count('"kind": "SpanKind.SERVER"')
 
-        wait_for(lambda: server_spans() >= 12, timeout=30)
+            wait_for(lambda: server_spans() >= 12, timeout=30)
+        finally:
+            gw.stop()
     finally:
-        gw.stop()
         worker.stop()
