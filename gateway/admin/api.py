@@ -159,44 +159,33 @@ class AdminAPI:
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[json_errors, self._auth, _refusals])
-        app.router.add_get("/admin/dashboard", self.dashboard)
-        app.router.add_get("/admin/metrics", self.metrics)
-        app.router.add_get("/admin/workers", self.workers)
-        app.router.add_post(
-            "/admin/workers/{worker_id}/{action}", self.act, expect_handler=expect_continue
-        )
-        app.router.add_get("/admin/audit", self.audit)
-        app.router.add_get("/admin/splits", self.splits)
-        app.router.add_put("/admin/splits/{model}", self.put_split, expect_handler=expect_continue)
-        app.router.add_delete(
-            "/admin/splits/{model}", self.delete_split, expect_handler=expect_continue
-        )
-        app.router.add_get("/admin/upstreams", self.upstreams)
-        app.router.add_post("/admin/upstreams", self.register, expect_handler=expect_continue)
-        app.router.add_delete(
-            "/admin/upstreams/{worker_id:.+}", self.deregister, expect_handler=expect_continue
-        )
-        app.router.add_get("/admin/shadows", self.shadows)
-        app.router.add_put(
-            "/admin/shadows/{model}", self.put_shadow, expect_handler=expect_continue
-        )
-        app.router.add_delete(
-            "/admin/shadows/{model}", self.delete_shadow, expect_handler=expect_continue
-        )
-        app.router.add_get("/admin/tenants", self.tenants)
-        app.router.add_put(
-            "/admin/tenants/{tenant}/quota", self.put_quota, expect_handler=expect_continue
-        )
-        app.router.add_delete(
-            "/admin/tenants/{tenant}/quota", self.delete_quota, expect_handler=expect_continue
-        )
-        app.router.add_get("/admin/tenants/{tenant}/keys", self.list_keys)
-        app.router.add_post(
-            "/admin/tenants/{tenant}/keys", self.create_key, expect_handler=expect_continue
-        )
-        app.router.add_delete(
-            "/admin/tenants/{tenant}/keys/{key_id}", self.revoke_key, expect_handler=expect_continue
-        )
+        routes: list[tuple[str, str, Handler]] = [
+            ("GET", "/admin/dashboard", self.dashboard),
+            ("GET", "/admin/metrics", self.metrics),
+            ("GET", "/admin/workers", self.workers),
+            ("POST", "/admin/workers/{worker_id}/{action}", self.act),
+            ("GET", "/admin/audit", self.audit),
+            ("GET", "/admin/splits", self.splits),
+            ("PUT", "/admin/splits/{model}", self.put_split),
+            ("DELETE", "/admin/splits/{model}", self.delete_split),
+            ("GET", "/admin/upstreams", self.upstreams),
+            ("POST", "/admin/upstreams", self.register),
+            ("DELETE", "/admin/upstreams/{worker_id:.+}", self.deregister),
+            ("GET", "/admin/shadows", self.shadows),
+            ("PUT", "/admin/shadows/{model}", self.put_shadow),
+            ("DELETE", "/admin/shadows/{model}", self.delete_shadow),
+            ("GET", "/admin/tenants", self.tenants),
+            ("PUT", "/admin/tenants/{tenant}/quota", self.put_quota),
+            ("DELETE", "/admin/tenants/{tenant}/quota", self.delete_quota),
+            ("GET", "/admin/tenants/{tenant}/keys", self.list_keys),
+            ("POST", "/admin/tenants/{tenant}/keys", self.create_key),
+            ("DELETE", "/admin/tenants/{tenant}/keys/{key_id}", self.revoke_key),
+        ]
+        for method, path, handler in routes:
+            # a GET also answers HEAD, as add_get does; an Expect is answered in JSON
+            app.router.add_route(method, path, handler, expect_handler=expect_continue)
+            if method == "GET":
+                app.router.add_route("HEAD", path, handler, expect_handler=expect_continue)
         return app
 
     @web.middleware
