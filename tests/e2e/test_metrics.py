@@ -109,8 +109,16 @@ def test_up_exposes_vllm_names_on_workers_and_the_gateways_families() -> None:
         assert post(gateway, {"model": model, "messages": []}) == 400
 
         def synced() -> dict[str, Any]:
+            # Siblings publish a snapshot once a second: wait for every count the test
+            # reads, not only the first (the 400 was served by a process not yet written).
             fams = scrape(gateway)
-            return fams if value(fams, "breakwater_upstream_total", event="requests") >= 6 else {}
+            done = (
+                value(fams, "breakwater_upstream_total", event="requests") >= 6
+                and value(fams, "breakwater_requests_total", status="400") >= 1
+                and value(fams, "breakwater_routing_decisions_total") >= 6
+                and value(fams, "breakwater_time_to_first_token_seconds_count", model=model) >= 6
+            )
+            return fams if done else {}
 
         fams = wait_for(synced, timeout=30)
         assert set(fams) >= GATEWAY_NAMES, GATEWAY_NAMES - set(fams)
