@@ -92,12 +92,19 @@ class RetryPolicy:
             return True
         return error.status in self.retry_statuses
 
-    def overloaded(self, error: APIError | None) -> bool:
+    def overloaded(self, error: APIError | None) -> bool | None:
         """Whether an attempt's outcome says the backend did not accept it (429, 503, no
-        answer): what adaptive throttling counts against `accepts`."""
-        return error is not None and (
-            isinstance(error, APIConnectionError) or error.status in self.retry_statuses
-        )
+        connection): what adaptive throttling counts against `accepts`. None for an attempt
+        cut by the caller's own deadline, which says nothing about the backend: counted as
+        refused, a client with a short timeout to a slow gateway went on refusing calls
+        locally, 28 of 30, after the gateway was well again."""
+        if error is None:
+            return False
+        if isinstance(error, APITimeoutError) and not isinstance(
+            error.__cause__, httpx.ConnectTimeout
+        ):
+            return None
+        return isinstance(error, APIConnectionError) or error.status in self.retry_statuses
 
     def backoff(self, retry: int, rng: random.Random) -> float:
         """Full jitter (uniform in [0, min(cap, base * 2**retry)]) so a crowd of clients
@@ -206,9 +213,10 @@ class RetryState:
                     self._budget.record_call(time.monotonic())
             outcome = yield timeout
             error = outcome if isinstance(outcome, APIError) else None
-            if self._throttle is not None:
+            refused = self.policy.overloaded(error)
+            if self._throttle is not None and refused is not None:
                 with self._lock:
-                    self._throttle.record(time.monotonic(), not self.policy.overloaded(error))
+                    self._throttle.record(time.monotonic(), not refused)
             if error is None:
                 yield Done(outcome)
                 return

@@ -69,12 +69,21 @@ class AdaptiveThrottle:
 
     _REQUESTS, _ACCEPTS = 0, 1
 
-    def __init__(self, k: float, window: float) -> None:
+    def __init__(self, k: float, window: float, min_requests: int = 5) -> None:
         self.k = k
+        self.min_requests = min_requests
+        """Below this many requests in the window nothing is shed (gRPC's retry throttle
+        likewise lets about five failures through before it stops retries; Envoy's
+        admission control waits for `rps_threshold`). Without it one 503 to a fresh client
+        made p = 0.5, which shed its first retry half the time and, each refusal counting as
+        a request, refused calls to a healthy gateway afterwards, dozens in a row now and
+        then. Five leaves a few calls' retries free and still stops a storm early."""
         self._window = _Window(window, 2)
 
     def reject_probability(self, now: float) -> float:
         requests, accepts = self._window.totals(now)
+        if requests < self.min_requests:
+            return 0.0
         return max(0.0, (requests - self.k * accepts) / (requests + 1))
 
     def admit(self, now: float, draw: float) -> bool:

@@ -20,8 +20,8 @@ T = TypeVar("T")
 class ChunkDecoder(Generic[T]):
     """Server-sent-event lines to typed chunks: `feed` every line, then `end()`.
 
-    Lines after `[DONE]` are still fed (reading to the end lets the connection go back to
-    the pool) but carry nothing.
+    Lines after `[DONE]` carry nothing; a reader stops at `done` (reading the rest only
+    briefly, to give the connection back to the pool).
     """
 
     def __init__(self, parse: Callable[[Any, str], T], request_id: str, deadline: Deadline):
@@ -31,6 +31,11 @@ class ChunkDecoder(Generic[T]):
         self._event = ""
         self._data: list[str] = []
         self._done = False
+
+    @property
+    def done(self) -> bool:
+        """The stream said `[DONE]`: nothing after it counts."""
+        return self._done
 
     def feed(self, line: str) -> T | None:
         """The chunk of the event this line completes, if any; StreamError on an error event."""

@@ -23,10 +23,11 @@ call is never retried.
 So that a fleet of clients cannot turn an outage into a retry storm, each client also keeps
 a retry budget (retries add at most 20% extra attempts over a sliding window, with a floor
 of 10 per window; past it a call fails fast with its last error) and throttles itself
-adaptively (the SRE book's max(0, (requests - K*accepts) / (requests + 1)), K=2: once the
-gateway refuses most requests, most calls fail locally with `ClientThrottledError`, without
-touching the network). Both are per client and set on `RetryPolicy`; `client.stats()` counts
-calls, attempts, retries and local rejections.
+adaptively (the SRE book's max(0, (requests - K*accepts) / (requests + 1)), K=2, once 5
+requests are in its window; an attempt cut by the caller's own deadline is not counted):
+once the gateway refuses most requests, most calls fail locally with
+`ClientThrottledError`, without touching the network. Both are per client and set on
+`RetryPolicy`; `client.stats()` counts calls, attempts, retries and local rejections.
 
 Both clients are thin faces over one IO-free implementation (`_resources`, `_http`, `_retry`,
 `_sse`): a face only sends, reads and sleeps. Only httpx is imported: the SDK must stay light
@@ -247,6 +248,7 @@ class _Watchdog:
         self._response = response
         self._deadline = deadline
         self.fired = False
+        self.done = False
         left = deadline.remaining()
         self._timer: threading.Timer | None = None
         if left != math.inf:  # no deadline, no watchdog
@@ -272,18 +274,43 @@ class _Watchdog:
         if self._timer is not None:
             self._timer.cancel()
 
+    def finishing(self, grace: float) -> bool:
+        """The stream said `[DONE]`: from now the watchdog ends the body's reads within
+        `grace` seconds (or at the deadline, if sooner), and a read it ends is no failure.
+        False where it cannot end a read (no socket of its own): stop reading at once."""
+        stream = self._response.extensions.get("network_stream")
+        if stream is None or stream.get_extra_info("socket") is None:
+            return False
+        self.cancel()
+        self.done = True
+        self._timer = threading.Timer(max(0.0, min(grace, self._deadline.remaining())), self._fire)
+        self._timer.name = "breakwater-deadline"
+        self._timer.daemon = True
+        self._timer.start()
+        return True
+
     @contextmanager
     def reading(self, request_id: str) -> Iterator[None]:
         """Reading the body: its transport failures as the SDK's own, and any end of it
-        (failed or seemingly complete) after the watchdog fired as the deadline's."""
+        (failed or seemingly complete) after the watchdog fired as the deadline's, unless
+        the stream had already said `[DONE]`."""
         try:
             yield
         except httpx.RequestError as exc:
+            if self.done:
+                return
             raise (
                 self._deadline.exceeded(request_id) if self.fired else failure(exc, request_id)
             ) from exc
-        if self.fired:
+        if self.fired and not self.done:
             raise self._deadline.exceeded(request_id)
+
+
+DONE_GRACE_S = 1.0
+"""Seconds a stream's body may take to end after `[DONE]`. Reading it to its end gives the
+connection back for the next call (closed before its end, httpx drops it); a server that
+keeps the body open after `[DONE]` (keep-alive comments) held the stream to the deadline,
+or without end, where the openai SDK returns at once."""
 
 
 # The decoder does all the work; these only read the lines, each its own way.
@@ -295,6 +322,11 @@ def _chunks(
             for line in lines:
                 if (chunk := decoder.feed(line)) is not None:
                     yield chunk
+                elif decoder.done:
+                    if watchdog.finishing(DONE_GRACE_S):
+                        for _ in lines:  # the body's end, normally already read
+                            pass
+                    break
         decoder.end()
     finally:  # read to the end, failed, or closed early
         watchdog.cancel()
@@ -324,7 +356,19 @@ async def _achunks(
         while (line := await _within(anext(lines, None), deadline, decoder.request_id)) is not None:
             if (chunk := decoder.feed(line)) is not None:
                 yield chunk
+            elif decoder.done:
+                await _drain(lines, min(DONE_GRACE_S, deadline.remaining()))
+                break
     decoder.end()
+
+
+async def _drain(lines: AsyncIterator[str], within: float) -> None:
+    """Read what is left of a body that said `[DONE]`, for at most `within` seconds
+    (see `DONE_GRACE_S`); its failures are no longer the call's."""
+    with suppress(TimeoutError, httpx.RequestError):
+        async with asyncio.timeout(max(0.0, within)):
+            async for _ in lines:
+                pass
 
 
 class Client(_BaseClient[httpx.Client]):
@@ -412,7 +456,13 @@ class AsyncClient(_BaseClient[httpx.AsyncClient]):
         """As `Client._attempt`."""
         response = None
         try:
-            response = await self._http.send(exchange.request(self._http, timeout), stream=True)
+            # Bounded as a whole: httpx's read timeout applies to each read, so a head sent a
+            # line at a time held the call for as long as it trickled.
+            response = await _within(
+                self._http.send(exchange.request(self._http, timeout), stream=True),
+                exchange.deadline,
+                exchange.request_id,
+            )
             if not exchange.streams(response):
                 await _within(response.aread(), exchange.deadline, exchange.request_id)
                 return exchange.result(response)

@@ -198,15 +198,37 @@ CompletionChunk = Completion
 """OpenAI streams `text_completion` objects too, so a completion chunk is a `Completion`."""
 
 
+def _dicts(value: Any) -> list[dict[str, Any]] | None:
+    """A list of JSON objects as given (None if absent or not a list)."""
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else None
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
 @dataclass(frozen=True)
 class ChatCompletionMessage:
+    """`tool_calls` (OpenAI's objects, as JSON), `refusal` and vLLM's `reasoning_content`
+    are kept as an upstream sent them: the gateway relays `tools` to OpenAI-compatible
+    upstreams, and an answer of tool calls read as `content=None` lost the calls."""
+
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    refusal: str | None = None
+    reasoning_content: str | None = None
 
     @classmethod
     def from_dict(cls, d: Any) -> ChatCompletionMessage:
         d = _map(d)
-        return cls(role=d.get("role") or "assistant", content=d.get("content"))
+        return cls(
+            role=d.get("role") or "assistant",
+            content=d.get("content"),
+            tool_calls=_dicts(d.get("tool_calls")),
+            refusal=_str(d.get("refusal")),
+            reasoning_content=_str(d.get("reasoning_content")),
+        )
 
 
 @dataclass(frozen=True)
@@ -260,13 +282,25 @@ class ChatCompletion:
 
 @dataclass(frozen=True)
 class ChoiceDelta:
+    """As `ChatCompletionMessage`: a streamed tool call comes in pieces (`index`, then its
+    `function.arguments` a fragment at a time), kept as sent."""
+
     role: str | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    refusal: str | None = None
+    reasoning_content: str | None = None
 
     @classmethod
     def from_dict(cls, d: Any) -> ChoiceDelta:
         d = _map(d)
-        return cls(role=d.get("role"), content=d.get("content"))
+        return cls(
+            role=d.get("role"),
+            content=d.get("content"),
+            tool_calls=_dicts(d.get("tool_calls")),
+            refusal=_str(d.get("refusal")),
+            reasoning_content=_str(d.get("reasoning_content")),
+        )
 
 
 @dataclass(frozen=True)

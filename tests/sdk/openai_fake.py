@@ -48,6 +48,8 @@ class Reply:
     # stall, between the bytes of a line that never ends: a server slow enough to hold the
     # call, never so slow that a read times out.
     trickle: float = 0.0
+    # Stream: seconds the body stays open after `[DONE]`, a keep-alive comment every 0.1 s.
+    hold: float = 0.0
 
 
 def error_reply(
@@ -77,6 +79,7 @@ class Seen:
     headers: dict[str, str]  # lower-cased names
     body: Any
     query: dict[str, str] = field(default_factory=dict)
+    peer_port: int = 0  # the client's port: the same on a connection reused
 
 
 class FakeGateway:
@@ -133,7 +136,11 @@ class FakeGateway:
         body = await request.json() if request.can_read_body else None
         headers = {k.lower(): v for k, v in request.headers.items()}
         with self._lock:
-            self.seen.append(Seen(request.method, request.path, headers, body, dict(request.query)))
+            peer = request.transport.get_extra_info("peername") if request.transport else None
+            port = peer[1] if peer else 0
+            self.seen.append(
+                Seen(request.method, request.path, headers, body, dict(request.query), port)
+            )
             reply = self._replies.popleft() if self._replies else self.default
         if reply.delay:
             await asyncio.sleep(reply.delay)
@@ -271,6 +278,9 @@ class FakeGateway:
             await response.write(_frame({"error": error}))
         elif reply.then == "done":
             await response.write(b"data: [DONE]\n\n")
+            for _ in range(int(reply.hold / 0.1)):
+                await asyncio.sleep(0.1)
+                await response.write(b": keep-alive\n\n")
         await response.write_eof()
         return response
 

@@ -7,6 +7,7 @@ not taken), so a loaded machine slows the tests down without failing them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 import threading
@@ -30,7 +31,7 @@ from breakwater.errors import (
     StreamError,
     UnprocessableEntityError,
 )
-from breakwater.types import Usage
+from breakwater.types import ChatCompletion, ChatCompletionChunk, Usage
 from tests.sdk.openai_fake import MODEL, FakeGateway, Reply, error_reply
 
 MESSAGES = [{"role": "user", "content": "Say hello"}]
@@ -455,6 +456,55 @@ def test_the_deadline_watchdog_ends_with_the_body(client: Client, fake: FakeGate
         assert watchdogs() <= before  # no deadline, no watchdog
 
 
+# [DONE], then the body held open with keep-alive comments: the openai SDK returns at
+# [DONE]; this one read on until the deadline, or without one, for as long as it lasted.
+HOLD = Reply(hold=30)
+
+
+def streamed(c: Client) -> str:
+    return "".join(x.text for x in c.completions.create(model=MODEL, prompt="Hi", stream=True))
+
+
+def test_a_stream_ends_at_done_though_its_body_stays_open(fake: FakeGateway) -> None:
+    with Client(fake.url, timeout=None, retry_policy=fast_policy()) as c:
+        for _ in range(2):  # an ordinary stream's connection goes back to the pool
+            assert streamed(c) == TEXT
+        assert fake.seen[0].peer_port == fake.seen[1].peer_port
+        fake.script(HOLD)
+        start = time.monotonic()
+        chunks = list(c.completions.create(model=MODEL, prompt="Hi", stream=True))
+        assert "".join(x.text for x in chunks) == TEXT
+        assert time.monotonic() - start < 15  # the 1 s grace after [DONE], not 30 s
+        assert c.completions.create(model=MODEL, prompt="Hi").text == TEXT
+
+
+def test_a_deadline_does_not_fail_a_stream_that_said_done(fake: FakeGateway) -> None:
+    fake.script(HOLD)
+    with Client(fake.url, timeout=0.5, retry_policy=fast_policy()) as c:
+        assert streamed(c) == TEXT
+
+
+def test_tool_calls_refusals_and_reasoning_are_kept() -> None:
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    message = {"role": "assistant", "content": None, "tool_calls": [call], "refusal": None}
+    reply = ChatCompletion.from_dict(
+        {"choices": [{"index": 0, "message": message, "finish_reason": "tool_calls"}]}
+    )
+    assert reply.choices[0].message.tool_calls == [call]
+    assert reply.choices[0].finish_reason == "tool_calls"
+    piece = {"index": 0, "function": {"arguments": '{"a"'}}
+    delta = {"tool_calls": [piece], "reasoning_content": "hm", "refusal": "no"}
+    chunk = ChatCompletionChunk.from_dict({"choices": [{"index": 0, "delta": delta}]})
+    got = chunk.choices[0].delta
+    assert (got.tool_calls, got.reasoning_content, got.refusal) == ([piece], "hm", "no")
+    assert (
+        ChatCompletion.from_dict({"choices": [{"message": {"tool_calls": 3}}]})
+        .choices[0]
+        .message.tool_calls
+        is None
+    )
+
+
 # ------------------------------------------------------------------------------ async
 
 
@@ -591,3 +641,44 @@ def test_sdk_import_stays_light() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.anyio
+async def test_async_stream_ends_at_done_though_its_body_stays_open(fake: FakeGateway) -> None:
+    async with AsyncClient(fake.url, timeout=None, retry_policy=fast_policy()) as c:
+        for _ in range(2):
+            stream = await c.completions.create(model=MODEL, prompt="Hi", stream=True)
+            assert "".join([x.text async for x in stream]) == TEXT
+        assert fake.seen[0].peer_port == fake.seen[1].peer_port
+        fake.script(HOLD)
+        start = time.monotonic()
+        stream = await c.completions.create(model=MODEL, prompt="Hi", stream=True)
+        assert "".join([x.text async for x in stream]) == TEXT
+        assert time.monotonic() - start < 15
+
+
+@pytest.mark.anyio
+async def test_async_deadline_covers_a_response_head_that_trickles() -> None:
+    """httpx's read timeout applies to each read: a head sent a line every 0.1 s held the
+    call for as long as it went on (here 30 s)."""
+
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)
+        writer.write(b"HTTP/1.1 200 OK\r\n")
+        with contextlib.suppress(OSError):
+            for i in range(300):
+                await asyncio.sleep(0.1)
+                writer.write(f"X-Pad-{i}: x\r\n".encode())
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(trickle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with AsyncClient(f"http://127.0.0.1:{port}", timeout=1.0) as c:
+            start = time.monotonic()
+            with pytest.raises(APITimeoutError, match="deadline exceeded"):
+                await c.completions.create(model=MODEL, prompt="Hi")
+            assert time.monotonic() - start < 10
+    finally:
+        server.close()

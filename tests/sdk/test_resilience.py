@@ -19,6 +19,7 @@ import pytest
 from breakwater.client import AdaptiveThrottle, AsyncClient, Client, RetryBudget, RetryPolicy
 from breakwater.errors import (
     APIError,
+    APITimeoutError,
     BadRequestError,
     ClientThrottledError,
     RateLimitError,
@@ -56,7 +57,7 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> No
 
 
 def test_adaptive_throttle_follows_the_sre_formula_over_its_window() -> None:
-    throttle = AdaptiveThrottle(k=2.0, window=120.0)
+    throttle = AdaptiveThrottle(k=2.0, window=120.0, min_requests=0)
     assert throttle.reject_probability(0.0) == 0.0
     for i in range(10):
         throttle.record(float(i), accepted=i < 2)
@@ -156,6 +157,30 @@ def test_throttling_sheds_a_growing_share_then_recovers(fake: FakeGateway) -> No
         time.sleep(1.1)
         assert [call() for _ in range(50)] == [None] * 50
         assert c.stats().throttled == sum(shed)
+
+
+def test_a_fresh_client_retries_a_blip(fake: FakeGateway) -> None:
+    """One 503 made p = 0.5 in a fresh client's throttle: its first retry was shed half the
+    time (48 calls of 100 failed), though `max_retries` promised two."""
+    for seed in range(50):
+        fake.script(OUTAGE)
+        with Client(fake.url, retry_policy=policy(seed=seed)) as c:
+            assert c.completions.create(model=MODEL, prompt="Hi").text
+            assert (c.stats().attempts, c.stats().throttled) == (2, 0)
+
+
+def test_the_callers_own_deadlines_do_not_throttle_it(fake: FakeGateway) -> None:
+    """An attempt cut by the caller's timeout says nothing about the backend: counted as
+    refused, they left the client refusing calls to a healthy gateway (28 of 30)."""
+    fake.default = Reply(delay=2.0)
+    with Client(fake.url, timeout=0.2, retry_policy=policy()) as c:
+        for _ in range(10):
+            with pytest.raises(APITimeoutError):
+                c.completions.create(model=MODEL, prompt="Hi")
+        fake.default = Reply()
+        for _ in range(20):
+            assert c.completions.create(model=MODEL, prompt="Hi", timeout=30).text
+        assert c.stats().throttled == 0
 
 
 def test_a_healthy_backend_is_never_throttled(fake: FakeGateway) -> None:
