@@ -259,6 +259,7 @@ async def _up(args: argparse.Namespace) -> int:
             f'[{{"role": "user", "content": "Hello"}}], "max_tokens": 32}}\'\n'
             f"  metrics: {url}/metrics; workers: "
             + ", ".join(f"{w.ready.get('http', '?')}/metrics" for w in workers)
+            + (f"\n  grpc: {gateway.ready['grpc']}" if gateway.ready.get("grpc") else "")
             + f"\n  admin: {gateway.ready.get('admin', '-')}/admin/workers "
             f"(Authorization: Bearer {admin_token})" + "\nPress Ctrl-C to stop.",
             flush=True,

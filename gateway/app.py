@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import uvloop
 from aiohttp import web
+from grpc_health.v1 import health_pb2_grpc
 
 from gateway import shared_dir
 from gateway.admin.api import AdminAPI
@@ -27,6 +28,7 @@ from gateway.admission.tenants import load_settings
 from gateway.dispatch import Dispatcher, DispatchSettings
 from gateway.frontend.fast_http import FastFront
 from gateway.frontend.grpc_api import GatewayInference
+from gateway.frontend.grpc_health import GatewayHealth
 from gateway.frontend.http_api import GatewayRoutes
 from gateway.listen import ListenError, refuse_taken
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -241,6 +243,7 @@ class Gateway:
         self.grpc_front: GatewayInference | None = None
         self.fast_front: FastFront | None = None
         self.grpc_server: grpc.aio.Server | None = None
+        self.grpc_health: GatewayHealth | None = None
         self.http_port = 0
         self.grpc_port: int | None = None
 
@@ -468,6 +471,8 @@ class Gateway:
         front.on_finished = self.metrics.finished
         front.tracer = self.dispatcher.tracer
         add_inference_servicer(front, server, DEFAULT_LIMITS.max_body_bytes)
+        self.grpc_health = GatewayHealth(self.dispatcher)
+        health_pb2_grpc.add_HealthServicer_to_server(self.grpc_health, server)
         address = f"{self.settings.host}:{self.settings.grpc_port}"
         self.grpc_port = (
             server.add_secure_port(address, self.front_tls.grpc_credentials())
@@ -484,6 +489,8 @@ class Gateway:
             self._fleet_task.cancel()
         self.concurrency.loop_lag.stop()
         doors: list[Step] = []  # drain at once: a gRPC stream gets the time an HTTP one does
+        if self.grpc_health is not None:
+            self.grpc_health.stopping = True
         if self.grpc_server is not None:
             stop_grpc = functools.partial(self.grpc_server.stop, DRAIN_S)
             doors.append(("grpc server", stop_grpc, DRAIN_S + STEP_S))

@@ -71,16 +71,34 @@ class GatewayInference(pb_grpc.InferenceServicer):
         await refuse_undecodable(request, context)
         started = time.monotonic()
         metadata = context.invocation_metadata() or ()
+        for key, value in metadata:
+            if not isinstance(value, str):
+                continue
+            if key == "x-request-id" and not request.request_id:
+                request.request_id = value  # as HTTP's X-Request-Id; checked below
+            elif key == self.session_header and not request.session_key:
+                request.session_key = value[:MAX_SESSION_KEY]
         if not request.request_id:
             request.request_id = uuid.uuid4().hex
-        if not request.session_key:
-            for key, value in metadata:
-                if key == self.session_header and isinstance(value, str):
-                    request.session_key = value[:MAX_SESSION_KEY]
+        # Wanted by the gateway's own accounting (tokens, cost, the request log) whether
+        # the client asked or not, as the HTTP front end asks; handed on only if it asked.
+        usage_wanted = request.stream_options.include_usage
+        request.stream_options.include_usage = True
         info = CallInfo()
-        # the model as asked (the dispatcher may swap in a version of it), as HTTP records it
+        # The model as asked (the dispatcher may swap in a version of it), as HTTP records
+        # it; a request refused for its id or model logs neither as sent (a 3 MB id made a
+        # 3 MB log line).
+        logged_id = request.request_id if _valid_id(request.request_id, self.limits) else ""
+        logged_model = request.model if len(request.model) <= self.limits.max_model_chars else ""
         done = Finished(
-            request.request_id, request.model, None, CLIENT_LEFT, started, 0.0, True, info
+            logged_id or uuid.uuid4().hex,
+            logged_model,
+            None,
+            CLIENT_LEFT,
+            started,
+            0.0,
+            True,
+            info,
         )
         code = grpc.StatusCode.CANCELLED
         span = self._start_span(request, metadata) if self.tracer is not None else None
@@ -121,6 +139,8 @@ class GatewayInference(pb_grpc.InferenceServicer):
                 if finished and resp.HasField("usage"):
                     u = resp.usage
                     info.usage = (u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens)
+                    if not usage_wanted:
+                        resp.ClearField("usage")
                 yield resp
                 resp = await anext(stream, None)
             if not finished:  # a cut answer must not end as a whole one (status OK)
@@ -131,7 +151,7 @@ class GatewayInference(pb_grpc.InferenceServicer):
             done.tenant, done.key_id = e.tenant, e.key_id
             code = _GRPC_CODES.get(e.status, grpc.StatusCode.UNKNOWN)
             trailing: list[tuple[str, str]] = []
-            if e.param is not None:  # the offending field, as the worker's service says it
+            if _printable(e.param):  # the offending field, as the worker's service says it
                 trailing.append(("param", e.param))
             # gRPC's retry policy: a negative pushback means "do not retry"
             pushback = -1 if e.should_retry is False else e.retry_after_ms
@@ -143,13 +163,19 @@ class GatewayInference(pb_grpc.InferenceServicer):
         except UpstreamError as e:
             # for metrics and the request log: the status the HTTP front end answers
             as_http = from_upstream(e)
-            done.status = CLIENT_LEFT if e.code == "CANCELLED" else as_http.status
-            done.error_type = as_http.type
-            code = grpc.StatusCode[e.code]
+            done.status, done.error_type = as_http.status, as_http.type
+            # A replica's CANCELLED (a worker stopping) is its failure, as HTTP's 502 says;
+            # passed on as is, a client read it as its own cancel, and the log as one.
+            code = grpc.StatusCode.UNAVAILABLE if e.code == "CANCELLED" else grpc.StatusCode[e.code]
+            if self.admission is not None and info.first_output_at is None:
+                # the door's retry budget says whether to retry, as HTTP's x-should-retry
+                self.admission.judge_retry(as_http)
             trailing = []
-            if e.param is not None:  # the worker's (its check of the request), passed on
+            if _printable(e.param):  # the worker's (its check of the request), passed on
                 trailing.append(("param", e.param))
-            if e.retry_after_ms is not None:
+            if as_http.should_retry is False:
+                trailing.append(("grpc-retry-pushback-ms", "-1"))
+            elif e.retry_after_ms is not None:
                 trailing.append(("grpc-retry-pushback-ms", str(e.retry_after_ms)))
             if trailing:
                 context.set_trailing_metadata(tuple(trailing))
@@ -234,6 +260,16 @@ class GatewayInference(pb_grpc.InferenceServicer):
                 sum(w.stats.get("kv_cache_usage", 0.0) for w in ready) / len(ready) if ready else 0
             ),
         )
+
+
+def _printable(value: str | None) -> bool:
+    """Whether `value` may go in metadata: printable ASCII (an upstream's `param` of any
+    other character made grpc fail the call with INTERNAL 'Invalid metadata')."""
+    return value is not None and all(" " <= c <= "~" for c in value)
+
+
+def _valid_id(value: str, limits: RequestLimits) -> bool:
+    return len(value) <= limits.max_request_id_chars and _printable(value)
 
 
 def _current(span: Any) -> Any:

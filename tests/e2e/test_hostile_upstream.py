@@ -142,6 +142,11 @@ class Upstream(FakeHTTPServer):
             w.write(SSE_HEAD + _chunk(crlf[:50]) + _chunk(crlf[50:]) + b"0\r\n\r\n")
             await w.drain()
             return True
+        elif prompt == "bad-param":  # a 400 naming a field no metadata can carry
+            error = {"error": {"message": "bad", "type": "invalid_request_error"}}
+            error["error"]["param"] = "promptü\nx"
+            data = json.dumps(error, ensure_ascii=False).encode()
+            w.write(_whole(data, status=b"400 Bad Request"))
         elif prompt == "wrong-type":
             w.write(_whole(b"<html><body>502 Bad Gateway</body></html>", b"text/html"))
         elif prompt == "short":  # Content-Length larger than the body, then close
@@ -368,3 +373,20 @@ def test_grpc_logprobs_from_an_openai_upstream_are_refused_not_dropped(
             list(pb_grpc.InferenceStub(ch).Generate(req, timeout=60))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "logprobs" in (e.value.details() or "")
+
+
+def test_an_upstream_param_no_metadata_can_carry_is_dropped(fleet: tuple[Proc, Upstream]) -> None:
+    """A 400's `param` went into gRPC trailing metadata as sent: non-ASCII or a newline made
+    grpc fail the call with INTERNAL 'Invalid metadata' and log a traceback."""
+    gw, _ = fleet
+    with grpc.insecure_channel(gw.ready["grpc"]) as ch:
+        req = pb.GenerateRequest(
+            model="m", text="bad-param", sampling=pb.SamplingParams(max_tokens=4)
+        )
+        with pytest.raises(grpc.RpcError) as e:
+            list(pb_grpc.InferenceStub(ch).Generate(req, timeout=60))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+    assert "param" not in dict(e.value.trailing_metadata() or ())
+    status, _, _ = _post(gw, "m", "bad-param", stream=False)
+    assert status == 400
+    assert "Traceback" not in gw.log_text()
