@@ -671,3 +671,33 @@ def test_dockerfiles(dockerfile: str) -> None:
     assert "paged_decode.c" in text or re.search(
         r'"worker\.engine\.kernels" = \[.*"\*\.c"', pyproject
     )
+
+
+def promql_problem(query: str) -> str | None:
+    """What makes `query` fail to parse by its brackets, or None: an unmatched or
+    mismatched (, [ or { outside quoted strings. A `)` too many in the demand queries made
+    prometheus-adapter's external metric and KEDA's only trigger fail, silently to the
+    HPA, which then never scaled on the gateways' demand."""
+    pairs, stack, quote = {")": "(", "]": "[", "}": "{"}, [], None
+    for i, c in enumerate(query):
+        if quote:
+            quote = None if c == quote and query[i - 1] != "\\" else quote
+        elif c in "\"'`":
+            quote = c
+        elif c in "([{":
+            stack.append((c, i))
+        elif c in pairs:
+            if not stack or stack[-1][0] != pairs[c]:
+                return f"unmatched {c!r} at {i}: ...{query[max(0, i - 40) : i + 1]}"
+            stack.pop()
+    return f"unclosed {stack[-1][0]!r} at {stack[-1][1]}" if stack else None
+
+
+def test_every_promql_query_in_the_manifests_is_well_formed() -> None:
+    queries = [(w, r["metricsQuery"]) for k in ("custom", "external") for w, r in adapter_rules(k)]
+    (trigger,) = one(rendered("keda"), "ScaledObject", "worker")["spec"]["triggers"]
+    queries.append(("keda", trigger["metadata"]["query"]))
+    assert len(queries) >= 5
+    for where, query in queries:
+        assert promql_problem(query) is None, (where, promql_problem(query))
+    assert promql_problem("sum(a) + ((b) or vector(0)))") is not None  # the bug it catches
