@@ -294,6 +294,8 @@ class PrefixAware:
             pb.GenerateRequest | None, PromptTokens | None, Tokenizer | None, PieceCache | None
         ] = (None, None, None, None)
         """The last decision's prompt tokens, for `prompt_ids`."""
+        self._unseen = 0.0
+        """About how many tokens `_token_memo`'s keys leave out (a chat's new last piece)."""
         self._tiebreak = itertools.count()
         self._last: tuple[pb.GenerateRequest | None, dict[str, float], float] = (None, {}, 0.0)
         self._reported_run: dict[str, int] = {}
@@ -342,11 +344,14 @@ class PrefixAware:
         if memo[0] is request and memo[1] == shape:
             return memo[2]
         keys = None
+        self._unseen = 0.0
         tok = self.tokenizers.get(request.model, view.tokenizer) if self.tokenizers else None
         if tok is not None or request.WhichOneof("prompt") == "token_ids":
             try:
                 pieces = self.tokenizers.pieces(tok) if tok and self.tokenizers else None
                 tokens, keys = prompt_keys(request, tok, pieces, view.block_size, view.model_id)
+                if tokens.rendered is not None and pieces is not None:
+                    self._unseen = pieces.unseen_tokens()  # the new last piece, left out
                 if tok is not None:
                     self._prompt = (request, tokens, tok, pieces)
                 if pieces is not None and pieces.queued and self.tokenizers:
@@ -533,7 +538,10 @@ class PrefixAware:
         replicas report their caches, else text blocks of about 16 tokens)."""
         memo = self._token_memo
         if memo[0] is request and memo[2] is not None:
-            return float(len(memo[2]) * memo[1][0])
+            # Plus the chat's new last piece, tokenized only after the decision: without
+            # it a one-message chat counted no tokens (no prefill, no new content), and
+            # distinct chats went 19 to 1 to the replica the first one had not gone to.
+            return float(len(memo[2]) * memo[1][0]) + self._unseen
         return float(len(self._keys(request)) * TEXT_BLOCK_TOKENS)
 
     def learn_content(self, worker_id: str, tokens: float) -> None:

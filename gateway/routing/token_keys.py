@@ -158,6 +158,10 @@ class PieceCache:
         self.split = re.compile(pattern) if plain and names else None
         self.pieces: OrderedDict[str, array[int]] = OrderedDict()
         self.tokens = 0
+        self.unseen_chars = 0
+        """Characters the last `prefix_keys` or `prefix_ids` left out (its new pieces)."""
+        self._learnt = [0, 0]
+        """Characters and tokens of every piece tokenized: this tokenizer's ratio."""
         self.max_tokens = max_tokens
         self.verify = verify
         self.queued: list[str] = []
@@ -252,6 +256,7 @@ class PieceCache:
         for i in unknown[:-1]:
             self._add(parts[i])
         stop = unknown[-1] if unknown else len(parts)
+        self.unseen_chars = sum(len(p) for p in parts[stop:] if p not in special)
         if (unknown or self.verify > 0) and len(self.queued) < 1024:
             self.queued.append(text)
         return parts[:stop]
@@ -276,7 +281,16 @@ class PieceCache:
             "I", self.tokenizer.hf.encode(part, add_special_tokens=False).ids
         )
         self.tokens += len(got)
+        if self._learnt[0] < 1 << 40:
+            self._learnt[0] += len(part)
+            self._learnt[1] += len(got)
         return got
+
+    def unseen_tokens(self) -> float:
+        """About how many tokens the last prefix left out: its characters at this
+        tokenizer's own characters per token so far (4 before any piece)."""
+        chars, tokens = self._learnt
+        return self.unseen_chars * (tokens / chars if chars >= 256 else 0.25)
 
     def _join(self, text: str, learn: bool = False) -> tuple[array[int], bool]:
         """Ids of the known leading pieces, and whether that is the whole text (with

@@ -382,3 +382,32 @@ def test_new_content_sent_elsewhere_counts_against_cache_room() -> None:
     fresh = chat("another system prompt nobody has sent yet " * 20, "q")
     picks = {receiver.choose(pool, fresh, {"w0": 0, "w1": 0}).worker_id for _ in range(4)}
     assert picks == {"w1" if w.worker_id == "w0" else "w0"}  # ties would take turns
+
+
+def test_single_message_chats_spread_by_their_whole_length() -> None:
+    """A chat's new last piece is tokenized after the decision, so a one-message chat had
+    no tokens at all to the policy: its prefill and new content counted 0, the first
+    prompt's content kept every later one away from its replica, and distinct chats went
+    19 to 1 (the README check, 20 chats one after another to two replicas)."""
+    from gateway.routing.cache_views import CacheView
+    from gateway.routing.token_keys import TokenizerStore
+    from prompts.tokenizer import Tokenizer
+    from worker.engine.demo_model import ensure_demo_model
+
+    pool = workers(2)
+    policy = PrefixAware()
+    tok = Tokenizer(ensure_demo_model())
+    policy.views = {w.worker_id: CacheView(16, "m", tok.source_dir) for w in pool}
+    policy.tokenizers = TokenizerStore()
+    policy.tokenizers.add("m", tok)
+    sent: collections.Counter[str] = collections.Counter()
+    for n in range(20):
+        request = pb.GenerateRequest(model="m")
+        request.chat.messages.add(role="user", content=f"question {n}: " + "tell me more. " * 60)
+        w = policy.choose(pool, request, {})
+        prefill = policy.routed(w, request)
+        assert prefill > 100  # ~200 tokens, none held anywhere
+        policy.prefilled(w.worker_id, prefill)  # answered before the next arrives
+        policy.tokenizers.pieces(tok).learn()  # as the event loop does after a decision
+        sent[w.worker_id] += 1
+    assert min(sent.values()) >= 8, sent
