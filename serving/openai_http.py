@@ -67,7 +67,12 @@ class Backend(Protocol):
 
 
 class Releasable(Protocol):
-    def release(self) -> None: ...
+    def release(self, used_tokens: int | None = None) -> None: ...
+
+
+def used_tokens(info: CallInfo) -> int | None:
+    """Prompt + completion tokens an answer's usage reported (None: it reported none)."""
+    return info.usage[0] + info.usage[1] if info.usage else None
 
 
 class Admit(Protocol):
@@ -480,7 +485,7 @@ class OpenAIRoutes:
             raise
         finally:
             if ticket is not None:
-                ticket.release()
+                ticket.release(used_tokens(info))
             if self.on_finished is not None:
                 ended = time.monotonic()
                 who = ticket if ticket is not None else refused  # a refusal knows it too

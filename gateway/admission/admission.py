@@ -14,11 +14,13 @@ Only then is a slot held; the returned :class:`Ticket` frees it.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
 
@@ -72,11 +74,24 @@ def estimate_request_tokens(request: pb.GenerateRequest) -> int:
     return estimate_tokens(prompt, sp.max_tokens if sp.HasField("max_tokens") else 256)
 
 
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """What admission took from the buckets, and where (Redis, or this process's)."""
+
+    specs: tuple[BucketSpec, ...]
+    shared: bool
+    """Taken from the Redis buckets (else the local ones)."""
+
+    def tokens(self) -> tuple[BucketSpec, ...]:
+        return tuple(s for s in self.specs if s.key.endswith(":tokens"))
+
+
 class Ticket:
     """An admitted request's slot: ``async with ticket:`` or call :meth:`release` once done."""
 
     __slots__ = (
         "_admission",
+        "_charged",
         "_granted",
         "_released",
         "key_id",
@@ -92,8 +107,11 @@ class Ticket:
         priority: int,
         queued_s: float,
         key_id: str | None = None,
+        charged: Charge | None = None,
     ) -> None:
         self._admission = admission
+        self._charged = charged
+        """The token buckets charged the estimate, settled at release with the real use."""
         self.tenant = tenant
         self.key_id = key_id
         """The id of the API key the request came with (None: no key, or a digest-only one)."""
@@ -103,11 +121,19 @@ class Ticket:
         self._granted = time.monotonic()
         self._released = False
 
-    def release(self) -> None:
-        """Free the slot; idempotent, so a ``finally`` and ``async with`` may both call it."""
+    def release(self, used_tokens: int | None = None) -> None:
+        """Free the slot; idempotent, so a ``finally`` and ``async with`` may both call it.
+
+        ``used_tokens``: what the request really took (prompt + completion, from its
+        usage), charged to the token buckets in place of the estimate. The estimate counts
+        256 for an unset max_tokens, where a worker generates up to the context: without
+        settling, leaving max_tokens out ran a tenant at 20x its token rate.
+        """
         if not self._released:
             self._released = True
             self._admission._release(self.tenant, time.monotonic() - self._granted)
+            if used_tokens is not None and self._charged is not None:
+                self._admission._settle(self._charged, used_tokens)
 
     @property
     def released(self) -> bool:
@@ -170,6 +196,8 @@ class Admission:
         self._quotas: dict[str, Quota] = {}
         self._admin_quotas: dict[str, Quota] = {}
         """Tenant -> quota set at run time (admin API), this process's share."""
+        self._adjusting: set[asyncio.Task[None]] = set()
+        """Settlements and refunds on their way to Redis (a reference keeps each alive)."""
         self.door = RetryBudget(ratio=0.2, floor=10, window_s=10.0)
         """Retries arriving at the gateway, against new requests (see `admit`)."""
         self.counts: Counter[str] = Counter()
@@ -216,6 +244,12 @@ class Admission:
         """Tell the client of a retryable refusal whether to retry: yes while the door's
         retry budget lasts, and each yes spends from it then (counting retries when they
         arrive let a burst of refusals all hear yes before the first retry came back)."""
+        if e.type == "rate_limit_error":
+            # A quota's refusal (a tenant's or the gateway's bucket, a tenant's concurrency)
+            # is not the door's: its Retry-After is exact and its bucket bounds the retries.
+            # Spending the shared budget on it let one tenant's flood tell every other
+            # tenant's clients not to retry.
+            return
         if e.should_retry is None and e.status in (429, 500, 502, 503, 504):
             e.should_retry = self.door.try_spend()
             self.retry_advice["told_to_retry" if e.should_retry else "told_not_to_retry"] += 1
@@ -281,17 +315,45 @@ class Admission:
             )
         specs = self._specs(tenant.name, quota, max(0, int(est_tokens)))
         self._active[tenant.name] = active + 1
+        charge: Charge | None = None
         try:
             if specs:
-                await self._charge(tenant, specs)
+                charge = await self._charge(tenant, specs)
             queued_s = await self.limiter.acquire(prio, deadline)
         except BaseException as exc:
             self._drop_active(tenant.name)
             if isinstance(exc, OpenAIError) and exc.status in (503, 504):
                 self.counts["overloaded" if exc.status == 503 else "deadline"] += 1
+            if charge is not None:
+                # never served (the queue was full, or its deadline passed in it): its
+                # quota back, which it spent before, and a tenant never served got 429s
+                self._adjust(charge, [replace(s, cost=-s.cost) for s in charge.specs])
             raise
         self.counts["admitted"] += 1
-        return Ticket(self, tenant.name, prio, queued_s, key_id)
+        tokens = charge.tokens() if charge is not None else ()
+        settle = Charge(tokens, charge.shared) if charge is not None and tokens else None
+        return Ticket(self, tenant.name, prio, queued_s, key_id, settle)
+
+    def _settle(self, charge: Charge, used_tokens: int) -> None:
+        """Charge the token buckets the difference between the real use and the estimate."""
+        delta = max(0, used_tokens) - charge.specs[0].cost
+        if abs(delta) >= 1:
+            self._adjust(charge, [replace(s, cost=delta) for s in charge.specs])
+
+    def _adjust(self, charge: Charge, specs: list[BucketSpec]) -> None:
+        """Adjust buckets where the charge was taken; Redis's in the background (a
+        request's end must not wait on it), this process's at once."""
+        if charge.shared and self.redis is not None:
+            task = asyncio.get_running_loop().create_task(self._adjust_shared(specs))
+            self._adjusting.add(task)
+            task.add_done_callback(self._adjusting.discard)
+        else:
+            self.local.adjust(specs, self._fallback_scale)
+
+    async def _adjust_shared(self, specs: list[BucketSpec]) -> None:
+        assert self.redis is not None
+        if not await self.redis.adjust(specs):
+            self.local.adjust(specs, self._fallback_scale)  # Redis down: the local stand-in
 
     def _specs(self, name: str, quota: Quota, tokens: int) -> list[BucketSpec]:
         specs: list[BucketSpec] = []
@@ -322,12 +384,13 @@ class Admission:
                 specs.append(BucketSpec(f"{scope}:tokens", b[0], b[1], float(tokens)))
         return specs
 
-    async def _charge(self, tenant: Tenant, specs: list[BucketSpec]) -> None:
+    async def _charge(self, tenant: Tenant, specs: list[BucketSpec]) -> Charge:
         result = await self.redis.take(specs) if self.redis is not None else None
+        shared = result is not None
         if result is None:
             result = self.local.take(specs, self._fallback_scale)
         if result.allowed:
-            return
+            return Charge(tuple(specs), shared)
         self.counts["rate_limited"] += 1
         spec = specs[result.limiting]
         scope, kind = spec.key.rsplit(":", 1)

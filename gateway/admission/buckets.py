@@ -96,6 +96,16 @@ class LocalBuckets:
             bucket.level -= spec.cost
         return ALLOWED
 
+    def adjust(self, specs: Sequence[BucketSpec], scale: float = 1.0) -> None:
+        """Take each spec's cost whatever the level (a debt the rate repays), or give it
+        back where negative (never past the burst): a charge settled once its real size
+        is known, or refunded for a request refused after it was charged."""
+        now = self._clock()
+        for spec in specs:
+            b = self._bucket(spec, scale, now)
+            b.refill(now)
+            b.level = min(b.burst, b.level - spec.cost)
+
     def _bucket(self, spec: BucketSpec, scale: float, now: float) -> TokenBucket:
         rate, burst = spec.rate * scale, spec.burst * scale
         b = self._buckets.get(spec.key)

@@ -77,6 +77,32 @@ end
 return {1, 0, 0}
 """
 
+# As TAKE_LUA's refill, then the cost taken whatever the level (a debt) or, negative,
+# given back up to the burst (LocalBuckets.adjust).
+ADJUST_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+for i = 1, #KEYS do
+  local rate = tonumber(ARGV[3 * i - 2])
+  local burst = tonumber(ARGV[3 * i - 1])
+  local cost = tonumber(ARGV[3 * i])
+  local s = redis.call('HMGET', KEYS[i], 'l', 't')
+  local level, stamp = tonumber(s[1]), tonumber(s[2])
+  if level == nil or stamp == nil then
+    level, stamp = burst, now
+  end
+  if now > stamp then
+    level = level + (now - stamp) * rate / 1000000
+    stamp = now
+  end
+  level = math.min(burst, math.min(burst, level) - cost)
+  local ttl = math.min(math.ceil((burst - math.min(level, 0)) * 1000 / rate) + 1000, 1e12)
+  redis.call('HSET', KEYS[i], 'l', string.format('%.17g', level), 't', string.format('%d', stamp))
+  redis.call('PEXPIRE', KEYS[i], string.format('%d', ttl))
+end
+return 1
+"""
+
 _ERRORS = (aioredis.RedisError, OSError, TimeoutError)
 
 
@@ -104,6 +130,7 @@ class RedisBuckets:
         """Calls that failed (timeouts, refused connections, errors), for metrics and tests."""
         self._client = make_client(url, socket_timeout)
         self._script = self._client.register_script(TAKE_LUA)
+        self._adjust = self._client.register_script(ADJUST_LUA)
         self._probe_task: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -136,6 +163,20 @@ class RedisBuckets:
         if allowed:
             return ALLOWED
         return TakeResult(wait_ms / 1000, worst - 1)
+
+    async def adjust(self, specs: Sequence[BucketSpec]) -> bool:
+        """`LocalBuckets.adjust`, cluster-wide; False if Redis could not take it."""
+        if not self.available or self._closed:
+            return False
+        keys = [self.prefix + s.key for s in specs]
+        args = [repr(float(x)) for s in specs for x in (s.rate, s.burst, s.cost)]
+        try:
+            async with asyncio.timeout(self.op_timeout):
+                await self._adjust(keys=keys, args=args)
+        except _ERRORS as exc:
+            self._mark_down(exc)
+            return False
+        return True
 
     async def _call(self, specs: Sequence[BucketSpec]) -> list[int]:
         keys = [self.prefix + s.key for s in specs]

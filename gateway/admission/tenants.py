@@ -27,7 +27,8 @@ Config file (TOML, or JSON with the same shape; every section and field is optio
     max_queue_wait_s = 30           # longest wait in the queue before 503
     requests_per_second = 500       # rates are unlimited when absent
     request_burst = 1000            # defaults to one second's worth (at least 1)
-    tokens_per_second = 400000      # LLM tokens: prompt estimate + max_tokens
+    tokens_per_second = 400000      # LLM tokens: prompt estimate + max_tokens, settled
+                                    # with the usage once the answer ends
     token_burst = 800000
 
     [redis]                         # cluster-wide buckets (optional)

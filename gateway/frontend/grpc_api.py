@@ -24,7 +24,7 @@ from proto.limits import DEFAULT_LIMITS, RequestLimits
 from proto.openai_compat import MAX_SESSION_KEY, OpenAIError, check_generate
 from serving.calls import NOT_FOUND, UNAVAILABLE, CallInfo, UpstreamError
 from serving.grpc_requests import refuse_undecodable
-from serving.openai_http import Finished, from_upstream
+from serving.openai_http import Finished, from_upstream, used_tokens
 from serving.tracing import context_from, request_attributes
 
 # Admission answers in HTTP terms; gRPC callers get the matching status codes.
@@ -187,7 +187,7 @@ class GatewayInference(pb_grpc.InferenceServicer):
             if stream is not None:
                 await stream.aclose()
             if ticket is not None:
-                ticket.release()
+                ticket.release(used_tokens(info))
             done.ended = time.monotonic()
             if done.status == CLIENT_LEFT:
                 self.client_disconnects += 1

@@ -172,3 +172,33 @@ def test_the_loop_lag_probe_sees_a_blocked_loop_and_decays_once_it_keeps_up() ->
     for _ in range(40):
         lag.sample(0.004)  # saturated: every timer 4 ms late
     assert lag.slack_s() == pytest.approx(LAG_FACTOR * 0.004, rel=0.01)
+
+
+def test_one_tenants_flood_of_429s_leaves_the_door_budget_alone() -> None:
+    """Quota refusals do not spend the door's shared budget: they did, and one tenant's
+    flood told every other tenant's clients not to retry (x-should-retry: false)."""
+    from gateway.admission.tenants import Quota, Tenant, hash_key
+
+    async def main() -> None:
+        secret = b"door-test"
+        tenants = (
+            Tenant(
+                "flood", Quota(requests_per_second=0.001, request_burst=1), (hash_key("f", secret),)
+            ),
+            Tenant("calm", Quota(), (hash_key("c", secret),)),
+        )
+        adm = Admission(AdmissionSettings(tenants=tenants, key_secret=secret), processes=1)
+        (await adm.admit("Bearer f", 1, None, math.inf)).release()
+        for _ in range(300):
+            with pytest.raises(OpenAIError) as refused:
+                await adm.admit("Bearer f", 1, None, math.inf, retry=True)
+            assert refused.value.status == 429 and refused.value.should_retry is None
+        adm.limiter.set_max_in_flight(1)
+        adm.limiter.max_queue = 0
+        ticket = await adm.admit("Bearer c", 1, None, math.inf)
+        with pytest.raises(OpenAIError) as overloaded:
+            await adm.admit("Bearer c", 1, None, math.inf, retry=True)
+        assert overloaded.value.status == 503 and overloaded.value.should_retry is True
+        ticket.release()
+
+    asyncio.run(main())

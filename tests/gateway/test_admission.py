@@ -651,3 +651,51 @@ def test_ticket_is_an_async_context_manager_even_on_error() -> None:
         assert stats["counts"]["admitted"] == 1 and stats["redis"] is None
 
     run(main())
+
+
+def test_token_charges_are_settled_with_the_real_use() -> None:
+    """The estimate counts 256 for an unset max_tokens, where a worker generates up to its
+    context: charged only the estimate, a tenant at 100 tokens/s ran at 2,137."""
+
+    async def main() -> None:
+        quota = {"tokens_per_second": 0.001, "token_burst": 1000}
+        adm = Admission(keyed(tenant("acme", "k", **quota)))
+        now = [50.0]
+        adm.local = LocalBuckets(clock=lambda: now[0])
+        (await adm.admit("Bearer k", 257, None, NO_DEADLINE)).release(used_tokens=900)
+        assert adm.local.level("tenant:acme:tokens") == pytest.approx(100)  # 1000 - 900
+        err = await refused(adm.admit("Bearer k", 257, None, NO_DEADLINE))
+        assert err.status == 429 and "tokens" in err.message
+        # Less than estimated: the rest goes back (never past the burst).
+        (await adm.admit("Bearer k", 100, None, NO_DEADLINE)).release(used_tokens=10)
+        assert adm.local.level("tenant:acme:tokens") == pytest.approx(90)
+        (await adm.admit("Bearer k", 50, None, NO_DEADLINE)).release()  # no usage: estimate
+        assert adm.local.level("tenant:acme:tokens") == pytest.approx(40)
+
+    run(main())
+
+
+def test_a_request_refused_after_its_charge_gets_it_back() -> None:
+    """Charged, then refused by the queue (full: 503; its deadline passed: 504): a tenant
+    never served was told 429 for quota it never used."""
+
+    async def main() -> None:
+        quota = {"requests_per_second": 0.001, "request_burst": 2}
+        limits = GlobalLimits(max_in_flight=1, max_queue=1)
+        adm = Admission(
+            keyed(tenant("acme", "k", **quota), tenant("b", "kb"), global_limits=limits)
+        )
+        holder = await adm.admit("Bearer kb", 1, None, NO_DEADLINE)
+        late = await refused(adm.admit("Bearer k", 1, None, later(0.05)))
+        assert late.status == 504
+        queued = asyncio.create_task(adm.admit("Bearer kb", 1, None, NO_DEADLINE))
+        await wait_for(lambda: adm.limiter.queued == 1, "one queued")
+        full = await refused(adm.admit("Bearer k", 1, None, NO_DEADLINE))
+        assert full.status == 503
+        holder.release()
+        (await queued).release()
+        for _ in range(2):  # both of acme's requests are still there to spend
+            (await adm.admit("Bearer k", 1, None, NO_DEADLINE)).release()
+        assert (await refused(adm.admit("Bearer k", 1, None, NO_DEADLINE))).status == 429
+
+    run(main())

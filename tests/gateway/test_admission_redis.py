@@ -272,3 +272,46 @@ def test_global_bucket_is_shared_too(redis_server: RedisServer) -> None:
             await b.close()
 
     run(main())
+
+
+def test_settlements_and_refunds_reach_the_shared_buckets(redis_server: RedisServer) -> None:
+    async def main() -> None:
+        quota = Quota(tokens_per_second=0.001, token_burst=1000)
+        config = AdmissionSettings(
+            tenants=(Tenant("acme", quota, (hash_key("k", SECRET),)),),
+            key_secret=SECRET,
+            redis_prefix=PREFIX + "settle:",
+            **PATIENT,
+        )
+        a = Admission(config, redis_url=redis_server.url)
+        b = Admission(config, redis_url=redis_server.url)
+        await a.start()
+        await b.start()
+        client = aioredis.Redis.from_url(redis_server.url, decode_responses=True, protocol=2)
+        key = PREFIX + "settle:tenant:acme:tokens"
+        try:
+            (await a.admit("Bearer k", 257, None, NO_DEADLINE)).release(used_tokens=900)
+
+            async def level() -> float:
+                return float(await client.hget(key, "l") or "nan")  # type: ignore[arg-type]
+
+            await wait_for_async(lambda: level(), lambda v: v < 101, "settled in Redis")
+            with pytest.raises(OpenAIError) as refused:
+                await b.admit("Bearer k", 257, None, NO_DEADLINE)  # the other gateway sees it
+            assert refused.value.status == 429
+            (await b.admit("Bearer k", 50, None, NO_DEADLINE)).release(used_tokens=0)
+            await wait_for_async(lambda: level(), lambda v: v > 99, "refunded in Redis")
+            assert a.redis is not None and a.redis.failures == 0
+        finally:
+            await client.aclose()
+            await a.close()
+            await b.close()
+
+    run(main())
+
+
+async def wait_for_async(read: Any, good: Any, what: str, timeout: float = DEADLINE) -> None:
+    deadline = time.monotonic() + timeout
+    while not good(await read()):
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.01)
