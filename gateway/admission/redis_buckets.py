@@ -31,14 +31,12 @@ from serving.redis_client import make_client
 
 log = logging.getLogger(__name__)
 
-# ARGV holds rate (per second), burst and cost for each key in turn.
-# Returns {1, 0, 0} when taken, else {0, wait_ms, 1-based index of the slowest bucket}.
-TAKE_LUA = """
+# ARGV holds rate (per second), burst and cost for each key in turn; time is Redis's.
+_LUA_BUCKETS = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local levels, stamps = {}, {}
-local wait, worst = 0, 0
-for i = 1, #KEYS do
+-- bucket i refilled to now: its rate, burst, cost, level (at most the burst) and stamp
+local function refilled(i)
   local rate = tonumber(ARGV[3 * i - 2])
   local burst = tonumber(ARGV[3 * i - 1])
   local cost = tonumber(ARGV[3 * i])
@@ -51,8 +49,26 @@ for i = 1, #KEYS do
     level = level + (now - stamp) * rate / 1000000
     stamp = now
   end
-  level = math.min(burst, level)
-  levels[i], stamps[i] = level - cost, stamp
+  return rate, burst, cost, math.min(burst, level), stamp
+end
+-- write bucket i, to expire once it would have refilled anyway: the burst plus any debt;
+-- whole ms as digits (a huge burst made it "1e+18", which PEXPIRE refuses), at most ~30 years
+local function store(i, rate, burst, level, stamp)
+  local ttl = math.min(math.ceil((burst - math.min(level, 0)) * 1000 / rate) + 1000, 1e12)
+  redis.call('HSET', KEYS[i], 'l', string.format('%.17g', level), 't', string.format('%d', stamp))
+  redis.call('PEXPIRE', KEYS[i], string.format('%d', ttl))
+end
+"""
+
+# Returns {1, 0, 0} when taken, else {0, wait_ms, 1-based index of the slowest bucket}.
+TAKE_LUA = (
+    _LUA_BUCKETS
+    + """
+local rates, bursts, levels, stamps = {}, {}, {}, {}
+local wait, worst = 0, 0
+for i = 1, #KEYS do
+  local rate, burst, cost, level, stamp = refilled(i)
+  rates[i], bursts[i], levels[i], stamps[i] = rate, burst, level - cost, stamp
   local need = math.min(cost, burst)  -- more than a burst: a full bucket, then a debt
   if level < need then
     local w = math.ceil((need - level) * 1000 / rate)
@@ -65,43 +81,24 @@ if wait > 0 then
   return {0, wait, worst}
 end
 for i = 1, #KEYS do
-  -- refill time of the burst plus any debt; whole ms as digits (a huge burst made it
-  -- "1e+18", which PEXPIRE refuses), at most ~30 years
-  local rate = tonumber(ARGV[3 * i - 2])
-  local empty = tonumber(ARGV[3 * i - 1]) - math.min(levels[i], 0)
-  local ttl = math.min(math.ceil(empty * 1000 / rate) + 1000, 1e12)
-  redis.call('HSET', KEYS[i], 'l', string.format('%.17g', levels[i]),
-    't', string.format('%d', stamps[i]))
-  redis.call('PEXPIRE', KEYS[i], string.format('%d', ttl))
+  store(i, rates[i], bursts[i], levels[i], stamps[i])
 end
 return {1, 0, 0}
 """
+)
 
-# As TAKE_LUA's refill, then the cost taken whatever the level (a debt) or, negative,
-# given back up to the burst (LocalBuckets.adjust).
-ADJUST_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+# The cost taken whatever the level (a debt) or, negative, given back up to the burst
+# (LocalBuckets.adjust).
+ADJUST_LUA = (
+    _LUA_BUCKETS
+    + """
 for i = 1, #KEYS do
-  local rate = tonumber(ARGV[3 * i - 2])
-  local burst = tonumber(ARGV[3 * i - 1])
-  local cost = tonumber(ARGV[3 * i])
-  local s = redis.call('HMGET', KEYS[i], 'l', 't')
-  local level, stamp = tonumber(s[1]), tonumber(s[2])
-  if level == nil or stamp == nil then
-    level, stamp = burst, now
-  end
-  if now > stamp then
-    level = level + (now - stamp) * rate / 1000000
-    stamp = now
-  end
-  level = math.min(burst, math.min(burst, level) - cost)
-  local ttl = math.min(math.ceil((burst - math.min(level, 0)) * 1000 / rate) + 1000, 1e12)
-  redis.call('HSET', KEYS[i], 'l', string.format('%.17g', level), 't', string.format('%d', stamp))
-  redis.call('PEXPIRE', KEYS[i], string.format('%d', ttl))
+  local rate, burst, cost, level, stamp = refilled(i)
+  store(i, rate, burst, math.min(burst, level - cost), stamp)
 end
 return 1
 """
+)
 
 _ERRORS = (aioredis.RedisError, OSError, TimeoutError)
 
