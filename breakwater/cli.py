@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="breakwater", description="Resilient inference gateway and worker pool for LLMs."
     )
     sub = ap.add_subparsers(dest="command", required=True)
-    from serving.cli_types import integer, number, port
+    from serving.cli_types import env_defaults, integer, number, port
     from worker.settings import add_engine_args, add_worker_args, byte_size
 
     g = sub.add_parser("generate", help="run the engine in-process on a prompt, streaming text")
@@ -84,12 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("worker", help="serve one engine over gRPC (and optionally HTTP)")
     add_worker_args(w)
     add_engine_args(w)
+    env_defaults(w, "BREAKWATER_WORKER_")
     w.set_defaults(func=_cmd_worker)
 
     gw = sub.add_parser("gateway", help="the OpenAI-compatible (and gRPC) front door")
     from gateway.settings import add_gateway_args
 
     add_gateway_args(gw)
+    env_defaults(gw, "BREAKWATER_GATEWAY_")
     gw.set_defaults(func=_cmd_gateway)
 
     up = sub.add_parser("up", help="start a gateway and a local worker pool in one command")

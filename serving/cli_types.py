@@ -116,3 +116,83 @@ def choice(options: Iterable[str]) -> Callable[[str], str]:
         return str(text)
 
     return _typed("choice", convert)
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
+def _env_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in _TRUE + _FALSE:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not one of {', '.join(_TRUE)} or {', '.join(v for v in _FALSE if v)}"
+        )
+    return value in _TRUE
+
+
+def _env_list(convert: Callable[[str], T] | None) -> Callable[[str], list[T] | T]:
+    """A repeatable flag's type: its values one at a time from the command line, or all
+    of them from its variable, comma-separated (the default, an EnvValue)."""
+
+    def parse(text: str) -> list[T] | T:
+        if not isinstance(text, EnvValue):
+            return convert(text) if convert else text  # type: ignore[return-value]
+        items = []
+        for part in text.split(","):
+            if part.strip():
+                item = EnvValue(part.strip())
+                item.env = text.env
+                try:
+                    items.append(convert(item) if convert else item)
+                except argparse.ArgumentTypeError as e:
+                    if text.env in str(e):
+                        raise
+                    raise argparse.ArgumentTypeError(f"{e} (from {text.env})") from None
+        return items  # type: ignore[return-value]
+
+    return parse
+
+
+def env_defaults(parser: argparse.ArgumentParser, prefix: str) -> None:
+    """Every long flag of `parser` without one already takes its default from
+    `{prefix}{FLAG}` (`--max-queue` from `BREAKWATER_GATEWAY_MAX_QUEUE`), converted and
+    checked as the flag is, its errors naming the variable; a flag on the command line
+    wins. Booleans take 1/true/yes/on or 0/false/no/off; a repeatable flag, a
+    comma-separated list. Operators in containers set variables, not argument lists."""
+    for action in parser._actions:
+        longs = [o for o in action.option_strings if o.startswith("--")]
+        if not longs or action.dest == "help" or isinstance(action.default, EnvValue):
+            continue
+        var = prefix + longs[0][2:].replace("-", "_").upper()
+        value = os.environ.get(var)
+        if value is None:
+            continue
+        text = EnvValue(value)
+        text.env = var
+        if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):
+            truth = _typed("boolean", _env_bool)
+            if isinstance(action, argparse._StoreFalseAction):
+                action.type = lambda t, truth=truth: not truth(t)
+            else:
+                action.type = truth  # converts only this default: a given flag takes const
+        elif isinstance(action, argparse._AppendAction):
+            action.type = _env_list(action.type)  # type: ignore[arg-type]
+            action.__class__ = _AppendOverEnv
+        action.default = text
+
+
+class _AppendOverEnv(argparse._AppendAction):
+    """A repeatable flag whose default is a variable's list: given on the command line, it
+    starts a list of its own (the command line wins, as for every other flag)."""
+
+    def __call__(  # type: ignore[override]
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        items = getattr(namespace, self.dest, None)
+        items = [] if isinstance(items, EnvValue) or items is None else list(items)
+        items.append(values)
+        setattr(namespace, self.dest, items)

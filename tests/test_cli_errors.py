@@ -135,6 +135,12 @@ BAD_ENV = [
     ("worker", "BREAKWATER_WORKER_GRPC_PORT", "abc", "--grpc-port"),
     ("worker", "BREAKWATER_WORKER_MAX_QUEUE", "-1", "--max-queue"),
     ("worker", "BREAKWATER_WORKER_ENGINE", "bogus", "--engine"),
+    # every flag has its variable, booleans and repeatable flags too
+    ("gateway", "BREAKWATER_GATEWAY_MAX_CONNECTIONS", "lots", "--max-connections"),
+    ("gateway", "BREAKWATER_GATEWAY_WATCH_CACHES", "maybe", "--watch-caches"),
+    ("gateway", "BREAKWATER_GATEWAY_REQUIRE_API_KEYS", "sure", "--require-api-keys"),
+    ("worker", "BREAKWATER_WORKER_HTTP_PORT", "http", "--http-port"),
+    ("worker", "BREAKWATER_WORKER_NO_PREFIX_CACHING", "2", "--no-prefix-caching"),
 ]
 
 
@@ -290,3 +296,31 @@ def test_byte_size_keeps_the_text() -> None:
     assert byte_size("1024") == "1024"
     assert "cannot parse" in refused(byte_size, "lots")
     refused(byte_size, "0")
+
+
+def test_every_flag_takes_its_default_from_a_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's promise for containers: `--some-flag` from BREAKWATER_GATEWAY_SOME_FLAG
+    (or _WORKER_); only a few flags had one, and the rest were silently ignored."""
+    from breakwater.cli import build_parser
+
+    env = {
+        "BREAKWATER_GATEWAY_REQUEST_TIMEOUT": "5",
+        "BREAKWATER_GATEWAY_MAX_CONNECTIONS": "7",
+        "BREAKWATER_GATEWAY_GRPC_PORT": "1234",
+        "BREAKWATER_GATEWAY_WATCH_CACHES": "off",
+        "BREAKWATER_GATEWAY_WORKER": "127.0.0.1:5000, http://127.0.0.1:6000",
+        "BREAKWATER_WORKER_HTTP_PORT": "8000",
+        "BREAKWATER_WORKER_DRAIN_TIMEOUT": "5",
+        "BREAKWATER_WORKER_NO_PREFIX_CACHING": "yes",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    gw = build_parser().parse_args(["gateway"])
+    assert (gw.request_timeout, gw.max_connections, gw.grpc_port) == (5.0, 7, 1234)
+    assert gw.watch_caches is False
+    assert gw.workers == ["127.0.0.1:5000", "http://127.0.0.1:6000"]
+    # the command line wins, a repeatable flag's list included
+    gw = build_parser().parse_args(["gateway", "--worker", "127.0.0.1:7000", "--watch-caches"])
+    assert (gw.workers, gw.watch_caches) == (["127.0.0.1:7000"], True)
+    w = build_parser().parse_args(["worker", "--engine", "sim"])
+    assert (w.http_port, w.drain_timeout, w.no_prefix_caching) == (8000, 5.0, True)
