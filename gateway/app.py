@@ -214,6 +214,8 @@ class Gateway:
         self.overrides = Overrides(
             RedisStore(settings.redis_url)
             if settings.redis_url
+            else FileStore(settings.state_dir, durable=True)
+            if settings.state_dir
             # run_gateway always sets the shared directory; a private one otherwise, never a
             # common /tmp file that unrelated gateways on the host would share
             else FileStore(os.environ.get(shared_dir.ENV) or tempfile.mkdtemp(prefix="bw-admin-"))

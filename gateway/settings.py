@@ -84,6 +84,9 @@ class GatewaySettings:
     health_interval_s: float = 1.0
     admission_config: str | None = None
     """TOML (or JSON) file with tenants, API key digests and quotas."""
+    state_dir: str | None = None
+    """Without Redis: where admin changes are kept, to survive a restart (None: the run's
+    temporary directory, gone when the gateway stops)."""
     require_api_keys: bool = False
     """Refuse requests without a valid API key even while no key exists yet (fail closed)."""
     max_in_flight: int | None = None
@@ -310,6 +313,14 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
         help="tenants, API key digests and quotas (TOML or JSON)",
     )
     p.add_argument(
+        "--state-dir",
+        default=None,
+        metavar="DIR",
+        help="without --redis-url: keep admin changes (drains, weights, splits, upstreams, "
+        "keys made or revoked) in DIR so they survive a restart; by default they last "
+        "until the gateway stops",
+    )
+    p.add_argument(
         "--require-api-keys",
         action="store_true",
         default=_env("REQUIRE_API_KEYS", "") not in ("", "0", "false"),
@@ -463,6 +474,7 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         retry_budget=args.retry_budget,
         health_interval_s=args.health_interval,
         admission_config=args.admission_config,
+        state_dir=args.state_dir,
         require_api_keys=args.require_api_keys,
         max_in_flight=args.max_in_flight,
         max_queue=args.max_queue,

@@ -508,7 +508,17 @@ class AdminAPI:
             "revoked_at": time.time(),
         }
         audit = {"action": "key_revoke", "tenant": tenant, "key_id": key_id, "by": _who(request)}
-        return await self._put(KEY, key_id, entry, audit, revoked=True)
+        if getattr(self.overrides.store, "durable", True):
+            return await self._put(KEY, key_id, entry, audit, revoked=True)
+        # Kept in this run's temporary directory only: a key from the admission config
+        # would work again after a restart, silently. Say so where the operator looks.
+        warning = (
+            "revoked until this gateway stops: without --redis-url or --state-dir nothing "
+            "it changes outlives it; remove the key from the admission config too"
+        )
+        return await self._put(
+            KEY, key_id, entry, audit, revoked=True, durable=False, warning=warning
+        )
 
     async def splits(self, request: web.Request) -> web.Response:
         return json_response({m: s.weights for m, s in self.overrides.splits.items()})

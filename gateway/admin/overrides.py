@@ -48,7 +48,11 @@ class FileStore:
     """Overrides in `<dir>/admin-overrides.json` (replaced atomically), audit in
     `<dir>/admin-audit.jsonl`; file work runs in a thread, off the event loop."""
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, durable: bool = False) -> None:
+        self.durable = durable
+        """Kept past this gateway's run (`--state-dir`), not in its temporary directory."""
+        if durable:
+            Path(directory).mkdir(parents=True, exist_ok=True)
         self.path = Path(directory) / "admin-overrides.json"
         self.audit_path = Path(directory) / "admin-audit.jsonl"
 

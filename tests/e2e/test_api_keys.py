@@ -205,3 +205,35 @@ def test_a_gateway_told_to_require_keys_starts_closed(worker: Proc, tmp_path: Pa
         assert statuses(gw, None, 2) == {401}
     finally:
         gw.stop()
+
+
+def test_a_revoked_config_key_stays_revoked_across_a_restart_with_a_state_dir(
+    worker: Proc, tmp_path: Path
+) -> None:
+    """Without Redis the admin store was the run's temporary directory: a key revoked from
+    the admission config worked again after the next restart. `--state-dir` keeps it;
+    without one the revocation says it will not last."""
+    from gateway.admission.tenants import new_api_key
+
+    key, key_id, digest = new_api_key(SECRET)
+    config = tmp_path / "admission.toml"
+    keys = f'keys = [{{id = "{key_id}", digest = "{digest}"}}]'
+    config.write_text(f'key_secret = "{SECRET}"\n[tenants.bob]\n{keys}\n')
+    args = ("--worker", worker.ready["grpc"], "--admission-config", str(config))
+    state = tmp_path / "state"
+    for run in range(2):
+        gw = start_gateway(*args, "--state-dir", str(state))
+        try:
+            if run == 0:
+                wait_for(lambda gw=gw: statuses(gw, key, 2) == {200}, timeout=30)
+                code, body = admin_call(gw, "DELETE", f"/admin/tenants/bob/keys/{key_id}")
+                assert code == 200 and body["revoked"] and "durable" not in body, body
+            wait_for(lambda gw=gw: statuses(gw, key, 2) == {401}, timeout=30)
+        finally:
+            gw.stop()
+    gw = start_gateway(*args)  # no state dir: the revocation warns it will not last
+    try:
+        code, body = admin_call(gw, "DELETE", f"/admin/tenants/bob/keys/{key_id}")
+        assert code == 200 and body["durable"] is False and "--state-dir" in body["warning"]
+    finally:
+        gw.stop()
