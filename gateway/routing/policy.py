@@ -460,7 +460,8 @@ class PrefixAware:
         held = self._holdings(request, eligible)
         tokens = self._prompt_tokens(request)
         self._last = (request, held, tokens)
-        pick = self._pick(eligible, held, tokens, loads)
+        weights = outstanding.weights if isinstance(outstanding, WeightedLoads) else None
+        pick = self._pick(eligible, held, tokens, loads, weights)
         skipped = (  # over the load bound: rare, so the list is built only then
             [w.worker_id for w in candidates if loads[w.worker_id] > bound]
             if len(eligible) < len(candidates)
@@ -506,12 +507,23 @@ class PrefixAware:
         held: dict[str, float],
         tokens: float,
         loads: dict[str, float],
+        weights: Mapping[str, float] | None = None,
     ) -> WorkerInfo:
         turn = next(self._tiebreak)
         pending, miss = self.prefilling, self.miss_weight
         unit = max(16.0, tokens / 16)  # costs within 1/16 of the prompt count as equal
         whole = max(16.0, tokens)  # new content within one such prompt counts as equal
         room = self._footprints(eligible)
+        if weights:
+            # An operator's weight is a replica's capacity: a weight-2 replica takes twice
+            # the new prefixes (its room counts double) and prefills twice as fast; its
+            # load is already divided (WeightedLoads). Weighted loads alone changed nothing
+            # while prefixes decided (weight 10: 0 requests of 60).
+            pending = {w.worker_id: pending.get(w.worker_id, 0.0) for w in eligible}
+            for wid in pending:
+                share = weights.get(wid, 1.0)
+                room[wid] /= share
+                pending[wid] /= share
         if max(held.values(), default=0.0) < self.min_share:  # most room, least prefill
             return min(
                 eligible,

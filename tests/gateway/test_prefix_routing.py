@@ -411,3 +411,19 @@ def test_single_message_chats_spread_by_their_whole_length() -> None:
         policy.tokenizers.pieces(tok).learn()  # as the event loop does after a decision
         sent[w.worker_id] += 1
     assert min(sent.values()) >= 8, sent
+
+
+def test_a_weight_is_a_share_of_new_prefixes() -> None:
+    """An operator's weight counts as capacity under prefix-aware routing too: with only
+    its load divided, prefixes decided everything (weight 10: 0 requests of 60)."""
+    from gateway.routing.policy import WeightedLoads
+
+    policy = PrefixAware()
+    pool = workers(2)
+    sent: collections.Counter[str] = collections.Counter()
+    for n in range(80):
+        request = chat(f"system prompt number {n}, " * 30, "hello")
+        w = policy.choose(pool, request, WeightedLoads({}, {"w1": 3.0}))
+        policy.prefilled(w.worker_id, policy.routed(w, request))
+        sent[w.worker_id] += 1
+    assert 55 <= sent["w1"] <= 65, sent  # 3 to 1
