@@ -89,7 +89,9 @@ def build_admission(settings: GatewaySettings) -> Admission:
     config = replace(
         config,
         global_limits=limits,
-        redis_url=config.redis_url or settings.redis_url,
+        # the flag wins over the file, as for the registry and the admin store (the file's
+        # won here alone, so buckets and registry could use two different Redis servers)
+        redis_url=settings.redis_url or config.redis_url,
         require_keys=config.require_keys or settings.require_api_keys,
     )
     if settings.processes > 1 and not config.redis_url and settings.process_index == 0:

@@ -130,6 +130,8 @@ def error_response(err: OpenAIError, request_id: str | None = None) -> web.Respo
         headers["retry-after-ms"] = str(err.retry_after_ms)
     if err.should_retry is not None:
         headers["x-should-retry"] = "true" if err.should_retry else "false"
+    if err.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"  # RFC 7235: a 401 names its scheme
     return json_response(err.body(), err.status, headers)
 
 

@@ -31,6 +31,7 @@ from serving.heap import heap_view
 from serving.openai_http import (
     OpenAIRoutes,
     call_headers,
+    error_response,
     from_upstream,
     json_response,
     stream_response,
@@ -92,6 +93,15 @@ class GatewayRoutes(OpenAIRoutes):
         """Failures after admission (no replica could answer) are retryable too: the same
         door budget decides whether the client hears `x-should-retry: true`."""
         self.admission.judge_retry(e)
+
+    async def list_models(self, request: web.Request) -> web.StreamResponse:
+        """As OpenAI's: a key is needed wherever one is for completions (it answered
+        anyone, naming the models to a caller without a key)."""
+        try:
+            self.admission.tenants.identify(request.headers.get("Authorization"))
+        except OpenAIError as e:
+            return error_response(e)
+        return await super().list_models(request)
 
     async def healthz(self, request: web.Request) -> web.Response:
         # Which of the gateway's processes answered (one port, several processes), its

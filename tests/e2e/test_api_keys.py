@@ -237,3 +237,19 @@ def test_a_revoked_config_key_stays_revoked_across_a_restart_with_a_state_dir(
         assert code == 200 and body["durable"] is False and "--state-dir" in body["warning"]
     finally:
         gw.stop()
+
+
+def test_models_need_a_key_as_completions_do_and_401s_name_bearer(gateway: Proc) -> None:
+    import urllib.error
+    import urllib.request
+
+    url = gateway.ready["http"] + "/v1/models"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(url, timeout=30)
+    assert refused.value.code == 401
+    assert refused.value.headers["WWW-Authenticate"] == "Bearer"
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {LEGACY_KEY}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert json.loads(r.read())["data"]
+    status, headers, _ = complete(gateway, 0)
+    assert status == 401 and headers["WWW-Authenticate"] == "Bearer"
