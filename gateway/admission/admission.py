@@ -196,6 +196,9 @@ class Admission:
         self._quotas: dict[str, Quota] = {}
         self._admin_quotas: dict[str, Quota] = {}
         """Tenant -> quota set at run time (admin API), this process's share."""
+        self._tenant_hold: dict[str, float] = {}
+        """Seconds a tenant's request holds its slot, on average (EWMA, 0.2): the Retry-After
+        of its concurrency 429. Tenants are the config's, so it stays small."""
         self._adjusting: set[asyncio.Task[None]] = set()
         """Settlements and refunds on their way to Redis (a reference keeps each alive)."""
         self.door = RetryBudget(ratio=0.2, floor=10, window_s=10.0)
@@ -304,7 +307,10 @@ class Admission:
         active = self._active.get(tenant.name, 0)
         if quota.max_concurrent is not None and active >= quota.max_concurrent:
             self.counts["tenant_concurrency"] += 1
-            wait = self.limiter.mean_hold_s / quota.max_concurrent
+            # until one of its own requests ends: its own mean hold, not the gateway's
+            # (others' short calls said 240 ms while a 3 s stream held the only slot)
+            hold = self._tenant_hold.get(tenant.name, self.limiter.mean_hold_s)
+            wait = hold / quota.max_concurrent
             raise OpenAIError(
                 429,
                 f"Tenant '{tenant.name}' already has {active} requests in progress, its limit. "
@@ -415,6 +421,8 @@ class Admission:
     def _release(self, tenant: str, hold_s: float) -> None:
         self._drop_active(tenant)
         self.limiter.release(hold_s)
+        last = self._tenant_hold.get(tenant)
+        self._tenant_hold[tenant] = hold_s if last is None else 0.8 * last + 0.2 * hold_s
 
     def follow_fleet(self, total_in_flight: int, wait_budgets: dict[int, float]) -> None:
         """The fleet's adaptive figures (see adaptive.py): this process's share of what the

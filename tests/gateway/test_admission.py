@@ -699,3 +699,23 @@ def test_a_request_refused_after_its_charge_gets_it_back() -> None:
         assert (await refused(adm.admit("Bearer k", 1, None, NO_DEADLINE))).status == 429
 
     run(main())
+
+
+def test_a_tenants_concurrency_429_waits_for_its_own_requests() -> None:
+    """Its Retry-After comes from how long the tenant's own requests hold a slot: the
+    gateway-wide mean (others' short calls) said 240 ms while a 3 s stream held it."""
+
+    async def main() -> None:
+        adm = Admission(keyed(tenant("slow", "ks", max_concurrent=1), tenant("b", "kb")))
+        for _ in range(50):  # the gateway is busy with short calls
+            (await adm.admit("Bearer kb", 1, None, NO_DEADLINE)).release()
+        ticket = await adm.admit("Bearer ks", 1, None, NO_DEADLINE)
+        ticket._granted -= 3.0  # a 3 s stream
+        ticket.release()
+        held = await adm.admit("Bearer ks", 1, None, NO_DEADLINE)
+        err = await refused(adm.admit("Bearer ks", 1, None, NO_DEADLINE))
+        assert err.status == 429 and err.retry_after_ms is not None
+        assert err.retry_after_ms >= 2900, err.retry_after_ms
+        held.release()
+
+    run(main())
