@@ -326,6 +326,9 @@ async def start_http(
         handler_cancellation=True,
         access_log=None,
         keepalive_timeout=KEEPALIVE_TIMEOUT_S,
+        # the drain already waited for requests in flight (--drain-timeout): aiohttp's 60 s,
+        # twice over, held the exit past the pod's grace period
+        shutdown_timeout=2.0,
         auto_decompress=False,  # read_body decompresses, bounded (serving/openai_http.py)
     )
     await runner.setup()

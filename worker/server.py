@@ -35,6 +35,9 @@ from worker.settings import WorkerSettings
 log = logging.getLogger("breakwater.worker")
 
 READY_LINE = "BREAKWATER_WORKER_READY"
+CUT_GRACE_S = 2.0
+"""After the drain timeout, how long the streams the engine's stop cut get to send their
+error (and the HTTP port's shutdown waits for its handlers)."""
 
 
 async def _warm_up(engine: Any) -> None:
@@ -180,6 +183,13 @@ class Worker:
             await asyncio.wait_for(self.service.idle.wait(), s.drain_timeout_s)
         except TimeoutError:
             log.warning("drain timeout: %d request(s) cut off", self.service.in_flight)
+            # Cut them now: stopping the engine ends every open stream with an error (gRPC
+            # and HTTP alike). Only logged, an HTTP stream went on to its end, and the exit
+            # waited for it (plus aiohttp's 60 s shutdown), past the pod's grace period.
+            if self.service.engine is not None:
+                await asyncio.to_thread(self.service.engine.shutdown)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.service.idle.wait(), CUT_GRACE_S)
         if self.service.cache_feed is not None:
             await self.service.cache_feed.close()  # ends the HTTP port's watch streams too
         if self.http_runner is not None:

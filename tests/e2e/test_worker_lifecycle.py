@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import threading
@@ -12,7 +13,7 @@ import pytest
 
 from proto import inference_pb2 as pb
 from proto import inference_pb2_grpc as pb_grpc
-from tests.procs import Proc, start_worker, wait_for
+from tests.procs import Proc, start_sim_worker, start_worker, wait_for
 
 
 def long_request(i: int, max_tokens: int = 800) -> pb.GenerateRequest:
@@ -261,4 +262,49 @@ def test_a_long_prompt_is_tokenized_while_the_worker_goes_on_serving(
         assert outcome == [400 if port == "http" else grpc.StatusCode.INVALID_ARGUMENT]
     finally:
         sender.join(120)
+        w.stop()
+
+
+def test_the_drain_timeout_cuts_http_and_grpc_streams_and_the_worker_exits() -> None:
+    """Past --drain-timeout the streams still running end with an error and the worker
+    exits: an HTTP stream went on to its end (84 s here), then aiohttp's shutdown waited,
+    past the pod's grace period, and the kubelet's SIGKILL tore the stream."""
+    import http.client
+    import time
+
+    w = start_sim_worker("--sim-speed", "0.005", "--drain-timeout", "1", "--http-port", "0")
+    host, port = w.ready["http"].removeprefix("http://").split(":")
+    body = json.dumps(
+        {"model": "sim", "prompt": "go", "max_tokens": 900, "ignore_eos": True, "stream": True}
+    )
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    grpc_out: list[object] = []
+
+    def grpc_call() -> None:
+        try:
+            with grpc.insecure_channel(w.ready["grpc"]) as ch:
+                req = long_request(1, 900)
+                req.model = "sim"
+                grpc_out.extend(pb_grpc.InferenceStub(ch).Generate(req, timeout=120))
+        except grpc.RpcError as e:
+            grpc_out.append(e)
+
+    t = threading.Thread(target=grpc_call)
+    try:
+        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200
+        t.start()
+        wait_for(lambda: stats(w.ready["grpc"]).in_flight == 2, timeout=60)
+        started = time.monotonic()
+        w.signal(signal.SIGTERM)
+        text = resp.read().decode()  # to the stream's end, however it ends
+        assert w.wait(60) == 0
+        assert time.monotonic() - started < 30
+        assert '"error"' in text, text[-500:]
+        t.join(60)
+        last = grpc_out[-1]
+        assert isinstance(last, grpc.RpcError) or last.finish_reason == pb.FINISH_REASON_ERROR
+    finally:
+        conn.close()
         w.stop()

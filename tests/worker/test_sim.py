@@ -190,3 +190,24 @@ def test_cancelling_a_stream_frees_blocks() -> None:
         assert len(seen) < 500
 
     run(body, engine)
+
+
+def test_a_cache_smaller_than_the_context_caps_it_and_a_prompt_too_big_is_named() -> None:
+    """A sim cache under the preset's context refused every request without max_tokens
+    (it asked for the whole context), blaming max_tokens; the torch engine (and vLLM)
+    refuse to start there instead."""
+    from worker.engine.errors import InvalidRequestError
+
+    engine = build_sim_engine(CONFIG, "tiny", kv_tokens=512)
+    assert executor(engine).max_model_len == 512
+
+    async def body(engine: AsyncEngine) -> None:
+        sp = SamplingParams(0.0, ignore_eos=True)  # no max_tokens: up to the context
+        out = await collect(engine, GenerateRequest("all", prompt_token_ids=[5, 6, 7], sampling=sp))
+        assert out[-1].usage and out[-1].usage.completion_tokens == 512 - 3
+        with pytest.raises(InvalidRequestError) as too_big:
+            big = SamplingParams(0.0, max_tokens=1)
+            await collect(engine, GenerateRequest("big", prompt_token_ids=[5] * 600, sampling=big))
+        assert too_big.value.param == "prompt" or "prompt" in str(too_big.value)
+
+    run(body, engine)

@@ -60,6 +60,7 @@ import fcntl
 import functools
 import hashlib
 import json
+import logging
 import math
 import time
 from array import array
@@ -204,6 +205,16 @@ class SimExecutor:
         else:
             self.num_blocks = preset.kv_tokens // config.block_size + 1
         self.kv_tokens = (self.num_blocks - 1) * config.block_size
+        if self.max_model_len > self.kv_tokens:
+            # As the torch engine refuses to start (and vLLM) where one whole-context request
+            # cannot fit: capped here, so a request without max_tokens is not refused for
+            # needing the preset's context, which a smaller simulated cache cannot hold.
+            logging.getLogger(__name__).warning(
+                "sim: max_model_len %d capped at the %d KV tokens",
+                self.max_model_len,
+                self.kv_tokens,
+            )
+            self.max_model_len = self.kv_tokens
         self.simulated_seconds = 0.0
         """GPU time modelled so far, at this speed: wall time minus host overhead."""
         self._keys: dict[str, int] = {}

@@ -106,7 +106,8 @@ class EngineCore:
             raise InvalidRequestError(
                 f"the request needs {len(ids) + max_tokens} tokens of KV cache, more than this "
                 f"worker holds ({self.kv.num_usable_blocks * self.config.block_size})",
-                "max_tokens",
+                # the prompt's fault where it alone cannot fit, else the output asked for
+                "prompt" if not self.kv.can_ever_fit(len(ids) + 1) else "max_tokens",
             )
         return Request(
             req.request_id, ids, sp, Priority.parse(req.priority), max_tokens, self.eos_token_ids
