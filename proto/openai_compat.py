@@ -238,7 +238,8 @@ def _max_tokens(body: dict[str, Any], name: str, limits: RequestLimits) -> int |
 
 
 def _stream_flags(body: dict[str, Any], req: pb.GenerateRequest) -> tuple[bool, bool]:
-    stream = body.get("stream", False)
+    stream = body.get("stream")
+    stream = False if stream is None else stream  # null is "not set", as OpenAI and vLLM take it
     if not isinstance(stream, bool):
         raise bad("'stream' must be a boolean", "stream")
     opts = body.get("stream_options")
@@ -389,6 +390,11 @@ ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function
 """Message roles OpenAI's chat API defines."""
 
 
+TEXT_PARTS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal"}
+"""Content parts taken as text (vLLM's set), and the field holding it: an assistant turn
+replayed with its refusal part was a 400."""
+
+
 def _content_text(content: Any, i: int) -> str:
     param = f"messages[{i}].content"
     if content is None:
@@ -398,13 +404,16 @@ def _content_text(content: Any, i: int) -> str:
     if isinstance(content, list):
         parts = []
         for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text":
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind not in TEXT_PARTS:
                 raise bad("only text content parts are supported", param)
-            text = part.get("text", "")
+            text = part.get(TEXT_PARTS[kind], "")
             if not isinstance(text, str):
-                raise bad("a text content part's 'text' must be a string", param)
+                raise bad(f"a {kind} content part's '{TEXT_PARTS[kind]}' must be a string", param)
             parts.append(text)
-        return "".join(parts)
+        # one per line, as vLLM renders them: joined without a separator, two parts' words
+        # ran together and the prompt differed from vLLM's for the same messages
+        return "\n".join(parts)
     raise bad("message content must be a string or a list of parts", param)
 
 

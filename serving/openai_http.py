@@ -385,6 +385,7 @@ class OpenAIRoutes:
         app.router.add_post("/v1/completions", self.completions, expect_handler=expect_continue)
         app.router.add_post("/v1/chat/completions", self.chat, expect_handler=expect_continue)
         app.router.add_get("/v1/models", self.list_models)
+        app.router.add_get("/v1/models/{model:.+}", self.retrieve_model)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/openapi.json", self.openapi)
@@ -418,6 +419,24 @@ class OpenAIRoutes:
                     for m in self.backend.models()
                 ],
             }
+        )
+
+    async def retrieve_model(self, request: web.Request) -> web.StreamResponse:
+        """OpenAI's `GET /v1/models/{model}` (`client.models.retrieve`), which clients ask
+        to check a model exists: it was a 404 for a model served."""
+        model = request.match_info["model"]
+        if model not in self.backend.models():
+            return error_response(
+                OpenAIError(
+                    404,
+                    f"The model `{model[:256]}` does not exist.",
+                    "invalid_request_error",
+                    "model",
+                    "model_not_found",
+                )
+            )
+        return json_response(
+            {"id": model, "object": "model", "created": int(time.time()), "owned_by": "breakwater"}
         )
 
     async def completions(self, request: web.Request) -> web.StreamResponse:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from proto.limits import DEFAULT_LIMITS, RequestLimits
-from proto.openai_compat import ROLES
+from proto.openai_compat import ROLES, TEXT_PARTS
 
 Schema = dict[str, Any]
 
@@ -101,7 +101,7 @@ def _request_schemas(limits: RequestLimits) -> dict[str, Schema]:
             "maxLength": limits.max_model_chars,
             "description": "A model the server serves (GET /v1/models); another is a 404.",
         },
-        "stream": {"type": "boolean", "description": "Answer as server-sent events."},
+        "stream": _or_null({"type": "boolean", "description": "Answer as server-sent events."}),
         "stream_options": _or_null(
             {
                 "type": "object",
@@ -202,12 +202,17 @@ def _request_schemas(limits: RequestLimits) -> dict[str, Schema]:
         "function_call": choice,
     }
     text_part = {
-        "type": "object",
-        "required": ["type"],
-        "properties": {
-            "type": {"const": "text"},
-            "text": {"type": "string", "maxLength": limits.max_message_chars},
-        },
+        "anyOf": [
+            {
+                "type": "object",
+                "required": ["type"],
+                "properties": {
+                    "type": {"enum": [k for k, v in TEXT_PARTS.items() if v == field]},
+                    field: {"type": "string", "maxLength": limits.max_message_chars},
+                },
+            }
+            for field in sorted(set(TEXT_PARTS.values()))
+        ]
     }
     message = {
         "type": "object",
@@ -216,7 +221,8 @@ def _request_schemas(limits: RequestLimits) -> dict[str, Schema]:
             "role": {"enum": sorted(ROLES)},
             "content": {
                 "description": f"At most {limits.max_message_chars} characters (text parts "
-                "joined); only text parts.",
+                "joined, one per line); only text parts (text, input_text, output_text, "
+                "refusal).",
                 "anyOf": [
                     {"type": "string", "maxLength": limits.max_message_chars},
                     {"type": "array", "items": text_part},
@@ -401,24 +407,22 @@ def _response_schemas() -> dict[str, Schema]:
                 ["delta"],
             ),
         ),
+        "Model": {
+            "type": "object",
+            "required": ["id", "object", "created", "owned_by"],
+            "properties": {
+                "id": {"type": "string"},
+                "object": {"const": "model"},
+                "created": count,
+                "owned_by": {"type": "string"},
+            },
+        },
         "ModelList": {
             "type": "object",
             "required": ["object", "data"],
             "properties": {
                 "object": {"const": "list"},
-                "data": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "required": ["id", "object", "created", "owned_by"],
-                        "properties": {
-                            "id": {"type": "string"},
-                            "object": {"const": "model"},
-                            "created": count,
-                            "owned_by": {"type": "string"},
-                        },
-                    },
-                },
+                "data": {"type": "array", "items": _ref("Model")},
             },
         },
         "Health": {
@@ -590,6 +594,24 @@ def build_openapi(limits: RequestLimits = DEFAULT_LIMITS, *, metrics: bool = Tru
         "/v1/models": _get(
             "list_models", "The models served.", {"200": _json("The models.", "ModelList")}
         ),
+        "/v1/models/{model}": {
+            "get": {
+                "operationId": "retrieve_model",
+                "summary": "One model served (OpenAI's models.retrieve).",
+                "parameters": [
+                    {
+                        "name": "model",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "minLength": 1, "maxLength": 256},
+                    }
+                ],
+                "responses": {
+                    "200": _json("The model.", "Model"),
+                    "404": _json("No such model.", "Error"),
+                },
+            }
+        },
         "/healthz": _get(
             "healthz", "Liveness: the process answers.", {"200": _json("Alive.", "Health")}
         ),

@@ -103,6 +103,13 @@ class GatewayRoutes(OpenAIRoutes):
             return error_response(e)
         return await super().list_models(request)
 
+    async def retrieve_model(self, request: web.Request) -> web.StreamResponse:
+        try:
+            self.admission.tenants.identify(request.headers.get("Authorization"))
+        except OpenAIError as e:
+            return error_response(e)
+        return await super().retrieve_model(request)
+
     async def healthz(self, request: web.Request) -> web.Response:
         # Which of the gateway's processes answered (one port, several processes), its
         # routing-decision exchange with the others, and what it routes on: tokenizers

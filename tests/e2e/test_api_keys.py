@@ -251,5 +251,16 @@ def test_models_need_a_key_as_completions_do_and_401s_name_bearer(gateway: Proc)
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {LEGACY_KEY}"})
     with urllib.request.urlopen(req, timeout=30) as r:
         assert json.loads(r.read())["data"]
+    # OpenAI's models.retrieve: the model served, a 404 for another, a key as for the list
+    auth = {"Authorization": f"Bearer {LEGACY_KEY}"}
+    with urllib.request.urlopen(urllib.request.Request(url + "/sim", headers=auth)) as r:
+        assert json.loads(r.read())["id"] == "sim"
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        urllib.request.urlopen(urllib.request.Request(url + "/nope", headers=auth), timeout=30)
+    assert missing.value.code == 404
+    assert json.loads(missing.value.read())["error"]["code"] == "model_not_found"
+    with pytest.raises(urllib.error.HTTPError) as keyless:
+        urllib.request.urlopen(url + "/sim", timeout=30)
+    assert keyless.value.code == 401
     status, headers, _ = complete(gateway, 0)
     assert status == 401 and headers["WWW-Authenticate"] == "Bearer"

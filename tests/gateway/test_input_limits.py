@@ -301,6 +301,18 @@ def test_parsed_values() -> None:
     assert p.logprobs == 0 and p.request.sampling.logprobs == 0
     p = parse_chat(chat(logprobs=False))
     assert p.logprobs is None and not p.request.sampling.HasField("logprobs")
+    # null is "not set" for stream too (a 400 before), as OpenAI and vLLM take it
+    assert parse_chat(chat(stream=None)).stream is False
+    assert parse_completion(comp(stream=None)).stream is False
+    # text parts one per line, as vLLM joins them (they ran together), and the parts vLLM
+    # takes as text: an assistant turn replayed with its refusal was a 400
+    parts = [
+        {"type": "text", "text": "Hello world."},
+        {"type": "input_text", "text": "What is this?"},
+        {"type": "refusal", "refusal": "I can't."},
+    ]
+    p = parse_chat(chat(messages=[msg(parts)]))
+    assert p.request.chat.messages[0].content == "Hello world.\nWhat is this?\nI can't."
 
 
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {}}}
