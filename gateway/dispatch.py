@@ -470,11 +470,16 @@ class Dispatcher:
         self.counters["requests"] += 1
         while info.attempts < s.max_attempts:
             if info.attempts > 0:
-                if not self.retry_budget.try_spend():
-                    self.counters["retry_budget_exhausted"] += 1
-                    break
+                # The budget is spent only on a retry that will happen: one taken first by
+                # every call past its own deadline (or with no replica left to try) left
+                # nothing for a replica's crash, whose calls then got 503s untried.
                 pause = self._backoff(info.attempts)
                 if time.monotonic() + pause >= deadline:
+                    break
+                if not any(w.worker_id not in tried for w in self.healthy(model)):
+                    break
+                if not self.retry_budget.try_spend():
+                    self.counters["retry_budget_exhausted"] += 1
                     break
                 await asyncio.sleep(pause)
             picked = self._pick(model, request, tried, raw)

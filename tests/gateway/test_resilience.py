@@ -245,3 +245,42 @@ def test_weights_apply_to_the_fleets_calls_in_flight() -> None:
     d.remote_loads = lambda: {"a": 10}  # another gateway's: 10 / 2 > b's 0
     picked = d._pick("m", pb.GenerateRequest(model="m"), set())
     assert picked is not None and picked[0].worker_id == "b"
+
+
+def test_a_call_past_its_deadline_spends_no_retry() -> None:
+    """The retry budget was taken before the deadline was checked: every call that timed out
+    on its own spent a retry it never made, and a replica's crash right after found the
+    budget gone (its calls 503s, untried elsewhere)."""
+    from serving.calls import DEADLINE_EXCEEDED
+
+    pool = [WorkerInfo(w, w, models=["m"], state=WorkerState.SERVING) for w in ("a", "b")]
+
+    class Fixed:
+        def workers(self) -> list[WorkerInfo]:
+            return pool
+
+    class Slow:
+        def __init__(self, worker_id: str) -> None:
+            self.worker_id = worker_id
+
+        async def generate(self, request: pb.GenerateRequest, timeout: float | None):  # type: ignore[no-untyped-def]
+            await asyncio.sleep(timeout or 0)
+            raise UpstreamError(DEADLINE_EXCEEDED, "deadline exceeded")
+            yield pb.GenerateResponse()  # pragma: no cover - makes a generator
+
+        async def probe(self, info: WorkerInfo) -> WorkerInfo:
+            return info
+
+        async def close(self) -> None:
+            pass
+
+    async def main() -> None:
+        d = Dispatcher(Fixed(), Router("round-robin"), lambda w: Slow(w.worker_id))  # type: ignore[arg-type, return-value]
+        for i in range(20):
+            with pytest.raises(UpstreamError):
+                async for _ in d.generate(pb.GenerateRequest(model="m", request_id=f"r{i}"), 0.02):
+                    pass
+        assert d.retry_budget.retries_in_window == 0
+        assert d.counters["retry_budget_exhausted"] == 0
+
+    asyncio.run(main())
