@@ -70,9 +70,16 @@ class Releasable(Protocol):
     def release(self, used_tokens: int | None = None) -> None: ...
 
 
-def used_tokens(info: CallInfo) -> int | None:
-    """Prompt + completion tokens an answer's usage reported (None: it reported none)."""
-    return info.usage[0] + info.usage[1] if info.usage else None
+def used_tokens(info: CallInfo, prompt_estimate: int | None = None) -> int | None:
+    """Prompt + completion tokens an answer's usage reported; for an answer cut before its
+    usage (the client left, its deadline passed, the replica died), the prompt's estimate +
+    the output seen so far; None when nothing is known. A cut stream settled nothing, so a
+    client that closed its streams early ran past its token quota."""
+    if info.usage:
+        return info.usage[0] + info.usage[1]
+    if prompt_estimate is not None and info.output_chunks > 0:
+        return prompt_estimate + info.output_chunks
+    return None
 
 
 class Admit(Protocol):
@@ -452,6 +459,7 @@ class OpenAIRoutes:
         asked = request.headers.get("X-Request-Id")
         request_id = os.urandom(16).hex()  # the caller's once it is known to be fit to echo
         ticket: Releasable | None = None
+        parsed: ParsedRequest | None = None
         refused: OpenAIError | None = None
         info = CallInfo()
         model, stream, status, error_type = "", False, 499, None
@@ -464,7 +472,7 @@ class OpenAIRoutes:
                 body = orjson.loads(raw)
             except orjson.JSONDecodeError:  # also invalid UTF-8 and nesting past 1024
                 raise OpenAIError(400, "the request body is not valid JSON") from None
-            parsed: ParsedRequest = parse(body, self.limits)
+            parsed = parse(body, self.limits)
             if parsed.unsupported is not None and not self.relays_bodies:
                 raise parsed.unsupported
             parsed.request.request_id = request_id
@@ -506,7 +514,7 @@ class OpenAIRoutes:
             raise
         finally:
             if ticket is not None:
-                ticket.release(used_tokens(info))
+                ticket.release(used_tokens(info, self._prompt_estimate(parsed)))
             if self.on_finished is not None:
                 ended = time.monotonic()
                 who = ticket if ticket is not None else refused  # a refusal knows it too
@@ -518,6 +526,10 @@ class OpenAIRoutes:
 
     def _judge_retry(self, e: OpenAIError) -> None:
         """Say whether the client should retry a refusal (see the gateway's override)."""
+
+    def _prompt_estimate(self, parsed: ParsedRequest | None) -> int | None:
+        """The prompt's size as admission estimated it (see the gateway's override)."""
+        return None
 
     async def _dispatch(
         self,

@@ -62,6 +62,12 @@ def estimate_tokens(prompt: str | Sequence[int], max_tokens: int) -> int:
 def estimate_request_tokens(request: pb.GenerateRequest) -> int:
     """`estimate_tokens` for a Generate request (chat, token ids or text; max_tokens 256
     when unset), as both front ends charge it."""
+    sp = request.sampling
+    return estimate_prompt_tokens(request) + (sp.max_tokens if sp.HasField("max_tokens") else 256)
+
+
+def estimate_prompt_tokens(request: pb.GenerateRequest) -> int:
+    """The prompt's part of `estimate_request_tokens`."""
     which = request.WhichOneof("prompt")
     prompt: str | list[int]
     if which == "chat":
@@ -70,8 +76,7 @@ def estimate_request_tokens(request: pb.GenerateRequest) -> int:
         prompt = list(request.token_ids.ids)
     else:
         prompt = request.text
-    sp = request.sampling
-    return estimate_tokens(prompt, sp.max_tokens if sp.HasField("max_tokens") else 256)
+    return estimate_tokens(prompt, 0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,12 @@ from typing import Any
 import grpc
 from opentelemetry.trace import SpanKind, Status, StatusCode, use_span
 
-from gateway.admission.admission import Admission, Ticket, estimate_request_tokens
+from gateway.admission.admission import (
+    Admission,
+    Ticket,
+    estimate_prompt_tokens,
+    estimate_request_tokens,
+)
 from gateway.dispatch import Dispatcher
 from proto import inference_pb2 as pb
 from proto import inference_pb2_grpc as pb_grpc
@@ -187,7 +192,7 @@ class GatewayInference(pb_grpc.InferenceServicer):
             if stream is not None:
                 await stream.aclose()
             if ticket is not None:
-                ticket.release(used_tokens(info))
+                ticket.release(used_tokens(info, estimate_prompt_tokens(request)))
             done.ended = time.monotonic()
             if done.status == CLIENT_LEFT:
                 self.client_disconnects += 1

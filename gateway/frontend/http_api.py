@@ -19,7 +19,12 @@ import orjson
 from aiohttp import web
 from opentelemetry.trace import SpanKind
 
-from gateway.admission.admission import Admission, Ticket, estimate_request_tokens
+from gateway.admission.admission import (
+    Admission,
+    Ticket,
+    estimate_prompt_tokens,
+    estimate_request_tokens,
+)
 from gateway.dispatch import Call, Dispatcher, RawRequest
 from gateway.routing.cache_views import CacheView
 from gateway.routing.decision_share import RedisShare, SiblingShare
@@ -88,6 +93,9 @@ class GatewayRoutes(OpenAIRoutes):
         """Workers' reported prefix caches, when followed (for /admin/workers)."""
         self.shadows: Shadows | None = None
         """Shadow traffic an operator set up (admin API): mirrors of sampled requests."""
+
+    def _prompt_estimate(self, parsed: ParsedRequest | None) -> int | None:
+        return estimate_prompt_tokens(parsed.request) if parsed is not None else None
 
     def _judge_retry(self, e: OpenAIError) -> None:
         """Failures after admission (no replica could answer) are retryable too: the same
