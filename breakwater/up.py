@@ -264,24 +264,40 @@ async def _up(args: argparse.Namespace) -> int:
             f"(Authorization: Bearer {admin_token})" + "\nPress Ctrl-C to stop.",
             flush=True,
         )
-        waits = [asyncio.create_task(c.proc.wait()) for c in children]
+        waits = {asyncio.create_task(c.proc.wait()): c for c in children}
         stopper = asyncio.create_task(stop.wait())
-        tasks = [stopper, *waits]
+        others = [stopper]
         if args.autoscale:
-            tasks.append(
+            others.append(
                 asyncio.create_task(
                     _autoscale(args, gateway.ready["admin"], admin_token, spawn_worker, children)
                 )
             )
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for t in tasks:
-            t.cancel()
-        if stopper not in done:
-            dead = [c.name for c in children if c.proc.returncode is not None]
-            print(f"breakwater up: {', '.join(dead)} exited; stopping", file=sys.stderr)
-            return 1
-        print("\nstopping...", file=sys.stderr, flush=True)
-        return 0
+        restarts: dict[str, int] = {}
+        try:
+            while True:
+                done, _ = await asyncio.wait([*others, *waits], return_when=asyncio.FIRST_COMPLETED)
+                if stopper in done:
+                    print("\nstopping...", file=sys.stderr, flush=True)
+                    return 0
+                exited = [waits.pop(t) for t in done if t in waits]
+                if any(c is gateway for c in exited) or not exited:
+                    dead = [c.name for c in children if c.proc.returncode is not None]
+                    print(f"breakwater up: {', '.join(dead)} exited; stopping", file=sys.stderr)
+                    return 1
+                for child in exited:  # a worker: the gateway routes around it meanwhile
+                    while True:
+                        try:
+                            new = await _restart(child, common, restarts, args.ready_timeout, stop)
+                            break
+                        except (TimeoutError, RuntimeError) as e:  # did not come back up
+                            if restarts[child.name] >= MAX_RESTARTS:
+                                raise RuntimeError(f"{child.name} failed to restart: {e}") from e
+                    children[children.index(child)] = new
+                    waits[asyncio.create_task(new.proc.wait())] = new
+        finally:
+            for t in [*others, *waits]:
+                t.cancel()
     except _Stopped:
         print("\nstopping...", file=sys.stderr, flush=True)
         return 0
@@ -290,6 +306,42 @@ async def _up(args: argparse.Namespace) -> int:
         return 1
     finally:
         await _stop_all(children)
+
+
+RESTART_DELAY_S = 1.0
+MAX_RESTART_DELAY_S = 30.0
+MAX_RESTARTS = 8
+"""Restarts of one worker that failed to come up again before `up` gives up and stops."""
+
+
+async def _restart(
+    child: Child,
+    common: list[str],
+    restarts: dict[str, int],
+    timeout: float,
+    stop: asyncio.Event,
+) -> Child:
+    """A worker that exited (a crash, an OOM kill), started again on the ports it had, so
+    the gateway's health checks bring it back: one worker's death stopped the whole of
+    `up`, gateway and healthy workers with it. Restarts back off (1 s, doubling, at most
+    30 s) so one that keeps crashing does not spin."""
+    n = restarts[child.name] = restarts.get(child.name, 0) + 1
+    delay = min(MAX_RESTART_DELAY_S, RESTART_DELAY_S * 2 ** (n - 1))
+    print(
+        f"breakwater up: {child.name} exited (code {child.proc.returncode}); "
+        f"restarting it in {delay:g}s on its ports",
+        file=sys.stderr,
+        flush=True,
+    )
+    if child.pump is not None:
+        child.pump.cancel()
+    await _unless_stopped(asyncio.sleep(delay), stop)
+    grpc_port = child.ready["grpc"].rsplit(":", 1)[1]
+    http_port = child.ready.get("http", ":0").rsplit(":", 1)[1]
+    index = child.name.rsplit("-", 1)[1]
+    argv = ["worker", *common, "--grpc-port", grpc_port, "--http-port", http_port]
+    argv += ["--worker-id", f"local-{index}"]  # the flags given last win
+    return await _unless_stopped(_spawn(child.name, argv, "BREAKWATER_WORKER_READY", timeout), stop)
 
 
 async def _autoscale(

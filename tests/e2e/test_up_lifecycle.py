@@ -85,3 +85,56 @@ def test_a_child_that_prints_a_lot_stalls_nothing() -> None:
         interrupt_and_reap(up, child_pids(up))  # exits 0, no child left
     finally:
         up.kill()
+
+
+def test_a_worker_that_dies_is_restarted_on_its_ports_and_up_goes_on() -> None:
+    """One worker's crash stopped all of `up`, the gateway and the healthy workers with it:
+    it now comes back on the ports it had, and the gateway routes around it meanwhile."""
+    up = Proc(
+        ["up", "--engine", "sim", "--sim-preset", "tiny", "--workers", "2",
+         "--gateway-processes", "1", "--port", "0"],
+        "Breakwater is up",
+        timeout=240,
+    )  # fmt: skip
+    try:
+        line = next(x for x in up.stdout_lines if x.startswith("Breakwater is up"))
+        url = line.split("gateway ")[1].split()[0]
+        model = line.split("model ")[1].rstrip(")\n")
+        text = "\n".join(up.stdout_lines)
+        metrics = [u.removesuffix(",") for u in text.split("workers: ")[1].split()[:2]]
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+        def ok(target: str) -> bool:
+            try:
+                with urllib.request.urlopen(target, timeout=10) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        def chat() -> int:
+            req = urllib.request.Request(
+                url + "/v1/chat/completions",
+                data=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status
+
+        workers = [p for p in child_pids(up) if "breakwater.cli worker " in _cmdline(p)]
+        assert len(workers) == 2 and all(ok(m) for m in metrics)
+        os.kill(workers[0], signal.SIGKILL)
+        assert [chat() for _ in range(6)] == [200] * 6  # the other worker serves meanwhile
+        wait_for(lambda: all(ok(m) for m in metrics), timeout=120)  # back, on its ports
+        assert up.alive()
+        assert any("restarting it" in x for x in up.log_text().splitlines())
+        interrupt_and_reap(up, child_pids(up))
+    finally:
+        up.kill()
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
