@@ -94,6 +94,15 @@ class GatewayRoutes(OpenAIRoutes):
         self.shadows: Shadows | None = None
         """Shadow traffic an operator set up (admin API): mirrors of sampled requests."""
 
+    def _authenticate(self, request: web.Request) -> None:
+        # admission identifies the caller again with the body's estimate: a dict look-up
+        # and one HMAC, where inflating and parsing a hostile body cost milliseconds
+        try:
+            self.admission.tenants.identify(request.headers.get("Authorization"))
+        except OpenAIError:
+            self.admission.counts["unauthorized"] += 1
+            raise
+
     def _prompt_estimate(self, parsed: ParsedRequest | None) -> int | None:
         return estimate_prompt_tokens(parsed.request) if parsed is not None else None
 

@@ -159,6 +159,11 @@ def _fuzz(base: str) -> Figures:
 
     def run_case(case: Any, mode: GenerationMode) -> None:
         figures.inputs += 1
+        # An extra header the generator happens to name `Expect` asks the server for an
+        # expectation it refuses with 417 before reading the request (RFC 9110; tested in
+        # test_fast_http), which no check here knows as a refusal: not the document's API.
+        for name in [k for k in case.headers or {} if k.lower() == "expect"]:
+            del case.headers[name]
         what = f"{case.operation.label} ({mode.value}) body={case.body!r:.300} {case.headers}"
         try:
             response = case.call(session=session, timeout=CALL_TIMEOUT_S)
