@@ -200,6 +200,7 @@ class Gateway:
         routes.process.update(index=settings.process_index, processes=settings.processes)
         routes.share = self.share
         routes.session_header = settings.session_header
+        routes.allowed_origins = frozenset(settings.allowed_origins)
         routes.body_timeout_s = settings.client_body_timeout_s or None
         routes.send_watch.timeout_s = settings.send_timeout_s
         if self.cache_watcher is not None:

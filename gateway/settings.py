@@ -84,6 +84,8 @@ class GatewaySettings:
     health_interval_s: float = 1.0
     admission_config: str | None = None
     """TOML (or JSON) file with tenants, API key digests and quotas."""
+    allowed_origins: tuple[str, ...] = ()
+    """Origins whose browser scripts may call the public API (CORS); "*": any."""
     state_dir: str | None = None
     """Without Redis: where admin changes are kept, to survive a restart (None: the run's
     temporary directory, gone when the gateway stops)."""
@@ -313,6 +315,13 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
         help="tenants, API key digests and quotas (TOML or JSON)",
     )
     p.add_argument(
+        "--allowed-origins",
+        default="",
+        metavar="ORIGINS",
+        help="comma-separated origins (https://app.example.com) whose browser scripts may "
+        "call the API (CORS), or * for any; default: none",
+    )
+    p.add_argument(
         "--state-dir",
         default=None,
         metavar="DIR",
@@ -475,6 +484,7 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         health_interval_s=args.health_interval,
         admission_config=args.admission_config,
         state_dir=args.state_dir,
+        allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
         require_api_keys=args.require_api_keys,
         max_in_flight=args.max_in_flight,
         max_queue=args.max_queue,

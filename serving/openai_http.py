@@ -339,7 +339,14 @@ class Finished:
     """The id of the API key it came with, where the gateway knows it (never the key)."""
 
 
+CORS_EXPOSED = "X-Request-Id, Retry-After, retry-after-ms, x-should-retry"
+"""Response headers a browser's script may read (an OpenAI SDK reads all four)."""
+
+
 class OpenAIRoutes:
+    allowed_origins: frozenset[str] = frozenset()
+    """Origins whose browser scripts may call these routes (CORS; "*": any). Empty: none,
+    no CORS headers at all."""
     usage_comments = False
     """End a stream with its usage as an SSE comment when the caller asks (a worker's
     port, for the gateway that relays it: serving/usage_comment.py)."""
@@ -388,7 +395,42 @@ class OpenAIRoutes:
             raise OpenAIError(400, f"{TIMEOUT_HEADER} must be positive")
         return min(ms / 1000.0, self.max_timeout_s)
 
+    def cors(self, request: web.Request) -> dict[str, str]:
+        """The CORS headers for this request's answer: none unless its Origin is allowed
+        (`--allowed-origins`). Browser apps (the OpenAI JS SDK, chat UIs) could not call
+        the gateway at all; vLLM allows every origin by default, this only on request."""
+        if not self.allowed_origins:
+            return {}
+        origin = request.headers.get("Origin")
+        if not origin or ("*" not in self.allowed_origins and origin not in self.allowed_origins):
+            return {}
+        return {
+            "Access-Control-Allow-Origin": "*" if "*" in self.allowed_origins else origin,
+            "Access-Control-Expose-Headers": CORS_EXPOSED,
+            "Vary": "Origin",
+        }
+
+    async def preflight(self, request: web.Request) -> web.Response:
+        """A browser's CORS preflight (OPTIONS): which methods and headers it may send."""
+        allowed = self.cors(request)
+        if not allowed:
+            return error_response(OpenAIError(403, "this origin may not call the API"))
+        asked = request.headers.get("Access-Control-Request-Headers", "")
+        allowed |= {
+            "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+            "Access-Control-Allow-Headers": asked[:1024] or "Authorization, Content-Type",
+            "Access-Control-Max-Age": "600",
+        }
+        return web.Response(status=204, headers=allowed)
+
+    async def _cors_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
+        if request.method != "OPTIONS":  # every answer aiohttp sends, streams included
+            response.headers.update(self.cors(request))
+
     def add_to(self, app: web.Application) -> None:
+        if self.allowed_origins:
+            app.on_response_prepare.append(self._cors_prepare)
+            app.router.add_route("OPTIONS", "/v1/{path:.*}", self.preflight)
         app.router.add_post("/v1/completions", self.completions, expect_handler=expect_continue)
         app.router.add_post("/v1/chat/completions", self.chat, expect_handler=expect_continue)
         app.router.add_get("/v1/models", self.list_models)
@@ -504,7 +546,9 @@ class OpenAIRoutes:
         except OpenAIError as e:
             status, error_type, refused = e.status, e.type, e
             self._judge_retry(e)
-            return error_response(e, request_id)
+            answer = error_response(e, request_id)
+            answer.headers.update(self.cors(request))
+            return answer
         except asyncio.CancelledError:  # the client disconnected (handler cancellation)
             # A stream the send watch closed is cancelled here too, after its first output.
             when = "mid-stream" if stream and info.first_output_at else "before the response"
@@ -568,7 +612,7 @@ class OpenAIRoutes:
         """Answer from deltas: OpenAI JSON built here, streamed or whole."""
         request_id = parsed.request.request_id
         builder = ResponseBuilder(parsed, request_id, parsed.request.model)
-        headers = call_headers(request_id, info)
+        headers = call_headers(request_id, info) | self.cors(request)
         if parsed.stream:
             return await self._stream(request, stream, first, builder, headers, info)
         return await self._whole(stream, first, builder, headers, info)

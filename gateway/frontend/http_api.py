@@ -263,7 +263,7 @@ class GatewayRoutes(OpenAIRoutes):
             assert isinstance(call.first, pb.GenerateResponse)
             deltas = _Deltas(call) if mirror is None else _MirroredDeltas(call, mirror)
             return await self._respond(request, parsed, deltas, call.first, info)
-        headers = call_headers(parsed.request.request_id, info)
+        headers = call_headers(parsed.request.request_id, info) | self.cors(request)
         if not parsed.stream:
             await call.close()
             assert isinstance(call.first, bytes)
