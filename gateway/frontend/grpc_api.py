@@ -118,6 +118,10 @@ class GatewayInference(pb_grpc.InferenceServicer):
         stream: AsyncGenerator[pb.GenerateResponse, None] | None = None
         try:
             check_generate(request, self.limits)
+            if self.admission is not None:
+                # the key first, as over HTTP: a caller without one must not learn from a
+                # NOT_FOUND which model names exist
+                self._authenticate(metadata)
             if request.model and not self.dispatcher.has_model(request.model):
                 # before admission, as HTTP's 404: an unknown model was charged to the
                 # tenant's quota, and its refusals (429) labelled metrics with any name
@@ -219,6 +223,15 @@ class GatewayInference(pb_grpc.InferenceServicer):
         return self.tracer.start_span(
             f"{op} {request.model}", context=parent, kind=SpanKind.SERVER, attributes=attributes
         )
+
+    def _authenticate(self, metadata: Any) -> None:
+        assert self.admission is not None
+        auth = dict(metadata).get("authorization")
+        try:
+            self.admission.tenants.identify(str(auth) if auth else None)
+        except OpenAIError:
+            self.admission.counts["unauthorized"] += 1
+            raise
 
     async def _admit(
         self, request: pb.GenerateRequest, metadata: Any, deadline: float

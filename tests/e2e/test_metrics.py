@@ -214,12 +214,16 @@ def test_grpc_requests_show_in_metrics_and_the_request_log(tmp_path: Path) -> No
                 list(stub.Generate(req, timeout=60))  # no key: refused by admission
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
             # an unknown model is NOT_FOUND before admission (it was admitted, charged,
-            # and refused ones were labelled with whatever name the caller sent)
+            # and refused ones were labelled with whatever name the caller sent), once the
+            # key is checked: a caller without one learns no model names
             for name in ("made-up-1", "made-up-2"):
                 unknown = pb.GenerateRequest(model=name, text="x")
                 with pytest.raises(grpc.RpcError) as missing:
-                    list(stub.Generate(unknown, timeout=60))  # no key either
+                    list(stub.Generate(unknown, metadata=auth, timeout=60))
                 assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+            with pytest.raises(grpc.RpcError) as keyless:
+                list(stub.Generate(pb.GenerateRequest(model="made-up-3", text="x"), timeout=60))
+            assert keyless.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
         fams = wait_counted(gw, "401", 1)
 
@@ -238,14 +242,14 @@ def test_grpc_requests_show_in_metrics_and_the_request_log(tmp_path: Path) -> No
         assert value(fams, "breakwater_tokens_total", model="sim", kind="completion") == 3
         assert value(fams, "breakwater_tokens_total", model="sim", kind="prompt") > 0
 
-        records = wait_for(lambda: log_records(gw) if len(log_records(gw)) == 4 else [], 30)
+        records = wait_for(lambda: log_records(gw) if len(log_records(gw)) == 5 else [], 30)
         ok = next(r for r in records if r["status"] == 200)
         assert ok["request_id"] == "grpc-metrics-1" and ok["tenant"] == "alice"
         assert ok["model"] == "sim" and ok["replica"] == worker.ready["grpc"]
         assert ok["attempts"] == 1 and ok["stream"] is True
         assert ok["completion_tokens"] == 3 and ok["prompt_tokens"] > 0
         assert ok["ttft_ms"] is not None and ok["latency_ms"] >= ok["ttft_ms"]
-        no = next(r for r in records if r["status"] == 401)
+        no = next(r for r in records if r["status"] == 401 and r["model"] == "sim")
         assert no["status"] == 401 and no["tenant"] is None and no["attempts"] == 0
         assert "count me over grpc" not in gw.log_text()
 
