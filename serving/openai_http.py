@@ -179,6 +179,16 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
     return None
 
 
+def model_not_found(model: str) -> OpenAIError:
+    return OpenAIError(
+        404,
+        f"The model `{model[:256]}` does not exist.",
+        "invalid_request_error",
+        "model",
+        "model_not_found",
+    )
+
+
 def from_upstream(e: UpstreamError) -> OpenAIError:
     if e.code == INVALID_ARGUMENT:
         return OpenAIError(400, e.message, "invalid_request_error", e.param)
@@ -458,7 +468,15 @@ class OpenAIRoutes:
             {"ready": ok, "models": models, "not_ready": not_ready}, status=200 if ok else 503
         )
 
+    def _check_key(self, request: web.Request) -> None:
+        """Raise OpenAIError (401) for a caller without a valid key (the gateway's
+        override; a worker's port takes none)."""
+
     async def list_models(self, request: web.Request) -> web.Response:
+        try:
+            self._check_key(request)  # as OpenAI's: wherever completions need a key
+        except OpenAIError as e:
+            return error_response(e)
         now = int(time.time())
         return json_response(
             {
@@ -474,16 +492,12 @@ class OpenAIRoutes:
         """OpenAI's `GET /v1/models/{model}` (`client.models.retrieve`), which clients ask
         to check a model exists: it was a 404 for a model served."""
         model = request.match_info["model"]
-        if model not in self.backend.models():
-            return error_response(
-                OpenAIError(
-                    404,
-                    f"The model `{model[:256]}` does not exist.",
-                    "invalid_request_error",
-                    "model",
-                    "model_not_found",
-                )
-            )
+        try:
+            self._check_key(request)
+            if model not in self.backend.models():
+                raise model_not_found(model)
+        except OpenAIError as e:
+            return error_response(e)
         return json_response(
             {"id": model, "object": "model", "created": int(time.time()), "owned_by": "breakwater"}
         )
@@ -530,13 +544,7 @@ class OpenAIRoutes:
                 parsed.request.prompt_ids.CopyFrom(parse_body_field(body[BODY_FIELD]))
             model, stream = parsed.request.model, parsed.stream
             if not self.backend.has_model(model):
-                raise OpenAIError(
-                    404,
-                    f"The model `{model}` does not exist.",
-                    "invalid_request_error",
-                    "model",
-                    "model_not_found",
-                )
+                raise model_not_found(model)
             deadline = started + self._timeout(request)
             if self.admit is not None:
                 ticket = await self.admit(request, body, parsed, deadline)

@@ -36,7 +36,6 @@ from serving.heap import heap_view
 from serving.openai_http import (
     OpenAIRoutes,
     call_headers,
-    error_response,
     from_upstream,
     json_response,
     stream_response,
@@ -94,11 +93,14 @@ class GatewayRoutes(OpenAIRoutes):
         self.shadows: Shadows | None = None
         """Shadow traffic an operator set up (admin API): mirrors of sampled requests."""
 
+    def _check_key(self, request: web.Request) -> None:
+        self.admission.tenants.identify(request.headers.get("Authorization"))
+
     def _authenticate(self, request: web.Request) -> None:
         # admission identifies the caller again with the body's estimate: a dict look-up
         # and one HMAC, where inflating and parsing a hostile body cost milliseconds
         try:
-            self.admission.tenants.identify(request.headers.get("Authorization"))
+            self._check_key(request)
         except OpenAIError:
             self.admission.counts["unauthorized"] += 1
             raise
@@ -110,22 +112,6 @@ class GatewayRoutes(OpenAIRoutes):
         """Failures after admission (no replica could answer) are retryable too: the same
         door budget decides whether the client hears `x-should-retry: true`."""
         self.admission.judge_retry(e)
-
-    async def list_models(self, request: web.Request) -> web.StreamResponse:
-        """As OpenAI's: a key is needed wherever one is for completions (it answered
-        anyone, naming the models to a caller without a key)."""
-        try:
-            self.admission.tenants.identify(request.headers.get("Authorization"))
-        except OpenAIError as e:
-            return error_response(e)
-        return await super().list_models(request)
-
-    async def retrieve_model(self, request: web.Request) -> web.StreamResponse:
-        try:
-            self.admission.tenants.identify(request.headers.get("Authorization"))
-        except OpenAIError as e:
-            return error_response(e)
-        return await super().retrieve_model(request)
 
     async def healthz(self, request: web.Request) -> web.Response:
         # Which of the gateway's processes answered (one port, several processes), its
