@@ -58,5 +58,8 @@ class CallInfo:
     """Deltas (or SSE events, when relayed) sent to the client: completion tokens, roughly."""
     usage: tuple[int, int, int] | None = None
     """(prompt, completion, cached) tokens, when the upstream reported them."""
+    stream_error: tuple[int, str] | None = None
+    """(status, type) of the error a stream ended with after its 200 went out: the log and
+    metrics count it as that failure, as the gRPC front end does; the wire keeps its 200."""
     concurrency: int = 1
     """Calls in flight on the chosen replica when this one started (cost attribution)."""

@@ -208,6 +208,22 @@ def from_upstream(e: UpstreamError) -> OpenAIError:
     return OpenAIError(502, e.message, "upstream_error", None, e.code.lower())
 
 
+def _stream_error(err: OpenAIError, info: CallInfo) -> bytes:
+    """The error event a stream ends with, noted for the log and metrics."""
+    info.stream_error = (err.status, err.type)
+    return sse(err.body())
+
+
+STATUS_OF_TYPE = {
+    "invalid_request_error": 400,
+    "server_error": 500,
+    "upstream_error": 502,
+    "service_unavailable": 503,
+    "timeout": 504,
+}
+"""The status an error event's type stands for, where a relayed stream carried one."""
+
+
 def too_large(limit: int) -> OpenAIError:
     return OpenAIError(
         413,
@@ -550,6 +566,8 @@ class OpenAIRoutes:
                 ticket = await self.admit(request, body, parsed, deadline)
             response = await self._dispatch(request, parsed, raw, deadline, info)
             status = response.status
+            if info.stream_error is not None:  # cut after its head: a failure all the same
+                status, error_type = info.stream_error
             return response
         except OpenAIError as e:
             status, error_type, refused = e.status, e.type, e
@@ -708,7 +726,7 @@ class OpenAIRoutes:
             while True:
                 if resp.finish_reason == pb.FINISH_REASON_ERROR:
                     err = OpenAIError(500, resp.error or "generation failed", "server_error")
-                    return sse(err.body())
+                    return _stream_error(err, info)
                 data = b"".join([sse(chunk) for chunk in builder.chunks(resp)])
                 info.output_chunks += len(resp.token_ids)
                 if resp.finish_reason:  # the last delta carries the usage (chunks() reads
@@ -720,9 +738,9 @@ class OpenAIRoutes:
                 sending.writes += 1
                 resp = await anext(stream)
         except UpstreamError as e:
-            return sse(from_upstream(e).body())
+            return _stream_error(from_upstream(e), info)
         except StopAsyncIteration:
-            return sse(OpenAIError(502, "upstream ended early", "upstream_error").body())
+            return _stream_error(OpenAIError(502, "upstream ended early", "upstream_error"), info)
 
     def _client_left(self, request_id: str, when: str) -> None:
         self.client_disconnects += 1

@@ -34,6 +34,7 @@ from proto.openai_compat import OpenAIError, ParsedRequest, session_key, sse
 from serving.calls import CallInfo, UpstreamError
 from serving.heap import heap_view
 from serving.openai_http import (
+    STATUS_OF_TYPE,
     OpenAIRoutes,
     call_headers,
     from_upstream,
@@ -45,6 +46,8 @@ from serving.usage_comment import UsageReader
 
 _PATHS = {"completion": b"/v1/completions", "chat": b"/v1/chat/completions"}
 _DONE = sse("[DONE]")
+_ERROR_EVENT = b'data: {"error"'
+"""A worker's error event in a relayed stream (a JSON string cannot hold the bare quote)."""
 
 
 class HTTPAdmission:
@@ -281,6 +284,8 @@ class GatewayRoutes(OpenAIRoutes):
                 while data is not None:
                     assert isinstance(data, bytes)
                     data = usage.feed(data)
+                    if _ERROR_EVENT in data:
+                        _note_error_event(data, info)
                     if call.finished:
                         data += usage.flush()
                     info.output_chunks += data.count(b"data: ")
@@ -305,9 +310,9 @@ class GatewayRoutes(OpenAIRoutes):
                     last, held = _last_event(held) + usage.flush(), b""
                     tail = (tail + last)[-32:]
                 if b"[DONE]" not in tail:
-                    last += _ended_early(tail)
+                    last += _ended_early(tail, info)
             except UpstreamError as e:
-                last = _ended_early(tail, from_upstream(e))
+                last = _ended_early(tail, info, from_upstream(e))
                 if mirror is not None:
                     mirror.raw.clear()  # a broken answer is not one to compare
             finally:
@@ -366,11 +371,23 @@ def _last_event(rest: bytes) -> bytes:
     return rest.rstrip() + b"\n\n" if rest.strip() == b"data: [DONE]" else b""
 
 
-def _ended_early(tail: bytes, err: OpenAIError | None = None) -> bytes:
+def _ended_early(tail: bytes, info: CallInfo, err: OpenAIError | None = None) -> bytes:
     """An error event and [DONE] after a relayed stream that broke or ended without [DONE]."""
     err = err or OpenAIError(502, "upstream ended early", "upstream_error")
+    info.stream_error = (err.status, err.type)
     sep = b"" if not tail or tail.endswith(b"\n\n") else b"\n\n"
     return sep + sse(err.body()) + _DONE
+
+
+def _note_error_event(data: bytes, info: CallInfo) -> None:
+    """The stream failed, though its 200 went out: the log and metrics say how."""
+    at = data.find(_ERROR_EVENT) + len(b"data: ")
+    end = data.find(b"\n", at)
+    try:
+        kind = orjson.loads(data[at : end if end >= 0 else None])["error"]["type"]
+        info.stream_error = (STATUS_OF_TYPE.get(kind, 502), str(kind))
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        info.stream_error = (502, "upstream_error")
 
 
 class _Deltas:

@@ -4,13 +4,16 @@ the caller's request id), and it answers gRPC health checks as /readyz does."""
 
 from __future__ import annotations
 
+import json
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from loadtest.fleet import admin_json
 from proto import inference_pb2 as pb
 from proto import inference_pb2_grpc as pb_grpc
 from tests.procs import metric_total, start_gateway, start_sim_worker, wait_for
@@ -123,3 +126,64 @@ def test_a_replicas_cancel_is_its_failure_and_refusals_follow_the_retry_budget()
         gw.stop()
         cutting.stop()
         full.stop()
+
+
+def _cut_by_its_deadline(url: str) -> int:
+    """A stream with a deadline shorter than its answer: the status it arrived with."""
+    body = {"model": "sim", "prompt": "x", "max_tokens": 900, "ignore_eos": True, "stream": True}
+    req = urllib.request.Request(
+        url + "/v1/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "X-Request-Timeout-Ms": "1500"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            raw = r.read().decode()
+    except urllib.error.HTTPError as e:  # cut before its first token, on a loaded machine
+        return e.code
+    assert '"deadline_exceeded"' in raw and raw.endswith("data: [DONE]\n\n"), raw[-300:]
+    return 200
+
+
+@pytest.mark.parametrize("relay", [True, False], ids=["relayed", "over-grpc"])
+def test_a_stream_cut_by_its_deadline_is_counted_as_a_timeout_on_both_doors(relay: bool) -> None:
+    """A 200 whose stream then ended in a deadline error was logged and counted as a
+    success; a gRPC caller's own deadline, about half the time, as the caller leaving (499)."""
+    worker = start_sim_worker("--http-port", "0", "--sim-speed", "0.001")
+    flags = () if relay else ("--no-relay-to-workers",)
+    gw = start_gateway("--worker", worker.ready["grpc"], "--grpc-port", "0", *flags)
+    try:
+
+        def listed() -> bool:
+            workers = admin_json(gw, "/admin/workers")["workers"]
+            return bool(workers) and (not relay or bool(workers[0].get("openai_url")))
+
+        wait_for(listed, timeout=30)
+        with ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(_cut_by_its_deadline, [gw.ready["http"]] * 3))
+            assert set(statuses) <= {200, 504}, statuses
+
+            def generate(i: int) -> grpc.StatusCode:
+                sampling = pb.SamplingParams(max_tokens=900, ignore_eos=True)
+                req = pb.GenerateRequest(model="sim", text=f"deadline {i}", sampling=sampling)
+                with grpc.insecure_channel(gw.ready["grpc"]) as ch:
+                    try:
+                        for _ in pb_grpc.InferenceStub(ch).Generate(req, timeout=1.0):
+                            pass
+                    except grpc.RpcError as e:
+                        return e.code()
+                return grpc.StatusCode.OK
+
+            codes = list(pool.map(generate, range(8)))
+        assert set(codes) == {grpc.StatusCode.DEADLINE_EXCEEDED}, codes
+
+        def timeouts() -> float:
+            return metric_total(gw, "breakwater_requests_total", 'status="504"')
+
+        assert wait_for(lambda: timeouts() == 11, timeout=60), timeouts()
+        for status in ("200", "499"):
+            assert metric_total(gw, "breakwater_requests_total", f'status="{status}"') == 0
+        assert _unlabelled(gw.ready["http"], "breakwater_client_disconnects_total") == 0
+    finally:
+        gw.stop()
+        worker.stop()
