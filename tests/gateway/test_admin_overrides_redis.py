@@ -32,7 +32,9 @@ async def holds(cond: object, what: str, seconds: float = HOLD) -> None:
 
 
 async def stored(url: str) -> dict[str, str]:
-    client = aioredis.Redis.from_url(url, decode_responses=True)
+    client = aioredis.Redis.from_url(
+        url, decode_responses=True, socket_timeout=10, socket_connect_timeout=10
+    )
     try:
         return await client.hgetall("breakwater:admin:overrides")
     finally:

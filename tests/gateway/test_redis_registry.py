@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import statistics
 import time
 
 import pytest
@@ -189,7 +190,8 @@ def test_redis_outage_keeps_view_and_recovers(
     caplog.set_level(logging.INFO, logger=LOGGER)
 
     async def main() -> None:
-        registry = RedisRegistry(redis_server.url, poll_interval=0.1, recovery_grace=3.0)
+        # a grace long enough for a loaded machine's restart, heartbeat and poll to fit in
+        registry = RedisRegistry(redis_server.url, poll_interval=0.1, recovery_grace=10.0)
         publisher = RedisPublisher(redis_server.url, ttl=60.0)  # only w2 should go
         await registry.start()
         try:
@@ -202,22 +204,23 @@ def test_redis_outage_keeps_view_and_recovers(
             assert ids(registry) == {"w1", "w2"}  # the last known view, not an empty pool
 
             # workers() does no I/O: fast even while refreshes are failing in the background.
-            slowest = 0.0
+            took = []
             for _ in range(200):
                 t = time.perf_counter()
                 assert len(registry.workers()) == 2
-                slowest = max(slowest, time.perf_counter() - t)
+                took.append(time.perf_counter() - t)
                 await asyncio.sleep(0)
-            assert slowest < 0.05
+            # one descheduling of a loaded machine may land in one call; I/O would be in all
+            assert statistics.median(took) < 0.005 and max(took) < 0.2
 
             # A worker's heartbeat neither raises nor hangs while Redis is down.
             for n in range(3):
                 t = time.monotonic()
                 await publisher.publish(worker("w1", queue_depth=10 + n))
-                assert time.monotonic() - t < 1.5
+                assert time.monotonic() - t < 5.0  # a bounded try, not a hang
             t = time.monotonic()
             await publisher.withdraw("w3")
-            assert time.monotonic() - t < 1.5
+            assert time.monotonic() - t < 5.0
             assert ids(registry) == {"w1", "w2"}
 
             # One warning per component for the whole outage, not one per failed poll.
@@ -233,7 +236,7 @@ def test_redis_outage_keeps_view_and_recovers(
             # w2 did not heartbeat after the restart: kept for the recovery grace (a restarted
             # Redis is empty until the fleet heartbeats again), then dropped like any expiry.
             assert "w2" in ids(registry)
-            await wait_for(lambda: "w2" not in ids(registry), "w2 to leave after the grace")
+            await wait_for(lambda: "w2" not in ids(registry), "w2 to leave after the grace", 30)
             assert ids(registry) == {"w1"}
 
             recovered = [r for r in caplog.records if "reachable again" in r.getMessage()]
@@ -343,16 +346,16 @@ def test_hung_redis_fails_fast(redis_server: RedisServer) -> None:
             for n in range(3):
                 t = time.monotonic()
                 await publisher.publish(worker("w1", queue_depth=10 + n))
-                assert time.monotonic() - t < 2.0  # 0.25 s socket timeout, 1 s at most
+                assert time.monotonic() - t < 5.0  # 0.25 s socket timeout, 1 s at most
             await wait_for(lambda: registry.consecutive_failures >= 2, "failed polls")
             assert ids(registry) == {"w1"}
-            slowest = 0.0
+            took = []
             for _ in range(100):  # any I/O here would block for the 0.25 s socket timeout
                 t = time.perf_counter()
                 assert len(registry.workers()) == 1
-                slowest = max(slowest, time.perf_counter() - t)
+                took.append(time.perf_counter() - t)
                 await asyncio.sleep(0)
-            assert slowest < 0.05
+            assert statistics.median(took) < 0.005 and max(took) < 0.2
 
             redis_server.resume()
             await publisher.publish(worker("w1", queue_depth=5))

@@ -388,7 +388,17 @@ def test_cli_prints_table_then_one_json_object(server: RunningServer) -> None:
 
 
 def test_measure_limit_runs_levels(server: RunningServer) -> None:
-    res = asyncio.run(measure_limit(server.url, rates=(20, 40), step_s=0.4, chunks=4))
-    assert [lv["offered_rps"] for lv in res["levels"]][:2] == [20, 40]
-    assert all(lv["sent"] > 0 for lv in res["levels"])
-    assert res["limit_requests_per_s"] >= 0
+    # Criteria no loaded CI machine can miss: the climb itself is under test, not its speed.
+    lenient = {"max_lateness_p99_ms": 1e9, "max_e2e_p99_ms": 1e9}
+    res = asyncio.run(measure_limit(server.url, rates=(20, 40), step_s=0.4, chunks=4, **lenient))
+    assert [lv["offered_rps"] for lv in res["levels"]] == [20, 40]
+    assert all(lv["sent"] > 0 and lv["passed"] for lv in res["levels"])
+    assert res["limit_requests_per_s"] > 0
+
+
+def test_measure_limit_stops_at_the_first_level_that_fails(server: RunningServer) -> None:
+    res = asyncio.run(
+        measure_limit(server.url, rates=(20, 40), step_s=0.4, chunks=4, max_lateness_p99_ms=-1)
+    )
+    assert [lv["offered_rps"] for lv in res["levels"]] == [20]
+    assert not res["levels"][0]["passed"] and res["limit_requests_per_s"] == 0.0
