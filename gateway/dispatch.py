@@ -222,9 +222,11 @@ class Call:
             if self._resp.complete and self._attempt.outcome is None:
                 self._attempt.outcome = True
             self._resp.release()
-        if self._deltas is not None:
-            await self._deltas.aclose()
-        self._attempt.end()
+        try:
+            if self._deltas is not None:
+                await self._deltas.aclose()
+        finally:  # a second cancel during aclose must not keep the replica's count up
+            self._attempt.end()
 
 
 class _Attempt:

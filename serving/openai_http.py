@@ -689,8 +689,10 @@ class OpenAIRoutes:
         )
         sending = self.send_watch.start(request, headers["X-Request-Id"])
         try:
-            await out.prepare(request)  # the headers leave with the first event
             try:
+                # the headers leave with the first event; inside, so the upstream call is
+                # closed whatever preparing raises
+                await out.prepare(request)
                 last = await self._pump(out, stream, first, builder, info, sending)
                 end = sse("[DONE]")
                 if self.usage_comments and info.usage and request.headers.get(USAGE_HEADER):

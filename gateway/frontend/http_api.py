@@ -276,11 +276,13 @@ class GatewayRoutes(OpenAIRoutes):
         )
         sending = self.send_watch.start(request, headers["X-Request-Id"])
         try:
-            await out.prepare(request)  # headers go out with the first bytes
             data: bytes | pb.GenerateResponse | None = call.first
             tail = last = held = b""
             usage = UsageReader()  # the worker's comment, at the end (serving/usage_comment)
             try:
+                # headers go out with the first bytes; inside, so the call is closed
+                # whatever preparing raises
+                await out.prepare(request)
                 while data is not None:
                     assert isinstance(data, bytes)
                     data = usage.feed(data)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 
@@ -282,5 +283,47 @@ def test_a_call_past_its_deadline_spends_no_retry() -> None:
                     pass
         assert d.retry_budget.retries_in_window == 0
         assert d.counters["retry_budget_exhausted"] == 0
+
+    asyncio.run(main())
+
+
+def test_a_second_cancel_while_a_call_closes_still_ends_its_attempt() -> None:
+    """close() awaited the upstream's cleanup before ending the attempt: a cancel landing
+    in that await (a gateway shutting down, a client leaving twice) left the replica one
+    call busier for good, and its half-open probe slot taken."""
+    pool = [WorkerInfo("a", "a", models=["m"], state=WorkerState.SERVING)]
+    cleaning = asyncio.Event()
+
+    class Fixed:
+        def workers(self) -> list[WorkerInfo]:
+            return pool
+
+    class SlowToClean:
+        worker_id = "a"
+
+        async def generate(self, request: pb.GenerateRequest, timeout: float | None):  # type: ignore[no-untyped-def]
+            try:
+                yield pb.GenerateResponse(token_ids=[1])
+                await asyncio.sleep(60)
+            finally:
+                cleaning.set()
+                await asyncio.sleep(60)  # a slow goodbye: cancelled below
+
+        async def probe(self, info: WorkerInfo) -> WorkerInfo:
+            return info
+
+        async def close(self) -> None:
+            pass
+
+    async def main() -> None:
+        d = Dispatcher(Fixed(), Router("round-robin"), lambda w: SlowToClean())  # type: ignore[arg-type, return-value]
+        call = await d.open(pb.GenerateRequest(model="m"), 30.0)
+        assert d.outstanding["a"] == 1
+        closing = asyncio.create_task(call.close())
+        await asyncio.wait_for(cleaning.wait(), 10)
+        closing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await closing
+        assert d.outstanding["a"] == 0
 
     asyncio.run(main())
