@@ -143,8 +143,13 @@ def worker_spec(text: str) -> str:
 
 
 def add_gateway_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default=_env("HOST", "127.0.0.1"))
-    p.add_argument("--port", type=port(), default=_env_default("PORT", "8080"))
+    p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="address the listeners bind")
+    p.add_argument(
+        "--port",
+        type=port(),
+        default=_env_default("PORT", "8080"),
+        help="HTTP port of the OpenAI API (0: any free port, printed when ready)",
+    )
     p.add_argument("--grpc-port", type=port(), default=None, help="also serve gRPC Generate")
     p.add_argument(
         "--worker",
@@ -288,7 +293,13 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
         default=600.0,
         help="default overall deadline per request, seconds",
     )
-    p.add_argument("--max-request-timeout", type=number(0.0, low_open=True), default=3600.0)
+    p.add_argument(
+        "--max-request-timeout",
+        type=number(0.0, low_open=True),
+        default=3600.0,
+        help="seconds: the most a client may ask for with X-Request-Timeout-Ms (or a gRPC "
+        "deadline); longer asks are cut to it",
+    )
     p.add_argument(
         "--ttft-timeout",
         type=number(0.0, low_open=True),
@@ -301,14 +312,25 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
         default=60.0,
         help="seconds allowed between tokens once streaming",
     )
-    p.add_argument("--max-attempts", type=integer(1), default=3)
+    p.add_argument(
+        "--max-attempts",
+        type=integer(1),
+        default=3,
+        help="replicas a request may try before its first token (retries are also bounded "
+        "by --retry-budget)",
+    )
     p.add_argument(
         "--retry-budget",
         type=number(0.0),
         default=0.2,
         help="retries may add at most this share of extra attempts",
     )
-    p.add_argument("--health-interval", type=number(0.0, low_open=True), default=1.0)
+    p.add_argument(
+        "--health-interval",
+        type=number(0.0, low_open=True),
+        default=1.0,
+        help="seconds between health and load probes of each --worker",
+    )
     p.add_argument(
         "--admission-config",
         default=_env("ADMISSION_CONFIG"),

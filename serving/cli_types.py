@@ -153,6 +153,30 @@ def _env_list(convert: Callable[[str], T] | None) -> Callable[[str], list[T] | T
     return parse
 
 
+class DefaultsHelp(argparse.HelpFormatter):
+    """--help shows each flag's default where its text does not say it already: operators
+    read the defaults there (drain timeout, ports, queue sizes), not in the code."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (
+            not action.option_strings
+            or any(action.default is nothing for nothing in (None, False, argparse.SUPPRESS))
+            or "default" in text
+        ):
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
+def env_help(prefix: str, also: str = "") -> str:
+    """The --help epilog that says how a flag is set from the environment."""
+    return (
+        f"Every flag can also be set from the environment as {prefix}<FLAG> (--max-queue: "
+        f"{prefix}MAX_QUEUE; booleans 1/0, repeatable flags comma-separated); the command "
+        f"line wins.{(' ' + also) if also else ''}"
+    )
+
+
 def env_defaults(parser: argparse.ArgumentParser, prefix: str) -> None:
     """Every long flag of `parser` without one already takes its default from
     `{prefix}{FLAG}` (`--max-queue` from `BREAKWATER_GATEWAY_MAX_QUEUE`), converted and
@@ -161,7 +185,12 @@ def env_defaults(parser: argparse.ArgumentParser, prefix: str) -> None:
     comma-separated list. Operators in containers set variables, not argument lists."""
     for action in parser._actions:
         longs = [o for o in action.option_strings if o.startswith("--")]
-        if not longs or action.dest == "help" or isinstance(action.default, EnvValue):
+        if (
+            not longs
+            or action.dest == "help"
+            or action.help == argparse.SUPPRESS  # internal (a gateway's --process-index)
+            or isinstance(action.default, EnvValue)
+        ):
             continue
         var = prefix + longs[0][2:].replace("-", "_").upper()
         value = os.environ.get(var)

@@ -84,10 +84,20 @@ class WorkerSettings:
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--engine", type=choice(ENGINES), choices=ENGINES, default=_env_default("ENGINE", "torch")
+        "--engine",
+        type=choice(ENGINES),
+        choices=ENGINES,
+        default=_env_default("ENGINE", "torch"),
+        help="torch: the built-in paged-KV engine; sim: a model-free simulator with a "
+        "real scheduler and KV accounting (load tests); vllm: vLLM, where installed",
     )
-    p.add_argument("--host", default=_env("HOST", "127.0.0.1"))
-    p.add_argument("--grpc-port", type=port(), default=_env_default("GRPC_PORT", "50051"))
+    p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="address the listeners bind")
+    p.add_argument(
+        "--grpc-port",
+        type=port(),
+        default=_env_default("GRPC_PORT", "50051"),
+        help="gRPC port (Generate, health, stats; 0: any free port, printed when ready)",
+    )
     p.add_argument(
         "--http-port",
         type=port(),
@@ -95,15 +105,30 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         help="also serve the OpenAI-compatible API on this port",
     )
     p.add_argument("--advertise", default=_env("ADVERTISE"), help="host:port gateways dial")
-    p.add_argument("--worker-id", default=_env("ID"))
-    p.add_argument("--redis-url", default=os.environ.get("BREAKWATER_REDIS_URL"))
+    p.add_argument(
+        "--worker-id",
+        default=_env("ID"),
+        help="this replica's name in the registry and metrics (default: HOSTNAME-PID)",
+    )
+    p.add_argument(
+        "--redis-url",
+        default=os.environ.get("BREAKWATER_REDIS_URL"),
+        help="register here (heartbeats with load and KV usage) for gateways to discover "
+        "(env BREAKWATER_REDIS_URL too)",
+    )
     p.add_argument(
         "--max-queue",
         type=integer(1),
         default=_env_default("MAX_QUEUE", "256"),
         help="requests allowed to wait in the engine (>= 1); beyond it, RESOURCE_EXHAUSTED",
     )
-    p.add_argument("--drain-timeout", type=number(0.0), default=30.0)
+    p.add_argument(
+        "--drain-timeout",
+        type=number(0.0),
+        default=30.0,
+        help="seconds a SIGTERM waits for requests in flight before ending them with an "
+        "error (keep the pod's grace period longer)",
+    )
     p.add_argument(
         "--fault-fail-rate",
         type=number(0.0, 1.0),
@@ -112,7 +137,7 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--fault-code",
-        choices=["UNAVAILABLE", "INTERNAL", "RESOURCE_EXHAUSTED", "CANCELLED"],
+        type=choice(["UNAVAILABLE", "INTERNAL", "RESOURCE_EXHAUSTED", "CANCELLED"]),
         default="UNAVAILABLE",
         help="chaos testing: the status of an injected failure (UNAVAILABLE: as if down; "
         "INTERNAL: a replica that is up but failing calls; RESOURCE_EXHAUSTED: as if its "
@@ -123,9 +148,23 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         default=os.environ.get("BREAKWATER_TRACE_EXPORTER", "none"),
         help="OpenTelemetry traces: none (default), console, otlp, or file:PATH (JSON lines)",
     )
-    p.add_argument("--sim-preset", default="llama3-8b-h100")
-    p.add_argument("--sim-speed", type=number(0.0, low_open=True), default=1.0)
-    p.add_argument("--sim-kv-tokens", type=integer(1), default=None)
+    p.add_argument(
+        "--sim-preset",
+        default="llama3-8b-h100",
+        help="sim engine: the model and GPU whose step times it simulates",
+    )
+    p.add_argument(
+        "--sim-speed",
+        type=number(0.0, low_open=True),
+        default=1.0,
+        help="sim engine: multiplies the preset's speed (0.5: steps take twice as long)",
+    )
+    p.add_argument(
+        "--sim-kv-tokens",
+        type=integer(1),
+        default=None,
+        help="sim engine: KV cache capacity in tokens (default: the preset's)",
+    )
     tls = p.add_argument_group("TLS")
     tls.add_argument(
         "--tls-cert",
@@ -196,11 +235,26 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="total memory the engine may use (weights + KV + activations)",
     )
-    g.add_argument("--max-model-len", type=integer(1), default=None)
-    g.add_argument("--max-num-batched-tokens", type=integer(1), default=2048)
-    g.add_argument("--max-num-seqs", type=integer(1), default=128)
-    g.add_argument("--block-size", type=integer(1), default=16)
-    g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument(
+        "--max-model-len",
+        type=integer(1),
+        default=None,
+        help="tokens a sequence may hold, prompt and output (default: the model's, capped "
+        "by the KV cache)",
+    )
+    g.add_argument(
+        "--max-num-batched-tokens",
+        type=integer(1),
+        default=2048,
+        help="tokens one step may compute (long prompts are prefilled in chunks of it)",
+    )
+    g.add_argument("--max-num-seqs", type=integer(1), default=128, help="sequences running at once")
+    g.add_argument("--block-size", type=integer(1), default=16, help="tokens per KV cache block")
+    g.add_argument(
+        "--no-prefix-caching",
+        action="store_true",
+        help="do not reuse the KV blocks of prompt prefixes seen before",
+    )
     g.add_argument(
         "--enforce-eager",
         action="store_true",
