@@ -55,7 +55,7 @@ from serving.logs import configure_logging
 from serving.openai_http import json_errors
 from serving.slow_clients import LISTEN_BACKLOG, ConnectionCap, fit_fd_limit
 from serving.tls import ClientTLS, TLSConfigError
-from serving.tracing import make_tracer
+from serving.tracing import exporter_problem, make_tracer
 
 log = logging.getLogger("breakwater.gateway")
 
@@ -588,6 +588,9 @@ def run_gateway(settings: GatewaySettings) -> int:
         settings.upstream_tls()
     except TLSConfigError as e:
         print(f"breakwater gateway: {e}", file=sys.stderr, flush=True)
+        return 2
+    if (problem := exporter_problem(settings.trace_exporter)) is not None:
+        print(f"breakwater gateway: {problem}", file=sys.stderr, flush=True)
         return 2
     own_dir = shared_dir.ensure()
     try:

@@ -65,7 +65,8 @@ def make_tracer(spec: str | None, service_name: str) -> Any | None:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         except ImportError as e:
             raise SystemExit(
-                "--trace-exporter otlp needs: pip install opentelemetry-exporter-otlp-proto-http"
+                "--trace-exporter otlp needs the otlp extra: pip install 'breakwater[otlp]' "
+                "(or opentelemetry-exporter-otlp-proto-http)"
             ) from e
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     elif spec.startswith("file:"):
@@ -90,10 +91,27 @@ def context_from(carrier: Mapping[str, str]) -> Any:
     )
 
 
+def exporter_problem(spec: str) -> str | None:
+    """What is wrong with a --trace-exporter value, checked before anything starts (an
+    unwritable file was a traceback in the log for every span of every request)."""
+    if spec in ("none", "console", "otlp"):
+        return None
+    if not spec.startswith("file:"):
+        return f"--trace-exporter {spec!r}: none, console, otlp or file:PATH"
+    try:
+        open(spec[5:], "a").close()
+    except OSError as e:
+        return f"--trace-exporter {spec}: {e.strerror or e}"
+    return None
+
+
 class JsonLinesExporter:
     """Each finished span as one JSON line, appended to a file."""
 
     def __init__(self, path: str) -> None:
+        problem = exporter_problem(f"file:{path}")
+        if problem is not None:
+            raise SystemExit(problem)
         self.path = path
         self._lock = threading.Lock()
 

@@ -198,6 +198,8 @@ def config_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (["--admission-config", "{dir}/broken.toml"], "broken.toml"),
         (["--admission-config", "{dir}/tenants5.json"], "tenants5.json"),
         (["--admission-config", "{dir}/limits.toml"], "--admission-config"),
+        # started, then a traceback in the log for every span of every request
+        (["--trace-exporter", "file:{dir}/no/such/dir/t.jsonl"], "--trace-exporter file:"),
     ],
 )
 def test_a_gateway_config_error_is_one_line(config_files: Path, args: list[str], says: str) -> None:

@@ -668,6 +668,8 @@ def test_dockerfiles(dockerfile: str) -> None:
     # from the wheel (package data) or copied in.
     assert (ROOT / "worker" / "engine" / "kernels" / "paged_decode.c").is_file()
     pyproject = (ROOT / "pyproject.toml").read_text()
+    # --trace-exporter otlp in the image: its exporter is an extra the image installs
+    assert re.search(r"^otlp = \[", pyproject, re.M) and re.search(r"\.\[[a-z,]*otlp", text)
     assert "paged_decode.c" in text or re.search(
         r'"worker\.engine\.kernels" = \[.*"\*\.c"', pyproject
     )

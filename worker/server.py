@@ -24,7 +24,7 @@ from serving.heap import settle
 from serving.logs import configure_logging
 from serving.registry_record import WorkerInfo, WorkerState, openai_url
 from serving.tls import TLSConfigError
-from serving.tracing import make_tracer
+from serving.tracing import exporter_problem, make_tracer
 from worker.cache_feed import CacheFeed
 from worker.engine_factory import build_engine
 from worker.grpc_service import NOT_SERVING, SERVICE_NAME, SERVING, InferenceService
@@ -234,6 +234,9 @@ def run_worker(settings: WorkerSettings) -> int:
         settings.server_tls()
     except TLSConfigError as e:
         print(f"breakwater worker: {e}", file=sys.stderr, flush=True)
+        return 2
+    if (problem := exporter_problem(settings.trace_exporter)) is not None:
+        print(f"breakwater worker: {problem}", file=sys.stderr, flush=True)
         return 2
     configure_logging()
     return asyncio.run(Worker(settings).run())
