@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2_grpc
 
 from gateway import shared_dir
 from gateway.admin.api import AdminAPI
-from gateway.admin.overrides import FileStore, Overrides, RedisStore
+from gateway.admin.overrides import FileStore, Overrides, RedisStore, state_dir_problem
 from gateway.admission.adaptive import AdaptiveConcurrency
 from gateway.admission.admission import Admission
 from gateway.admission.tenants import load_settings
@@ -589,7 +589,10 @@ def run_gateway(settings: GatewaySettings) -> int:
     except TLSConfigError as e:
         print(f"breakwater gateway: {e}", file=sys.stderr, flush=True)
         return 2
-    if (problem := exporter_problem(settings.trace_exporter)) is not None:
+    problem = exporter_problem(settings.trace_exporter)
+    if problem is None and settings.state_dir and not settings.redis_url:
+        problem = state_dir_problem(settings.state_dir)
+    if problem is not None:
         print(f"breakwater gateway: {problem}", file=sys.stderr, flush=True)
         return 2
     own_dir = shared_dir.ensure()

@@ -200,6 +200,8 @@ def config_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (["--admission-config", "{dir}/limits.toml"], "--admission-config"),
         # started, then a traceback in the log for every span of every request
         (["--trace-exporter", "file:{dir}/no/such/dir/t.jsonl"], "--trace-exporter file:"),
+        # started, then failed every admin change
+        (["--state-dir", "{dir}/broken.toml/state"], "--state-dir"),
     ],
 )
 def test_a_gateway_config_error_is_one_line(config_files: Path, args: list[str], says: str) -> None:

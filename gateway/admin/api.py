@@ -72,6 +72,14 @@ def _utf8(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
+def _not_saved(e: Exception) -> OpenAIError:
+    """The store failed (Redis unreachable, --state-dir unwritable): the server's failure,
+    retryable, not an error of the operator's request."""
+    return OpenAIError(
+        503, f"the change was not saved: {e}", "service_unavailable", None, "not_saved"
+    )
+
+
 def _who(request: web.Request) -> str:
     """The operator, for the audit log: their X-Operator header, else their address (bytes
     that are not UTF-8 replaced: a surrogate would make the answer and the audit log, once
@@ -247,7 +255,7 @@ class AdminAPI:
         try:
             entry = await self.overrides.act(action, worker_id, who)  # type: ignore[arg-type]
         except Exception as e:  # the shared store is unreachable: say so, change nothing
-            return error_response(OpenAIError(503, f"the change was not saved: {e}"))
+            return error_response(_not_saved(e))
         self._changed()
         return json_response({"ok": True, **entry, "state": self.overrides.states.get(worker_id)})
 
@@ -272,7 +280,7 @@ class AdminAPI:
         try:
             entry = await self.overrides.put(prefix, name, value, audit)
         except Exception as e:  # the shared store is unreachable: say so, change nothing
-            return error_response(OpenAIError(503, f"the change was not saved: {e}"))
+            return error_response(_not_saved(e))
         self._changed()
         return json_response({"ok": True, **entry, **extra})
 
@@ -566,7 +574,7 @@ class AdminAPI:
         try:
             entry = await self.overrides.set_split(model, weights, who)
         except Exception as e:
-            return error_response(OpenAIError(503, f"the change was not saved: {e}"))
+            return error_response(_not_saved(e))
         self._changed()
         return json_response({"ok": True, **entry})
 

@@ -44,6 +44,19 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
 
+def state_dir_problem(directory: str) -> str | None:
+    """What keeps --state-dir from holding the overrides, checked at start: an unwritable
+    one started fine, then failed every admin change."""
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        probe = Path(directory) / f".breakwater-probe-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        return f"--state-dir {directory}: {e.strerror or e}"
+    return None
+
+
 class FileStore:
     """Overrides in `<dir>/admin-overrides.json` (replaced atomically), audit in
     `<dir>/admin-audit.jsonl`; file work runs in a thread, off the event loop."""

@@ -231,3 +231,17 @@ def test_bodies_too_large_too_deep_or_not_json_are_json_errors(gateway: Proc) ->
     refused(raw_call(gateway, "POST", "/admin/splits"), 405)
     assert admin_json(gateway, "/admin/splits") == {}
     no_tracebacks(gateway)
+
+
+def test_a_change_the_store_cannot_save_is_the_servers_503() -> None:
+    """Redis unreachable: the change is refused as the server's failure (retry later), where
+    it was labelled an error of the operator's request (invalid_request_error)."""
+    worker = "127.0.0.1:1"  # listed, never reached: the admin API knows it all the same
+    gw = start_gateway("--worker", worker, "--redis-url", "redis://127.0.0.1:1/0")
+    try:
+        code, body = admin_call(gw, "POST", f"/admin/workers/{worker}/drain", {})
+        assert code == 503, body
+        assert body["error"]["type"] == "service_unavailable", body
+        assert body["error"]["code"] == "not_saved" and "not saved" in body["error"]["message"]
+    finally:
+        gw.stop()
