@@ -14,6 +14,7 @@ import ctypes
 import os
 import secrets
 import signal
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -410,5 +411,42 @@ def run_up(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
+    problem = _port_problem(args) or _redis_problem(args.redis_url)
+    if problem is not None:  # before any worker loads a model: minutes, with a real one
+        print(f"breakwater up: {problem}", file=sys.stderr)
+        return 1
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     return asyncio.run(_up(args))
+
+
+def _port_problem(args: argparse.Namespace) -> str | None:
+    """A gateway port some other process listens on; found only once every worker had
+    loaded, before."""
+    for flag, number in (("--port", args.port), ("--grpc-port", args.grpc_port)):
+        if not number:  # None or 0: any free port
+            continue
+        with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind
+            try:
+                s.bind((args.host, number))
+            except OSError as e:
+                return f"{flag} {number} on {args.host}: {e.strerror or e}"
+    return None
+
+
+def _redis_problem(url: str | None) -> str | None:
+    """A Redis that does not answer: the workers would register nowhere, and the gateway
+    would wait out --ready-timeout (300 s) for them, then say only that it was not ready."""
+    if not url:
+        return None
+    import redis
+
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        try:
+            client.ping()
+        finally:
+            client.close()
+    except (redis.RedisError, ValueError, OSError) as e:
+        return f"--redis-url {url}: Redis does not answer ({e})"
+    return None

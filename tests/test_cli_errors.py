@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -358,3 +360,23 @@ def test_an_internal_flag_is_not_set_from_the_environment(monkeypatch: pytest.Mo
     monkeypatch.setenv("BREAKWATER_GATEWAY_PROCESS_INDEX", "3")
     args = build_parser().parse_args(["gateway", *GATEWAY_BASE])
     assert args.process_index != 3 and args.process_index != "3"
+
+
+def test_up_refuses_a_busy_port_or_a_silent_redis_before_any_worker_starts() -> None:
+    """Both were found only after every worker had loaded its model (minutes, with a real
+    one); the Redis after --ready-timeout (300 s), as 'the gateway did not become ready'."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        for args, says in (
+            (["--port", str(taken)], f"breakwater up: --port {taken} on 127.0.0.1: "),
+            (["--port", "0", "--grpc-port", str(taken)], f"--grpc-port {taken}"),
+            (["--port", "0", "--redis-url", f"redis://127.0.0.1:{taken}/0"], "--redis-url"),
+        ):
+            started = time.monotonic()
+            r = run_cli("up", "--engine", "sim", *args)
+            assert r.returncode == 1, (r.returncode, r.stderr)
+            lines = r.stderr.strip().splitlines()
+            assert len(lines) == 1 and says in lines[0], r.stderr
+            assert "worker" not in r.stdout and time.monotonic() - started < 30
