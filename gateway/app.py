@@ -10,6 +10,7 @@ import signal
 import ssl
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
@@ -567,10 +568,14 @@ async def _serve(settings: GatewaySettings, own_dir: str | None) -> int:
         flush=True,
     )
     await stop.wait()
+    # operators watch a rollout in the log: a drain that starts and ends there
+    draining = time.monotonic()
+    log.info("draining: new connections refused, requests in flight get up to %g s", DRAIN_S)
     if siblings is not None:
         _, left = await asyncio.gather(siblings.stop(), gw.stop())
     else:
         left = await gw.stop()
+    log.info("drained in %.1f s", time.monotonic() - draining)
     if left:  # the loop's own cleanup would wait for them too: leave without it
         log.error("exiting with %s unfinished", ", ".join(left))
         shared_dir.remove(own_dir)

@@ -78,6 +78,8 @@ def test_sigterm_lets_http_and_grpc_streams_on_every_process_finish() -> None:
         assert len(results) == len(threads), results
         for name, (_n, done) in results.items():
             assert done, (name, results)
+        log = gw.log_text()  # a drain operators can follow in the log
+        assert "draining: new connections refused" in log and "drained in " in log, log[-2000:]
     finally:
         gw.stop()
         worker.stop()
