@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from gateway.registry.specs import check_address
-from serving.cli_types import choice, env_default, integer, number, port
+from serving.cli_types import choice, env_default, integer, model_pair, number, port
 
 if TYPE_CHECKING:  # grpc loads only when a gateway runs, not for `breakwater --help`
     from serving.tls import ClientTLS, ServerTLS
@@ -177,6 +177,7 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model-routing",
         action="append",
+        type=model_pair("POLICY", ROUTING_POLICIES),
         default=[],
         metavar="MODEL=POLICY",
         help="a routing policy for one model (repeatable); other models use --routing",
@@ -281,6 +282,7 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tokenizer",
         action="append",
+        type=model_pair("DIR", directory=True),
         default=[],
         dest="tokenizers",
         metavar="MODEL=DIR",

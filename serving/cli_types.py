@@ -118,6 +118,29 @@ def choice(options: Iterable[str]) -> Callable[[str], str]:
     return _typed("choice", convert)
 
 
+def model_pair(
+    what: str, values: Iterable[str] = (), directory: bool = False
+) -> Callable[[str], str]:
+    """MODEL=VALUE (the model's name may hold '='; the value, one of `values` where given,
+    may not), a directory that exists where `directory`: checked as the flag is parsed, so
+    an error names the flag or its variable, and a missing directory is no silent no-op."""
+    allowed = tuple(values)
+
+    def convert(text: str) -> str:
+        model, sep, value = text.rpartition("=") if allowed else text.partition("=")
+        if not sep or not model or not value:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected MODEL={what}")
+        if allowed and value not in allowed:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: {what} must be one of {', '.join(allowed)}"
+            )
+        if directory and not os.path.isdir(value):
+            raise argparse.ArgumentTypeError(f"{text!r}: no directory {value}")
+        return str(text)
+
+    return _typed("MODEL=" + what, convert)
+
+
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
 

@@ -99,6 +99,11 @@ BAD_FLAGS = [
     ("gateway", "--worker", "h:\u0663"),  # an Arabic-Indic 3: isdigit() and int() take it
     ("gateway", "--worker", "http://"),
     ("gateway", "--worker", "http://h:99999"),
+    # a bare message after parsing (no flag named for its variable); a missing tokenizer
+    # directory was silently no tokenizer
+    ("gateway", "--model-routing", "m=bogus"),
+    ("gateway", "--model-routing", "prefix-aware"),
+    ("gateway", "--tokenizer", "m=/no/such/tokenizer"),
     # the engine: a scheduler that admits nothing hangs; a zero block size divides by it
     ("worker", "--max-num-seqs", "0"),
     ("worker", "--max-num-seqs", "-1"),
@@ -145,6 +150,7 @@ BAD_ENV = [
     ("worker", "BREAKWATER_WORKER_NO_PREFIX_CACHING", "2", "--no-prefix-caching"),
     # argparse checks no `choices` against a default: a traceback after the model loaded
     ("worker", "BREAKWATER_WORKER_FAULT_CODE", "BOGUS", "--fault-code"),
+    ("gateway", "BREAKWATER_GATEWAY_MODEL_ROUTING", "m=round-robin,foo", "--model-routing"),
 ]
 
 
