@@ -223,6 +223,14 @@ def test_a_gateway_config_error_is_one_line(config_files: Path, args: list[str],
     assert "READY" not in r.stdout
 
 
+def test_a_worker_with_an_unreadable_redis_url_says_so_before_loading() -> None:
+    r = run_cli("worker", "--engine", "sim", "--grpc-port", "0", "--redis-url", "notaurl")
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("breakwater worker: --redis-url"), r.stderr
+    assert "READY" not in r.stdout
+
+
 def test_up_reports_a_gateway_config_error(tmp_path: Path) -> None:
     """The gateway child's one line, then `up`'s own; its sim worker is stopped again."""
     r = run_cli(

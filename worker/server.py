@@ -229,13 +229,29 @@ class Worker:
         return 0
 
 
+def _redis_url_problem(url: str | None) -> str | None:
+    """A URL redis-py cannot read, found before the engine loads (it was found after, in
+    minutes with a real model, in a message that named no flag). Reachability is not
+    checked: Redis is soft state, and a worker may start before it."""
+    if not url:
+        return None
+    import redis
+
+    try:
+        redis.Redis.from_url(url).close()
+    except ValueError as e:
+        return f"--redis-url {url}: {e}"
+    return None
+
+
 def run_worker(settings: WorkerSettings) -> int:
     try:  # before the engine loads: a bad file is one line on stderr, not a traceback
         settings.server_tls()
     except TLSConfigError as e:
         print(f"breakwater worker: {e}", file=sys.stderr, flush=True)
         return 2
-    if (problem := exporter_problem(settings.trace_exporter)) is not None:
+    problem = exporter_problem(settings.trace_exporter) or _redis_url_problem(settings.redis_url)
+    if problem is not None:
         print(f"breakwater worker: {problem}", file=sys.stderr, flush=True)
         return 2
     configure_logging()
