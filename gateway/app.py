@@ -134,6 +134,11 @@ class Gateway:
             from gateway.registry.embedded import EmbeddedRegistry
 
             base = EmbeddedRegistry(settings.workers, upstream_for, settings.health_interval_s)
+            if not settings.workers and settings.process_index == 0:
+                log.warning(
+                    "no --worker and no --redis-url: every request is a 503 until workers "
+                    "are added through the admin API (POST /admin/upstreams)"
+                )
         # plus what operators register at run time (the admin API), minus what they remove
         self.registry = DynamicRegistry(base, upstream_for, settings.health_interval_s)
         self.router = router = Router(

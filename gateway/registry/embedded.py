@@ -7,7 +7,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from gateway.registry.base import WorkerInfo
+from gateway.registry.base import WorkerInfo, WorkerState
 from gateway.registry.specs import parse_worker_spec
 from gateway.upstream.base import Upstream
 
@@ -52,10 +52,21 @@ class EmbeddedRegistry:
         self.specs = dict(specs)
 
     async def _probe(self, info: WorkerInfo) -> None:
+        before = info.state
         try:
             await self._upstream_for(info).probe(info)
         except Exception as e:  # a probe must never kill the loop
             log.debug("probe of %s failed: %s", info.address, e)
+        if info.state != before:  # an unreachable --worker said nothing in the log
+            serving = info.state == WorkerState.SERVING
+            log.log(
+                logging.INFO if serving else logging.WARNING,
+                "worker %s: %s -> %s%s",
+                info.address,
+                before,
+                info.state,
+                "" if serving else " (not routed to until it answers health checks)",
+            )
 
     async def probe_all(self) -> None:
         await asyncio.gather(*(self._probe(w) for w in self.workers()))

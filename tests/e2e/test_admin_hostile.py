@@ -243,5 +243,7 @@ def test_a_change_the_store_cannot_save_is_the_servers_503() -> None:
         assert code == 503, body
         assert body["error"]["type"] == "service_unavailable", body
         assert body["error"]["code"] == "not_saved" and "not saved" in body["error"]["message"]
+        # and the unreachable worker is in the log, not only in /readyz and the admin API
+        wait_for(lambda: f"worker {worker}: STARTING -> NOT_SERVING" in gw.log_text(), timeout=30)
     finally:
         gw.stop()
