@@ -147,10 +147,10 @@ async def _stop(children: list[Child], timeout: float) -> None:
 async def _stop_all(children: list[Child]) -> None:
     """The gateway first, for as long as its own drain may take (so that requests in
     flight finish on live workers), then every worker at once."""
-    from gateway.shutdown import SIBLING_STOP_S
+    from gateway.shutdown import sibling_stop_s
 
     gateways = [c for c in children if c.name == "gateway"]
-    await _stop(gateways, SIBLING_STOP_S + 10.0)
+    await _stop(gateways, sibling_stop_s() + 10.0)
     await _stop([c for c in children if c not in gateways], WORKER_STOP_S)
 
 

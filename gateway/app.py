@@ -43,7 +43,7 @@ from gateway.routing.policy import Router
 from gateway.routing.token_keys import TokenizerStore
 from gateway.settings import GatewaySettings
 from gateway.shadow import Shadows
-from gateway.shutdown import DRAIN_S, STEP_S, Step, run_steps
+from gateway.shutdown import STEP_S, Step, run_steps
 from gateway.upstream.base import Upstream
 from gateway.upstream.grpc_upstream import GrpcUpstream
 from gateway.upstream.openai_http import RELAY_KIND, OpenAIHTTPUpstream
@@ -406,6 +406,7 @@ class Gateway:
             handler_cancellation=True,
             access_log=None,
             keepalive_timeout=self.settings.keepalive_timeout_s,
+            shutdown_timeout=self.settings.drain_timeout_s,
             auto_decompress=False,  # read_body decompresses, bounded (serving/openai_http.py)
         )
         await self.runner.setup()
@@ -494,21 +495,23 @@ class Gateway:
         self.grpc_server = server  # stop() stops only a started server
 
     async def stop(self) -> list[str]:
-        """Stop serving, let requests in flight finish (up to DRAIN_S), release the rest.
+        """Stop serving, let requests in flight finish (up to --drain-timeout), release the rest.
         Returns the steps that did not finish in their time (gateway/shutdown.py)."""
         if self._fleet_task is not None:
             self._fleet_task.cancel()
         self.concurrency.loop_lag.stop()
+        drain = self.settings.drain_timeout_s
         doors: list[Step] = []  # drain at once: a gRPC stream gets the time an HTTP one does
         if self.grpc_health is not None:
             self.grpc_health.stopping = True
         if self.grpc_server is not None:
-            stop_grpc = functools.partial(self.grpc_server.stop, DRAIN_S)
-            doors.append(("grpc server", stop_grpc, DRAIN_S + STEP_S))
+            stop_grpc = functools.partial(self.grpc_server.stop, drain)
+            doors.append(("grpc server", stop_grpc, drain + STEP_S))
         if self.fast_front is not None:
-            doors.append(("http front door", self.fast_front.shutdown, DRAIN_S + STEP_S))
+            shut = functools.partial(self.fast_front.shutdown, drain)
+            doors.append(("http front door", shut, drain + STEP_S))
         if self.runner is not None:
-            doors.append(("http server", self.runner.cleanup, DRAIN_S + STEP_S))
+            doors.append(("http server", self.runner.cleanup, drain + STEP_S))
         steps: list[Step | list[Step]] = [doors]
         if self.breaker_sync is not None:
             steps.append(("breaker sync", self.breaker_sync.close, STEP_S))
@@ -575,7 +578,10 @@ async def _serve(settings: GatewaySettings, own_dir: str | None) -> int:
     await stop.wait()
     # operators watch a rollout in the log: a drain that starts and ends there
     draining = time.monotonic()
-    log.info("draining: new connections refused, requests in flight get up to %g s", DRAIN_S)
+    log.info(
+        "draining: new connections refused, requests in flight get up to %g s",
+        settings.drain_timeout_s,
+    )
     if siblings is not None:
         _, left = await asyncio.gather(siblings.stop(), gw.stop())
     else:

@@ -24,7 +24,7 @@ import sys
 
 from gateway.routing.decision_share import child_env
 from gateway.settings import GatewaySettings
-from gateway.shutdown import SIBLING_STOP_S
+from gateway.shutdown import sibling_stop_s
 
 log = logging.getLogger("breakwater.gateway")
 
@@ -152,7 +152,7 @@ class Siblings:
         # one deadline for all (they drain at once): N that hang must not take N times it
         waits = [asyncio.ensure_future(p.wait()) for p in self.procs.values()]
         if waits:
-            await asyncio.wait(waits, timeout=SIBLING_STOP_S)
+            await asyncio.wait(waits, timeout=sibling_stop_s(self.settings.drain_timeout_s))
         for proc in self.procs.values():
             if proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):

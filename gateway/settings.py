@@ -94,6 +94,8 @@ class GatewaySettings:
     max_in_flight: int | None = None
     max_queue: int | None = None
     keepalive_timeout_s: float = 75.0
+    drain_timeout_s: float = 60.0
+    """How long a stopping gateway lets requests in flight finish, on every front door."""
     """Idle keep-alive connections close after this, and a connection must send a complete
     request head within it (slowloris); nginx's keepalive_timeout."""
     client_body_timeout_s: float = 60.0
@@ -374,6 +376,13 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
         help="requests allowed to wait for a slot; beyond it, 503 at once",
     )
     p.add_argument(
+        "--drain-timeout",
+        type=number(0.0),
+        default=60.0,
+        help="seconds a SIGTERM lets requests in flight finish before they are cut (set it "
+        "to your longest streams; keep the pod's grace period above it)",
+    )
+    p.add_argument(
         "--keepalive-timeout",
         type=number(0.0, low_open=True),
         default=75.0,
@@ -513,6 +522,7 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         max_in_flight=args.max_in_flight,
         max_queue=args.max_queue,
         keepalive_timeout_s=args.keepalive_timeout,
+        drain_timeout_s=args.drain_timeout,
         client_body_timeout_s=args.client_body_timeout,
         send_timeout_s=args.send_timeout,
         max_connections=args.max_connections,

@@ -16,12 +16,16 @@ from collections.abc import Awaitable, Callable, Sequence
 log = logging.getLogger("breakwater.gateway")
 
 DRAIN_S = 60.0
-"""How long a stopping gateway lets requests in flight finish, on every front door."""
+"""The default of --drain-timeout."""
 STEP_S = 10.0
 """Any other shutdown step gets this long before it is passed over."""
-SIBLING_STOP_S = DRAIN_S + 2 * STEP_S
-"""How long process 0 waits for a sibling process's own shutdown (its drain, then its
-other steps) before killing it."""
+
+
+def sibling_stop_s(drain_s: float = DRAIN_S) -> float:
+    """How long to wait for a gateway process's own shutdown (its drain, then its other
+    steps) before killing it."""
+    return drain_s + 2 * STEP_S
+
 
 Step = tuple[str, Callable[[], Awaitable[object]], float]
 """(name for the log, the close to call, seconds it may take)."""

@@ -83,3 +83,42 @@ def test_sigterm_lets_http_and_grpc_streams_on_every_process_finish() -> None:
     finally:
         gw.stop()
         worker.stop()
+
+
+def test_drain_timeout_bounds_how_long_streams_may_keep_a_stopping_gateway() -> None:
+    """--drain-timeout: the drain was a fixed 60 s, whatever the streams operators run."""
+    # 0.75 s a token: ~75 s for the stream below
+    worker = start_sim_worker("--sim-speed", "0.01", preset="llama3-8b-h100")
+    gw = start_gateway("--worker", worker.ready["grpc"], "--drain-timeout", "2")
+    outcome: list[str] = []
+
+    def stream() -> None:
+        body = {"model": "sim", "prompt": "long", "max_tokens": TOKENS, "stream": True,
+                "ignore_eos": True}  # fmt: skip
+        req = urllib.request.Request(
+            gw.ready["http"] + "/v1/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                for line in r:
+                    if line.startswith(b"data: {"):
+                        outcome.append("chunk")
+        except Exception as e:  # cut: the drain ended before the stream
+            outcome.append(type(e).__name__)
+
+    t = threading.Thread(target=stream)
+    try:
+        t.start()
+        wait_for(lambda: "chunk" in outcome, timeout=60)
+        t0 = time.monotonic()
+        gw.signal(signal.SIGTERM)
+        assert gw.wait(60) == 0, gw.log_text()[-3000:]
+        assert time.monotonic() - t0 < 25  # 2 s of drain and the other steps, not 60 s
+        assert "requests in flight get up to 2 s" in gw.log_text()
+        t.join(60)
+        assert outcome.count("chunk") < TOKENS, outcome  # cut, not finished
+    finally:
+        gw.stop()
+        worker.stop()
