@@ -177,19 +177,24 @@ def test_up_starts_serves_and_stops_cleanly(tiny_llama: Path, tmp_path: Path) ->
 def test_up_stops_at_ctrl_c_while_still_starting() -> None:
     """Ctrl-C before the fleet is ready stops `up` at once, children too, instead of
     leaving it waiting out its readiness timeout. The gateway here cannot become ready:
-    the workers register in a Redis nobody listens for (port 1)."""
+    the workers register in Redis, while the gateway, given a worker of its own from the
+    environment (an unreachable one), does not look there."""
     import os
     import subprocess
     import sys
 
+    from loadtest.redis_server import RedisServer
     from tests.procs import wait_for
 
+    redis = RedisServer().start()  # `up` refuses a Redis that does not answer
+    env = {**os.environ, "BREAKWATER_GATEWAY_WORKER": "127.0.0.1:1"}
     up = subprocess.Popen(
         [sys.executable, "-m", "breakwater.cli", "up", "--engine", "sim", "--port", "0"]
-        + ["--redis-url", "redis://127.0.0.1:1", "--ready-timeout", "240"],
+        + ["--redis-url", redis.url, "--ready-timeout", "240"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
+        env=env,
     )
 
     def both_children() -> list[int] | None:
@@ -210,6 +215,7 @@ def test_up_stops_at_ctrl_c_while_still_starting() -> None:
         if up.poll() is None:
             up.kill()
             up.wait()
+        redis.close()
 
 
 @pytest.mark.parametrize("port", ["grpc", "http"])
