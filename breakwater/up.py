@@ -150,7 +150,12 @@ async def _stop_all(children: list[Child]) -> None:
     from gateway.shutdown import sibling_stop_s
 
     gateways = [c for c in children if c.name == "gateway"]
-    await _stop(gateways, sibling_stop_s() + 10.0)
+    # the gateway's own drain, which it may take from the environment it inherits
+    try:
+        drain = float(os.environ.get("BREAKWATER_GATEWAY_DRAIN_TIMEOUT") or "nan")
+    except ValueError:
+        drain = float("nan")
+    await _stop(gateways, (sibling_stop_s(drain) if drain >= 0 else sibling_stop_s()) + 10.0)
     await _stop([c for c in children if c not in gateways], WORKER_STOP_S)
 
 
@@ -441,12 +446,14 @@ def _redis_problem(url: str | None) -> str | None:
         return None
     import redis
 
+    from serving.cli_types import redacted
+
     try:
         client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
         try:
             client.ping()
         finally:
             client.close()
-    except (redis.RedisError, ValueError, OSError) as e:
-        return f"--redis-url {url}: Redis does not answer ({e})"
+    except (redis.RedisError, ValueError, TypeError, OSError) as e:
+        return f"--redis-url {redacted(url)}: Redis does not answer ({e})"
     return None

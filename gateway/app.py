@@ -406,7 +406,10 @@ class Gateway:
             handler_cancellation=True,
             access_log=None,
             keepalive_timeout=self.settings.keepalive_timeout_s,
-            shutdown_timeout=self.settings.drain_timeout_s,
+            # aiohttp waits this long for its handlers, then as long again after cancelling
+            # them (a streaming handler goes on writing), and takes 0 as no limit: half the
+            # drain, never 0, so --drain-timeout is the streams' whole time on this server too
+            shutdown_timeout=max(self.settings.drain_timeout_s / 2, 0.001),
             auto_decompress=False,  # read_body decompresses, bounded (serving/openai_http.py)
         )
         await self.runner.setup()

@@ -227,7 +227,9 @@ class GatewayMetrics:
             series.prompt.inc(prompt)
             series.completion.inc(comp)
             series.cached.inc(cached)
-        if self.price_per_gpu_hour and done.status < 400:
+        # what the replica spent: an answer cut after its first token (a deadline the client
+        # set just short of the end) used the GPU all the same, whatever its status says
+        if self.price_per_gpu_hour and (done.status < 400 or info.first_output_at is not None):
             share = latency / max(1, info.concurrency)
             self.cost.labels(model, done.tenant or "").inc(share * self.price_per_gpu_hour / 3600)
         if self.log_requests:

@@ -188,7 +188,27 @@ class DefaultsHelp(argparse.HelpFormatter):
             or "default" in text
         ):
             return text
+        if isinstance(action.default, EnvValue) or _from_environment(action.default):
+            # never the value: a token or a Redis URL's password, printed by --help
+            return f"{text} (set from the environment)".lstrip()
         return f"{text} (default: %(default)s)".lstrip()
+
+
+def _from_environment(value: object) -> bool:
+    """A default some BREAKWATER_* variable gave (read by its flag's own definition)."""
+    return isinstance(value, str) and any(
+        v == value for k, v in os.environ.items() if k.startswith("BREAKWATER_")
+    )
+
+
+def redacted(url: str) -> str:
+    """`url` without the password in its user part, for a message or a log line."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not sep or not at:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in userinfo else f"{scheme}://***@{host}"
 
 
 def env_help(prefix: str, also: str = "") -> str:

@@ -94,7 +94,7 @@ def context_from(carrier: Mapping[str, str]) -> Any:
 def exporter_problem(spec: str) -> str | None:
     """What is wrong with a --trace-exporter value, checked before anything starts (an
     unwritable file was a traceback in the log for every span of every request)."""
-    if spec in ("none", "console", "otlp"):
+    if not spec or spec in ("none", "console", "otlp"):  # empty: off, as make_tracer takes it
         return None
     if not spec.startswith("file:"):
         return f"--trace-exporter {spec!r}: none, console, otlp or file:PATH"

@@ -394,3 +394,34 @@ def test_up_refuses_a_busy_port_or_a_silent_redis_before_any_worker_starts() -> 
             lines = r.stderr.strip().splitlines()
             assert len(lines) == 1 and says in lines[0], r.stderr
             assert "worker" not in r.stdout and time.monotonic() - started < 30
+
+
+def test_help_never_prints_a_secret_from_the_environment() -> None:
+    """Defaults in --help printed BREAKWATER_ADMIN_TOKEN and a Redis URL's password."""
+    env = {
+        "BREAKWATER_ADMIN_TOKEN": "TOPSECRET-admin",
+        "BREAKWATER_REDIS_URL": "redis://:PW123@r:6379",
+        "BREAKWATER_GATEWAY_MAX_QUEUE": "77",
+    }
+    for command in ("gateway", "worker"):
+        r = run_cli(command, "--help", env=env)
+        assert r.returncode == 0, r.stderr
+        assert "TOPSECRET" not in r.stdout and "PW123" not in r.stdout
+        assert "set from the environment" in r.stdout
+
+
+def test_an_empty_trace_exporter_variable_is_tracing_off() -> None:
+    from serving.tracing import exporter_problem
+
+    assert exporter_problem("") is None and exporter_problem("none") is None
+    assert exporter_problem("bogus") is not None
+
+
+def test_messages_hide_a_redis_urls_password() -> None:
+    from serving.cli_types import redacted
+
+    assert redacted("redis://user:s3cret@h:1/0") == "redis://user:***@h:1/0"
+    assert redacted("rediss://:s3cret@h") == "rediss://:***@h"
+    assert redacted("redis://h:6379/0") == "redis://h:6379/0"
+    r = run_cli("worker", "--engine", "sim", "--redis-url", "nope://u:s3cret@h")
+    assert r.returncode == 2 and "s3cret" not in r.stderr, r.stderr

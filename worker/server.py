@@ -237,10 +237,12 @@ def _redis_url_problem(url: str | None) -> str | None:
         return None
     import redis
 
+    from serving.cli_types import redacted
+
     try:
         redis.Redis.from_url(url).close()
-    except ValueError as e:
-        return f"--redis-url {url}: {e}"
+    except (ValueError, TypeError) as e:
+        return f"--redis-url {redacted(url)}: {e}"
     return None
 
 

@@ -28,6 +28,9 @@ class EmbeddedRegistry:
         self.interval_s = interval_s
         self._task: asyncio.Task[None] | None = None
         self._probes: set[asyncio.Task[None]] = set()
+        self._logged: dict[str, WorkerState] = {}
+        """The state last logged per worker: the dispatcher also marks one NOT_SERVING on
+        a failed call, which a probe's before-and-after took for a recovery each time."""
         self.set_specs({parse_worker_spec(spec)[1]: spec for spec in specs})
 
     def workers(self) -> list[WorkerInfo]:
@@ -52,12 +55,13 @@ class EmbeddedRegistry:
         self.specs = dict(specs)
 
     async def _probe(self, info: WorkerInfo) -> None:
-        before = info.state
         try:
             await self._upstream_for(info).probe(info)
         except Exception as e:  # a probe must never kill the loop
             log.debug("probe of %s failed: %s", info.address, e)
+        before = self._logged.get(info.worker_id, WorkerState.STARTING)
         if info.state != before:  # an unreachable --worker said nothing in the log
+            self._logged[info.worker_id] = info.state
             serving = info.state == WorkerState.SERVING
             log.log(
                 logging.INFO if serving else logging.WARNING,

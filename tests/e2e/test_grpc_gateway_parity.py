@@ -151,7 +151,9 @@ def test_a_stream_cut_by_its_deadline_is_counted_as_a_timeout_on_both_doors(rela
     success; a gRPC caller's own deadline, about half the time, as the caller leaving (499)."""
     worker = start_sim_worker("--http-port", "0", "--sim-speed", "0.001")
     flags = () if relay else ("--no-relay-to-workers",)
-    gw = start_gateway("--worker", worker.ready["grpc"], "--grpc-port", "0", *flags)
+    gw = start_gateway(
+        "--worker", worker.ready["grpc"], "--grpc-port", "0", "--gpu-hour-price", "3600", *flags
+    )
     try:
 
         def listed() -> bool:
@@ -184,6 +186,9 @@ def test_a_stream_cut_by_its_deadline_is_counted_as_a_timeout_on_both_doors(rela
         for status in ("200", "499"):
             assert metric_total(gw, "breakwater_requests_total", f'status="{status}"') == 0
         assert _unlabelled(gw.ready["http"], "breakwater_client_disconnects_total") == 0
+        # the replica's time was spent all the same: a client must not escape its cost by
+        # cutting its own stream short
+        assert metric_total(gw, "breakwater_cost_dollars_total", 'model="sim"') > 0
     finally:
         gw.stop()
         worker.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 
 import pytest
@@ -327,3 +328,29 @@ def test_a_second_cancel_while_a_call_closes_still_ends_its_attempt() -> None:
         assert d.outstanding["a"] == 0
 
     asyncio.run(main())
+
+
+def test_a_worker_marked_down_by_a_failed_call_is_no_recovery_in_the_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The dispatcher marks a replica NOT_SERVING on a failed call; the next probe's
+    SERVING was logged as a recovery each time (5 lines in 8 s for a replica failing 30%
+    of calls), and its going down never. Only what probes see is logged, once a change."""
+    from gateway.registry.embedded import EmbeddedRegistry
+
+    class Up:
+        async def probe(self, info: WorkerInfo) -> WorkerInfo:
+            info.state = WorkerState.SERVING
+            return info
+
+    async def main() -> None:
+        registry = EmbeddedRegistry(["127.0.0.1:5"], lambda w: Up())  # type: ignore[arg-type, return-value]
+        await registry.probe_all()
+        for _ in range(3):
+            registry.workers()[0].state = WorkerState.NOT_SERVING  # as a failed call does
+            await registry.probe_all()
+
+    caplog.set_level(logging.INFO, logger="gateway.registry.embedded")
+    asyncio.run(main())
+    lines = [r.getMessage() for r in caplog.records if "->" in r.getMessage()]
+    assert lines == ["worker 127.0.0.1:5: STARTING -> SERVING"], lines
