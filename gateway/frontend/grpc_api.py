@@ -196,11 +196,11 @@ class GatewayInference(pb_grpc.InferenceServicer):
             done.status, code = 500, grpc.StatusCode.UNKNOWN
             raise
         finally:
+            done.ended = time.monotonic()  # when it ended, before the cleanup's awaits
             if stream is not None:
                 await stream.aclose()
             if ticket is not None:
                 ticket.release(used_tokens(info, estimate_prompt_tokens(request)))
-            done.ended = time.monotonic()
             if (
                 done.status == CLIENT_LEFT
                 and remaining is not None
