@@ -107,7 +107,7 @@ def build_admission(settings: GatewaySettings) -> Admission:
                 settings.processes,
                 settings.processes,
             )
-    return Admission(config, processes=settings.processes)
+    return Admission(config, processes=settings.processes, index=settings.process_index)
 
 
 class Gateway:

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
+import threading
 from collections import Counter as Tally
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -83,6 +85,10 @@ class GatewayMetrics:
         self._seen: dict[str, Tally[str]] = {}
         self._children: dict[tuple[str, int], _Series] = {}
         self._task: asyncio.Task[None] | None = None
+        self._taken = itertools.count(1)
+        """Each exposition's order, taken on the event loop with it."""
+        self._written = 0
+        self._write_lock = threading.Lock()
         self.requests = Counter(
             "breakwater_requests", "Requests answered, by model and HTTP status.",
             ["model", "status"],
@@ -290,7 +296,7 @@ class GatewayMetrics:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self.sync()  # the last second's counts too
-            self._write_snapshot(self._exposition())
+            self._write_snapshot(*self._numbered())
 
     async def _loop(self, interval_s: float) -> None:
         while True:
@@ -298,7 +304,7 @@ class GatewayMetrics:
             try:
                 self.sync()
                 if self.directory:
-                    await asyncio.to_thread(self._write_snapshot, self._exposition())
+                    await asyncio.to_thread(self._write_snapshot, *self._numbered())
             except Exception:  # metrics must never take the gateway down
                 logging.getLogger(__name__).exception("metrics sync failed")
 
@@ -311,19 +317,34 @@ class GatewayMetrics:
         assert self.directory is not None
         return os.path.join(self.directory, f"metrics-{index}.prom")
 
-    def _write_snapshot(self, text: bytes) -> None:
+    def _numbered(self) -> tuple[bytes, int]:
+        return self._exposition(), next(self._taken)
+
+    def _write_snapshot(self, text: bytes, taken: int) -> None:
+        """Never an older exposition over a newer one (the loop's, written in a thread,
+        and a scrape's, written on the loop, can cross), never two at once on one file."""
         if not self.directory:
             return
         path = self._snapshot_path(self.index)
-        with open(path + ".tmp", "wb") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
+        with self._write_lock:
+            if taken < self._written:
+                return
+            self._written = taken
+            with open(path + ".tmp", "wb") as f:
+                f.write(text)
+            os.replace(path + ".tmp", path)
 
     def render(self) -> bytes:
         """This process's live figures merged with its siblings' last snapshots."""
-        own = self._exposition()
+        own, taken = self._numbered()
         if not self.directory:
             return own
+        # Written first: the next scrape, answered by a sibling, then merges this process at
+        # what this one said, not at its last once-a-second snapshot, which is older. Mixing
+        # one live process with the others' snapshots made counters go back between scrapes
+        # (33 times in 150 at three processes), and rate() saw each as a reset.
+        with contextlib.suppress(OSError):
+            self._write_snapshot(own, taken)
         texts, retired = [own.decode()], []
         mine = f"metrics-{self.index}.prom"
         for name in sorted(os.listdir(self.directory)):

@@ -169,12 +169,15 @@ class Admission:
         *,
         redis_url: str | None = None,
         processes: int = 1,
+        index: int = 0,
     ) -> None:
         settings = config if isinstance(config, AdmissionSettings) else load_settings(config)
         self.configured = settings
         """As configured, for the whole gateway (before this process's share is taken)."""
         self.processes = processes
-        settings = per_process(settings, processes)
+        self.index = index
+        """This process's place among them: which of a limit's uneven parts it takes."""
+        settings = per_process(settings, processes, index)
         self.settings = settings
         self.tenants = TenantDirectory(settings)
         g = settings.global_limits
@@ -458,7 +461,9 @@ class Admission:
                     continue
         shared = self.redis is not None
         self._admin_quotas = admin
-        self._quotas = {n: quota_share(q, self.processes, shared) for n, q in admin.items()}
+        self._quotas = {
+            n: quota_share(q, self.processes, shared, self.index) for n, q in admin.items()
+        }
 
     def active(self, tenant: str) -> int:
         """Admitted or queued requests of ``tenant`` now."""

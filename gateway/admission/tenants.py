@@ -645,12 +645,19 @@ def _rate_share(r: Rates, processes: int, shared: bool) -> dict[str, float | Non
     }
 
 
-def quota_share(q: Quota, processes: int, shared_rates: bool) -> Quota:
+def split(n: int, processes: int, index: int) -> int:
+    """Process `index`'s part of a count, the parts summing to `n`: 5 over 2 processes is
+    3 and 2 (each took 3, rounded up, and the gateway admitted 6 at once against 5)."""
+    return n // processes + (1 if index % processes < n % processes else 0)
+
+
+def quota_share(q: Quota, processes: int, shared_rates: bool, index: int = 0) -> Quota:
     """One process's share of a tenant's quota (see `per_process`)."""
     if processes <= 1:
         return q
     n = q.max_concurrent
-    concurrent = None if n is None else max(1, math.ceil(n / processes))
+    # at least 1: a limit below the process count is exceeded, as the README says
+    concurrent = None if n is None else max(1, split(n, processes, index))
     return replace(q, max_concurrent=concurrent, **_rate_share(q, processes, shared_rates))
 
 
@@ -662,7 +669,7 @@ def quota_from_fields(data: object, base: Quota, where: str) -> Quota:
     return _quota(data, base, where)
 
 
-def per_process(settings: AdmissionSettings, processes: int) -> AdmissionSettings:
+def per_process(settings: AdmissionSettings, processes: int, index: int = 0) -> AdmissionSettings:
     """One of `processes` gateway processes' share of the limits, so that together they
     admit what one process would: concurrency and queue bounds always (they are counted in
     each process), token-bucket rates only when they are local (without Redis they are
@@ -672,13 +679,13 @@ def per_process(settings: AdmissionSettings, processes: int) -> AdmissionSetting
         return settings
 
     def share(n: int | None) -> int | None:
-        return None if n is None else max(1, math.ceil(n / processes))
+        return None if n is None else max(1, split(n, processes, index))
 
     def rates(r: Rates) -> dict[str, float | None]:
         return _rate_share(r, processes, bool(settings.redis_url))
 
     def quota(q: Quota) -> Quota:
-        return quota_share(q, processes, bool(settings.redis_url))
+        return quota_share(q, processes, bool(settings.redis_url), index)
 
     g = settings.global_limits
     return replace(
@@ -688,7 +695,7 @@ def per_process(settings: AdmissionSettings, processes: int) -> AdmissionSetting
         global_limits=replace(
             g,
             max_in_flight=share(g.max_in_flight),
-            max_queue=None if g.max_queue is None else math.ceil(g.max_queue / processes),
+            max_queue=None if g.max_queue is None else split(g.max_queue, processes, index),
             **rates(g),
         ),
         fallback_share=settings.fallback_share / processes

@@ -719,3 +719,29 @@ def test_a_tenants_concurrency_429_waits_for_its_own_requests() -> None:
         held.release()
 
     run(main())
+
+
+def test_processes_split_a_limit_into_parts_that_sum_to_it() -> None:
+    """Each process took the limit divided and rounded up: a tenant's 3 concurrent over two
+    processes admitted 4 at once, 5 over three admitted 6. Split unevenly by process index,
+    the parts sum to the limit (a limit below the process count still gives each 1)."""
+    from gateway.admission.tenants import (
+        AdmissionSettings,
+        GlobalLimits,
+        Quota,
+        Tenant,
+        per_process,
+    )
+
+    config = AdmissionSettings(
+        tenants=(Tenant("beta", Quota(max_concurrent=3)), Tenant("one", Quota(max_concurrent=1))),
+        defaults=Quota(max_concurrent=5),
+        global_limits=GlobalLimits(max_in_flight=7, max_queue=5),
+    )
+    for processes in (2, 3):
+        parts = [per_process(config, processes, i) for i in range(processes)]
+        assert sum(p.tenants[0].quota.max_concurrent or 0 for p in parts) == 3
+        assert sum(p.defaults.max_concurrent or 0 for p in parts) == 5
+        assert sum(p.global_limits.max_in_flight or 0 for p in parts) == 7
+        assert sum(p.global_limits.max_queue or 0 for p in parts) == 5
+        assert all(p.tenants[1].quota.max_concurrent == 1 for p in parts)
