@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from gateway.registry.specs import check_address
+from gateway.shutdown import DRAIN_S
 from serving.cli_types import choice, env_default, integer, model_pair, number, port
 
 if TYPE_CHECKING:  # grpc loads only when a gateway runs, not for `breakwater --help`
@@ -94,10 +95,10 @@ class GatewaySettings:
     max_in_flight: int | None = None
     max_queue: int | None = None
     keepalive_timeout_s: float = 75.0
-    drain_timeout_s: float = 60.0
-    """How long a stopping gateway lets requests in flight finish, on every front door."""
     """Idle keep-alive connections close after this, and a connection must send a complete
     request head within it (slowloris); nginx's keepalive_timeout."""
+    drain_timeout_s: float = DRAIN_S
+    """How long a stopping gateway lets requests in flight finish, on every front door."""
     client_body_timeout_s: float = 60.0
     """A request body must arrive whole within this of its head (408 past it; 0: never)."""
     send_timeout_s: float = 60.0
@@ -378,7 +379,7 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--drain-timeout",
         type=number(0.0),
-        default=60.0,
+        default=DRAIN_S,
         help="seconds a SIGTERM lets requests in flight finish before they are cut (set it "
         "to your longest streams; keep the pod's grace period above it)",
     )

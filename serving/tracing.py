@@ -72,7 +72,7 @@ def make_tracer(spec: str | None, service_name: str) -> Any | None:
     elif spec.startswith("file:"):
         provider.add_span_processor(SimpleSpanProcessor(JsonLinesExporter(spec[5:])))
     else:
-        raise SystemExit(f"--trace-exporter {spec!r}: none, console, otlp or file:PATH")
+        raise SystemExit(exporter_problem(spec))
     return provider.get_tracer("breakwater")
 
 

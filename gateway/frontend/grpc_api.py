@@ -41,10 +41,10 @@ _GRPC_CODES = {
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 CLIENT_LEFT = 499
+"""A call that ends without an outcome of its own: the caller cancelled or went away."""
 DEADLINE_SLACK_S = 0.05
 """A cancel this close to the caller's deadline is the deadline (a 504), not the caller
 leaving: grpc's own timer fired 10-20 ms before the deadline the handler computed."""
-"""A call that ends without an outcome of its own: the caller cancelled or went away."""
 
 
 class GatewayInference(pb_grpc.InferenceServicer):
