@@ -16,7 +16,6 @@ semantic-convention attributes (`gen_ai.operation.name`, `gen_ai.request.model`,
 from __future__ import annotations
 
 import json
-import os
 import threading
 from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
@@ -45,21 +44,30 @@ def request_attributes(request: Any, model: str | None = None) -> dict[str, Any]
     return attributes
 
 
+EXPORT_DELAY_MS = 200
+"""How long a finished span may wait for its batch (OpenTelemetry's default is 5 s): an
+operator tailing a trace file sees a request's spans at once. The provider flushes what is
+left when the process exits."""
+
+
 def make_tracer(spec: str | None, service_name: str) -> Any | None:
     """A tracer exporting to `spec`, or None for `none`/empty (tracing off)."""
     if not spec or spec == "none":
         return None
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import (
-        BatchSpanProcessor,
-        ConsoleSpanExporter,
-        SimpleSpanProcessor,
-    )
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+    # Spans end on the event loop; every exporter runs in the batch processor's thread. A
+    # SimpleSpanProcessor exported in `span.end()` itself: with file:PATH that was open,
+    # write and fsync on the loop, 1.6 ms a span here, two spans a request (and a slow
+    # reader of stdout stalled the console exporter's writes the same way).
+    def batched(exporter: Any) -> Any:
+        return BatchSpanProcessor(exporter, schedule_delay_millis=EXPORT_DELAY_MS)
 
     provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
     if spec == "console":
-        provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
+        provider.add_span_processor(batched(ConsoleSpanExporter()))
     elif spec == "otlp":
         try:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -68,9 +76,9 @@ def make_tracer(spec: str | None, service_name: str) -> Any | None:
                 "--trace-exporter otlp needs the otlp extra: pip install 'breakwater[otlp]' "
                 "(or opentelemetry-exporter-otlp-proto-http)"
             ) from e
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        provider.add_span_processor(batched(OTLPSpanExporter()))
     elif spec.startswith("file:"):
-        provider.add_span_processor(SimpleSpanProcessor(JsonLinesExporter(spec[5:])))
+        provider.add_span_processor(batched(JsonLinesExporter(spec[5:])))
     else:
         raise SystemExit(exporter_problem(spec))
     return provider.get_tracer("breakwater")
@@ -139,8 +147,6 @@ class JsonLinesExporter:
             )
         with self._lock, open(self.path, "a") as f:
             f.write("".join(line + "\n" for line in lines))
-            f.flush()
-            os.fsync(f.fileno())
         return SpanExportResult.SUCCESS
 
     def shutdown(self) -> None:

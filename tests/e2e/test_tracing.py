@@ -5,15 +5,18 @@ per process (serving.tracing's file exporter)."""
 from __future__ import annotations
 
 import json
+import threading
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 
 from loadtest.fleet import start_gateway, start_sim_worker, wait_for
 from proto import inference_pb2 as pb
 from proto import inference_pb2_grpc as pb_grpc
+from serving import tracing
 
 CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
@@ -184,3 +187,23 @@ def test_console_spans_of_every_gateway_process_reach_stdout() -> None:
             gw.stop()
     finally:
         worker.stop()
+
+
+def test_spans_are_exported_off_the_calling_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Spans end on the event loop; the file exporter (open, write) must not run there."""
+    exporting: list[threading.Thread] = []
+    export = tracing.JsonLinesExporter.export
+
+    def spy(self: tracing.JsonLinesExporter, spans: Any) -> Any:
+        exporting.append(threading.current_thread())
+        return export(self, spans)
+
+    monkeypatch.setattr(tracing.JsonLinesExporter, "export", spy)
+    path = tmp_path / "spans.jsonl"
+    tracer = tracing.make_tracer(f"file:{path}", "test")
+    tracer.start_span("request").end()
+    wait_for(lambda: spans(path), timeout=30)
+    assert exporting and threading.current_thread() not in exporting
+    assert spans(path)[0]["name"] == "request"
