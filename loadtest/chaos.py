@@ -422,19 +422,27 @@ def overload(quick: bool) -> dict[str, Any]:
         capacity = statistics.mean(caps)
         # Constant arrival rate per level (k6's constant-arrival-rate): at 1x, Poisson
         # bursts with no queue would measure blocking probability, not shedding.
-        runs, machine, remeasured = {}, {}, {}
+        runs, machine, remeasured, unjudged = {}, {}, {}, []
         for lv in levels:
             # A run the machine disturbed (a host stall, stolen CPU) is measured again, at
             # most twice; the disturbance is kept as a figure. A gateway's own stalls do not
-            # stall the load generator, which runs in another process.
+            # stall the load generator, which runs in another process. When every try was
+            # disturbed, the least disturbed is kept and its latencies are not judged (a
+            # CI run kept a third try with a 1,038 ms host stall in it: 6.8x at the p90,
+            # where the tries before it had stalls of 124 and 68 ms).
+            tries = []
             for _ in range(3):
                 watch = MachineWatch()
                 rate = max(1.0, lv * capacity)
-                runs[lv] = drive(f.url, rate, step, max_tokens, poisson=False, watch=watch)
-                machine[f"{lv}x"] = watch.figures()
+                recs = drive(f.url, rate, step, max_tokens, poisson=False, watch=watch)
+                tries.append((watch.max_stall_ms, watch.steal_ms, recs, watch))
                 if not watch.disturbed:
                     break
                 remeasured.setdefault(f"{lv}x", []).append(watch.figures())
+            *_, runs[lv], watch = min(tries, key=lambda t: (t[0], t[1]))
+            machine[f"{lv}x"] = watch.figures()
+            if watch.disturbed:
+                unjudged.append(lv)
         rss1 = _rss_mb(f.gateway.pid)
     base = summarize(runs[0.5])["ttft_ms"]
     base_p99, base_p90 = base["p99"] or 1.0, base["p90"] or 1.0
@@ -450,9 +458,11 @@ def overload(quick: bool) -> dict[str, Any]:
         ttft = summarize(recs)["ttft_ms"]
         ttft_ratio[f"{lv}x"] = round(ttft["p99"] / base_p99, 2)
         ttft_p90_ratio[f"{lv}x"] = round(ttft["p90"] / base_p90, 2)
-        rejects += [r for r in recs if r.rejected]
-    reject_p50 = statistics.median([r.e2e_s * 1000 for r in rejects]) if rejects else 0.0
-    with_retry_after = all(r.retry_after_s is not None for r in rejects)
+        rejects += [(lv, r) for r in recs if r.rejected]
+    judged = [r.e2e_s * 1000 for lv, r in rejects if lv not in unjudged]
+    reject_p50 = statistics.median(judged) if judged else 0.0
+    with_retry_after = all(r.retry_after_s is not None for _, r in rejects)
+    judged_p90 = [v for k, v in ttft_p90_ratio.items() if float(k[:-1]) not in unjudged]
     figures = {
         "capacity_rps": round(capacity, 2),
         "capacity_runs_rps": [round(c, 2) for c in caps],
@@ -467,6 +477,7 @@ def overload(quick: bool) -> dict[str, Any]:
         "gateway_rss_mb": [round(rss0, 1), round(rss1, 1)],
         "machine": machine,
         "remeasured": remeasured,
+        "latency_unjudged": [f"{lv}x" for lv in unjudged],
     }
     # A queue shifts every admitted request's TTFT, so the check is on the p90: each level
     # admits 60-250 requests in a quick run, where the p99 is the slowest one or two, and
@@ -478,7 +489,7 @@ def overload(quick: bool) -> dict[str, Any]:
         # 3x: at 10x the gateway answers ~250 refusals a second on a core it shares with the
         # fleet and the load generator; a clean CI run read 2.19x there (1.09x at 5x). A
         # queue reads hundreds of times.
-        "admitted_ttft": max(ttft_p90_ratio.values()) <= 3.0,
+        "admitted_ttft": max(judged_p90, default=0.0) <= 3.0,
         "reject_p50": reject_p50 < 5.0,
         "retry_after": with_retry_after,
         "gateway_rss": rss1 - rss0 < 200,
