@@ -12,6 +12,15 @@ from array import array
 from collections.abc import Sequence
 
 
+def salted(extra_key: bytes, cache_salt: str) -> bytes:
+    """The extra key of a salted request's blocks: a salt in every block's hash keeps its
+    prefix apart from the same tokens under any other salt (or none), so one tenant's hits
+    (`cached_tokens`, a faster first token) cannot tell it what another sent."""
+    if not cache_salt:
+        return extra_key
+    return extra_key + b"\x00salt\x00" + cache_salt.encode()
+
+
 def hash_block(parent: bytes | None, token_ids: Sequence[int], extra_key: bytes) -> bytes:
     h = hashlib.sha256(parent or b"\x00" * 32)
     h.update(array("q", token_ids).tobytes())

@@ -134,6 +134,11 @@ MAX_SESSION_KEY = 256
 """Characters of a session key (or `user`) kept for sticky routing."""
 
 
+MAX_CLIENT_SALT = 128
+"""The longest `cache_salt` a client may send (a gateway isolating tenants puts its own,
+64 characters and ':', before it)."""
+
+
 def session_key(value: str) -> str:
     """A sticky-routing key as the wire carries it: its first MAX_SESSION_KEY characters, as
     valid UTF-8. An HTTP header's undecodable bytes arrive as lone surrogates, which protobuf
@@ -190,6 +195,14 @@ def _common(body: dict[str, Any], req: pb.GenerateRequest, limits: RequestLimits
         if not isinstance(user, str):
             raise bad("'user' must be a string", "user")
         req.session_key = session_key(user)
+    salt = body.get("cache_salt")
+    if salt is not None:
+        if not isinstance(salt, str) or not salt or len(salt) > MAX_CLIENT_SALT:
+            raise bad(
+                f"'cache_salt' must be a non-empty string of at most {MAX_CLIENT_SALT} characters",
+                "cache_salt",
+            )
+        req.cache_salt = salt
     sp = req.sampling
     if (t := _number(body, "temperature", 0, 2)) is not None:
         sp.temperature = t
@@ -515,6 +528,8 @@ def check_generate(req: pb.GenerateRequest, limits: RequestLimits = DEFAULT_LIMI
     _check_sampling(req.sampling, limits)
     if req.priority not in (pb.PRIORITY_INTERACTIVE, pb.PRIORITY_BATCH):
         raise bad("'priority' must be PRIORITY_INTERACTIVE or PRIORITY_BATCH", "priority")
+    if len(req.cache_salt) > MAX_CLIENT_SALT:
+        raise bad(f"'cache_salt' may have at most {MAX_CLIENT_SALT} characters", "cache_salt")
 
 
 def _check_sampling(sp: pb.SamplingParams, limits: RequestLimits) -> None:
@@ -732,6 +747,8 @@ def to_openai_body(req: pb.GenerateRequest) -> tuple[str, dict[str, Any]]:
         body["include_stop_str_in_output"] = True
     if sp.HasField("skip_special_tokens"):
         body["skip_special_tokens"] = sp.skip_special_tokens
+    if req.cache_salt:  # vLLM's field too
+        body["cache_salt"] = req.cache_salt
     which = req.WhichOneof("prompt")
     if which == "chat":
         body["messages"] = [{"role": m.role, "content": m.content} for m in req.chat.messages]

@@ -57,10 +57,16 @@ def fits_with_ids(
 
 def with_body_field(body: bytes, hint: pb.PromptIds) -> bytes:
     """A JSON object's bytes with the field added last (so it wins over any earlier one)."""
+    return with_member(body, body_field(hint))
+
+
+def with_member(body: bytes, member: bytes) -> bytes:
+    """A JSON object's bytes with `"name":value` added last: orjson and Python's json (the
+    workers', vLLM's) take the last of repeated names, so it wins over a client's own."""
     end = body.rindex(b"}")
     head = body[:end].rstrip()
     sep = b"" if head.endswith(b"{") else b","
-    return head + sep + body_field(hint) + body[end:]
+    return head + sep + member + body[end:]
 
 
 def parse_body_field(value: Any) -> pb.PromptIds:

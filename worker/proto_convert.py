@@ -45,6 +45,7 @@ def to_engine_request(
         request_id=engine_request_id,
         sampling=sampling,
         priority=Priority.BATCH if req.priority == pb.PRIORITY_BATCH else Priority.INTERACTIVE,
+        cache_salt=req.cache_salt,
     )
     which = req.WhichOneof("prompt")
     if which == "text":

@@ -398,8 +398,8 @@ class AdminAPI:
 
     async def put_quota(self, request: web.Request) -> web.Response:
         """Quota fields as in the config file's `[tenants.<name>]` (rates, bursts,
-        max_concurrent, priority; null: unlimited), over the configured quota; the whole
-        gateway's figures (each process takes its share)."""
+        max_concurrent, priority, isolate_cache; null: unlimited), over the configured
+        quota; the whole gateway's figures (each process takes its share)."""
         tenant = request.match_info["tenant"]
         if self._admission is None or tenant not in self._admission.tenant_quotas():
             return error_response(OpenAIError(404, f"no tenant {tenant!r}", param="tenant"))

@@ -99,6 +99,7 @@ class Ticket:
         "_charged",
         "_granted",
         "_released",
+        "cache_salt",
         "key_id",
         "priority",
         "queued_s",
@@ -113,8 +114,11 @@ class Ticket:
         queued_s: float,
         key_id: str | None = None,
         charged: Charge | None = None,
+        cache_salt: str = "",
     ) -> None:
         self._admission = admission
+        self.cache_salt = cache_salt
+        """The tenant's own prefix-cache salt when it isolates its cache, else ''."""
         self._charged = charged
         """The token buckets charged the estimate, settled at release with the real use."""
         self.tenant = tenant
@@ -346,7 +350,16 @@ class Admission:
         self.counts["admitted"] += 1
         tokens = charge.tokens() if charge is not None else ()
         settle = Charge(tokens, charge.shared) if charge is not None and tokens else None
-        return Ticket(self, tenant.name, prio, queued_s, key_id, settle)
+        salt = self.tenants.cache_salt(tenant.name) if quota.isolate_cache else ""
+        return Ticket(self, tenant.name, prio, queued_s, key_id, settle, salt)
+
+    @staticmethod
+    def salt(request: pb.GenerateRequest, ticket: Ticket | None) -> None:
+        """Put an isolating tenant's salt before the request's own `cache_salt` (the client
+        keeps its own partitions within the tenant's, and cannot leave the tenant's)."""
+        if ticket is not None and ticket.cache_salt:
+            own = request.cache_salt
+            request.cache_salt = f"{ticket.cache_salt}:{own}" if own else ticket.cache_salt
 
     def _settle(self, charge: Charge, used_tokens: int) -> None:
         """Charge the token buckets the difference between the real use and the estimate."""

@@ -47,6 +47,9 @@ Config file (TOML, or JSON with the same shape; every section and field is optio
     token_burst = 40000
     max_concurrent = 16             # admitted or queued requests of the tenant at once
     priority = "interactive"        # or "batch" (0 / 1); requests may ask for another
+    isolate_cache = true            # prefix-cache hits only on the tenant's own prompts
+                                    # (else `cached_tokens` and a fast first token tell a
+                                    # tenant what another sent); default false
 
     [tenants.acme]
     keys = [{id = "<12 base62>", digest = "<64 hex>"}]  # from new-key; optional expires_at
@@ -139,6 +142,9 @@ def _bucket(rate: float | None, burst: float | None) -> tuple[float, float] | No
 class Quota(Rates):
     max_concurrent: int | None = None
     priority: int = PRIORITY_INTERACTIVE
+    isolate_cache: bool = False
+    """The tenant's prompts share prefix-cache blocks with no other tenant's (its requests
+    carry its own `cache_salt`, see TenantDirectory.cache_salt)."""
 
 
 @dataclass(frozen=True)
@@ -300,7 +306,19 @@ class TenantDirectory:
         self._keys: dict[str, tuple[bytes | None, ApiKey]] = {}
         self._require = settings.require_keys
         self._closed = self._require
+        self._salts: dict[str, str] = {}
         self.set_runtime_keys({})
+
+    def cache_salt(self, tenant: str) -> str:
+        """The prefix-cache salt of a tenant that isolates its cache: an HMAC of its name
+        under the key secret, so that every gateway sharing the secret salts alike (routing
+        and workers' caches agree) and no client can name another tenant's salt as its own
+        `cache_salt`."""
+        salt = self._salts.get(tenant)
+        if salt is None:
+            mac = hmac.new(self._secret, b"cache_salt\x00" + _utf8(tenant), hashlib.sha256)
+            salt = self._salts[tenant] = "t" + mac.hexdigest()[:40]
+        return salt
 
     @property
     def default(self) -> Tenant | None:
@@ -621,7 +639,7 @@ def _rates(data: Mapping[str, Any], where: str, extra: set[str]) -> dict[str, fl
 
 
 def _quota(data: Mapping[str, Any], base: Quota, where: str) -> Quota:
-    rates = _rates(data, where, {"max_concurrent", "priority"})
+    rates = _rates(data, where, {"max_concurrent", "priority", "isolate_cache"})
     # A tenant that sets a rate without its burst gets the default burst for that rate,
     # not the [defaults] burst (which was sized for another rate).
     if "requests_per_second" in rates and "request_burst" not in rates:
@@ -633,6 +651,10 @@ def _quota(data: Mapping[str, Any], base: Quota, where: str) -> Quota:
         changes["max_concurrent"] = _int(data, "max_concurrent", where, 1)
     if "priority" in data:
         changes["priority"] = parse_priority(data["priority"], f"{where}.priority")
+    if "isolate_cache" in data:
+        if not isinstance(data["isolate_cache"], bool):
+            raise ValueError(f"{where}.isolate_cache must be true or false")
+        changes["isolate_cache"] = data["isolate_cache"]
     return replace(base, **changes)
 
 

@@ -134,6 +134,7 @@ class GatewayInference(pb_grpc.InferenceServicer):
             ticket = await self._admit(request, metadata, deadline)
             if ticket is not None:
                 done.tenant, done.key_id = ticket.tenant, ticket.key_id
+                Admission.salt(request, ticket)
             stream = self.dispatcher.generate(
                 request, max(0.001, deadline - time.monotonic()), info
             )

@@ -31,6 +31,7 @@ from gateway.routing.decision_share import RedisShare, SiblingShare
 from gateway.shadow import Mirror, Shadows
 from proto import inference_pb2 as pb
 from proto.openai_compat import OpenAIError, ParsedRequest, session_key, sse
+from proto.prompt_ids import with_member
 from serving.calls import CallInfo, UpstreamError
 from serving.heap import heap_view
 from serving.openai_http import (
@@ -62,13 +63,15 @@ class HTTPAdmission:
         priority = int(parsed.request.priority) if body.get("priority") is not None else None
         headers = request.headers
         retries = headers.get("X-Retry-Count") or headers.get("x-stainless-retry-count")
-        return await self.admission.admit(
+        ticket = await self.admission.admit(
             headers.get("Authorization"),
             estimate_request_tokens(parsed.request),
             priority,
             deadline,
             retry=retries is not None and retries != "0",
         )
+        Admission.salt(parsed.request, ticket)
+        return ticket
 
 
 class GatewayRoutes(OpenAIRoutes):
@@ -239,6 +242,8 @@ class GatewayRoutes(OpenAIRoutes):
         info: CallInfo,
         mirror: Mirror | None,
     ) -> web.StreamResponse:
+        if salt := parsed.request.cache_salt:  # the tenant's, if it isolates its cache
+            raw = with_member(raw, b'"cache_salt":' + orjson.dumps(salt))
         relay = RawRequest(_PATHS[parsed.kind], raw, parsed.stream, parsed.unsupported)
         try:
             call = await self.dispatcher.open(

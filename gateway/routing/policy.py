@@ -23,6 +23,7 @@ from gateway.routing.token_keys import (
     TokenizerStore,
     prompt_keys,
 )
+from prompts.block_keys import salted
 from proto import inference_pb2 as pb
 from proto.prompt_ids import prompt_ids_bytes
 
@@ -333,7 +334,8 @@ class PrefixAware:
         allocated where a finished one was, which then got the finished one's keys.
         """
         if self._memo[0] is not request:
-            seed = zlib.crc32(request.model.encode())  # one model's cache is not another's
+            # one model's cache is not another's, nor one salt's (a tenant's) another's
+            seed = zlib.crc32(salted(request.model.encode(), request.cache_salt))
             self._memo = (request, block_keys(prompt_bytes(request), seed=seed))
         return self._memo[1]
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from prompts.block_keys import block_hashes, block_key
+from prompts.block_keys import block_hashes, block_key, salted
 from proto import inference_pb2 as pb
 
 if TYPE_CHECKING:
@@ -520,7 +520,8 @@ def token_block_keys(
     pieces: PieceCache | None = None,
     memo: ChainMemo = _DEFAULT_MEMO,
 ) -> list[int]:
-    return chain_keys(prompt_token_ids(request, tokenizer, pieces), block_size, model_id, memo)
+    ids = prompt_token_ids(request, tokenizer, pieces)
+    return memo.keys(ids, block_size, salted(model_id.encode(), request.cache_salt))
 
 
 def chain_keys(
@@ -539,7 +540,9 @@ def prompt_keys(
     memo: ChainMemo = _DEFAULT_MEMO,
 ) -> tuple[PromptTokens, list[int]]:
     """The prompt's tokens and the engine's block keys for them (see `prompt_tokens`); a
-    chat's keys walked piece by piece where the tokenizer splits into pieces."""
+    chat's keys walked piece by piece where the tokenizer splits into pieces. A salted
+    request's blocks are keyed as the engine keys them (prompts.block_keys.salted)."""
+    extra_key = salted(model_id.encode(), request.cache_salt)
     if (
         pieces is not None
         and pieces.split is not None
@@ -547,6 +550,6 @@ def prompt_keys(
         and request.WhichOneof("prompt") == "chat"
     ):
         text = _rendered(request, tokenizer)
-        return PromptTokens((), text), pieces.prefix_keys(text, block_size, model_id.encode(), memo)
+        return PromptTokens((), text), pieces.prefix_keys(text, block_size, extra_key, memo)
     tokens = prompt_tokens(request, tokenizer, pieces)
-    return tokens, chain_keys(tokens.ids, block_size, model_id, memo)
+    return tokens, memo.keys(tokens.ids, block_size, extra_key)

@@ -413,3 +413,28 @@ def test_an_end_of_sequence_token_as_the_last_allowed_one_ends_by_length(
     tokens, finish = answer(2)
     assert finish == "stop" and len(tokens) == 1 and tokens[0] in core.eos_token_ids
     assert answer(1) == (tokens, "length")
+
+
+def test_a_cache_salt_keeps_prefixes_apart(engine_config: EngineConfig) -> None:
+    """Blocks cached under one salt (a tenant's) are hits only for the same salt: another
+    salt, or none, recomputes the prompt, and the output is the same either way."""
+
+    async def body(engine: AsyncEngine) -> None:
+        prompt = list(range(5, 5 + 3 * engine.core.config.block_size + 3))
+        greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+
+        async def cached(name: str, salt: str) -> tuple[int, list[int]]:
+            req = GenerateRequest(name, prompt_token_ids=prompt, sampling=greedy, cache_salt=salt)
+            deltas = await collect(engine, req)
+            usage = next(d.usage for d in deltas if d.usage is not None)
+            return usage.cached_prompt_tokens, tokens_of(deltas)
+
+        first, out = await cached("a1", "tenant-a")
+        assert first == 0
+        again, out_again = await cached("a2", "tenant-a")
+        assert again == 3 * engine.core.config.block_size and out_again == out
+        for name, salt in (("b", "tenant-b"), ("none", "")):
+            hits, out_other = await cached(name, salt)
+            assert hits == 0 and out_other == out, salt
+
+    run(body, engine_config)

@@ -28,6 +28,7 @@ from gateway.admission.tenants import (
     load_settings,
     settings_from_dict,
 )
+from proto import inference_pb2 as pb
 from proto.openai_compat import OpenAIError
 
 DEADLINE = 20.0
@@ -745,3 +746,27 @@ def test_processes_split_a_limit_into_parts_that_sum_to_it() -> None:
         assert sum(p.global_limits.max_in_flight or 0 for p in parts) == 7
         assert sum(p.global_limits.max_queue or 0 for p in parts) == 5
         assert all(p.tenants[1].quota.max_concurrent == 1 for p in parts)
+
+
+def test_isolate_cache_is_inherited_and_salts_are_the_tenants_own() -> None:
+    data = {
+        "key_secret": "s1",
+        "defaults": {"isolate_cache": True},
+        "tenants": {"a": {}, "b": {"isolate_cache": False}},
+    }
+    settings = settings_from_dict(data, env={})
+    quotas = {t.name: t.quota.isolate_cache for t in settings.tenants}
+    assert quotas == {"a": True, "b": False}
+    with pytest.raises(ValueError, match="isolate_cache must be true or false"):
+        settings_from_dict({"defaults": {"isolate_cache": "yes"}}, env={})
+    one = tenants_mod.TenantDirectory(settings)
+    other = tenants_mod.TenantDirectory(settings_from_dict({**data, "key_secret": "s2"}, env={}))
+    assert one.cache_salt("a") == one.cache_salt("a") != one.cache_salt("b")
+    assert one.cache_salt("a") != other.cache_salt("a")  # unguessable without the secret
+    req = pb.GenerateRequest(cache_salt="mine")
+    Admission.salt(req, None)
+    assert req.cache_salt == "mine"
+    ticket = Ticket.__new__(Ticket)
+    ticket.cache_salt = one.cache_salt("a")
+    Admission.salt(req, ticket)
+    assert req.cache_salt == one.cache_salt("a") + ":mine"

@@ -211,3 +211,25 @@ def test_ids_a_failed_check_condemned_are_not_forwarded_on_a_retry() -> None:
     assert hint is not None
     truth = tok.prompt_ids(None, [{"role": r, "content": c} for r, c in msgs])
     assert prompt_ids_from(hint.ids) == truth
+
+
+def test_a_salted_requests_keys_are_the_engines_salted_keys() -> None:
+    """A tenant's salt (cache_salt) keys its blocks apart on both sides: the gateway's keys,
+    walked by pieces or from whole ids, are what the engine hashes with the salt."""
+    from gateway.routing import token_keys
+    from prompts.block_keys import salted
+
+    tok = Tokenizer(ensure_demo_model())
+    pieces = PieceCache(tok, verify=0)
+    msgs = [("system", "a shared system prompt " * 20), ("user", "hello")]
+    whole = tok.prompt_ids(None, [{"role": r, "content": c} for r, c in msgs])
+    plain = [block_key(h) for h in block_hashes(whole, 16, b"m")]
+    for _ in range(2):  # pieces not yet learnt, then learnt
+        req = chat_request(msgs)
+        req.cache_salt = "tenant-a"
+        engine = [block_key(h) for h in block_hashes(whole, 16, salted(b"m", "tenant-a"))]
+        _, walked = token_keys.prompt_keys(req, tok, pieces, 16, "m", ChainMemo())
+        assert walked and walked == engine[: len(walked)]
+        assert not set(walked) & set(plain)
+        pieces.learn()
+    assert token_block_keys(req, tok, 16, "m", None) == engine

@@ -181,6 +181,8 @@ class VLLMEngine:
         request.sampling.validate()
         priority = Priority.parse(request.priority)
         prompt = self._prompt(request)
+        if request.cache_salt:  # vLLM salts its block hashes with it (vLLM >= 0.9)
+            prompt["cache_salt"] = request.cache_salt
         params = self.sampling_params(request.sampling)
         kwargs: dict[str, Any] = {"priority": int(priority)} if self._priority_ok else {}
         self._live.add(rid)

@@ -110,7 +110,13 @@ class EngineCore:
                 "prompt" if not self.kv.can_ever_fit(len(ids) + 1) else "max_tokens",
             )
         return Request(
-            req.request_id, ids, sp, Priority.parse(req.priority), max_tokens, self.eos_token_ids
+            req.request_id,
+            ids,
+            sp,
+            Priority.parse(req.priority),
+            max_tokens,
+            self.eos_token_ids,
+            req.cache_salt,
         )
 
     def add(self, request: Request) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from prompts.block_keys import hash_block
+from prompts.block_keys import hash_block, salted
 from worker.engine.block_pool import BlockPool, KVBlock
 from worker.engine.request import Request
 
@@ -40,9 +40,10 @@ class KVCacheManager:
         hashes = request.block_hashes
         bs = self.block_size
         tokens = request.all_token_ids
+        extra = salted(self.extra_key, request.cache_salt)
         for i in range(len(hashes), len(tokens) // bs):
             parent = hashes[i - 1] if i else None
-            hashes.append(hash_block(parent, tokens[i * bs : (i + 1) * bs], self.extra_key))
+            hashes.append(hash_block(parent, tokens[i * bs : (i + 1) * bs], extra))
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
         """Longest cached prefix of the request, in whole blocks.

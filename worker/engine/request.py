@@ -99,6 +99,8 @@ class GenerateRequest:
     pretokenized: list[int] | None = None
     """The prompt or messages' token ids as a router already computed them with this
     engine's tokenizer (the server checked its fingerprint): taken instead of tokenizing."""
+    cache_salt: str = ""
+    """Prefix-cache blocks are shared only with requests of the same salt (vLLM's)."""
 
 
 class RequestStatus(enum.Enum):
@@ -122,6 +124,7 @@ class Request:
         priority: Priority,
         max_tokens: int,
         eos_token_ids: frozenset[int],
+        cache_salt: str = "",
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
@@ -139,6 +142,7 @@ class Request:
         self.num_cached_tokens = -1
         """Prompt tokens served from the prefix cache at first schedule (-1: not yet)."""
         self.block_hashes: list[bytes] = []
+        self.cache_salt = cache_salt
         self.num_preemptions = 0
 
     @property
