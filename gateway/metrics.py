@@ -123,7 +123,9 @@ class GatewayMetrics:
             registry=r,
         )  # fmt: skip
         self.admission = Counter(
-            "breakwater_admission", "Admission outcomes: admitted, or why refused (shed).",
+            "breakwater_admission",
+            "Admission outcomes: admitted, why refused (shed), or cancelled (the client left "
+            "while queued).",
             ["outcome"],
             registry=r,
         )  # fmt: skip

@@ -135,8 +135,8 @@ MAX_SESSION_KEY = 256
 
 
 MAX_CLIENT_SALT = 128
-"""The longest `cache_salt` a client may send (a gateway isolating tenants puts its own,
-64 characters and ':', before it)."""
+"""The longest `cache_salt` taken (a gateway isolating tenants sends its tenant's 41
+characters, ':' and a 32-character digest of the client's own)."""
 
 
 def session_key(value: str) -> str:

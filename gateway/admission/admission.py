@@ -15,6 +15,7 @@ Only then is a slot held; the returned :class:`Ticket` frees it.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import os
 import time
@@ -342,6 +343,10 @@ class Admission:
             self._drop_active(tenant.name)
             if isinstance(exc, OpenAIError) and exc.status in (503, 504):
                 self.counts["overloaded" if exc.status == 503 else "deadline"] += 1
+            elif isinstance(exc, asyncio.CancelledError):
+                # the client left while queued (or its charge was in Redis): in no other
+                # outcome, a queue's waits given up on were invisible in the metric
+                self.counts["cancelled"] += 1
             if charge is not None:
                 # never served (the queue was full, or its deadline passed in it): its
                 # quota back, which it spent before, and a tenant never served got 429s
@@ -356,10 +361,15 @@ class Admission:
     @staticmethod
     def salt(request: pb.GenerateRequest, ticket: Ticket | None) -> None:
         """Put an isolating tenant's salt before the request's own `cache_salt` (the client
-        keeps its own partitions within the tenant's, and cannot leave the tenant's)."""
+        keeps its own partitions within the tenant's, and cannot leave the tenant's). The
+        client's part goes as a digest: the whole stays within what a worker takes."""
         if ticket is not None and ticket.cache_salt:
             own = request.cache_salt
-            request.cache_salt = f"{ticket.cache_salt}:{own}" if own else ticket.cache_salt
+            if own:
+                digest = hashlib.blake2b(own.encode(), digest_size=16).hexdigest()
+                request.cache_salt = f"{ticket.cache_salt}:{digest}"
+            else:
+                request.cache_salt = ticket.cache_salt
 
     def _settle(self, charge: Charge, used_tokens: int) -> None:
         """Charge the token buckets the difference between the real use and the estimate."""

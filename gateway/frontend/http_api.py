@@ -41,6 +41,7 @@ from serving.openai_http import (
     from_upstream,
     json_response,
     stream_response,
+    too_large,
 )
 from serving.tracing import context_from, request_attributes
 from serving.usage_comment import UsageReader
@@ -244,6 +245,8 @@ class GatewayRoutes(OpenAIRoutes):
     ) -> web.StreamResponse:
         if salt := parsed.request.cache_salt:  # the tenant's, if it isolates its cache
             raw = with_member(raw, b'"cache_salt":' + orjson.dumps(salt))
+            if len(raw) > self.limits.max_body_bytes:  # the worker's limit is the same
+                raise too_large(self.limits.max_body_bytes)
         relay = RawRequest(_PATHS[parsed.kind], raw, parsed.stream, parsed.unsupported)
         try:
             call = await self.dispatcher.open(

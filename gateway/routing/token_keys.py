@@ -119,6 +119,10 @@ class TokenizerStore:
 _Step = tuple[tuple[int, ...], int | None, bytes]
 """A piece's step along a chain: its whole blocks' keys, the last block's key, the tokens
 after that block (uint32 bytes)."""
+MAX_SHAPES = 16
+"""(block size, extra key) pairs a piece cache walks and a chain memo keeps tables for:
+models, and tenants' cache salts. A new one past this drops the smallest (clients choose
+salts: one per request must not grow the memo without bound, nor clear every model's)."""
 MAX_STEP_BYTES = 64_000_000
 """What a piece cache's steps may hold before they are dropped, counted per entry (a 3 KB
 system prompt's step is ~8 KB, a special token's ~0.3 KB)."""
@@ -172,6 +176,8 @@ class PieceCache:
         after it (see prefix_keys)."""
         self._step_bytes = 0
         """What `_steps` holds, roughly (see prefix_keys), against MAX_STEP_BYTES."""
+        self._shape_bytes: dict[tuple[int, bytes], int] = {}
+        """The same, per shape (block size, extra key)."""
 
     def prefix_ids(self, text: str) -> Sequence[int]:
         """`text`'s token ids up to its last piece not seen before (all of it once learnt).
@@ -208,13 +214,19 @@ class PieceCache:
         a look-up per 8 or 64 blocks and one per block past the last span. Only for a
         tokenizer split into pieces (`split`; else `prefix_ids` encodes whole)."""
         parts = self._parts(text)
-        steps = self._steps.get((block_size, extra_key))
-        if self._step_bytes > MAX_STEP_BYTES or (steps is None and len(self._steps) >= 8):
-            self._steps.clear()  # past the bound, or more shapes than a fleet has models
+        shape = (block_size, extra_key)
+        steps = self._steps.get(shape)
+        if self._step_bytes > MAX_STEP_BYTES:
+            self._steps.clear()
+            self._shape_bytes.clear()
             self._step_bytes = 0
             steps = None
+        elif steps is None and len(self._steps) >= MAX_SHAPES:
+            smallest = min(self._steps, key=lambda s: len(self._steps[s]))
+            del self._steps[smallest]
+            self._step_bytes -= self._shape_bytes.pop(smallest, 0)
         if steps is None:
-            steps = self._steps[(block_size, extra_key)] = {}
+            steps = self._steps[shape] = {}
         pieces, special = self.pieces, self.special
         out: list[int] = []
         parent: int | None = None
@@ -239,7 +251,9 @@ class PieceCache:
                     data[whole:],
                 )
                 # The entry, the key's copy of the part, the tail, ~44 bytes a key.
-                self._step_bytes += 250 + sys.getsizeof(part) + len(data) - whole + 44 * len(keys)
+                size = 250 + sys.getsizeof(part) + len(data) - whole + 44 * len(keys)
+                self._step_bytes += size
+                self._shape_bytes[shape] = self._shape_bytes.get(shape, 0) + size
             out.extend(got[0])
             parent, tail = got[1], got[2]
         return out
@@ -397,7 +411,8 @@ class ChainMemo:
     for "I"). Kept flat, of bytes and ints, which the garbage collector does not track: a
     trie of dict nodes was as fast but made a full collection take 80 ms at 400k blocks,
     a stall of the event loop. A block's whole digest, needed only to hash the next block
-    on a miss, is kept beside. Bounded: cleared past `max_entries`.
+    on a miss, is kept beside. Bounded: cleared past `max_entries`, and tables for at most
+    MAX_SHAPES extra keys (a new one drops the smallest: salts are chosen by clients).
 
     The walk goes a span of 64 blocks at a time while such spans are known, then of 8, then
     block by block: a system prompt's ~100 blocks cost ~10 look-ups (timeit, the 108-block
@@ -458,6 +473,10 @@ class ChainMemo:
     ) -> tuple[dict[bytes, int], dict[int, bytes], list[dict[bytes, array[int]]]]:
         """The extra key's block memo, digests and spans, cleared first when past bounds."""
         memo = self._keys.get(extra_key)
+        if memo is None and len(self._keys) >= MAX_SHAPES:
+            smallest = min(self._keys, key=lambda k: len(self._keys[k]))
+            for table in (self._keys, self._digests, self._spans):
+                del table[smallest]
         spans = self._spans.get(extra_key)
         too_many_spans = spans is not None and any(
             len(kept) > self.max_entries // n for kept, n in zip(spans, self.SPANS, strict=True)

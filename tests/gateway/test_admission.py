@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -29,7 +30,7 @@ from gateway.admission.tenants import (
     settings_from_dict,
 )
 from proto import inference_pb2 as pb
-from proto.openai_compat import OpenAIError
+from proto.openai_compat import MAX_CLIENT_SALT, OpenAIError
 
 DEADLINE = 20.0
 """Generous on purpose: conditions usually hold in milliseconds."""
@@ -769,4 +770,21 @@ def test_isolate_cache_is_inherited_and_salts_are_the_tenants_own() -> None:
     ticket = Ticket.__new__(Ticket)
     ticket.cache_salt = one.cache_salt("a")
     Admission.salt(req, ticket)
-    assert req.cache_salt == one.cache_salt("a") + ":mine"
+    mine = hashlib.blake2b(b"mine", digest_size=16).hexdigest()
+    assert req.cache_salt == one.cache_salt("a") + ":" + mine
+    assert len(req.cache_salt) <= MAX_CLIENT_SALT  # what a worker takes
+
+
+def test_a_client_that_leaves_the_queue_is_counted_as_cancelled() -> None:
+    async def main() -> None:
+        adm = Admission(AdmissionSettings(global_limits=GlobalLimits(max_in_flight=1)))
+        holder = await adm.admit(None, 1, None, NO_DEADLINE)
+        waiting = asyncio.create_task(adm.admit(None, 1, None, NO_DEADLINE))
+        await wait_for(lambda: adm.limiter.queued == 1, "queued")
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
+        holder.release()
+        assert adm.stats()["counts"] == {"admitted": 1, "cancelled": 1}
+
+    run(main())

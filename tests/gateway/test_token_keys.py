@@ -233,3 +233,32 @@ def test_a_salted_requests_keys_are_the_engines_salted_keys() -> None:
         assert not set(walked) & set(plain)
         pieces.learn()
     assert token_block_keys(req, tok, 16, "m", None) == engine
+
+
+def test_salts_chosen_by_clients_cannot_grow_the_memos_past_their_shapes() -> None:
+    """One salt per request keeps at most MAX_SHAPES tables, and drops the smallest: the
+    model's own (the largest) stays, and keys stay exact after any drop."""
+    from gateway.routing import token_keys
+
+    tok = Tokenizer(ensure_demo_model())
+    pieces = PieceCache(tok, verify=0)
+    memo = ChainMemo()
+    msgs = [("system", "a long shared system prompt " * 30), ("user", "hi")]
+    for n in range(3):  # the model's tables hold several prompts
+        req = chat_request([*msgs, ("user", f"turn {n}")])
+        token_keys.prompt_keys(req, tok, pieces, 16, "m", memo)
+        pieces.learn()
+    for n in range(3 * token_keys.MAX_SHAPES):
+        req = chat_request([("user", f"salted {n}")])
+        req.cache_salt = f"salt-{n}"
+        _, keys = token_keys.prompt_keys(req, tok, pieces, 16, "m", memo)
+        pieces.learn()
+    assert len(memo._keys) <= token_keys.MAX_SHAPES
+    assert len(pieces._steps) <= token_keys.MAX_SHAPES
+    assert b"m" in memo._keys and (16, b"m") in pieces._steps
+    req = chat_request([*msgs, ("user", "turn 0")])
+    whole = tok.prompt_ids(
+        None, [{"role": r, "content": c} for r, c in [*msgs, ("user", "turn 0")]]
+    )
+    _, keys = token_keys.prompt_keys(req, tok, pieces, 16, "m", memo)
+    assert keys == [block_key(h) for h in block_hashes(whole, 16, b"m")][: len(keys)] and keys

@@ -301,3 +301,21 @@ def test_vllm_gets_a_private_socket_directory_that_fits_a_socket_path(
 
     monkeypatch.setenv("VLLM_RPC_BASE_PATH", str(tmp_path))
     assert _private_rpc_dir() is None
+
+
+def test_a_cache_salt_reaches_vllm_or_is_refused_where_vllm_would_drop_it(
+    vllm: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A salted request on a vLLM whose prompts have no `cache_salt` (before 0.9: the key
+    is ignored, the tenant's cache shared) is a 400 naming the field, never served."""
+    old = make()
+    salted = GenerateRequest("s", prompt="hi", sampling=SamplingParams(max_tokens=2))
+    salted.cache_salt = "tenant"
+    with pytest.raises(InvalidRequestError, match="cache_salt") as e:
+        old.generate(salted)
+    assert e.value.param == "cache_salt"
+    for shape in (vllm.inputs.TextPrompt, vllm.inputs.TokensPrompt):
+        monkeypatch.setitem(shape.__annotations__, "cache_salt", str)
+    engine = make()
+    run(lambda: collect(engine, salted))
+    assert engine.engine.requests["s"]["prompt"] == {"prompt": "hi", "cache_salt": "tenant"}

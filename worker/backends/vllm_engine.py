@@ -103,6 +103,7 @@ class VLLMEngine:
         self._sampling_cls = vllm.SamplingParams
         self._delta_kind = _delta_output_kind()
         self._priority_ok = _accepts(vllm.AsyncLLMEngine.generate, "priority")
+        self._salt_ok = _takes_cache_salt(vllm)
         self.counters = VLLMCounters()
         self._rpc_dir = _private_rpc_dir()
         self.kv_events = _kv_event_follower(config)
@@ -182,6 +183,12 @@ class VLLMEngine:
         priority = Priority.parse(request.priority)
         prompt = self._prompt(request)
         if request.cache_salt:  # vLLM salts its block hashes with it (vLLM >= 0.9)
+            if not self._salt_ok:  # an older vLLM would share the tenant's cache silently
+                raise InvalidRequestError(
+                    "this worker's vLLM cannot keep a prompt's cache apart (cache_salt needs "
+                    "vLLM 0.9 or later)",
+                    "cache_salt",
+                )
             prompt["cache_salt"] = request.cache_salt
         params = self.sampling_params(request.sampling)
         kwargs: dict[str, Any] = {"priority": int(priority)} if self._priority_ok else {}
@@ -380,6 +387,18 @@ def _token_logprob(token_id: int, position: Any, k: int) -> TokenLogprob:
 
 
 # -- construction ----------------------------------------------------------------------------
+
+
+def _takes_cache_salt(vllm: Any) -> bool:
+    """Whether this vLLM's prompts take `cache_salt` (TypedDicts: an older vLLM ignores a
+    key it does not know, so the salt would be dropped without a word)."""
+    try:
+        from vllm.inputs import TextPrompt, TokensPrompt
+    except ImportError:
+        return False
+    return all(
+        "cache_salt" in getattr(t, "__annotations__", {}) for t in (TextPrompt, TokensPrompt)
+    )
 
 
 def _accepts(fn: Any, name: str) -> bool:
