@@ -59,6 +59,8 @@ from serving.tls import ClientTLS, TLSConfigError
 from serving.tracing import exporter_problem, make_tracer
 
 log = logging.getLogger("breakwater.gateway")
+CUT_SLACK_S = 0.05
+"""A cancel this close before a drain's end is taken for the drain's (timers are not exact)."""
 
 
 def make_upstream(info: WorkerInfo, tls: ClientTLS | None = None) -> Upstream:
@@ -504,6 +506,12 @@ class Gateway:
             self._fleet_task.cancel()
         self.concurrency.loop_lag.stop()
         drain = self.settings.drain_timeout_s
+        # What is still in flight when a door's drain ends is cut (aiohttp cancels its
+        # handlers after half of it, see the runner): logged and counted as 503s, not 499s
+        now = time.monotonic()
+        self.routes.cut_from = now + drain / 2 - CUT_SLACK_S
+        if self.grpc_front is not None:
+            self.grpc_front.cut_from = now + drain - CUT_SLACK_S
         doors: list[Step] = []  # drain at once: a gRPC stream gets the time an HTTP one does
         if self.grpc_health is not None:
             self.grpc_health.stopping = True

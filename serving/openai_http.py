@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 import zlib
@@ -397,6 +398,9 @@ class OpenAIRoutes:
         """Bounds on a request's body and fields, checked before any work is spent on it."""
         self.default_timeout_s = default_timeout_s
         self.max_timeout_s = max_timeout_s
+        self.cut_from = math.inf
+        """When a stopping server cancels what is left in flight (monotonic): a request
+        cancelled from then on was cut by its drain, not left by its client."""
         self.admit = admit
         self.client_disconnects = 0
         """Clients that left before their response was complete."""
@@ -578,7 +582,11 @@ class OpenAIRoutes:
         except asyncio.CancelledError:  # the client disconnected (handler cancellation)
             # A stream the send watch closed is cancelled here too, after its first output.
             when = "mid-stream" if stream and info.first_output_at else "before the response"
-            self._client_left(request_id, when)
+            if time.monotonic() >= self.cut_from:  # the server's own drain ended it: a 503
+                status, error_type = 503, "service_unavailable"
+                log.info("request %s cut %s: the server stopped", request_id, when)
+            else:
+                self._client_left(request_id, when)
             raise
         except Exception:
             status = 500

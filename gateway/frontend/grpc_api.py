@@ -8,6 +8,7 @@ answered, and, when tracing is on, in a server span continuing the caller's `tra
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -72,6 +73,9 @@ class GatewayInference(pb_grpc.InferenceServicer):
         self.client_disconnects = 0
         """Calls their caller cancelled (or left) before the answer ended, as the HTTP
         front end counts clients that went away."""
+        self.cut_from = math.inf
+        """When a stopping gateway's gRPC server cancels the calls left (monotonic): a call
+        cancelled from then on was cut by the drain, not left by its caller."""
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -212,6 +216,9 @@ class GatewayInference(pb_grpc.InferenceServicer):
                 # as the caller leaving (499).
                 done.status, done.error_type = 504, "timeout"
                 code = grpc.StatusCode.DEADLINE_EXCEEDED
+            elif done.status == CLIENT_LEFT and done.ended >= self.cut_from:
+                done.status, done.error_type = 503, "service_unavailable"  # the drain's cut
+                code = grpc.StatusCode.UNAVAILABLE
             if done.status == CLIENT_LEFT:
                 self.client_disconnects += 1
             if span is not None:

@@ -94,9 +94,21 @@ def test_drain_timeout_bounds_how_long_streams_may_keep_a_stopping_gateway(serve
     # 0.75 s a token: ~75 s for the stream below
     worker = start_sim_worker("--sim-speed", "0.01", preset="llama3-8b-h100")
     gw = start_gateway(
-        "--worker", worker.ready["grpc"], "--drain-timeout", "4", "--http-server", server
-    )
+        "--worker", worker.ready["grpc"], "--drain-timeout", "4", "--http-server", server,
+        "--grpc-port", "0", "--request-log",
+    )  # fmt: skip
     outcome: list[str] = []
+    grpc_outcome: list[str] = []
+
+    def grpc_stream() -> None:
+        with grpc.insecure_channel(gw.ready["grpc"]) as ch:
+            req = pb.GenerateRequest(model="sim", text="long")
+            req.sampling.max_tokens, req.sampling.ignore_eos = TOKENS, True
+            try:
+                for _ in pb_grpc.InferenceStub(ch).Generate(req, timeout=120):
+                    grpc_outcome.append("chunk")
+            except grpc.RpcError as e:
+                grpc_outcome.append(e.code().name)
 
     def stream() -> None:
         body = {"model": "sim", "prompt": "long", "max_tokens": TOKENS, "stream": True,
@@ -115,9 +127,11 @@ def test_drain_timeout_bounds_how_long_streams_may_keep_a_stopping_gateway(serve
             outcome.append(type(e).__name__)
 
     t = threading.Thread(target=stream)
+    g = threading.Thread(target=grpc_stream)
     try:
         t.start()
-        wait_for(lambda: "chunk" in outcome, timeout=60)
+        g.start()
+        wait_for(lambda: "chunk" in outcome and "chunk" in grpc_outcome, timeout=60)
         t0 = time.monotonic()
         gw.signal(signal.SIGTERM)
         assert gw.wait(60) == 0, gw.log_text()[-3000:]
@@ -129,6 +143,12 @@ def test_drain_timeout_bounds_how_long_streams_may_keep_a_stopping_gateway(serve
         assert drained < 6.5, (drained, took)  # its 4 s, not twice them (8 s)
         t.join(60)
         assert outcome.count("chunk") < TOKENS, outcome  # cut, not finished
+        # the gateway cut them, not the clients: 503s in the log and metrics, not 499s
+        assert "cut mid-stream: the server stopped" in log and "went away" not in log, log
+        g.join(60)
+        assert grpc_outcome[-1] == "UNAVAILABLE", grpc_outcome
+        lines = [json.loads(x[x.index("{") :]) for x in log.splitlines() if '"status"' in x]
+        assert sorted(x["status"] for x in lines if x["stream"]) == [503, 503], lines
     finally:
         gw.stop()
         worker.stop()
