@@ -294,8 +294,9 @@ class GatewayRoutes(OpenAIRoutes):
                 while data is not None:
                     assert isinstance(data, bytes)
                     data = usage.feed(data)
-                    if _ERROR_EVENT in data:
-                        _note_error_event(data, info)
+                    # with the event begun in an earlier read (held), whole once it ends
+                    if _ERROR_EVENT in (seen := held + data if held else data):
+                        _note_error_event(seen, info)
                     if call.finished:
                         data += usage.flush()
                     info.output_chunks += data.count(b"data: ")

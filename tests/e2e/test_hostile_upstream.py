@@ -25,7 +25,7 @@ import pytest
 from proto import inference_pb2 as pb
 from proto import inference_pb2_grpc as pb_grpc
 from tests.e2e.fake_http import FakeHTTPServer
-from tests.procs import Proc, start_gateway, vm_kb, wait_for
+from tests.procs import Proc, metric_total, start_gateway, vm_kb, wait_for
 
 EVENT = b'data: {"id":"x","object":"text_completion","choices":[{"index":0,"text":"tok"}]}\n\n'
 FINISH = (
@@ -135,6 +135,14 @@ class Upstream(FakeHTTPServer):
                 await asyncio.sleep(0.02)
         elif prompt == "cut-mid-event":  # a whole event, then half of one, then the end
             w.write(SSE_HEAD + _chunk(EVENT) + _chunk(EVENT[:30]) + b"0\r\n\r\n")
+        elif prompt == "split-error":  # an error event in three reads, then [DONE]
+            error = b'data: {"error":{"message":"busy","type":"service_unavailable"}}\n\n'
+            w.write(SSE_HEAD + _chunk(EVENT + error[:9]))
+            for part in (error[9:20], error[20:] + b"data: [DONE]\n\n"):
+                await w.drain()
+                await asyncio.sleep(0.05)
+                w.write(_chunk(part))
+            w.write(b"0\r\n\r\n")
         elif prompt == "no-finish":  # events, and a body that ends properly without a finish
             w.write(SSE_HEAD + _chunk(EVENT + EVENT) + b"0\r\n\r\n")
         elif prompt == "crlf":  # a whole answer, in SSE's CRLF framing (sse-starlette's)
@@ -347,6 +355,21 @@ def test_invalid_json_in_a_relayed_stream_is_passed_on_as_sent(
     assert status == 200
     assert b"data: {not json\n\n" in body
     assert _events(body)[-1] == b"data: [DONE]"
+
+
+def test_an_error_event_split_across_reads_is_counted_as_its_failure(
+    fleet: tuple[Proc, Upstream],
+) -> None:
+    """The 200 went out before the error: the metrics say 503 all the same, whichever
+    reads the event came in (its opening split was missed, counted a success)."""
+    gw, _ = fleet
+    counted = metric_total(gw, "breakwater_requests_total", 'status="503"')
+    status, _, body = _post(gw, "m", "split-error", stream=True)
+    assert status == 200 and b'"type":"service_unavailable"' in body
+    wait_for(
+        lambda: metric_total(gw, "breakwater_requests_total", 'status="503"') == counted + 1,
+        timeout=30,
+    )
 
 
 def test_a_crlf_framed_stream_is_read_whole_over_grpc(fleet: tuple[Proc, Upstream]) -> None:
