@@ -56,7 +56,7 @@ from serving.logs import configure_logging
 from serving.openai_http import json_errors
 from serving.slow_clients import LISTEN_BACKLOG, ConnectionCap, fit_fd_limit
 from serving.tls import ClientTLS, TLSConfigError
-from serving.tracing import exporter_problem, make_tracer
+from serving.tracing import exporter_problem, flush_all, make_tracer
 
 log = logging.getLogger("breakwater.gateway")
 CUT_SLACK_S = 0.05
@@ -601,6 +601,7 @@ async def _serve(settings: GatewaySettings, own_dir: str | None) -> int:
     if left:  # the loop's own cleanup would wait for them too: leave without it
         log.error("exiting with %s unfinished", ", ".join(left))
         shared_dir.remove(own_dir)
+        flush_all()
         logging.shutdown()
         os._exit(1)
     return 0

@@ -159,6 +159,8 @@ class Siblings:
                     proc.kill()
         if waits:
             await asyncio.wait(waits, timeout=5.0)
+        if self._watchers:  # a sibling's last lines (its spans' last batch) come at exit
+            await asyncio.wait(self._watchers, timeout=2.0)
         for w in self._watchers:
             w.cancel()
 

@@ -398,6 +398,12 @@ def completion_rate(records: list[RequestRecord], start: float, end: float) -> f
     return done / (end - start)
 
 
+UNJUDGED_P90_BOUND = 100.0
+"""The admitted TTFT p90 bound, against the unloaded one, on a level the machine disturbed
+(judged levels: 3x): host stalls read 6.8x and, once in CI, 31.6x; a queueing gateway reads
+hundreds (881x before the adaptive limits)."""
+
+
 def overload(quick: bool) -> dict[str, Any]:
     """Offered load from 0.5x to 10x capacity on the gateway's defaults (no admission
     config): the adaptive limits start what will start within the TTFT objective and refuse
@@ -439,7 +445,13 @@ def overload(quick: bool) -> dict[str, Any]:
                 if not watch.disturbed:
                     break
                 remeasured.setdefault(f"{lv}x", []).append(watch.figures())
-            *_, runs[lv], watch = min(tries, key=lambda t: (t[0], t[1]))
+            *_, runs[lv], watch = min(
+                tries,
+                key=lambda t: (
+                    t[3].disturbed,
+                    max(t[0] / STALL_LIMIT_MS, t[1] / STEAL_LIMIT_MS),
+                ),
+            )
             machine[f"{lv}x"] = watch.figures()
             if watch.disturbed:
                 unjudged.append(lv)
@@ -462,6 +474,8 @@ def overload(quick: bool) -> dict[str, Any]:
     judged = [r.e2e_s * 1000 for lv, r in rejects if lv not in unjudged]
     reject_p50 = statistics.median(judged) if judged else 0.0
     with_retry_after = all(r.retry_after_s is not None for _, r in rejects)
+    if 0.5 in unjudged:  # the ratios' base itself: none of them is judged closely
+        unjudged = list(levels)
     judged_p90 = [v for k, v in ttft_p90_ratio.items() if float(k[:-1]) not in unjudged]
     figures = {
         "capacity_rps": round(capacity, 2),
@@ -489,7 +503,11 @@ def overload(quick: bool) -> dict[str, Any]:
         # 3x: at 10x the gateway answers ~250 refusals a second on a core it shares with the
         # fleet and the load generator; a clean CI run read 2.19x there (1.09x at 5x). A
         # queue reads hundreds of times.
-        "admitted_ttft": max(judged_p90, default=0.0) <= 3.0,
+        "admitted_ttft": max(judged_p90, default=0.0) <= 3.0
+        # a level the machine disturbed still cannot hide a queue
+        and max(ttft_p90_ratio.values()) <= UNJUDGED_P90_BOUND,
+        # and a gateway that sheds refuses some of 10x its capacity
+        "sheds": any(lv == 10.0 for lv, _ in rejects),
         "reject_p50": reject_p50 < 5.0,
         "retry_after": with_retry_after,
         "gateway_rss": rss1 - rss0 < 200,

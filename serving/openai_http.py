@@ -582,7 +582,7 @@ class OpenAIRoutes:
         except asyncio.CancelledError:  # the client disconnected (handler cancellation)
             # A stream the send watch closed is cancelled here too, after its first output.
             when = "mid-stream" if stream and info.first_output_at else "before the response"
-            if time.monotonic() >= self.cut_from:  # the server's own drain ended it: a 503
+            if self._cut_by_server(request):  # the server's own drain ended it: a 503
                 status, error_type = 503, "service_unavailable"
                 log.info("request %s cut %s: the server stopped", request_id, when)
             else:
@@ -602,6 +602,10 @@ class OpenAIRoutes:
                 done.error_type = error_type
                 done.key_id = getattr(who, "key_id", None)
                 self.on_finished(done)
+
+    def _cut_by_server(self, request: web.Request) -> bool:
+        """Was this cancelled request cut by the server's drain (see the gateway's)?"""
+        return time.monotonic() >= self.cut_from
 
     def _judge_retry(self, e: OpenAIError) -> None:
         """Say whether the client should retry a refusal (see the gateway's override)."""

@@ -3,8 +3,10 @@
 `--trace-exporter` picks where spans go: `none` (the default: no tracer, and nothing on
 the request path pays for tracing), `console`, `otlp` (needs the
 opentelemetry-exporter-otlp-proto-http package; endpoint from the standard
-OTEL_EXPORTER_OTLP_* variables) or `file:PATH` (one JSON line per span, written as each
-span ends: what the tests read, one file per process).
+OTEL_EXPORTER_OTLP_* variables) or `file:PATH` (one JSON line per span, what the tests
+read, one file per process). Spans are exported in batches from a thread of their own
+(within EXPORT_DELAY_MS), the rest at exit (`flush_all` where a process leaves by
+os._exit).
 
 Context crosses processes as W3C trace context: the gateway puts the current attempt's
 `traceparent` in `TRACEPARENT`, which the upstream clients copy into gRPC metadata or an
@@ -50,6 +52,17 @@ operator tailing a trace file sees a request's spans at once. The provider flush
 left when the process exits."""
 
 
+_PROVIDERS: list[Any] = []
+"""This process's tracer providers, for `flush_all`."""
+
+
+def flush_all(timeout_s: float = 2.0) -> None:
+    """Export the spans still batched: a process leaving by os._exit skips the exit hook
+    that does it (the spans of the requests its drain cut, the ones worth reading)."""
+    for provider in _PROVIDERS:
+        provider.force_flush(int(timeout_s * 1000))
+
+
 def make_tracer(spec: str | None, service_name: str) -> Any | None:
     """A tracer exporting to `spec`, or None for `none`/empty (tracing off)."""
     if not spec or spec == "none":
@@ -66,6 +79,7 @@ def make_tracer(spec: str | None, service_name: str) -> Any | None:
         return BatchSpanProcessor(exporter, schedule_delay_millis=EXPORT_DELAY_MS)
 
     provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    _PROVIDERS.append(provider)
     if spec == "console":
         provider.add_span_processor(batched(ConsoleSpanExporter()))
     elif spec == "otlp":

@@ -294,10 +294,11 @@ class FastFront:
                 c._hand_over()  # its head is in: aiohttp's shutdown waits for it
             elif c.task is None:
                 c.close()
-        busy = [c.task for c in self.connections if c.task is not None]
+        busy = {c.task: c for c in self.connections if c.task is not None}
         if busy:
             _done, pending = await asyncio.wait(busy, timeout=timeout)
             for t in pending:
+                busy[t].cut = True  # the drain ended it, not its client (a 503, not a 499)
                 t.cancel()
         for c in list(self.connections):
             c.close()
@@ -317,6 +318,8 @@ class FastProtocol(asyncio.Protocol):
         self.idle_since = 0.0
         self.writing_paused = False
         self.closing = False
+        self.cut = False
+        """Its request was cancelled by the drain's end (shutdown)."""
         self._drain: asyncio.Future[None] | None = None
         self._lost = False
         self._waiting: asyncio.TimerHandle | None = None

@@ -26,6 +26,7 @@ from gateway.admission.admission import (
     estimate_request_tokens,
 )
 from gateway.dispatch import Call, Dispatcher, RawRequest
+from gateway.frontend.fast_http import FastRequest
 from gateway.routing.cache_views import CacheView
 from gateway.routing.decision_share import RedisShare, SiblingShare
 from gateway.shadow import Mirror, Shadows
@@ -102,6 +103,13 @@ class GatewayRoutes(OpenAIRoutes):
 
     def _check_key(self, request: web.Request) -> None:
         self.admission.tenants.identify(request.headers.get("Authorization"))
+
+    def _cut_by_server(self, request: web.Request) -> bool:
+        # The fast door cancels at its drain's end and says which it cut; aiohttp cancels
+        # its handlers after half the drain (cut_from, set by the stopping gateway).
+        if isinstance(request, FastRequest):
+            return request.protocol.cut
+        return super()._cut_by_server(request)
 
     def _authenticate(self, request: web.Request) -> None:
         # admission identifies the caller again with the body's estimate: a dict look-up
