@@ -422,7 +422,7 @@ class Admission:
         return specs
 
     async def _charge(self, tenant: Tenant, specs: list[BucketSpec]) -> Charge:
-        result = await self.redis.take(specs) if self.redis is not None else None
+        result = await self._shared_take(specs) if self.redis is not None else None
         shared = result is not None
         if result is None:
             result = self.local.take(specs, self._fallback_scale)
@@ -441,6 +441,25 @@ class Admission:
             code="rate_limit_exceeded",
             retry_after_ms=ms,
         )
+
+    async def _shared_take(self, specs: list[BucketSpec]) -> Any:
+        """Redis's take, given back if the request is cancelled while it runs: its script
+        charges the buckets whether or not anyone waits for the answer (a client that left
+        there spent its tenant's quota on nothing)."""
+        assert self.redis is not None
+        take = asyncio.ensure_future(self.redis.take(specs))
+        try:
+            return await asyncio.shield(take)
+        except asyncio.CancelledError:
+            take.add_done_callback(lambda t: self._give_back(t, specs))
+            raise
+
+    def _give_back(self, take: asyncio.Future[Any], specs: list[BucketSpec]) -> None:
+        if take.cancelled() or take.exception() is not None:
+            return
+        result = take.result()
+        if result is not None and result.allowed:
+            self._adjust(Charge(tuple(specs), True), [replace(s, cost=-s.cost) for s in specs])
 
     def _drop_active(self, name: str) -> None:
         n = self._active.get(name, 0) - 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import statistics
@@ -318,3 +319,47 @@ async def wait_for_async(read: Any, good: Any, what: str, timeout: float = DEADL
     while not good(await read()):
         assert time.monotonic() < deadline, what
         await asyncio.sleep(0.01)
+
+
+def test_a_request_cancelled_while_redis_charges_it_gets_its_quota_back(
+    redis_server: RedisServer,
+) -> None:
+    """The script charges the buckets whether or not the caller still waits: a client that
+    left while it ran spent its tenant's quota on nothing. Redis is held with CLIENT PAUSE,
+    the waiting request cancelled, then Redis let go."""
+
+    async def main() -> None:
+        adm = Admission(settings(2, **PATIENT), redis_url=redis_server.url)
+        await adm.start()
+        admin = aioredis.Redis.from_url(redis_server.url, protocol=2)
+        try:
+            await admin.execute_command("CLIENT", "PAUSE", "5000", "WRITE")
+            waiting = asyncio.create_task(adm.admit("Bearer k", 1, None, NO_DEADLINE))
+            # counted active just before its take is sent, then held by the pause
+            await wait_for(lambda: adm.active("acme") == 1, "the take sent")
+            await asyncio.sleep(0.1)
+            waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiting
+            await admin.execute_command("CLIENT", "UNPAUSE")
+            assert adm.counts["cancelled"] == 1
+            key = PREFIX + "tenant:acme:requests"
+            level: list[float] = [0.0]
+
+            async def refunded() -> bool:
+                level[0] = float(await admin.hget(key, "l") or 0)
+                return level[0] >= 1.99
+
+            deadline = time.monotonic() + DEADLINE
+            while not await refunded():  # charged by the script, then given back
+                assert time.monotonic() < deadline, f"never given back: level {level[0]}"
+                await asyncio.sleep(0.02)
+            results = [await try_admit(adm) for _ in range(3)]
+            assert [ok for ok, _ in results] == [True, True, False]  # the whole burst of 2
+        finally:
+            with contextlib.suppress(Exception):
+                await admin.execute_command("CLIENT", "UNPAUSE")
+            await admin.aclose()
+            await adm.close()
+
+    run(main())
