@@ -37,6 +37,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.process_group import READY_LINE, Siblings, die_with_parent, sibling_settings
 from gateway.registry.base import Registry, WorkerInfo
 from gateway.registry.dynamic import DynamicRegistry
+from gateway.resilience.breaker_sync import BreakerSync, SiblingBreakerSync
 from gateway.routing.cache_views import CacheWatcher
 from gateway.routing.decision_share import RedisShare, SiblingShare, bind_sockets, child_env
 from gateway.routing.policy import Router
@@ -244,12 +245,17 @@ class Gateway:
         self.admin_url: str | None = None
         self.app.router.add_get("/metrics", self._metrics)
         self.routes = routes
-        self.breaker_sync = None
+        self.breaker_sync: BreakerSync | SiblingBreakerSync | None = None
         if settings.redis_url:
-            from gateway.resilience.breaker_sync import BreakerSync
-
             self.breaker_sync = BreakerSync(
                 settings.redis_url, self.dispatcher.breakers, pools=self.dispatcher.pools_of
+            )
+        elif settings.processes > 1 and (directory := os.environ.get(shared_dir.ENV)):
+            self.breaker_sync = SiblingBreakerSync(
+                directory,
+                settings.process_index,
+                self.dispatcher.breakers,
+                pools=self.dispatcher.pools_of,
             )
         self.runner: web.AppRunner | None = None
         self.connections: ConnectionCap | None = None

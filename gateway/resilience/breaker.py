@@ -89,8 +89,15 @@ class BreakerBoard:
 
     def state(self, worker_id: str) -> str:
         r = self._get(worker_id)
-        if r.forced_until > time.monotonic():
-            return OPEN
+        if r.forced_until:
+            if r.forced_until > time.monotonic():
+                return OPEN
+            r.forced_until = 0.0
+            if r.breaker.current_state == CLOSED:
+                # Another's ejection ended: probe the replica here too, as its ejector
+                # does, before full traffic (each process or gateway found a replica still
+                # sick anew, fail_max attempts each, after every ejection)
+                r.breaker.half_open()
         state = r.breaker.current_state
         if state == OPEN and self._timeout_elapsed(r):
             return HALF_OPEN

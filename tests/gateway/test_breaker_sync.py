@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from pathlib import Path
 
-from gateway.resilience.breaker import CLOSED, OPEN, BreakerBoard, BreakerConfig
-from gateway.resilience.breaker_sync import BreakerSync
+from gateway.resilience.breaker import CLOSED, HALF_OPEN, OPEN, BreakerBoard, BreakerConfig
+from gateway.resilience.breaker_sync import BreakerSync, SiblingBreakerSync
 from tests.gateway.redis_server import RedisServer
 
 
@@ -89,3 +90,40 @@ def test_unreadable_entries_are_dropped_and_block_nothing() -> None:
 
     with RedisServer() as redis:
         asyncio.run(main(redis.url))
+
+
+def test_without_redis_a_gateways_processes_share_ejections_through_their_directory(
+    tmp_path: Path,
+) -> None:
+    """Each process found a dead replica alone (21 failed attempts at three processes
+    against 7 at one): one's ejection now opens the replica in its siblings for as long,
+    not echoed back, and ends with it; a torn or foreign file blocks nothing."""
+
+    async def main() -> None:
+        a = BreakerBoard(BreakerConfig(base_ejection_s=4.0))  # outlasts a loaded box's stalls
+        b, c = BreakerBoard(), BreakerBoard()
+        syncs = [
+            SiblingBreakerSync(str(tmp_path), i, board, interval_s=0.05)
+            for i, board in enumerate((a, b, c))
+        ]
+        (tmp_path / "ejections-9.json").write_bytes(b'{"w2": ')  # torn
+        (tmp_path / "other.json").write_bytes(b'{"w2": 1e300}')  # not an ejection file
+        for s in syncs:
+            await s.start()
+        try:
+            assert a.eject("w1", ["w1", "w2", "w3"])
+            await until(lambda: b.state("w1") == OPEN and c.state("w1") == OPEN)
+            assert b.state("w2") == CLOSED and c.state("w2") == CLOSED
+            assert syncs[1].own() == {} and syncs[2].own() == {}  # honoured, not echoed
+            await until(lambda: a.state("w1") != OPEN)  # a's ejection ends: so do theirs,
+            # each with a probe first, as a's own (a sick replica fails it and is ejected)
+            await until(lambda: b.state("w1") == HALF_OPEN and c.state("w1") == HALF_OPEN)
+            assert b.allow("w1") and not b.allow("w1")  # one probe at a time
+            b.record("w1", True)
+            c.record("w1", False, ["w1", "w2", "w3"])
+            assert b.state("w1") == CLOSED and c.state("w1") == OPEN
+        finally:
+            for s in syncs:
+                await s.close()
+
+    asyncio.run(main())
