@@ -254,6 +254,7 @@ class Gateway:
             self.breaker_sync = SiblingBreakerSync(
                 directory,
                 settings.process_index,
+                settings.processes,
                 self.dispatcher.breakers,
                 pools=self.dispatcher.pools_of,
             )

@@ -29,7 +29,7 @@ from tenacity import RetryCallState, wait_random_exponential
 
 from gateway.admission.adaptive import DEFAULT_BASELINE_S, AdaptiveConcurrency
 from gateway.registry.base import Registry, WorkerInfo, WorkerState, ready_workers
-from gateway.resilience.breaker import BreakerBoard, BreakerConfig
+from gateway.resilience.breaker import HALF_OPEN, BreakerBoard, BreakerConfig
 from gateway.resilience.retry_budget import RetryBudget
 from gateway.routing.policy import CombinedLoads, RoutingPolicy, WeightedLoads
 from gateway.upstream.base import Upstream
@@ -240,6 +240,7 @@ class _Attempt:
         "outcome",
         "pool",
         "prefill",
+        "probe",
         "started",
         "worker",
     )
@@ -253,6 +254,8 @@ class _Attempt:
         self.pool = pool
         """The ready workers' ids when it started: the breaker's ejection limits need them."""
         self.outcome: bool | None = None  # None: cancelled, records nothing
+        self.probe = dispatcher.breakers.state(worker.worker_id) == HALF_OPEN
+        """It holds the replica's probe slot (allow() just took it, in _pick)."""
         self.started = time.monotonic()
         self.prefill = 0.0
         """Prompt tokens routing expects the replica to prefill for this attempt."""
@@ -298,9 +301,14 @@ class _Attempt:
         wid = self.worker.worker_id
         self.prefilled()
         d.outstanding[wid] -= 1
-        d.breakers.release_probe(wid)
-        if self.outcome is not None:
-            d.breakers.record(wid, self.outcome, self.pool)
+        breakers = d.breakers
+        if self.probe:
+            breakers.release_probe(wid)
+        # While a replica is on probation only its probe's outcome counts: a call started
+        # before it was ejected (here, or by a sibling or another gateway) freed the probe's
+        # slot and closed the breaker with an old success
+        if self.outcome is not None and (self.probe or breakers.state(wid) != HALF_OPEN):
+            breakers.record(wid, self.outcome, self.pool)
         if d.loads_changed is not None:
             d.loads_changed()
 

@@ -141,12 +141,14 @@ class SiblingBreakerSync:
         self,
         directory: str,
         index: int,
+        processes: int,
         board: BreakerBoard,
         interval_s: float = 0.1,
         pools: Callable[[str], Iterable[list[str]]] | None = None,
     ) -> None:
-        self.directory = directory
-        self.path = os.path.join(directory, f"{EJECTIONS}{index}.json")
+        self.path = _file(directory, index)
+        self.siblings = [_file(directory, i) for i in range(processes) if i != index]
+        """Only this run's processes (an operator's own directory outlives runs)."""
         self.board = board
         self.interval_s = interval_s
         self.pools = pools
@@ -166,10 +168,15 @@ class SiblingBreakerSync:
         if own != self._written:
             await asyncio.to_thread(_write_json, self.path, own)
             self._written = own
-        theirs = await asyncio.to_thread(_read_siblings, self.directory, self.path)
+        theirs = await asyncio.to_thread(_read, self.siblings)
+        self._honour(theirs)
+
+    def _honour(self, ejections: list[tuple[str, float]]) -> None:
         now = time.monotonic()
-        for worker_id, until in theirs:
-            if until - now > 0.05:
+        longest = self.board.config.max_ejection_s + 1.0
+        for worker_id, until in ejections:
+            # past any live ejection's length: another boot's clock, a stale file
+            if 0.05 < until - now <= longest:
                 pools = self.pools(worker_id) if self.pools is not None else ()
                 self.board.force_open(worker_id, until - now, pools)
 
@@ -182,10 +189,14 @@ class SiblingBreakerSync:
             await asyncio.sleep(self.interval_s)
 
     async def start(self) -> None:
+        # a restarted process takes on its predecessor's ejections (same index, same file)
+        self._honour(await asyncio.to_thread(_read, [self.path]))
         self._task = asyncio.create_task(self._loop())
 
     async def close(self) -> None:
         await _stopped(self._task)
+        with contextlib.suppress(OSError):
+            os.remove(self.path)
 
 
 EJECTIONS = "ejections-"
@@ -199,13 +210,16 @@ def _write_json(path: str, data: dict[str, float]) -> None:
     os.replace(staged, path)  # whole or not at all, for a sibling reading it
 
 
-def _read_siblings(directory: str, own: str) -> list[tuple[str, float]]:
+def _file(directory: str, index: int) -> str:
+    return os.path.join(directory, f"{EJECTIONS}{index}.json")
+
+
+def _read(paths: list[str]) -> list[tuple[str, float]]:
     out: list[tuple[str, float]] = []
-    for name in os.listdir(directory):
-        path = os.path.join(directory, name)
-        if not name.startswith(EJECTIONS) or not name.endswith(".json") or path == own:
-            continue
-        with contextlib.suppress(OSError, orjson.JSONDecodeError, AttributeError, ValueError):
+    for path in paths:
+        with contextlib.suppress(
+            OSError, orjson.JSONDecodeError, AttributeError, ValueError, TypeError
+        ):
             with open(path, "rb") as f:
                 data = orjson.loads(f.read())
             out += [(str(w), float(u)) for w, u in data.items()]

@@ -103,17 +103,20 @@ def test_without_redis_a_gateways_processes_share_ejections_through_their_direct
         a = BreakerBoard(BreakerConfig(base_ejection_s=4.0))  # outlasts a loaded box's stalls
         b, c = BreakerBoard(), BreakerBoard()
         syncs = [
-            SiblingBreakerSync(str(tmp_path), i, board, interval_s=0.05)
+            SiblingBreakerSync(str(tmp_path), i, 3, board, interval_s=0.05)
             for i, board in enumerate((a, b, c))
         ]
-        (tmp_path / "ejections-9.json").write_bytes(b'{"w2": ')  # torn
-        (tmp_path / "other.json").write_bytes(b'{"w2": 1e300}')  # not an ejection file
+        (tmp_path / "ejections-9.json").write_bytes(b'{"w2": 1e300}')  # not this run's
+        (tmp_path / "ejections-2.json").write_bytes(b'{"w2": null}')  # torn: c rewrites it
+        # another boot's clock (an operator's directory outlives runs): ignored
+        (tmp_path / "ejections-1.json").write_bytes(b'{"w3": %f}' % (time.monotonic() + 1e5))
         for s in syncs:
             await s.start()
         try:
             assert a.eject("w1", ["w1", "w2", "w3"])
             await until(lambda: b.state("w1") == OPEN and c.state("w1") == OPEN)
             assert b.state("w2") == CLOSED and c.state("w2") == CLOSED
+            assert all(x.state("w3") == CLOSED for x in (a, b, c))
             assert syncs[1].own() == {} and syncs[2].own() == {}  # honoured, not echoed
             await until(lambda: a.state("w1") != OPEN)  # a's ejection ends: so do theirs,
             # each with a probe first, as a's own (a sick replica fails it and is ejected)
@@ -125,5 +128,6 @@ def test_without_redis_a_gateways_processes_share_ejections_through_their_direct
         finally:
             for s in syncs:
                 await s.close()
+        assert not list(tmp_path.glob("ejections-[0-2].json"))  # each removes its own
 
     asyncio.run(main())

@@ -354,3 +354,46 @@ def test_a_worker_marked_down_by_a_failed_call_is_no_recovery_in_the_log(
     asyncio.run(main())
     lines = [r.getMessage() for r in caplog.records if "->" in r.getMessage()]
     assert lines == ["worker 127.0.0.1:5: STARTING -> SERVING"], lines
+
+
+def test_a_call_from_before_an_ejection_neither_frees_the_probe_nor_closes_the_breaker() -> None:
+    """When a sibling's (or another gateway's) ejection ends, the replica is on probation
+    here too; a stream this process opened before ended during it and freed the probe's
+    slot and closed the breaker with its old success (a second probe, then full traffic,
+    before any probe answered)."""
+    pool = [WorkerInfo("a", "a", models=["m"], state=WorkerState.SERVING)]
+
+    class Fixed:
+        def workers(self) -> list[WorkerInfo]:
+            return pool
+
+    class Answers:
+        worker_id = "a"
+
+        async def generate(self, request: pb.GenerateRequest, timeout: float | None):  # type: ignore[no-untyped-def]
+            yield pb.GenerateResponse(token_ids=[1], finish_reason=pb.FINISH_REASON_LENGTH)
+
+        async def probe(self, info: WorkerInfo) -> WorkerInfo:
+            return info
+
+        async def close(self) -> None:
+            pass
+
+    async def main() -> None:
+        d = Dispatcher(Fixed(), Router("round-robin"), lambda w: Answers())  # type: ignore[arg-type, return-value]
+        old = await d.open(pb.GenerateRequest(model="m"), 30.0)  # before the ejection
+        d.breakers.force_open("a", 0.05)
+        await asyncio.sleep(0.1)
+        assert d.breakers.state("a") == HALF_OPEN
+        probe = await d.open(pb.GenerateRequest(model="m"), 30.0)  # the probe slot
+        assert not d.breakers.allow("a")
+        while await old.next() is not None:
+            pass
+        await old.close()
+        assert d.breakers.state("a") == HALF_OPEN and not d.breakers.allow("a")
+        while await probe.next() is not None:
+            pass
+        await probe.close()
+        assert d.breakers.state("a") == CLOSED
+
+    asyncio.run(main())
