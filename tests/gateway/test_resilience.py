@@ -288,20 +288,36 @@ def test_a_call_past_its_deadline_spends_no_retry() -> None:
     asyncio.run(main())
 
 
-def test_a_second_cancel_while_a_call_closes_still_ends_its_attempt() -> None:
-    """close() awaited the upstream's cleanup before ending the attempt: a cancel landing
-    in that await (a gateway shutting down, a client leaving twice) left the replica one
-    call busier for good, and its half-open probe slot taken."""
+class _Replica:
+    """Replica "a" as the dispatcher calls it (a test double: its answers are the test's)."""
+
+    worker_id = "a"
+
+    async def probe(self, info: WorkerInfo) -> WorkerInfo:
+        return info
+
+    async def close(self) -> None:
+        pass
+
+
+def _one_replica(replica: _Replica) -> Dispatcher:
+    """A round-robin dispatcher over the one serving replica "a" of model "m"."""
     pool = [WorkerInfo("a", "a", models=["m"], state=WorkerState.SERVING)]
-    cleaning = asyncio.Event()
 
     class Fixed:
         def workers(self) -> list[WorkerInfo]:
             return pool
 
-    class SlowToClean:
-        worker_id = "a"
+    return Dispatcher(Fixed(), Router("round-robin"), lambda w: replica)  # type: ignore[arg-type, return-value]
 
+
+def test_a_second_cancel_while_a_call_closes_still_ends_its_attempt() -> None:
+    """close() awaited the upstream's cleanup before ending the attempt: a cancel landing
+    in that await (a gateway shutting down, a client leaving twice) left the replica one
+    call busier for good, and its half-open probe slot taken."""
+    cleaning = asyncio.Event()
+
+    class SlowToClean(_Replica):
         async def generate(self, request: pb.GenerateRequest, timeout: float | None):  # type: ignore[no-untyped-def]
             try:
                 yield pb.GenerateResponse(token_ids=[1])
@@ -310,14 +326,8 @@ def test_a_second_cancel_while_a_call_closes_still_ends_its_attempt() -> None:
                 cleaning.set()
                 await asyncio.sleep(60)  # a slow goodbye: cancelled below
 
-        async def probe(self, info: WorkerInfo) -> WorkerInfo:
-            return info
-
-        async def close(self) -> None:
-            pass
-
     async def main() -> None:
-        d = Dispatcher(Fixed(), Router("round-robin"), lambda w: SlowToClean())  # type: ignore[arg-type, return-value]
+        d = _one_replica(SlowToClean())
         call = await d.open(pb.GenerateRequest(model="m"), 30.0)
         assert d.outstanding["a"] == 1
         closing = asyncio.create_task(call.close())
@@ -361,26 +371,13 @@ def test_a_call_from_before_an_ejection_neither_frees_the_probe_nor_closes_the_b
     here too; a stream this process opened before ended during it and freed the probe's
     slot and closed the breaker with its old success (a second probe, then full traffic,
     before any probe answered)."""
-    pool = [WorkerInfo("a", "a", models=["m"], state=WorkerState.SERVING)]
 
-    class Fixed:
-        def workers(self) -> list[WorkerInfo]:
-            return pool
-
-    class Answers:
-        worker_id = "a"
-
+    class Answers(_Replica):
         async def generate(self, request: pb.GenerateRequest, timeout: float | None):  # type: ignore[no-untyped-def]
             yield pb.GenerateResponse(token_ids=[1], finish_reason=pb.FINISH_REASON_LENGTH)
 
-        async def probe(self, info: WorkerInfo) -> WorkerInfo:
-            return info
-
-        async def close(self) -> None:
-            pass
-
     async def main() -> None:
-        d = Dispatcher(Fixed(), Router("round-robin"), lambda w: Answers())  # type: ignore[arg-type, return-value]
+        d = _one_replica(Answers())
         old = await d.open(pb.GenerateRequest(model="m"), 30.0)  # before the ejection
         d.breakers.force_open("a", 0.05)
         await asyncio.sleep(0.1)
